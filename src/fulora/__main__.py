@@ -1,0 +1,3 @@
+from fulora.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""Typed configuration: dataclasses per stage, loaded from YAML, overridden from the command line.
+
+Unknown keys are rejected with the key and the file named; values are converted to the declared
+type (``int``, ``float``, ``bool``, ``str``, ``Path``, ``Literal``, ``X | None``, ``list[X]``,
+``tuple[X, ...]`` and nested dataclasses) and a wrong value names the key and the expected type.
+The resolved configuration is saved as YAML in every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from fulora.errors import ConfigError
+from fulora.io import write_text
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Convert ``value`` to type ``tp`` or raise a ConfigError naming ``key`` and ``source``."""
+    origin = get_origin(tp)
+    where = f"{key!r} in {source}" if source else repr(key)
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise fail()
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{where}: must be one of {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list | tuple):
+            raise fail()
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+            return tuple(_convert(v, a, key, source) for v, a in zip(value, args, strict=True))
+        inner = args[0] if args else Any
+        items = [_convert(v, inner, key, source) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        kt, vt = get_args(tp) or (Any, Any)
+        return {_convert(k, kt, key, source): _convert(v, vt, key, source) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise fail()
+        return from_dict(tp, value, source=source, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise fail()
+    if tp is int:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is float:
+        if isinstance(value, bool):
+            raise fail()
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise fail() from None
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise fail()
+    if tp is Path:
+        if isinstance(value, str | Path):
+            return Path(value)
+        raise fail()
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise fail()
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "", prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys.
+
+    Args:
+        cls: A dataclass type.
+        data: Keys and values (nested mappings for nested dataclasses).
+        source: Where the mapping comes from (a file name), for error messages.
+        prefix: Dotted prefix of nested keys, for error messages.
+
+    Returns:
+        An instance of ``cls``.
+
+    Raises:
+        ConfigError: On an unknown key, a missing required key or a value of the wrong type.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + str(unknown[0])!r}"
+            + (f" in {source}" if source else "")
+            + f". Valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}"
+        )
+    kwargs = {
+        name: _convert(value, hints[name], prefix + name, source) for name, value in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        missing = [
+            n
+            for n, f in fields.items()
+            if n not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        raise ConfigError(
+            f"{source or 'config'}: missing required key(s) {', '.join(prefix + m for m in missing)}"
+        ) from err
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML-ready structure of a config dataclass (paths and tuples become str and lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {str(k): to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``key.sub=value`` into (``["key", "sub"]``, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (nested: section.key=value)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> T:
+    """Load a stage config: defaults, then a YAML file, then explicit values, then overrides.
+
+    Args:
+        cls: The config dataclass.
+        path: Optional YAML file.
+        overrides: ``key=value`` strings (``--set`` on the CLI); nested keys use dots.
+        values: Mapping of already-typed values (from dedicated CLI flags); None values ignored.
+
+    Returns:
+        The resolved config.
+
+    Raises:
+        ConfigError: Naming the key and the file for any unknown key or bad value.
+    """
+    data: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys at the top level")
+        data = loaded
+        from_dict(cls, data, source=source)  # report file errors against the file
+    for key, value in (values or {}).items():
+        if value is not None:
+            data[key] = to_dict(value)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[keys[-1]] = value
+    return from_dict(cls, data, source=source or "command line")
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write a resolved config as YAML (atomically)."""
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

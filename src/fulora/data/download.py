@@ -1,0 +1,361 @@
+"""``fulora data download``: fetch a public dataset, resumably, and write its manifest.
+
+Downloads resume from a ``.part`` file with an HTTP Range request, are retried with back-off,
+and are checked against the checksum the host publishes (Zenodo's MD5) or one the user pins
+(``--sha256``). Archives are unpacked (safely: no path escapes the destination) and a
+``manifest.csv`` is written from whatever known layouts the data holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from fulora.data.manifest import Manifest
+from fulora.errors import DataError, DownloadError
+from fulora.io import file_hash, write_json
+from fulora.runs import now_iso
+
+logger = logging.getLogger("fulora")
+
+ZENODO_API = "https://zenodo.org/api"
+_USER_AGENT = "fulora (+https://github.com/13204942/FU-LoRA)"
+_NETWORK_ERRORS = (
+    urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout,
+)
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a public dataset lives and how to cite it."""
+
+    name: str
+    description: str
+    zenodo_record: str | None = None
+    url: str | None = None
+    archive_subdir: str | None = None  # only this folder of the archive is kept
+    page: str = ""
+    citation: str = ""
+
+
+DATASETS: dict[str, DatasetSource] = {
+    "fetal-planes-db": DatasetSource(
+        name="fetal-planes-db",
+        description="FETAL_PLANES_DB: 12,400 images of 1,792 patients, two Spanish hospitals",
+        zenodo_record="3904280",
+        page="https://zenodo.org/records/3904280",
+        citation="Burgos-Artizzu et al., Sci Rep 10, 10200 (2020). CC BY 4.0.",
+    ),
+    "african-planes": DatasetSource(
+        name="african-planes",
+        description="African fetal planes: Algeria, Egypt, Ghana, Malawi, Uganda",
+        zenodo_record="7540448",
+        page="https://zenodo.org/records/7540448",
+        citation="Sendra-Balcells et al., Sci Rep 13, 2728 (2023). CC BY 4.0.",
+    ),
+    "fu-lora-sample": DatasetSource(
+        name="fu-lora-sample",
+        description="The FU-LoRA repository's data folder (LoRA training images, African test set)",
+        url="https://github.com/13204942/FU-LoRA/archive/refs/heads/main.zip",
+        archive_subdir="FU-LoRA-main/data",
+        page="https://github.com/13204942/FU-LoRA",
+        citation="Wang et al., MICCAI 2024 PIPPI workshop, arXiv 2407.20072. MIT licence; "
+        "images CC BY 4.0 from the two datasets above.",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file to download."""
+
+    name: str
+    url: str
+    size: int | None = None
+    checksum: str | None = None  # "md5:<hex>" or "sha256:<hex>"
+
+
+def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
+    headers = {"User-Agent": _USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+
+
+def fetch(
+    url: str,
+    dest: str | Path,
+    *,
+    checksum: str | None = None,
+    size: int | None = None,
+    retries: int = 3,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
+    """Download ``url`` to ``dest``, resuming a partial ``dest.part`` and verifying a checksum.
+
+    Args:
+        url: HTTP(S) URL.
+        dest: Final file. Bytes arrive in ``dest`` + ``.part``, renamed once complete and verified.
+        checksum: ``md5:<hex>`` or ``sha256:<hex>``; a mismatch removes the download and raises.
+        size: Expected size in bytes, if known.
+        retries: How many times an interrupted transfer is resumed before giving up.
+        timeout: Socket timeout in seconds.
+        progress: Show a progress bar.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        DownloadError: If the transfer keeps failing (the partial file is kept, so the same
+            call resumes later) or the checksum does not match.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_file() and checksum is None:
+        return dest
+    if dest.is_file() and _matches(dest, checksum):
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    attempt = 0
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        try:
+            _transfer(url, part, have, size, timeout, progress)
+            break
+        except _NETWORK_ERRORS + (_ShortRead,) as err:
+            attempt += 1
+            got = part.stat().st_size if part.exists() else 0
+            if isinstance(err, urllib.error.HTTPError) and err.code not in (408, 429, 500, 502,
+                                                                           503, 504):
+                raise DownloadError(f"{url} answered HTTP {err.code} {err.reason}") from None
+            if attempt > retries:
+                raise DownloadError(
+                    f"download of {url} stopped after {got} bytes ({err}); the partial file "
+                    f"{part} is kept: run the same command again to resume"
+                ) from None
+            wait = min(30.0, 0.5 * 2**attempt)
+            logger.warning("download interrupted at %d bytes (%s); resuming in %.1fs", got, err,
+                           wait)
+            time.sleep(wait)
+    if checksum is not None and not _matches(part, checksum):
+        actual = file_hash(part, checksum.split(":", 1)[0])
+        part.unlink()
+        raise DownloadError(
+            f"checksum mismatch for {dest.name} from {url}: expected {checksum}, got "
+            f"{checksum.split(':', 1)[0]}:{actual}. The corrupt download was removed; run the "
+            "command again, and report it if it happens twice"
+        )
+    os.replace(part, dest)
+    return dest
+
+
+class _ShortRead(Exception):
+    """The server closed the connection before sending everything."""
+
+
+def _transfer(url: str, part: Path, have: int, size: int | None, timeout: float,
+              progress: bool) -> None:
+    if size is not None and have == size:
+        return
+    try:
+        response = _open(url, have, timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and have:  # nothing left to send: already complete
+            return
+        raise
+    with response:
+        if have and response.status != 206:
+            have = 0  # the server ignored the Range request: start over
+        length = response.headers.get("Content-Length")
+        expected = have + int(length) if length is not None else size
+        mode = "ab" if have else "wb"
+        with open(part, mode) as handle, tqdm(
+            total=expected, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=part.name.removesuffix(".part"), disable=not progress, leave=False,
+        ) as bar:
+            received = have
+            while True:
+                try:
+                    block = response.read(1 << 20)
+                except http.client.IncompleteRead as err:
+                    handle.write(err.partial)
+                    raise _ShortRead(f"connection closed at {received + len(err.partial)} bytes")
+                if not block:
+                    break
+                handle.write(block)
+                received += len(block)
+                bar.update(len(block))
+    if expected is not None and received < expected:
+        raise _ShortRead(f"connection closed at {received} of {expected} bytes")
+
+
+def _matches(path: Path, checksum: str | None) -> bool:
+    if checksum is None:
+        return True
+    algorithm, _, expected = checksum.partition(":")
+    if algorithm not in hashlib.algorithms_available or not expected:
+        raise DownloadError(f"unknown checksum {checksum!r}; use md5:<hex> or sha256:<hex>")
+    return file_hash(path, algorithm) == expected.lower()
+
+
+def zenodo_files(record: str, api: str = ZENODO_API, timeout: float = 60.0) -> list[RemoteFile]:
+    """The files of a Zenodo record, with their sizes, MD5 checksums and download links."""
+    url = f"{api.rstrip('/')}/records/{record}"
+    try:
+        with _open(url, 0, timeout) as response:
+            data = json.loads(response.read().decode("utf-8"))
+    except _NETWORK_ERRORS as err:
+        raise DownloadError(
+            f"cannot reach {url} ({err}). Downloading needs network access; without it, "
+            f"download the record by hand from https://zenodo.org/records/{record} and point "
+            "fulora at the unpacked folder"
+        ) from None
+    except json.JSONDecodeError:
+        raise DownloadError(f"{url} did not answer with JSON") from None
+    entries = data.get("files", [])
+    if isinstance(entries, dict):  # newer API: {"entries": {name: {...}}}
+        entries = list(entries.get("entries", {}).values())
+    files = []
+    for entry in entries:
+        name = entry.get("key") or entry.get("filename")
+        links = entry.get("links", {})
+        link = links.get("content") or links.get("self") or links.get("download")
+        if not name or not link:
+            continue
+        files.append(RemoteFile(name=name, url=link, size=entry.get("size"),
+                                checksum=entry.get("checksum")))
+    if not files:
+        raise DownloadError(f"Zenodo record {record} at {url} lists no files")
+    return files
+
+
+def unpack(archive: Path, dest: Path, subdir: str | None = None) -> None:
+    """Extract a zip into ``dest`` (only ``subdir`` of it if given), refusing paths that escape."""
+    dest = dest.resolve()
+    prefix = subdir.strip("/") + "/" if subdir else ""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if m.filename.startswith(prefix)]
+            if not members:
+                raise DownloadError(f"{archive} has no folder {subdir!r}")
+            for member in tqdm(members, desc=f"unpacking {archive.name}", unit="file",
+                               leave=False):
+                relative = member.filename[len(prefix):]
+                if not relative:
+                    continue
+                target = (dest / relative).resolve()
+                if dest not in target.parents and target != dest:
+                    raise DownloadError(f"{archive}: member {member.filename!r} escapes the folder")
+                if member.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.tmp")
+                with zf.open(member) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out)
+                os.replace(tmp, target)
+    except zipfile.BadZipFile as err:
+        raise DownloadError(f"{archive} is not a valid zip file ({err}); delete it and retry") from None
+
+
+def build_manifest(root: Path) -> Manifest:
+    """A manifest of every known layout found under ``root`` (CSV tables and plane folders)."""
+    from fulora.data.readers import detect_layout, read_any
+
+    parts: list[Manifest] = []
+    csvs = [p for p in sorted(root.rglob("*.csv")) if p != root / "manifest.csv"]
+    folders = sorted(p for p in root.rglob("*") if p.is_dir())
+    for candidate in csvs + folders:
+        if any(part.startswith(".") for part in candidate.relative_to(root).parts):
+            continue
+        try:
+            layout = detect_layout(candidate)
+            if candidate.is_dir() and layout != "plane_folders":
+                continue  # folders count only as plane folders; their CSVs are read above
+            manifest = read_any(candidate, on_missing="skip")
+        except DataError as err:
+            if candidate.is_file():
+                logger.info("skipping %s: %s", candidate, err)
+            continue
+        if len(manifest):
+            logger.info("%s: %d images (%s)", candidate, len(manifest), layout)
+            parts.append(manifest)
+    if not parts:
+        raise DataError(f"found no images in a layout fulora reads under {root}")
+    combined = Manifest.concat(parts)
+    keep = ~combined.frame["path"].duplicated()
+    return combined.subset(keep.to_numpy())
+
+
+def download_dataset(
+    name: str,
+    dest: str | Path,
+    *,
+    api: str | None = None,
+    url: str | None = None,
+    sha256: str | None = None,
+    retries: int = 3,
+    progress: bool = True,
+) -> Manifest:
+    """Download, verify and unpack a public dataset, then write ``dest/manifest.csv``.
+
+    Args:
+        name: One of :data:`DATASETS`.
+        dest: Destination folder.
+        api: Zenodo API base URL (default ``https://zenodo.org/api``; env ``FULORA_ZENODO_API``).
+        url: Override the download URL of a non-Zenodo dataset (a mirror).
+        sha256: Pin the SHA-256 of a non-Zenodo download (GitHub publishes none).
+        retries: Resume attempts per file.
+        progress: Show progress bars.
+
+    Returns:
+        The manifest written to ``dest/manifest.csv``.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    source = DATASETS[name]
+    dest = Path(dest)
+    downloads = dest / ".downloads"
+    if source.zenodo_record:
+        files = zenodo_files(source.zenodo_record, api or os.environ.get("FULORA_ZENODO_API",
+                                                                          ZENODO_API))
+    else:
+        link = url or source.url
+        assert link is not None
+        files = [RemoteFile(name=Path(link).name or f"{name}.zip", url=link,
+                            checksum=f"sha256:{sha256}" if sha256 else None)]
+    record: dict[str, object] = {"dataset": name, "source": source.page,
+                                 "citation": source.citation, "files": []}
+    for remote in files:
+        target = fetch(remote.url, downloads / remote.name, checksum=remote.checksum,
+                       size=remote.size, retries=retries, progress=progress)
+        digest = file_hash(target, "sha256")
+        record["files"].append({"name": remote.name, "url": remote.url, "sha256": digest,  # type: ignore[union-attr]
+                                "published_checksum": remote.checksum})
+        if remote.checksum is None:
+            logger.warning("%s has no published checksum; its SHA-256 is %s (pin it with "
+                           "--sha256 to check later downloads)", remote.name, digest)
+        marker = downloads / f".{remote.name}.unpacked"
+        if zipfile.is_zipfile(target) and not marker.is_file():
+            unpack(target, dest, source.archive_subdir)
+            marker.write_text(digest)
+    manifest = build_manifest(dest)
+    manifest.write(dest / "manifest.csv")
+    record.update(finished=now_iso(), images=len(manifest), labels=manifest.counts("label"))
+    write_json(dest / "download.json", record)
+    logger.info("%s: %d images, manifest at %s", name, len(manifest), dest / "manifest.csv")
+    return manifest
