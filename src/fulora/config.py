@@ -74,7 +74,9 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise fail()
         kt, vt = get_args(tp) or (Any, Any)
-        return {_convert(k, kt, key, source): _convert(v, vt, key, source) for k, v in value.items()}
+        return {
+            _convert(k, kt, key, source): _convert(v, vt, key, source) for k, v in value.items()
+        }
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -161,9 +163,8 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "", prefix: s
             and f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING
         ]
-        raise ConfigError(
-            f"{source or 'config'}: missing required key(s) {', '.join(prefix + m for m in missing)}"
-        ) from err
+        keys = ", ".join(prefix + m for m in missing)
+        raise ConfigError(f"{source or 'config'}: missing required key(s) {keys}") from err
 
 
 def to_dict(cfg: Any) -> Any:

@@ -25,20 +25,25 @@ def run_demo(out: str | Path, per_class: int = 24, seed: int = 0) -> dict[str, P
         PhantomConfig(per_class=per_class, domain="both", seed=seed)
     )
     try:
-        source = generate_phantom(out / "phantom-source",
-                                  PhantomConfig(per_class=per_class, domain="source", seed=seed))
-        target = generate_phantom(out / "phantom-target",
-                                  PhantomConfig(per_class=per_class, domain="target", seed=seed,
-                                                grid=False))
+        source = generate_phantom(
+            out / "phantom-source", PhantomConfig(per_class=per_class, domain="source", seed=seed)
+        )
+        target = generate_phantom(
+            out / "phantom-target",
+            PhantomConfig(per_class=per_class, domain="target", seed=seed, grid=False),
+        )
         train = source.split_by_patient(0.2, seed=seed)
         train.write(out / "source_train_val.csv")
         balanced = train.select(split="train").balanced(
-            min(train.select(split="train").counts("label").values()), seed=seed)
+            min(train.select(split="train").counts("label").values()), seed=seed
+        )
         balanced.write(out / "source_train_balanced.csv")
         target = target.with_values(split="test")
         target.write(out / "target_test.csv")
-        reports = {name: inspect_manifest(m, layout="manifest")
-                   for name, m in (("source", train), ("target", target))}
+        reports = {
+            name: inspect_manifest(m, layout="manifest")
+            for name, m in (("source", train), ("target", target))
+        }
         run.finish(source=len(source), target=len(target))
     finally:
         run.close()
@@ -46,9 +51,11 @@ def run_demo(out: str | Path, per_class: int = 24, seed: int = 0) -> dict[str, P
     for name, report in reports.items():
         print(report.format().replace(report.origin, f"{name} ({report.origin})", 1))
     print(f"\n  sample grid: {out / 'phantom-source' / 'grid.png'}")
-    print("  Built so far: the data layer (phantom data, manifests, patient split, balancing,"
-          " inspection). LoRA fine-tuning, generation, classifiers and the report are not yet"
-          " part of fulora; this demo grows with them.")
+    print(
+        "  Built so far: the data layer (phantom data, manifests, patient split, balancing,"
+        " inspection). LoRA fine-tuning, generation, classifiers and the report are not yet"
+        " part of fulora; this demo grows with them."
+    )
     return {
         "source": out / "phantom-source" / "manifest.csv",
         "target": out / "target_test.csv",

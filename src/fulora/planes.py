@@ -21,7 +21,14 @@ PAPER_PLANES: tuple[str, ...] = ("abdomen", "brain", "femur", "other", "thorax")
 
 #: Numeric codes used by the paper's CSVs. 3 is absent from them; it is the cervix, the only
 #: plane left once the others are placed in the paper's order (other first, then alphabetical).
-PAPER_CODES: dict[int, str] = {0: "other", 1: "abdomen", 2: "brain", 3: "cervix", 4: "femur", 5: "thorax"}
+PAPER_CODES: dict[int, str] = {
+    0: "other",
+    1: "abdomen",
+    2: "brain",
+    3: "cervix",
+    4: "femur",
+    5: "thorax",
+}
 
 #: Caption the paper used for every LoRA training image of a plane.
 PAPER_CAPTIONS: dict[str, str] = {

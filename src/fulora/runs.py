@@ -47,6 +47,7 @@ class RunDir:
 
     @property
     def done_file(self) -> Path:
+        """The completion marker, written last."""
         return self.path / "done.json"
 
     def is_done(self) -> bool:

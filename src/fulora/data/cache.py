@@ -72,11 +72,19 @@ class PreprocessCache:
         self.resize = resize
         self.hits = 0
         self.misses = 0
+        # Content hashes of files seen in this process, reused while (mtime, size) is unchanged.
+        self._hashes: dict[str, tuple[tuple[int, int], str]] = {}
         self._suffix = f"{_VERSION}-{mode}-{resize}-{'x'.join(map(str, self.size or ('orig',)))}"
 
     def key(self, path: str | Path) -> str:
         """Cache key of an image file: its content hash and the preprocessing."""
-        return f"{content_hash(path)}-{self._suffix}"
+        stat = os.stat(path)
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        known = self._hashes.get(str(path))
+        if known is None or known[0] != stamp:
+            known = (stamp, content_hash(path))
+            self._hashes[str(path)] = known
+        return f"{known[1]}-{self._suffix}"
 
     def entry(self, path: str | Path) -> Path:
         """File that holds (or will hold) the preprocessed ``path``."""

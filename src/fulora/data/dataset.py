@@ -78,7 +78,7 @@ class ManifestDataset(Dataset):
         self.transform = transform
         self.in_memory = in_memory
         self._memory: dict[int, np.ndarray] = {}
-        self.targets = [index[lab] for lab in manifest.labels]
+        self._row_targets = [index[lab] for lab in manifest.labels]
         self.rows = list(range(len(manifest)))
         self.skipped: list[tuple[str, str]] = []
         if on_error == "skip":
@@ -110,8 +110,14 @@ class ManifestDataset(Dataset):
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             results = list(
-                tqdm(pool.map(check, self.rows), total=len(self.rows), desc="checking images",
-                     unit="img", leave=False, disable=len(self.rows) < 50)
+                tqdm(
+                    pool.map(check, self.rows),
+                    total=len(self.rows),
+                    desc="checking images",
+                    unit="img",
+                    leave=False,
+                    disable=len(self.rows) < 50,
+                )
             )
         keep = [r for r, err in zip(self.rows, results, strict=True) if err is None]
         self.skipped = [
@@ -122,14 +128,23 @@ class ManifestDataset(Dataset):
         if self.skipped:
             logger.warning(
                 "skipped %d unreadable image(s) of %d, e.g. %s: %s",
-                len(self.skipped), len(self.rows), *self.skipped[0],
+                len(self.skipped),
+                len(self.rows),
+                *self.skipped[0],
             )
         if not keep:
-            raise DataError(f"none of the {len(self.rows)} images of {self.manifest.origin} could be read")
+            raise DataError(
+                f"none of the {len(self.rows)} images of {self.manifest.origin} could be read"
+            )
         self.rows = keep
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def targets(self) -> list[int]:
+        """Class index of every item, in item order (for samplers and class weights)."""
+        return [self._row_targets[r] for r in self.rows]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         row = self.rows[i]
@@ -143,11 +158,16 @@ class ManifestDataset(Dataset):
         image = tensor.float().div_(255.0)
         if self.transform is not None:
             image = self.transform(image)
-        return image, self.targets[row]
+        return image, self._row_targets[row]
 
     def preload(self, workers: int = 4) -> None:
         """Decode every image now (filling the cache) with a progress bar."""
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for _ in tqdm(pool.map(self._array, self.rows), total=len(self.rows),
-                          desc="preprocessing", unit="img", leave=False):
+            for _ in tqdm(
+                pool.map(self._array, self.rows),
+                total=len(self.rows),
+                desc="preprocessing",
+                unit="img",
+                leave=False,
+            ):
                 pass

@@ -34,7 +34,11 @@ logger = logging.getLogger("fulora")
 ZENODO_API = "https://zenodo.org/api"
 _USER_AGENT = "fulora (+https://github.com/13204942/FU-LoRA)"
 _NETWORK_ERRORS = (
-    urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout,
+    urllib.error.URLError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+    socket.timeout,
 )
 
 
@@ -139,8 +143,14 @@ def fetch(
         except _NETWORK_ERRORS + (_ShortRead,) as err:
             attempt += 1
             got = part.stat().st_size if part.exists() else 0
-            if isinstance(err, urllib.error.HTTPError) and err.code not in (408, 429, 500, 502,
-                                                                           503, 504):
+            if isinstance(err, urllib.error.HTTPError) and err.code not in (
+                408,
+                429,
+                500,
+                502,
+                503,
+                504,
+            ):
                 raise DownloadError(f"{url} answered HTTP {err.code} {err.reason}") from None
             if attempt > retries:
                 raise DownloadError(
@@ -148,8 +158,9 @@ def fetch(
                     f"{part} is kept: run the same command again to resume"
                 ) from None
             wait = min(30.0, 0.5 * 2**attempt)
-            logger.warning("download interrupted at %d bytes (%s); resuming in %.1fs", got, err,
-                           wait)
+            logger.warning(
+                "download interrupted at %d bytes (%s); resuming in %.1fs", got, err, wait
+            )
             time.sleep(wait)
     if checksum is not None and not _matches(part, checksum):
         actual = file_hash(part, checksum.split(":", 1)[0])
@@ -167,8 +178,9 @@ class _ShortRead(Exception):
     """The server closed the connection before sending everything."""
 
 
-def _transfer(url: str, part: Path, have: int, size: int | None, timeout: float,
-              progress: bool) -> None:
+def _transfer(
+    url: str, part: Path, have: int, size: int | None, timeout: float, progress: bool
+) -> None:
     if size is not None and have == size:
         return
     try:
@@ -183,17 +195,28 @@ def _transfer(url: str, part: Path, have: int, size: int | None, timeout: float,
         length = response.headers.get("Content-Length")
         expected = have + int(length) if length is not None else size
         mode = "ab" if have else "wb"
-        with open(part, mode) as handle, tqdm(
-            total=expected, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=part.name.removesuffix(".part"), disable=not progress, leave=False,
-        ) as bar:
+        with (
+            open(part, mode) as handle,
+            tqdm(
+                total=expected,
+                initial=have,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name.removesuffix(".part"),
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
             received = have
             while True:
                 try:
                     block = response.read(1 << 20)
                 except http.client.IncompleteRead as err:
                     handle.write(err.partial)
-                    raise _ShortRead(f"connection closed at {received + len(err.partial)} bytes")
+                    raise _ShortRead(
+                        f"connection closed at {received + len(err.partial)} bytes"
+                    ) from None
                 if not block:
                     break
                 handle.write(block)
@@ -236,8 +259,9 @@ def zenodo_files(record: str, api: str = ZENODO_API, timeout: float = 60.0) -> l
         link = links.get("content") or links.get("self") or links.get("download")
         if not name or not link:
             continue
-        files.append(RemoteFile(name=name, url=link, size=entry.get("size"),
-                                checksum=entry.get("checksum")))
+        files.append(
+            RemoteFile(name=name, url=link, size=entry.get("size"), checksum=entry.get("checksum"))
+        )
     if not files:
         raise DownloadError(f"Zenodo record {record} at {url} lists no files")
     return files
@@ -252,9 +276,8 @@ def unpack(archive: Path, dest: Path, subdir: str | None = None) -> None:
             members = [m for m in zf.infolist() if m.filename.startswith(prefix)]
             if not members:
                 raise DownloadError(f"{archive} has no folder {subdir!r}")
-            for member in tqdm(members, desc=f"unpacking {archive.name}", unit="file",
-                               leave=False):
-                relative = member.filename[len(prefix):]
+            for member in tqdm(members, desc=f"unpacking {archive.name}", unit="file", leave=False):
+                relative = member.filename[len(prefix) :]
                 if not relative:
                     continue
                 target = (dest / relative).resolve()
@@ -269,7 +292,9 @@ def unpack(archive: Path, dest: Path, subdir: str | None = None) -> None:
                     shutil.copyfileobj(src, out)
                 os.replace(tmp, target)
     except zipfile.BadZipFile as err:
-        raise DownloadError(f"{archive} is not a valid zip file ({err}); delete it and retry") from None
+        raise DownloadError(
+            f"{archive} is not a valid zip file ({err}); delete it and retry"
+        ) from None
 
 
 def build_manifest(root: Path) -> Manifest:
@@ -331,24 +356,50 @@ def download_dataset(
     dest = Path(dest)
     downloads = dest / ".downloads"
     if source.zenodo_record:
-        files = zenodo_files(source.zenodo_record, api or os.environ.get("FULORA_ZENODO_API",
-                                                                          ZENODO_API))
+        files = zenodo_files(
+            source.zenodo_record, api or os.environ.get("FULORA_ZENODO_API", ZENODO_API)
+        )
     else:
         link = url or source.url
         assert link is not None
-        files = [RemoteFile(name=Path(link).name or f"{name}.zip", url=link,
-                            checksum=f"sha256:{sha256}" if sha256 else None)]
-    record: dict[str, object] = {"dataset": name, "source": source.page,
-                                 "citation": source.citation, "files": []}
+        files = [
+            RemoteFile(
+                name=Path(link).name or f"{name}.zip",
+                url=link,
+                checksum=f"sha256:{sha256}" if sha256 else None,
+            )
+        ]
+    record: dict[str, object] = {
+        "dataset": name,
+        "source": source.page,
+        "citation": source.citation,
+        "files": [],
+    }
     for remote in files:
-        target = fetch(remote.url, downloads / remote.name, checksum=remote.checksum,
-                       size=remote.size, retries=retries, progress=progress)
+        target = fetch(
+            remote.url,
+            downloads / remote.name,
+            checksum=remote.checksum,
+            size=remote.size,
+            retries=retries,
+            progress=progress,
+        )
         digest = file_hash(target, "sha256")
-        record["files"].append({"name": remote.name, "url": remote.url, "sha256": digest,  # type: ignore[union-attr]
-                                "published_checksum": remote.checksum})
+        record["files"].append(
+            {
+                "name": remote.name,
+                "url": remote.url,
+                "sha256": digest,  # type: ignore[union-attr]
+                "published_checksum": remote.checksum,
+            }
+        )
         if remote.checksum is None:
-            logger.warning("%s has no published checksum; its SHA-256 is %s (pin it with "
-                           "--sha256 to check later downloads)", remote.name, digest)
+            logger.warning(
+                "%s has no published checksum; its SHA-256 is %s (pin it with "
+                "--sha256 to check later downloads)",
+                remote.name,
+                digest,
+            )
         marker = downloads / f".{remote.name}.unpacked"
         if zipfile.is_zipfile(target) and not marker.is_file():
             unpack(target, dest, source.archive_subdir)

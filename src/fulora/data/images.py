@@ -21,7 +21,13 @@ ColorMode = Literal["L", "RGB"]
 Resize = Literal["stretch", "letterbox", "crop"]
 
 # PIL raises these for truncated, corrupt or unsupported files.
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+_DECODE_ERRORS = (
+    OSError,
+    UnidentifiedImageError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+)
 
 
 def _flatten(img: Image.Image) -> Image.Image:
@@ -81,7 +87,9 @@ def load_image(path: str | Path, mode: ColorMode = "L", *, row: int | None = Non
     return img.convert(mode) if img.mode != mode else img
 
 
-def resize_image(img: Image.Image, size: tuple[int, int], method: Resize = "stretch") -> Image.Image:
+def resize_image(
+    img: Image.Image, size: tuple[int, int], method: Resize = "stretch"
+) -> Image.Image:
     """Resize to ``size`` = (height, width).
 
     Args:
@@ -117,4 +125,4 @@ def image_info(path: str | Path) -> tuple[tuple[int, int], str]:
 
 def to_array(img: Image.Image) -> np.ndarray:
     """uint8 array, (H, W) for L, (H, W, 3) for RGB."""
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy (PIL's buffer view is read-only)

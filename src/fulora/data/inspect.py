@@ -70,7 +70,11 @@ class InspectReport:
 
 
 def inspect_manifest(
-    manifest: Manifest, *, layout: str = "", open_images: bool = True, decode: bool = True,
+    manifest: Manifest,
+    *,
+    layout: str = "",
+    open_images: bool = True,
+    decode: bool = True,
     workers: int = 4,
 ) -> InspectReport:
     """Count a manifest's rows and check its images.
@@ -85,9 +89,14 @@ def inspect_manifest(
     frame = manifest.frame
     patients = frame["patient"][frame["patient"] != ""].nunique()
     report = InspectReport(
-        origin=manifest.origin, layout=layout, images=len(manifest),
-        labels=manifest.counts("label"), domains=manifest.counts("domain"),
-        splits=manifest.counts("split"), sources=manifest.counts("source"), patients=int(patients),
+        origin=manifest.origin,
+        layout=layout,
+        images=len(manifest),
+        labels=manifest.counts("label"),
+        domains=manifest.counts("domain"),
+        splits=manifest.counts("split"),
+        sources=manifest.counts("source"),
+        patients=int(patients),
     )
     duplicates = frame["path"][frame["path"].duplicated()]
     for path in duplicates.unique()[:20]:
@@ -113,8 +122,9 @@ def inspect_manifest(
     modes: Counter[str] = Counter()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(check, present)
-        for row, size, mode, error in tqdm(results, total=len(present), desc="opening images",
-                                           unit="img", leave=False):
+        for row, size, mode, error in tqdm(
+            results, total=len(present), desc="opening images", unit="img", leave=False
+        ):
             if error is not None:
                 report.problems.append(f"unreadable (row {row}): {paths[row]}: {error}")
                 continue

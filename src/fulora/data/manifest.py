@@ -44,6 +44,7 @@ SYNTHETIC_COLUMNS: tuple[str, ...] = (
 )
 
 _DELIMITERS = (",", ";", "\t", "|")
+_OTHER_SEPARATORS = (":", " ", "/", "#")  # not accepted, but recognised to explain an error
 
 
 def read_csv_table(path: str | Path) -> tuple[pd.DataFrame, str]:
@@ -121,15 +122,16 @@ def require_columns(
     if missing:
         hint = ""
         if len(frame.columns) == 1:
-            other = [d for d in _DELIMITERS if d in frame.columns[0]]
+            other = [d for d in _DELIMITERS + _OTHER_SEPARATORS if d in frame.columns[0]]
             hint = (
                 f" The header was read as one column {frame.columns[0]!r}"
                 + (f"; it seems to use {other[0]!r} as delimiter" if other else "")
                 + f". fulora reads CSVs delimited by {', '.join(repr(d) for d in _DELIMITERS[:3])}."
             )
+        columns = ", ".join(repr(c) for c in frame.columns) or "none"
         raise DataError(
             f"{path} is missing column {', '.join(missing)}; found columns: "
-            f"{', '.join(repr(c) for c in frame.columns) or 'none'} (delimiter {delimiter!r}).{hint}"
+            f"{columns} (delimiter {delimiter!r}).{hint}"
         )
     return found
 
@@ -202,7 +204,7 @@ class Manifest:
         if not manifests:
             return cls.from_records([])
         frame = pd.concat([m.frame for m in manifests], ignore_index=True)
-        frame = frame.fillna("")
+        frame = frame.astype(object).where(frame.notna(), "")
         origin = " + ".join(m.origin for m in manifests if m.origin)
         return cls(frame, origin=origin, validate=False)
 
@@ -253,8 +255,12 @@ class Manifest:
     ) -> Manifest:
         """Rows matching every given criterion (a value or a list of values each)."""
         mask = np.ones(len(self), dtype=bool)
-        for column, wanted in (("label", labels), ("split", split), ("source", source),
-                               ("domain", domain)):
+        for column, wanted in (
+            ("label", labels),
+            ("split", split),
+            ("source", source),
+            ("domain", domain),
+        ):
             if wanted is None:
                 continue
             values = [wanted] if isinstance(wanted, str) else list(wanted)

@@ -61,13 +61,31 @@ class ScannerStyle:
 
 STYLES: dict[str, ScannerStyle] = {
     "source": ScannerStyle(
-        size=(200, 288), half_angle_deg=36.0, apex=-0.04, depth=1.0, speckle_sigma=(0.7, 1.0),
-        dynamic_range_db=52.0, gain_db=0.0, gamma=1.0, attenuation=0.9, noise_db=-60.0, blur=0.0,
+        size=(200, 288),
+        half_angle_deg=36.0,
+        apex=-0.04,
+        depth=1.0,
+        speckle_sigma=(0.7, 1.0),
+        dynamic_range_db=52.0,
+        gain_db=0.0,
+        gamma=1.0,
+        attenuation=0.9,
+        noise_db=-60.0,
+        blur=0.0,
         text=False,
     ),
     "target": ScannerStyle(
-        size=(216, 272), half_angle_deg=28.0, apex=-0.10, depth=0.95, speckle_sigma=(1.4, 2.2),
-        dynamic_range_db=40.0, gain_db=5.0, gamma=0.85, attenuation=1.8, noise_db=-40.0, blur=1.2,
+        size=(216, 272),
+        half_angle_deg=28.0,
+        apex=-0.10,
+        depth=0.95,
+        speckle_sigma=(1.4, 2.2),
+        dynamic_range_db=40.0,
+        gain_db=5.0,
+        gamma=0.85,
+        attenuation=1.8,
+        noise_db=-40.0,
+        blur=1.2,
         text=True,
     ),
 }
@@ -140,8 +158,10 @@ def _paint(E, mask, value):
 def _background(X, Y, rng, style_depth):
     E = np.full_like(X, 0.02)  # amniotic fluid
     wall = rng.uniform(0.10, 0.20)
-    bands = 0.55 + 0.08 * np.sin(Y * rng.uniform(60, 110) + rng.uniform(0, 6)) + 0.05 * np.sin(
-        X * rng.uniform(8, 20)
+    bands = (
+        0.55
+        + 0.08 * np.sin(Y * rng.uniform(60, 110) + rng.uniform(0, 6))
+        + 0.05 * np.sin(X * rng.uniform(8, 20))
     )
     E = _paint(E, _soft(wall - Y + 0.02 * np.sin(X * 9), 0.01), bands)
     E = _paint(E, _soft(0.012 - np.abs(Y - wall - 0.01 * np.sin(X * 9)), 0.004), 0.75)
@@ -188,8 +208,9 @@ def _brain(X, Y, rng):
         E = _paint(E, _ellipse(X, Y, tx, ty, 0.17 * a, 0.12 * b, ang), 0.17)
     # midline echo, interrupted by the cavum septi pellucidi
     ux, uy = math.cos(ang), math.sin(ang)
-    mid = _segment(X, Y, cx - 0.9 * a * ux, cy - 0.9 * a * uy, cx + 0.9 * a * ux, cy + 0.9 * a * uy,
-                   0.008)
+    mid = _segment(
+        X, Y, cx - 0.9 * a * ux, cy - 0.9 * a * uy, cx + 0.9 * a * ux, cy + 0.9 * a * uy, 0.008
+    )
     E = _paint(E, mid, 0.82)
     csp_x, csp_y = cx - 0.42 * a * ux, cy - 0.42 * a * uy
     E = _paint(E, _ellipse(X, Y, csp_x, csp_y, 0.09 * a, 0.05 * b, ang), 0.02)
@@ -197,8 +218,20 @@ def _brain(X, Y, rng):
     for sgn in (-1, 1):
         fx = cx + 0.1 * a * ux - sgn * 0.62 * b * uy
         fy = cy + 0.1 * a * uy + sgn * 0.62 * b * ux
-        E = _paint(E, _segment(X, Y, fx - 0.15 * a * ux, fy - 0.15 * a * uy, fx + 0.15 * a * ux,
-                               fy + 0.15 * a * uy, 0.01, bend=0.25 * sgn), 0.55)
+        E = _paint(
+            E,
+            _segment(
+                X,
+                Y,
+                fx - 0.15 * a * ux,
+                fy - 0.15 * a * uy,
+                fx + 0.15 * a * ux,
+                fy + 0.15 * a * uy,
+                0.01,
+                bend=0.25 * sgn,
+            ),
+            0.55,
+        )
     skull = _ring(X, Y, cx, cy, a, b, ang, rng.uniform(0.016, 0.024))
     E = _paint(E, skull, 1.0)
     B = np.maximum(B, skull * 0.35)
@@ -222,8 +255,20 @@ def _abdomen(X, Y, rng):
     sy = cy + 0.35 * b * math.sin(theta)
     E = _paint(E, _ellipse(X, Y, sx, sy, 0.3 * a, 0.2 * b, rng.uniform(-0.8, 0.8)), 0.0)
     # umbilical vein / portal sinus: a dark curved tube
-    E = _paint(E, _segment(X, Y, cx - side * 0.35 * a, cy - 0.1 * b, cx + side * 0.1 * a,
-                           cy + 0.15 * b, 0.02, bend=0.3), 0.08)
+    E = _paint(
+        E,
+        _segment(
+            X,
+            Y,
+            cx - side * 0.35 * a,
+            cy - 0.1 * b,
+            cx + side * 0.1 * a,
+            cy + 0.15 * b,
+            0.02,
+            bend=0.3,
+        ),
+        0.08,
+    )
     # spine at the back, and short rib echoes on the sides
     spine_angle = rng.uniform(-0.6, 0.6) + (math.pi if rng.random() < 0.3 else 0.0)
     E, B = _spine(X, Y, E, B, cx, cy, r, spine_angle, rng)
@@ -288,8 +333,15 @@ def _thorax(X, Y, rng):
     for k in range(int(rng.integers(4, 7))):
         t = -math.pi / 2 + (k + rng.uniform(-0.2, 0.2)) * math.pi / 3
         rx, ry = cx + 0.95 * a * math.cos(t), cy + 0.95 * b * math.sin(t)
-        rib = _segment(X, Y, rx - 0.025 * math.sin(t), ry + 0.025 * math.cos(t),
-                       rx + 0.025 * math.sin(t), ry - 0.025 * math.cos(t), 0.014)
+        rib = _segment(
+            X,
+            Y,
+            rx - 0.025 * math.sin(t),
+            ry + 0.025 * math.cos(t),
+            rx + 0.025 * math.sin(t),
+            ry - 0.025 * math.cos(t),
+            0.014,
+        )
         E = _paint(E, rib, 0.95)
         B = np.maximum(B, rib * 0.8)
     return E, B
@@ -325,8 +377,13 @@ def _other(X, Y, rng):
     return E, B
 
 
-_ANATOMY = {"brain": _brain, "abdomen": _abdomen, "femur": _femur, "thorax": _thorax,
-            "other": _other}
+_ANATOMY = {
+    "brain": _brain,
+    "abdomen": _abdomen,
+    "femur": _femur,
+    "thorax": _thorax,
+    "other": _other,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +394,10 @@ def _jitter(rng, value, rel):
 
 
 def render(
-    plane: str, domain: str = "source", seed: int = 0, index: int = 0,
+    plane: str,
+    domain: str = "source",
+    seed: int = 0,
+    index: int = 0,
     size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Render one phantom image.
@@ -357,9 +417,7 @@ def render(
     if domain not in STYLES:
         raise DataError(f"phantom domain must be source or target, not {domain!r}")
     style = STYLES[domain]
-    rng = np.random.default_rng(
-        [seed, DOMAINS.index(domain), PHANTOM_PLANES.index(plane), index]
-    )
+    rng = np.random.default_rng([seed, DOMAINS.index(domain), PHANTOM_PLANES.index(plane), index])
     height, width = size or style.size
     half = math.radians(_jitter(rng, style.half_angle_deg, 0.08))
     depth = _jitter(rng, style.depth, 0.04)
@@ -467,18 +525,32 @@ def generate_phantom(out: str | Path, config: PhantomConfig) -> Manifest:
             with atomic_path(path) as tmp:
                 Image.fromarray(array, "L").save(tmp, format="PNG")
             written += 1
-        records.append({
-            "path": str(path.resolve()), "label": plane, "split": "", "source": "phantom",
-            "domain": f"phantom-{domain}", "patient": f"{domain}-{index:05d}",
-            "caption": PAPER_CAPTIONS[plane], "seed": config.seed, "index": index,
-        })
+        records.append(
+            {
+                "path": str(path.resolve()),
+                "label": plane,
+                "split": "",
+                "source": "phantom",
+                "domain": f"phantom-{domain}",
+                "patient": f"{domain}-{index:05d}",
+                "caption": PAPER_CAPTIONS[plane],
+                "seed": config.seed,
+                "index": index,
+            }
+        )
     for plane in planes:
         write_text(out / plane / "duplicate_text_for_each_image.txt", PAPER_CAPTIONS[plane] + "\n")
     manifest = Manifest.from_records(records, origin=str(out / "manifest.csv"))
     manifest.write(out / "manifest.csv")
     if config.grid:
-        phantom_grid(out / "grid.png", planes=planes, domains=domains, seed=config.seed,
-                     per_row=min(4, config.per_class), size=config.size)
+        phantom_grid(
+            out / "grid.png",
+            planes=planes,
+            domains=domains,
+            seed=config.seed,
+            per_row=min(4, config.per_class),
+            size=config.size,
+        )
     logger.info("phantom: %d images (%d new) in %s", len(records), written, out)
     return manifest
 
@@ -499,5 +571,10 @@ def phantom_grid(
         rows.append([render(plane, d, seed, i, size) for d in domains for i in range(per_row)])
         row_labels.append(plane)
     col_labels = [f"{d} #{i}" for d in domains for i in range(per_row)]
-    return image_grid(path, rows, row_labels=row_labels, col_labels=col_labels,
-                      title=f"fulora phantom (seed {seed}): " + " | ".join(domains))
+    return image_grid(
+        path,
+        rows,
+        row_labels=row_labels,
+        col_labels=col_labels,
+        title=f"fulora phantom (seed {seed}): " + " | ".join(domains),
+    )

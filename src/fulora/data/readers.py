@@ -178,8 +178,10 @@ def read_image_table(
         numbers = frame[patient_col]
         if centre_col:
             # African patient numbers restart at 1 in every centre: keep the centre in the id.
-            out["patient"] = [f"{c}-{int(n) if n.isdigit() else n}" if n else ""
-                              for c, n in zip(frame[centre_col], numbers, strict=True)]
+            out["patient"] = [
+                f"{c}-{int(n) if n.isdigit() else n}" if n else ""
+                for c, n in zip(frame[centre_col], numbers, strict=True)
+            ]
         else:
             out["patient"] = [str(int(n)) if n.isdigit() else n for n in numbers]
     else:
@@ -207,7 +209,10 @@ def read_fetal_planes_db(
     path = Path(path)
     csv_path = path / "FETAL_PLANES_DB_data.csv" if path.is_dir() else path
     return read_image_table(
-        csv_path, images_dir=images_dir, source="fetal_planes_db", domain="Spain",
+        csv_path,
+        images_dir=images_dir,
+        source="fetal_planes_db",
+        domain="Spain",
         on_missing=on_missing,
     )
 
@@ -310,7 +315,9 @@ def read_plane_folders(
             )
         images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not images:
-            raise DataError(f"plane folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(
+                f"plane folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
         stems = {p.stem for p in images}
         texts = [t for t in folder.glob("*.txt") if t.stem not in stems]
         caption = ""
@@ -353,8 +360,10 @@ def _source_from_name(name: str) -> str:
 
 
 def detect_layout(path: str | Path) -> str:
-    """Name of the layout at ``path``: ``manifest``, ``fetal_planes_db``, ``african``,
-    ``synthetic_a1111``, ``image_table`` or ``plane_folders``.
+    """Name of the data layout at ``path``.
+
+    One of ``manifest``, ``fetal_planes_db``, ``african``, ``synthetic_a1111``,
+    ``image_table`` or ``plane_folders``.
 
     Raises:
         DataError: If ``path`` does not exist or holds no layout fulora knows.

@@ -50,7 +50,9 @@ def image_grid(
             aspect = row[0].shape[0] / row[0].shape[1]
             break
     fig, axes = plt.subplots(
-        n_rows, n_cols, figsize=(cell_inches * n_cols, cell_inches * aspect * n_rows + 0.4),
+        n_rows,
+        n_cols,
+        figsize=(cell_inches * n_cols, cell_inches * aspect * n_rows + 0.4),
         squeeze=False,
     )
     for i in range(n_rows):

@@ -1,0 +1,48 @@
+"""Shared fixtures: the real sample data from ../shared (skipped when absent) and image makers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(
+    os.environ.get("FULORA_SAMPLE_DATA", REPO.parent / "shared" / "data" / "fu-lora-sample")
+)
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    """The real FU-LoRA sample folder; tests using it skip when it is absent."""
+    if not (SHARED / "african_dev").is_dir():
+        pytest.skip(f"real sample data not found at {SHARED} (set FULORA_SAMPLE_DATA)")
+    return SHARED
+
+
+def write_png(path: Path, mode: str = "L", size: tuple[int, int] = (64, 48), seed: int = 0) -> Path:
+    """Write a small random image in ``mode`` (size is width, height)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "L":
+        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L").save(path)
+    elif mode == "RGB":
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB").save(path)
+    elif mode == "RGBA":
+        Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA").save(path)
+    elif mode == "I;16":
+        Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)).save(path)
+    else:
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB").convert(mode).save(
+            path
+        )
+    return path
+
+
+@pytest.fixture
+def make_png():
+    return write_png

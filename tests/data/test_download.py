@@ -1,0 +1,217 @@
+"""The downloader against a local HTTP server on 127.0.0.1 (no internet here, nor needed)."""
+
+import hashlib
+import io
+import json
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from fulora.cli import main
+from fulora.data.download import download_dataset, fetch, zenodo_files
+from fulora.errors import DownloadError
+
+
+class Server:
+    """Serves ``files`` with Range support; can cut the first transfer of a file halfway."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.cut: set[str] = set()  # paths whose next full transfer stops halfway
+        self.requests: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.requests.append((self.path, self.headers.get("Range")))
+                body = outer.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                if rng := self.headers.get("Range"):
+                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                payload = body[start:]
+                if self.path in outer.cut and not rng:
+                    outer.cut.discard(self.path)
+                    self.wfile.write(payload[: len(payload) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    with Server() as s:
+        yield s
+
+
+def _zip_with_african_layout() -> bytes:
+    """A zip shaped like a dataset release: a folder with a cohort CSV and its images."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        rows = ["Patient_num,Plane,Train,Center,Image_name"]
+        for i, plane in enumerate(["Fetal brain", "Fetal femur", "Fetal abdomen"]):
+            name = f"patient00{i + 1}_GHA_plane{i}"
+            rows.append(f"{i + 1},{plane},1,Ghana,{name}")
+            png = io.BytesIO()
+            Image.new("L", (20, 16), 40 * i).save(png, format="PNG")
+            zf.writestr(f"release/{name}.png", png.getvalue())
+        zf.writestr("release/African_planes_database.csv", "\r\n".join(rows))
+    return buffer.getvalue()
+
+
+def test_interrupted_transfer_resumes_with_range(server, tmp_path):
+    body = bytes(range(256)) * 4000
+    server.files["/big.bin"] = body
+    server.cut.add("/big.bin")
+    dest = tmp_path / "big.bin"
+    checksum = "sha256:" + hashlib.sha256(body).hexdigest()
+    with pytest.raises(DownloadError, match="run the same command again to resume"):
+        fetch(server.url + "/big.bin", dest, checksum=checksum, retries=0, progress=False)
+    part = tmp_path / "big.bin.part"
+    assert not dest.exists() and 0 < part.stat().st_size < len(body)
+    kept = part.stat().st_size
+    fetch(server.url + "/big.bin", dest, checksum=checksum, retries=0, progress=False)
+    assert dest.read_bytes() == body and not part.exists()
+    assert server.requests[-1] == ("/big.bin", f"bytes={kept}-")
+
+
+def test_retries_resume_within_one_call(server, tmp_path, monkeypatch):
+    monkeypatch.setattr("fulora.data.download.time.sleep", lambda s: None)
+    body = b"x" * 100_000
+    server.files["/f"] = body
+    server.cut.add("/f")
+    fetch(server.url + "/f", tmp_path / "f", retries=2, progress=False)
+    assert (tmp_path / "f").read_bytes() == body
+    assert [r for _, r in server.requests] == [None, "bytes=50000-"]
+
+
+def test_bad_checksum_is_rejected_and_removed(server, tmp_path):
+    server.files["/f"] = b"hello"
+    with pytest.raises(DownloadError, match="checksum mismatch .* expected md5:0+, got md5:"):
+        fetch(server.url + "/f", tmp_path / "f", checksum="md5:" + "0" * 32, progress=False)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "f.part").exists()
+
+
+def test_http_errors_and_unreachable_hosts(server, tmp_path):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        fetch(server.url + "/missing", tmp_path / "m", progress=False)
+    with pytest.raises(DownloadError, match="Downloading needs network access"):
+        zenodo_files("1", api="http://127.0.0.1:9/api", timeout=2)
+
+
+def test_zenodo_record_end_to_end(server, tmp_path):
+    data = _zip_with_african_layout()
+    server.files["/files/african.zip"] = data
+    server.files["/api/records/7540448"] = json.dumps(
+        {
+            "id": 7540448,
+            "files": [
+                {
+                    "key": "african.zip",
+                    "size": len(data),
+                    "checksum": "md5:" + hashlib.md5(data).hexdigest(),
+                    "links": {"self": server.url + "/files/african.zip"},
+                }
+            ],
+        }
+    ).encode()
+    server.cut.add("/files/african.zip")
+    dest = tmp_path / "african"
+    code = main(
+        [
+            "data",
+            "download",
+            "african-planes",
+            "--dest",
+            str(dest),
+            "--api",
+            server.url + "/api",
+            "--retries",
+            "0",
+        ]
+    )
+    assert code == 2  # interrupted: a clear error, partial file kept
+    assert (dest / ".downloads" / "african.zip.part").is_file()
+    code = main(
+        ["data", "download", "african-planes", "--dest", str(dest), "--api", server.url + "/api"]
+    )
+    assert code == 0
+    manifest_csv = dest / "manifest.csv"
+    from fulora.data.manifest import Manifest
+
+    m = Manifest.read(manifest_csv)
+    assert m.counts("label") == {"abdomen": 1, "brain": 1, "femur": 1}
+    assert set(m.frame["domain"]) == {"Ghana"} and all(p.is_file() for p in m.paths)
+    record = json.loads((dest / "download.json").read_text())
+    assert record["files"][0]["sha256"] == hashlib.sha256(data).hexdigest()
+    # a rerun downloads nothing again
+    before = len(server.requests)
+    download_dataset("african-planes", dest, api=server.url + "/api", progress=False)
+    assert [p for p, _ in server.requests[before:]] == ["/api/records/7540448"]
+
+
+def test_github_archive_keeps_only_the_data_folder(server, tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("FU-LoRA-main/README.md", "readme")
+        inner = zipfile.ZipFile(io.BytesIO(_zip_with_african_layout()))
+        for info in inner.infolist():
+            zf.writestr(
+                "FU-LoRA-main/data/african_test/" + info.filename.split("/", 1)[1], inner.read(info)
+            )
+    data = buffer.getvalue()
+    server.files["/main.zip"] = data
+    dest = tmp_path / "sample"
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        download_dataset(
+            "fu-lora-sample", dest, url=server.url + "/main.zip", sha256="0" * 64, progress=False
+        )
+    m = download_dataset(
+        "fu-lora-sample",
+        dest,
+        url=server.url + "/main.zip",
+        sha256=hashlib.sha256(data).hexdigest(),
+        progress=False,
+    )
+    assert len(m) == 3 and not (dest / "README.md").exists()
+    assert (dest / "african_test" / "African_planes_database.csv").is_file()
+
+
+def test_zip_paths_cannot_escape(server, tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("FU-LoRA-main/data/../../evil.txt", "x")
+    server.files["/evil.zip"] = buffer.getvalue()
+    with pytest.raises(DownloadError, match="escapes"):
+        download_dataset(
+            "fu-lora-sample", tmp_path / "d", url=server.url + "/evil.zip", progress=False
+        )
+    assert not (tmp_path / "evil.txt").exists()
