@@ -27,8 +27,9 @@ def _setup_logging(verbosity: int) -> None:
         for h in logger.handlers
         if not isinstance(h, logging.StreamHandler) or isinstance(h, logging.FileHandler)
     ]
+    handler.setLevel(level)
     logger.addHandler(handler)
-    logger.setLevel(level)
+    logger.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)  # run logs get INFO
     logger.propagate = False
 
 
@@ -123,6 +124,100 @@ def _cmd_data_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _read_manifests(paths: Sequence[str], on_missing: str = "error"):
+    from fulora.data.readers import read_any
+
+    return [read_any(p, on_missing=on_missing) for p in paths]
+
+
+def _cmd_classify_train(args: argparse.Namespace) -> int:
+    from fulora.classify.train import ClassifyConfig, train_classifier
+    from fulora.config import load_config
+
+    values = {
+        "arch": args.arch,
+        "pretrained": args.pretrained,
+        "weights": args.weights,
+        "classes": args.classes,
+        "image_size": args.image_size,
+        "augment": args.augment,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "max_per_class": args.max_per_class,
+        "max_synthetic_per_class": args.max_synthetic_per_class,
+        "synthetic_ratio": args.synthetic_ratio,
+        "balance": args.balance or None,
+        "device": args.device,
+        "num_workers": args.num_workers,
+        "cache_dir": args.cache_dir,
+        "val_metric": args.val_metric,
+        "early_stopping": args.early_stopping,
+    }
+    seeds = args.seeds or [None]
+    # Read and check everything before any training starts.
+    configs = [
+        load_config(ClassifyConfig, args.config, args.set, values={**values, "seed": seed})
+        for seed in seeds
+    ]
+    train = _read_manifests(args.train)
+    val = _read_manifests([args.val])[0] if args.val else None
+    rows = []
+    for cfg in configs:
+        out = Path(args.out) / f"seed-{cfg.seed}" if len(configs) > 1 else Path(args.out)
+        record = train_classifier(train, out, cfg, val=val)
+        best = record.get("best_val", {})
+        rows.append((out, cfg.seed, record.get("best_epoch"), best))
+    print(f"\n{'run':<40}{'seed':>6}{'best epoch':>12}{'val acc':>10}{'val F1':>10}")
+    for out, seed, epoch, best in rows:
+        print(
+            f"{str(out):<40}{seed:>6}{epoch!s:>12}{best.get('val_accuracy', float('nan')):>10.2f}"
+            f"{best.get('val_f1_macro', float('nan')):>10.2f}"
+        )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fulora.evaluate.run import HEADLINE, evaluate_model
+
+    test = _read_manifests([args.test])[0]
+    result = evaluate_model(
+        args.model,
+        test,
+        args.out,
+        batch_size=args.batch_size,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        device=args.device,
+        cache_dir=args.cache_dir,
+    )
+    print(
+        f"\n{result['model']['arch']} on {args.test}: {result['images']} images, "
+        f"test classes {', '.join(result['test_classes'])} of model classes "
+        f"{', '.join(result['classes'])}"
+    )
+    header = "".join(f"{k:>17}" for k in HEADLINE)
+    print(f"{'label space':<14}{header}")
+    for space, entry in result["spaces"].items():
+        cells = ""
+        for k in HEADLINE:
+            value = entry["metrics"][k]
+            ci = entry["ci95"].get(k)
+            cells += f"{value:>8.2f}" + (f" [{ci[0]:4.1f},{ci[1]:5.1f}]" if ci else " " * 12)
+        print(f"{space:<14}{cells}")
+    print(f"ECE {result['calibration']['ece']:.2f}%; files in {args.out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fulora.demo import run_demo
 
@@ -214,6 +309,64 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_data_manifest)
+
+    classify = stages.add_parser("classify", help="train plane classifiers")
+    classify_cmds = classify.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = classify_cmds.add_parser(
+        "train",
+        help="train a classifier on real, synthetic or hybrid manifests",
+        description="Defaults are the paper's protocol (configs/classify-paper.yaml).",
+    )
+    p.add_argument(
+        "--train",
+        nargs="+",
+        required=True,
+        metavar="MANIFEST",
+        help="training data: manifests, image CSVs or dataset folders",
+    )
+    p.add_argument(
+        "--val",
+        metavar="MANIFEST",
+        help="validation data (default: hold out real patients of --train)",
+    )
+    p.add_argument(
+        "--arch",
+        help="architecture: densenet169, mobilenet_v2, efficientnet_b0, "
+        "resnet18, vit_b_16, tiny_cnn, or any timm model",
+    )
+    p.add_argument("--out", required=True, help="run folder (one per seed with several seeds)")
+    p.add_argument("--pretrained", type=_bool, help="start from ImageNet weights (true/false)")
+    p.add_argument("--weights", help="a state dict to start from")
+    p.add_argument("--classes", nargs="+", help="model classes (default: training planes)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--augment", choices=["none", "da"], help="'da': the paper's augmentation")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-per-class", type=int, help="cap on real images per plane")
+    p.add_argument("--max-synthetic-per-class", type=int, help="cap on synthetic images per plane")
+    p.add_argument("--synthetic-ratio", type=float, help="share of synthetic images (0-1)")
+    p.add_argument("--balance", action="store_true", help="class-balance the real images")
+    p.add_argument("--val-metric", choices=["f1_macro", "accuracy", "loss"])
+    p.add_argument("--early-stopping", type=int, metavar="EPOCHS")
+    p.add_argument("--seeds", type=int, nargs="+", help="train one model per seed")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--cache-dir", help="preprocessing cache folder")
+    p.add_argument("--config", help="YAML config (keys of ClassifyConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_classify_train)
+
+    p = stages.add_parser("evaluate", help="evaluate a trained classifier on a test cohort")
+    p.add_argument("--model", required=True, help="run folder of `fulora classify train`")
+    p.add_argument("--test", required=True, help="test manifest, image CSV or dataset folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: none)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", help="preprocessing cache folder")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = stages.add_parser("demo", help="run fulora end to end on embedded phantom data")
     p.add_argument("--out", default="demo-run", help="output folder (default demo-run)")

@@ -68,7 +68,7 @@ class RunDir:
         self._handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(self._handler)
-        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        if logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)
         logger.info("run %s: %s", self.path, self.command or " ".join(sys.argv))
         return self

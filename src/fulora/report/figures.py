@@ -73,3 +73,81 @@ def image_grid(
         fig.suptitle(title, fontsize=11)
     fig.subplots_adjust(wspace=0.03, hspace=0.05)
     return save_figure(fig, path)
+
+
+def training_curves(path: str | Path, history: Sequence[dict], *, title: str = "") -> Path:
+    """Loss (train and validation) and validation accuracy/F1 per epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
+    ax1.plot(epochs, [r["val_loss"] for r in history], marker="o", label="validation")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy")
+    ax1.legend()
+    ax2.plot(epochs, [r["val_accuracy"] for r in history], marker="o", label="val accuracy")
+    ax2.plot(epochs, [r["val_f1_macro"] for r in history], marker="o", label="val macro F1")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("%")
+    ax2.set_ylim(0, 100)
+    ax2.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def confusion_matrix_figure(
+    path: str | Path,
+    matrix: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    *,
+    title: str = "",
+) -> Path:
+    """A confusion matrix (rows: true class, columns: predicted) with counts and row shares."""
+    matrix = np.asarray(matrix)
+    shares = matrix / np.clip(matrix.sum(axis=1, keepdims=True), 1, None)
+    fig, ax = plt.subplots(figsize=(1.1 * len(col_labels) + 1.5, 0.9 * len(row_labels) + 1.2))
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(
+                j,
+                i,
+                f"{matrix[i, j]}\n{100 * shares[i, j]:.0f}%",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if shares[i, j] > 0.6 else "black",
+            )
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def reliability_diagram(
+    path: str | Path, bins: Sequence[dict], ece: float, *, title: str = ""
+) -> Path:
+    """Accuracy vs confidence per bin, with the bin counts and the ECE."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    centres = [(b["low"] + b["high"]) / 2 for b in bins]
+    width = bins[0]["high"] - bins[0]["low"] if bins else 0.1
+    accs = [b["accuracy"] if b["count"] else 0.0 for b in bins]
+    ax.bar(centres, accs, width=width * 0.95, color="tab:blue", alpha=0.8, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for c, b in zip(centres, bins, strict=True):
+        if b["count"]:
+            ax.text(c, 0.02, str(b["count"]), ha="center", fontsize=6, rotation=90)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or f"ECE {ece:.1f}%", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,1 @@
+"""Plane classifiers: architectures, hybrid data mixing, training."""

@@ -1,0 +1,499 @@
+"""Training plane classifiers on real, synthetic or hybrid manifests.
+
+The shipped defaults are the paper's protocol: 224 px, SGD lr 1e-3 momentum 0.9, batch 24,
+20 epochs, cross-entropy; ``augment: da`` is its data-augmentation preset (random rotation
+±15°, RandomResizedCrop(224, scale 0.08-1), horizontal flip). Unlike the paper's notebook,
+which validated on a random sample of its own training set, validation here uses a
+patient-level held-out split of the real training data (or a given manifest), keeps the best
+checkpoint by a chosen metric and can stop early.
+
+A run folder holds ``config.yaml``, ``train_manifest.csv`` and ``val_manifest.csv`` (exactly
+which images were used), ``history.csv`` and ``loss_curve.png``, ``best.pt`` (the best model
+with its classes, preprocessing and weights provenance), ``last.pt`` (full state, for resume),
+``log.txt`` and ``done.json``. An interrupted run resumes at the last finished epoch with the
+same results as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fulora.classify.mix import is_synthetic, mix_manifests
+from fulora.classify.registry import ModelInfo, create_model, resolve_arch
+from fulora.config import to_dict
+from fulora.data.cache import PreprocessCache, default_cache_dir
+from fulora.data.dataset import ManifestDataset
+from fulora.data.manifest import Manifest
+from fulora.errors import ConfigError, DataError
+from fulora.evaluate.metrics import metrics as compute_metrics
+from fulora.io import atomic_path, write_text
+from fulora.planes import PLANES, check_planes
+from fulora.runs import RunDir
+
+logger = logging.getLogger("fulora")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ClassifyConfig:
+    """Configuration of ``fulora classify train`` (defaults: the paper's protocol)."""
+
+    arch: str = "resnet18"
+    pretrained: bool = True
+    weights: str | None = None  # a state dict to start from instead of ImageNet
+    classes: list[str] | None = None  # default: the planes of the training data
+    image_size: int = 224
+    resize: Literal["stretch", "letterbox", "crop"] = "stretch"
+    normalize: Literal["imagenet", "none"] = "imagenet"
+    augment: Literal["none", "da"] = "none"
+    batch_size: int = 24
+    epochs: int = 20
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine"] = "constant"
+    label_smoothing: float = 0.0
+    amp: bool = True  # mixed precision on CUDA
+    channels_last: bool = True  # on CUDA
+    val_fraction: float = 0.2
+    val_metric: Literal["f1_macro", "accuracy", "loss"] = "f1_macro"
+    early_stopping: int = 0  # epochs without improvement before stopping; 0: never
+    max_per_class: int | None = None
+    max_synthetic_per_class: int | None = None
+    synthetic_ratio: float | None = None
+    balance: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+    cache_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # free notes recorded with the run
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_transforms(cfg_augment: str, size: int, normalize: str):
+    """(train transform, eval transform) on float tensors (C, H, W) in [0, 1]."""
+    from torchvision.transforms import v2
+
+    norm = [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize == "imagenet" else []
+    evaluation = v2.Compose(norm) if norm else None
+    if cfg_augment == "da":
+        train = v2.Compose(
+            [
+                v2.RandomRotation(15),
+                v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(),
+                *norm,
+            ]
+        )
+    else:
+        train = evaluation
+    return train, evaluation
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def _save(obj: dict[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def split_train_val(
+    training: Manifest, val: Manifest | None, val_fraction: float, seed: int
+) -> tuple[Manifest, Manifest]:
+    """Training and validation sets; without ``val``, real patients are held out."""
+    if val is not None:
+        return training, val
+    marked = (training.frame["split"] == "val").to_numpy()
+    if marked.any():
+        return training.subset(~marked), training.subset(marked)
+    synthetic = is_synthetic(training)
+    real = training.subset(~synthetic)
+    if len(real) == 0:
+        raise DataError(
+            "no real images to hold out for validation (the training set is all synthetic); "
+            "pass --val MANIFEST"
+        )
+    real = real.split_by_patient(val_fraction, seed=seed)
+    held = real.select(split="val")
+    kept = Manifest.concat([real.select(split="train"), training.subset(synthetic)])
+    return kept, held
+
+
+class _Trainer:
+    """One training run; see :func:`train_classifier`."""
+
+    def __init__(self, cfg: ClassifyConfig, out: Path, classes: list[str]):
+        self.cfg = cfg
+        self.out = out
+        self.classes = classes
+        self.device = resolve_device(cfg.device)
+        self.model: nn.Module
+        self.info: ModelInfo
+
+    def evaluate(self, loader: DataLoader) -> dict[str, float]:
+        model, device = self.model, self.device
+        model.eval()
+        losses, probs, targets = [], [], []
+        criterion = nn.CrossEntropyLoss(reduction="sum")
+        with torch.no_grad():
+            for images, target in loader:
+                images = images.to(device, non_blocking=True)
+                if self.device.type == "cuda" and self.cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, enabled=self._amp, dtype=torch.float16):
+                    logits = model(images)
+                logits = logits.float().cpu()
+                losses.append(criterion(logits, target).item())
+                probs.append(torch.softmax(logits, 1).numpy())
+                targets.append(target.numpy())
+        y = np.concatenate(targets)
+        p = np.concatenate(probs)
+        present = sorted(set(y.tolist()))
+        result = compute_metrics(y, p, present, "all_outputs")
+        return {
+            "loss": float(sum(losses) / len(y)),
+            "accuracy": result["accuracy"],
+            "f1_macro": result["f1_macro"],
+        }
+
+    @property
+    def _amp(self) -> bool:
+        return self.cfg.amp and self.device.type == "cuda"
+
+
+def train_classifier(
+    train: Sequence[Manifest],
+    out: str | Path,
+    cfg: ClassifyConfig,
+    *,
+    val: Manifest | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one classifier into the run folder ``out`` (resuming a partial run there).
+
+    Args:
+        train: Training manifests (real and/or synthetic), mixed per ``cfg``.
+        out: Run folder.
+        cfg: The configuration.
+        val: Validation manifest; default a patient-level split of the real training images.
+        progress: Show progress bars.
+
+    Returns:
+        The run's ``done.json`` record.
+
+    Raises:
+        ConfigError: For an unknown architecture, missing weights, or a folder holding a run
+            with another configuration.
+        DataError: For empty sets, unknown labels, missing or unreadable images.
+    """
+    out = Path(out)
+    cfg.arch = resolve_arch(cfg.arch)
+    run = RunDir(out, command="fulora classify train")
+    previous = _previous_config(out)
+    if previous is not None and previous != to_dict(cfg):
+        changed = sorted(
+            k for k in set(previous) | set(to_dict(cfg)) if previous.get(k) != to_dict(cfg).get(k)
+        )
+        raise ConfigError(
+            f"{out} already holds a run with another configuration ({', '.join(changed)} "
+            "differ); use a new --out folder or delete it"
+        )
+    if previous is not None and run.is_done():
+        logger.info("%s is already trained with this configuration; nothing to do", out)
+        return run.read_done() or {}
+
+    present = set()
+    for manifest in train:
+        present |= set(manifest.labels)
+    classes = check_planes(cfg.classes) if cfg.classes else [p for p in PLANES if p in present]
+    if not classes:
+        raise DataError("the training manifests are empty")
+    training = mix_manifests(
+        train,
+        classes=classes,
+        max_per_class=cfg.max_per_class,
+        max_synthetic_per_class=cfg.max_synthetic_per_class,
+        synthetic_ratio=cfg.synthetic_ratio,
+        balance=cfg.balance,
+        seed=cfg.seed,
+    )
+    training, validation = split_train_val(training, val, cfg.val_fraction, cfg.seed)
+    if len(validation) == 0:
+        raise DataError("the validation set is empty; pass --val or raise val_fraction")
+    unknown = sorted(set(validation.labels) - set(classes))
+    if unknown:
+        raise DataError(
+            f"validation labels {unknown} ({validation.origin}) are not among the classes {classes}"
+        )
+
+    run.start(cfg)
+    try:
+        record = _train(run, cfg, classes, training, validation, progress)
+    finally:
+        run.close()
+    return record
+
+
+def _previous_config(out: Path) -> dict[str, Any] | None:
+    path = out / "config.yaml"
+    if not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _train(
+    run: RunDir,
+    cfg: ClassifyConfig,
+    classes: list[str],
+    training: Manifest,
+    validation: Manifest,
+    progress: bool,
+) -> dict[str, Any]:
+    out = run.path
+    trainer = _Trainer(cfg, out, classes)
+    device = trainer.device
+    _seed_everything(cfg.seed)
+    model, info = create_model(
+        cfg.arch, len(classes), pretrained=cfg.pretrained, weights=cfg.weights
+    )
+    size = cfg.image_size
+    if info.input_size is not None and size != info.input_size:
+        raise ConfigError(f"{cfg.arch} needs image_size {info.input_size}, got {size}")
+    training.write(out / "train_manifest.csv")
+    validation.write(out / "val_manifest.csv")
+    cache = PreprocessCache(
+        Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "preprocessed",
+        size=(size, size),
+        mode="L",
+        resize=cfg.resize,
+    )
+    train_tf, eval_tf = build_transforms(cfg.augment, size, cfg.normalize)
+    train_ds = ManifestDataset(training, classes, cache=cache, channels=3, transform=train_tf)
+    val_ds = ManifestDataset(validation, classes, cache=cache, channels=3, transform=eval_tf)
+    train_ds.preload()
+    val_ds.preload()
+
+    model = model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    trainer.model, trainer.info = model, info
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+        if cfg.schedule == "cosine"
+        else None
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=trainer._amp)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    pin = device.type == "cuda"
+    val_loader = DataLoader(
+        val_ds,
+        batch_size=max(cfg.batch_size, 64),
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        pin_memory=pin,
+    )
+
+    start_epoch, history, best, best_epoch, stale = 0, [], None, -1, 0
+    last_path = out / "last.pt"
+    if last_path.is_file():
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        if state.get("data") == training.fingerprint():
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler"):
+                scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch, history = state["epoch"] + 1, state["history"]
+            best, best_epoch, stale = state["best"], state["best_epoch"], state["stale"]
+            logger.info("resuming %s after epoch %d", out, start_epoch)
+    higher = cfg.val_metric != "loss"
+    meta = {
+        "arch": cfg.arch,
+        "classes": classes,
+        "image_size": size,
+        "resize": cfg.resize,
+        "normalize": cfg.normalize,
+        "weights": info.weights,
+        "mode": "L",
+        "channels": 3,
+    }
+    bar = tqdm(
+        range(start_epoch, cfg.epochs),
+        desc=f"train {cfg.arch}",
+        unit="epoch",
+        disable=not progress,
+        initial=start_epoch,
+        total=cfg.epochs,
+    )
+    for epoch in bar:
+        # Every epoch draws from its own seed, so a resumed run repeats the same batches.
+        epoch_seed = cfg.seed * 100_003 + epoch
+        torch.manual_seed(epoch_seed)
+        generator = torch.Generator().manual_seed(epoch_seed)
+        loader = DataLoader(
+            train_ds,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=cfg.num_workers,
+            pin_memory=pin,
+        )
+        model.train()
+        started = time.perf_counter()
+        total_loss, correct, seen = 0.0, 0, 0
+        for images, target in loader:
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            if device.type == "cuda" and cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=trainer._amp, dtype=torch.float16):
+                logits = model(images)
+                loss = criterion(logits, target)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.item() * len(target)
+            correct += int((logits.argmax(1) == target).sum())
+            seen += len(target)
+        if scheduler is not None:
+            scheduler.step()
+        seconds = time.perf_counter() - started
+        scores = trainer.evaluate(val_loader)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total_loss / seen,
+            "train_accuracy": 100.0 * correct / seen,
+            "val_loss": scores["loss"],
+            "val_accuracy": scores["accuracy"],
+            "val_f1_macro": scores["f1_macro"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(seconds, 3),
+            "images_per_s": round(seen / seconds, 1),
+        }
+        history.append(row)
+        value = scores[cfg.val_metric]
+        improved = best is None or (value > best if higher else value < best)
+        if improved:
+            best, best_epoch, stale = value, epoch + 1, 0
+            _save(
+                {"model": model.state_dict(), **meta, "epoch": epoch + 1, "val": scores},
+                out / "best.pt",
+            )
+        else:
+            stale += 1
+        _save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "best": best,
+                "best_epoch": best_epoch,
+                "stale": stale,
+                "data": training.fingerprint(),
+            },
+            last_path,
+        )
+        _write_csv(out / "history.csv", history)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{value:.1f}")
+        logger.info(
+            "epoch %d: train loss %.4f, val %s %.2f (best %.2f @ %d)",
+            epoch + 1,
+            row["train_loss"],
+            cfg.val_metric,
+            value,
+            best,
+            best_epoch,
+        )
+        if cfg.early_stopping and stale >= cfg.early_stopping:
+            logger.info("early stop: no improvement for %d epochs", stale)
+            break
+    bar.close()
+    from fulora.report.figures import training_curves
+
+    training_curves(out / "loss_curve.png", history, title=f"{cfg.arch} ({cfg.augment})")
+    best_row = history[best_epoch - 1] if best_epoch > 0 else {}
+    return run.finish(
+        arch=cfg.arch,
+        weights=info.weights,
+        classes=classes,
+        epochs_run=len(history),
+        best_epoch=best_epoch,
+        best_val={k: v for k, v in best_row.items() if k.startswith("val_")},
+        train_images=len(training),
+        train_synthetic=int(is_synthetic(training).sum()),
+        val_images=len(validation),
+        train_fingerprint=training.fingerprint(),
+        device=str(device),
+    )
+
+
+def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """Load ``best.pt`` of a training run.
+
+    Returns:
+        ``(model in eval mode, metadata dict)`` with ``classes``, ``image_size``, ``resize``,
+        ``normalize``, ``arch`` and ``weights``.
+
+    Raises:
+        DataError: If the folder holds no trained model.
+    """
+    path = Path(run_dir)
+    path = path / "best.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise DataError(
+            f"no trained model at {path}; pass the run folder of `fulora classify train`"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model, _ = create_model(state["arch"], len(state["classes"]), pretrained=False)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    meta = {k: v for k, v in state.items() if k != "model"}
+    return model, meta

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (with the paper's AUC), bootstrap intervals, calibration, reports."""

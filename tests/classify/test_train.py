@@ -1,0 +1,291 @@
+"""Training and evaluation with tiny models on phantom data (fast), and on the real samples."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fulora.classify import train as train_module
+from fulora.classify.train import ClassifyConfig, load_classifier, train_classifier
+from fulora.data.manifest import Manifest
+from fulora.data.phantom import PhantomConfig, generate_phantom
+from fulora.errors import ConfigError, DataError
+from fulora.evaluate.run import evaluate_model
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    source = generate_phantom(
+        root / "source", PhantomConfig(per_class=12, domain="source", grid=False)
+    )
+    target = generate_phantom(
+        root / "target", PhantomConfig(per_class=6, domain="target", grid=False)
+    )
+    return root, source, target
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(
+        arch="tiny_cnn",
+        pretrained=False,
+        image_size=48,
+        epochs=3,
+        batch_size=16,
+        lr=0.01,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    base.update(kw)
+    return ClassifyConfig(**base)
+
+
+def test_train_reload_and_evaluate(phantom, tmp_path):
+    _, source, target = phantom
+    record = train_classifier([source], tmp_path / "run", _cfg(tmp_path), progress=False)
+    run = tmp_path / "run"
+    for name in (
+        "config.yaml",
+        "train_manifest.csv",
+        "val_manifest.csv",
+        "history.csv",
+        "loss_curve.png",
+        "best.pt",
+        "last.pt",
+        "log.txt",
+        "done.json",
+    ):
+        assert (run / name).is_file(), name
+    assert record["weights"] == "none (random init)" and record["epochs_run"] == 3
+    train_m, val_m = (
+        Manifest.read(run / "train_manifest.csv"),
+        Manifest.read(run / "val_manifest.csv"),
+    )
+    assert len(train_m) + len(val_m) == len(source)
+    assert not set(train_m.frame["patient"]) & set(val_m.frame["patient"])
+    model, meta = load_classifier(run)
+    assert meta["classes"] == ["other", "abdomen", "brain", "femur", "thorax"]
+    assert meta["weights"] == "none (random init)"
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 5)
+
+    result = evaluate_model(
+        run, target, tmp_path / "eval", n_bootstrap=50, cache_dir=tmp_path / "cache", progress=False
+    )
+    out = tmp_path / "eval"
+    for name in (
+        "predictions.csv",
+        "metrics.json",
+        "metrics.csv",
+        "per_class.csv",
+        "confusion_matrix_all_outputs.png",
+        "confusion_matrix_test_classes.png",
+        "reliability.png",
+        "done.json",
+    ):
+        assert (out / name).is_file(), name
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert len(predictions) == len(target)
+    probs = predictions[[f"p_{c}" for c in meta["classes"]]].to_numpy()
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-4)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["spaces"]) == {"all_outputs", "test_classes"}
+    assert set(saved["per_domain"]) == {"phantom-target"}
+    acc = result["spaces"]["all_outputs"]["metrics"]["accuracy"]
+    low, high = result["spaces"]["all_outputs"]["ci95"]["accuracy"]
+    assert low <= acc <= high
+    assert result["spaces"]["all_outputs"]["bootstrap"]["unit"] == "patient"
+
+
+def test_resume_reproduces_the_uninterrupted_run(phantom, tmp_path, monkeypatch):
+    _, source, _ = phantom
+    cfg = _cfg(tmp_path, augment="da", epochs=3)
+    train_classifier([source], tmp_path / "full", cfg, progress=False)
+    full = pd.read_csv(tmp_path / "full" / "history.csv")
+
+    calls = {"n": 0}
+    original = train_module._write_csv
+
+    def crash_after_two_epochs(path, rows):
+        original(path, rows)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_write_csv", crash_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(
+            [source], tmp_path / "cut", _cfg(tmp_path, augment="da", epochs=3), progress=False
+        )
+    assert not (tmp_path / "cut" / "done.json").exists()
+    monkeypatch.setattr(train_module, "_write_csv", original)
+    train_classifier(
+        [source], tmp_path / "cut", _cfg(tmp_path, augment="da", epochs=3), progress=False
+    )
+    resumed = pd.read_csv(tmp_path / "cut" / "history.csv")
+    cols = ["train_loss", "val_loss", "val_accuracy"]
+    assert np.allclose(full[cols].to_numpy(), resumed[cols].to_numpy(), rtol=0, atol=1e-6)
+    # done: a rerun is a no-op; another config in the same folder is refused
+    assert (
+        train_classifier(
+            [source], tmp_path / "cut", _cfg(tmp_path, augment="da", epochs=3), progress=False
+        )["epochs_run"]
+        == 3
+    )
+    with pytest.raises(ConfigError, match="another configuration .*epochs"):
+        train_classifier([source], tmp_path / "cut", _cfg(tmp_path, augment="da", epochs=4))
+
+
+def test_bad_inputs(phantom, tmp_path):
+    _, source, target = phantom
+    missing = source.with_values()
+    missing.frame.loc[0, "path"] = str(tmp_path / "gone.png")
+    with pytest.raises(DataError, match="gone.png"):
+        train_classifier([missing], tmp_path / "a", _cfg(tmp_path), progress=False)
+    with pytest.raises(DataError, match="validation set is empty"):
+        train_classifier(
+            [source],
+            tmp_path / "b",
+            _cfg(tmp_path),
+            progress=False,
+            val=source.subset([False] * len(source)),
+        )
+    with pytest.raises(DataError, match="all synthetic"):
+        train_classifier(
+            [source.with_values(source="synthetic")], tmp_path / "c", _cfg(tmp_path), progress=False
+        )
+    train_classifier(
+        [source.select(labels=["brain", "femur"])],
+        tmp_path / "d",
+        _cfg(tmp_path, epochs=1),
+        progress=False,
+    )
+    with pytest.raises(
+        DataError,
+        match=r"test label 'abdomen' \(row 0, .*not a class the model knows \(brain, femur\)",
+    ):
+        evaluate_model(tmp_path / "d", target, tmp_path / "e", progress=False)
+    with pytest.raises(DataError, match="no trained model"):
+        evaluate_model(tmp_path / "nothing", target, tmp_path / "f", progress=False)
+    with pytest.raises(DataError, match="has no images"):
+        evaluate_model(tmp_path / "d", target.subset([False] * len(target)), tmp_path / "g")
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "fulora", "-q", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def test_cli_source_to_target(phantom, tmp_path):
+    root, _, _ = phantom
+    result = _cli(
+        "classify",
+        "train",
+        "--train",
+        str(root / "source"),
+        "--arch",
+        "tiny_cnn",
+        "--pretrained",
+        "false",
+        "--image-size",
+        "48",
+        "--epochs",
+        "2",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        "run",
+        "--cache-dir",
+        "cache",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "seed-1" / "best.pt").is_file()
+    result = _cli(
+        "evaluate",
+        "--model",
+        "run/seed-0",
+        "--test",
+        str(root / "target"),
+        "--out",
+        "eval",
+        "--bootstrap",
+        "20",
+        "--cache-dir",
+        "cache",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "all_outputs" in result.stdout and "test_classes" in result.stdout
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+    bad = _cli(
+        "classify",
+        "train",
+        "--train",
+        str(root / "source"),
+        "--arch",
+        "nonsense_net",
+        "--pretrained",
+        "false",
+        "--out",
+        "x",
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and "unknown architecture 'nonsense_net'" in bad.stderr
+
+
+def test_real_spain_to_african_through_the_cli(sample_data, tmp_path):
+    """Train from scratch on the 100 Spanish LoRA images, evaluate zero-shot on 217 African."""
+    result = _cli(
+        "classify",
+        "train",
+        "--train",
+        str(sample_data / "spain_lora_train"),
+        "--arch",
+        "tiny_cnn",
+        "--pretrained",
+        "false",
+        "--image-size",
+        "64",
+        "--epochs",
+        "3",
+        "--out",
+        "run",
+        "--cache-dir",
+        "cache",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    result = _cli(
+        "evaluate",
+        "--model",
+        "run",
+        "--test",
+        str(sample_data / "african_dev"),
+        "--out",
+        "eval",
+        "--bootstrap",
+        "50",
+        "--cache-dir",
+        "cache",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["images"] == 217 and metrics["test_classes"] == [
+        "abdomen",
+        "brain",
+        "femur",
+        "thorax",
+    ]
+    assert "other" in metrics["classes"]
+    assert set(metrics["per_domain"]) == {"Algeria", "Egypt", "Ghana", "Malawi", "Uganda"}
