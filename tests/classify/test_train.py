@@ -289,3 +289,17 @@ def test_real_spain_to_african_through_the_cli(sample_data, tmp_path):
     ]
     assert "other" in metrics["classes"]
     assert set(metrics["per_domain"]) == {"Algeria", "Egypt", "Ghana", "Malawi", "Uganda"}
+
+
+def test_preloaded_uint8_training_set(phantom, tmp_path):
+    """The device-resident path (used on GPU) runs the same protocol on CPU too."""
+    _, source, _ = phantom
+    record = train_classifier(
+        [source],
+        tmp_path / "run",
+        _cfg(tmp_path, preload=True, augment="da", epochs=2),
+        progress=False,
+    )
+    assert record["epochs_run"] == 2
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history["train_loss"].notna().all() and (history["images_per_s"] > 0).all()

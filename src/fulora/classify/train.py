@@ -82,6 +82,8 @@ class ClassifyConfig:
     balance: bool = False
     seed: int = 0
     num_workers: int = 0
+    # Keep the decoded training set on the device as uint8 and augment there (fast on GPU).
+    preload: bool = False
     device: str = "auto"
     cache_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # free notes recorded with the run
@@ -361,6 +363,30 @@ def _train(
         "mode": "L",
         "channels": 3,
     }
+    if cfg.preload:
+        stored, stored_targets = train_ds.uint8_tensor()
+        stored, stored_targets = stored.to(device), stored_targets.to(device)
+        logger.info("training set on %s: %.1f MB uint8", device, stored.numel() / 1e6)
+
+    def batches(generator: torch.Generator):
+        if not cfg.preload:
+            yield from DataLoader(
+                train_ds,
+                batch_size=cfg.batch_size,
+                shuffle=True,
+                generator=generator,
+                num_workers=cfg.num_workers,
+                pin_memory=pin,
+            )
+            return
+        order = torch.randperm(len(stored), generator=generator).to(device)
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            images = stored[idx].float().div_(255.0).expand(-1, 3, -1, -1)
+            if train_tf is not None:
+                images = torch.stack([train_tf(image) for image in images])
+            yield images, stored_targets[idx]
+
     bar = tqdm(
         range(start_epoch, cfg.epochs),
         desc=f"train {cfg.arch}",
@@ -374,18 +400,10 @@ def _train(
         epoch_seed = cfg.seed * 100_003 + epoch
         torch.manual_seed(epoch_seed)
         generator = torch.Generator().manual_seed(epoch_seed)
-        loader = DataLoader(
-            train_ds,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            generator=generator,
-            num_workers=cfg.num_workers,
-            pin_memory=pin,
-        )
         model.train()
         started = time.perf_counter()
         total_loss, correct, seen = 0.0, 0, 0
-        for images, target in loader:
+        for images, target in batches(generator):
             images = images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             if device.type == "cuda" and cfg.channels_last:
