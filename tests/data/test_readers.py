@@ -207,3 +207,12 @@ def test_missing_csv_and_unknown_layout(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no data layout"):
         read_any(tmp_path / "empty")
+
+
+def test_manifest_with_missing_images(tmp_path, make_png):
+    make_png(tmp_path / "a.png")
+    (tmp_path / "manifest.csv").write_text("path,label\na.png,brain\nb.png,femur\n")
+    with pytest.raises(DataError, match=r"b\.png listed in .*manifest\.csv line 3 does not exist"):
+        read_any(tmp_path)
+    assert read_any(tmp_path, on_missing="skip").labels == ["brain"]
+    assert len(read_any(tmp_path / "manifest.csv", on_missing="ignore")) == 2

@@ -422,21 +422,8 @@ def read_any(
     layout = detect_layout(path)
     if layout == "manifest":
         manifest = Manifest.read(path / "manifest.csv" if path.is_dir() else path)
-        if on_missing != "ignore":
-            missing = manifest.missing_files()
-            if missing and on_missing == "error":
-                row, file = missing[0]
-                raise DataError(
-                    f"image {file} listed in {manifest.origin} line {row + 2} does not exist "
-                    f"({len(missing)} missing in all)"
-                )
-            if missing:
-                keep = [True] * len(manifest)
-                for row, _ in missing:
-                    keep[row] = False
-                logger.warning("%s: skipped %d missing image(s)", manifest.origin, len(missing))
-                manifest = manifest.subset(keep)
-        return manifest
+        frame = _check_missing(manifest.frame, Path(manifest.origin), on_missing)
+        return Manifest(frame, origin=manifest.origin, validate=False)
     if layout == "plane_folders":
         return read_plane_folders(path, source=source, domain=domain)
     csv_path = path
