@@ -151,3 +151,32 @@ def reliability_diagram(
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def loss_curve(
+    path: str | Path,
+    steps: Sequence[int],
+    losses: Sequence[float],
+    *,
+    title: str = "",
+    smooth: int = 0,
+) -> Path:
+    """Loss per step with a moving average."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    window = smooth or max(1, len(losses) // 20)
+    if window > 1 and len(losses) >= window:
+        kernel = np.ones(window) / window
+        ax.plot(
+            steps[window - 1 :],
+            np.convolve(losses, kernel, mode="valid"),
+            lw=1.8,
+            label=f"moving average ({window})",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,127 @@
+"""Loading the base latent diffusion model: a hub id, a diffusers folder or a single file.
+
+Without network access or weights, loading stops at once with a message naming what to pass;
+it never waits on a download that cannot happen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from fulora.errors import ConfigError
+from fulora.io import file_hash
+
+logger = logging.getLogger("fulora")
+
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("FULORA_OFFLINE"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(base: str) -> bool:
+    return (
+        base.startswith((".", "/", "~"))
+        or base.endswith(_SINGLE_FILE_SUFFIXES)
+        or (os.sep in base and base.count("/") != 1)
+    )
+
+
+def load_pipeline(
+    base: str | Path = DEFAULT_BASE,
+    *,
+    dtype: torch.dtype = torch.float32,
+    config: str | Path | None = None,
+):
+    """Load a StableDiffusionPipeline (no safety checker) from a hub id, folder or file.
+
+    Args:
+        base: Hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a local diffusers folder,
+            or a single ``.safetensors``/``.ckpt`` checkpoint (such as ``v1-5-pruned.safetensors``).
+        dtype: Weight dtype.
+        config: For a single file offline: a diffusers folder (or hub id in the local cache)
+            whose configs describe the architecture.
+
+    Raises:
+        ConfigError: If the model cannot be had; the message says which path or id to pass.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    text = str(base)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(
+                f"{path} is not a diffusers model folder (no model_index.json); pass a folder "
+                "saved with save_pretrained, a .safetensors/.ckpt file or a hub id"
+            )
+        return StableDiffusionPipeline.from_pretrained(path, **kwargs)
+    if path.is_file():
+        if path.suffix not in _SINGLE_FILE_SUFFIXES:
+            raise ConfigError(f"base model file {path} must be .safetensors or .ckpt")
+        try:
+            return StableDiffusionPipeline.from_single_file(
+                str(path),
+                config=str(config) if config else None,
+                local_files_only=not _hub_reachable(),
+                **kwargs,
+            )
+        except Exception as err:
+            raise ConfigError(
+                f"cannot load the single-file checkpoint {path}: {err}. Offline, a single file "
+                "needs its architecture's configs: pass --base-config PATH (a diffusers SD1.5 "
+                "folder; only its config files are read)"
+            ) from None
+    if _looks_like_path(text):
+        raise ConfigError(f"base model path {path} does not exist")
+    try:
+        return StableDiffusionPipeline.from_pretrained(text, local_files_only=True, **kwargs)
+    except Exception:
+        pass  # not in the local Hugging Face cache
+    if not _hub_reachable():
+        raise ConfigError(
+            f"cannot load base model {text!r}: it is not in the local Hugging Face cache and "
+            "huggingface.co cannot be reached. Pass --base PATH to a local diffusers folder or "
+            "a single .safetensors/.ckpt checkpoint (e.g. v1-5-pruned.safetensors); for tests "
+            "and demos, `fulora lora tiny-model DIR` writes a tiny random model"
+        )
+    logger.info("downloading %s from the Hugging Face hub", text)
+    return StableDiffusionPipeline.from_pretrained(text, **kwargs)
+
+
+def base_identity(base: str | Path) -> tuple[str, str]:
+    """(name, sha256) of a base model: the file's hash, or the UNet weights' hash of a folder."""
+    text = str(base)
+    path = Path(text).expanduser()
+    candidates: list[Path] = []
+    if path.is_file():
+        candidates = [path]
+    elif path.is_dir():
+        candidates = sorted((path / "unet").glob("diffusion_pytorch_model*.safetensors")) or sorted(
+            (path / "unet").glob("diffusion_pytorch_model*.bin")
+        )
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(text, "unet/diffusion_pytorch_model.safetensors")
+            if isinstance(found, str):
+                candidates = [Path(found)]
+        except Exception:  # an id the cache does not know
+            candidates = []
+    digest = file_hash(candidates[0]) if candidates else ""
+    return (path.name if path.exists() else text), digest

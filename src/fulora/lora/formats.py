@@ -1,0 +1,196 @@
+"""LoRA weights in and out: the diffusers/PEFT layout and the kohya/AUTOMATIC1111 layout.
+
+* diffusers/PEFT: ``pytorch_lora_weights.safetensors`` in a folder, written by
+  ``StableDiffusionPipeline.save_lora_weights`` (with the LoRA configs as adapter metadata);
+  ``pipe.load_lora_weights(folder)`` loads it.
+* kohya (what the FU-LoRA paper published, and what AUTOMATIC1111 and ComfyUI load): one
+  ``.safetensors`` with keys ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` /
+  ``.alpha`` and ``lora_te_<module>...`` for the text encoder, and training metadata in the
+  safetensors header (kohya's ``ss_*`` keys where one exists, ``fulora_*`` for the rest).
+  diffusers loads it with ``pipe.load_lora_weights(file)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fulora.errors import DataError
+from fulora.io import atomic_path
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class LoraFile:
+    """A LoRA read from disk."""
+
+    path: Path
+    format: str  # "kohya" or "diffusers"
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def peft_state_dicts(unet, text_encoder=None) -> tuple[dict, dict]:
+    """The LoRA tensors of a UNet (and text encoder) with PEFT adapters, in PEFT key format."""
+    from peft.utils import get_peft_model_state_dict
+
+    unet_sd = get_peft_model_state_dict(unet)
+    te_sd = get_peft_model_state_dict(text_encoder) if text_encoder is not None else {}
+    return unet_sd, te_sd
+
+
+def to_kohya(unet_sd: dict, te_sd: dict, alpha: float) -> dict[str, torch.Tensor]:
+    """Convert PEFT-format LoRA tensors of SD1.x to kohya keys, with the true ``alpha``."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    prefixed = {f"unet.{k}": v for k, v in unet_sd.items()}
+    prefixed.update({f"text_encoder.{k}": v for k, v in te_sd.items()})
+    kohya = convert_state_dict_to_kohya(prefixed)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in kohya.items():
+        # SD1.x has one text encoder: kohya and AUTOMATIC1111 name it lora_te_, not lora_te1_.
+        key = key.replace("lora_te1_", "lora_te_", 1)
+        if key.endswith(".alpha"):
+            value = torch.tensor(float(alpha))  # diffusers writes rank here; we keep alpha
+        out[key] = value.detach().to("cpu").contiguous()
+    return out
+
+
+def save_kohya(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    dtype: torch.dtype | None = torch.float16,
+) -> Path:
+    """Write a kohya-format ``.safetensors`` atomically; metadata values become strings."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    converted = {
+        k: (
+            v.to(dtype)
+            if dtype is not None and v.is_floating_point() and not k.endswith(".alpha")
+            else v
+        )
+        for k, v in tensors.items()
+    }
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    with atomic_path(path) as tmp:
+        save_file(converted, str(tmp), metadata=meta)
+    return path
+
+
+def detect_format(keys: list[str]) -> str:
+    """``kohya`` or ``diffusers`` from the tensor names."""
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        return "kohya"
+    if any(".lora_A." in k or ".lora.down." in k or ".lora_linear_layer." in k for k in keys):
+        return "diffusers"
+    raise DataError("not a LoRA file: no lora_unet_/lora_te_ (kohya) or lora_A (PEFT) tensors")
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read a LoRA ``.safetensors`` (kohya) or a diffusers LoRA folder/file.
+
+    Raises:
+        DataError: If the file is missing, unreadable or not a LoRA.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / DIFFUSERS_WEIGHT_NAME
+    if not path.is_file():
+        raise DataError(f"LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    except Exception as err:
+        raise DataError(f"cannot read LoRA file {path}: {err}") from None
+    try:
+        fmt = detect_format(list(tensors))
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
+    return LoraFile(path=path, format=fmt, tensors=tensors, metadata=metadata)
+
+
+def inspect_lora(path: str | Path) -> dict[str, Any]:
+    """Format, rank, alpha, targeted modules and metadata of a LoRA file."""
+    lora = read_lora(path)
+    down = [k for k in lora.tensors if k.endswith((".lora_down.weight", ".lora_A.weight"))]
+    ranks = Counter(int(lora.tensors[k].shape[0]) for k in down)
+    alphas = Counter(round(float(v), 4) for k, v in lora.tensors.items() if k.endswith(".alpha"))
+    if not alphas:
+        config = _adapter_config(lora.metadata)
+        if config.get("lora_alpha") is not None:
+            alphas = Counter({float(config["lora_alpha"]): len(down)})
+    parts: Counter[str] = Counter()
+    targets: Counter[str] = Counter()
+    for key in down:
+        module = key.rsplit(".", 2)[0]
+        part = "text_encoder" if re.match(r"^(lora_te|text_encoder)", module) else "unet"
+        parts[part] += 1
+        targets[
+            re.split(r"[._]", module)[-1] if not module.endswith(("_0", ".0")) else "to_out"
+        ] += 1
+    return {
+        "path": str(lora.path),
+        "format": lora.format,
+        "tensors": len(lora.tensors),
+        "modules": dict(parts),
+        "rank": sorted(ranks) if len(ranks) > 1 else next(iter(ranks), None),
+        "alpha": sorted(alphas) if len(alphas) > 1 else next(iter(alphas), None),
+        "targets": dict(sorted(targets.items())),
+        "dtype": str(next(iter(lora.tensors.values())).dtype).removeprefix("torch."),
+        "metadata": {k: _maybe_json(v) for k, v in sorted(lora.metadata.items())},
+    }
+
+
+def _adapter_config(metadata: dict[str, str]) -> dict[str, Any]:
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    for key in ("unet.lora_alpha", "lora_alpha"):
+        if key in data:
+            return {"lora_alpha": data[key]}
+    nested = data.get("unet") or {}
+    return {"lora_alpha": nested.get("lora_alpha")} if isinstance(nested, dict) else {}
+
+
+def _maybe_json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, TypeError):
+        return value
+
+
+def load_lora_into(
+    pipe, path: str | Path, *, adapter_name: str = "fulora", scale: float = 1.0
+) -> LoraFile:
+    """Load a kohya or diffusers LoRA into a pipeline and set its scale.
+
+    Raises:
+        DataError: If the file is not a LoRA or does not fit the pipeline's model.
+    """
+    lora = read_lora(path)
+    try:
+        pipe.load_lora_weights(str(lora.path), adapter_name=adapter_name)
+    except Exception as err:
+        raise DataError(
+            f"cannot load LoRA {lora.path} ({lora.format} format) into the base model: {err}. "
+            "Is it a LoRA for Stable Diffusion 1.x?"
+        ) from None
+    pipe.set_adapters([adapter_name], adapter_weights=[scale])
+    return lora

@@ -1,0 +1,174 @@
+"""A tiny Stable Diffusion-architecture model, built in code, for tests, CPU demos and benchmarks.
+
+Same classes and wiring as SD1.5 (UNet2DConditionModel with cross-attention, AutoencoderKL,
+CLIPTextModel, CLIPTokenizer, a DDPM-family scheduler), scaled down to a few hundred thousand
+parameters so that it trains in seconds on a CPU. Weights are random (seeded): it is **not** a
+pretrained model and produces no meaningful images. The tokenizer is a byte-level CLIP BPE
+tokenizer written from a small vocabulary, so no download is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_PROMPT_WORDS = (
+    "a",
+    "photo",
+    "of",
+    "fetal",
+    "ultrasound",
+    "abdomen",
+    "brain",
+    "femur",
+    "thorax",
+    "maternal",
+    "cervix",
+    "other",
+    "image",
+    "plane",
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable unicode table."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def write_tiny_tokenizer(folder: str | Path) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of a small CLIP BPE tokenizer into ``folder``.
+
+    The vocabulary holds every byte (alone and word-final) plus merges that make each of
+    :data:`TINY_PROMPT_WORDS` one token, so the class prompts tokenise to whole words.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in TINY_PROMPT_WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = f"{symbols[0]} {symbols[1]}"
+            merged = symbols[0] + symbols[1]
+            if pair not in merges:
+                merges.append(pair)
+                if merged not in vocab_list:
+                    vocab_list.append(merged)
+            symbols = [merged] + symbols[2:]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
+    )
+    return folder
+
+
+def tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> dict:
+    """The components of a tiny SD pipeline (``StableDiffusionPipeline(**components)``).
+
+    Args:
+        seed: Seed of the random weights.
+        tokenizer_dir: Where to write the tokenizer files (default: a temporary folder).
+    """
+    import tempfile
+
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    folder = Path(tokenizer_dir or tempfile.mkdtemp(prefix="fulora-tok-"))
+    write_tiny_tokenizer(folder)
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        steps_offset=1,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+
+
+def save_tiny_model(out: str | Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline and ``save_pretrained`` it to ``out`` (a diffusers folder)."""
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = StableDiffusionPipeline(**tiny_components(seed, tokenizer_dir=tmp))
+        pipe.save_pretrained(out)
+    (out / "FULORA_TINY_MODEL.txt").write_text(
+        "A tiny Stable Diffusion-architecture model with RANDOM weights, built by fulora for "
+        "tests and demos. It is not pretrained; pass a real SD1.5 model for real images.\n",
+        encoding="utf-8",
+    )
+    return out
