@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -218,6 +219,68 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lora_train(args: argparse.Namespace) -> int:
+    from fulora.config import load_config
+    from fulora.lora.train import LoraTrainConfig, train_lora
+
+    values = {
+        "base": args.base,
+        "base_config": args.base_config,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "max_steps": args.max_steps,
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "mixed_precision": args.mixed_precision,
+        "cache_latents": args.cache_latents,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every,
+        "sample_every": args.sample_every,
+        "caption_source": args.caption_source,
+        "output_name": args.output_name,
+    }
+    cfg = load_config(LoraTrainConfig, args.config, args.set, values=values)
+    data = _read_manifests([args.data])[0]
+    record = train_lora(data, args.out, cfg, resume=args.resume)
+    if record:
+        print(
+            f"\nLoRA rank {cfg.rank}/alpha {cfg.alpha}: {record['steps']} steps on "
+            f"{record['images']} images in {record['seconds_training']:.1f} s "
+            f"({record['steps_per_s']} steps/s, {record['device']}); final loss "
+            f"{record['final_loss']:.4f}"
+        )
+        print(f"  diffusers: {record['lora_diffusers']}\n  kohya:     {record['lora_kohya']}")
+    return 0
+
+
+def _cmd_lora_inspect(args: argparse.Namespace) -> int:
+    from fulora.lora.formats import inspect_lora
+
+    info = inspect_lora(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{info['path']}: {info['format']} LoRA, {info['tensors']} tensors")
+    print(f"  rank {info['rank']}, alpha {info['alpha']}, dtype {info['dtype']}")
+    print("  modules  " + ", ".join(f"{k} {v}" for k, v in info["modules"].items()))
+    print("  targets  " + ", ".join(f"{k} {v}" for k, v in info["targets"].items()))
+    for key, value in info["metadata"].items():
+        text = json.dumps(value) if not isinstance(value, str) else value
+        print(f"  {key}: {text if len(text) < 200 else text[:197] + '...'}")
+    return 0
+
+
+def _cmd_lora_tiny_model(args: argparse.Namespace) -> int:
+    from fulora.lora.tiny import save_tiny_model
+
+    out = save_tiny_model(args.out, seed=args.seed)
+    print(f"tiny Stable Diffusion-architecture model (random weights, NOT pretrained) in {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fulora.demo import run_demo
 
@@ -310,6 +373,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_data_manifest)
 
+    lora = stages.add_parser("lora", help="LoRA fine-tuning of Stable Diffusion")
+    lora_cmds = lora.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = lora_cmds.add_parser(
+        "train",
+        help="fine-tune LoRA adapters on a few captioned images",
+        description="Defaults follow the paper's kohya-ss recipe (configs/fu-lora-paper.yaml).",
+    )
+    p.add_argument(
+        "--base",
+        help="hub id, diffusers folder or .safetensors/.ckpt file "
+        "(default stable-diffusion-v1-5/stable-diffusion-v1-5)",
+    )
+    p.add_argument("--base-config", help="diffusers folder with the configs of a single-file base")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="plane folders with caption files, or a manifest with a caption column",
+    )
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in --out (or a given one)",
+    )
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--repeats", type=int, help="repeats per image and epoch")
+    p.add_argument("--resolution", type=int, help="bucket area is about resolution squared")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--cache-latents", type=_bool, help="true/false")
+    p.add_argument("--gradient-checkpointing", type=_bool, help="true/false")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS")
+    p.add_argument("--sample-every", type=int, metavar="STEPS")
+    p.add_argument("--caption-source", choices=["data", "config", "paper"])
+    p.add_argument("--output-name", help="file name of the kohya .safetensors")
+    p.add_argument("--config", help="YAML config (keys of LoraTrainConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_lora_train)
+
+    p = lora_cmds.add_parser("inspect", help="format, rank, alpha, modules and metadata")
+    p.add_argument("file", help="a LoRA .safetensors (kohya or diffusers) or a run folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_lora_inspect)
+
+    p = lora_cmds.add_parser("tiny-model", help="write a tiny random SD model (tests, demos)")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_lora_tiny_model)
+
     classify = stages.add_parser("classify", help="train plane classifiers")
     classify_cmds = classify.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = classify_cmds.add_parser(
@@ -389,6 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fulora: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,12 @@ from fulora.errors import DataError
 from fulora.io import atomic_path
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# The "down" (A) matrix of a LoRA pair in kohya, PEFT and older diffusers key styles.
+_DOWN = re.compile(r"\.(lora_linear_layer\.down|lora\.down|lora_down|lora_A)\.weight$")
+_TARGET = re.compile(
+    r"(to_q|to_k|to_v|to_out[._]0|q_proj|k_proj|v_proj|out_proj|proj_in|proj_out|fc1|fc2"
+    r"|ff[._]net[._]\d[._]proj|ff[._]net[._]\d)$"
+)
 
 
 @dataclass
@@ -87,6 +93,67 @@ def save_kohya(
     return path
 
 
+def save_lora_files(
+    out: str | Path,
+    unet,
+    text_encoder,
+    unet_lora,
+    te_lora,
+    *,
+    output_name: str = "fulora_lora",
+    metadata: dict[str, Any] | None = None,
+    save_dtype: str = "fp16",
+) -> tuple[Path, Path]:
+    """Save trained adapters in both layouts into ``out``.
+
+    Args:
+        out: Folder; gets ``pytorch_lora_weights.safetensors`` (diffusers/PEFT, with the LoRA
+            configs as adapter metadata so alpha survives) and ``<output_name>.safetensors``
+            (kohya, with ``metadata`` in its header).
+        unet: UNet with a PEFT adapter.
+        text_encoder: Text encoder with a PEFT adapter, or None.
+        unet_lora: The UNet's ``peft.LoraConfig``.
+        te_lora: The text encoder's ``peft.LoraConfig``, or None.
+        output_name: Stem of the kohya file.
+        metadata: Header entries of the kohya file.
+        save_dtype: ``fp16``, ``bf16`` or ``fp32`` for the kohya tensors.
+
+    Returns:
+        (diffusers file, kohya file).
+    """
+    import os
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unet_sd, te_sd = peft_state_dicts(unet, text_encoder)
+
+    def config_dict(config) -> dict[str, Any] | None:
+        if config is None:
+            return None
+        data = config.to_dict()
+        return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
+
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=convert_state_dict_to_diffusers(unet_sd),
+            text_encoder_lora_layers=convert_state_dict_to_diffusers(te_sd) if te_sd else None,
+            unet_lora_adapter_metadata=config_dict(unet_lora),
+            text_encoder_lora_adapter_metadata=config_dict(te_lora),
+        )
+        os.replace(Path(tmp) / DIFFUSERS_WEIGHT_NAME, out / DIFFUSERS_WEIGHT_NAME)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[save_dtype]
+    kohya_path = out / f"{output_name}.safetensors"
+    save_kohya(
+        kohya_path, to_kohya(unet_sd, te_sd, unet_lora.lora_alpha), metadata or {}, dtype=dtype
+    )
+    return out / DIFFUSERS_WEIGHT_NAME, kohya_path
+
+
 def detect_format(keys: list[str]) -> str:
     """``kohya`` or ``diffusers`` from the tensor names."""
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
@@ -125,7 +192,7 @@ def read_lora(path: str | Path) -> LoraFile:
 def inspect_lora(path: str | Path) -> dict[str, Any]:
     """Format, rank, alpha, targeted modules and metadata of a LoRA file."""
     lora = read_lora(path)
-    down = [k for k in lora.tensors if k.endswith((".lora_down.weight", ".lora_A.weight"))]
+    down = [k for k in lora.tensors if _DOWN.search(k)]
     ranks = Counter(int(lora.tensors[k].shape[0]) for k in down)
     alphas = Counter(round(float(v), 4) for k, v in lora.tensors.items() if k.endswith(".alpha"))
     if not alphas:
@@ -135,12 +202,11 @@ def inspect_lora(path: str | Path) -> dict[str, Any]:
     parts: Counter[str] = Counter()
     targets: Counter[str] = Counter()
     for key in down:
-        module = key.rsplit(".", 2)[0]
+        module = _DOWN.sub("", key)
         part = "text_encoder" if re.match(r"^(lora_te|text_encoder)", module) else "unet"
         parts[part] += 1
-        targets[
-            re.split(r"[._]", module)[-1] if not module.endswith(("_0", ".0")) else "to_out"
-        ] += 1
+        match = _TARGET.search(module)
+        targets[match.group(1).replace(".", "_") if match else module.rsplit("_", 1)[-1]] += 1
     return {
         "path": str(lora.path),
         "format": lora.format,
@@ -149,7 +215,7 @@ def inspect_lora(path: str | Path) -> dict[str, Any]:
         "rank": sorted(ranks) if len(ranks) > 1 else next(iter(ranks), None),
         "alpha": sorted(alphas) if len(alphas) > 1 else next(iter(alphas), None),
         "targets": dict(sorted(targets.items())),
-        "dtype": str(next(iter(lora.tensors.values())).dtype).removeprefix("torch."),
+        "dtype": str(lora.tensors[down[0]].dtype).removeprefix("torch.") if down else None,
         "metadata": {k: _maybe_json(v) for k, v in sorted(lora.metadata.items())},
     }
 

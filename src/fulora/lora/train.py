@@ -47,7 +47,7 @@ from fulora.errors import ConfigError, DataError
 from fulora.io import atomic_open, write_json, write_text
 from fulora.lora.base import DEFAULT_BASE, base_identity, load_pipeline
 from fulora.lora.buckets import assign_bucket, center_square, fit_to_bucket, make_buckets
-from fulora.lora.formats import DIFFUSERS_WEIGHT_NAME, peft_state_dicts, save_kohya, to_kohya
+from fulora.lora.formats import DIFFUSERS_WEIGHT_NAME, peft_state_dicts, save_lora_files
 from fulora.planes import PAPER_CAPTIONS, check_planes
 from fulora.runs import RunDir
 
@@ -291,6 +291,35 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> torc
     return model.text_model.final_layer_norm(hidden)
 
 
+def add_lora_adapters(unet, text_encoder, cfg: LoraTrainConfig):
+    """Freeze the models and add LoRA adapters; only the adapters are left trainable.
+
+    Returns:
+        The peft ``LoraConfig`` of the UNet and of the text encoder (None if not trained).
+    """
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet_lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        init_lora_weights="gaussian",
+        target_modules=list(cfg.unet_targets),
+    )
+    unet.add_adapter(unet_lora)
+    te_lora = None
+    if cfg.train_text_encoder:
+        te_lora = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            init_lora_weights="gaussian",
+            target_modules=list(cfg.text_encoder_targets),
+        )
+        text_encoder.add_adapter(te_lora)
+    return unet_lora, te_lora
+
+
 def _after_step(step: int) -> None:
     """Hook called after each optimisation step (tests use it to interrupt a run)."""
 
@@ -327,18 +356,12 @@ def train_lora(
         The run's ``done.json`` record.
     """
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
-    from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
 
     out = Path(out)
     examples = build_examples(data, cfg)  # data errors before any model loading
     pipe = load_pipeline(cfg.base, config=cfg.base_config)
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision if cuda else "no", cpu=not cuda)
-    device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
@@ -347,53 +370,24 @@ def train_lora(
     if main:
         run.start(cfg)
     try:
-        record = _train(
-            pipe,
-            examples,
-            data,
-            run,
-            cfg,
-            accelerator,
-            device,
-            weight_dtype,
-            resume,
-            progress,
-            DDPMScheduler,
-            get_scheduler,
-            cast_training_params,
-            compute_snr,
-            LoraConfig,
-            set_peft_model_state_dict,
-        )
+        record = _train(pipe, examples, data, run, cfg, accelerator, weight_dtype, resume, progress)
     finally:
         run.close()
     return record
 
 
-def _train(
-    pipe,
-    examples,
-    data,
-    run,
-    cfg,
-    accelerator,
-    device,
-    weight_dtype,
-    resume,
-    progress,
-    DDPMScheduler,
-    get_scheduler,
-    cast_training_params,
-    compute_snr,
-    LoraConfig,
-    set_peft_model_state_dict,
-) -> dict[str, Any]:
+def _train(pipe, examples, data, run, cfg, accelerator, weight_dtype, resume, progress):
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from peft.utils import set_peft_model_state_dict
+
+    device = accelerator.device
     out = run.path
     main = accelerator.is_main_process
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
+    vae.requires_grad_(False)
     unet.to(device, dtype=weight_dtype)
     vae.to(device, dtype=torch.float32)  # the VAE runs once per image in fp32 (fp16 overflows)
     text_encoder.to(device, dtype=weight_dtype)
@@ -405,22 +399,8 @@ def _train(
         from diffusers.models.attention_processor import AttnProcessor
 
         unet.set_attn_processor(AttnProcessor())
-    unet_lora = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        init_lora_weights="gaussian",
-        target_modules=list(cfg.unet_targets),
-    )
-    unet.add_adapter(unet_lora)
-    te_lora = None
-    if cfg.train_text_encoder:
-        te_lora = LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
-            init_lora_weights="gaussian",
-            target_modules=list(cfg.text_encoder_targets),
-        )
-        text_encoder.add_adapter(te_lora)
+    torch.manual_seed(cfg.seed)  # the adapters' initial weights come from the global RNG
+    unet_lora, te_lora = add_lora_adapters(unet, text_encoder, cfg)
     trained = [unet] + ([text_encoder] if cfg.train_text_encoder else [])
     if weight_dtype != torch.float32:
         cast_training_params(trained, dtype=torch.float32)  # LoRA weights stay fp32
@@ -730,29 +710,8 @@ def _save_checkpoint(
 def _save_final(
     out, cfg, unet, text_encoder, unet_lora, te_lora, steps, identity, dataset_hash, examples
 ) -> None:
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     from fulora import __version__
 
-    unet_sd, te_sd = peft_state_dicts(unet, text_encoder)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[cfg.save_dtype]
-
-    def meta(config) -> dict[str, Any] | None:
-        if config is None:
-            return None
-        data = config.to_dict()
-        return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
-
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=convert_state_dict_to_diffusers(unet_sd),
-            text_encoder_lora_layers=convert_state_dict_to_diffusers(te_sd) if te_sd else None,
-            unet_lora_adapter_metadata=meta(unet_lora),
-            text_encoder_lora_adapter_metadata=meta(te_lora),
-        )
-        os.replace(Path(tmp) / DIFFUSERS_WEIGHT_NAME, out / DIFFUSERS_WEIGHT_NAME)
     captions = {}
     for e in examples:
         captions.setdefault(e.label, Counter())[e.caption] += 1
@@ -781,8 +740,16 @@ def _save_final(
         "fulora_buckets": sorted({f"{e.bucket[0]}x{e.bucket[1]}" for e in examples}),
         "fulora_config": to_dict(cfg),
     }
-    kohya = to_kohya(unet_sd, te_sd, cfg.alpha)
-    save_kohya(out / f"{cfg.output_name}.safetensors", kohya, metadata, dtype=dtype)
+    save_lora_files(
+        out,
+        unet,
+        text_encoder,
+        unet_lora,
+        te_lora,
+        output_name=cfg.output_name,
+        metadata=metadata,
+        save_dtype=cfg.save_dtype,
+    )
 
 
 def _sample_grid(out, step, pipe, accelerator, unet, text_encoder, examples, cfg, device) -> None:

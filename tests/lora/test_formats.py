@@ -1,0 +1,135 @@
+"""LoRA formats: kohya export/import round trip, diffusers layout, inspection."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from fulora.errors import DataError
+from fulora.lora.formats import inspect_lora, load_lora_into, read_lora, save_lora_files
+from fulora.lora.train import LoraTrainConfig, add_lora_adapters, encode_prompt
+
+
+def _outputs(pipe):
+    """UNet and text-encoder outputs on fixed inputs."""
+    torch.manual_seed(0)
+    ids = pipe.tokenizer(
+        ["a photo of fetal brain"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        hidden = encode_prompt(pipe.text_encoder, ids, clip_skip=2)
+        latents = torch.randn(1, 4, 16, 24)
+        unet_out = pipe.unet(latents, torch.tensor([500]), hidden).sample
+    return hidden, unet_out
+
+
+@pytest.fixture
+def trained_like(tiny_model, tmp_path):
+    """A pipeline with LoRA adapters holding random non-zero weights, rank 8 and alpha 4."""
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_model, safety_checker=None, requires_safety_checker=False
+    )
+    cfg = LoraTrainConfig(rank=8, alpha=4.0)
+    unet_lora, te_lora = add_lora_adapters(pipe.unet, pipe.text_encoder, cfg)
+    generator = torch.Generator().manual_seed(1)
+    for module in (pipe.unet, pipe.text_encoder):
+        for name, param in module.named_parameters():
+            if "lora_" in name:
+                param.data = torch.randn(param.shape, generator=generator) * 0.2
+    out = tmp_path / "lora"
+    save_lora_files(
+        out,
+        pipe.unet,
+        pipe.text_encoder,
+        unet_lora,
+        te_lora,
+        output_name="kohya",
+        metadata={"fulora_test": "yes", "ss_network_dim": "8"},
+        save_dtype="fp32",
+    )
+    return pipe, out
+
+
+def _fresh(tiny_model):
+    return StableDiffusionPipeline.from_pretrained(
+        tiny_model, safety_checker=None, requires_safety_checker=False
+    )
+
+
+@pytest.mark.parametrize("which", ["kohya.safetensors", "pytorch_lora_weights.safetensors"])
+def test_round_trip_matches_the_original(trained_like, tiny_model, which):
+    pipe, out = trained_like
+    hidden, unet_out = _outputs(pipe)
+    fresh = _fresh(tiny_model)
+    base_hidden, base_unet = _outputs(fresh)
+    load_lora_into(fresh, out / which)
+    new_hidden, new_unet = _outputs(fresh)
+    assert not torch.allclose(base_unet, unet_out, atol=1e-3)  # the LoRA matters...
+    assert not torch.allclose(base_hidden, hidden, atol=1e-3)
+    torch.testing.assert_close(new_hidden, hidden, atol=1e-5, rtol=1e-5)  # ...and survives
+    torch.testing.assert_close(new_unet, unet_out, atol=1e-5, rtol=1e-5)
+
+
+def test_kohya_names_and_metadata(trained_like):
+    _, out = trained_like
+    lora = read_lora(out / "kohya.safetensors")
+    assert lora.format == "kohya"
+    keys = list(lora.tensors)
+    assert any(
+        k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.")
+        for k in keys
+    )
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
+    assert all(float(v) == 4.0 for k, v in lora.tensors.items() if k.endswith(".alpha"))
+    info = inspect_lora(out / "kohya.safetensors")
+    assert info["rank"] == 8 and info["alpha"] == 4.0
+    assert info["modules"] == {"unet": 32, "text_encoder": 12}
+    assert set(info["targets"]) == {
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out_0",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+    }
+    assert info["metadata"]["fulora_test"] == "yes"
+    diffusers_info = inspect_lora(out)
+    assert diffusers_info["format"] == "diffusers" and diffusers_info["alpha"] == 4.0
+
+
+def test_kohya_lora_changes_generation(trained_like, tiny_model):
+    _, out = trained_like
+    base = _fresh(tiny_model)
+    image = base(
+        "a photo of fetal brain",
+        height=48,
+        width=64,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    with_lora = _fresh(tiny_model)
+    load_lora_into(with_lora, out / "kohya.safetensors", scale=1.0)
+    changed = with_lora(
+        "a photo of fetal brain",
+        height=48,
+        width=64,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert abs(image - changed).max() > 1e-3
+
+
+def test_bad_lora_files(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(DataError, match="does not exist"):
+        read_lora(tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(DataError, match="cannot read LoRA file"):
+        read_lora(tmp_path / "junk.safetensors")
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(DataError, match="not a LoRA file"):
+        read_lora(tmp_path / "plain.safetensors")

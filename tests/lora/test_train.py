@@ -1,0 +1,240 @@
+"""LoRA training with the tiny in-process SD model on CPU."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from fulora.data.readers import read_any
+from fulora.errors import ConfigError, DataError, ImageLoadError
+from fulora.io import file_hash
+from fulora.lora import base as base_module
+from fulora.lora import train as train_module
+from fulora.lora.formats import read_lora
+from fulora.lora.train import LoraTrainConfig, add_lora_adapters, train_lora
+
+
+def _cfg(tiny_model, **kw):
+    base = dict(
+        base=str(tiny_model),
+        rank=4,
+        alpha=4,
+        resolution=64,
+        bucket_step=16,
+        repeats=1,
+        max_steps=6,
+        optimizer="adamw",
+        unet_lr=1e-2,
+        text_encoder_lr=1e-2,
+        seed=0,
+        sample_steps=2,
+        output_name="test_lora",
+    )
+    base.update(kw)
+    return LoraTrainConfig(**base)
+
+
+def test_only_lora_parameters_are_trainable(tiny_model):
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_model, safety_checker=None, requires_safety_checker=False
+    )
+    add_lora_adapters(pipe.unet, pipe.text_encoder, LoraTrainConfig(rank=4, alpha=4))
+    for module in (pipe.unet, pipe.text_encoder):
+        trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_training_changes_only_the_lora_and_the_loss_falls(tiny_model, lora_images, tmp_path):
+    before = {p: file_hash(p) for p in tiny_model.rglob("*.safetensors")}
+    record = train_lora(
+        read_any(lora_images),
+        tmp_path / "run",
+        _cfg(tiny_model, max_steps=60, sample_every=30),
+        progress=False,
+    )
+    out = tmp_path / "run"
+    assert {p: file_hash(p) for p in tiny_model.rglob("*.safetensors")} == before
+    lora = read_lora(out / "pytorch_lora_weights.safetensors")
+    ups = {k: v for k, v in lora.tensors.items() if ".up." in k}
+    unet_ups = [v for k, v in ups.items() if k.startswith("unet.")]
+    assert unet_ups and all(v.abs().max() > 0 for v in unet_ups)  # B starts at zero: trained
+    # clip skip 2: the last text-encoder layer is not used, so its LoRA gets no gradient
+    last = max(int(k.split("layers.")[1].split(".")[0]) for k in ups if "layers." in k)
+    for key, value in ups.items():
+        if key.startswith("text_encoder."):
+            assert (value.abs().max() > 0) == (f"layers.{last}." not in key), key
+    loss = pd.read_csv(out / "loss.csv")["loss"]
+    assert len(loss) == 60 and loss[-15:].mean() < 0.9 * loss[:15].mean()
+    for name in (
+        "config.yaml",
+        "log.txt",
+        "done.json",
+        "loss.png",
+        "test_lora.safetensors",
+        "train_manifest.csv",
+        "samples/step-000030.png",
+        "samples/step-000060.png",
+    ):
+        assert (out / name).is_file(), name
+    assert record["steps"] == 60 and record["buckets"] == {"80x48": 6}
+    assert record["optimizer"] == "AdamW"  # 8-bit AdamW needs CUDA
+    meta = read_lora(out / "test_lora.safetensors").metadata
+    assert json.loads(meta["fulora_captions"]) == {
+        "brain": "a photo of fetal brain",
+        "femur": "a photo of fetal femur",
+    }
+    assert meta["fulora_dataset_sha256"] == record["dataset_sha256"]
+    assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "60"
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_model, lora_images, tmp_path, monkeypatch):
+    data = read_any(lora_images)
+    cfg = _cfg(tiny_model, max_steps=8, checkpoint_every=2, batch_size=2, repeats=2)
+    train_lora(data, tmp_path / "full", cfg, progress=False)
+    full = pd.read_csv(tmp_path / "full" / "loss.csv")
+
+    def crash(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_after_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(data, tmp_path / "cut", cfg, progress=False)
+    cut = tmp_path / "cut"
+    assert not (cut / "test_lora.safetensors").exists()  # no half-written LoRA
+    assert [
+        p.name for p in sorted((cut / "checkpoints").iterdir()) if not p.name.startswith(".")
+    ] == ["step-000002", "step-000004"]
+    monkeypatch.setattr(train_module, "_after_step", lambda step: None)
+    train_lora(data, cut, cfg, resume="latest", progress=False)
+    resumed = pd.read_csv(cut / "loss.csv")
+    assert list(resumed["step"]) == list(range(1, 9))
+    torch.testing.assert_close(
+        torch.tensor(resumed["loss"].to_numpy()),
+        torch.tensor(full["loss"].to_numpy()),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_latent_caching_off_also_trains(tiny_model, lora_images, tmp_path):
+    record = train_lora(
+        read_any(lora_images),
+        tmp_path / "run",
+        _cfg(tiny_model, cache_latents=False, max_steps=3),
+        progress=False,
+    )
+    assert record["steps"] == 3
+
+
+def test_missing_base_model(lora_images, tmp_path, monkeypatch):
+    data = read_any(lora_images)
+    with pytest.raises(ConfigError, match="base model path .* does not exist"):
+        train_lora(data, tmp_path / "a", _cfg(tmp_path / "no-such-model"), progress=False)
+    monkeypatch.setattr(base_module, "_hub_reachable", lambda timeout=3.0: False)
+    started = time.time()
+    with pytest.raises(ConfigError) as err:
+        train_lora(data, tmp_path / "b", _cfg("someone/unknown-model"), progress=False)
+    assert time.time() - started < 30  # it does not hang on a download
+    assert "--base PATH" in str(err.value) and "someone/unknown-model" in str(err.value)
+
+
+def test_bad_training_data(tiny_model, lora_images, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(lora_images, folder)
+    (folder / "manifest.csv").unlink()
+    victim = sorted((folder / "femur").glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(ImageLoadError, match=victim.name):
+        train_lora(read_any(folder), tmp_path / "a", _cfg(tiny_model), progress=False)
+    shutil.copy(lora_images / "femur" / victim.name, victim)
+    (folder / "brain" / "duplicate_text_for_each_image.txt").unlink()
+    with pytest.raises(DataError, match=r"no caption for .*brain.* has no caption file"):
+        train_lora(read_any(folder), tmp_path / "b", _cfg(tiny_model), progress=False)
+    assert (
+        train_lora(
+            read_any(folder),
+            tmp_path / "c",
+            _cfg(tiny_model, caption_source="paper", max_steps=1),
+            progress=False,
+        )["steps"]
+        == 1
+    )
+    with pytest.raises(ConfigError, match="no caption for plane"):
+        train_lora(
+            read_any(folder),
+            tmp_path / "d",
+            _cfg(tiny_model, caption_source="config", captions={"brain": "x"}),
+            progress=False,
+        )
+    (folder / "thorax").mkdir()
+    with pytest.raises(DataError, match="thorax holds no images"):
+        read_any(folder)
+
+
+def test_cli_on_the_real_spanish_images(sample_data, tiny_model, tmp_path):
+    """`fulora lora train` as a subprocess on the paper's 100 LoRA images, small resolution."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fulora",
+            "-q",
+            "lora",
+            "train",
+            "--base",
+            str(tiny_model),
+            "--data",
+            str(sample_data / "spain_lora_train"),
+            "--out",
+            "run",
+            "--config",
+            str(__import__("pathlib").Path(__file__).parents[2] / "configs" / "fu-lora-paper.yaml"),
+            "--resolution",
+            "64",
+            "--set",
+            "bucket_step=16",
+            "--rank",
+            "4",
+            "--alpha",
+            "4",
+            "--max-steps",
+            "5",
+            "--set",
+            "sample_steps=2",
+            "--checkpoint-every",
+            "0",
+            "--sample-every",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = json.loads((tmp_path / "run" / "done.json").read_text())
+    assert done["steps"] == 5 and done["images"] == 100
+    assert sum(done["buckets"].values()) == 100
+    assert all(int(w) > int(h) for w, h in (b.split("x") for b in done["buckets"]))  # landscape
+    inspect = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fulora",
+            "lora",
+            "inspect",
+            str(tmp_path / "run" / "fetal_ultrasound.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert inspect.returncode == 0 and "kohya LoRA" in inspect.stdout
+    assert "rank 4, alpha 4.0" in inspect.stdout and "a photo of fetal ultrasound" in inspect.stdout
