@@ -172,3 +172,99 @@ def save_tiny_model(out: str | Path, seed: int = 0) -> Path:
         encoding="utf-8",
     )
     return out
+
+
+def sd15_components(seed: int = 0) -> dict:
+    """Stable Diffusion 1.5's architecture (public configs) with RANDOM weights.
+
+    For speed and memory benchmarks: the cost of a step does not depend on the weights' values.
+    The tokenizer is the tiny one (any token ids below CLIP's 49,408 do).
+    """
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=(
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="fulora-tok-"))
+    write_tiny_tokenizer(folder)
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+
+
+def save_sd15_random(out: str | Path, seed: int = 0) -> Path:
+    """Write the SD1.5 architecture with random weights as a diffusers folder (benchmarks)."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out)
+    StableDiffusionPipeline(**sd15_components(seed)).save_pretrained(out)
+    (out / "FULORA_RANDOM_MODEL.txt").write_text(
+        "Stable Diffusion 1.5 architecture with RANDOM weights, for speed and memory "
+        "benchmarks only.\n",
+        encoding="utf-8",
+    )
+    return out
