@@ -281,6 +281,53 @@ def _cmd_lora_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from fulora.config import load_config
+    from fulora.generate.run import GenerateConfig, generate
+
+    values = {
+        "base": args.base,
+        "base_config": args.base_config,
+        "lora": args.lora,
+        "lora_scale": args.lora_scale,
+        "per_class": args.per_class,
+        "planes": args.planes,
+        "negative_prompt": args.negative_prompt,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "width": args.width,
+        "height": args.height,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "color": args.color,
+        "compile": args.compile,
+        "device": args.device,
+    }
+    cfg = load_config(GenerateConfig, args.config, args.set, values=values)
+    result = generate(args.out, cfg, only=args.only or ())
+    if args.only:
+        print(f"regenerated {result['generated']} image(s) in {args.out}")
+    elif "images" in result:  # the main process reports; the others return their share only
+        rate = result.get("this_run_images_per_s")
+        print(
+            f"\n{result['images']} images in {args.out} ({result['size']}): "
+            + ", ".join(f"{k} {v}" for k, v in result["per_plane"].items())
+        )
+        print(
+            f"  this run: {result['this_run_generated']} new in {result['this_run_seconds']} s"
+            + (
+                f" ({rate} images/s, batch {result['this_run_batch_size']}, "
+                f"{result['this_run_device']})"
+                if rate
+                else " (nothing left to do)"
+            )
+        )
+        print(f"  manifest: {Path(args.out) / 'manifest.csv'}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fulora.demo import run_demo
 
@@ -427,6 +474,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_lora_tiny_model)
+
+    from fulora.generate.samplers import SAMPLERS
+
+    p = stages.add_parser("generate", help="generate a labelled synthetic dataset with a LoRA")
+    p.add_argument("--base", help="hub id, diffusers folder or .safetensors/.ckpt file")
+    p.add_argument("--base-config", help="diffusers folder with the configs of a single-file base")
+    p.add_argument("--lora", help="kohya .safetensors, diffusers LoRA folder or LoRA run folder")
+    p.add_argument("--lora-scale", type=float)
+    p.add_argument("--per-class", type=int, help="images per plane (default 1000)")
+    p.add_argument("--planes", nargs="+")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--sampler", choices=list(SAMPLERS))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--seed", type=int, help="run seed; each image's seed derives from it")
+    p.add_argument("--batch-size", type=int, help="default: sized to the GPU memory")
+    p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"])
+    p.add_argument("--color", choices=["L", "RGB"], help="L (grayscale, default) or RGB")
+    p.add_argument("--compile", type=_bool, help="torch.compile the UNet (true/false)")
+    p.add_argument("--device", help="auto, cpu, cuda ...")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="PLANE:INDEX",
+        help="regenerate just these images (bit-identical to the full run's)",
+    )
+    p.add_argument("--config", help="YAML config (keys of GenerateConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_generate)
 
     classify = stages.add_parser("classify", help="train plane classifiers")
     classify_cmds = classify.add_subparsers(dest="command", metavar="COMMAND", required=True)

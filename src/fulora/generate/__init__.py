@@ -1,0 +1,1 @@
+"""Synthetic dataset generation: seeded, batched, resumable, sharded, traceable."""

@@ -1,0 +1,476 @@
+"""``fulora generate``: a LoRA and a base model into thousands of labelled synthetic images.
+
+Every image is reproducible on its own: its seed is a function of (run seed, plane, index), its
+initial noise is drawn on the CPU from that seed (so it does not depend on the GPU), and it is
+always computed in the same batch: batch ``k`` of a plane holds indices ``[k*B, (k+1)*B)``.
+Hence a resumed run, ``--only PLANE:INDEX`` and a run split over several processes produce the
+same bytes as one uninterrupted run on the same device and dtype. Changing the batch size
+changes the floating-point summation order inside the UNet's matrix products, which can move a
+few pixels by one grey level; nothing else changes.
+
+Each PNG carries its provenance in AUTOMATIC1111's ``parameters`` text chunk and in a
+``fulora`` JSON chunk; ``manifest.csv`` has one row per image (prompt, negative prompt, seed,
+sampler, steps, guidance, size, LoRA file and hash, LoRA scale, base model, time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+from fulora.config import to_dict
+from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
+from fulora.errors import ConfigError, DataError
+from fulora.generate.samplers import display_name, make_scheduler
+from fulora.io import atomic_path, file_hash
+from fulora.lora.base import DEFAULT_BASE, base_identity, load_pipeline
+from fulora.planes import PAPER_CAPTIONS, PAPER_PLANES, check_planes
+from fulora.runs import RunDir, now_iso
+
+logger = logging.getLogger("fulora")
+
+
+@dataclass
+class GenerateConfig:
+    """Configuration of ``fulora generate``."""
+
+    base: str = DEFAULT_BASE
+    base_config: str | None = None
+    lora: str | None = None  # kohya .safetensors, diffusers LoRA folder, or a LoRA run folder
+    lora_scale: float = 1.0
+    fuse_lora: bool = True  # merge the LoRA into the weights: faster, same images
+    planes: list[str] = field(default_factory=lambda: list(PAPER_PLANES))
+    per_class: int = 1000
+    prompts: dict[str, str] = field(default_factory=dict)  # default: the LoRA's captions
+    negative_prompt: str = ""
+    clip_skip: int = 2  # kohya/AUTOMATIC1111 semantics, as in training
+    sampler: str = "dpmpp_2m_karras"
+    steps: int = 30
+    guidance: float = 7.0
+    width: int | None = None  # default: the LoRA's training size, else 512
+    height: int | None = None
+    seed: int = 0
+    batch_size: int | None = None  # None: sized to the GPU memory (4 on CPU)
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    channels_last: bool = True
+    vae_slicing: bool = True
+    vae_tiling: bool = False
+    compile: bool = False
+    color: Literal["L", "RGB"] = "L"  # ultrasound is grayscale
+    contact_sheet: int = 8  # thumbnails per side of each plane's contact sheet; 0: none
+    device: str = "auto"
+
+
+def image_seed(run_seed: int, plane: str, index: int) -> int:
+    """The 32-bit seed of image ``index`` of ``plane`` in a run seeded ``run_seed``."""
+    digest = hashlib.sha256(f"fulora:{run_seed}:{plane}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def image_path(out: Path, plane: str, index: int, seed: int) -> Path:
+    """``OUT/<plane>/<index>-<seed>.png``: AUTOMATIC1111's naming, one folder per plane."""
+    return out / plane / f"{index:05d}-{seed}.png"
+
+
+def parse_only(items: Sequence[str], planes: Sequence[str]) -> list[tuple[str, int]]:
+    """``["brain:3", ...]`` into (plane, index) pairs, checked against the run's planes."""
+    out = []
+    for item in items:
+        plane, _, index = item.partition(":")
+        if not index.isdigit():
+            raise ConfigError(f"--only {item!r}: expected PLANE:INDEX such as brain:12")
+        canonical = check_planes([plane])[0]
+        if canonical not in planes:
+            raise ConfigError(f"--only {item!r}: {canonical} is not one of the planes {planes}")
+        out.append((canonical, int(index)))
+    return out
+
+
+def _resolve_lora(lora: str | None) -> Path | None:
+    if lora is None:
+        return None
+    path = Path(lora)
+    if path.is_dir() and (path / "done.json").is_file():
+        done = json.loads((path / "done.json").read_text())
+        if done.get("lora_kohya") and Path(done["lora_kohya"]).is_file():
+            return Path(done["lora_kohya"])
+        kohya = sorted(
+            p for p in path.glob("*.safetensors") if p.name != "pytorch_lora_weights.safetensors"
+        )
+        if kohya:
+            return kohya[0]
+    if not path.exists():
+        raise DataError(f"LoRA {path} does not exist")
+    return path
+
+
+@dataclass
+class _Plan:
+    """What a run will produce, resolved before any model is loaded."""
+
+    planes: list[str]
+    prompts: dict[str, str]
+    width: int
+    height: int
+    lora: Path | None
+    lora_sha256: str
+    batch_size: int
+
+
+def plan(cfg: GenerateConfig) -> _Plan:
+    """Resolve prompts, size, LoRA and batch size from the config and the LoRA's metadata."""
+    from fulora.lora.formats import read_lora
+
+    planes = check_planes(cfg.planes)
+    lora = _resolve_lora(cfg.lora)
+    metadata: dict[str, str] = {}
+    if lora is not None:
+        metadata = read_lora(lora).metadata
+    captions = json.loads(metadata.get("fulora_captions", "{}") or "{}")
+    prompts = {}
+    for plane in planes:
+        given = {check_planes([k])[0]: v for k, v in cfg.prompts.items()}
+        prompts[plane] = given.get(plane) or captions.get(plane) or PAPER_CAPTIONS[plane]
+    width, height = cfg.width, cfg.height
+    if width is None or height is None:
+        size = metadata.get("fulora_size", "")
+        if "x" in size:
+            w, h = (int(v) for v in size.split("x"))
+        else:
+            w, h = 512, 512
+        width, height = width or w, height or h
+    if width % 8 or height % 8:
+        raise ConfigError(f"width and height must be multiples of 8, got {width}x{height}")
+    return _Plan(
+        planes,
+        prompts,
+        width,
+        height,
+        lora,
+        file_hash(lora) if lora is not None and lora.is_file() else "",
+        cfg.batch_size or 0,
+    )
+
+
+def _auto_batch(device: torch.device, width: int, height: int) -> int:
+    if device.type != "cuda":
+        return 4
+    free, _ = torch.cuda.mem_get_info(device)
+    # ~0.6 GB per 512x512 image in fp16 with SDPA (UNet activations under CFG), 4 GB headroom
+    per_image = 0.6 * (width * height) / (512 * 512)
+    return int(max(1, min(32, (free / 2**30 - 4.0) / per_image)))
+
+
+def _a1111_parameters(
+    prompt: str,
+    negative: str,
+    row: dict[str, Any],
+    cfg: GenerateConfig,
+    base_hash: str,
+    lora: Path | None,
+) -> str:
+    settings = [
+        f"Steps: {cfg.steps}",
+        f"Sampler: {display_name(cfg.sampler)}",
+        f"CFG scale: {cfg.guidance:g}",
+        f"Seed: {row['seed']}",
+        f"Size: {row['width']}x{row['height']}",
+    ]
+    if base_hash:
+        settings.append(f"Model hash: {base_hash[:10]}")
+    settings.append(f"Model: {row['base_model']}")
+    if lora is not None:
+        settings.append(f'Lora hashes: "{lora.stem}: {row["lora_sha256"][:12]}"')
+    if cfg.clip_skip > 1:
+        settings.append(f"Clip skip: {cfg.clip_skip}")
+    settings.append(f"Version: fulora {row['fulora_version']}")
+    text = prompt + (f" <lora:{lora.stem}:{cfg.lora_scale:g}>" if lora is not None else "")
+    return f"{text}\nNegative prompt: {negative}\n" + ", ".join(settings)
+
+
+def generate(
+    out: str | Path,
+    cfg: GenerateConfig,
+    *,
+    only: Sequence[str] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate ``cfg.per_class`` images per plane into ``out`` (resuming a partial run).
+
+    Args:
+        out: Output folder (a run folder).
+        cfg: The configuration.
+        only: ``PLANE:INDEX`` items to (re)generate alone, bit-identical to the full run's.
+        progress: Show a progress bar.
+
+    Returns:
+        A summary (``done.json`` for a full run).
+
+    Raises:
+        ConfigError: For a folder holding a run with another configuration, an unknown
+            sampler or plane, or a base model that cannot be had.
+    """
+    from accelerate import PartialState
+
+    from fulora import __version__
+    from fulora.lora.formats import load_lora_into
+
+    out = Path(out)
+    resolved = plan(cfg)
+    previous = out / "config.yaml"
+    if not only and previous.is_file():
+        old = yaml.safe_load(previous.read_text(encoding="utf-8"))
+        if old != to_dict(cfg):
+            changed = sorted(
+                k for k in set(old) | set(to_dict(cfg)) if old.get(k) != to_dict(cfg).get(k)
+            )
+            raise ConfigError(
+                f"{out} already holds images made with another configuration "
+                f"({', '.join(changed)} differ); use another --out folder"
+            )
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    device = state.device if cfg.device == "auto" else torch.device(cfg.device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        cfg.dtype, torch.float16 if device.type == "cuda" else torch.float32
+    )
+    batch = resolved.batch_size or _auto_batch(device, resolved.width, resolved.height)
+    main = state.is_main_process
+    run = RunDir(out, command="fulora generate")
+    if main and not only:
+        run.start(cfg)
+
+    # Fixed batches: batch k of a plane is indices [k*batch, (k+1)*batch).
+    batches = [
+        (plane, list(range(k * batch, min(cfg.per_class, (k + 1) * batch))))
+        for plane in resolved.planes
+        for k in range(math.ceil(cfg.per_class / batch))
+    ]
+    seeds = {(p, i): image_seed(cfg.seed, p, i) for p, idx in batches for i in idx}
+    if only:
+        wanted = set(parse_only(only, resolved.planes))
+        for plane, index in wanted:
+            if index >= cfg.per_class:
+                raise ConfigError(f"--only {plane}:{index}: the run has {cfg.per_class} per plane")
+        targets = wanted
+    else:
+        targets = {
+            key for key in seeds if not image_path(out, key[0], key[1], seeds[key]).is_file()
+        }
+    todo = [(p, idx) for p, idx in batches if any((p, i) in targets for i in idx)]
+    mine = todo[state.process_index :: state.num_processes]
+    base_name, base_hash = base_identity(cfg.base)
+    generated = 0
+    started = time.perf_counter()
+    if mine:
+        pipe = load_pipeline(cfg.base, dtype=dtype, config=cfg.base_config)
+        pipe.set_progress_bar_config(disable=True)
+        if resolved.lora is not None:
+            load_lora_into(pipe, resolved.lora, scale=cfg.lora_scale)
+            if cfg.fuse_lora:
+                pipe.fuse_lora(lora_scale=cfg.lora_scale)
+        pipe.scheduler = make_scheduler(cfg.sampler, pipe.scheduler.config)
+        pipe.to(device)
+        if cfg.channels_last and device.type == "cuda":
+            pipe.unet.to(memory_format=torch.channels_last)
+        if cfg.vae_slicing:
+            pipe.vae.enable_slicing()
+        if cfg.vae_tiling:
+            pipe.vae.enable_tiling()
+        if cfg.compile:
+            pipe.unet = torch.compile(pipe.unet)
+        embeddings = {}
+        with torch.no_grad():
+            for plane in resolved.planes:  # text embeddings once per plane
+                embeddings[plane] = pipe.encode_prompt(
+                    resolved.prompts[plane],
+                    device,
+                    1,
+                    cfg.guidance > 1.0,
+                    cfg.negative_prompt,
+                    clip_skip=cfg.clip_skip - 1 if cfg.clip_skip > 1 else None,
+                )
+        bar = tqdm(
+            total=sum(sum((p, i) in targets for i in idx) for p, idx in mine),
+            desc=f"generating ({state.process_index + 1}/{state.num_processes})",
+            unit="img",
+            disable=not progress,
+        )
+        for plane, indices in mine:
+            positive, negative = embeddings[plane]
+            n = len(indices)
+            generators = [torch.Generator().manual_seed(seeds[(plane, i)]) for i in indices]
+            with torch.no_grad():
+                images = pipe(
+                    prompt_embeds=positive.repeat(n, 1, 1),
+                    negative_prompt_embeds=negative.repeat(n, 1, 1)
+                    if negative is not None
+                    else None,
+                    height=resolved.height,
+                    width=resolved.width,
+                    num_inference_steps=cfg.steps,
+                    guidance_scale=cfg.guidance,
+                    generator=generators,
+                    output_type="np",
+                ).images
+            for index, array in zip(indices, images, strict=True):
+                if (plane, index) not in targets:
+                    continue
+                seed = seeds[(plane, index)]
+                row = {
+                    "path": f"{plane}/{index:05d}-{seed}.png",
+                    "label": plane,
+                    "split": "train",
+                    "source": "synthetic",
+                    "domain": "synthetic",
+                    "patient": "",
+                    "prompt": resolved.prompts[plane],
+                    "negative_prompt": cfg.negative_prompt,
+                    "seed": seed,
+                    "sampler": cfg.sampler,
+                    "steps": cfg.steps,
+                    "guidance": cfg.guidance,
+                    "width": resolved.width,
+                    "height": resolved.height,
+                    "lora": str(resolved.lora.resolve()) if resolved.lora else "",
+                    "lora_sha256": resolved.lora_sha256,
+                    "lora_scale": cfg.lora_scale,
+                    "base_model": base_name,
+                    "created": now_iso(),
+                    "index": index,
+                    "run_seed": cfg.seed,
+                    "batch_size": batch,
+                    "device": device.type,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "fulora_version": __version__,
+                }
+                pixels = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+                img = Image.fromarray(pixels, "RGB")
+                if cfg.color == "L":
+                    img = img.convert("L")
+                info = PngInfo()
+                info.add_text(
+                    "parameters",
+                    _a1111_parameters(
+                        resolved.prompts[plane],
+                        cfg.negative_prompt,
+                        row,
+                        cfg,
+                        base_hash,
+                        resolved.lora,
+                    ),
+                )
+                info.add_text("fulora", json.dumps(row))
+                with atomic_path(image_path(out, plane, index, seed)) as tmp:
+                    img.save(tmp, format="PNG", pnginfo=info)
+                generated += 1
+                bar.update(1)
+        bar.close()
+    seconds = time.perf_counter() - started
+    state.wait_for_everyone()
+    summary = {
+        "generated": generated,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(generated / seconds, 3) if generated and seconds else None,
+        "batch_size": batch,
+        "device": str(device),
+        "processes": state.num_processes,
+    }
+    if only or not main:
+        return summary
+    manifest = build_manifest(out, resolved.planes, cfg.per_class, seeds)
+    manifest.write(out / "manifest.csv")
+    if cfg.contact_sheet:
+        for plane in resolved.planes:
+            contact_sheet(
+                out / f"contact_{plane}.png",
+                manifest.select(labels=[plane]).paths,
+                side=cfg.contact_sheet,
+                title=f"{plane}: {resolved.prompts[plane]}",
+            )
+    record = run.finish(
+        images=len(manifest),
+        per_plane=manifest.counts("label"),
+        prompts=resolved.prompts,
+        size=f"{resolved.width}x{resolved.height}",
+        lora=str(resolved.lora or ""),
+        lora_sha256=resolved.lora_sha256,
+        base_model=base_name,
+        base_model_sha256=base_hash,
+        **{f"this_run_{k}": v for k, v in summary.items()},
+    )
+    logger.info("%d images (%d new) in %s", len(manifest), generated, out)
+    return record
+
+
+def read_png_provenance(path: str | Path) -> dict[str, Any]:
+    """The ``fulora`` JSON chunk of a generated PNG.
+
+    Raises:
+        DataError: If the file is not a fulora image or cannot be read.
+    """
+    try:
+        with Image.open(path) as img:
+            text = img.text.get("fulora")  # type: ignore[attr-defined]
+    except (OSError, AttributeError) as err:
+        raise DataError(f"cannot read provenance of {path}: {err}") from None
+    if not text:
+        raise DataError(f"{path} has no fulora provenance chunk")
+    return json.loads(text)
+
+
+def build_manifest(
+    out: Path, planes: Sequence[str], per_class: int, seeds: dict[tuple[str, int], int]
+) -> Manifest:
+    """The run's manifest, from the provenance each PNG carries (so every process's work counts)."""
+    records = []
+    for plane in planes:
+        for index in range(per_class):
+            path = image_path(out, plane, index, seeds[(plane, index)])
+            if not path.is_file():
+                raise DataError(f"image {path} is missing; run the same command again to finish")
+            row = read_png_provenance(path)
+            row["path"] = str(path.resolve())
+            records.append(row)
+    ordered = list(COLUMNS) + list(SYNTHETIC_COLUMNS)
+    manifest = Manifest.from_records(records, origin=str(out / "manifest.csv"))
+    extras = [c for c in manifest.frame.columns if c not in ordered]
+    manifest.frame = manifest.frame[ordered + extras]
+    return manifest
+
+
+def contact_sheet(
+    path: Path, images: Sequence[Path], *, side: int = 8, title: str = "", thumb: int = 96
+) -> Path:
+    """A ``side`` x ``side`` grid of thumbnails, as one PNG."""
+    from fulora.io import atomic_path as _atomic
+
+    chosen = list(images)[: side * side]
+    rows = math.ceil(len(chosen) / side) if chosen else 1
+    sheet = Image.new("L", (side * thumb, rows * thumb + (16 if title else 0)), 0)
+    for k, image_file in enumerate(chosen):
+        with Image.open(image_file) as img:
+            img = img.convert("L")
+            img.thumbnail((thumb, thumb))
+            x, y = (k % side) * thumb, (k // side) * thumb + (16 if title else 0)
+            sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
+    if title:
+        from PIL import ImageDraw
+
+        ImageDraw.Draw(sheet).text((4, 2), title[:120], fill=230)
+    with _atomic(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return path

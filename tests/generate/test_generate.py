@@ -1,0 +1,262 @@
+"""Generation with the tiny in-process model on CPU: determinism, resume, provenance, sharding."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
+from fulora.errors import ConfigError
+from fulora.generate.run import GenerateConfig, generate, image_seed, read_png_provenance
+
+
+def _cfg(tiny_model, lora=None, **kw):
+    base = dict(
+        base=str(tiny_model),
+        lora=str(lora) if lora else None,
+        planes=["brain", "femur"],
+        per_class=6,
+        steps=3,
+        width=80,
+        height=48,
+        batch_size=4,
+        seed=7,
+        device="cpu",
+        contact_sheet=4,
+    )
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+def _pixels(path):
+    with Image.open(path) as img:
+        return np.array(img)
+
+
+def _images(folder):
+    return {p.relative_to(folder): _pixels(p) for p in sorted(folder.glob("*/*.png"))}
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model, trained_lora, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "full"
+    generate(out, _cfg(tiny_model, trained_lora), progress=False)
+    return out
+
+
+def test_manifest_and_png_provenance(full_run, trained_lora):
+    m = Manifest.read(full_run / "manifest.csv")
+    assert len(m) == 12 and m.counts("label") == {"brain": 6, "femur": 6}
+    assert list(m.frame.columns[: len(COLUMNS) + len(SYNTHETIC_COLUMNS)]) == list(COLUMNS) + list(
+        SYNTHETIC_COLUMNS
+    )
+    row = m.frame.iloc[0]
+    assert row["source"] == "synthetic" and row["prompt"] == "a photo of fetal brain"
+    assert int(row["seed"]) == image_seed(7, "brain", 0)
+    assert m.paths[0].name == f"00000-{image_seed(7, 'brain', 0)}.png"
+    assert row["sampler"] == "dpmpp_2m_karras" and row["lora"].endswith("phantom_lora.safetensors")
+    assert len(row["lora_sha256"]) == 64
+    with Image.open(m.paths[0]) as img:
+        assert img.mode == "L" and img.size == (80, 48)
+        params = img.text["parameters"]
+    assert params.startswith("a photo of fetal brain <lora:phantom_lora:1>\nNegative prompt:")
+    assert f"Seed: {row['seed']}" in params and "Sampler: DPM++ 2M Karras" in params
+    assert "Steps: 3" in params and "Size: 80x48" in params and "Clip skip: 2" in params
+    assert read_png_provenance(m.paths[0])["lora_sha256"] == row["lora_sha256"]
+    for name in ("contact_brain.png", "contact_femur.png", "config.yaml", "done.json"):
+        assert (full_run / name).is_file()
+
+
+def test_only_regenerates_bit_identically(full_run, tiny_model, trained_lora, tmp_path):
+    generate(tmp_path, _cfg(tiny_model, trained_lora), only=["brain:5", "femur:2"], progress=False)
+    made = _images(tmp_path)
+    assert len(made) == 2
+    full = _images(full_run)
+    for rel, pixels in made.items():
+        assert np.array_equal(pixels, full[rel]), rel
+
+
+def test_rerun_generates_nothing_and_config_changes_are_refused(full_run, tiny_model, trained_lora):
+    record = generate(full_run, _cfg(tiny_model, trained_lora), progress=False)
+    assert record["this_run_generated"] == 0 and record["images"] == 12
+    with pytest.raises(ConfigError, match="another configuration .*steps"):
+        generate(full_run, _cfg(tiny_model, trained_lora, steps=4), progress=False)
+
+
+def test_batch_size_changes_only_rounding(full_run, tiny_model, trained_lora, tmp_path):
+    generate(tmp_path, _cfg(tiny_model, trained_lora, batch_size=1), progress=False)
+    one, four = _images(tmp_path), _images(full_run)
+    assert one.keys() == four.keys()
+    for rel in one:
+        diff = np.abs(one[rel].astype(int) - four[rel].astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, rel
+
+
+def test_the_lora_changes_the_images(full_run, tiny_model, tmp_path):
+    generate(tmp_path, _cfg(tiny_model, None), progress=False)
+    plain, with_lora = _images(tmp_path), _images(full_run)
+    diffs = [np.abs(plain[k].astype(int) - with_lora[k].astype(int)).mean() for k in plain]
+    assert min(diffs) > 1.0
+
+
+def test_rgb_option_and_bad_options(tiny_model, tmp_path):
+    generate(
+        tmp_path / "rgb",
+        _cfg(tiny_model, color="RGB", per_class=1, planes=["brain"]),
+        progress=False,
+    )
+    assert Image.open(next((tmp_path / "rgb" / "brain").glob("*.png"))).mode == "RGB"
+    with pytest.raises(ConfigError, match="unknown sampler 'fancy'"):
+        generate(tmp_path / "a", _cfg(tiny_model, sampler="fancy"), progress=False)
+    with pytest.raises(ConfigError, match="PLANE:INDEX"):
+        generate(tmp_path / "b", _cfg(tiny_model), only=["brain"], progress=False)
+    with pytest.raises(ConfigError, match="has 6 per plane"):
+        generate(tmp_path / "c", _cfg(tiny_model), only=["brain:9"], progress=False)
+    with pytest.raises(ConfigError, match="multiples of 8"):
+        generate(tmp_path / "d", _cfg(tiny_model, width=81), progress=False)
+
+
+def _cli(args, cwd, env=None, **kw):
+    return [sys.executable, "-m", "fulora", "-q", "generate", *args]
+
+
+def test_killed_run_resumes_without_duplicates_or_truncated_files(tiny_model, tmp_path):
+    args = [
+        "--base",
+        str(tiny_model),
+        "--planes",
+        "brain",
+        "femur",
+        "thorax",
+        "--per-class",
+        "16",
+        "--steps",
+        "3",
+        "--width",
+        "80",
+        "--height",
+        "48",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--out",
+        "run",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        _cli(args, tmp_path),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((tmp_path / "run").glob("*/*.png"))) < 8:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = len(list((tmp_path / "run").glob("*/*.png")))
+    assert 8 <= partial < 48, "the run should have been killed midway"
+    assert not (tmp_path / "run" / "done.json").exists()
+    result = subprocess.run(
+        _cli(args, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    pngs = sorted((tmp_path / "run").glob("*/*.png"))
+    assert len(pngs) == 48 and not list((tmp_path / "run").rglob("*.tmp*"))
+    for path in pngs:
+        _pixels(path)  # every file decodes completely
+    manifest = pd.read_csv(tmp_path / "run" / "manifest.csv")
+    assert len(manifest) == 48 and not manifest["path"].duplicated().any()
+    # and the images equal those of an uninterrupted run
+    clean = subprocess.run(
+        _cli([*args[:-1], "clean"], tmp_path),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    resumed, uninterrupted = _images(tmp_path / "run"), _images(tmp_path / "clean")
+    assert all(np.array_equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_two_processes_equal_one(tiny_model, trained_lora, tmp_path):
+    """torchrun starts two CPU processes over gloo; they split the batches and merge."""
+    args = [
+        "--base",
+        str(tiny_model),
+        "--lora",
+        str(trained_lora),
+        "--planes",
+        "brain",
+        "femur",
+        "--per-class",
+        "6",
+        "--steps",
+        "3",
+        "--width",
+        "80",
+        "--height",
+        "48",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--seed",
+        "5",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default; the same in both runs
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "fulora",
+            "-q",
+            "generate",
+            *args,
+            "--out",
+            "two",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        _cli([*args, "--out", "one"], tmp_path),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    done = json.loads((tmp_path / "two" / "done.json").read_text())
+    assert done["this_run_processes"] == 2
+    a, b = _images(tmp_path / "one"), _images(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 12
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    columns = ["path", "label", "seed", "prompt", "lora_sha256"]
+    assert pd.read_csv(tmp_path / "one" / "manifest.csv")[columns].equals(
+        pd.read_csv(tmp_path / "two" / "manifest.csv")[columns]
+    )
