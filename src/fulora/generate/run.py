@@ -274,7 +274,7 @@ def generate(
     mine = todo[state.process_index :: state.num_processes]
     base_name, base_hash = base_identity(cfg.base)
     generated = 0
-    started = time.perf_counter()
+    started = time.perf_counter()  # reset below once the model is ready
     if mine:
         pipe = load_pipeline(cfg.base, dtype=dtype, config=cfg.base_config)
         pipe.set_progress_bar_config(disable=True)
@@ -303,6 +303,7 @@ def generate(
                     cfg.negative_prompt,
                     clip_skip=cfg.clip_skip - 1 if cfg.clip_skip > 1 else None,
                 )
+        started = time.perf_counter()  # images/s measures generation, not model loading
         bar = tqdm(
             total=sum(sum((p, i) in targets for i in idx) for p, idx in mine),
             desc=f"generating ({state.process_index + 1}/{state.num_processes})",
