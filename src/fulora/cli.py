@@ -331,7 +331,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fulora.demo import run_demo
 
-    run_demo(args.out, per_class=args.per_class, seed=args.seed)
+    run_demo(
+        args.out,
+        per_class=args.per_class,
+        seed=args.seed,
+        synthetic_per_class=args.synthetic_per_class,
+    )
     return 0
 
 
@@ -568,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stages.add_parser("demo", help="run fulora end to end on embedded phantom data")
     p.add_argument("--out", default="demo-run", help="output folder (default demo-run)")
     p.add_argument("--per-class", type=int, default=24, help="phantom images per plane")
+    p.add_argument("--synthetic-per-class", type=int, default=24, help="synthetic images per plane")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -358,6 +358,13 @@ def train_lora(
     from accelerate import Accelerator
 
     out = Path(out)
+    done = RunDir(out).read_done()
+    if done is not None and not resume and (out / "config.yaml").is_file():
+        import yaml
+
+        if yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) == to_dict(cfg):
+            logger.info("%s is already trained with this configuration; nothing to do", out)
+            return done
     examples = build_examples(data, cfg)  # data errors before any model loading
     pipe = load_pipeline(cfg.base, config=cfg.base_config)
     cuda = torch.cuda.is_available()
