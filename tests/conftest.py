@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fulora.lora.tiny import save_tiny_model
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(
     os.environ.get("FULORA_SAMPLE_DATA", REPO.parent / "shared" / "data" / "fu-lora-sample")
@@ -46,3 +48,19 @@ def write_png(path: Path, mode: str = "L", size: tuple[int, int] = (64, 48), see
 @pytest.fixture
 def make_png():
     return write_png
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny SD-architecture model saved with save_pretrained, loadable from its path."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def lora_images(tmp_path_factory):
+    """Phantom plane folders (with caption files), a handful of images per plane."""
+    from fulora.data.phantom import PhantomConfig, generate_phantom
+
+    root = tmp_path_factory.mktemp("lora-data")
+    generate_phantom(root, PhantomConfig(per_class=3, planes=["brain", "femur"], grid=False))
+    return root

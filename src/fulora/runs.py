@@ -60,6 +60,22 @@ class RunDir:
             return None
         return json.loads(self.done_file.read_text(encoding="utf-8"))
 
+    def changed_config_keys(self, config: Any) -> list[str] | None:
+        """Keys whose value differs from the ``config.yaml`` already here (None: no config yet).
+
+        An empty list means the folder holds a run of exactly this configuration.
+        """
+        path = self.path / "config.yaml"
+        if not path.is_file():
+            return None
+        import yaml
+
+        from fulora.config import to_dict
+
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        new = to_dict(config)
+        return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
     def start(self, config: Any | None = None) -> RunDir:
         """Save the resolved config, remove a stale completion marker and start logging to file."""
         if config is not None:

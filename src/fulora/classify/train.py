@@ -28,14 +28,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fulora.classify.mix import is_synthetic, mix_manifests
 from fulora.classify.registry import ModelInfo, create_model, resolve_arch
-from fulora.config import to_dict
 from fulora.data.cache import PreprocessCache, default_cache_dir
 from fulora.data.dataset import ManifestDataset
 from fulora.data.manifest import Manifest
@@ -229,16 +227,13 @@ def train_classifier(
     out = Path(out)
     cfg.arch = resolve_arch(cfg.arch)
     run = RunDir(out, command="fulora classify train")
-    previous = _previous_config(out)
-    if previous is not None and previous != to_dict(cfg):
-        changed = sorted(
-            k for k in set(previous) | set(to_dict(cfg)) if previous.get(k) != to_dict(cfg).get(k)
-        )
+    changed = run.changed_config_keys(cfg)
+    if changed:
         raise ConfigError(
             f"{out} already holds a run with another configuration ({', '.join(changed)} "
             "differ); use a new --out folder or delete it"
         )
-    if previous is not None and run.is_done():
+    if changed == [] and run.is_done():
         logger.info("%s is already trained with this configuration; nothing to do", out)
         return run.read_done() or {}
 
@@ -272,13 +267,6 @@ def train_classifier(
     finally:
         run.close()
     return record
-
-
-def _previous_config(out: Path) -> dict[str, Any] | None:
-    path = out / "config.yaml"
-    if not path.is_file():
-        return None
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def _train(

@@ -27,12 +27,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from fulora.config import to_dict
 from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.samplers import display_name, make_scheduler
@@ -231,17 +229,12 @@ def generate(
 
     out = Path(out)
     resolved = plan(cfg)
-    previous = out / "config.yaml"
-    if not only and previous.is_file():
-        old = yaml.safe_load(previous.read_text(encoding="utf-8"))
-        if old != to_dict(cfg):
-            changed = sorted(
-                k for k in set(old) | set(to_dict(cfg)) if old.get(k) != to_dict(cfg).get(k)
-            )
-            raise ConfigError(
-                f"{out} already holds images made with another configuration "
-                f"({', '.join(changed)} differ); use another --out folder"
-            )
+    changed = RunDir(out).changed_config_keys(cfg)
+    if changed and not only:
+        raise ConfigError(
+            f"{out} already holds images made with another configuration "
+            f"({', '.join(changed)} differ); use another --out folder"
+        )
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(

@@ -86,10 +86,8 @@ def tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> d
         seed: Seed of the random weights.
         tokenizer_dir: Where to write the tokenizer files (default: a temporary folder).
     """
-    import tempfile
-
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -115,11 +113,7 @@ def tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> d
         norm_num_groups=8,
         sample_size=64,
     )
-    folder = Path(tokenizer_dir or tempfile.mkdtemp(prefix="fulora-tok-"))
-    write_tiny_tokenizer(folder)
-    tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
-    )
+    tokenizer = _tokenizer(tokenizer_dir)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -144,6 +138,23 @@ def tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> d
         prediction_type="epsilon",
         steps_offset=1,
     )
+    return _parts(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def _tokenizer(folder: str | Path | None = None):
+    """The tiny CLIP tokenizer, written to ``folder`` (default: a temporary folder)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="fulora-tok-"))
+    write_tiny_tokenizer(folder)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
+    )
+
+
+def _parts(unet, vae, text_encoder, tokenizer, scheduler) -> dict:
     return {
         "unet": unet,
         "vae": vae,
@@ -156,22 +167,28 @@ def tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> d
     }
 
 
+def _save(components: dict, out: str | Path, note: str, text: str) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out)
+    StableDiffusionPipeline(**components).save_pretrained(out)
+    (out / note).write_text(text, encoding="utf-8")
+    return out
+
+
 def save_tiny_model(out: str | Path, seed: int = 0) -> Path:
     """Build the tiny pipeline and ``save_pretrained`` it to ``out`` (a diffusers folder)."""
     import tempfile
 
-    from diffusers import StableDiffusionPipeline
-
-    out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = StableDiffusionPipeline(**tiny_components(seed, tokenizer_dir=tmp))
-        pipe.save_pretrained(out)
-    (out / "FULORA_TINY_MODEL.txt").write_text(
-        "A tiny Stable Diffusion-architecture model with RANDOM weights, built by fulora for "
-        "tests and demos. It is not pretrained; pass a real SD1.5 model for real images.\n",
-        encoding="utf-8",
-    )
-    return out
+        return _save(
+            tiny_components(seed, tokenizer_dir=tmp),
+            out,
+            "FULORA_TINY_MODEL.txt",
+            "A tiny Stable Diffusion-architecture model with RANDOM weights, built by "
+            "fulora for tests and demos. It is not pretrained; pass a real SD1.5 model "
+            "for real images.\n",
+        )
 
 
 def sd15_components(seed: int = 0) -> dict:
@@ -180,10 +197,8 @@ def sd15_components(seed: int = 0) -> dict:
     For speed and memory benchmarks: the cost of a step does not depend on the weights' values.
     The tokenizer is the tiny one (any token ids below CLIP's 49,408 do).
     """
-    import tempfile
-
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -217,11 +232,7 @@ def sd15_components(seed: int = 0) -> dict:
         up_block_types=("UpDecoderBlock2D",) * 4,
         sample_size=512,
     )
-    folder = Path(tempfile.mkdtemp(prefix="fulora-tok-"))
-    write_tiny_tokenizer(folder)
-    tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
-    )
+    tokenizer = _tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
@@ -244,27 +255,15 @@ def sd15_components(seed: int = 0) -> dict:
         num_train_timesteps=1000,
         steps_offset=1,
     )
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
-    }
+    return _parts(unet, vae, text_encoder, tokenizer, scheduler)
 
 
 def save_sd15_random(out: str | Path, seed: int = 0) -> Path:
     """Write the SD1.5 architecture with random weights as a diffusers folder (benchmarks)."""
-    from diffusers import StableDiffusionPipeline
-
-    out = Path(out)
-    StableDiffusionPipeline(**sd15_components(seed)).save_pretrained(out)
-    (out / "FULORA_RANDOM_MODEL.txt").write_text(
+    return _save(
+        sd15_components(seed),
+        out,
+        "FULORA_RANDOM_MODEL.txt",
         "Stable Diffusion 1.5 architecture with RANDOM weights, for speed and memory "
         "benchmarks only.\n",
-        encoding="utf-8",
     )
-    return out

@@ -301,21 +301,20 @@ def add_lora_adapters(unet, text_encoder, cfg: LoraTrainConfig):
 
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    unet_lora = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        init_lora_weights="gaussian",
-        target_modules=list(cfg.unet_targets),
-    )
-    unet.add_adapter(unet_lora)
-    te_lora = None
-    if cfg.train_text_encoder:
-        te_lora = LoraConfig(
+
+    def config(targets: list[str]) -> LoraConfig:
+        return LoraConfig(
             r=cfg.rank,
             lora_alpha=cfg.alpha,
             init_lora_weights="gaussian",
-            target_modules=list(cfg.text_encoder_targets),
+            target_modules=list(targets),
         )
+
+    unet_lora = config(cfg.unet_targets)
+    unet.add_adapter(unet_lora)
+    te_lora = None
+    if cfg.train_text_encoder:
+        te_lora = config(cfg.text_encoder_targets)
         text_encoder.add_adapter(te_lora)
     return unet_lora, te_lora
 
@@ -358,13 +357,10 @@ def train_lora(
     from accelerate import Accelerator
 
     out = Path(out)
-    done = RunDir(out).read_done()
-    if done is not None and not resume and (out / "config.yaml").is_file():
-        import yaml
-
-        if yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) == to_dict(cfg):
-            logger.info("%s is already trained with this configuration; nothing to do", out)
-            return done
+    existing = RunDir(out)
+    if not resume and existing.is_done() and existing.changed_config_keys(cfg) == []:
+        logger.info("%s is already trained with this configuration; nothing to do", out)
+        return existing.read_done() or {}
     examples = build_examples(data, cfg)  # data errors before any model loading
     pipe = load_pipeline(cfg.base, config=cfg.base_config)
     cuda = torch.cuda.is_available()
