@@ -38,13 +38,10 @@ def _setup_logging(verbosity: int) -> None:
 # fulora data ...
 # ------------------------------------------------------------------------------------------
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
-    from fulora.data.inspect import inspect_manifest
-    from fulora.data.readers import detect_layout, read_any
+    from fulora.data.inspect import inspect_path
 
-    layout = detect_layout(args.path)
-    manifest = read_any(args.path, images_dir=args.images, on_missing="ignore")
-    report = inspect_manifest(
-        manifest, layout=layout, open_images=not args.no_images, decode=not args.quick
+    report = inspect_path(
+        args.path, images_dir=args.images, open_images=not args.no_images, decode=not args.quick
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -103,9 +100,8 @@ def _cmd_data_phantom(args: argparse.Namespace) -> int:
 
 def _cmd_data_manifest(args: argparse.Namespace) -> int:
     from fulora.data.manifest import Manifest
-    from fulora.data.readers import read_any
 
-    parts = [read_any(p, images_dir=args.images, on_missing=args.on_missing) for p in args.sources]
+    parts = _read_manifests(args.sources, args.on_missing, images_dir=args.images)
     manifest = Manifest.concat(parts) if len(parts) > 1 else parts[0]
     if args.labels:
         from fulora.planes import check_planes
@@ -134,10 +130,10 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _read_manifests(paths: Sequence[str], on_missing: str = "error"):
+def _read_manifests(paths: Sequence[str], on_missing: str = "error", images_dir=None):
     from fulora.data.readers import read_any
 
-    return [read_any(p, on_missing=on_missing) for p in paths]
+    return [read_any(p, images_dir=images_dir, on_missing=on_missing) for p in paths]
 
 
 def _cmd_classify_train(args: argparse.Namespace) -> int:

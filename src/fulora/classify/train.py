@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fulora.classify.mix import is_synthetic, mix_manifests
-from fulora.classify.registry import ModelInfo, create_model, resolve_arch
+from fulora.classify.registry import create_model, resolve_arch
 from fulora.data.cache import PreprocessCache, default_cache_dir
 from fulora.data.dataset import ManifestDataset
 from fulora.data.manifest import Manifest
@@ -157,46 +157,32 @@ def split_train_val(
     return kept, held
 
 
-class _Trainer:
-    """One training run; see :func:`train_classifier`."""
-
-    def __init__(self, cfg: ClassifyConfig, out: Path, classes: list[str]):
-        self.cfg = cfg
-        self.out = out
-        self.classes = classes
-        self.device = resolve_device(cfg.device)
-        self.model: nn.Module
-        self.info: ModelInfo
-
-    def evaluate(self, loader: DataLoader) -> dict[str, float]:
-        model, device = self.model, self.device
-        model.eval()
-        losses, probs, targets = [], [], []
-        criterion = nn.CrossEntropyLoss(reduction="sum")
-        with torch.no_grad():
-            for images, target in loader:
-                images = images.to(device, non_blocking=True)
-                if self.device.type == "cuda" and self.cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, enabled=self._amp, dtype=torch.float16):
-                    logits = model(images)
-                logits = logits.float().cpu()
-                losses.append(criterion(logits, target).item())
-                probs.append(torch.softmax(logits, 1).numpy())
-                targets.append(target.numpy())
-        y = np.concatenate(targets)
-        p = np.concatenate(probs)
-        present = sorted(set(y.tolist()))
-        result = compute_metrics(y, p, present, "all_outputs")
-        return {
-            "loss": float(sum(losses) / len(y)),
-            "accuracy": result["accuracy"],
-            "f1_macro": result["f1_macro"],
-        }
-
-    @property
-    def _amp(self) -> bool:
-        return self.cfg.amp and self.device.type == "cuda"
+def _evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool, channels_last: bool
+) -> dict[str, float]:
+    """Validation loss, accuracy and macro F1 (over the classes present) of ``model``."""
+    model.eval()
+    losses, probs, targets = [], [], []
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    with torch.no_grad():
+        for images, target in loader:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, enabled=amp, dtype=torch.float16):
+                logits = model(images)
+            logits = logits.float().cpu()
+            losses.append(criterion(logits, target).item())
+            probs.append(torch.softmax(logits, 1).numpy())
+            targets.append(target.numpy())
+    y = np.concatenate(targets)
+    p = np.concatenate(probs)
+    result = compute_metrics(y, p, sorted(set(y.tolist())), "all_outputs")
+    return {
+        "loss": float(sum(losses) / len(y)),
+        "accuracy": result["accuracy"],
+        "f1_macro": result["f1_macro"],
+    }
 
 
 def train_classifier(
@@ -278,8 +264,9 @@ def _train(
     progress: bool,
 ) -> dict[str, Any]:
     out = run.path
-    trainer = _Trainer(cfg, out, classes)
-    device = trainer.device
+    device = resolve_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    channels_last = cfg.channels_last and device.type == "cuda"
     _seed_everything(cfg.seed)
     model, info = create_model(
         cfg.arch, len(classes), pretrained=cfg.pretrained, weights=cfg.weights
@@ -302,9 +289,8 @@ def _train(
     val_ds.preload()
 
     model = model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    trainer.model, trainer.info = model, info
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -316,7 +302,7 @@ def _train(
         if cfg.schedule == "cosine"
         else None
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=trainer._amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     pin = device.type == "cuda"
     val_loader = DataLoader(
@@ -394,10 +380,10 @@ def _train(
         for images, target in batches(generator):
             images = images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
-            if device.type == "cuda" and cfg.channels_last:
+            if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=trainer._amp, dtype=torch.float16):
+            with torch.autocast(device.type, enabled=amp, dtype=torch.float16):
                 logits = model(images)
                 loss = criterion(logits, target)
             scaler.scale(loss).backward()
@@ -409,7 +395,7 @@ def _train(
         if scheduler is not None:
             scheduler.step()
         seconds = time.perf_counter() - started
-        scores = trainer.evaluate(val_loader)
+        scores = _evaluate(model, val_loader, device, amp, channels_last)
         row = {
             "epoch": epoch + 1,
             "train_loss": total_loss / seen,

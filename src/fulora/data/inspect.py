@@ -136,10 +136,12 @@ def inspect_manifest(
     return report
 
 
-def inspect_path(path: str | Path, **kwargs) -> InspectReport:
+def inspect_path(
+    path: str | Path, *, images_dir: str | Path | None = None, **kwargs
+) -> InspectReport:
     """Read any layout at ``path`` (missing images are reported, not fatal) and inspect it."""
     from fulora.data.readers import detect_layout, read_any
 
     layout = detect_layout(path)
-    manifest = read_any(path, on_missing="ignore")
+    manifest = read_any(path, images_dir=images_dir, on_missing="ignore")
     return inspect_manifest(manifest, layout=layout, **kwargs)

@@ -426,10 +426,8 @@ def render(
     n_r, n_t = max(64, int(height * 1.2)), max(64, int(width * 0.8))
     r = np.linspace(0.0, depth - apex, n_r)[:, None]
     t = np.linspace(-half, half, n_t)[None, :]
-    X = r * np.sin(t) * np.ones_like(t) * (height / height)
+    X = r * np.sin(t)  # (n_r, n_t) by broadcasting
     Y = apex + r * np.cos(t)
-    X = np.broadcast_to(X, (n_r, n_t))
-    Y = np.broadcast_to(Y, (n_r, n_t))
     echo, bone = _ANATOMY[plane](X, Y, rng)
     if style.blur:
         echo = ndimage.gaussian_filter(echo, (0.3, style.blur))

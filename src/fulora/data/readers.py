@@ -159,10 +159,7 @@ def read_image_table(
 
     out = pd.DataFrame(index=frame.index)
     out["path"] = [str(_image_path(folder, n)) for n in names]
-    try:
-        out["label"] = map_planes(frame[label_col], file=str(csv_path))
-    except LabelError:
-        raise
+    out["label"] = map_planes(frame[label_col], file=str(csv_path))
     out["split"] = _split_column(frame[train_col], csv_path) if train_col else ""
     out["source"] = source
     guessed = [_patient_from_name(n) for n in names]

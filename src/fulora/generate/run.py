@@ -450,8 +450,6 @@ def contact_sheet(
     path: Path, images: Sequence[Path], *, side: int = 8, title: str = "", thumb: int = 96
 ) -> Path:
     """A ``side`` x ``side`` grid of thumbnails, as one PNG."""
-    from fulora.io import atomic_path as _atomic
-
     chosen = list(images)[: side * side]
     rows = math.ceil(len(chosen) / side) if chosen else 1
     sheet = Image.new("L", (side * thumb, rows * thumb + (16 if title else 0)), 0)
@@ -465,6 +463,6 @@ def contact_sheet(
         from PIL import ImageDraw
 
         ImageDraw.Draw(sheet).text((4, 2), title[:120], fill=230)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
     return path

@@ -432,10 +432,8 @@ def _train(pipe, examples, data, run, cfg, accelerator, weight_dtype, resume, pr
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate)
     steps_per_epoch = len(sampler)
     total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
-        if cfg.max_steps > cfg.epochs * steps_per_epoch:
-            total_steps = cfg.max_steps  # more epochs as needed
+    if cfg.max_steps is not None and cfg.max_steps > 0:
+        total_steps = cfg.max_steps  # overrides epochs: fewer, or more epochs as needed
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.unet_lr}]
