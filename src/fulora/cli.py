@@ -332,7 +332,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         per_class=args.per_class,
         seed=args.seed,
         synthetic_per_class=args.synthetic_per_class,
+        report=not args.no_report,
     )
+    return 0
+
+
+def _cmd_experiment_run(args: argparse.Namespace) -> int:
+    from fulora.experiment.config import load_experiment
+    from fulora.experiment.runner import run_experiment
+
+    cfg = load_experiment(args.config, overrides=args.set)
+    out = args.out or str(Path("runs") / cfg.name)
+    run_experiment(cfg, out, from_stage=args.from_stage, dry_run=args.dry_run)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fulora.report.html import build_report
+
+    path = build_report(args.run_dir)
+    print(f"report: {path}")
     return 0
 
 
@@ -426,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = lora_cmds.add_parser(
         "train",
         help="fine-tune LoRA adapters on a few captioned images",
-        description="Defaults follow the paper's kohya-ss recipe (configs/fu-lora-paper.yaml).",
+        description="Defaults follow the paper's kohya-ss recipe (configs/lora-paper.yaml).",
     )
     p.add_argument(
         "--base",
@@ -569,9 +588,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = stages.add_parser("demo", help="run fulora end to end on embedded phantom data")
     p.add_argument("--out", default="demo-run", help="output folder (default demo-run)")
     p.add_argument("--per-class", type=int, default=24, help="phantom images per plane")
-    p.add_argument("--synthetic-per-class", type=int, default=24, help="synthetic images per plane")
+    p.add_argument("--synthetic-per-class", type=int, default=60, help="synthetic images per plane")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.set_defaults(func=_cmd_demo)
+
+    experiment = stages.add_parser("experiment", help="the whole method from one config file")
+    experiment_cmds = experiment.add_subparsers(dest="action", required=True)
+    p = experiment_cmds.add_parser(
+        "run",
+        help="LoRA -> generation -> classifiers -> evaluation -> report; skips finished stages",
+    )
+    p.add_argument("config", help="experiment YAML (e.g. configs/fu-lora-paper.yaml)")
+    p.add_argument("--out", help="experiment folder (default runs/<name>)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key, e.g. variables.sd15=/models/v1-5-pruned.safetensors",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_stage",
+        choices=["lora", "generate", "classify", "evaluate", "results", "report"],
+        help="rerun this stage and every later one",
+    )
+    p.add_argument("--dry-run", action="store_true", help="check the config, list the stages")
+    p.set_defaults(func=_cmd_experiment_run)
+
+    p = stages.add_parser("report", help="(re)build the HTML report of an experiment folder")
+    p.add_argument("run_dir", help="the --out folder of `fulora experiment run`")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -195,7 +195,7 @@ def test_cli_on_the_real_spanish_images(sample_data, tiny_model, tmp_path):
             "--out",
             "run",
             "--config",
-            str(__import__("pathlib").Path(__file__).parents[2] / "configs" / "fu-lora-paper.yaml"),
+            str(__import__("pathlib").Path(__file__).parents[2] / "configs" / "lora-paper.yaml"),
             "--resolution",
             "64",
             "--set",

@@ -20,12 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from fulora.classify.train import build_transforms, load_classifier, resolve_device
-from fulora.data.cache import PreprocessCache, default_cache_dir
-from fulora.data.dataset import ManifestDataset
+from fulora.classify.features import run_classifier
+from fulora.classify.train import load_classifier
 from fulora.data.manifest import Manifest
 from fulora.errors import DataError
 from fulora.evaluate.metrics import (
@@ -57,27 +54,16 @@ def predict_proba(
     progress: bool = True,
 ) -> np.ndarray:
     """Class probabilities (N, C) of a loaded classifier on a manifest."""
-    dev = resolve_device(device)
-    size = int(meta["image_size"])
-    cache = PreprocessCache(
-        Path(cache_dir) if cache_dir else default_cache_dir() / "preprocessed",
-        size=(size, size),
-        mode="L",
-        resize=meta["resize"],
+    proba, _ = run_classifier(
+        model,
+        meta,
+        manifest,
+        batch_size=batch_size,
+        device=device,
+        cache_dir=cache_dir,
+        progress=progress,
     )
-    _, eval_tf = build_transforms("none", size, meta["normalize"])
-    dataset = ManifestDataset(manifest, meta["classes"], cache=cache, channels=3, transform=eval_tf)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    model = model.to(dev).eval()
-    out = []
-    with torch.no_grad():
-        for images, _ in tqdm(
-            loader, desc="predicting", unit="batch", disable=not progress, leave=False
-        ):
-            with torch.autocast(dev.type, enabled=dev.type == "cuda", dtype=torch.float16):
-                logits = model(images.to(dev))
-            out.append(torch.softmax(logits.float(), 1).cpu().numpy())
-    return np.concatenate(out)
+    return proba
 
 
 def check_test_labels(manifest: Manifest, classes: list[str]) -> None:

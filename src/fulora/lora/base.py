@@ -103,6 +103,42 @@ def load_pipeline(
     return StableDiffusionPipeline.from_pretrained(text, **kwargs)
 
 
+def check_base(base: str | Path, config: str | Path | None = None) -> None:
+    """Check, without loading it, that a base model can be had (for checks before long runs).
+
+    Raises:
+        ConfigError: With the same advice as :func:`load_pipeline` when it cannot.
+    """
+    text = str(base)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(
+                f"{path} is not a diffusers model folder (no model_index.json); pass a folder "
+                "saved with save_pretrained, a .safetensors/.ckpt file or a hub id"
+            )
+        return
+    if path.is_file():
+        if path.suffix not in _SINGLE_FILE_SUFFIXES:
+            raise ConfigError(f"base model file {path} must be .safetensors or .ckpt")
+        return
+    if _looks_like_path(text):
+        raise ConfigError(f"base model path {path} does not exist")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(text, "model_index.json"), str):
+            return
+    except Exception:  # not a valid repo id for the cache
+        pass
+    if not _hub_reachable():
+        raise ConfigError(
+            f"cannot load base model {text!r}: it is not in the local Hugging Face cache and "
+            "huggingface.co cannot be reached. Pass a local diffusers folder or a single "
+            ".safetensors/.ckpt checkpoint (e.g. v1-5-pruned.safetensors) as the base model"
+        )
+
+
 def base_identity(base: str | Path) -> tuple[str, str]:
     """(name, sha256) of a base model: the file's hash, or the UNet weights' hash of a folder."""
     text = str(base)

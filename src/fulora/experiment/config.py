@@ -1,0 +1,354 @@
+"""The experiment configuration: one YAML file for the whole FU-LoRA protocol.
+
+An experiment file names its data (LoRA images, real training images, target cohorts), the
+LoRA variants, the generation settings, the classifier grid (regimes x architectures x seeds)
+and the evaluation. Stage sections hold the keys of the stage configs (``LoraTrainConfig``,
+``GenerateConfig``, ``ClassifyConfig``), so everything a stage accepts on its own is accepted
+here, and an unknown key is reported with its dotted path and the file.
+
+``${name}`` in any string is replaced by ``variables[name]`` (or the environment variable of
+that name; ``${config_dir}`` is the folder of the experiment file; a value that is only an
+empty variable becomes null), so machine-specific paths
+stay out of the protocol: ``fulora experiment run configs/fu-lora-paper.yaml --set
+variables.fetal_planes_db=/data/FETAL_PLANES_DB``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fulora.classify.train import ClassifyConfig
+from fulora.config import from_dict, parse_override
+from fulora.errors import ConfigError
+from fulora.generate.run import GenerateConfig
+from fulora.lora.base import DEFAULT_BASE
+from fulora.lora.train import LoraTrainConfig
+
+#: Regime keys that are not ClassifyConfig keys.
+REGIME_KEYS = ("synthetic", "filtered", "real")
+
+
+@dataclass
+class DataSource:
+    """Images read with :func:`fulora.data.readers.read_any` (a folder, CSV or manifest)."""
+
+    path: str
+    images_dir: str | None = None  # where a CSV's image files are, when not beside it
+    split: str | None = None  # keep only rows of this split (e.g. the African ``test``)
+    on_missing: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class DataConfig:
+    """The experiment's images."""
+
+    lora: list[DataSource] = field(default_factory=list)  # LoRA fine-tuning images
+    train: list[DataSource] = field(default_factory=list)  # real source-domain images
+    targets: dict[str, DataSource] = field(default_factory=dict)  # unseen cohorts to test on
+    planes: list[str] | None = None  # classes; default: the planes of the training images
+
+
+@dataclass
+class LoraStage:
+    """LoRA fine-tuning: shared settings plus named variants (e.g. ranks 8, 32, 128)."""
+
+    recipe: str | None = None  # a `fulora lora train` YAML (e.g. configs/lora-paper.yaml)
+    settings: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"lora": {}})
+
+
+@dataclass
+class GenerateStage:
+    """Generation with each LoRA variant (``base`` and ``lora`` are filled in)."""
+
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClassifyStage:
+    """The classifier grid: regimes x LoRA variants (synthetic regimes) x archs x seeds."""
+
+    recipe: str | None = None  # a `fulora classify train` YAML (e.g. configs/classify-paper.yaml)
+    settings: dict[str, Any] = field(default_factory=dict)
+    archs: list[str] = field(default_factory=lambda: ["resnet18"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # name -> {synthetic: bool, filtered: bool, real: [sources], ...ClassifyConfig keys}
+    regimes: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"ES": {}, "HB": {"synthetic": True}}
+    )
+
+
+@dataclass
+class EvaluateStage:
+    """Zero-shot evaluation of every classifier on every target cohort."""
+
+    n_bootstrap: int = 1000
+    batch_size: int = 64
+
+
+@dataclass
+class ReportStage:
+    """The HTML report (the experiment's last stage)."""
+
+    enabled: bool = True
+    grid_per_plane: int = 6  # real and synthetic images shown per plane
+    embedding: bool = True  # t-SNE of classifier embeddings per plane
+    embedding_per_group: int = 120  # images per plane and source in the t-SNE
+    embedding_model: str | None = None  # "REGIME/ARCH/seed-N"; default the first hybrid one
+
+
+@dataclass
+class ExperimentConfig:
+    """``fulora experiment run`` configuration."""
+
+    name: str = "experiment"
+    description: str = ""
+    variables: dict[str, str] = field(default_factory=dict)
+    base: str = DEFAULT_BASE  # Stable Diffusion model for the LoRA and generation
+    base_config: str | None = None
+    device: str = "auto"
+    cache_dir: str | None = None  # preprocessing cache; default OUT/cache
+    compare: str | None = None  # "paper" (the FU-LoRA table) or a CSV in its format
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraStage = field(default_factory=LoraStage)
+    generate: GenerateStage = field(default_factory=GenerateStage)
+    classify: ClassifyStage = field(default_factory=ClassifyStage)
+    evaluate: EvaluateStage = field(default_factory=EvaluateStage)
+    report: ReportStage = field(default_factory=ReportStage)
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _substitute(node: Any, variables: dict[str, str], source: str, key: str = "") -> Any:
+    if isinstance(node, dict):
+        return {
+            k: _substitute(v, variables, source, f"{key}.{k}" if key else str(k))
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_substitute(v, variables, source, f"{key}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def replace(match: re.Match) -> str:
+        name = match.group(1)
+        if name in variables:
+            return str(variables[name])
+        if name in os.environ:
+            return os.environ[name]
+        raise ConfigError(
+            f"{key!r} in {source} uses ${{{name}}}, which is not set: add it under 'variables' "
+            f"or pass --set variables.{name}=VALUE"
+        )
+
+    whole = _VARIABLE.fullmatch(node)
+    value = _VARIABLE.sub(replace, node)
+    return None if whole and value == "" else value  # "${x}" with x empty means "not set"
+
+
+def _sources(node: Any) -> Any:
+    """Let a data source be written as a bare path."""
+    if isinstance(node, str):
+        return {"path": node}
+    if isinstance(node, list):
+        return [_sources(v) for v in node]
+    return node
+
+
+def _normalise(data: dict[str, Any]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key in ("lora", "train"):
+            if key in section:
+                value = section[key]
+                section[key] = _sources(value if isinstance(value, list) else [value])
+        if isinstance(section.get("targets"), dict):
+            section["targets"] = {k: _sources(v) for k, v in section["targets"].items()}
+    regimes = (data.get("classify") or {}).get("regimes")
+    if isinstance(regimes, dict):
+        for regime in regimes.values():
+            if isinstance(regime, dict) and "real" in regime:
+                value = regime["real"]
+                regime["real"] = _sources(value if isinstance(value, list) else [value])
+    return data
+
+
+def read_recipe(path: str | Path, relative_to: Path | None) -> tuple[dict[str, Any], str]:
+    """A stage recipe YAML (path relative to the experiment file first); (keys, file name)."""
+    candidate = Path(path).expanduser()
+    if (
+        not candidate.is_absolute()
+        and relative_to is not None
+        and (relative_to / candidate).is_file()
+    ):
+        candidate = relative_to / candidate
+    if not candidate.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        loaded = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {candidate} is not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"recipe {candidate} must hold a mapping of keys")
+    return loaded, str(candidate)
+
+
+def load_experiment(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Load an experiment file, apply ``key=value`` overrides, substitute variables, check keys.
+
+    Args:
+        path: The experiment YAML (None: defaults and ``values`` only).
+        overrides: ``section.key=value`` strings (``--set``).
+        values: An already-built mapping merged over the file (used by ``fulora demo``).
+
+    Returns:
+        The experiment config; stage keys are checked by :func:`stage_configs`.
+
+    Raises:
+        ConfigError: Naming the key and the file.
+    """
+    data: dict[str, Any] = {}
+    source = "command line"
+    config_dir = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        config_dir = path.resolve().parent
+        if not path.is_file():
+            raise ConfigError(f"experiment file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"experiment file {path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict | None):
+            raise ConfigError(f"experiment file {path} must hold a mapping of keys")
+        data = loaded or {}
+    data.update(copy.deepcopy(values or {}))
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[keys[-1]] = value
+    variables = {"config_dir": str(config_dir), **(data.get("variables") or {})}
+    data = _substitute(_normalise(data), {k: str(v) for k, v in variables.items()}, source)
+    cfg = from_dict(ExperimentConfig, data, source=source)
+    cfg._source = source  # type: ignore[attr-defined]  # for messages of later checks
+    cfg._config_dir = config_dir  # type: ignore[attr-defined]
+    return cfg
+
+
+def _stage_config(cls: type, layers: list[tuple[dict[str, Any], str, str]]) -> Any:
+    """Merge key layers (mapping, file, key prefix) into one stage config, naming bad keys."""
+    merged: dict[str, Any] = {}
+    for mapping, source, prefix in layers:
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{prefix.rstrip('.') or 'config'} in {source}: expected a mapping")
+        from_dict(cls, mapping, source=source, prefix=prefix)  # errors name this layer
+        merged.update(mapping)
+    return from_dict(cls, merged, source=layers[-1][1])
+
+
+def lora_configs(cfg: ExperimentConfig) -> dict[str, LoraTrainConfig]:
+    """The resolved LoRA config of every variant."""
+    source = cfg._source  # type: ignore[attr-defined]
+    layers: list[tuple[dict[str, Any], str, str]] = [
+        ({"base": cfg.base, "base_config": cfg.base_config}, source, "")
+    ]
+    if cfg.lora.recipe:
+        recipe, recipe_source = read_recipe(cfg.lora.recipe, cfg._config_dir)  # type: ignore[attr-defined]
+        recipe.pop("base", None)  # the experiment's base model wins over a recipe's
+        recipe.pop("base_config", None)
+        layers.append((recipe, recipe_source, ""))
+    layers.append((cfg.lora.settings, source, "lora.settings."))
+    if not cfg.lora.variants:
+        raise ConfigError(f"'lora.variants' in {source} is empty; name at least one variant")
+    return {
+        name: _stage_config(
+            LoraTrainConfig, [*layers, (variant or {}, source, f"lora.variants.{name}.")]
+        )
+        for name, variant in cfg.lora.variants.items()
+    }
+
+
+def generate_config(cfg: ExperimentConfig, lora_dir: str) -> GenerateConfig:
+    """The resolved generation config for the LoRA in run folder ``lora_dir``."""
+    source = cfg._source  # type: ignore[attr-defined]
+    for key in ("base", "lora"):
+        if key in cfg.generate.settings:
+            raise ConfigError(
+                f"'generate.settings.{key}' in {source}: set by the experiment "
+                f"({'the top-level base' if key == 'base' else 'each LoRA variant'}); remove it"
+            )
+    layers = [
+        (
+            {
+                "base": cfg.base,
+                "base_config": cfg.base_config,
+                "lora": lora_dir,
+                "device": cfg.device,
+            },
+            source,
+            "",
+        ),
+        (cfg.generate.settings, source, "generate.settings."),
+    ]
+    return _stage_config(GenerateConfig, layers)
+
+
+def regime_parts(cfg: ExperimentConfig, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(regime options, ClassifyConfig keys) of regime ``name``."""
+    regime = cfg.classify.regimes[name] or {}
+    source = cfg._source  # type: ignore[attr-defined]
+    if not isinstance(regime, dict):
+        raise ConfigError(f"'classify.regimes.{name}' in {source}: expected a mapping")
+    options = {k: regime[k] for k in REGIME_KEYS if k in regime}
+    for key in ("synthetic", "filtered"):
+        if key in options and not isinstance(options[key], bool):
+            raise ConfigError(
+                f"'classify.regimes.{name}.{key}' in {source}: expected true or false, "
+                f"got {options[key]!r}"
+            )
+    if options.get("filtered") and not options.get("synthetic", True):
+        raise ConfigError(
+            f"'classify.regimes.{name}' in {source}: filtered: true needs synthetic images"
+        )
+    if options.get("filtered"):
+        options["synthetic"] = True
+    if "real" in options:
+        options["real"] = [
+            from_dict(DataSource, s, source=source, prefix=f"classify.regimes.{name}.real.")
+            for s in options["real"]
+        ]
+    return options, {k: v for k, v in regime.items() if k not in REGIME_KEYS}
+
+
+def classify_config(cfg: ExperimentConfig, regime: str, arch: str, seed: int) -> ClassifyConfig:
+    """The resolved classifier config of one cell of the grid."""
+    source = cfg._source  # type: ignore[attr-defined]
+    layers: list[tuple[dict[str, Any], str, str]] = [({"device": cfg.device}, source, "")]
+    if cfg.classify.recipe:
+        recipe, recipe_source = read_recipe(cfg.classify.recipe, cfg._config_dir)  # type: ignore[attr-defined]
+        layers.append((recipe, recipe_source, ""))
+    _, keys = regime_parts(cfg, regime)
+    layers += [
+        (cfg.classify.settings, source, "classify.settings."),
+        (keys, source, f"classify.regimes.{regime}."),
+        ({"arch": arch, "seed": seed}, source, "classify."),
+    ]
+    return _stage_config(ClassifyConfig, layers)

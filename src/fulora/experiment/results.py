@@ -1,0 +1,254 @@
+"""The experiment's results table: the paper's columns, mean ± std over seeds, 95% CIs.
+
+For every (target cohort, label space, regime, LoRA variant, architecture) the table gives the
+number of real and synthetic training images and ACC, Recall, Precision, F-score and AUC as the
+mean ± standard deviation over seeds, with a 95% interval from a patient-level bootstrap of the
+seed-averaged metric (every seed's predictions on the same resampled patients). With
+``compare: paper`` it also lines our numbers up against the FU-LoRA paper's table
+(``paper_results.csv``, Wang et al. 2024, Table 2: zero-shot on the African test split).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from fulora.classify.registry import resolve_arch
+from fulora.evaluate.metrics import SPACES, bootstrap, metrics
+from fulora.io import atomic_open
+
+if TYPE_CHECKING:
+    from fulora.experiment.runner import Plan
+
+#: Our metric keys and the paper's column names, in the paper's order.
+COLUMNS = {
+    "accuracy": "ACC",
+    "recall_macro": "Recall",
+    "precision_macro": "Precision",
+    "f1_macro": "F-score",
+    "auc_macro": "AUC",
+    "paper_auc": "AUC (paper)",
+}
+
+#: The paper's names of its five backbones.
+PAPER_NAMES = {
+    "densenet169": "DenseNet169",
+    "mobilenet_v2": "MobileNet v2",
+    "efficientnet_b0": "EfficientNet b0",
+    "resnet18": "ResNet18",
+    "vit_b_16": "ViT b16",
+}
+
+PAPER_TABLE = Path(__file__).with_name("paper_results.csv")
+
+
+def model_name(arch: str) -> str:
+    """The paper's display name of an architecture (its own name otherwise)."""
+    return PAPER_NAMES.get(resolve_arch(arch), arch)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-style Markdown table of a data frame (no extra dependency)."""
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = (
+        "|"
+        + "|".join(
+            "---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in frame.columns
+        )
+        + "|"
+    )
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def _load_eval(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    result = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    return result, pd.read_csv(folder / "predictions.csv", keep_default_na=False)
+
+
+def seed_mean_ci(
+    evals: list[tuple[dict[str, Any], pd.DataFrame]], space: str, n_resamples: int, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95% intervals of the seed-averaged metrics, resampling patients (all seeds together)."""
+    first, frame = evals[0]
+    classes = list(first["classes"])
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[label] for label in frame["label"]])
+    test_labels = [classes.index(c) for c in first["test_classes"]]
+    probas = [f[[f"p_{c}" for c in classes]].to_numpy(dtype=float) for _, f in evals]
+
+    def statistic(idx: np.ndarray) -> dict[str, float]:
+        values = [metrics(y[idx], p[idx], test_labels, space) for p in probas]
+        return {k: float(np.mean([v[k] for v in values])) for k in COLUMNS}
+
+    return bootstrap(
+        statistic,
+        len(y),
+        groups=[str(p) for p in frame["patient"]],
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+
+
+def collect(plan: Plan) -> pd.DataFrame:
+    """The tidy results table (one row per target, space, regime, LoRA, arch)."""
+    rows = []
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for cell in plan.cells:
+        key = (cell["target"], cell["regime"], cell["lora"], cell["arch"])
+        groups.setdefault(key, []).append(cell)
+    for (target, regime, lora, arch), cells in groups.items():
+        evals = [_load_eval(Path(c["folder"])) for c in cells]
+        trained = [
+            json.loads((Path(c["classifier"]) / "done.json").read_text(encoding="utf-8"))
+            for c in cells
+        ]
+        for space in SPACES:
+            per_seed = {k: [e[0]["spaces"][space]["metrics"][k] for e in evals] for k in COLUMNS}
+            if len(evals) > 1:
+                ci = seed_mean_ci(evals, space, plan.cfg.evaluate.n_bootstrap)
+            else:
+                ci = {k: tuple(v) for k, v in evals[0][0]["spaces"][space]["ci95"].items()}
+            row: dict[str, Any] = {
+                "target": target,
+                "space": space,
+                "Data": regime,
+                "LoRA": lora or "",
+                "Model": model_name(arch),
+                "arch": resolve_arch(arch),
+                "# real": int(trained[0]["train_images"] - trained[0]["train_synthetic"]),
+                "# synthetic": int(trained[0]["train_synthetic"]),
+                "# test": int(evals[0][0]["images"]),
+                "seeds": len(evals),
+            }
+            for key, name in COLUMNS.items():
+                values = np.array(per_seed[key], dtype=float)
+                row[name] = round(float(values.mean()), 2)
+                row[f"{name} std"] = round(float(values.std(ddof=1)), 2) if len(values) > 1 else 0.0
+                low, high = ci.get(key, (float("nan"), float("nan")))
+                row[f"{name} ci_low"] = round(float(low), 2)
+                row[f"{name} ci_high"] = round(float(high), 2)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_domain(plan: Plan) -> pd.DataFrame:
+    """Per-domain (e.g. per-country) metrics, averaged over seeds."""
+    rows = []
+    for cell in plan.cells:
+        result, _ = _load_eval(Path(cell["folder"]))
+        for domain, values in result["per_domain"].items():
+            for space in SPACES:
+                rows.append(
+                    {
+                        "target": cell["target"],
+                        "space": space,
+                        "Data": cell["regime"],
+                        "LoRA": cell["lora"] or "",
+                        "Model": model_name(cell["arch"]),
+                        "domain": domain,
+                        "images": values["images"],
+                        **{COLUMNS[k]: values[space][k] for k in COLUMNS},
+                    }
+                )
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    keys = ["target", "space", "Data", "LoRA", "Model", "domain", "images"]
+    return frame.groupby(keys, sort=False, as_index=False)[list(COLUMNS.values())].mean().round(2)
+
+
+def display_table(table: pd.DataFrame, space: str, target: str | None = None) -> pd.DataFrame:
+    """The paper-style table of one label space: ``mean ± std [low, high]`` cells."""
+    part = table[table["space"] == space]
+    if target is not None:
+        part = part[part["target"] == target]
+    out = part[["Data", "LoRA", "Model", "# real", "# synthetic"]].copy()
+    if not (out["LoRA"] != "").any():
+        out = out.drop(columns="LoRA")
+    for name in COLUMNS.values():
+        cells = []
+        for _, row in part.iterrows():
+            text = f"{row[name]:.2f}"
+            if row["seeds"] > 1:
+                text += f" ± {row[f'{name} std']:.2f}"
+            if not np.isnan(row[f"{name} ci_low"]):
+                text += f" [{row[f'{name} ci_low']:.1f}, {row[f'{name} ci_high']:.1f}]"
+            cells.append(text)
+        out[name] = cells
+    return out.reset_index(drop=True)
+
+
+def compare_with(table: pd.DataFrame, reference: str | Path) -> pd.DataFrame:
+    """Our all-outputs numbers next to a reference table in the paper's format."""
+    ref = pd.read_csv(reference, encoding="utf-8-sig")
+    ref["arch"] = [resolve_arch(m) for m in ref["Model"]]
+    ours = table[table["space"] == "all_outputs"]
+    rows = []
+    for _, r in ref.iterrows():
+        match = ours[(ours["Data"] == r["Data"]) & (ours["arch"] == r["arch"])]
+        for _, o in match.iterrows() if len(match) else [(None, None)]:
+            row = {"Data": r["Data"], "Model": r["Model"], "LoRA": "" if o is None else o["LoRA"]}
+            for ours_key, ref_key in (
+                ("ACC", "ACC"),
+                ("Recall", "Recall"),
+                ("Precision", "Precision"),
+                ("F-score", "F-score"),
+                ("AUC (paper)", "AUC"),
+            ):
+                row[f"{ref_key} paper"] = float(r[ref_key])
+                row[f"{ref_key} ours"] = np.nan if o is None else float(o[ours_key])
+                row[f"{ref_key} diff"] = (
+                    np.nan if o is None else round(float(o[ours_key]) - float(r[ref_key]), 2)
+                )
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_results(plan: Plan) -> pd.DataFrame:
+    """Write ``results/`` (CSV and Markdown tables, per-domain table, comparison); return it."""
+    out = plan.out / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    table = collect(plan)
+    with atomic_open(out / "results.csv", "w", newline="") as handle:
+        table.to_csv(handle, index=False)
+    domains = per_domain(plan)
+    with atomic_open(out / "per_domain.csv", "w", newline="") as handle:
+        domains.to_csv(handle, index=False)
+    lines = [f"# {plan.cfg.name}: zero-shot results\n"]
+    for target in plan.targets:
+        for space in SPACES:
+            lines.append(
+                f"\n## {target}, {space.replace('_', ' ')} "
+                f"({int(table[table['target'] == target]['# test'].iloc[0])} test images)\n\n"
+                "Mean ± std over seeds [95% patient-bootstrap interval of the mean].\n\n"
+            )
+            lines.append(markdown_table(display_table(table, space, target)))
+    reference = reference_table(plan.cfg.compare)
+    if reference is not None:
+        comparison = compare_with(table[table["target"] == next(iter(plan.targets))], reference)
+        with atomic_open(out / "comparison.csv", "w", newline="") as handle:
+            comparison.to_csv(handle, index=False)
+        lines.append(f"\n## Against {Path(reference).name} (all outputs; ours - paper)\n\n")
+        lines.append(markdown_table(comparison.round(2)))
+    with atomic_open(out / "results.md", "w") as handle:
+        handle.write("".join(lines))
+    return table
+
+
+def reference_table(compare: str | None) -> Path | None:
+    """The table named by the config's ``compare`` (``paper`` or a CSV path), or None."""
+    if not compare:
+        return None
+    if compare == "paper":
+        return PAPER_TABLE
+    path = Path(compare)
+    if not path.is_file():
+        from fulora.errors import ConfigError
+
+        raise ConfigError(f"'compare': {path} does not exist (use 'paper' or a CSV path)")
+    return path

@@ -1,0 +1,442 @@
+"""``fulora experiment run``: the whole method as a graph of stages that resumes.
+
+Stages run in the order LoRA -> generation -> classifiers -> evaluation -> results -> report.
+Before any work, the runner resolves every stage config, reads every manifest, checks the base
+model and the classifier weights, and computes each stage's *key*: a hash of its resolved config
+(minus settings that do not change results, such as the device) and of its inputs (manifest
+fingerprints and the keys of the stages it reads from). A stage folder holds ``stage.json`` with
+its key; a stage whose folder has the same key and a ``done.json`` is skipped, a stage with the
+same key but no ``done.json`` resumes (LoRA from its last checkpoint, generation from its last
+image, classifiers from their last epoch), and a folder with another key is moved to
+``superseded/`` (never deleted) and the stage runs again. ``--from STAGE`` reruns that stage and
+every later one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fulora.classify.registry import create_model
+from fulora.config import to_dict
+from fulora.data.manifest import Manifest
+from fulora.errors import ConfigError, FuloraError
+from fulora.experiment.config import (
+    DataSource,
+    ExperimentConfig,
+    classify_config,
+    generate_config,
+    lora_configs,
+    regime_parts,
+)
+from fulora.io import write_json
+from fulora.planes import PLANES, check_planes
+from fulora.runs import RunDir, now_iso
+
+logger = logging.getLogger("fulora")
+
+#: Stage kinds in execution order (``--from`` takes one of these).
+STAGES = ("lora", "generate", "classify", "evaluate", "results", "report")
+
+# Settings that change where or how fast a stage runs, not what it produces.
+_NOT_IN_KEY = {"device", "cache_dir", "num_workers", "base", "base_config", "lora", "progress"}
+
+
+def stage_key(payload: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able mapping."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _config_payload(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(config).items() if k not in _NOT_IN_KEY}
+
+
+def slug(text: str) -> str:
+    """A folder-safe version of a regime, variant or target name."""
+    return "".join(c if c.isalnum() or c in "+-_.@=" else "_" for c in str(text)) or "_"
+
+
+@dataclass
+class Stage:
+    """One unit of work in an experiment."""
+
+    kind: str
+    name: str
+    folder: Path
+    key: str
+    action: Callable[[], Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def state(self) -> str:
+        """``done`` (same key, finished), ``partial`` (same key), ``stale`` or ``new``."""
+        marker = self.folder / "stage.json"
+        if not marker.is_file():
+            return "stale" if self.folder.exists() and any(self.folder.iterdir()) else "new"
+        try:
+            key = json.loads(marker.read_text(encoding="utf-8")).get("key")
+        except (OSError, json.JSONDecodeError):
+            return "stale"
+        if key != self.key:
+            return "stale"
+        return "done" if (self.folder / "done.json").is_file() else "partial"
+
+
+@dataclass
+class Plan:
+    """Everything resolved before any work: data, stage configs and the ordered stages."""
+
+    cfg: ExperimentConfig
+    out: Path
+    classes: list[str]
+    lora_data: Manifest | None
+    train: Manifest
+    targets: dict[str, Manifest]
+    stages: list[Stage] = field(default_factory=list)
+    cells: list[dict[str, Any]] = field(default_factory=list)  # one per evaluation
+
+
+def _read_source(source: DataSource, key: str, cfg_source: str) -> Manifest:
+    from fulora.data.readers import read_any
+
+    path = Path(source.path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{key!r} in {cfg_source}: {path} does not exist")
+    try:
+        manifest = read_any(path, images_dir=source.images_dir, on_missing=source.on_missing)
+    except FuloraError as err:
+        raise type(err)(f"{key!r} in {cfg_source}: {err}") from None
+    if source.split is not None:
+        manifest = manifest.select(split=source.split)
+        if len(manifest) == 0:
+            raise ConfigError(
+                f"{key!r} in {cfg_source}: no rows of split {source.split!r} in {path}"
+            )
+    return manifest
+
+
+def _read_sources(sources: list[DataSource], key: str, cfg_source: str) -> Manifest:
+    if not sources:
+        raise ConfigError(f"{key!r} in {cfg_source} is empty: name at least one folder or CSV")
+    return Manifest.concat(
+        [_read_source(s, f"{key}[{i}]", cfg_source) for i, s in enumerate(sources)]
+    )
+
+
+def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
+    """Resolve and check an experiment before any work.
+
+    Raises:
+        ConfigError: An unknown key (named with its file), a missing path, an unknown
+            architecture or plane, or weights that cannot be had.
+        DataError: A manifest that cannot be read (named with its file and row).
+    """
+    from fulora.classify.train import train_classifier
+    from fulora.evaluate.run import check_test_labels, evaluate_model
+    from fulora.generate.run import generate
+    from fulora.lora.base import check_base
+    from fulora.lora.train import train_lora
+
+    out = Path(out)
+    source = getattr(cfg, "_source", "the experiment config")
+    if not cfg.classify.regimes:
+        raise ConfigError(f"'classify.regimes' in {source} is empty: name at least one regime")
+    if not cfg.classify.archs or not cfg.classify.seeds:
+        raise ConfigError(f"'classify.archs' and 'classify.seeds' in {source} must not be empty")
+    if not cfg.data.targets:
+        raise ConfigError(f"'data.targets' in {source} is empty: name at least one cohort")
+    regimes = {name: regime_parts(cfg, name) for name in cfg.classify.regimes}
+    for name, (options, _) in regimes.items():
+        if options.get("filtered"):
+            raise ConfigError(
+                f"'classify.regimes.{name}.filtered' in {source}: filtered regimes need the "
+                "synthetic-data audit, which this version does not run yet"
+            )
+    synthetic_needed = any(o.get("synthetic") for o, _ in regimes.values())
+
+    # Every config first: key errors come before any file is read.
+    loras = lora_configs(cfg) if synthetic_needed else {}
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    grid: list[tuple[str, str | None, str, int]] = []
+    for regime, (options, _) in regimes.items():
+        variants: list[str | None] = list(loras) if options.get("synthetic") else [None]
+        for variant in variants:
+            for arch in cfg.classify.archs:
+                for seed in cfg.classify.seeds:
+                    grid.append((regime, variant, arch, seed))
+    classify_cfgs = {}
+    for regime, variant, arch, seed in grid:
+        ccfg = classify_config(cfg, regime, arch, seed)
+        ccfg.cache_dir = str(cache)
+        classify_cfgs[regime, variant, arch, seed] = ccfg
+    gen_cfgs = {v: generate_config(cfg, str(out / "lora" / slug(v))) for v in loras}
+
+    # Then the data, the base model and the classifier weights.
+    train = _read_sources(cfg.data.train, "data.train", source)
+    present = set(train.labels)
+    classes = (
+        check_planes(cfg.data.planes) if cfg.data.planes else [p for p in PLANES if p in present]
+    )
+    regime_real = {
+        name: _read_sources(options["real"], f"classify.regimes.{name}.real", source)
+        for name, (options, _) in regimes.items()
+        if "real" in options
+    }
+    targets = {}
+    for name, src in cfg.data.targets.items():
+        manifest = _read_source(src, f"data.targets.{name}", source)
+        try:
+            check_test_labels(manifest, classes)
+        except FuloraError as err:
+            raise type(err)(f"'data.targets.{name}' in {source}: {err}") from None
+        targets[name] = manifest
+    lora_data = None
+    if synthetic_needed:
+        lora_data = _read_sources(cfg.data.lora, "data.lora", source)
+        check_base(cfg.base, cfg.base_config)
+        for variant, gcfg in gen_cfgs.items():
+            missing = [p for p in classes if p not in gcfg.planes]
+            if missing:
+                logger.warning("generation with %s makes no images of %s", variant, missing)
+    from fulora.experiment.results import reference_table
+
+    reference_table(cfg.compare)
+    checked = set()
+    for ccfg in classify_cfgs.values():
+        if ccfg.classes is None:
+            ccfg.classes = list(classes)
+        weights = (ccfg.arch, ccfg.pretrained, ccfg.weights)
+        if weights not in checked:
+            checked.add(weights)
+            try:
+                create_model(
+                    ccfg.arch, len(classes), pretrained=ccfg.pretrained, weights=ccfg.weights
+                )
+            except ConfigError as err:
+                raise ConfigError(
+                    f"'classify.archs' in {source}: {err} (in an experiment: "
+                    "classify.settings.weights or classify.settings.pretrained=false)"
+                ) from None
+
+    plan = Plan(cfg, out, classes, lora_data, train, targets)
+    lora_keys: dict[str, str] = {}
+    gen_keys: dict[str, str] = {}
+    for variant, lcfg in loras.items():
+        folder = out / "lora" / slug(variant)
+        assert lora_data is not None
+        key = stage_key(
+            {"config": _config_payload(lcfg), "data": lora_data.fingerprint(), "base": cfg.base}
+        )
+        lora_keys[variant] = key
+        plan.stages.append(
+            Stage(
+                "lora",
+                f"lora/{variant}",
+                folder,
+                key,
+                lambda d=lora_data, f=folder, c=lcfg: train_lora(d, f, c, resume="latest"),
+                {"variant": variant},
+            )
+        )
+    for variant, gcfg in gen_cfgs.items():
+        folder = out / "synthetic" / slug(variant)
+        key = stage_key(
+            {"config": _config_payload(gcfg), "lora": lora_keys[variant], "base": cfg.base}
+        )
+        gen_keys[variant] = key
+        plan.stages.append(
+            Stage(
+                "generate",
+                f"generate/{variant}",
+                folder,
+                key,
+                lambda f=folder, c=gcfg: generate(f, c),
+                {"variant": variant},
+            )
+        )
+    several = len(loras) > 1
+    classify_stages = {}
+    for (regime, variant, arch, seed), ccfg in classify_cfgs.items():
+        real = regime_real.get(regime, train)
+        label = regime + (f"@{variant}" if variant and several else "")
+        folder = out / "classify" / slug(label) / slug(arch) / f"seed-{seed}"
+        key = stage_key(
+            {
+                "config": _config_payload(ccfg),
+                "real": real.fingerprint(),
+                "synthetic": gen_keys.get(variant) if variant else None,
+                "classes": classes,
+            }
+        )
+
+        def train_one(real=real, variant=variant, folder=folder, ccfg=ccfg):
+            manifests = [real]
+            if variant is not None:
+                manifests.append(Manifest.read(out / "synthetic" / slug(variant) / "manifest.csv"))
+            return train_classifier(manifests, folder, ccfg)
+
+        info = {"regime": regime, "lora": variant, "arch": arch, "seed": seed, "label": label}
+        stage = Stage(
+            "classify", f"classify/{label}/{arch}/seed-{seed}", folder, key, train_one, info
+        )
+        classify_stages[regime, variant, arch, seed] = stage
+        plan.stages.append(stage)
+    for target, manifest in targets.items():
+        for clf in classify_stages.values():
+            folder = out / "evaluate" / slug(target) / clf.folder.relative_to(out / "classify")
+            key = stage_key(
+                {
+                    "classifier": clf.key,
+                    "target": manifest.fingerprint(),
+                    "n_bootstrap": cfg.evaluate.n_bootstrap,
+                }
+            )
+            info = {**clf.info, "target": target, "classifier": str(clf.folder)}
+            plan.stages.append(
+                Stage(
+                    "evaluate",
+                    f"evaluate/{target}/{clf.name.removeprefix('classify/')}",
+                    folder,
+                    key,
+                    lambda c=clf.folder, m=manifest, f=folder: evaluate_model(
+                        c,
+                        m,
+                        f,
+                        n_bootstrap=cfg.evaluate.n_bootstrap,
+                        batch_size=cfg.evaluate.batch_size,
+                        device=cfg.device,
+                        cache_dir=cache,
+                    ),
+                    info,
+                )
+            )
+            plan.cells.append({**info, "folder": str(folder)})
+    return plan
+
+
+def _supersede(out: Path, folder: Path) -> None:
+    """Move an outdated stage folder under ``out/superseded/`` (nothing is deleted)."""
+    target = (
+        out
+        / "superseded"
+        / f"{folder.relative_to(out).as_posix().replace('/', '__')}-{int(time.time())}"
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(folder), str(target))
+    logger.info("moved the outdated %s to %s", folder, target)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: str | Path,
+    *,
+    from_stage: str | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) an experiment into ``out``.
+
+    Args:
+        cfg: The experiment config (see :func:`fulora.experiment.config.load_experiment`).
+        out: The experiment folder.
+        from_stage: Rerun this stage kind (one of :data:`STAGES`) and every later one.
+        dry_run: Only plan and print what would run.
+
+    Returns:
+        The experiment's ``done.json`` record (the plan's states with ``dry_run``).
+
+    Raises:
+        ConfigError: Any configuration problem, before any work starts.
+    """
+    from fulora.experiment.results import write_results
+
+    if from_stage is not None and from_stage not in STAGES:
+        raise ConfigError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
+    out = Path(out)
+    plan = plan_experiment(cfg, out)
+    forced = set(STAGES[STAGES.index(from_stage) :]) if from_stage else set()
+    states = {s.name: ("forced" if s.kind in forced else s.state()) for s in plan.stages}
+    counts: dict[str, int] = {}
+    for state in states.values():
+        counts[state] = counts.get(state, 0) + 1
+    print(
+        f"experiment {cfg.name!r} in {out}/: {len(plan.stages)} stages "
+        f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})"
+    )
+    if dry_run:
+        for stage in plan.stages:
+            print(f"  {states[stage.name]:>7}  {stage.name}")
+        return {"stages": states}
+
+    run = RunDir(out, command="fulora experiment run").start(cfg)
+    _write_plan(plan, states)
+    for name, manifest in (("train", plan.train), ("lora_train", plan.lora_data)):
+        if manifest is not None:
+            manifest.write(out / "data" / f"{name}.csv")
+    for name, manifest in plan.targets.items():
+        manifest.write(out / "data" / f"target-{slug(name)}.csv")
+    ran, skipped = 0, 0
+    try:
+        for i, stage in enumerate(plan.stages, 1):
+            state = states[stage.name]
+            prefix = f"[{i}/{len(plan.stages)}] {stage.name}"
+            if state == "done":
+                skipped += 1
+                logger.info("%s: done (key %s), skipped", stage.name, stage.key)
+                print(f"{prefix}: done, skipped")
+                continue
+            if state in ("stale", "forced") and stage.folder.exists():
+                _supersede(out, stage.folder)
+            print(f"{prefix}: {'resuming' if state == 'partial' else 'running'}")
+            stage.folder.mkdir(parents=True, exist_ok=True)
+            write_json(
+                stage.folder / "stage.json",
+                {"stage": stage.name, "key": stage.key, "started": now_iso(), **stage.info},
+            )
+            stage.action()
+            ran += 1
+        print(f"[results] tables in {out}/results/")
+        table = write_results(plan)
+        report_path = None
+        if cfg.report.enabled:
+            from fulora.report.html import build_report
+
+            print("[report] building the HTML report")
+            report_path = build_report(out)
+    finally:
+        run.close()
+    record = run.finish(
+        name=cfg.name,
+        stages=len(plan.stages),
+        ran=ran,
+        skipped=skipped,
+        results=str(out / "results" / "results.csv"),
+        report=str(report_path) if report_path else None,
+    )
+    print(f"\n{ran} stages run, {skipped} already done, in {record['seconds']:.0f} s")
+    return {**record, "table": table}
+
+
+def _write_plan(plan: Plan, states: dict[str, str]) -> None:
+    import pandas as pd
+
+    from fulora.io import atomic_open
+
+    rows = [
+        {
+            "stage": s.name,
+            "kind": s.kind,
+            "state_at_start": states[s.name],
+            "key": s.key,
+            "folder": s.folder.relative_to(plan.out).as_posix(),
+        }
+        for s in plan.stages
+    ]
+    with atomic_open(plan.out / "plan.csv", "w", newline="") as handle:
+        pd.DataFrame(rows).to_csv(handle, index=False)
