@@ -5,24 +5,27 @@ import pandas as pd
 from fulora.demo import run_demo
 
 
-def test_demo_end_to_end_and_rerun(tmp_path, capsys):
-    table = run_demo(tmp_path, per_class=8, synthetic_per_class=4)
-    assert list(table["regime"]) == ["real only", "real only", "hybrid", "hybrid"]
-    assert set(table["label space"]) == {"all_outputs", "test_classes"}
-    assert (table["# synthetic"] == [0, 0, 20, 20]).all()
-    saved = pd.read_csv(tmp_path / "results.csv")
-    assert len(saved) == 4 and (tmp_path / "results.md").read_text().startswith("| regime |")
+def test_demo_end_to_end_with_report_and_rerun(tmp_path, capsys):
+    table = run_demo(tmp_path, per_class=6, synthetic_per_class=4)
+    assert list(table["Data"]) == ["real-only", "real-only", "hybrid", "hybrid"]
+    assert set(table["space"]) == {"all_outputs", "test_classes"}
+    assert list(table["# synthetic"]) == [0, 0, 20, 20] and set(table["seeds"]) == {2}
+    saved = pd.read_csv(tmp_path / "results" / "results.csv")
+    assert len(saved) == 4 and "| Data |" in (tmp_path / "results" / "results.md").read_text()
     for path in (
-        "lora/demo_lora.safetensors",
-        "lora/samples/step-000060.png",
-        "synthetic/manifest.csv",
-        "synthetic/contact_brain.png",
-        "eval-hybrid/confusion_matrix_all_outputs.png",
-        "classify-real-only/best.pt",
+        "experiment.yaml",
+        "lora/r8/demo_lora.safetensors",
+        "lora/r8/samples/step-000060.png",
+        "synthetic/r8/manifest.csv",
+        "synthetic/r8/contact_brain.png",
+        "evaluate/phantom-target/hybrid/tiny_cnn/seed-1/confusion_matrix_all_outputs.png",
+        "classify/real-only/tiny_cnn/seed-0/best.pt",
+        "report/report.html",
     ):
         assert (tmp_path / path).is_file(), path
     out = capsys.readouterr().out
-    assert "NOT pretrained" in out and "ACC" in out
-    lora_done = (tmp_path / "lora" / "done.json").stat().st_mtime_ns
-    run_demo(tmp_path, per_class=8, synthetic_per_class=4)
-    assert (tmp_path / "lora" / "done.json").stat().st_mtime_ns == lora_done  # not retrained
+    assert "NOT pretrained" in out and "ACC" in out and "report.html" in out
+    lora_done = (tmp_path / "lora" / "r8" / "done.json").stat().st_mtime_ns
+    run_demo(tmp_path, per_class=6, synthetic_per_class=4, report=False)
+    assert (tmp_path / "lora" / "r8" / "done.json").stat().st_mtime_ns == lora_done
+    assert "0 stages run, 10 already done" in capsys.readouterr().out

@@ -200,7 +200,10 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
     lora_data = None
     if synthetic_needed:
         lora_data = _read_sources(cfg.data.lora, "data.lora", source)
-        check_base(cfg.base, cfg.base_config)
+        try:
+            check_base(cfg.base, cfg.base_config)
+        except ConfigError as err:
+            raise ConfigError(f"'base' in {source}: {err}") from None
         for variant, gcfg in gen_cfgs.items():
             missing = [p for p in classes if p not in gcfg.planes]
             if missing:

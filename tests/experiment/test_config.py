@@ -1,0 +1,119 @@
+"""Config errors are reported before any work, with the key and the file (table-driven)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fulora.cli import main
+from fulora.experiment.config import load_experiment
+
+from .conftest import write_config
+
+
+def _set(config: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+CASES = [
+    # (id, changes to the config, texts the message must contain)
+    ("top-level key", {"epochs": 3}, ["unknown config key 'epochs'", "experiment.yaml"]),
+    ("nested key", {"evaluate.bootstraps": 3}, ["'evaluate.bootstraps'", "experiment.yaml"]),
+    ("lora key", {"lora.settings.rnak": 3}, ["'lora.settings.rnak'", "experiment.yaml"]),
+    (
+        "variant key",
+        {"lora.variants": {"r4": {"rank": 4, "alfa": 4}}},
+        ["'lora.variants.r4.alfa'", "experiment.yaml"],
+    ),
+    (
+        "regime key",
+        {"classify.regimes": {"ES": {"augmnt": "da"}}},
+        ["'classify.regimes.ES.augmnt'", "experiment.yaml"],
+    ),
+    ("bad value", {"classify.settings.epochs": "many"}, ["'classify.settings.epochs'", "int"]),
+    ("bad literal", {"classify.settings.augment": "heavy"}, ["'classify.settings.augment'"]),
+    ("unknown arch", {"classify.archs": ["resnet_19x"]}, ["resnet_19x", "experiment.yaml"]),
+    (
+        "missing path",
+        {"data.train": ["/nowhere/images"]},
+        ["'data.train[0]'", "/nowhere/images", "does not exist", "experiment.yaml"],
+    ),
+    (
+        "missing target",
+        {"data.targets": {"africa": {"path": "/nowhere/africa", "split": "test"}}},
+        ["'data.targets.africa'", "/nowhere/africa"],
+    ),
+    ("missing variable", {"data.train": ["${nowhere}/x"]}, ["${nowhere}", "variables.nowhere"]),
+    (
+        "missing base",
+        {"base": "/nowhere/sd15"},
+        ["'base'", "experiment.yaml", "/nowhere/sd15 does not exist"],
+    ),
+    ("missing recipe", {"lora.recipe": "no-such-recipe.yaml"}, ["no-such-recipe.yaml"]),
+    ("missing comparison", {"compare": "/nowhere/table.csv"}, ["'compare'", "/nowhere/table.csv"]),
+    (
+        "regime flag",
+        {"classify.regimes": {"HB": {"synthetic": "yes please"}}},
+        ["'classify.regimes.HB.synthetic'", "true or false"],
+    ),
+    ("no regimes", {"classify.regimes": {}}, ["'classify.regimes'", "empty"]),
+    (
+        "generation owns lora",
+        {"generate.settings.lora": "x.safetensors"},
+        ["'generate.settings.lora'"],
+    ),
+]
+
+
+@pytest.mark.parametrize("changes,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_config_error_before_any_work(experiment_config, tmp_path, capsys, changes, expected):
+    for key, value in changes.items():
+        _set(experiment_config, key, value)
+    path = write_config(tmp_path / "experiment.yaml", experiment_config)
+    out = tmp_path / "run"
+    assert main(["experiment", "run", str(path), "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    for text in expected:
+        assert text in message, message
+    assert not out.exists()  # nothing was started
+
+
+def test_unknown_target_label_is_named(experiment_config, tmp_path, capsys):
+    experiment_config["data"]["planes"] = ["brain", "femur"]  # the target also has abdomen
+    path = write_config(tmp_path / "experiment.yaml", experiment_config)
+    assert main(["experiment", "run", str(path), "--out", str(tmp_path / "run")]) == 2
+    message = capsys.readouterr().err
+    assert "'data.targets.target'" in message and "'abdomen'" in message
+
+
+def test_overrides_and_variables(experiment_config, tmp_path, monkeypatch):
+    experiment_config["variables"] = {"images": "/data/a"}
+    experiment_config["data"]["train"] = ["${images}/train", "${HOME_OF_IMAGES}/more"]
+    experiment_config["base_config"] = "${empty}"
+    experiment_config["variables"]["empty"] = ""
+    monkeypatch.setenv("HOME_OF_IMAGES", "/env")
+    path = write_config(tmp_path / "experiment.yaml", experiment_config)
+    cfg = load_experiment(path, ["variables.images=/data/b", "classify.seeds=[3, 4]"])
+    assert [s.path for s in cfg.data.train] == ["/data/b/train", "/env/more"]
+    assert cfg.classify.seeds == [3, 4]
+    assert cfg.base_config is None  # an empty variable alone means "not set"
+
+
+def test_paper_config_resolves(tmp_path, capsys, sample_data):
+    """configs/fu-lora-paper.yaml parses, and its first missing input is named precisely."""
+    from pathlib import Path
+
+    from fulora.experiment.config import classify_config, lora_configs
+
+    path = Path(__file__).parents[2] / "configs" / "fu-lora-paper.yaml"
+    sets = ["variables.fetal_planes_db=/nowhere/fpdb", f"variables.sample={sample_data}"]
+    cfg = load_experiment(path, sets)
+    assert {k: v.rank for k, v in lora_configs(cfg).items()} == {"r128": 128, "r32": 32, "r8": 8}
+    hb = classify_config(cfg, "HB+DA", "resnet18", 0)
+    assert (hb.augment, hb.epochs, hb.lr, hb.batch_size) == ("da", 20, 1e-3, 24)
+    args = ["experiment", "run", str(path), "--dry-run", "--set", sets[0], "--set", sets[1]]
+    assert main(args) == 2
+    assert "/nowhere/fpdb/Images" in capsys.readouterr().err

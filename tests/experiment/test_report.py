@@ -1,0 +1,125 @@
+"""The HTML report (self-contained, offline), its Chromium rendering, and the results helpers."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fulora.cli import main
+from fulora.evaluate.metrics import bootstrap, metrics
+from fulora.experiment.results import (
+    PAPER_TABLE,
+    compare_with,
+    display_table,
+    seed_mean_ci,
+)
+
+DOCS = Path(__file__).parents[2] / "docs"
+
+
+def test_report_is_self_contained_and_complete(finished_experiment, capsys):
+    assert main(["report", str(finished_experiment)]) == 0
+    path = finished_experiment / "report" / "report.html"
+    assert str(path) in capsys.readouterr().out
+    text = path.read_text(encoding="utf-8")
+    sources = re.findall(r'src="([^"]*)"', text)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r"(href|src)=\"https?://", text)  # nothing fetched from a network
+    for heading in (
+        "What was run",
+        "Real and synthetic images",
+        "Zero-shot results",
+        "Confusion matrices",
+        "Embeddings",
+        "Tiny random model",
+        "Per domain",
+    ):
+        assert heading in text, heading
+    pngs = {p.name for p in (finished_experiment / "report").glob("*.png")}
+    assert {"grid_r4.png", "bars_target.png", "embedding_tsne.png"} <= pngs
+    assert len(sources) == len(pngs)  # every PNG shown is also written beside the page
+
+
+def test_report_refuses_a_folder_that_is_not_an_experiment(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not an experiment folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(finished_experiment, tmp_path):
+    sys.path.insert(0, str(DOCS))
+    try:
+        from screenshot_report import screenshot
+    finally:
+        sys.path.pop(0)
+    png = screenshot(finished_experiment / "report" / "report.html", tmp_path / "shot.png")
+    image = np.asarray(Image.open(png).convert("L"), dtype=float)
+    assert image.shape == (2400, 1280)
+    assert image.std() > 20  # rendered content, not a blank page
+    assert (image[:60] < 100).mean() > 0.5  # the dark header bar is at the top
+
+
+def test_seed_mean_interval_of_identical_seeds_is_the_single_seed_interval():
+    rng = np.random.default_rng(0)
+    classes = ["other", "abdomen", "brain"]
+    n = 60
+    labels = rng.choice(["abdomen", "brain"], n)
+    proba = rng.dirichlet(np.ones(3), n)
+    frame = pd.DataFrame({"label": labels, "patient": [f"p{i // 3}" for i in range(n)]})
+    for i, c in enumerate(classes):
+        frame[f"p_{c}"] = proba[:, i]
+    result = {"classes": classes, "test_classes": ["abdomen", "brain"]}
+    both = seed_mean_ci([(result, frame), (result, frame)], "all_outputs", 50, seed=1)
+    y = np.array([classes.index(v) for v in labels])
+    single = bootstrap(
+        lambda idx: metrics(y[idx], proba[idx], [1, 2], "all_outputs"),
+        n,
+        groups=list(frame["patient"]),
+        n_resamples=50,
+        seed=1,
+    )
+    for key in ("accuracy", "f1_macro", "auc_macro"):
+        assert both[key] == pytest.approx(single[key])
+
+
+def test_comparison_with_the_paper_table_matches_cells_by_regime_and_model():
+    paper = pd.read_csv(PAPER_TABLE, encoding="utf-8-sig")
+    assert len(paper) == 20
+    ours = pd.DataFrame(
+        [
+            {
+                "space": "all_outputs",
+                "Data": "HB+DA",
+                "arch": "resnet18",
+                "LoRA": "r128",
+                "ACC": 80.0,
+                "Recall": 80.0,
+                "Precision": 90.0,
+                "F-score": 84.0,
+                "AUC (paper)": 88.0,
+            }
+        ]
+    )
+    table = compare_with(ours, PAPER_TABLE)
+    assert len(table) == 20
+    row = table[(table["Data"] == "HB+DA") & (table["Model"] == "ResNet18")].iloc[0]
+    assert row["ACC paper"] == 82.4 and row["ACC ours"] == 80.0 and row["ACC diff"] == -2.4
+    assert row["AUC paper"] == 89.29 and row["AUC diff"] == pytest.approx(-1.29)
+    assert table["ACC ours"].isna().sum() == 19  # cells we did not run stay empty
+
+
+def test_display_table_formats_mean_std_and_interval():
+    row = {"target": "t", "space": "all_outputs", "Data": "ES", "LoRA": "", "Model": "ResNet18"}
+    row |= {"# real": 10, "# synthetic": 0, "seeds": 3}
+    for name in ("ACC", "Recall", "Precision", "F-score", "AUC", "AUC (paper)"):
+        row |= {name: 61.234, f"{name} std": 2.5, f"{name} ci_low": 55.04, f"{name} ci_high": 66.0}
+    shown = display_table(pd.DataFrame([row]), "all_outputs")
+    assert "LoRA" not in shown.columns  # no synthetic regime: no LoRA column
+    assert shown.loc[0, "ACC"] == "61.23 ± 2.50 [55.0, 66.0]"

@@ -1,0 +1,126 @@
+"""The experiment runner: skip finished stages, rerun changed ones, --from, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from fulora.experiment.config import load_experiment
+from fulora.experiment.runner import run_experiment
+
+from .conftest import write_config
+
+
+def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.glob(pattern))}
+
+
+def test_outputs_of_a_finished_experiment(finished_experiment):
+    run = finished_experiment
+    plan = pd.read_csv(run / "plan.csv")
+    assert list(plan["kind"].unique()) == ["lora", "generate", "classify", "evaluate"]
+    assert len(plan) == 1 + 1 + 4 + 4  # LoRA, generation, 2 regimes x 2 seeds, evaluations
+    for folder in plan["folder"]:
+        assert (run / folder / "done.json").is_file(), folder
+        assert json.loads((run / folder / "stage.json").read_text())["key"]
+    assert (run / "config.yaml").is_file() and (run / "done.json").is_file()
+    assert len(pd.read_csv(run / "data" / "train.csv")) == 18
+    table = pd.read_csv(run / "results" / "results.csv", keep_default_na=False)
+    assert len(table) == 4  # 2 regimes x 2 label spaces, one target
+    assert set(table["Data"]) == {"ES", "HB"} and set(table["seeds"]) == {2}
+    hb = table[(table["Data"] == "HB") & (table["space"] == "all_outputs")].iloc[0]
+    assert hb["LoRA"] == "r4" and hb["# synthetic"] == 12 and hb["Model"] == "tiny_cnn"
+    for name in ("ACC", "F-score", "AUC"):
+        assert 0 <= hb[f"{name} ci_low"] <= hb[f"{name} ci_high"] <= 100
+    # The seed mean in the table is the mean of the two evaluations' numbers.
+    accs = [
+        json.loads((run / f / "metrics.json").read_text())["spaces"]["all_outputs"]["metrics"][
+            "accuracy"
+        ]
+        for f in plan["folder"]
+        if f.startswith("evaluate/target/HB/")
+    ]
+    assert abs(hb["ACC"] - sum(accs) / 2) < 0.01
+    md = (run / "results" / "results.md").read_text()
+    assert "| Data | LoRA | Model | # real | # synthetic | ACC |" in md and " ± " in md
+
+
+def test_rerun_skips_change_reruns_and_from(experiment_config, tmp_path, capsys):
+    path = write_config(tmp_path / "experiment.yaml", experiment_config)
+    out = tmp_path / "run"
+    first = run_experiment(load_experiment(path), out)
+    assert first["ran"] == 6 and first["skipped"] == 0
+    lora = _mtimes(out, "lora/r4/*.safetensors")
+    images = _mtimes(out, "synthetic/r4/*/*.png")
+    assert lora and len(images) == 12
+
+    again = run_experiment(load_experiment(path), out)
+    assert again["ran"] == 0 and again["skipped"] == 6
+    assert _mtimes(out, "synthetic/r4/*/*.png") == images
+
+    # A classifier setting changed: classifiers and evaluations rerun, LoRA and images do not;
+    # the old classifier folders are kept under superseded/.
+    changed = load_experiment(path, ["classify.settings.epochs=3"])
+    third = run_experiment(changed, out)
+    assert third["ran"] == 4 and third["skipped"] == 2
+    assert _mtimes(out, "lora/r4/*.safetensors") == lora
+    assert _mtimes(out, "synthetic/r4/*/*.png") == images
+    assert len(list((out / "superseded").iterdir())) == 4
+    assert (
+        json.loads((out / "classify/ES/tiny_cnn/seed-0/done.json").read_text())["epochs_run"] == 3
+    )
+
+    # --from evaluate: only the evaluations (and results, report) run again.
+    capsys.readouterr()
+    fourth = run_experiment(changed, out, from_stage="evaluate")
+    assert fourth["ran"] == 2 and fourth["skipped"] == 4
+    dry = run_experiment(changed, out, dry_run=True)
+    assert set(dry["stages"].values()) == {"done"}
+
+
+def test_killed_mid_generation_resumes_without_redoing_work(experiment_config, tmp_path):
+    """SIGKILL during generation; the rerun keeps the LoRA and the finished images."""
+    experiment_config["generate"]["settings"].update(per_class=20, batch_size=1, steps=3)
+    experiment_config["report"]["enabled"] = False
+    path = write_config(tmp_path / "experiment.yaml", experiment_config)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fulora", "-q", "experiment", "run", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [*command, "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(out.glob("synthetic/r4/*/*.png"))) < 6:
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "synthetic/r4/done.json").exists(), "generation finished before the kill"
+    lora = _mtimes(out, "lora/r4/*")
+    before = _mtimes(out, "synthetic/r4/*/*.png")
+    assert lora and 6 <= len(before) < 60
+
+    result = subprocess.run(
+        [*command, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lora/r4: done, skipped" in result.stdout
+    assert "generate/r4: resuming" in result.stdout
+    assert _mtimes(out, "lora/r4/*") == lora  # not retrained
+    after = _mtimes(out, "synthetic/r4/*/*.png")
+    assert len(after) == 60
+    assert {k: after[k] for k in before} == before  # finished images not regenerated
+    done = json.loads((out / "synthetic/r4/done.json").read_text())
+    assert done["images"] == 60
+    assert (out / "done.json").is_file() and (out / "results" / "results.csv").is_file()
