@@ -347,6 +347,52 @@ def _cmd_experiment_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from fulora.audit.run import AuditConfig, audit
+    from fulora.config import load_config
+    from fulora.data.manifest import Manifest
+
+    values = {
+        "extractor": args.extractor,
+        "classifier": args.classifier,
+        "inception_weights": args.inception_weights,
+        "near_copy_ssim": args.near_copy_ssim,
+        "near_copy_cosine": args.near_copy_cosine,
+        "min_confidence": args.min_confidence,
+        "device": args.device,
+        "cache_dir": args.cache_dir,
+    }
+    cfg = load_config(AuditConfig, args.config, args.set, values)
+    synthetic = Manifest.concat(_read_manifests(args.synthetic))
+    reference = Manifest.concat(_read_manifests(args.reference))
+    train_set = Manifest.concat(_read_manifests(args.train_set)) if args.train_set else None
+    result = audit(
+        synthetic, reference, args.out, cfg, train_set=train_set, write_filtered=args.write_filtered
+    )
+    overall = result["fidelity"]["overall"]
+    print(
+        f"audit of {len(synthetic)} synthetic vs {len(reference)} reference images "
+        f"({result['extractor']}):\n"
+        f"  FID {overall['fid']:.2f}, KID {overall['kid_mean']:.4f} ± {overall['kid_std']:.4f} "
+        f"(subsets of {overall['kid_subset_size']}), precision {overall['precision']:.3f}, "
+        f"recall {overall['recall']:.3f}"
+    )
+    if "memorisation" in result:
+        memo = result["memorisation"]
+        print(
+            f"  near-copies of LoRA training images: {memo['near_copies']} "
+            f"({memo['share_percent']:.1f}%)"
+        )
+    if "consistency" in result:
+        print(
+            f"  classifier agrees with the prompted plane: "
+            f"{result['consistency']['agreement']:.1f}%"
+        )
+    print(f"  kept by the filter: {result['filtering']['kept']} of {len(synthetic)}")
+    print(f"  tables and figures: {args.out}/per_plane.csv, similarity.png, near_copies.png")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from fulora.report.html import build_report
 
@@ -616,6 +662,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="check the config, list the stages")
     p.set_defaults(func=_cmd_experiment_run)
+
+    p = stages.add_parser(
+        "audit", help="fidelity, diversity, memorisation and class consistency of synthetic data"
+    )
+    p.add_argument("--synthetic", nargs="+", required=True, help="synthetic images (manifest)")
+    p.add_argument("--reference", nargs="+", required=True, help="real images to compare with")
+    p.add_argument("--train-set", nargs="+", help="the LoRA's training images (memorisation)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", help="YAML with audit settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--extractor", choices=["auto", "classifier", "inception"])
+    p.add_argument("--classifier", help="run folder of a classifier trained on real images")
+    p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights (offline)")
+    p.add_argument("--near-copy-ssim", type=float, help="SSIM at or above which: near-copy")
+    p.add_argument("--near-copy-cosine", type=float, help="cosine at or above which: near-copy")
+    p.add_argument("--min-confidence", type=float, help="filter: classifier's p(prompted plane)")
+    p.add_argument("--write-filtered", metavar="MANIFEST", help="write the images that pass")
+    p.add_argument("--device", default=None)
+    p.add_argument("--cache-dir", help="preprocessing cache folder")
+    p.set_defaults(func=_cmd_audit)
 
     p = stages.add_parser("report", help="(re)build the HTML report of an experiment folder")
     p.add_argument("run_dir", help="the --out folder of `fulora experiment run`")

@@ -23,6 +23,13 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
+def thumbnail(path: str | Path, size: tuple[int, int] = (96, 128)) -> np.ndarray:
+    """A grayscale thumbnail (height, width) of an image file, letterboxed (uint8 array)."""
+    from fulora.data.images import load_image, resize_image
+
+    return np.asarray(resize_image(load_image(path), size, "letterbox"))
+
+
 def image_grid(
     path: str | Path,
     rows: Sequence[Sequence[np.ndarray]],

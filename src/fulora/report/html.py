@@ -25,12 +25,11 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from fulora.config import from_dict  # noqa: E402
-from fulora.data.images import load_image, resize_image  # noqa: E402
 from fulora.data.manifest import Manifest  # noqa: E402
 from fulora.errors import DataError  # noqa: E402
 from fulora.io import atomic_open  # noqa: E402
 from fulora.planes import PLANES  # noqa: E402
-from fulora.report.figures import image_grid, save_figure  # noqa: E402
+from fulora.report.figures import image_grid, save_figure, thumbnail  # noqa: E402
 from fulora.runs import now_iso  # noqa: E402
 
 logger = logging.getLogger("fulora")
@@ -122,10 +121,6 @@ def _counts(manifests: dict[str, Manifest]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _thumb(path: str, size: tuple[int, int] = (96, 128)) -> np.ndarray:
-    return np.asarray(resize_image(load_image(path), size, "letterbox"))
-
-
 def _real_vs_synthetic(out: Path, real: Manifest, synthetic: Manifest, k: int, title: str) -> Path:
     rng = np.random.default_rng(0)
     planes = [p for p in PLANES if p in real.counts() or p in synthetic.counts()]
@@ -135,7 +130,7 @@ def _real_vs_synthetic(out: Path, real: Manifest, synthetic: Manifest, k: int, t
         for manifest in (real, synthetic):
             idx = np.flatnonzero(manifest.frame["label"].to_numpy() == plane)
             idx = np.sort(rng.choice(idx, min(k, len(idx)), replace=False)) if len(idx) else idx
-            cells = [_thumb(manifest.paths[i]) for i in idx]
+            cells = [thumbnail(manifest.paths[i]) for i in idx]
             row += cells + [np.zeros((96, 128), np.uint8)] * (k - len(cells))
         rows.append(row)
         labels.append(plane)

@@ -1,0 +1,1 @@
+"""Audit of synthetic images: fidelity and diversity, memorisation, class consistency, filtering."""
