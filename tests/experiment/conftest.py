@@ -98,6 +98,8 @@ def finished_experiment(tiny_model, phantom_domains, tmp_path_factory):
     root = tmp_path_factory.mktemp("experiment")
     config = small_config(tiny_model, phantom_domains)
     config["classify"]["seeds"] = [0, 1]
+    config["classify"]["regimes"]["HB-filtered"] = {"filtered": True}
+    config["audit"] = {"settings": {"min_confidence": 0.0, "kid_subsets": 10}}
     path = write_config(root / "experiment.yaml", config)
     run_experiment(load_experiment(path), root / "run")
     return root / "run"

@@ -14,7 +14,7 @@ def _set(config: dict, dotted: str, value) -> None:
     *parents, last = dotted.split(".")
     node = config
     for part in parents:
-        node = node[part]
+        node = node.setdefault(part, {})
     node[last] = value
 
 
@@ -60,6 +60,17 @@ CASES = [
         ["'classify.regimes.HB.synthetic'", "true or false"],
     ),
     ("no regimes", {"classify.regimes": {}}, ["'classify.regimes'", "empty"]),
+    (
+        "filtered without real-only",
+        {"classify.regimes": {"HB": {"filtered": True}}},
+        ["needs a classifier trained on real images"],
+    ),
+    (
+        "audit classifier",
+        {"classify.regimes": {"ES": {}, "F": {"filtered": True}}, "audit.classifier": "XX/a/b"},
+        ["'audit.classifier'", "ES/tiny_cnn/seed-0"],
+    ),
+    ("audit key", {"audit.settings": {"near_copy": 0.9}}, ["'audit.settings.near_copy'"]),
     (
         "generation owns lora",
         {"generate.settings.lora": "x.safetensors"},

@@ -25,16 +25,16 @@ def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
 def test_outputs_of_a_finished_experiment(finished_experiment):
     run = finished_experiment
     plan = pd.read_csv(run / "plan.csv")
-    assert list(plan["kind"].unique()) == ["lora", "generate", "classify", "evaluate"]
-    assert len(plan) == 1 + 1 + 4 + 4  # LoRA, generation, 2 regimes x 2 seeds, evaluations
+    assert list(plan["kind"].unique()) == ["lora", "generate", "classify", "audit", "evaluate"]
+    assert len(plan) == 1 + 1 + 6 + 1 + 6  # LoRA, generation, 3 regimes x 2 seeds, audit, evals
     for folder in plan["folder"]:
         assert (run / folder / "done.json").is_file(), folder
         assert json.loads((run / folder / "stage.json").read_text())["key"]
     assert (run / "config.yaml").is_file() and (run / "done.json").is_file()
     assert len(pd.read_csv(run / "data" / "train.csv")) == 18
     table = pd.read_csv(run / "results" / "results.csv", keep_default_na=False)
-    assert len(table) == 4  # 2 regimes x 2 label spaces, one target
-    assert set(table["Data"]) == {"ES", "HB"} and set(table["seeds"]) == {2}
+    assert len(table) == 6  # 3 regimes x 2 label spaces, one target
+    assert set(table["Data"]) == {"ES", "HB", "HB-filtered"} and set(table["seeds"]) == {2}
     hb = table[(table["Data"] == "HB") & (table["space"] == "all_outputs")].iloc[0]
     assert hb["LoRA"] == "r4" and hb["# synthetic"] == 12 and hb["Model"] == "tiny_cnn"
     for name in ("ACC", "F-score", "AUC"):
@@ -50,6 +50,24 @@ def test_outputs_of_a_finished_experiment(finished_experiment):
     assert abs(hb["ACC"] - sum(accs) / 2) < 0.01
     md = (run / "results" / "results.md").read_text()
     assert "| Data | LoRA | Model | # real | # synthetic | ACC |" in md and " ± " in md
+
+
+def test_filtered_regime_trains_on_the_audited_images(finished_experiment):
+    run = finished_experiment
+    plan = pd.read_csv(run / "plan.csv")
+    kinds = list(plan["kind"])
+    # The real-only classifiers come before the audit, which comes before hybrid classifiers.
+    assert kinds.index("audit") > kinds.index("classify")
+    assert plan["stage"][kinds.index("audit") + 1].startswith("classify/HB")
+    audit = json.loads((run / "audit/r4/audit.json").read_text())
+    assert audit["consistency"]["classifier"].endswith("classify/ES/tiny_cnn/seed-0")
+    kept = audit["filtering"]["kept"]
+    filtered = pd.read_csv(run / "audit/r4/filtered.csv")
+    assert len(filtered) == kept and (filtered["agrees"]).all()
+    done = json.loads((run / "classify/HB-filtered/tiny_cnn/seed-0/done.json").read_text())
+    assert done["train_synthetic"] == kept
+    text = (run / "report" / "report.html").read_text()
+    assert "Synthetic data audit" in text
 
 
 def test_rerun_skips_change_reruns_and_from(experiment_config, tmp_path, capsys):

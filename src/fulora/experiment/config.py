@@ -94,6 +94,15 @@ class EvaluateStage:
 
 
 @dataclass
+class AuditStage:
+    """The synthetic-data audit of each LoRA variant (needed by ``filtered`` regimes)."""
+
+    enabled: bool | None = None  # None: only when a regime is filtered; true: always
+    classifier: str | None = None  # "REGIME/ARCH/seed-N" of a real-only cell, or a run folder
+    settings: dict[str, Any] = field(default_factory=dict)  # AuditConfig keys
+
+
+@dataclass
 class ReportStage:
     """The HTML report (the experiment's last stage)."""
 
@@ -120,6 +129,7 @@ class ExperimentConfig:
     lora: LoraStage = field(default_factory=LoraStage)
     generate: GenerateStage = field(default_factory=GenerateStage)
     classify: ClassifyStage = field(default_factory=ClassifyStage)
+    audit: AuditStage = field(default_factory=AuditStage)
     evaluate: EvaluateStage = field(default_factory=EvaluateStage)
     report: ReportStage = field(default_factory=ReportStage)
 
@@ -309,6 +319,23 @@ def generate_config(cfg: ExperimentConfig, lora_dir: str) -> GenerateConfig:
         (cfg.generate.settings, source, "generate.settings."),
     ]
     return _stage_config(GenerateConfig, layers)
+
+
+def audit_config(cfg: ExperimentConfig, classifier: str, cache_dir: str) -> Any:
+    """The resolved audit config, using the classifier run folder ``classifier``."""
+    from fulora.audit.run import AuditConfig
+
+    source = cfg._source  # type: ignore[attr-defined]
+    if "classifier" in cfg.audit.settings:
+        raise ConfigError(
+            f"'audit.settings.classifier' in {source}: set 'audit.classifier' instead "
+            "(REGIME/ARCH/seed-N of a real-only cell, or a classifier run folder)"
+        )
+    layers = [
+        ({"device": cfg.device, "cache_dir": cache_dir, "classifier": classifier}, source, ""),
+        (cfg.audit.settings, source, "audit.settings."),
+    ]
+    return _stage_config(AuditConfig, layers)
 
 
 def regime_parts(cfg: ExperimentConfig, name: str) -> tuple[dict[str, Any], dict[str, Any]]:

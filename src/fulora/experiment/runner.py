@@ -31,6 +31,7 @@ from fulora.errors import ConfigError, FuloraError
 from fulora.experiment.config import (
     DataSource,
     ExperimentConfig,
+    audit_config,
     classify_config,
     generate_config,
     lora_configs,
@@ -43,7 +44,7 @@ from fulora.runs import RunDir, now_iso
 logger = logging.getLogger("fulora")
 
 #: Stage kinds in execution order (``--from`` takes one of these).
-STAGES = ("lora", "generate", "classify", "evaluate", "results", "report")
+STAGES = ("lora", "generate", "classify", "audit", "evaluate", "results", "report")
 
 # Settings that change where or how fast a stage runs, not what it produces.
 _NOT_IN_KEY = {"device", "cache_dir", "num_workers", "base", "base_config", "lora", "progress"}
@@ -153,13 +154,12 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
     if not cfg.data.targets:
         raise ConfigError(f"'data.targets' in {source} is empty: name at least one cohort")
     regimes = {name: regime_parts(cfg, name) for name in cfg.classify.regimes}
-    for name, (options, _) in regimes.items():
-        if options.get("filtered"):
-            raise ConfigError(
-                f"'classify.regimes.{name}.filtered' in {source}: filtered regimes need the "
-                "synthetic-data audit, which this version does not run yet"
-            )
     synthetic_needed = any(o.get("synthetic") for o, _ in regimes.values())
+    audit_needed = synthetic_needed and (
+        cfg.audit.enabled or any(o.get("filtered") for o, _ in regimes.values())
+    )
+    if cfg.audit.enabled is False and any(o.get("filtered") for o, _ in regimes.values()):
+        raise ConfigError(f"'audit.enabled' in {source} is false but a regime is filtered")
 
     # Every config first: key errors come before any file is read.
     loras = lora_configs(cfg) if synthetic_needed else {}
@@ -177,6 +177,11 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         ccfg.cache_dir = str(cache)
         classify_cfgs[regime, variant, arch, seed] = ccfg
     gen_cfgs = {v: generate_config(cfg, str(out / "lora" / slug(v))) for v in loras}
+    audit_config(cfg, "", str(cache))  # its keys are checked even when no regime needs it
+    audit_classifier = _audit_classifier(cfg, grid, regimes, out) if audit_needed else None
+    audit_cfg = (
+        audit_config(cfg, str(audit_classifier[1]), str(cache)) if audit_classifier else None
+    )
 
     # Then the data, the base model and the classifier weights.
     train = _read_sources(cfg.data.train, "data.train", source)
@@ -265,24 +270,37 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
             )
         )
     several = len(loras) > 1
-    classify_stages = {}
-    for (regime, variant, arch, seed), ccfg in classify_cfgs.items():
+    classify_stages: dict[tuple, Stage] = {}
+    audit_keys: dict[str, str] = {}
+
+    def add_classifier(regime, variant, arch, seed, ccfg) -> None:
+        options = regimes[regime][0]
         real = regime_real.get(regime, train)
+        filtered = bool(options.get("filtered"))
         label = regime + (f"@{variant}" if variant and several else "")
         folder = out / "classify" / slug(label) / slug(arch) / f"seed-{seed}"
+        upstream = None
+        if variant is not None:
+            upstream = audit_keys[variant] if filtered else gen_keys[variant]
         key = stage_key(
             {
                 "config": _config_payload(ccfg),
                 "real": real.fingerprint(),
-                "synthetic": gen_keys.get(variant) if variant else None,
+                "synthetic": upstream,
+                "filtered": filtered,
                 "classes": classes,
             }
         )
 
-        def train_one(real=real, variant=variant, folder=folder, ccfg=ccfg):
+        def train_one(real=real, variant=variant, folder=folder, ccfg=ccfg, filtered=filtered):
             manifests = [real]
             if variant is not None:
-                manifests.append(Manifest.read(out / "synthetic" / slug(variant) / "manifest.csv"))
+                source_csv = (
+                    out / "audit" / slug(variant) / "filtered.csv"
+                    if filtered
+                    else out / "synthetic" / slug(variant) / "manifest.csv"
+                )
+                manifests.append(Manifest.read(source_csv))
             return train_classifier(manifests, folder, ccfg)
 
         info = {"regime": regime, "lora": variant, "arch": arch, "seed": seed, "label": label}
@@ -291,6 +309,46 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         )
         classify_stages[regime, variant, arch, seed] = stage
         plan.stages.append(stage)
+
+    # Real-only classifiers first: the audit labels synthetic images with one of them.
+    for cell, ccfg in classify_cfgs.items():
+        if cell[1] is None:
+            add_classifier(*cell, ccfg)
+    if audit_cfg is not None and audit_classifier is not None:
+        from fulora.audit.run import audit
+
+        cell, clf_folder = audit_classifier
+        clf_key = classify_stages[cell].key if cell in classify_stages else str(clf_folder)
+        for variant in loras:
+            folder = out / "audit" / slug(variant)
+            key = stage_key(
+                {
+                    "config": _config_payload(audit_cfg),
+                    "synthetic": gen_keys[variant],
+                    "classifier": clf_key,
+                    "reference": train.fingerprint(),
+                    "train_set": lora_data.fingerprint() if lora_data is not None else None,
+                }
+            )
+            audit_keys[variant] = key
+
+            def run_audit(variant=variant, folder=folder):
+                synthetic = Manifest.read(out / "synthetic" / slug(variant) / "manifest.csv")
+                return audit(
+                    synthetic,
+                    train,
+                    folder,
+                    audit_cfg,
+                    train_set=lora_data,
+                    write_filtered=folder / "filtered.csv",
+                )
+
+            plan.stages.append(
+                Stage("audit", f"audit/{variant}", folder, key, run_audit, {"variant": variant})
+            )
+    for cell, ccfg in classify_cfgs.items():
+        if cell[1] is not None:
+            add_classifier(*cell, ccfg)
     for target, manifest in targets.items():
         for clf in classify_stages.values():
             folder = out / "evaluate" / slug(target) / clf.folder.relative_to(out / "classify")
@@ -322,6 +380,35 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
             )
             plan.cells.append({**info, "folder": str(folder)})
     return plan
+
+
+def _audit_classifier(cfg, grid, regimes, out) -> tuple[tuple | None, Path]:
+    """(grid cell or None, run folder) of the classifier that labels synthetic images."""
+    source = getattr(cfg, "_source", "the experiment config")
+    wanted = cfg.audit.classifier
+    real_cells = [c for c in grid if not regimes[c[0]][0].get("synthetic")]
+
+    def folder(cell) -> Path:
+        return out / "classify" / slug(cell[0]) / slug(cell[2]) / f"seed-{cell[3]}"
+
+    if wanted is None:
+        if not real_cells:
+            raise ConfigError(
+                f"the audit in {source} needs a classifier trained on real images: add a "
+                "real-only regime (e.g. ES: {}) or set audit.classifier to a classifier run folder"
+            )
+        return real_cells[0], folder(real_cells[0])
+    for cell in real_cells:
+        if wanted == f"{cell[0]}/{cell[2]}/seed-{cell[3]}":
+            return cell, folder(cell)
+    path = Path(wanted).expanduser()
+    if (path / "best.pt").is_file():
+        return None, path
+    names = ", ".join(f"{c[0]}/{c[2]}/seed-{c[3]}" for c in real_cells) or "none"
+    raise ConfigError(
+        f"'audit.classifier' in {source}: {wanted!r} is neither a real-only cell ({names}) "
+        "nor a classifier run folder"
+    )
 
 
 def _supersede(out: Path, folder: Path) -> None:

@@ -332,6 +332,36 @@ def build_report(run_dir: str | Path) -> Path:
             page.add("</div>")
         page.add("</section>")
 
+    # ---- synthetic-data audit ------------------------------------------------------------
+    audits = [s for s in by_kind.get("audit", []) if (s["path"] / "audit.json").is_file()]
+    if audits:
+        page.add("<section><h2>Synthetic data audit</h2>")
+        page.add(
+            "<p>Fidelity and diversity against the real training images (FID, KID with its "
+            "subset size, precision/recall of Kynkäänniemi et al.), near-copies of the LoRA "
+            "training images (SSIM of aligned images at or above the threshold), and agreement "
+            "of a classifier trained on real images with the prompted plane. The similarity "
+            "figure calibrates the threshold: real images against other real patients.</p>"
+        )
+        for stage in audits:
+            variant = stage["info"].get("variant", "")
+            result = _json(stage["path"] / "audit.json")
+            page.add(
+                f"<h3>LoRA {html.escape(variant)} ({html.escape(result.get('extractor', ''))})</h3>"
+            )
+            page.table(pd.read_csv(stage["path"] / "per_plane.csv", keep_default_na=False))
+            page.add('<div class="figs">')
+            for name, caption in (
+                ("similarity.png", "nearest-neighbour similarities"),
+                ("near_copies.png", "most similar synthetic/training pairs"),
+                ("consistency.png", "prompted plane vs classifier"),
+            ):
+                page.image(
+                    stage["path"] / name, f"{variant}: {caption}", f"audit_{variant}_{name}", 520
+                )
+            page.add("</div>")
+        page.add("</section>")
+
     # ---- results ---------------------------------------------------------------------------
     results = run / "results" / "results.csv"
     if results.is_file():
