@@ -7,11 +7,11 @@ from fulora.demo import run_demo
 
 def test_demo_end_to_end_with_report_and_rerun(tmp_path, capsys):
     table = run_demo(tmp_path, per_class=6, synthetic_per_class=4)
-    assert list(table["Data"]) == ["real-only", "real-only", "hybrid", "hybrid"]
+    assert list(table["Data"][::2]) == ["real-only", "hybrid", "hybrid-filtered"]
     assert set(table["space"]) == {"all_outputs", "test_classes"}
-    assert list(table["# synthetic"]) == [0, 0, 20, 20] and set(table["seeds"]) == {2}
+    assert list(table["# synthetic"][:4]) == [0, 0, 20, 20] and set(table["seeds"]) == {2}
     saved = pd.read_csv(tmp_path / "results" / "results.csv")
-    assert len(saved) == 4 and "| Data |" in (tmp_path / "results" / "results.md").read_text()
+    assert len(saved) == 6 and "| Data |" in (tmp_path / "results" / "results.md").read_text()
     for path in (
         "experiment.yaml",
         "lora/r8/demo_lora.safetensors",
@@ -20,6 +20,7 @@ def test_demo_end_to_end_with_report_and_rerun(tmp_path, capsys):
         "synthetic/r8/contact_brain.png",
         "evaluate/phantom-target/hybrid/tiny_cnn/seed-1/confusion_matrix_all_outputs.png",
         "classify/real-only/tiny_cnn/seed-0/best.pt",
+        "audit/r8/similarity.png",
         "report/report.html",
     ):
         assert (tmp_path / path).is_file(), path
@@ -28,4 +29,4 @@ def test_demo_end_to_end_with_report_and_rerun(tmp_path, capsys):
     lora_done = (tmp_path / "lora" / "r8" / "done.json").stat().st_mtime_ns
     run_demo(tmp_path, per_class=6, synthetic_per_class=4, report=False)
     assert (tmp_path / "lora" / "r8" / "done.json").stat().st_mtime_ns == lora_done
-    assert "0 stages run, 10 already done" in capsys.readouterr().out
+    assert "0 stages run, 15 already done" in capsys.readouterr().out

@@ -3,8 +3,9 @@
 Phantom images from two simulated machines (``source`` to train on, ``target`` as the unseen
 cohort), a tiny Stable Diffusion-architecture model built in code, and an experiment config
 that runs the real pipeline on them: a short LoRA fine-tune, a few hundred synthetic images,
-small classifiers for the regimes real-only and hybrid (two seeds each), zero-shot evaluation
-on the target machine, the results table and the HTML report. The tiny model has **random
+an audit of the synthetic images (fidelity, near-copies, class consistency), small classifiers
+for the regimes real-only, hybrid and hybrid with audited images only (two seeds each),
+zero-shot evaluation on the target machine, the results table and the HTML report. The tiny model has **random
 weights**: its synthetic images are not ultrasound, so the hybrid regime here shows the
 plumbing, not the method's gain. For real results run ``configs/fu-lora-paper.yaml`` with SD1.5
 weights (see the README).
@@ -82,8 +83,13 @@ def demo_experiment(
             },
             "archs": ["tiny_cnn"],
             "seeds": [seed, seed + 1],
-            "regimes": {"real-only": {}, "hybrid": {"synthetic": True}},
+            "regimes": {
+                "real-only": {},
+                "hybrid": {"synthetic": True},
+                "hybrid-filtered": {"filtered": True},
+            },
         },
+        "audit": {"settings": {"kid_subsets": 20}},
         "evaluate": {"n_bootstrap": 200},
         "report": {"enabled": report, "embedding_per_group": 60, "grid_per_plane": 5},
     }
