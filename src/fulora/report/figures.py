@@ -76,9 +76,11 @@ def image_grid(
                 ax.set_ylabel(row_labels[i], fontsize=10)
             if i == 0 and col_labels and j < len(col_labels):
                 ax.set_title(col_labels[j], fontsize=8)
+    height = fig.get_size_inches()[1]
     if title:
-        fig.suptitle(title, fontsize=11)
-    fig.subplots_adjust(wspace=0.03, hspace=0.05)
+        fig.suptitle(title, fontsize=11, y=1 - 0.08 / height)
+    # Keep the title's margin constant in inches, whatever the number of rows.
+    fig.subplots_adjust(wspace=0.03, hspace=0.05, top=1 - (0.55 if title else 0.3) / height)
     return save_figure(fig, path)
 
 
