@@ -5,10 +5,10 @@ cohort), a tiny Stable Diffusion-architecture model built in code, and an experi
 that runs the real pipeline on them: a short LoRA fine-tune, a few hundred synthetic images,
 an audit of the synthetic images (fidelity, near-copies, class consistency), small classifiers
 for the regimes real-only, hybrid and hybrid with audited images only (two seeds each),
-zero-shot evaluation on the target machine, the results table and the HTML report. The tiny model has **random
-weights**: its synthetic images are not ultrasound, so the hybrid regime here shows the
-plumbing, not the method's gain. For real results run ``configs/fu-lora-paper.yaml`` with SD1.5
-weights (see the README).
+zero-shot evaluation on the target machine, the results table and the HTML report. The tiny
+model has **random weights**: its synthetic images are not ultrasound, so the hybrid regime
+here shows the plumbing, not the method's gain. For real results run
+``configs/fu-lora-paper.yaml`` with SD1.5 weights (see the README).
 
 The experiment file is written to ``OUT/experiment.yaml``; ``fulora experiment run
 OUT/experiment.yaml --out OUT`` reruns it, and a second ``make demo`` skips finished stages.
