@@ -220,21 +220,38 @@ def load_config(
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys at the top level")
-        data = loaded
+        data = read_yaml_mapping(path)
         from_dict(cls, data, source=source)  # report file errors against the file
     for key, value in (values or {}).items():
         if value is not None:
             data[key] = to_dict(value)
+    apply_overrides(data, overrides)
+    return from_dict(cls, data, source=source or "command line")
+
+
+def read_yaml_mapping(path: Path, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping of keys (an empty file is an empty mapping).
+
+    Raises:
+        ConfigError: If the file is missing, is not valid YAML or does not hold a mapping.
+    """
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
+    if not isinstance(loaded, dict | None):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys at the top level")
+    return loaded or {}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> None:
+    """Apply ``key.sub=value`` overrides (``--set``) to a config mapping, in place.
+
+    Raises:
+        ConfigError: If an override is malformed or walks into a value that is not a section.
+    """
     for text in overrides or []:
         keys, value = parse_override(text)
         node = data
@@ -243,7 +260,6 @@ def load_config(
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {part!r} is not a section")
         node[keys[-1]] = value
-    return from_dict(cls, data, source=source or "command line")
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -167,6 +167,17 @@ def test_precision_recall_on_known_cases():
     assert np.isnan(tiny["fid"]) and np.isnan(tiny["precision"])
 
 
+def _africa_vs_spain(sample_data, out, *extra: str) -> list[str]:
+    """CLI arguments auditing the African cohort against the Spanish LoRA images."""
+    return [
+        "audit",
+        *("--synthetic", str(sample_data / "african_dev")),
+        *("--reference", str(sample_data / "spain_lora_train")),
+        *("--out", str(out)),
+        *extra,
+    ]
+
+
 def test_inception_without_weights_says_what_to_do(
     world, sample_data, tmp_path, monkeypatch, capsys
 ):
@@ -176,19 +187,7 @@ def test_inception_without_weights_says_what_to_do(
         audit(world["synthetic"], world["train"], tmp_path / "a", AuditConfig(device="cpu"))
     assert "--extractor classifier" in str(err.value)
     assert not (tmp_path / "a").exists()  # nothing started
-    code = main(
-        [
-            "audit",
-            "--synthetic",
-            str(sample_data / "african_dev"),
-            "--reference",
-            str(sample_data / "spain_lora_train"),
-            "--out",
-            str(tmp_path / "b"),
-            "--extractor",
-            "inception",
-        ]
-    )
+    code = main(_africa_vs_spain(sample_data, tmp_path / "b", "--extractor", "inception"))
     assert code == 2 and "weights-inception" in capsys.readouterr().err
 
 
@@ -205,21 +204,13 @@ def test_real_spain_vs_africa_through_the_cli(sample_data, tmp_path, capsys):
     )
     out = tmp_path / "audit"
     code = main(
-        [
-            "audit",
-            "--synthetic",
-            str(sample_data / "african_dev"),
-            "--reference",
-            str(sample_data / "spain_lora_train"),
-            "--train-set",
-            str(sample_data / "spain_lora_train"),
-            "--classifier",
-            str(tmp_path / "clf"),
-            "--out",
-            str(out),
-            "--write-filtered",
-            str(tmp_path / "kept.csv"),
-        ]
+        _africa_vs_spain(
+            sample_data,
+            out,
+            *("--train-set", str(sample_data / "spain_lora_train")),
+            *("--classifier", str(tmp_path / "clf")),
+            *("--write-filtered", str(tmp_path / "kept.csv")),
+        )
     )
     assert code == 0
     assert "near-copies of LoRA training images: 0" in capsys.readouterr().out

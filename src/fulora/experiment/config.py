@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from fulora.classify.train import ClassifyConfig
-from fulora.config import from_dict, parse_override
+from fulora.config import apply_overrides, from_dict, read_yaml_mapping
 from fulora.errors import ConfigError
 from fulora.generate.run import GenerateConfig
 from fulora.lora.base import DEFAULT_BASE
@@ -237,24 +237,9 @@ def load_experiment(
         path = Path(path)
         source = str(path)
         config_dir = path.resolve().parent
-        if not path.is_file():
-            raise ConfigError(f"experiment file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"experiment file {path} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict | None):
-            raise ConfigError(f"experiment file {path} must hold a mapping of keys")
-        data = loaded or {}
+        data = read_yaml_mapping(path, "experiment file")
     data.update(copy.deepcopy(values or {}))
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        node = data
-        for part in keys[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
-        node[keys[-1]] = value
+    apply_overrides(data, overrides)
     variables = {"config_dir": str(config_dir), **(data.get("variables") or {})}
     data = _substitute(_normalise(data), {k: str(v) for k, v in variables.items()}, source)
     cfg = from_dict(ExperimentConfig, data, source=source)

@@ -63,16 +63,10 @@ def load_pipeline(
     kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
     text = str(base)
     path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ConfigError(
-                f"{path} is not a diffusers model folder (no model_index.json); pass a folder "
-                "saved with save_pretrained, a .safetensors/.ckpt file or a hub id"
-            )
+    kind = _local_kind(text)
+    if kind == "dir":
         return StableDiffusionPipeline.from_pretrained(path, **kwargs)
-    if path.is_file():
-        if path.suffix not in _SINGLE_FILE_SUFFIXES:
-            raise ConfigError(f"base model file {path} must be .safetensors or .ckpt")
+    if kind == "file":
         try:
             return StableDiffusionPipeline.from_single_file(
                 str(path),
@@ -86,8 +80,6 @@ def load_pipeline(
                 "needs its architecture's configs: pass --base-config PATH (a diffusers SD1.5 "
                 "folder; only its config files are read)"
             ) from None
-    if _looks_like_path(text):
-        raise ConfigError(f"base model path {path} does not exist")
     try:
         return StableDiffusionPipeline.from_pretrained(text, local_files_only=True, **kwargs)
     except Exception:
@@ -103,13 +95,12 @@ def load_pipeline(
     return StableDiffusionPipeline.from_pretrained(text, **kwargs)
 
 
-def check_base(base: str | Path, config: str | Path | None = None) -> None:
-    """Check, without loading it, that a base model can be had (for checks before long runs).
+def _local_kind(text: str) -> str | None:
+    """Say whether a base model is a local "dir", a local "file" or (None) a hub id.
 
     Raises:
-        ConfigError: With the same advice as :func:`load_pipeline` when it cannot.
+        ConfigError: If the text names a local path that does not exist or cannot be a model.
     """
-    text = str(base)
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -117,13 +108,25 @@ def check_base(base: str | Path, config: str | Path | None = None) -> None:
                 f"{path} is not a diffusers model folder (no model_index.json); pass a folder "
                 "saved with save_pretrained, a .safetensors/.ckpt file or a hub id"
             )
-        return
+        return "dir"
     if path.is_file():
         if path.suffix not in _SINGLE_FILE_SUFFIXES:
             raise ConfigError(f"base model file {path} must be .safetensors or .ckpt")
-        return
+        return "file"
     if _looks_like_path(text):
         raise ConfigError(f"base model path {path} does not exist")
+    return None
+
+
+def check_base(base: str | Path, config: str | Path | None = None) -> None:
+    """Check, without loading it, that a base model can be had (for checks before long runs).
+
+    Raises:
+        ConfigError: With the same advice as :func:`load_pipeline` when it cannot.
+    """
+    text = str(base)
+    if _local_kind(text) is not None:
+        return
     try:
         from huggingface_hub import try_to_load_from_cache
 
