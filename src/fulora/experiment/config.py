@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from fulora.classify.train import ClassifyConfig
 from fulora.config import apply_overrides, from_dict, read_yaml_mapping
 from fulora.errors import ConfigError
@@ -201,15 +199,7 @@ def read_recipe(path: str | Path, relative_to: Path | None) -> tuple[dict[str, A
         and (relative_to / candidate).is_file()
     ):
         candidate = relative_to / candidate
-    if not candidate.is_file():
-        raise ConfigError(f"recipe {path} does not exist")
-    try:
-        loaded = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {candidate} is not valid YAML: {err}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"recipe {candidate} must hold a mapping of keys")
-    return loaded, str(candidate)
+    return read_yaml_mapping(candidate, "recipe"), str(candidate)
 
 
 def load_experiment(
