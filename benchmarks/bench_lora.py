@@ -39,6 +39,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20, help="images per plane (5 planes)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="off")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=["kohya", "attention"],
+        default=["kohya"],
+        help="LoRA layer sets to compare (kohya: the paper's; attention: q/k/v/out only)",
+    )
     args = parser.parse_args()
     logging.getLogger("fulora").setLevel(logging.WARNING)
     cuda = torch.cuda.is_available()
@@ -53,13 +60,15 @@ def main() -> None:
         data = read_any(tmp / "data")
         checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
         rows = []
-        for batch, cache, ckpt in itertools.product(args.batch_sizes, [False, True], checkpointing):
+        settings = itertools.product(args.targets, args.batch_sizes, [False, True], checkpointing)
+        for targets, batch, cache, ckpt in settings:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             cfg = LoraTrainConfig(
                 base=str(model),
                 rank=args.rank,
                 alpha=args.rank,
+                targets=targets,
                 resolution=args.resolution,
                 bucket_step=64 if args.resolution >= 256 else 16,
                 batch_size=batch,
@@ -73,10 +82,11 @@ def main() -> None:
                 sample_steps=1,
                 seed=0,
             )
-            out = tmp / f"run-{batch}-{cache}-{ckpt}"
+            out = tmp / f"run-{targets}-{batch}-{cache}-{ckpt}"
             record = train_lora(data, out, cfg, progress=False)
             rows.append(
                 (
+                    targets,
                     batch,
                     cache,
                     ckpt,
@@ -92,15 +102,18 @@ def main() -> None:
         f"model {args.model}, {args.resolution} px buckets, rank {args.rank}, {args.steps} "
         f"steps, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    print(f"{'batch':>5} {'cache':>6} {'ckpt':>5} {'steps/s':>8} {'img/s':>7} {'peak GB':>8} opt")
+    print(
+        f"{'targets':>9} {'batch':>5} {'cache':>6} {'ckpt':>5} {'steps/s':>8} {'img/s':>7} "
+        f"{'peak GB':>8} opt"
+    )
     base = {}
-    for batch, cache, ckpt, sps, ips, peak, opt, buckets in rows:
-        base.setdefault((batch, ckpt), sps)
-        ratio = sps / base[(batch, ckpt)]
+    for targets, batch, cache, ckpt, sps, ips, peak, opt, buckets in rows:
+        base.setdefault((targets, batch, ckpt), sps)
+        ratio = sps / base[(targets, batch, ckpt)]
         peak_text = f"{peak:8.2f}" if peak is not None else "       -"
         print(
-            f"{batch:>5} {cache!s:>6} {ckpt!s:>5} {sps:>8.2f} {ips:>7.2f} {peak_text} {opt} "
-            f"(x{ratio:.2f} vs no cache; buckets {buckets})"
+            f"{targets:>9} {batch:>5} {cache!s:>6} {ckpt!s:>5} {sps:>8.2f} {ips:>7.2f} "
+            f"{peak_text} {opt} (x{ratio:.2f} vs no cache; buckets {buckets})"
         )
 
 

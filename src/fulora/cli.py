@@ -224,6 +224,8 @@ def _cmd_lora_train(args: argparse.Namespace) -> int:
         "base_config": args.base_config,
         "rank": args.rank,
         "alpha": args.alpha,
+        "targets": args.targets,
+        "clip_skip": args.clip_skip,
         "max_steps": args.max_steps,
         "epochs": args.epochs,
         "repeats": args.repeats,
@@ -290,6 +292,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "planes": args.planes,
         "negative_prompt": args.negative_prompt,
         "sampler": args.sampler,
+        "clip_skip": args.clip_skip,
         "steps": args.steps,
         "guidance": args.guidance,
         "width": args.width,
@@ -514,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rank", type=int)
     p.add_argument("--alpha", type=float)
+    p.add_argument(
+        "--targets",
+        choices=["kohya", "attention"],
+        help="layers with a LoRA: kohya (kohya-ss's standard set, default) or attention only",
+    )
+    p.add_argument("--clip-skip", type=int, help="kohya clip skip (default 2, the paper's)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--repeats", type=int, help="repeats per image and epoch")
@@ -552,7 +561,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--planes", nargs="+")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--negative-prompt")
-    p.add_argument("--sampler", choices=list(SAMPLERS))
+    p.add_argument(
+        "--sampler",
+        help="fulora's or AUTOMATIC1111's name: "
+        + ", ".join(f"{name} ({entry[2]!r})" for name, entry in SAMPLERS.items()),
+    )
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        help="kohya/AUTOMATIC1111 clip skip for prompt and negative prompt "
+        "(default: the LoRA's training value, else 1)",
+    )
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--width", type=int)

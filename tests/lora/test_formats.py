@@ -5,8 +5,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from fulora.errors import DataError
+from fulora.lora.conditioning import encode_prompt
 from fulora.lora.formats import inspect_lora, load_lora_into, read_lora, save_lora_files
-from fulora.lora.train import LoraTrainConfig, add_lora_adapters, encode_prompt
+from fulora.lora.train import LoraTrainConfig, add_lora_adapters
 
 
 def _outputs(pipe):
@@ -82,16 +83,23 @@ def test_kohya_names_and_metadata(trained_like):
     assert all(float(v) == 4.0 for k, v in lora.tensors.items() if k.endswith(".alpha"))
     info = inspect_lora(out / "kohya.safetensors")
     assert info["rank"] == 8 and info["alpha"] == 4.0
-    assert info["modules"] == {"unet": 32, "text_encoder": 12}
+    # kohya's standard set: 4 transformer blocks x 12 layers, 3 CLIP layers x 6
+    assert info["modules"] == {"unet": 48, "text_encoder": 18}
     assert set(info["targets"]) == {
         "to_q",
         "to_k",
         "to_v",
         "to_out_0",
+        "ff_net_0_proj",
+        "ff_net_2",
+        "proj_in",
+        "proj_out",
         "q_proj",
         "k_proj",
         "v_proj",
         "out_proj",
+        "fc1",
+        "fc2",
     }
     assert info["metadata"]["fulora_test"] == "yes"
     diffusers_info = inspect_lora(out)

@@ -34,6 +34,7 @@ SYNTHETIC_COLUMNS: tuple[str, ...] = (
     "sampler",
     "steps",
     "guidance",
+    "clip_skip",
     "width",
     "height",
     "lora",

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
-from fulora.generate.samplers import display_name, make_scheduler
+from fulora.generate.samplers import display_name, make_scheduler, resolve_sampler
 from fulora.io import atomic_path, file_hash
 from fulora.lora.base import DEFAULT_BASE, base_identity, load_pipeline
 from fulora.planes import PAPER_CAPTIONS, PAPER_PLANES, check_planes
@@ -55,8 +55,10 @@ class GenerateConfig:
     per_class: int = 1000
     prompts: dict[str, str] = field(default_factory=dict)  # default: the LoRA's captions
     negative_prompt: str = ""
-    clip_skip: int = 2  # kohya/AUTOMATIC1111 semantics, as in training
-    sampler: str = "dpmpp_2m_karras"
+    # kohya/AUTOMATIC1111 clip skip (1 = CLIP's last layer), for the prompt and the negative
+    # prompt alike. None: the LoRA's training clip skip (ss_clip_skip), else 1.
+    clip_skip: int | None = None
+    sampler: str = "dpmpp_2m_karras"  # fulora's name or AUTOMATIC1111's ("DPM++ 2M Karras")
     steps: int = 30
     guidance: float = 7.0
     width: int | None = None  # default: the LoRA's training size, else 512
@@ -127,6 +129,8 @@ class _Plan:
     lora: Path | None
     lora_sha256: str
     batch_size: int
+    clip_skip: int = 1
+    sampler: str = "dpmpp_2m_karras"  # fulora's canonical name
 
 
 def plan(cfg: GenerateConfig) -> _Plan:
@@ -161,7 +165,22 @@ def plan(cfg: GenerateConfig) -> _Plan:
         lora,
         file_hash(lora) if lora is not None and lora.is_file() else "",
         cfg.batch_size or 0,
+        clip_skip=_clip_skip(cfg.clip_skip, metadata, lora),
+        sampler=resolve_sampler(cfg.sampler),
     )
+
+
+def _clip_skip(given: int | None, metadata: dict[str, str], lora: Path | None) -> int:
+    """The user's clip skip, else the one the LoRA was trained with (``ss_clip_skip``), else 1."""
+    if given is not None:
+        if given < 1:
+            raise ConfigError(f"clip_skip must be 1 (CLIP's last layer) or more, got {given}")
+        return given
+    trained = str(metadata.get("ss_clip_skip", "")).strip()
+    if trained.isdigit() and int(trained) >= 1:
+        logger.info("clip skip %s, as LoRA %s was trained", trained, lora)
+        return int(trained)
+    return 1
 
 
 def _auto_batch(device: torch.device, width: int, height: int) -> int:
@@ -183,7 +202,7 @@ def _a1111_parameters(
 ) -> str:
     settings = [
         f"Steps: {cfg.steps}",
-        f"Sampler: {display_name(cfg.sampler)}",
+        f"Sampler: {display_name(row['sampler'])}",
         f"CFG scale: {cfg.guidance:g}",
         f"Seed: {row['seed']}",
         f"Size: {row['width']}x{row['height']}",
@@ -193,8 +212,8 @@ def _a1111_parameters(
     settings.append(f"Model: {row['base_model']}")
     if lora is not None:
         settings.append(f'Lora hashes: "{lora.stem}: {row["lora_sha256"][:12]}"')
-    if cfg.clip_skip > 1:
-        settings.append(f"Clip skip: {cfg.clip_skip}")
+    if row["clip_skip"] > 1:
+        settings.append(f"Clip skip: {row['clip_skip']}")
     settings.append(f"Version: fulora {row['fulora_version']}")
     text = prompt + (f" <lora:{lora.stem}:{cfg.lora_scale:g}>" if lora is not None else "")
     return f"{text}\nNegative prompt: {negative}\n" + ", ".join(settings)
@@ -225,6 +244,7 @@ def generate(
     from accelerate import PartialState
 
     from fulora import __version__
+    from fulora.lora.conditioning import prompt_embeddings
     from fulora.lora.formats import load_lora_into
 
     out = Path(out)
@@ -272,10 +292,8 @@ def generate(
         pipe = load_pipeline(cfg.base, dtype=dtype, config=cfg.base_config)
         pipe.set_progress_bar_config(disable=True)
         if resolved.lora is not None:
-            load_lora_into(pipe, resolved.lora, scale=cfg.lora_scale)
-            if cfg.fuse_lora:
-                pipe.fuse_lora(lora_scale=cfg.lora_scale)
-        pipe.scheduler = make_scheduler(cfg.sampler, pipe.scheduler.config)
+            load_lora_into(pipe, resolved.lora, scale=cfg.lora_scale, fuse=cfg.fuse_lora)
+        pipe.scheduler = make_scheduler(resolved.sampler, pipe.scheduler.config)
         pipe.to(device)
         if cfg.channels_last and device.type == "cuda":
             pipe.unet.to(memory_format=torch.channels_last)
@@ -285,17 +303,17 @@ def generate(
             pipe.vae.enable_tiling()
         if cfg.compile:
             pipe.unet = torch.compile(pipe.unet)
-        embeddings = {}
-        with torch.no_grad():
-            for plane in resolved.planes:  # text embeddings once per plane
-                embeddings[plane] = pipe.encode_prompt(
-                    resolved.prompts[plane],
-                    device,
-                    1,
-                    cfg.guidance > 1.0,
-                    cfg.negative_prompt,
-                    clip_skip=cfg.clip_skip - 1 if cfg.clip_skip > 1 else None,
-                )
+        embeddings = {  # once per plane; the negative prompt at the same clip skip
+            plane: prompt_embeddings(
+                pipe.tokenizer,
+                pipe.text_encoder,
+                resolved.prompts[plane],
+                cfg.negative_prompt if cfg.guidance > 1.0 else None,
+                resolved.clip_skip,
+                device,
+            )
+            for plane in resolved.planes
+        }
         started = time.perf_counter()  # images/s measures generation, not model loading
         bar = tqdm(
             total=sum(sum((p, i) in targets for i in idx) for p, idx in mine),
@@ -334,7 +352,8 @@ def generate(
                     "prompt": resolved.prompts[plane],
                     "negative_prompt": cfg.negative_prompt,
                     "seed": seed,
-                    "sampler": cfg.sampler,
+                    "sampler": resolved.sampler,
+                    "clip_skip": resolved.clip_skip,
                     "steps": cfg.steps,
                     "guidance": cfg.guidance,
                     "width": resolved.width,
@@ -402,6 +421,9 @@ def generate(
         size=f"{resolved.width}x{resolved.height}",
         lora=str(resolved.lora or ""),
         lora_sha256=resolved.lora_sha256,
+        lora_scale=cfg.lora_scale,
+        clip_skip=resolved.clip_skip,
+        sampler=resolved.sampler,
         base_model=base_name,
         base_model_sha256=base_hash,
         **{f"this_run_{k}": v for k, v in summary.items()},

@@ -125,7 +125,6 @@ def save_lora_files(
     import tempfile
 
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,10 +137,13 @@ def save_lora_files(
         return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
 
     with tempfile.TemporaryDirectory(dir=out) as tmp:
+        # PEFT keys as they are: diffusers loads them directly. Its convert_state_dict_to_diffusers
+        # renames attention keys only, so beyond attention it would write two naming schemes
+        # and diffusers would then load only part of the LoRA.
         StableDiffusionPipeline.save_lora_weights(
             tmp,
-            unet_lora_layers=convert_state_dict_to_diffusers(unet_sd),
-            text_encoder_lora_layers=convert_state_dict_to_diffusers(te_sd) if te_sd else None,
+            unet_lora_layers=unet_sd,
+            text_encoder_lora_layers=te_sd or None,
             unet_lora_adapter_metadata=config_dict(unet_lora),
             text_encoder_lora_adapter_metadata=config_dict(te_lora),
         )
@@ -243,9 +245,25 @@ def _maybe_json(value: str) -> Any:
 
 
 def load_lora_into(
-    pipe, path: str | Path, *, adapter_name: str = "fulora", scale: float = 1.0
+    pipe,
+    path: str | Path,
+    *,
+    adapter_name: str = "fulora",
+    scale: float = 1.0,
+    fuse: bool = False,
 ) -> LoraFile:
-    """Load a kohya or diffusers LoRA into a pipeline and set its scale.
+    """Load a kohya or diffusers LoRA into a pipeline at ``scale``, applied exactly once.
+
+    Every wrapped layer then computes ``W x + scale * (alpha / rank) * up(down(x))``, as
+    AUTOMATIC1111's ``<lora:name:scale>`` does.
+
+    Args:
+        pipe: A StableDiffusionPipeline.
+        path: kohya ``.safetensors``, diffusers LoRA file or folder.
+        adapter_name: peft adapter name.
+        scale: The LoRA multiplier.
+        fuse: Merge ``W + scale * (alpha / rank) * up @ down`` into the weights and drop the
+            adapter layers (faster; the same function).
 
     Raises:
         DataError: If the file is not a LoRA or does not fit the pipeline's model.
@@ -259,4 +277,8 @@ def load_lora_into(
             "Is it a LoRA for Stable Diffusion 1.x?"
         ) from None
     pipe.set_adapters([adapter_name], adapter_weights=[scale])
+    if fuse:
+        # set_adapters already holds the scale: fusing at lora_scale=scale would apply it twice.
+        pipe.fuse_lora(lora_scale=1.0, adapter_names=[adapter_name])
+        pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
     return lora

@@ -46,8 +46,16 @@ from fulora.data.manifest import Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.io import atomic_open, write_json, write_text
 from fulora.lora.base import DEFAULT_BASE, base_identity, load_pipeline
-from fulora.lora.buckets import assign_bucket, center_square, fit_to_bucket, make_buckets
+from fulora.lora.buckets import (
+    BucketChoice,
+    center_square,
+    fit_to_bucket,
+    make_buckets,
+    select_bucket,
+)
+from fulora.lora.conditioning import encode_prompt, prompt_embeddings, token_ids
 from fulora.lora.formats import DIFFUSERS_WEIGHT_NAME, peft_state_dicts, save_lora_files
+from fulora.lora.targets import TargetPreset, lora_target_modules
 from fulora.planes import PAPER_CAPTIONS, check_planes
 from fulora.runs import RunDir
 
@@ -63,10 +71,12 @@ class LoraTrainConfig:
     rank: int = 128
     alpha: float = 128.0
     train_text_encoder: bool = True
-    unet_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
-    text_encoder_targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
-    )
+    # kohya: kohya-ss's standard LoRA (every Linear/1x1 conv of the UNet's transformer blocks
+    # and of CLIP's attention and MLP); attention: the attention projections only.
+    targets: TargetPreset = "kohya"
+    # kohya: down kaiming-uniform (a=sqrt 5), up zeros (kohya, peft's default); gaussian:
+    # down N(0, 1/rank), which is 2-4x smaller at rank 128 and 4-8x larger at rank 8.
+    init: Literal["kohya", "gaussian"] = "kohya"
     unet_lr: float = 1e-4
     text_encoder_lr: float = 5e-5
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
@@ -87,6 +97,8 @@ class LoraTrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # on CUDA; CPU runs in fp32
     seed: int = 1234
     cache_latents: bool = True
+    # sample: one draw from the VAE's latent distribution per image (kohya); mean: its mean.
+    cached_latent: Literal["sample", "mean"] = "sample"
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "default"] = "sdpa"
     noise_offset: float = 0.0
@@ -115,6 +127,7 @@ class Example:
     caption: str
     bucket: tuple[int, int]  # (width, height)
     repeats: int
+    resized: tuple[int, int] = (0, 0)  # the size it is resized to before trimming to the bucket
 
 
 def captions_for(manifest: Manifest, cfg: LoraTrainConfig) -> list[str]:
@@ -157,27 +170,50 @@ def build_examples(manifest: Manifest, cfg: LoraTrainConfig) -> list[Example]:
     if len(manifest) == 0:
         raise DataError(f"no training images in {manifest.origin or 'the data'}")
     captions = captions_for(manifest, cfg)
-    buckets = make_buckets(
-        cfg.resolution,
-        cfg.bucket_step,
-        min_side=max(cfg.bucket_step, cfg.resolution // 2),
-        max_side=cfg.resolution * 2,
-    )
     repeats = manifest.frame["repeats"] if "repeats" in manifest.frame.columns else None
     out = []
     for row, path in enumerate(manifest.paths):
         if not path.is_file():
             raise DataError(f"training image {path} (row {row}) does not exist")
         size, _ = image_info(path)
-        if cfg.center_crop or not cfg.buckets:
-            bucket = (cfg.resolution, cfg.resolution)
-        else:
-            bucket = assign_bucket(size, buckets, step=cfg.bucket_step, upscale=cfg.bucket_upscale)
+        choice = _bucket_for(size, cfg, path)
         rep = cfg.repeats
         if repeats is not None and str(repeats.iloc[row]).strip():
             rep = int(float(repeats.iloc[row]))
-        out.append(Example(str(path), manifest.labels[row], captions[row], bucket, rep))
+        out.append(
+            Example(
+                str(path), manifest.labels[row], captions[row], choice.bucket, rep, choice.resized
+            )
+        )
     return out
+
+
+def _bucket_for(size: tuple[int, int], cfg: LoraTrainConfig, path: Path) -> BucketChoice:
+    """Kohya's bucket of one image, or the square of side ``resolution`` without buckets."""
+    if cfg.center_crop or not cfg.buckets:
+        side = cfg.resolution
+        scale = max(side / size[0], side / size[1])
+        cover = (max(side, int(size[0] * scale + 0.5)), max(side, int(size[1] * scale + 0.5)))
+        return BucketChoice((side, side), cover)
+    # kohya's default bucket range: sides from resolution/2 to 2*resolution (256-1024 at 512).
+    buckets = make_buckets(
+        cfg.resolution,
+        cfg.bucket_step,
+        min_side=max(cfg.bucket_step, cfg.resolution // 2),
+        max_side=cfg.resolution * 2,
+    )
+    try:
+        return select_bucket(
+            size,
+            resolution=cfg.resolution,
+            step=cfg.bucket_step,
+            upscale=cfg.bucket_upscale,
+            buckets=buckets,
+        )
+    except ValueError as err:
+        raise DataError(
+            f"training image {path}: {err}; remove it, or set a smaller bucket_step"
+        ) from None
 
 
 class ImageCaptions(Dataset):
@@ -187,13 +223,7 @@ class ImageCaptions(Dataset):
         self.examples = examples
         self.center_crop = center_crop
         self.resolution = resolution
-        self.ids = tokenizer(
-            [e.caption for e in examples],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        self.ids = token_ids(tokenizer, [e.caption for e in examples])
         self.latents: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -206,7 +236,7 @@ class ImageCaptions(Dataset):
         img = (
             center_square(img, self.resolution)
             if self.center_crop
-            else fit_to_bucket(img, example.bucket)
+            else fit_to_bucket(img, BucketChoice(example.bucket, example.resized))
         )
         array = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1)
         return array / 127.5 - 1.0
@@ -281,16 +311,6 @@ def _optimizer(params: list[dict], cfg: LoraTrainConfig, device: torch.device):
     return torch.optim.AdamW(params, weight_decay=cfg.weight_decay), "AdamW"
 
 
-def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
-    """CLIP embeddings with kohya's clip skip (2: the penultimate layer, then final norm)."""
-    if clip_skip <= 1:
-        return text_encoder(input_ids)[0]
-    out = text_encoder(input_ids, output_hidden_states=True)
-    hidden = out.hidden_states[-clip_skip]
-    model = text_encoder.module if hasattr(text_encoder, "module") else text_encoder
-    return model.text_model.final_layer_norm(hidden)
-
-
 def add_lora_adapters(unet, text_encoder, cfg: LoraTrainConfig):
     """Freeze the models and add LoRA adapters; only the adapters are left trainable.
 
@@ -306,17 +326,44 @@ def add_lora_adapters(unet, text_encoder, cfg: LoraTrainConfig):
         return LoraConfig(
             r=cfg.rank,
             lora_alpha=cfg.alpha,
-            init_lora_weights="gaussian",
-            target_modules=list(targets),
+            # peft's True is kohya's init: down kaiming-uniform (a=sqrt 5), up zeros
+            init_lora_weights=True if cfg.init == "kohya" else "gaussian",
+            target_modules=targets,
         )
 
-    unet_lora = config(cfg.unet_targets)
+    unet_lora = config(lora_target_modules(unet, "unet", cfg.targets))
     unet.add_adapter(unet_lora)
     te_lora = None
     if cfg.train_text_encoder:
-        te_lora = config(cfg.text_encoder_targets)
+        te_lora = config(lora_target_modules(text_encoder, "text_encoder", cfg.targets))
         text_encoder.add_adapter(te_lora)
     return unet_lora, te_lora
+
+
+def _cache_latents(vae, dataset: ImageCaptions, cfg: LoraTrainConfig, device, progress: bool):
+    """Each image's latent, encoded once: a draw from the VAE's distribution, or its mean.
+
+    kohya caches ``latent_dist.sample()``; the draw of image ``i`` is seeded by (seed, i) so a
+    rerun caches the same latents.
+    """
+    scaling = vae.config.scaling_factor
+    latents = []
+    with torch.no_grad():
+        for i in tqdm(
+            range(len(dataset)),
+            desc="caching latents",
+            unit="img",
+            disable=not progress,
+            leave=False,
+        ):
+            dist = vae.encode(dataset.pixels(i).unsqueeze(0).to(device)).latent_dist
+            latent = dist.mean
+            if cfg.cached_latent == "sample":
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_033 + i)
+                noise = torch.randn(dist.mean.shape, generator=generator)
+                latent = dist.mean + dist.std * noise.to(device, dist.mean.dtype)
+            latents.append(latent[0].cpu() * scaling)
+    return latents
 
 
 def _after_step(step: int) -> None:
@@ -415,18 +462,7 @@ def _train(pipe, examples, data, run, cfg, accelerator, weight_dtype, resume, pr
     dataset = ImageCaptions(examples, tokenizer, cfg.center_crop, cfg.resolution)
     scaling = vae.config.scaling_factor
     if cfg.cache_latents:
-        latents = []
-        with torch.no_grad():
-            for i in tqdm(
-                range(len(dataset)),
-                desc="caching latents",
-                unit="img",
-                disable=not (progress and main),
-                leave=False,
-            ):
-                pixels = dataset.pixels(i).unsqueeze(0).to(device)
-                latents.append(vae.encode(pixels).latent_dist.mean[0].cpu() * scaling)
-        dataset.latents = latents
+        dataset.latents = _cache_latents(vae, dataset, cfg, device, progress and main)
         vae.to("cpu")  # not needed again until sampling
     sampler = BucketBatchSampler(examples, cfg.batch_size, cfg.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate)
@@ -723,6 +759,10 @@ def _save_final(
         "ss_steps": str(steps),
         "ss_seed": str(cfg.seed),
         "ss_clip_skip": str(cfg.clip_skip),
+        "ss_enable_bucket": str(cfg.buckets and not cfg.center_crop),
+        "ss_bucket_no_upscale": str(not cfg.bucket_upscale),
+        "ss_cache_latents": str(cfg.cache_latents),
+        "ss_mixed_precision": cfg.mixed_precision,
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
         "ss_sd_model_name": identity[0],
         "ss_new_sd_model_hash": identity[1],
@@ -741,6 +781,7 @@ def _save_final(
         "fulora_buckets": sorted({f"{e.bucket[0]}x{e.bucket[1]}" for e in examples}),
         # the most common training bucket: generation's default size
         "fulora_size": "x".join(map(str, Counter(e.bucket for e in examples).most_common(1)[0][0])),
+        "fulora_targets": cfg.targets,
         "fulora_config": to_dict(cfg),
     }
     save_lora_files(
@@ -787,15 +828,24 @@ def _sample_grid(out, step, pipe, accelerator, unet, text_encoder, examples, cfg
     te_m.eval()
     with torch.no_grad(), accelerator.autocast():
         for caption in planes.values():
+            # Both halves of classifier-free guidance at the training clip skip, as kohya does.
+            positive, negative = prompt_embeddings(
+                pipe.tokenizer,
+                te_m,
+                caption,
+                "" if cfg.sample_guidance > 1 else None,
+                cfg.clip_skip,
+                device,
+            )
             generator = torch.Generator().manual_seed(cfg.sample_seed)
             result = sampler(
-                caption,
+                prompt_embeds=positive,
+                negative_prompt_embeds=negative,
                 height=height,
                 width=width,
                 num_inference_steps=cfg.sample_steps,
                 guidance_scale=cfg.sample_guidance,
                 generator=generator,
-                clip_skip=cfg.clip_skip - 1 if cfg.clip_skip > 1 else None,
                 output_type="np",
             )
             images.append((result.images[0] * 255).round().astype(np.uint8))

@@ -1,0 +1,515 @@
+"""Parity with the paper's tools, checked against code fulora did not write.
+
+* **kohya-ss sd-scripts** (what trained the paper's LoRAs). The answers below were recorded by
+  running kohya's own code, commit 48d368fa of github.com/kohya-ss/sd-scripts, on this
+  project's inputs: ``library/train_util.py`` ``BucketManager.select_bucket`` and
+  ``library/model_util.py`` ``make_bucket_resolutions`` for the bucket tables, and
+  ``networks/lora.py`` ``create_network(1.0, 128, 128, None, text_encoder, unet)`` on kohya's own
+  SD1.5 UNet (``library/original_unet.py``) and the CLIP ViT-L/14 text encoder, built on the meta
+  device, for the module names and parameter count. None of kohya's code is in this repository.
+* **plain diffusers** (``StableDiffusionPipeline.load_lora_weights`` / ``set_adapters`` /
+  ``fuse_lora``), loading the files fulora writes.
+* **transformers** CLIP hidden states, for clip skip as kohya and AUTOMATIC1111 define it
+  (hidden state ``n`` layers from the end, then the final layer norm).
+* **diffusers' scheduler overview**, for AUTOMATIC1111 sampler names, and AUTOMATIC1111's
+  ``modules/shared_options.py`` for its UniPC defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from fulora.config import load_config
+from fulora.lora.buckets import make_buckets, select_bucket
+from fulora.lora.targets import kohya_module_name
+from fulora.lora.train import LoraTrainConfig, add_lora_adapters, build_examples
+
+REPO = Path(__file__).resolve().parents[1]
+
+# --------------------------------------------------------------------------------------------
+# Buckets: kohya's BucketManager answers, (resolution, step, upscale, image size) ->
+# (bucket, resized size). upscale=False is kohya's bucket_no_upscale (the paper's setting);
+# upscale=True uses kohya's fixed bucket list with min/max bucket sides 256/1024 at 512 px and
+# 256/1536 at 768 px. The eleven 512/64 sizes from (384, 259) to (1495, 787) are the sizes of
+# the paper's 100 LoRA images.
+# --------------------------------------------------------------------------------------------
+KOHYA_BUCKETS = [
+    (512, 64, False, (64, 64), (64, 64), (64, 64)),
+    (512, 64, False, (100, 90), (64, 64), (100, 90)),
+    (512, 64, False, (300, 800), (256, 768), (300, 800)),
+    (512, 64, False, (384, 259), (384, 256), (384, 259)),
+    (512, 64, False, (480, 640), (384, 512), (384, 512)),
+    (512, 64, False, (500, 2000), (256, 1024), (256, 1024)),
+    (512, 64, False, (512, 512), (512, 512), (512, 512)),
+    (512, 64, False, (513, 511), (512, 448), (513, 511)),
+    (512, 64, False, (640, 392), (640, 384), (640, 392)),
+    (512, 64, False, (640, 480), (512, 384), (512, 384)),
+    (512, 64, False, (647, 381), (640, 320), (647, 381)),
+    (512, 64, False, (692, 480), (576, 384), (576, 400)),
+    (512, 64, False, (740, 448), (640, 384), (640, 387)),
+    (512, 64, False, (768, 519), (576, 384), (576, 389)),
+    (512, 64, False, (777, 333), (768, 320), (777, 333)),
+    (512, 64, False, (800, 600), (512, 384), (512, 384)),
+    (512, 64, False, (959, 661), (576, 384), (576, 397)),
+    (512, 64, False, (961, 498), (576, 320), (618, 320)),
+    (512, 64, False, (961, 663), (576, 384), (576, 397)),
+    (512, 64, False, (1024, 1024), (512, 512), (512, 512)),
+    (512, 64, False, (1137, 787), (576, 384), (576, 399)),
+    (512, 64, False, (1280, 720), (640, 384), (683, 384)),
+    (512, 64, False, (1495, 787), (576, 320), (608, 320)),
+    (512, 64, False, (1920, 1080), (640, 384), (683, 384)),
+    (512, 64, False, (2000, 500), (1024, 256), (1024, 256)),
+    (512, 64, True, (64, 64), (512, 512), (512, 512)),
+    (512, 64, True, (100, 90), (512, 512), (569, 512)),
+    (512, 64, True, (300, 800), (320, 768), (320, 853)),
+    (512, 64, True, (384, 259), (640, 384), (640, 432)),
+    (512, 64, True, (480, 640), (448, 576), (448, 597)),
+    (512, 64, True, (500, 2000), (256, 1024), (256, 1024)),
+    (512, 64, True, (512, 512), (512, 512), (512, 512)),
+    (512, 64, True, (513, 511), (512, 512), (514, 512)),
+    (512, 64, True, (640, 392), (640, 384), (640, 392)),
+    (512, 64, True, (640, 480), (576, 448), (597, 448)),
+    (512, 64, True, (647, 381), (640, 384), (652, 384)),
+    (512, 64, True, (692, 480), (576, 448), (646, 448)),
+    (512, 64, True, (740, 448), (640, 384), (640, 387)),
+    (512, 64, True, (768, 519), (640, 384), (640, 433)),
+    (512, 64, True, (777, 333), (768, 320), (768, 329)),
+    (512, 64, True, (800, 600), (576, 448), (597, 448)),
+    (512, 64, True, (959, 661), (576, 448), (650, 448)),
+    (512, 64, True, (961, 498), (640, 384), (741, 384)),
+    (512, 64, True, (961, 663), (576, 448), (649, 448)),
+    (512, 64, True, (1024, 1024), (512, 512), (512, 512)),
+    (512, 64, True, (1137, 787), (576, 448), (647, 448)),
+    (512, 64, True, (1280, 720), (640, 384), (683, 384)),
+    (512, 64, True, (1495, 787), (640, 384), (729, 384)),
+    (512, 64, True, (1920, 1080), (640, 384), (683, 384)),
+    (512, 64, True, (2000, 500), (1024, 256), (1024, 256)),
+    (768, 32, False, (64, 64), (64, 64), (64, 64)),
+    (768, 32, False, (100, 90), (96, 64), (100, 90)),
+    (768, 32, False, (300, 800), (288, 800), (300, 800)),
+    (768, 32, False, (480, 640), (480, 640), (480, 640)),
+    (768, 32, False, (500, 2000), (384, 1536), (384, 1536)),
+    (768, 32, False, (512, 512), (512, 512), (512, 512)),
+    (768, 32, False, (513, 511), (512, 480), (513, 511)),
+    (768, 32, False, (640, 480), (640, 480), (640, 480)),
+    (768, 32, False, (777, 333), (768, 320), (777, 333)),
+    (768, 32, False, (800, 600), (800, 576), (800, 600)),
+    (768, 32, False, (1024, 1024), (768, 768), (768, 768)),
+    (768, 32, False, (1280, 720), (1024, 576), (1024, 576)),
+    (768, 32, False, (1920, 1080), (1024, 576), (1024, 576)),
+    (768, 32, False, (2000, 500), (1536, 384), (1536, 384)),
+    (768, 32, True, (64, 64), (768, 768), (768, 768)),
+    (768, 32, True, (100, 90), (800, 736), (818, 736)),
+    (768, 32, True, (300, 800), (448, 1248), (468, 1248)),
+    (768, 32, True, (480, 640), (672, 864), (672, 896)),
+    (768, 32, True, (500, 2000), (384, 1536), (384, 1536)),
+    (768, 32, True, (512, 512), (768, 768), (768, 768)),
+    (768, 32, True, (513, 511), (768, 768), (771, 768)),
+    (768, 32, True, (640, 480), (864, 672), (896, 672)),
+    (768, 32, True, (777, 333), (1152, 512), (1195, 512)),
+    (768, 32, True, (800, 600), (864, 672), (896, 672)),
+    (768, 32, True, (1024, 1024), (768, 768), (768, 768)),
+    (768, 32, True, (1280, 720), (1024, 576), (1024, 576)),
+    (768, 32, True, (1920, 1080), (1024, 576), (1024, 576)),
+    (768, 32, True, (2000, 500), (1536, 384), (1536, 384)),
+]
+# kohya's make_bucket_resolutions((512, 512), 256, 1024, 64)
+KOHYA_BUCKET_LIST_512 = [
+    (256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640),
+    (448, 576), (512, 512), (576, 448), (640, 384), (704, 320), (768, 320), (832, 256),
+    (896, 256), (960, 256), (1024, 256),
+]  # fmt: skip
+# kohya's buckets of the paper's 100 images with the paper's config (bucket_no_upscale).
+KOHYA_PAPER_BUCKETS = {(576, 384): 66, (640, 384): 28, (576, 320): 3, (384, 256): 2, (640, 320): 1}
+
+
+@pytest.mark.parametrize(
+    ("resolution", "step", "upscale", "size", "bucket", "resized"), KOHYA_BUCKETS
+)
+def test_buckets_equal_kohyas(resolution, step, upscale, size, bucket, resized):
+    max_side = 1024 if resolution == 512 else 1536
+    choice = select_bucket(
+        size,
+        resolution=resolution,
+        step=step,
+        upscale=upscale,
+        buckets=make_buckets(resolution, step, min_side=256, max_side=max_side),
+    )
+    assert (choice.bucket, choice.resized) == (bucket, resized)
+
+
+def test_bucket_list_equals_kohyas():
+    assert make_buckets(512, 64, min_side=256, max_side=1024) == KOHYA_BUCKET_LIST_512
+
+
+def test_paper_images_land_in_kohyas_buckets(sample_data):
+    from fulora.data.readers import read_any
+
+    cfg = load_config(LoraTrainConfig, REPO / "configs" / "lora-paper.yaml")
+    examples = build_examples(read_any(sample_data / "spain_lora_train"), cfg)
+    assert len(examples) == 100
+    assert Counter(e.bucket for e in examples) == KOHYA_PAPER_BUCKETS
+    # the generation default follows: the most common training bucket
+    assert Counter(e.bucket for e in examples).most_common(1)[0][0] == (576, 384)
+
+
+# --------------------------------------------------------------------------------------------
+# Which modules get a LoRA: kohya's networks/lora.py on SD1.5, rank 128, alpha 128.
+# --------------------------------------------------------------------------------------------
+KOHYA_SD15_MODULES = {
+    "unet": (192, "bdfc29d0bf3d9ac65c7fa59ebed1e95ebdcacaa740eb561446353b489c14244c"),
+    "text_encoder": (72, "8da961b9692b4294b54cc39cbeef6b3917cc9450df998138dca1ff9f56c308ee"),
+}  # count and sha256 of kohya's lora_name list, sorted and joined by newlines
+KOHYA_SD15_PARAMS = 75_497_472
+# The attention-only set on SD1.5 (diffusers' LoRA example scripts): 128 + 48 modules.
+ATTENTION_SD15 = ({"unet": 128, "text_encoder": 48}, 34_947_072)
+
+
+def _lora_layers_sd15(preset: str) -> dict[str, list[str]]:
+    """Module names wrapped by the paper recipe on SD1.5's architecture, built on meta."""
+    from accelerate import init_empty_weights
+    from peft.tuners.lora import LoraLayer
+
+    from fulora.lora.tiny import sd15_components
+
+    cfg = load_config(LoraTrainConfig, REPO / "configs" / "lora-paper.yaml")
+    assert (cfg.rank, cfg.alpha, cfg.targets) == (128, 128.0, "kohya")
+    cfg.targets = preset
+    with init_empty_weights():
+        parts = sd15_components()
+        add_lora_adapters(parts["unet"], parts["text_encoder"], cfg)
+    out = {}
+    for part in ("unet", "text_encoder"):
+        model = parts[part]
+        out[part] = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+        out[f"{part}_params"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return out
+
+
+def test_paper_recipe_wraps_kohyas_modules_on_sd15():
+    layers = _lora_layers_sd15("kohya")
+    for part, (count, digest) in KOHYA_SD15_MODULES.items():
+        names = sorted(kohya_module_name(part, n) for n in layers[part])
+        assert len(names) == count
+        assert hashlib.sha256("\n".join(names).encode()).hexdigest() == digest, part
+    assert layers["unet_params"] + layers["text_encoder_params"] == KOHYA_SD15_PARAMS
+    assert "down_blocks.0.attentions.0.proj_in" in layers["unet"]
+    assert "mid_block.attentions.0.transformer_blocks.0.ff.net.2" in layers["unet"]
+    assert "text_model.encoder.layers.11.mlp.fc1" in layers["text_encoder"]
+
+
+def test_attention_only_is_a_named_option():
+    layers = _lora_layers_sd15("attention")
+    counts, params = ATTENTION_SD15
+    assert {p: len(layers[p]) for p in counts} == counts
+    assert layers["unet_params"] + layers["text_encoder_params"] == params
+    assert not any(n.endswith(("ff.net.2", "proj_in", "fc1")) for p in counts for n in layers[p])
+
+
+def _lora_weights(tiny_model, **cfg) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    pipe = _pipe(tiny_model)
+    add_lora_adapters(pipe.unet, pipe.text_encoder, LoraTrainConfig(rank=8, alpha=8, **cfg))
+    named = [
+        (n, p.detach()) for m in (pipe.unet, pipe.text_encoder) for n, p in m.named_parameters()
+    ]
+    return [p for n, p in named if "lora_A" in n], [p for n, p in named if "lora_B" in n]
+
+
+def test_lora_init_is_kohyas(tiny_model):
+    """kohya: down = kaiming_uniform_(a=sqrt(5)), so |w| <= 1/sqrt(fan_in); up = 0."""
+    downs, ups = _lora_weights(tiny_model)
+    assert len(downs) == 48 + 18 and all(float(p.abs().max()) == 0.0 for p in ups)
+    for weight in downs:
+        bound = 1 / weight[0].numel() ** 0.5  # fan_in = in_features (x 1 x 1 for a 1x1 conv)
+        assert 0.5 * bound < float(weight.abs().max()) <= bound + 1e-7
+
+
+def test_gaussian_init_is_a_named_option(tiny_model):
+    downs, ups = _lora_weights(tiny_model, init="gaussian")  # peft: down ~ N(0, 1/rank)
+    assert all(float(p.abs().max()) == 0.0 for p in ups)
+    assert abs(float(torch.cat([p.flatten() for p in downs]).std()) - 1 / 8) < 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# Files fulora writes, loaded by plain diffusers.
+# --------------------------------------------------------------------------------------------
+RANK, ALPHA, SCALE = 8, 4.0, 0.5
+
+
+def _pipe(tiny_model):
+    return StableDiffusionPipeline.from_pretrained(
+        tiny_model, safety_checker=None, requires_safety_checker=False
+    )
+
+
+def _outputs(pipe):
+    """Text-encoder hidden states and UNet output on fixed inputs (fp32, CPU)."""
+    ids = pipe.tokenizer(
+        ["a photo of fetal brain"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0]
+        latents = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+        unet_out = pipe.unet(latents, torch.tensor([500]), hidden).sample
+    return hidden, unet_out
+
+
+@pytest.fixture(scope="module")
+def saved_lora(tiny_model, tmp_path_factory):
+    """fulora's files for the default targets, rank 8, alpha 4, random (non-zero) weights, and
+    the in-memory model's outputs at scale 0.5 (its up matrices halved)."""
+    from fulora.lora.formats import save_lora_files
+
+    pipe = _pipe(tiny_model)
+    unet_lora, te_lora = add_lora_adapters(
+        pipe.unet, pipe.text_encoder, LoraTrainConfig(rank=RANK, alpha=ALPHA)
+    )
+    generator = torch.Generator().manual_seed(1)
+    for module in (pipe.unet, pipe.text_encoder):
+        for name, param in module.named_parameters():
+            if "lora_" in name:
+                param.data = torch.randn(param.shape, generator=generator) * 0.2
+    out = tmp_path_factory.mktemp("parity") / "lora"
+    save_lora_files(
+        out, pipe.unet, pipe.text_encoder, unet_lora, te_lora, output_name="k", save_dtype="fp32"
+    )
+    for module in (pipe.unet, pipe.text_encoder):
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                param.data *= SCALE
+    return out, _outputs(pipe)
+
+
+@pytest.mark.parametrize("which", ["k.safetensors", "."], ids=["kohya-file", "diffusers-folder"])
+def test_plain_diffusers_loads_the_whole_lora(saved_lora, tiny_model, which):
+    from peft.tuners.lora import LoraLayer
+
+    folder, (hidden, unet_out) = saved_lora
+    pipe = _pipe(tiny_model)
+    base_hidden, base_unet = _outputs(pipe)
+    pipe.load_lora_weights(str((folder / which).resolve()), adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[SCALE])
+    wrapped = {
+        part: sum(isinstance(m, LoraLayer) for m in getattr(pipe, part).modules())
+        for part in ("unet", "text_encoder")
+    }
+    assert wrapped == {"unet": 48, "text_encoder": 18}  # every module, not a silent subset
+    new_hidden, new_unet = _outputs(pipe)
+    assert (base_unet - unet_out).abs().max() > 1e-2  # the LoRA matters...
+    torch.testing.assert_close(new_hidden, hidden, atol=1e-5, rtol=1e-5)  # ...and survives
+    torch.testing.assert_close(new_unet, unet_out, atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_file_uses_one_naming_scheme(saved_lora):
+    tensors = load_file(str(saved_lora[0] / "pytorch_lora_weights.safetensors"))
+    assert all(
+        k.startswith(("unet.", "text_encoder.")) and (".lora_A." in k or ".lora_B." in k)
+        for k in tensors
+    )
+    assert sum(".lora_A." in k for k in tensors) == 48 + 18
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["adapter", "fused"])
+def test_scale_is_applied_once(saved_lora, tiny_model, fuse):
+    """scale s: every wrapped layer computes (W + s * alpha/rank * up @ down) x, from the file."""
+    from fulora.lora.formats import load_lora_into
+
+    folder, _ = saved_lora
+    kohya = load_file(str(folder / "k.safetensors"))
+    base = _pipe(tiny_model)
+    pipe = _pipe(tiny_model)
+    load_lora_into(pipe, folder / "k.safetensors", scale=0.8, fuse=fuse)
+    for part, name in [
+        ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"),
+        ("unet", "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj"),
+        ("unet", "down_blocks.0.attentions.0.proj_in"),  # a 1x1 convolution
+        ("text_encoder", "text_model.encoder.layers.1.mlp.fc2"),
+    ]:
+        key = kohya_module_name(part, name)
+        up, down = kohya[f"{key}.lora_up.weight"], kohya[f"{key}.lora_down.weight"]
+        alpha = float(kohya[f"{key}.alpha"])
+        assert alpha == ALPHA and down.shape[0] == RANK
+        original = getattr(base, part).get_submodule(name)
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(original.weight.shape)
+        expected = original.weight + 0.8 * (alpha / RANK) * delta
+        module = getattr(pipe, part).get_submodule(name)
+        if original.weight.dim() == 2:
+            x = torch.randn(2, original.weight.shape[1])
+            reference = F.linear(x, expected, original.bias)
+        else:
+            x = torch.randn(2, original.weight.shape[1], 3, 3)
+            reference = F.conv2d(x, expected, original.bias)
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), reference, atol=1e-5, rtol=1e-5)
+        if fuse:
+            torch.testing.assert_close(module.weight, expected, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Clip skip: both halves of classifier-free guidance, as kohya and AUTOMATIC1111 encode them.
+# --------------------------------------------------------------------------------------------
+def _clip_reference(tiny_model, texts: list[str], clip_skip: int) -> torch.Tensor:
+    """transformers' CLIP: hidden state clip_skip layers from the end, then the final norm."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
+    model = CLIPTextModel.from_pretrained(tiny_model / "text_encoder")
+    ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+        return model.text_model.final_layer_norm(states[-clip_skip])
+
+
+def _capture_unet_conditioning(monkeypatch, module) -> list[torch.Tensor]:
+    """Record the encoder_hidden_states of every UNet call of pipelines ``module`` loads."""
+    seen: list[torch.Tensor] = []
+    original = module.load_pipeline
+
+    def load(*args, **kwargs):
+        pipe = original(*args, **kwargs)
+        pipe.unet.register_forward_pre_hook(
+            lambda _m, args, kwargs: seen.append(
+                (kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)).clone()
+            ),
+            with_kwargs=True,
+        )
+        return pipe
+
+    monkeypatch.setattr(module, "load_pipeline", load)
+    return seen
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_generation_encodes_the_negative_prompt_at_the_same_clip_skip(
+    tiny_model, tmp_path, monkeypatch, clip_skip
+):
+    from fulora.generate import run as generate_module
+
+    seen = _capture_unet_conditioning(monkeypatch, generate_module)
+    cfg = generate_module.GenerateConfig(
+        base=str(tiny_model),
+        planes=["brain"],
+        per_class=1,
+        steps=2,
+        width=32,
+        height=32,
+        negative_prompt="blurry image",
+        clip_skip=clip_skip,
+        device="cpu",
+        contact_sheet=0,
+    )
+    generate_module.generate(tmp_path / "gen", cfg, progress=False)
+    negative, positive = seen[0].chunk(2)  # diffusers stacks [unconditional, conditional]
+    expected = _clip_reference(tiny_model, ["blurry image", "a photo of fetal brain"], clip_skip)
+    torch.testing.assert_close(negative[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(positive[0], expected[1], atol=1e-5, rtol=1e-5)
+
+
+def test_training_samples_encode_the_empty_prompt_at_the_training_clip_skip(
+    tiny_model, lora_images, tmp_path, monkeypatch
+):
+    from fulora.data.readers import read_any
+    from fulora.lora import train as train_module
+
+    seen = _capture_unet_conditioning(monkeypatch, train_module)
+    cfg = LoraTrainConfig(
+        base=str(tiny_model),
+        rank=4,
+        alpha=4,
+        resolution=64,
+        bucket_step=16,
+        repeats=1,
+        max_steps=1,
+        optimizer="adamw",
+        train_text_encoder=False,  # the text encoder stays the base one: a fixed reference
+        sample_steps=1,
+        clip_skip=2,
+    )
+    train_module.train_lora(read_any(lora_images), tmp_path / "run", cfg, progress=False)
+    sampling = [h for h in seen if h.shape[0] == 2]  # CFG calls; training calls have batch 1
+    assert sampling
+    expected = _clip_reference(tiny_model, [""], 2)[0]
+    for hidden in sampling:
+        torch.testing.assert_close(hidden[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_takes_clip_skip_from_the_lora(trained_lora, tiny_model):
+    from fulora.generate.run import GenerateConfig, plan
+    from fulora.lora.formats import read_lora
+
+    assert read_lora(trained_lora / "phantom_lora.safetensors").metadata["ss_clip_skip"] == "2"
+    common = dict(base=str(tiny_model), lora=str(trained_lora))
+    assert plan(GenerateConfig(**common)).clip_skip == 2
+    assert plan(GenerateConfig(**common, clip_skip=1)).clip_skip == 1
+    assert plan(GenerateConfig(base=str(tiny_model))).clip_skip == 1  # A1111's default
+
+
+# --------------------------------------------------------------------------------------------
+# Cached latents: kohya caches vae.encode(x).latent_dist.sample(), not the mean.
+# --------------------------------------------------------------------------------------------
+def test_cached_latents_are_draws_from_the_vae_distribution(tiny_model):
+    from fulora.lora.train import _cache_latents
+
+    vae = _pipe(tiny_model).vae
+    images = [
+        torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(3)
+    ]
+
+    class Pixels:
+        def __len__(self):
+            return len(images)
+
+        def pixels(self, i):
+            return images[i]
+
+    scaling = vae.config.scaling_factor
+    draws = _cache_latents(vae, Pixels(), LoraTrainConfig(), "cpu", False)
+    again = _cache_latents(vae, Pixels(), LoraTrainConfig(), "cpu", False)
+    means = _cache_latents(vae, Pixels(), LoraTrainConfig(cached_latent="mean"), "cpu", False)
+    for i, image in enumerate(images):
+        with torch.no_grad():
+            dist = vae.encode(image[None]).latent_dist
+        torch.testing.assert_close(means[i], dist.mean[0] * scaling)
+        z = (draws[i] / scaling - dist.mean[0]) / dist.std[0]  # a standard normal draw
+        assert abs(float(z.mean())) < 0.3 and 0.7 < float(z.std()) < 1.3
+        torch.testing.assert_close(draws[i], again[i])  # seeded: a rerun caches the same
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers by AUTOMATIC1111's names (diffusers' scheduler overview maps them).
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("a1111", "scheduler", "settings"),
+    [
+        ("Euler a", "EulerAncestralDiscreteScheduler", {"timestep_spacing": "linspace"}),
+        ("Euler", "EulerDiscreteScheduler", {"timestep_spacing": "linspace"}),
+        ("UniPC", "UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3}),
+        ("DPM++ 2M Karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+        ("DPM++ 2M", "DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
+        ("DDIM", "DDIMScheduler", {}),
+        ("PLMS", "PNDMScheduler", {}),
+    ],
+)
+def test_a1111_sampler_names(tiny_model, a1111, scheduler, settings):
+    from fulora.generate.samplers import display_name, make_scheduler, resolve_sampler
+
+    made = make_scheduler(a1111, _pipe(tiny_model).scheduler.config)
+    assert type(made).__name__ == scheduler
+    assert {k: made.config[k] for k in settings} == settings
+    assert display_name(resolve_sampler(a1111)) == a1111
+
+
+def test_unknown_sampler_lists_both_kinds_of_names():
+    from fulora.errors import ConfigError
+    from fulora.generate.samplers import resolve_sampler
+
+    with pytest.raises(ConfigError, match=r"euler_a \('Euler a'\)"):
+        resolve_sampler("Euler b")
