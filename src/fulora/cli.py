@@ -279,6 +279,21 @@ def _cmd_lora_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_foundation_build(args: argparse.Namespace) -> int:
+    from fulora.config import load_config
+    from fulora.foundation.build import FoundationConfig, build_foundation
+
+    cfg = load_config(FoundationConfig, args.config, args.set, values={"seed": args.seed})
+    record = build_foundation(args.out, cfg)
+    seconds = record.get("build_seconds", {})
+    print(
+        f"\nfoundation model in {args.out}: VAE {seconds.get('vae')} s, "
+        f"UNet {seconds.get('unet')} s; "
+        f"final losses {record.get('final_loss')}; card: {Path(args.out) / 'MODEL_CARD.md'}"
+    )
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from fulora.config import load_config
     from fulora.generate.run import GenerateConfig, generate
@@ -550,6 +565,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_lora_tiny_model)
 
+    foundation = stages.add_parser("foundation", help="the tiny foundation model fulora ships")
+    foundation_cmds = foundation.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = foundation_cmds.add_parser(
+        "build",
+        help="pretrain it from nothing on the phantom corpus (resumable)",
+        description="The recipe is configs/foundation.yaml; the result is a diffusers folder "
+        "with MODEL_CARD.md. fulora ships one as fulora:phantom-sd.",
+    )
+    p.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="YAML recipe (keys of FoundationConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_foundation_build)
+
     from fulora.generate.samplers import SAMPLERS
 
     p = stages.add_parser("generate", help="generate a labelled synthetic dataset with a LoRA")
@@ -652,7 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stages.add_parser("demo", help="run fulora end to end on embedded phantom data")
     p.add_argument("--out", default="demo-run", help="output folder (default demo-run)")
-    p.add_argument("--per-class", type=int, default=24, help="phantom images per plane")
+    p.add_argument(
+        "--per-class", type=int, default=20, help="phantom images per plane (the paper: ~20)"
+    )
     p.add_argument("--synthetic-per-class", type=int, default=60, help="synthetic images per plane")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")

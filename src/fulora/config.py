@@ -4,15 +4,23 @@ Unknown keys are rejected with the key and the file named; values are converted 
 type (``int``, ``float``, ``bool``, ``str``, ``Path``, ``Literal``, ``X | None``, ``list[X]``,
 ``tuple[X, ...]`` and nested dataclasses) and a wrong value names the key and the expected type.
 The resolved configuration is saved as YAML in every run folder.
+
+Every config class derives from :class:`Checked`: constructing one (from YAML, the CLI, the
+experiment runner, ``--dry-run`` or Python) checks every enum value and every number against the
+class's ``RANGES`` table and its cross-field ``check``, so a bad value fails before any work with
+a message naming the key, the value and what is allowed. ``tests/test_config_ranges.py`` fails
+when a numeric field has no range.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
@@ -20,6 +28,101 @@ from fulora.errors import ConfigError
 from fulora.io import write_text
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric config field (``None``: unbounded on that side)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself not allowed
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (
+            value > self.high or (self.high_open and value == self.high)
+        )
+
+    def describe(self) -> str:
+        """``at least 1``, ``greater than 0``, ``in [0, 1)`` and so on."""
+        if self.high is None:
+            return f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
+        if self.low is None:
+            return f"{'less than' if self.high_open else 'at most'} {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1)  # [0, 1]
+FRACTION_BELOW_1 = Range(0, 1, high_open=True)  # [0, 1)
+SEED = Range(0, 2**63 - 1)  # what torch.manual_seed accepts
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+class Checked:
+    """Base of every config dataclass: each field is checked when an instance is made.
+
+    Subclasses list the range of every numeric field in ``RANGES`` (a ``list[int]`` field's
+    range applies to each item) and put rules that tie fields together in :meth:`check`.
+    """
+
+    RANGES: ClassVar[dict[str, Range]] = {}
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def check(self) -> None:
+        """Rules across fields; raise :class:`ConfigError` naming the keys."""
+
+
+def validate(cfg: Any) -> None:
+    """Check enum values, number ranges and the class's cross-field rules of a config.
+
+    Raises:
+        ConfigError: Naming the key, the value and what is allowed.
+    """
+    hints = typing.get_type_hints(type(cfg))
+    ranges = getattr(cfg, "RANGES", {})
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        _convert(value, hints[f.name], f.name, "")  # enum values and types
+        allowed = ranges.get(f.name)
+        items = value if isinstance(value, list | tuple) else [value]
+        for item in items:
+            if allowed is not None and isinstance(item, int | float) and item not in allowed:
+                raise ConfigError(f"{f.name!r} must be {allowed.describe()}, got {item!r}")
+        if f.name == "device" and isinstance(value, str) and not _DEVICE.fullmatch(value):
+            raise ConfigError(f"'device' must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    if isinstance(cfg, Checked):
+        cfg.check()
+
+
+def require_device(name: str) -> None:
+    """Fail fast when ``name`` asks for hardware this machine lacks (``auto`` always works).
+
+    Raises:
+        ConfigError: For ``cuda``/``cuda:N``/``mps`` without that device.
+    """
+    import torch
+
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            raise ConfigError(
+                f"device {name!r}: this machine has {count} CUDA device(s); use --device auto "
+                "(the GPU when there is one) or --device cpu"
+            )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps': not available here; use --device auto or --device cpu")
 
 
 def _type_name(tp: Any) -> str:
@@ -155,6 +258,9 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "", prefix: s
     }
     try:
         return cls(**kwargs)
+    except ConfigError as err:  # a range or cross-field check: say where the value came from
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}{_prefixed(str(err), prefix)}") from None
     except TypeError as err:
         missing = [
             n
@@ -165,6 +271,13 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "", prefix: s
         ]
         keys = ", ".join(prefix + m for m in missing)
         raise ConfigError(f"{source or 'config'}: missing required key(s) {keys}") from err
+
+
+def _prefixed(message: str, prefix: str) -> str:
+    """Put a nested key's dotted prefix on the key a message starts with."""
+    if prefix and message.startswith("'"):
+        return "'" + prefix + message[1:]
+    return message
 
 
 def to_dict(cfg: Any) -> Any:

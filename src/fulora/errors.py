@@ -26,10 +26,18 @@ class ImageLoadError(DataError):
         self.row = row
         where = f" (manifest row {row})" if row is not None else ""
         super().__init__(
-            f"cannot read image {self.path}{where}: {reason}. Replace or remove the file, "
-            "or skip unreadable images with on_error='skip' (CLI: --on-bad-image skip)."
+            f"cannot read image {self.path}{where}: {reason}. Replace the file or remove its "
+            "row; `fulora data inspect FOLDER_OR_CSV` lists every unreadable image at once."
         )
 
 
 class DownloadError(FuloraError):
     """A download failed or its checksum did not match."""
+
+
+class FolderInUseError(FuloraError):
+    """Another fulora process is writing the same run or experiment folder."""
+
+
+class WriteError(FuloraError):
+    """A file could not be written: full disk, read-only file system, no permission."""

@@ -7,13 +7,28 @@ place, so an interrupted run never leaves a half-written file under the final na
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from fulora.errors import ConfigError, WriteError
+
+logger = logging.getLogger("fulora")
+
+_REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
 
 
 def _umask() -> int:
@@ -24,6 +39,66 @@ def _umask() -> int:
 
 # mkstemp creates files readable by their owner only; final files get the usual permissions.
 _FILE_MODE = 0o666 & ~_umask()
+
+
+def _reason(err: BaseException, folder: Path) -> str | None:
+    """Why a write failed, in words, or None for errors that are not the file system's."""
+    if isinstance(err, OSError) and err.errno in _REASONS:
+        return f"{_REASONS[err.errno]} ({errno.errorcode[err.errno]})"
+    if isinstance(err, RuntimeError) and "inline_container" in str(err):  # torch.save's writer
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < 1 << 20:
+                return "the disk is full (torch.save could not finish the file)"
+        return f"torch.save could not finish the file ({str(err).splitlines()[0]})"
+    return None
+
+
+@contextlib.contextmanager
+def write_errors(path: str | Path) -> Iterator[None]:
+    """Turn a full disk, a read-only file system or a refused permission into a WriteError.
+
+    The message (also logged, so it reaches the run's ``log.txt``) names the file and says that
+    what was there before is intact: every write goes to a temporary file first.
+    """
+    path = Path(path)
+    try:
+        yield
+    except WriteError:
+        raise
+    except (OSError, RuntimeError) as err:
+        reason = _reason(err, path.parent)
+        if reason is None:
+            raise
+        kept = f"the previous {path.name} is" if path.is_file() else "earlier files are"
+        message = (
+            f"could not write {path}: {reason}. Nothing was lost: {kept} as it was, with "
+            "earlier checkpoints (fulora writes to a temporary file and renames it). Free "
+            "space or fix the folder, then run the same command again to resume."
+        )
+        logger.error(message)
+        raise WriteError(message) from err
+
+
+def check_writable_folder(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it, before any work.
+
+    Raises:
+        ConfigError: If ``folder`` is an existing file.
+        WriteError: If it cannot be created or written (read-only, no permission, disk full).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file, not a folder; give --out a folder path")
+    with write_errors(folder / ".fulora-write-test"):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fulora-write-test.", dir=folder)
+        try:
+            os.write(fd, b"fulora")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    return folder
 
 
 @contextlib.contextmanager
@@ -40,22 +115,23 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, _FILE_MODE)
-    try:
-        if "b" not in mode:
-            kwargs.setdefault("encoding", "utf-8")
-        with open(tmp, mode, **kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, _FILE_MODE)
+        try:
+            if "b" not in mode:
+                kwargs.setdefault("encoding", "utf-8")
+            with open(tmp, mode, **kwargs) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 @contextlib.contextmanager
@@ -66,19 +142,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     still work. It is renamed onto ``path`` when the block succeeds and removed otherwise.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
-    os.close(fd)
-    os.chmod(tmp, _FILE_MODE)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+        )
+        os.close(fd)
+        os.chmod(tmp, _FILE_MODE)
+        try:
+            yield Path(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def write_text(path: str | Path, text: str) -> None:

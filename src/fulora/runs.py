@@ -3,13 +3,19 @@
 A run folder holds ``config.yaml`` (the resolved config), its outputs, ``log.txt`` and a
 ``done.json`` written last. ``done.json`` records what finished, when, and the hashes of the
 inputs, so that resuming and the experiment runner can tell finished work from partial work.
+
+One writer per folder: :meth:`RunDir.start` takes an exclusive lock (:class:`FolderLock`)
+that a second process, or a second run in the same process, cannot take until the first
+finishes or dies.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
+import socket
 import sys
 import time
 from datetime import UTC, datetime
@@ -17,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from fulora.config import save_config
-from fulora.io import write_json
+from fulora.errors import FolderInUseError
+from fulora.io import check_writable_folder, write_json
 
 logger = logging.getLogger("fulora")
 
@@ -25,6 +32,77 @@ logger = logging.getLogger("fulora")
 def now_iso() -> str:
     """The current UTC time, ISO 8601, to the second."""
     return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+class FolderLock:
+    """An exclusive lock on a folder, held from :meth:`acquire` until :meth:`release`.
+
+    The lock is an OS file lock (``filelock``, ``flock`` on POSIX) on ``.fulora.lock``: the OS
+    drops it when the holding process dies, even by SIGKILL, so a crash never leaves the
+    folder locked. Who holds it (pid, host, command, since when) is in ``.fulora.lock.json``,
+    for the second writer's message; finding that file while the lock is free means the last
+    holder died, and the new holder takes over with a warning.
+    """
+
+    def __init__(self, folder: str | Path):
+        from filelock import FileLock
+
+        self.folder = Path(folder)
+        self.info_file = self.folder / ".fulora.lock.json"
+        self._lock = FileLock(self.folder / ".fulora.lock", timeout=0)
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._lock.is_locked
+
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds (or last held) the lock, from ``.fulora.lock.json``."""
+        try:
+            return json.loads(self.info_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self, command: str) -> None:
+        """Take the lock, or raise :class:`FolderInUseError` naming its holder."""
+        from filelock import Timeout
+
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise FolderInUseError(_in_use_message(self.folder, self.holder())) from None
+        stale = self.holder()
+        if stale is not None:
+            logger.warning(
+                "%s: taking over the lock left by pid %s on %s (%s, since %s); that process "
+                "is gone",
+                self.folder,
+                stale.get("pid"),
+                stale.get("host"),
+                stale.get("command") or "?",
+                stale.get("since"),
+            )
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
+        write_json(self.info_file, info | {"since": now_iso()})
+
+    def release(self) -> None:
+        """Give the lock back (a no-op when not held)."""
+        if self.held:
+            self.info_file.unlink(missing_ok=True)
+            self._lock.release(force=True)
+
+
+def _in_use_message(folder: Path, holder: dict[str, Any] | None) -> str:
+    who = "another fulora process"
+    if holder:
+        who = (
+            f"pid {holder.get('pid')} on {holder.get('host')} "
+            f"({holder.get('command') or 'fulora'}, since {holder.get('since')})"
+        )
+    return (
+        f"{folder} is being written by {who}. Wait for that run to finish, or give this one "
+        "another --out folder."
+    )
 
 
 class RunDir:
@@ -36,11 +114,11 @@ class RunDir:
     """
 
     def __init__(self, path: str | Path, command: str = ""):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = check_writable_folder(path)
         self.command = command
         self.started = time.time()
         self._handler: logging.Handler | None = None
+        self._lock = FolderLock(self.path)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -76,8 +154,23 @@ class RunDir:
         new = to_dict(config)
         return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
+    def lock(self) -> RunDir:
+        """Take the folder's exclusive lock (:class:`FolderLock`) until :meth:`close`.
+
+        Raises:
+            FolderInUseError: Another run holds it.
+        """
+        if not self._lock.held:
+            self._lock.acquire(self.command or " ".join(sys.argv))
+        return self
+
     def start(self, config: Any | None = None) -> RunDir:
-        """Save the resolved config, remove a stale completion marker and start logging to file."""
+        """Lock the folder, save the resolved config, drop a stale completion marker, log to file.
+
+        Raises:
+            FolderInUseError: Another run is writing this folder; nothing was written.
+        """
+        self.lock()
         if config is not None:
             save_config(config, self.path / "config.yaml")
         self.done_file.unlink(missing_ok=True)
@@ -107,8 +200,9 @@ class RunDir:
         return record
 
     def close(self) -> None:
-        """Stop logging to this run's ``log.txt``."""
+        """Stop logging to this run's ``log.txt`` and release the folder's lock."""
         if self._handler is not None:
             logger.removeHandler(self._handler)
             self._handler.close()
             self._handler = None
+        self._lock.release()

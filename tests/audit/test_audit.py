@@ -124,7 +124,7 @@ def test_filter_keeps_and_drops_the_right_rows(world, audited):
 
 
 def test_confidence_rule(world, tmp_path):
-    cfg = AuditConfig(classifier=str(world["clf"]), device="cpu", min_confidence=1.01)
+    cfg = AuditConfig(classifier=str(world["clf"]), device="cpu", min_confidence=1.0)
     result = audit(world["synthetic"], world["train"], tmp_path, cfg)
     assert result["filtering"]["kept"] == 0 and "memorisation" not in result
 

@@ -215,3 +215,81 @@ def test_zip_paths_cannot_escape(server, tmp_path):
             "fu-lora-sample", tmp_path / "d", url=server.url + "/evil.zip", progress=False
         )
     assert not (tmp_path / "evil.txt").exists()
+
+
+# --- Downloads that lie (issue 13, class 6) ---------------------------------------------------
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends
+
+
+def test_a_closed_port_says_refused_and_claims_no_partial_file(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("fulora.data.download.time.sleep", lambda s: None)
+    url = f"http://127.0.0.1:{_closed_port()}/data.zip"
+    with pytest.raises(DownloadError) as err:
+        fetch(url, tmp_path / "data.zip", retries=2, progress=False)
+    message = str(err.value)
+    assert "connection refused" in message and "nothing was downloaded" in message
+    assert "partial" not in message and "resuming" not in caplog.text
+    assert "retrying" in caplog.text
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_server_that_never_answers_fails_in_seconds(tmp_path):
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts connections (the kernel does) and never answers
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/data.zip"
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match=r"no answer within 1 s \(timed out\)"):
+            fetch(url, tmp_path / "data.zip", retries=5, timeout=1, max_stall=2, progress=False)
+        assert time.monotonic() - started < 10
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "checksum", ["sha256:abc", "sha256:" + "g" * 64, "crc32:1234", "md5:" + "0" * 64]
+)
+def test_malformed_checksums_are_refused_before_downloading(server, tmp_path, checksum):
+    from fulora.errors import ConfigError
+
+    server.files["/f"] = b"hello"
+    with pytest.raises(ConfigError, match="checksum"):
+        fetch(server.url + "/f", tmp_path / "f", checksum=checksum, progress=False)
+    assert server.requests == []
+
+
+def test_a_wrong_pin_says_so_and_keeps_nothing(server, tmp_path):
+    server.files["/main.zip"] = _zip_with_african_layout()
+    actual = hashlib.sha256(server.files["/main.zip"]).hexdigest()
+    with pytest.raises(DownloadError) as err:
+        download_dataset(
+            "fu-lora-sample",
+            tmp_path,
+            url=server.url + "/main.zip",
+            sha256="1" * 64,
+            progress=False,
+        )
+    message = str(err.value)
+    assert f"got sha256:{actual}" in message and "pin the new value with --sha256" in message
+    assert "run the same command again" not in message
+    assert not list((tmp_path / ".downloads").iterdir())
+
+
+def test_an_html_page_instead_of_the_archive_is_not_kept(server, tmp_path):
+    server.files["/main.zip"] = b"<!DOCTYPE html><html><body>Sign in</body></html>"
+    with pytest.raises(DownloadError, match="an HTML page .* not a zip archive"):
+        download_dataset("fu-lora-sample", tmp_path, url=server.url + "/main.zip", progress=False)
+    assert not list((tmp_path / ".downloads").iterdir())
+    with pytest.raises(DownloadError, match="not a zip"):  # and is not reused by the next run
+        download_dataset("fu-lora-sample", tmp_path, url=server.url + "/main.zip", progress=False)

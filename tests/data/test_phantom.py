@@ -7,7 +7,7 @@ from PIL import Image
 from fulora.cli import main
 from fulora.data.phantom import PHANTOM_PLANES, STYLES, PhantomConfig, generate_phantom, render
 from fulora.data.readers import read_any, read_plane_folders
-from fulora.errors import DataError
+from fulora.errors import ConfigError, DataError
 
 
 @pytest.mark.parametrize("plane", PHANTOM_PLANES)
@@ -67,7 +67,7 @@ def test_generate_writes_a_training_folder_and_resumes(tmp_path):
 def test_bad_config():
     with pytest.raises(DataError, match="draws .*not cervix"):
         generate_phantom("/tmp/x", PhantomConfig(planes=["cervix"]))
-    with pytest.raises(DataError, match="at least 1"):
+    with pytest.raises(ConfigError, match="'per_class' must be at least 1, got 0"):
         generate_phantom("/tmp/x", PhantomConfig(per_class=0))
 
 

@@ -81,6 +81,7 @@ def test_rerun_skips_change_reruns_and_from(experiment_config, tmp_path, capsys)
 
     again = run_experiment(load_experiment(path), out)
     assert again["ran"] == 0 and again["skipped"] == 6
+    assert not (out / "superseded").exists()  # nothing changed: nothing to keep
     assert _mtimes(out, "synthetic/r4/*/*.png") == images
 
     # A classifier setting changed: classifiers and evaluations rerun, LoRA and images do not;
@@ -90,7 +91,15 @@ def test_rerun_skips_change_reruns_and_from(experiment_config, tmp_path, capsys)
     assert third["ran"] == 4 and third["skipped"] == 2
     assert _mtimes(out, "lora/r4/*.safetensors") == lora
     assert _mtimes(out, "synthetic/r4/*/*.png") == images
-    assert len(list((out / "superseded").iterdir())) == 4
+    kept = sorted(p.name for p in (out / "superseded").iterdir())
+    assert len([k for k in kept if not k.startswith("experiment-")]) == 4
+    # ... and so are the experiment's own config, plan, tables and report of the run before.
+    (previous,) = [out / "superseded" / k for k in kept if k.startswith("experiment-")]
+    assert {"config.yaml", "done.json", "plan.csv", "results"} <= {
+        p.name for p in previous.iterdir()
+    }
+    assert "epochs: 3" not in (previous / "config.yaml").read_text()
+    assert (out / "results" / "results.csv").is_file() and (out / "done.json").is_file()
     assert (
         json.loads((out / "classify/ES/tiny_cnn/seed-0/done.json").read_text())["epochs_run"] == 3
     )
@@ -142,3 +151,80 @@ def test_killed_mid_generation_resumes_without_redoing_work(experiment_config, t
     done = json.loads((out / "synthetic/r4/done.json").read_text())
     assert done["images"] == 60
     assert (out / "done.json").is_file() and (out / "results" / "results.csv").is_file()
+
+
+def test_a_second_experiment_run_into_the_same_folder_stops_before_writing(
+    experiment_config, tmp_path
+):
+    import pytest
+
+    from fulora.errors import FolderInUseError
+    from fulora.runs import RunDir
+
+    path = write_config(tmp_path / "exp.yaml", experiment_config)
+    out = tmp_path / "run"
+    holder = RunDir(out, command="fulora experiment run (the first)").start()
+    before = sorted(p.name for p in out.iterdir())  # the lock files and the holder's log
+    try:
+        with pytest.raises(FolderInUseError, match="the first"):
+            run_experiment(load_experiment(path), out)
+        assert sorted(p.name for p in out.iterdir()) == before
+    finally:
+        holder.close()
+
+
+def test_an_interrupted_stage_says_whether_it_resumes_or_restarts(tmp_path):
+    from fulora.experiment.runner import Stage, _partial_word
+
+    cases = [  # kind, files the interrupted stage left, what the runner says
+        ("lora", [], "restarting (no checkpoint)"),
+        ("lora", ["checkpoints/step-20/adapter.safetensors"], "resuming"),
+        ("classify", ["config.yaml"], "restarting (no checkpoint)"),
+        ("classify", ["last.pt"], "resuming"),
+        ("generate", [], "restarting (no checkpoint)"),
+        ("generate", ["brain/00000-1.png"], "resuming"),
+        ("audit", [], "rerunning"),
+    ]
+    for i, (kind, files, word) in enumerate(cases):
+        folder = tmp_path / str(i)
+        for name in files:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(b"")
+        assert _partial_word(Stage(kind, kind, folder, "k", lambda: None)) == word, (kind, files)
+
+
+def test_inputs_changed_in_place_make_their_stages_stale(
+    experiment_config, phantom_domains, tmp_path
+):
+    """Patient ids rewritten, or an image's pixels replaced: the stages reading them rerun."""
+    import shutil
+
+    from fulora.experiment.runner import plan_experiment
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_domains, data)
+    experiment_config["data"] = {
+        "lora": [str(data / "source")],
+        "train": [str(data / "source")],
+        "targets": {"target": str(data / "target")},
+    }
+    path = write_config(tmp_path / "exp.yaml", experiment_config)
+
+    def keys():
+        plan = plan_experiment(load_experiment(path), tmp_path / "run")
+        return {s.name: s.key for s in plan.stages}
+
+    before = keys()
+    assert keys() == before  # nothing changed, nothing stale
+    manifest = data / "source" / "manifest.csv"
+    frame = pd.read_csv(manifest)
+    frame.assign(patient=frame["patient"].astype(str) + "-b").to_csv(manifest, index=False)
+    patients = keys()
+    assert patients["classify/ES/tiny_cnn/seed-0"] != before["classify/ES/tiny_cnn/seed-0"]
+    assert patients["lora/r4"] == before["lora/r4"]  # LoRA training reads no patient ids
+    target = sorted((data / "target").glob("brain/*.png"))
+    shutil.copyfile(target[1], target[0])  # the target cohort: same path, other pixels
+    pixels = keys()
+    evaluations = [name for name in pixels if name.startswith("evaluate/")]
+    assert evaluations and all(pixels[n] != patients[n] for n in evaluations)
+    assert pixels["lora/r4"] == patients["lora/r4"]

@@ -119,7 +119,7 @@ def test_rgb_option_and_bad_options(tiny_model, tmp_path):
         generate(tmp_path / "b", _cfg(tiny_model), only=["brain"], progress=False)
     with pytest.raises(ConfigError, match="has 6 per plane"):
         generate(tmp_path / "c", _cfg(tiny_model), only=["brain:9"], progress=False)
-    with pytest.raises(ConfigError, match="multiples of 8"):
+    with pytest.raises(ConfigError, match="'width' must be a multiple of 8, got 81"):
         generate(tmp_path / "d", _cfg(tiny_model, width=81), progress=False)
 
 

@@ -37,6 +37,7 @@ from fulora.audit.memorisation import (  # noqa: E402
     same_image_or_patient,
     ssim_nearest,
 )
+from fulora.config import AT_LEAST_0, AT_LEAST_1, FRACTION, SEED, Checked, Range
 from fulora.data.manifest import Manifest  # noqa: E402
 from fulora.errors import ConfigError, DataError  # noqa: E402
 from fulora.io import atomic_open, write_json  # noqa: E402
@@ -53,8 +54,21 @@ logger = logging.getLogger("fulora")
 
 
 @dataclass
-class AuditConfig:
+class AuditConfig(Checked):
     """Configuration of ``fulora audit``."""
+
+    RANGES = {
+        "image_size": Range(16),  # SSIM's 11-px window needs room
+        "shortlist": AT_LEAST_1,
+        "near_copy_ssim": Range(-1, 1),
+        "near_copy_cosine": Range(-1, 1),
+        "kid_subsets": AT_LEAST_1,
+        "kid_subset_size": Range(2),
+        "prc_neighborhood": AT_LEAST_1,
+        "min_confidence": FRACTION,
+        "gallery": AT_LEAST_0,
+        "seed": SEED,
+    }
 
     extractor: Literal["auto", "classifier", "inception"] = "auto"  # auto: classifier if given
     classifier: str | None = None  # a `fulora classify train` run trained on real images

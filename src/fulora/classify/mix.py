@@ -66,7 +66,7 @@ def mix_manifests(
     Raises:
         DataError: If nothing is left, or the synthetic images cannot meet the ratio.
     """
-    combined = Manifest.concat(list(manifests))
+    combined = Manifest.concat(list(manifests)).drop_duplicate_paths("training")
     keep = combined.frame["label"].isin(list(classes)).to_numpy()
     if (~keep).any():
         dropped = combined.subset(~keep).counts("label")

@@ -213,6 +213,7 @@ def create_model(
     *,
     pretrained: bool = True,
     weights: str | Path | None = None,
+    log: bool = True,
 ) -> tuple[nn.Module, ModelInfo]:
     """Build a classifier.
 
@@ -223,6 +224,7 @@ def create_model(
         pretrained: Start from ImageNet weights (cache or download). Ignored with ``weights``.
         weights: A state dict file (``.pt``/``.pth``/``.safetensors``) to load instead; a
             classifier head of another size is left at its fresh initialisation.
+        log: Log which weights it starts from (off when the caller loads its own next).
 
     Returns:
         The model and a :class:`ModelInfo` recording which weights were loaded.
@@ -240,7 +242,8 @@ def create_model(
         weights_id = _load_weights_file(model, Path(weights))
     input_size = 224 if arch == "vit_b_16" else None
     info = ModelInfo(arch=arch, weights=weights_id or "none (random init)", input_size=input_size)
-    logger.info("model %s, %s", arch, info.weights)
+    if log:
+        logger.info("model %s, %s", arch, info.weights)
     return model, info
 
 

@@ -34,6 +34,16 @@ from tqdm.auto import tqdm
 
 from fulora.classify.mix import is_synthetic, mix_manifests
 from fulora.classify.registry import create_model, resolve_arch
+from fulora.config import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    FRACTION_BELOW_1,
+    POSITIVE,
+    SEED,
+    Checked,
+    Range,
+    require_device,
+)
 from fulora.data.cache import PreprocessCache, default_cache_dir
 from fulora.data.dataset import ManifestDataset
 from fulora.data.manifest import Manifest
@@ -50,8 +60,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
-class ClassifyConfig:
+class ClassifyConfig(Checked):
     """Configuration of ``fulora classify train`` (defaults: the paper's protocol)."""
+
+    RANGES = {
+        "image_size": Range(8),
+        "batch_size": AT_LEAST_1,
+        "epochs": AT_LEAST_1,
+        "lr": POSITIVE,
+        "momentum": FRACTION_BELOW_1,
+        "weight_decay": AT_LEAST_0,
+        "label_smoothing": FRACTION_BELOW_1,
+        "val_fraction": FRACTION_BELOW_1,  # of patients; 0: no validation split
+        "early_stopping": AT_LEAST_0,  # epochs without improvement; 0: off
+        "max_per_class": AT_LEAST_1,
+        "max_synthetic_per_class": AT_LEAST_0,
+        "synthetic_ratio": FRACTION_BELOW_1,  # share of synthetic images in the set
+        "seed": SEED,
+        "num_workers": AT_LEAST_0,
+    }
 
     arch: str = "resnet18"
     pretrained: bool = True
@@ -88,7 +115,8 @@ class ClassifyConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU; a device this machine lacks is an error."""
+    require_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -211,6 +239,7 @@ def train_classifier(
         DataError: For empty sets, unknown labels, missing or unreadable images.
     """
     out = Path(out)
+    require_device(cfg.device)
     cfg.arch = resolve_arch(cfg.arch)
     run = RunDir(out, command="fulora classify train")
     changed = run.changed_config_keys(cfg)
@@ -484,8 +513,11 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu"):
             f"no trained model at {path}; pass the run folder of `fulora classify train`"
         )
     state = torch.load(path, map_location="cpu", weights_only=False)
-    model, _ = create_model(state["arch"], len(state["classes"]), pretrained=False)
+    model, _ = create_model(state["arch"], len(state["classes"]), pretrained=False, log=False)
     model.load_state_dict(state["model"])
+    logger.info(
+        "model %s, trained weights from %s (epoch %s)", state["arch"], path, state.get("epoch")
+    )
     model.to(device).eval()
     meta = {k: v for k, v in state.items() if k != "model"}
     return model, meta

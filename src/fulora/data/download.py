@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from fulora.data.manifest import Manifest
-from fulora.errors import DataError, DownloadError
+from fulora.errors import ConfigError, DataError, DownloadError
 from fulora.io import file_hash, write_json
 from fulora.runs import now_iso
 
@@ -99,14 +99,22 @@ def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
+#: Seconds to wait for a connection or for the next bytes; then the attempt counts as failed.
+TIMEOUT = 15.0
+#: Seconds a download may go without receiving a byte, over all its attempts.
+MAX_STALL = 60.0
+
+
 def fetch(
     url: str,
     dest: str | Path,
     *,
     checksum: str | None = None,
+    pinned: bool = False,
     size: int | None = None,
     retries: int = 3,
-    timeout: float = 60.0,
+    timeout: float = TIMEOUT,
+    max_stall: float = MAX_STALL,
     progress: bool = True,
 ) -> Path:
     """Download ``url`` to ``dest``, resuming a partial ``dest.part`` and verifying a checksum.
@@ -114,19 +122,25 @@ def fetch(
     Args:
         url: HTTP(S) URL.
         dest: Final file. Bytes arrive in ``dest`` + ``.part``, renamed once complete and verified.
-        checksum: ``md5:<hex>`` or ``sha256:<hex>``; a mismatch removes the download and raises.
+        checksum: ``md5:<hex>`` or ``sha256:<hex>``, checked for form before any transfer; a
+            file that does not match is removed, never kept.
+        pinned: The checksum is the user's (``--sha256``), not the host's: a mismatch may be
+            a wrong pin, and the message says so.
         size: Expected size in bytes, if known.
-        retries: How many times an interrupted transfer is resumed before giving up.
-        timeout: Socket timeout in seconds.
+        retries: How many times a failed transfer is retried (resumed, if bytes arrived).
+        timeout: Seconds to wait for a connection or for the next bytes.
+        max_stall: Seconds without any byte, over all attempts, before giving up.
         progress: Show a progress bar.
 
     Returns:
         ``dest``.
 
     Raises:
-        DownloadError: If the transfer keeps failing (the partial file is kept, so the same
-            call resumes later) or the checksum does not match.
+        ConfigError: If ``checksum`` is malformed.
+        DownloadError: Saying what happened (refused, timed out, host unknown, HTTP status,
+            closed early) and whether a partial file is kept to resume from.
     """
+    check_checksum(checksum)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_file() and checksum is None:
@@ -134,7 +148,7 @@ def fetch(
     if dest.is_file() and _matches(dest, checksum):
         return dest
     part = dest.with_name(dest.name + ".part")
-    attempt = 0
+    attempt, progress_at = 0, time.monotonic()
     while True:
         have = part.stat().st_size if part.exists() else 0
         try:
@@ -143,35 +157,84 @@ def fetch(
         except _NETWORK_ERRORS + (_ShortRead,) as err:
             attempt += 1
             got = part.stat().st_size if part.exists() else 0
-            if isinstance(err, urllib.error.HTTPError) and err.code not in (
-                408,
-                429,
-                500,
-                502,
-                503,
-                504,
-            ):
-                raise DownloadError(f"{url} answered HTTP {err.code} {err.reason}") from None
-            if attempt > retries:
+            what = _describe(err, timeout)
+            if isinstance(err, urllib.error.HTTPError) and err.code not in _RETRY_HTTP:
+                raise DownloadError(f"{url} answered {what}") from None
+            if got > have:
+                progress_at = time.monotonic()
+            if attempt > retries or time.monotonic() - progress_at > max_stall:
+                kept = (
+                    f"the partial file {part} ({got} bytes) is kept: run the same command "
+                    "again to resume"
+                    if got
+                    else "nothing was downloaded"
+                )
                 raise DownloadError(
-                    f"download of {url} stopped after {got} bytes ({err}); the partial file "
-                    f"{part} is kept: run the same command again to resume"
+                    f"download of {url} failed after {attempt} attempt(s): {what}; {kept}"
                 ) from None
             wait = min(30.0, 0.5 * 2**attempt)
-            logger.warning(
-                "download interrupted at %d bytes (%s); resuming in %.1fs", got, err, wait
-            )
+            again = f"resuming at {got} bytes" if got else "retrying"
+            logger.warning("download of %s: %s; %s in %.1fs", url, what, again, wait)
             time.sleep(wait)
-    if checksum is not None and not _matches(part, checksum):
-        actual = file_hash(part, checksum.split(":", 1)[0])
-        part.unlink()
-        raise DownloadError(
-            f"checksum mismatch for {dest.name} from {url}: expected {checksum}, got "
-            f"{checksum.split(':', 1)[0]}:{actual}. The corrupt download was removed; run the "
-            "command again, and report it if it happens twice"
-        )
+    _verify(part, url, checksum, pinned)
     os.replace(part, dest)
     return dest
+
+
+_RETRY_HTTP = (408, 429, 500, 502, 503, 504)
+
+
+def _describe(err: BaseException, timeout: float) -> str:
+    """What went wrong, in words: refused, timed out, unknown host, HTTP status, closed early."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused (nothing answers on that host and port)"
+    if isinstance(reason, socket.timeout | TimeoutError):
+        return f"no answer within {timeout:g} s (timed out)"
+    if isinstance(reason, socket.gaierror):
+        return f"host name not found ({reason.strerror or reason})"
+    return str(reason)
+
+
+def check_checksum(checksum: str | None) -> None:
+    """Reject a malformed ``algorithm:hex`` checksum before anything is downloaded.
+
+    Raises:
+        ConfigError: Naming the value and the form expected.
+    """
+    if checksum is None:
+        return
+    algorithm, _, digest = checksum.partition(":")
+    if algorithm not in ("md5", "sha1", "sha256", "sha512"):
+        raise ConfigError(f"checksum {checksum!r}: use md5:<hex> or sha256:<hex>")
+    length = hashlib.new(algorithm).digest_size * 2
+    if len(digest) != length or any(c not in "0123456789abcdefABCDEF" for c in digest):
+        raise ConfigError(
+            f"checksum {checksum!r}: a {algorithm} digest is {length} hexadecimal digits; "
+            f"got {len(digest)} characters"
+        )
+
+
+def _verify(part: Path, url: str, checksum: str | None, pinned: bool) -> None:
+    """Remove ``part`` and raise when it does not match ``checksum`` (never keep a bad file)."""
+    if checksum is None or _matches(part, checksum):
+        return
+    algorithm = checksum.split(":", 1)[0]
+    actual = f"{algorithm}:{file_hash(part, algorithm)}"
+    part.unlink()
+    advice = (
+        "If the host changed the file on purpose, pin the new value with --sha256; if not, "
+        "the download is corrupt."
+        if pinned
+        else "The host's own checksum does not match: the transfer was corrupted, or the "
+        "host's file changed; if a second try fails the same way, report it."
+    )
+    raise DownloadError(
+        f"checksum mismatch for {url}: expected {checksum}, got {actual}. The file was removed "
+        f"(a file that fails verification is never kept). {advice}"
+    )
 
 
 class _ShortRead(Exception):
@@ -230,12 +293,10 @@ def _matches(path: Path, checksum: str | None) -> bool:
     if checksum is None:
         return True
     algorithm, _, expected = checksum.partition(":")
-    if algorithm not in hashlib.algorithms_available or not expected:
-        raise DownloadError(f"unknown checksum {checksum!r}; use md5:<hex> or sha256:<hex>")
     return file_hash(path, algorithm) == expected.lower()
 
 
-def zenodo_files(record: str, api: str = ZENODO_API, timeout: float = 60.0) -> list[RemoteFile]:
+def zenodo_files(record: str, api: str = ZENODO_API, timeout: float = TIMEOUT) -> list[RemoteFile]:
     """The files of a Zenodo record, with their sizes, MD5 checksums and download links."""
     url = f"{api.rstrip('/')}/records/{record}"
     try:
@@ -243,7 +304,8 @@ def zenodo_files(record: str, api: str = ZENODO_API, timeout: float = 60.0) -> l
             data = json.loads(response.read().decode("utf-8"))
     except _NETWORK_ERRORS as err:
         raise DownloadError(
-            f"cannot reach {url} ({err}). Downloading needs network access; without it, "
+            f"cannot reach {url}: {_describe(err, timeout)}. Downloading needs network access; "
+            "without it, "
             f"download the record by hand from https://zenodo.org/records/{record} and point "
             "fulora at the unpacked folder"
         ) from None
@@ -265,6 +327,24 @@ def zenodo_files(record: str, api: str = ZENODO_API, timeout: float = 60.0) -> l
     if not files:
         raise DownloadError(f"Zenodo record {record} at {url} lists no files")
     return files
+
+
+def _check_archive(path: Path, remote: RemoteFile, expect_zip: bool) -> None:
+    """Remove and refuse a file that is not the kind expected (an HTML page for a zip)."""
+    if not (expect_zip or remote.name.lower().endswith(".zip")) or zipfile.is_zipfile(path):
+        return
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    path.unlink()
+    looks = (
+        "an HTML page (a login, error or redirect page?)"
+        if head.lstrip().lower().startswith((b"<!doctype html", b"<html"))
+        else f"{len(head)}+ bytes starting {head[:16]!r}"
+    )
+    raise DownloadError(
+        f"{remote.url} sent {looks}, not a zip archive; the file was removed. Check the URL "
+        "(--url) or download the archive by hand"
+    )
 
 
 def unpack(archive: Path, dest: Path, subdir: str | None = None) -> None:
@@ -353,6 +433,7 @@ def download_dataset(
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     source = DATASETS[name]
+    check_checksum(f"sha256:{sha256}" if sha256 else None)  # before any network traffic
     dest = Path(dest)
     downloads = dest / ".downloads"
     if source.zenodo_record:
@@ -380,10 +461,12 @@ def download_dataset(
             remote.url,
             downloads / remote.name,
             checksum=remote.checksum,
+            pinned=sha256 is not None,
             size=remote.size,
             retries=retries,
             progress=progress,
         )
+        _check_archive(target, remote, expect_zip=source.archive_subdir is not None)
         digest = file_hash(target, "sha256")
         record["files"].append(
             {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ import pandas as pd
 from fulora.errors import DataError
 from fulora.io import atomic_open
 from fulora.planes import PLANES, map_planes
+
+logger = logging.getLogger("fulora")
 
 #: Required columns, in file order.
 COLUMNS: tuple[str, ...] = ("path", "label", "split", "source", "domain", "patient")
@@ -272,12 +275,55 @@ class Manifest:
         """(row, path) of every image that does not exist."""
         return [(i, p) for i, p in enumerate(self.frame["path"]) if not os.path.isfile(p)]
 
-    def fingerprint(self) -> str:
-        """SHA-256 of the (path, label) pairs: identifies which images a stage used."""
-        digest = hashlib.sha256()
-        for path, label in sorted(zip(self.frame["path"], self.frame["label"], strict=True)):
-            digest.update(f"{path}\t{label}\n".encode())
+    def fingerprint(self, *, columns: Sequence[str] | None = None, content: bool = True) -> str:
+        """SHA-256 of the rows' values and of each image's bytes: what a stage read.
+
+        It changes when any value of ``columns`` changes (default: every column; a patient id,
+        a split, a label) or an image is replaced in place; row order does not matter. Content
+        hashes are remembered by (path, mtime, size) across runs (:mod:`fulora.data.hashes`),
+        so an unchanged dataset is not read again. ``content=False`` leaves the bytes out.
+        """
+        from fulora.data.hashes import content_hashes
+
+        frame = self.frame.astype(str)
+        columns = sorted(c for c in (columns or frame.columns) if c in frame.columns)
+        rows = ["\t".join(values) for values in frame[columns].itertuples(index=False)]
+        if content:
+            hashes = content_hashes(self.frame["path"])
+            rows = [f"{row}\t{h}" for row, h in zip(rows, hashes, strict=True)]
+        digest = hashlib.sha256("\t".join(columns).encode())
+        for row in sorted(rows):
+            digest.update(f"{row}\n".encode())
         return digest.hexdigest()
+
+    def drop_duplicate_paths(self, what: str = "training") -> Manifest:
+        """The manifest with each image once; warns naming the rows that repeated one.
+
+        Raises:
+            DataError: If one image appears with two different labels.
+        """
+        repeated = self.frame["path"].duplicated(keep="first")
+        if not repeated.any():
+            return self
+        labels = self.frame.groupby("path")["label"].nunique()
+        conflicting = labels[labels > 1]
+        if len(conflicting):
+            path = conflicting.index[0]
+            rows = list(np.flatnonzero((self.frame["path"] == path).to_numpy()))
+            raise DataError(
+                f"{path} appears in rows {rows} of {self.origin or 'the data'} with different "
+                "labels; keep one row per image"
+            )
+        rows = list(np.flatnonzero(repeated.to_numpy()))
+        logger.warning(
+            "%s: %d duplicate row(s) of images already listed (rows %s%s) are used once for %s",
+            self.origin or "the data",
+            len(rows),
+            ", ".join(map(str, rows[:10])),
+            ", ..." if len(rows) > 10 else "",
+            what,
+        )
+        return Manifest(self.frame[~repeated], origin=self.origin, validate=False)
 
     # -- transformations ----------------------------------------------------------------------
     def with_values(self, **columns: object) -> Manifest:

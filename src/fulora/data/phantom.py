@@ -12,6 +12,22 @@ shift on ``target``, which is what the demo and the fast tests need when no real
 
 Everything is deterministic: image ``index`` of plane ``p`` in domain ``d`` depends only on
 (seed, d, p, index).
+
+The premise, written down before any measurement (it mirrors the FU-LoRA paper's):
+
+* **The foundation model** (``fulora.foundation``, SD1.5's stand-in) is pretrained without
+  labels on a broad corpus: images from many simulated machines (each image its own machine,
+  drawn from wide ranges of sector, depth, speckle, gain, dynamic range, attenuation, noise,
+  blur and overlays) showing every kind of anatomy the phantom draws, captioned only by what a
+  machine looks like ("an ultrasound image, bright, coarse speckle, wide sector"), never by a
+  plane's name. The ``source`` and ``target`` machines are two points inside those ranges, as
+  Spanish and African scanners are inside SD1.5's web-scale world.
+* **The LoRA and the real-only classifiers** see 20 images per plane from one machine, the
+  ``source`` (the paper's 20 Spanish images per plane). The plane words are learnt there only.
+* **The zero-shot target** is the ``target`` machine, which neither the LoRA nor any
+  classifier ever sees (the paper's African cohort).
+
+The outcome (does synthetic data help on ``target``?) is measured in this world, not tuned.
 """
 
 from __future__ import annotations
@@ -28,6 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from fulora.config import AT_LEAST_1, SEED, Checked, Range
 from fulora.data.manifest import Manifest
 from fulora.errors import DataError
 from fulora.io import atomic_path, write_text
@@ -92,8 +109,10 @@ STYLES: dict[str, ScannerStyle] = {
 
 
 @dataclass
-class PhantomConfig:
+class PhantomConfig(Checked):
     """Configuration of ``fulora data phantom``."""
+
+    RANGES = {"per_class": AT_LEAST_1, "seed": SEED, "size": Range(32, 4096)}
 
     per_class: int = 20
     domain: Literal["source", "target", "both"] = "source"
@@ -418,7 +437,24 @@ def render(
         raise DataError(f"phantom domain must be source or target, not {domain!r}")
     style = STYLES[domain]
     rng = np.random.default_rng([seed, DOMAINS.index(domain), PHANTOM_PLANES.index(plane), index])
-    height, width = size or style.size
+    return form_image(plane, style, rng, size or style.size)
+
+
+def form_image(
+    plane: str, style: ScannerStyle, rng: np.random.Generator, size: tuple[int, int]
+) -> np.ndarray:
+    """Scan ``plane``'s anatomy with machine ``style``; every random draw comes from ``rng``.
+
+    Args:
+        plane: One of :data:`PHANTOM_PLANES`.
+        style: The machine.
+        rng: The image's random generator (anatomy, jitter, speckle, noise, text).
+        size: (height, width) of the screen.
+
+    Returns:
+        uint8 array (H, W), grayscale.
+    """
+    height, width = size
     half = math.radians(_jitter(rng, style.half_angle_deg, 0.08))
     depth = _jitter(rng, style.depth, 0.04)
     apex = style.apex + rng.uniform(-0.015, 0.015)

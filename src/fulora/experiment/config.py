@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fulora.classify.train import ClassifyConfig
-from fulora.config import apply_overrides, from_dict, read_yaml_mapping
+from fulora.config import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    SEED,
+    Checked,
+    apply_overrides,
+    from_dict,
+    read_yaml_mapping,
+)
 from fulora.errors import ConfigError
 from fulora.generate.run import GenerateConfig
 from fulora.lora.base import DEFAULT_BASE
@@ -34,7 +42,7 @@ REGIME_KEYS = ("synthetic", "filtered", "real")
 
 
 @dataclass
-class DataSource:
+class DataSource(Checked):
     """Images read with :func:`fulora.data.readers.read_any` (a folder, CSV or manifest)."""
 
     path: str
@@ -44,7 +52,7 @@ class DataSource:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     """The experiment's images."""
 
     lora: list[DataSource] = field(default_factory=list)  # LoRA fine-tuning images
@@ -54,7 +62,7 @@ class DataConfig:
 
 
 @dataclass
-class LoraStage:
+class LoraStage(Checked):
     """LoRA fine-tuning: shared settings plus named variants (e.g. ranks 8, 32, 128)."""
 
     recipe: str | None = None  # a `fulora lora train` YAML (e.g. configs/lora-paper.yaml)
@@ -63,15 +71,17 @@ class LoraStage:
 
 
 @dataclass
-class GenerateStage:
+class GenerateStage(Checked):
     """Generation with each LoRA variant (``base`` and ``lora`` are filled in)."""
 
     settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
-class ClassifyStage:
+class ClassifyStage(Checked):
     """The classifier grid: regimes x LoRA variants (synthetic regimes) x archs x seeds."""
+
+    RANGES = {"seeds": SEED}
 
     recipe: str | None = None  # a `fulora classify train` YAML (e.g. configs/classify-paper.yaml)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -84,15 +94,17 @@ class ClassifyStage:
 
 
 @dataclass
-class EvaluateStage:
+class EvaluateStage(Checked):
     """Zero-shot evaluation of every classifier on every target cohort."""
+
+    RANGES = {"n_bootstrap": AT_LEAST_0, "batch_size": AT_LEAST_1}
 
     n_bootstrap: int = 1000
     batch_size: int = 64
 
 
 @dataclass
-class AuditStage:
+class AuditStage(Checked):
     """The synthetic-data audit of each LoRA variant (needed by ``filtered`` regimes)."""
 
     enabled: bool | None = None  # None: only when a regime is filtered; true: always
@@ -101,8 +113,10 @@ class AuditStage:
 
 
 @dataclass
-class ReportStage:
+class ReportStage(Checked):
     """The HTML report (the experiment's last stage)."""
+
+    RANGES = {"grid_per_plane": AT_LEAST_0, "embedding_per_group": AT_LEAST_1}
 
     enabled: bool = True
     grid_per_plane: int = 6  # real and synthetic images shown per plane
@@ -112,7 +126,7 @@ class ReportStage:
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(Checked):
     """``fulora experiment run`` configuration."""
 
     name: str = "experiment"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fulora.classify.registry import create_model
-from fulora.config import to_dict
+from fulora.config import require_device, to_dict
 from fulora.data.manifest import Manifest
 from fulora.errors import ConfigError, FuloraError
 from fulora.experiment.config import (
@@ -38,6 +38,7 @@ from fulora.experiment.config import (
     regime_parts,
 )
 from fulora.io import write_json
+from fulora.lora.train import LORA_COLUMNS
 from fulora.planes import PLANES, check_planes
 from fulora.runs import RunDir, now_iso
 
@@ -88,6 +89,22 @@ class Stage:
         if key != self.key:
             return "stale"
         return "done" if (self.folder / "done.json").is_file() else "partial"
+
+
+#: Per stage kind, whether an interrupted stage left work it resumes from.
+_SAVED_WORK: dict[str, Callable[[Path], bool]] = {
+    "lora": lambda folder: any((folder / "checkpoints").glob("step-*")),
+    "classify": lambda folder: (folder / "last.pt").is_file(),
+    "generate": lambda folder: any(folder.glob("*/*.png")),
+}
+
+
+def _partial_word(stage: Stage) -> str:
+    """How an interrupted stage goes on: from its saved work, or from the start."""
+    saved = _SAVED_WORK.get(stage.kind)
+    if saved is None:
+        return "rerunning"
+    return "resuming" if saved(stage.folder) else "restarting (no checkpoint)"
 
 
 @dataclass
@@ -240,7 +257,11 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         folder = out / "lora" / slug(variant)
         assert lora_data is not None
         key = stage_key(
-            {"config": _config_payload(lcfg), "data": lora_data.fingerprint(), "base": cfg.base}
+            {
+                "config": _config_payload(lcfg),
+                "data": lora_data.fingerprint(columns=LORA_COLUMNS),
+                "base": cfg.base,
+            }
         )
         lora_keys[variant] = key
         plan.stages.append(
@@ -423,6 +444,30 @@ def _supersede(out: Path, folder: Path) -> None:
     logger.info("moved the outdated %s to %s", folder, target)
 
 
+#: The experiment's own outputs, rewritten by every run that changes anything.
+TOP_LEVEL_OUTPUTS = ("config.yaml", "done.json", "plan.csv", "data", "results", "report")
+
+
+def _supersede_outputs(out: Path) -> None:
+    """Move the previous run's own outputs to ``superseded/experiment-<time>/`` before a rerun.
+
+    Stage folders are superseded one by one when their key changes; this keeps the
+    experiment-level config, plan, data lists, tables and report of the run before, so that a
+    rerun never destroys a result.
+    """
+    present = [out / name for name in TOP_LEVEL_OUTPUTS if (out / name).exists()]
+    if not (out / "done.json").is_file() or not present:
+        return  # nothing finished before: the first run, or one that resumes
+    target = out / "superseded" / f"experiment-{time.strftime('%Y%m%d-%H%M%S')}"
+    if target.exists():
+        target = target.with_name(f"{target.name}-{time.time_ns()}")
+    target.mkdir(parents=True)
+    for path in present:
+        shutil.move(str(path), str(target / path.name))
+    logger.info("kept the previous run's %s in %s", ", ".join(p.name for p in present), target)
+    print(f"previous results, report and config kept in {target}")
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     out: str | Path,
@@ -449,6 +494,7 @@ def run_experiment(
     if from_stage is not None and from_stage not in STAGES:
         raise ConfigError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
     out = Path(out)
+    require_device(cfg.device)
     plan = plan_experiment(cfg, out)
     forced = set(STAGES[STAGES.index(from_stage) :]) if from_stage else set()
     states = {s.name: ("forced" if s.kind in forced else s.state()) for s in plan.stages}
@@ -464,7 +510,10 @@ def run_experiment(
             print(f"  {states[stage.name]:>7}  {stage.name}")
         return {"stages": states}
 
-    run = RunDir(out, command="fulora experiment run").start(cfg)
+    run = RunDir(out, command="fulora experiment run").lock()
+    if any(state != "done" for state in states.values()) or run.changed_config_keys(cfg):
+        _supersede_outputs(out)
+    run.start(cfg)
     _write_plan(plan, states)
     for name, manifest in (("train", plan.train), ("lora_train", plan.lora_data)):
         if manifest is not None:
@@ -483,7 +532,7 @@ def run_experiment(
                 continue
             if state in ("stale", "forced") and stage.folder.exists():
                 _supersede(out, stage.folder)
-            print(f"{prefix}: {'resuming' if state == 'partial' else 'running'}")
+            print(f"{prefix}: {_partial_word(stage) if state == 'partial' else 'running'}")
             stage.folder.mkdir(parents=True, exist_ok=True)
             write_json(
                 stage.folder / "stage.json",

@@ -31,11 +31,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
+from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, Range, require_device
 from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.samplers import display_name, make_scheduler, resolve_sampler
 from fulora.io import atomic_path, file_hash
-from fulora.lora.base import DEFAULT_BASE, base_identity, load_pipeline
+from fulora.lora.base import DEFAULT_BASE, base_identity, load_pipeline, native_size
 from fulora.planes import PAPER_CAPTIONS, PAPER_PLANES, check_planes
 from fulora.runs import RunDir, now_iso
 
@@ -43,8 +44,29 @@ logger = logging.getLogger("fulora")
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Checked):
     """Configuration of ``fulora generate``."""
+
+    RANGES = {
+        # A1111 users do use negative LoRA weights; past +-4 images break down.
+        "lora_scale": Range(-4, 4),
+        "per_class": AT_LEAST_1,
+        "clip_skip": Range(1, 12),
+        "steps": AT_LEAST_1,
+        "guidance": AT_LEAST_0,  # at most 1: no classifier-free guidance
+        "width": Range(8),
+        "height": Range(8),
+        "seed": SEED,
+        "batch_size": AT_LEAST_1,
+        "contact_sheet": AT_LEAST_0,
+    }
+
+    def check(self) -> None:
+        """The VAE needs sides that are multiples of 8."""
+        for key in ("width", "height"):
+            value = getattr(self, key)
+            if value is not None and value % 8:
+                raise ConfigError(f"{key!r} must be a multiple of 8, got {value}")
 
     base: str = DEFAULT_BASE
     base_config: str | None = None
@@ -149,11 +171,12 @@ def plan(cfg: GenerateConfig) -> _Plan:
         prompts[plane] = given.get(plane) or captions.get(plane) or PAPER_CAPTIONS[plane]
     width, height = cfg.width, cfg.height
     if width is None or height is None:
+        # the LoRA's commonest training bucket, else the base model's own size, else SD1.5's
         size = metadata.get("fulora_size", "")
         if "x" in size:
             w, h = (int(v) for v in size.split("x"))
         else:
-            w, h = 512, 512
+            w, h = native_size(cfg.base) or (512, 512)
         width, height = width or w, height or h
     if width % 8 or height % 8:
         raise ConfigError(f"width and height must be multiples of 8, got {width}x{height}")
@@ -243,10 +266,6 @@ def generate(
     """
     from accelerate import PartialState
 
-    from fulora import __version__
-    from fulora.lora.conditioning import prompt_embeddings
-    from fulora.lora.formats import load_lora_into
-
     out = Path(out)
     resolved = plan(cfg)
     changed = RunDir(out).changed_config_keys(cfg)
@@ -255,6 +274,7 @@ def generate(
             f"{out} already holds images made with another configuration "
             f"({', '.join(changed)} differ); use another --out folder"
         )
+    require_device(cfg.device)
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
@@ -263,8 +283,21 @@ def generate(
     batch = resolved.batch_size or _auto_batch(device, resolved.width, resolved.height)
     main = state.is_main_process
     run = RunDir(out, command="fulora generate")
-    if main and not only:
-        run.start(cfg)
+    if main:
+        run.lock() if only else run.start(cfg)  # one writer, even for --only
+    try:
+        return _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progress)
+    finally:
+        run.close()
+
+
+def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progress) -> dict:
+    """The body of :func:`generate` once the folder is locked: images, manifest, done.json."""
+    from fulora import __version__
+    from fulora.lora.conditioning import prompt_embeddings
+    from fulora.lora.formats import load_lora_into
+
+    out, main = run.path, state.is_main_process
 
     # Fixed batches: batch k of a plane is indices [k*batch, (k+1)*batch).
     batches = [

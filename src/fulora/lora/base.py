@@ -15,6 +15,7 @@ import torch
 
 from fulora.errors import ConfigError
 from fulora.io import file_hash
+from fulora.shipped import SHIPPED_MODELS, shipped_model
 
 logger = logging.getLogger("fulora")
 
@@ -61,7 +62,7 @@ def load_pipeline(
     from diffusers import StableDiffusionPipeline
 
     kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
-    text = str(base)
+    text = resolve_base(base)
     path = Path(text).expanduser()
     kind = _local_kind(text)
     if kind == "dir":
@@ -95,6 +96,27 @@ def load_pipeline(
     return StableDiffusionPipeline.from_pretrained(text, **kwargs)
 
 
+def resolve_base(base: str | Path) -> str:
+    """The path of a model fulora ships (``fulora:phantom-sd``), else ``base`` unchanged.
+
+    Raises:
+        ConfigError: For an unknown ``fulora:`` name, or a shipped model missing from this
+            installation.
+    """
+    text = str(base)
+    if not text.startswith("fulora:"):
+        return text
+    folder = shipped_model(text)
+    if folder is None:
+        raise ConfigError(f"unknown model {text!r}; fulora ships {', '.join(SHIPPED_MODELS)}")
+    if not (folder / "model_index.json").is_file():
+        raise ConfigError(
+            f"{text} is missing from this installation ({folder}); reinstall fulora, or "
+            "rebuild it: fulora foundation build --config configs/foundation.yaml --out DIR"
+        )
+    return str(folder)
+
+
 def _local_kind(text: str) -> str | None:
     """Say whether a base model is a local "dir", a local "file" or (None) a hub id.
 
@@ -124,7 +146,7 @@ def check_base(base: str | Path, config: str | Path | None = None) -> None:
     Raises:
         ConfigError: With the same advice as :func:`load_pipeline` when it cannot.
     """
-    text = str(base)
+    text = resolve_base(base)
     if _local_kind(text) is not None:
         return
     try:
@@ -142,9 +164,32 @@ def check_base(base: str | Path, config: str | Path | None = None) -> None:
         )
 
 
+def native_size(base: str | Path) -> tuple[int, int] | None:
+    """(width, height) a local diffusers model generates by default, or None if unknown.
+
+    diffusers' default: the UNet's ``sample_size`` (an int, or (height, width)) times the VAE's
+    downsampling factor. Only local folders are read (no download to learn a size).
+    """
+    import json
+
+    folder = Path(resolve_base(base)).expanduser()
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    size = unet.get("sample_size")
+    if isinstance(size, int):
+        return size * factor, size * factor
+    if isinstance(size, list | tuple) and len(size) == 2:
+        return int(size[1]) * factor, int(size[0]) * factor
+    return None
+
+
 def base_identity(base: str | Path) -> tuple[str, str]:
     """(name, sha256) of a base model: the file's hash, or the UNet weights' hash of a folder."""
-    text = str(base)
+    text = resolve_base(base)
     path = Path(text).expanduser()
     candidates: list[Path] = []
     if path.is_file():

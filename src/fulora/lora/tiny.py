@@ -49,27 +49,32 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
-def write_tiny_tokenizer(folder: str | Path) -> Path:
+def write_tiny_tokenizer(folder: str | Path, words: tuple[str, ...] = TINY_PROMPT_WORDS) -> Path:
     """Write ``vocab.json`` and ``merges.txt`` of a small CLIP BPE tokenizer into ``folder``.
 
     The vocabulary holds every byte (alone and word-final) plus merges that make each of
-    :data:`TINY_PROMPT_WORDS` one token, so the class prompts tokenise to whole words.
+    ``words`` (default :data:`TINY_PROMPT_WORDS`) one token, so the prompts tokenise to whole
+    words.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
     vocab_list = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    for word in TINY_PROMPT_WORDS:
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         while len(symbols) > 1:
-            pair = f"{symbols[0]} {symbols[1]}"
-            merged = symbols[0] + symbols[1]
-            if pair not in merges:
-                merges.append(pair)
-                if merged not in vocab_list:
-                    vocab_list.append(merged)
-            symbols = [merged] + symbols[2:]
+            # Do what BPE will do with this word: the best-ranked known merge first; only
+            # when none applies, a new merge (ranked last, so earlier words are unaffected).
+            pairs = list(zip(symbols, symbols[1:], strict=False))
+            known = [p for p in pairs if p in ranks]
+            pair = min(known, key=ranks.__getitem__) if known else pairs[0]
+            if pair not in ranks:
+                ranks[pair] = len(ranks)
+                vocab_list.append(pair[0] + pair[1])
+            k = pairs.index(pair)
+            symbols = symbols[:k] + [pair[0] + pair[1]] + symbols[k + 2 :]
+    merges = [f"{a} {b}" for a, b in sorted(ranks, key=ranks.__getitem__)]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
@@ -138,7 +143,7 @@ def tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> d
         prediction_type="epsilon",
         steps_offset=1,
     )
-    return _parts(unet, vae, text_encoder, tokenizer, scheduler)
+    return pipeline_parts(unet, vae, text_encoder, tokenizer, scheduler)
 
 
 def _tokenizer(folder: str | Path | None = None):
@@ -154,7 +159,8 @@ def _tokenizer(folder: str | Path | None = None):
     )
 
 
-def _parts(unet, vae, text_encoder, tokenizer, scheduler) -> dict:
+def pipeline_parts(unet, vae, text_encoder, tokenizer, scheduler) -> dict:
+    """The keyword arguments of ``StableDiffusionPipeline`` for these parts (no safety checker)."""
     return {
         "unet": unet,
         "vae": vae,
@@ -197,7 +203,7 @@ def sd15_components(seed: int = 0) -> dict:
     For speed and memory benchmarks: the cost of a step does not depend on the weights' values.
     The tokenizer is the tiny one (any token ids below CLIP's 49,408 do).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -248,14 +254,22 @@ def sd15_components(seed: int = 0) -> dict:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDPMScheduler(
+    return pipeline_parts(unet, vae, text_encoder, tokenizer, sd15_scheduler())
+
+
+def sd15_scheduler():
+    """A DDPM scheduler with SD1.5's noise schedule (scaled-linear betas 0.00085-0.012)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         num_train_timesteps=1000,
+        prediction_type="epsilon",
         steps_offset=1,
+        clip_sample=False,
     )
-    return _parts(unet, vae, text_encoder, tokenizer, scheduler)
 
 
 def save_sd15_random(out: str | Path, seed: int = 0) -> Path:

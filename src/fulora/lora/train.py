@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from fulora.config import to_dict
+from fulora.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, Checked, Range, to_dict
 from fulora.data.images import load_image
 from fulora.data.manifest import Manifest
 from fulora.errors import ConfigError, DataError
@@ -63,8 +63,47 @@ logger = logging.getLogger("fulora")
 
 
 @dataclass
-class LoraTrainConfig:
+class LoraTrainConfig(Checked):
     """Configuration of ``fulora lora train``; defaults follow the paper's kohya-ss recipe."""
+
+    RANGES = {
+        "rank": AT_LEAST_1,
+        "alpha": POSITIVE,
+        "unet_lr": POSITIVE,
+        "text_encoder_lr": AT_LEAST_0,  # 0: the text encoder's LoRA stays at its init
+        "lr_warmup_steps": AT_LEAST_0,
+        "weight_decay": AT_LEAST_0,
+        "max_grad_norm": AT_LEAST_0,  # 0: no clipping
+        "batch_size": AT_LEAST_1,
+        "repeats": AT_LEAST_1,
+        "epochs": AT_LEAST_1,
+        "max_steps": AT_LEAST_1,
+        "resolution": Range(8),
+        "bucket_step": Range(8),
+        "clip_skip": Range(1, 12),  # SD1.5's CLIP has 12 layers
+        "seed": SEED,
+        "noise_offset": Range(0, 1),
+        "snr_gamma": POSITIVE,
+        "checkpoint_every": AT_LEAST_0,
+        "keep_checkpoints": AT_LEAST_1,
+        "sample_every": AT_LEAST_0,
+        "sample_steps": AT_LEAST_1,
+        "sample_guidance": AT_LEAST_0,
+        "sample_seed": SEED,
+    }
+
+    def check(self) -> None:
+        """Buckets need a step that divides into the resolution (kohya: multiples of 8)."""
+        if self.bucket_step % 8 or self.resolution % 8:
+            raise ConfigError(
+                f"'resolution' ({self.resolution}) and 'bucket_step' ({self.bucket_step}) must "
+                "be multiples of 8"
+            )
+        if self.buckets and self.bucket_step > self.resolution:
+            raise ConfigError(
+                f"'bucket_step' ({self.bucket_step}) must be at most 'resolution' "
+                f"({self.resolution}); set bucket_step to {min(64, self.resolution)}"
+            )
 
     base: str = DEFAULT_BASE
     base_config: str | None = None  # configs for a single-file base offline
@@ -118,6 +157,10 @@ class LoraTrainConfig:
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
+#: The manifest columns LoRA training reads (with the images' bytes): its data fingerprint.
+LORA_COLUMNS = ("path", "label", "caption", "repeats")
+
+
 @dataclass
 class Example:
     """One training image with its caption and bucket."""
@@ -169,6 +212,7 @@ def build_examples(manifest: Manifest, cfg: LoraTrainConfig) -> list[Example]:
 
     if len(manifest) == 0:
         raise DataError(f"no training images in {manifest.origin or 'the data'}")
+    manifest = manifest.drop_duplicate_paths("LoRA training (use repeats to weight an image)")
     captions = captions_for(manifest, cfg)
     repeats = manifest.frame["repeats"] if "repeats" in manifest.frame.columns else None
     out = []

@@ -31,6 +31,7 @@ from fulora.io import atomic_open  # noqa: E402
 from fulora.planes import PLANES  # noqa: E402
 from fulora.report.figures import image_grid, save_figure, thumbnail  # noqa: E402
 from fulora.runs import now_iso  # noqa: E402
+from fulora.shipped import shipped_model  # noqa: E402
 
 logger = logging.getLogger("fulora")
 
@@ -260,7 +261,14 @@ def build_report(run_dir: str | Path) -> Path:
         "Stages": f"{len(finished)} of {len(stages)} finished"
         + (f", last at {finished[-1]}" if finished else ""),
         "Compute time": f"{compute / 60:.1f} min (sum over stages, all runs)",
-        "Base model": cfg.base + (" (tiny, random weights)" if tiny else ""),
+        "Base model": cfg.base
+        + (" (tiny, random weights)" if tiny else "")
+        + (
+            " (fulora's tiny foundation model, pretrained on phantom ultrasound: SD1.5's "
+            "stand-in; see its MODEL_CARD.md)"
+            if shipped_model(cfg.base)
+            else ""
+        ),
         "LoRA variants": "; ".join(loras) or "none (no synthetic regime)",
         "Regimes": "; ".join(regimes),
         "Architectures": ", ".join(cfg.classify.archs),

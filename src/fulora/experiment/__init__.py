@@ -1,0 +1,1 @@
+"""The experiment runner: stages planned, keyed, run or skipped; the results tables."""

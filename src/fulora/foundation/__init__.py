@@ -1,0 +1,1 @@
+"""fulora's tiny foundation model ``fulora:phantom-sd``: corpus, architecture, build, card."""

@@ -1,0 +1,220 @@
+"""Every number and enum of every config class is checked before any work (issue 13, class 4).
+
+The classes are found by walking the package, so a config class or a numeric field added later
+without a range fails ``test_every_numeric_field_has_a_range``. The bad values are made from
+each field's declared range and go through ``from_dict``, the path YAML files, ``--set``, the
+experiment runner and ``--dry-run`` all take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import subprocess
+import sys
+import types
+import typing
+from typing import Literal, get_args, get_origin
+
+import pytest
+
+import fulora
+from fulora.config import Checked, from_dict
+from fulora.errors import ConfigError
+
+REQUIRED = {"DataSource": {"path": "images"}}  # fields without a default
+
+
+def _config_classes() -> list[type]:
+    """Classes named *Config or deriving from Checked, and the dataclasses nested in them."""
+    found = {}
+    for info in pkgutil.walk_packages(fulora.__path__, "fulora."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for obj in vars(module).values():
+            if (
+                isinstance(obj, type)
+                and dataclasses.is_dataclass(obj)
+                and obj.__module__ == info.name
+                and (obj.__name__.endswith("Config") or issubclass(obj, Checked))
+            ):
+                found[obj.__qualname__] = obj
+    todo = list(found.values())
+    while todo:
+        for tp in typing.get_type_hints(todo.pop()).values():
+            for arg in [tp, *get_args(tp)]:
+                if dataclasses.is_dataclass(arg) and arg.__qualname__ not in found:
+                    found[arg.__qualname__] = arg
+                    todo.append(arg)
+    return [found[k] for k in sorted(found)]
+
+
+CLASSES = _config_classes()
+
+
+def _numeric(tp) -> bool:
+    """int/float, optional or as the items of a list/tuple."""
+    if tp in (int, float):
+        return True
+    if get_origin(tp) in (typing.Union, types.UnionType, list, tuple):
+        return any(_numeric(a) for a in get_args(tp) if a is not type(None) and a is not ...)
+    return False
+
+
+def _fields(kind: str) -> list[tuple[type, str, object]]:
+    rows = []
+    for cls in CLASSES:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            literal = next((a for a in [tp, *get_args(tp)] if get_origin(a) is Literal), None)
+            if kind == "numeric" and _numeric(tp):
+                rows.append((cls, f.name, tp))
+            elif kind == "enum" and literal is not None:
+                rows.append((cls, f.name, literal))
+    return rows
+
+
+def test_the_walk_finds_every_stage_config():
+    names = {c.__name__ for c in CLASSES}
+    assert {
+        "LoraTrainConfig",
+        "GenerateConfig",
+        "ClassifyConfig",
+        "AuditConfig",
+        "PhantomConfig",
+        "FoundationConfig",
+        "ExperimentConfig",
+        "EvaluateStage",
+    } <= names
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_every_config_class_is_checked_and_its_defaults_pass(cls):
+    assert issubclass(cls, Checked), f"{cls.__name__} must derive from fulora.config.Checked"
+    from_dict(cls, dict(REQUIRED.get(cls.__name__, {})))
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "tp"), _fields("numeric"), ids=lambda v: getattr(v, "__name__", str(v))
+)
+def test_every_numeric_field_has_a_range(cls, name, tp):
+    assert name in cls.RANGES, f"{cls.__name__}.{name} has no entry in {cls.__name__}.RANGES"
+
+
+def _outside(allowed) -> list[float]:
+    values = []
+    if allowed.low is not None:
+        values.append(allowed.low if allowed.low_open else allowed.low - 1)
+    if allowed.high is not None:
+        values.append(allowed.high if allowed.high_open else allowed.high + 1)
+    return values
+
+
+def _shaped(value, tp):
+    """``value`` in the field's shape (an item of a list, both sides of a size)."""
+    args = [a for a in get_args(tp) if a is not type(None)]
+    inner = args[0] if len(args) == 1 and get_origin(tp) in (typing.Union, types.UnionType) else tp
+    if get_origin(inner) is list:
+        return [value]
+    if get_origin(inner) is tuple:
+        return [value] * len(get_args(inner))
+    if int in (inner, *args) and float not in (inner, *args):
+        return int(value)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "tp"), _fields("numeric"), ids=lambda v: getattr(v, "__name__", str(v))
+)
+def test_out_of_range_numbers_are_refused_naming_key_value_and_range(cls, name, tp):
+    allowed = cls.RANGES[name]
+    for bad in _outside(allowed):
+        value = _shaped(bad, tp)
+        with pytest.raises(ConfigError) as err:
+            from_dict(cls, {**REQUIRED.get(cls.__name__, {}), name: value}, source="run.yaml")
+        message = str(err.value)
+        assert message.startswith("run.yaml: ") and repr(name) in message, message
+        assert allowed.describe() in message and f"{bad:g}" in message, message
+    if float in (tp, *get_args(tp)):  # NaN and infinity pass every < and >
+        with pytest.raises(ConfigError):
+            from_dict(cls, {**REQUIRED.get(cls.__name__, {}), name: float("nan")})
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "tp"), _fields("enum"), ids=lambda v: getattr(v, "__name__", str(v))
+)
+def test_unknown_enum_values_are_refused_listing_the_allowed_ones(cls, name, tp):
+    with pytest.raises(ConfigError, match=f"'{name}'.*must be one of .*got 'nonsense'"):
+        from_dict(cls, {**REQUIRED.get(cls.__name__, {}), name: "nonsense"})
+
+
+@pytest.mark.parametrize(
+    ("cls", "changes", "message"),
+    [
+        ("LoraTrainConfig", {"resolution": 32, "bucket_step": 64}, "'bucket_step' \\(64\\)"),
+        ("LoraTrainConfig", {"resolution": 60}, "multiples of 8"),
+        ("GenerateConfig", {"width": 60}, "'width' must be a multiple of 8"),
+        ("FoundationConfig", {"height": 40}, "multiples of 16"),
+        ("ClassifyConfig", {"device": "gpu"}, "'device' must be auto, cpu, cuda"),
+    ],
+)
+def test_cross_field_rules(cls, changes, message):
+    config = next(c for c in CLASSES if c.__name__ == cls)
+    with pytest.raises(ConfigError, match=message):
+        from_dict(config, changes)
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "fulora", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["lora", "train", "--data", "DATA", "--out", "OUT", "--set", "rank=0"],
+            "'rank' must be at least 1",
+        ),
+        (["lora", "train", "--data", "DATA", "--out", "OUT", "--max-steps", "-5"], "'max_steps'"),
+        (["generate", "--out", "OUT", "--set", "steps=0"], "'steps' must be at least 1"),
+        (["classify", "train", "--train", "DATA", "--out", "OUT", "--epochs", "0"], "'epochs'"),
+        (["classify", "train", "--train", "DATA", "--out", "OUT", "--set", "lr=-0.1"], "'lr'"),
+        (
+            ["classify", "train", "--train", "DATA", "--out", "OUT", "--batch-size", "0"],
+            "'batch_size'",
+        ),
+    ],
+)
+def test_cli_refuses_bad_numbers_before_any_work(tmp_path, args, message):
+    args = [str(tmp_path / a) if a in ("DATA", "OUT") else a for a in args]
+    result = _cli(*args)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "OUT").exists()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or __import__("torch").cuda.is_available(),
+    reason="needs a machine without CUDA",
+)
+def test_cuda_on_a_machine_without_it_is_refused(tmp_path):
+    from fulora.data.phantom import PhantomConfig, generate_phantom
+
+    generate_phantom(tmp_path, PhantomConfig(per_class=2, grid=False))
+    result = _cli(
+        "classify",
+        "train",
+        "--train",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+        "--device",
+        "cuda",
+    )
+    assert result.returncode != 0
+    assert "this machine has 0 CUDA device(s)" in result.stderr, result.stderr
