@@ -218,3 +218,17 @@ def test_cuda_on_a_machine_without_it_is_refused(tmp_path):
     )
     assert result.returncode != 0
     assert "this machine has 0 CUDA device(s)" in result.stderr, result.stderr
+
+
+def test_experiment_dry_run_refuses_a_bad_stage_setting(tmp_path):
+    """The experiment runner and --dry-run build stage configs the same way: same errors."""
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        "base: fulora:phantom-sd\n"
+        "data: {lora: [images], train: [images], targets: {t: images}}\n"
+        "lora: {settings: {rank: 0}}\n"
+    )
+    result = _cli("experiment", "run", str(config), "--out", str(tmp_path / "o"), "--dry-run")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "exp.yaml: 'lora.settings.rank' must be at least 1, got 0" in result.stderr
+    assert not (tmp_path / "o").exists()
