@@ -380,8 +380,10 @@ def build_report(run_dir: str | Path) -> Path:
             "patient-level bootstrap in brackets. <i>All outputs</i>: the model's arg-max over "
             "every class it was trained on (a prediction of a plane absent from the target "
             "counts as wrong), as in the paper; <i>test classes</i>: arg-max over the planes "
-            "present in the target only. AUC: macro one-vs-rest from probabilities; AUC "
-            "(paper): from hard predictions, as the paper computed it.</p>"
+            "present in the target only. AUC: macro one-vs-rest from probabilities. AUC "
+            "(paper): the FU-LoRA notebook's function, as every AUC in the paper's table was "
+            "computed: one-vs-rest from hard predictions, where a prediction of a plane absent "
+            "from the target (<i>other</i>) counts as a positive for every plane.</p>"
         )
         for target in dict.fromkeys(table["target"]):
             for space in ("all_outputs", "test_classes"):
