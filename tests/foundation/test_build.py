@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from fulora.errors import ConfigError
 from fulora.foundation import build as build_module
@@ -12,6 +11,8 @@ from fulora.foundation.build import FoundationConfig, build_foundation, read_los
 from fulora.foundation.corpus import CAPTION_WORDS, corpus_image
 from fulora.io import file_hash
 from fulora.planes import PAPER_PLANES
+
+from .helpers import plain_diffusers_image
 
 
 def _mini(**kw) -> FoundationConfig:
@@ -51,16 +52,8 @@ def test_corpus_is_deterministic_and_never_names_a_plane():
 
 def test_build_writes_a_plain_diffusers_folder_with_a_card(mini_build):
     out, record = mini_build
-    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    pipe, image = plain_diffusers_image(out)
     assert pipe.unet.dtype == torch.float32  # stored in fp16, loads in any dtype
-    image = pipe(
-        "an ultrasound image",
-        height=48,
-        width=64,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images[0]
     assert image.shape == (48, 64, 3)
     card = (out / "MODEL_CARD.md").read_text()
     for path in (out / "unet").glob("*.safetensors"):

@@ -293,6 +293,7 @@ def _train(
     progress: bool,
 ) -> dict[str, Any]:
     out = run.path
+    data_fingerprint = training.fingerprint()  # hashes every image: once per run
     device = resolve_device(cfg.device)
     amp = cfg.amp and device.type == "cuda"
     channels_last = cfg.channels_last and device.type == "cuda"
@@ -346,7 +347,7 @@ def _train(
     last_path = out / "last.pt"
     if last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=False)
-        if state.get("data") == training.fingerprint():
+        if state.get("data") == data_fingerprint:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None and state.get("scheduler"):
@@ -458,7 +459,7 @@ def _train(
                 "best": best,
                 "best_epoch": best_epoch,
                 "stale": stale,
-                "data": training.fingerprint(),
+                "data": data_fingerprint,
             },
             last_path,
         )
@@ -491,7 +492,7 @@ def _train(
         train_images=len(training),
         train_synthetic=int(is_synthetic(training).sum()),
         val_images=len(validation),
-        train_fingerprint=training.fingerprint(),
+        train_fingerprint=data_fingerprint,
         device=str(device),
     )
 

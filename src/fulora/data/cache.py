@@ -8,12 +8,12 @@ workers or processes may fill one cache concurrently.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
-from fulora.data.hashes import content_hash
 from fulora.data.images import ColorMode, Resize, load_image, resize_image, to_array
 from fulora.io import atomic_path
 
@@ -23,6 +23,15 @@ _VERSION = "1"  # bump when the preprocessing changes
 def default_cache_dir() -> Path:
     """``$FULORA_CACHE`` or ``~/.cache/fulora``."""
     return Path(os.environ.get("FULORA_CACHE", Path.home() / ".cache" / "fulora"))
+
+
+def content_hash(path: str | Path) -> str:
+    """BLAKE2b digest of a file's bytes (fast; collisions are not a concern here)."""
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def preprocess(

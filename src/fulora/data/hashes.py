@@ -8,31 +8,22 @@ keyed by (absolute path, mtime_ns, size). A file whose mtime or size changed is 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
+from fulora.data.cache import content_hash, default_cache_dir
+
 logger = logging.getLogger("fulora")
 
 MISSING = "missing"  # the hash of a file that does not exist (the stage fails later, by name)
 
 
-def content_hash(path: str | Path) -> str:
-    """BLAKE2b digest of a file's bytes (fast; collisions are not a concern here)."""
-    digest = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def default_index() -> Path:
-    """``$FULORA_CACHE/content-hashes.sqlite`` (``~/.cache/fulora`` by default)."""
-    root = Path(os.environ.get("FULORA_CACHE", Path.home() / ".cache" / "fulora"))
-    return root / "content-hashes.sqlite"
+    """``content-hashes.sqlite`` in fulora's cache folder (:func:`default_cache_dir`)."""
+    return default_cache_dir() / "content-hashes.sqlite"
 
 
 def _open(index: Path) -> sqlite3.Connection:

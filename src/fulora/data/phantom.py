@@ -28,6 +28,11 @@ The premise, written down before any measurement (it mirrors the FU-LoRA paper's
   classifier ever sees (the paper's African cohort).
 
 The outcome (does synthetic data help on ``target``?) is measured in this world, not tuned.
+
+Amended after the first measurement, and only here: with captions of the machine's look alone,
+no LoRA could learn the planes (BENCHMARKS.md), so the shipped model's captions also say what a
+viewer sees in plain visual words ("an oval ring", "a bright bar"), still never a plane's or an
+organ's name (``fulora.foundation.corpus`` says why). The three roles above are unchanged.
 """
 
 from __future__ import annotations

@@ -251,6 +251,15 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
                 ) from None
 
     plan = Plan(cfg, out, classes, lora_data, train, targets)
+    fingerprints: dict[tuple[int, tuple[str, ...] | None], str] = {}
+
+    def fingerprint(manifest: Manifest, columns: tuple[str, ...] | None = None) -> str:
+        """Once per manifest: a fingerprint hashes every image (stat + index lookup)."""
+        key = (id(manifest), columns)
+        if key not in fingerprints:
+            fingerprints[key] = manifest.fingerprint(columns=columns)
+        return fingerprints[key]
+
     lora_keys: dict[str, str] = {}
     gen_keys: dict[str, str] = {}
     for variant, lcfg in loras.items():
@@ -259,7 +268,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         key = stage_key(
             {
                 "config": _config_payload(lcfg),
-                "data": lora_data.fingerprint(columns=LORA_COLUMNS),
+                "data": fingerprint(lora_data, LORA_COLUMNS),
                 "base": cfg.base,
             }
         )
@@ -306,7 +315,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         key = stage_key(
             {
                 "config": _config_payload(ccfg),
-                "real": real.fingerprint(),
+                "real": fingerprint(real),
                 "synthetic": upstream,
                 "filtered": filtered,
                 "classes": classes,
@@ -347,8 +356,8 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
                     "config": _config_payload(audit_cfg),
                     "synthetic": gen_keys[variant],
                     "classifier": clf_key,
-                    "reference": train.fingerprint(),
-                    "train_set": lora_data.fingerprint() if lora_data is not None else None,
+                    "reference": fingerprint(train),
+                    "train_set": fingerprint(lora_data) if lora_data is not None else None,
                 }
             )
             audit_keys[variant] = key
@@ -376,7 +385,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
             key = stage_key(
                 {
                     "classifier": clf.key,
-                    "target": manifest.fingerprint(),
+                    "target": fingerprint(manifest),
                     "n_bootstrap": cfg.evaluate.n_bootstrap,
                 }
             )
