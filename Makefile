@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test test-slow demo lint benchmark clean
+.PHONY: test test-slow demo lint benchmark benchmark-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11); pass PYTHON=/path/to/python3.11"; exit 1; }
@@ -31,6 +31,10 @@ lint: $(VENV)/.installed
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/bench_data.py
+
+# Every GPU figure (issue 16): about 20 minutes on one H100; results in benchmarks/results/.
+benchmark-gpu: $(VENV)/.installed
+	$(PY) benchmarks/gpu_suite.py --out benchmarks/results/
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

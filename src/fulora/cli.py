@@ -317,6 +317,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "color": args.color,
         "compile": args.compile,
+        "fuse_qkv": args.fuse_qkv,
         "device": args.device,
     }
     cfg = load_config(GenerateConfig, args.config, args.set, values=values)
@@ -609,7 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: sized to the GPU memory")
     p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"])
     p.add_argument("--color", choices=["L", "RGB"], help="L (grayscale, default) or RGB")
-    p.add_argument("--compile", type=_bool, help="torch.compile the UNet (true/false)")
+    p.add_argument(
+        "--compile", type=_bool, help="torch.compile the UNet and VAE decoder (true/false)"
+    )
+    p.add_argument("--fuse-qkv", type=_bool, help="fused q/k/v attention projections (true/false)")
     p.add_argument("--device", help="auto, cpu, cuda ...")
     p.add_argument(
         "--only",

@@ -99,6 +99,30 @@ def test_batch_size_changes_only_rounding(full_run, tiny_model, trained_lora, tm
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, rel
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"fuse_qkv": True},  # one q/k/v matrix product: the same sums in another order
+        pytest.param({"compile": True}, marks=pytest.mark.slow),  # inductor on CPU: minutes
+    ],
+    ids=["fuse_qkv", "compile"],
+)
+def test_speed_options_change_only_rounding(full_run, tiny_model, trained_lora, tmp_path, options):
+    """The tolerance BENCHMARKS.md states for the speed options: at most 1 grey level."""
+    record = generate(tmp_path, _cfg(tiny_model, trained_lora, **options), progress=False)
+    fast, plain = _images(tmp_path), _images(full_run)
+    assert fast.keys() == plain.keys()
+    for rel in fast:
+        diff = np.abs(fast[rel].astype(int) - plain[rel].astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, rel
+    assert record["this_run_first_batch_s"] > 0 and record["this_run_steady_images_per_s"] > 0
+
+
+def test_fused_qkv_needs_a_fused_lora(tiny_model, trained_lora, tmp_path):
+    with pytest.raises(ConfigError, match="fuse_qkv needs fuse_lora: true"):
+        _cfg(tiny_model, trained_lora, fuse_qkv=True, fuse_lora=False)
+
+
 def test_the_lora_changes_the_images(full_run, tiny_model, tmp_path):
     generate(tmp_path, _cfg(tiny_model, None), progress=False)
     plain, with_lora = _images(tmp_path), _images(full_run)

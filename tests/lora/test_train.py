@@ -85,6 +85,8 @@ def test_training_changes_only_the_lora_and_the_loss_falls(tiny_model, lora_imag
     # kohya bucket_no_upscale at resolution 64, step 16 (see tests/lora/test_parity.py)
     assert record["steps"] == 60 and record["buckets"] == {"64x48": 6}
     assert record["optimizer"] == "AdamW"  # 8-bit AdamW needs CUDA
+    # the GPU suite's figure: steps/s without the first two (warm-up) steps
+    assert record["steady_steps_per_s"] > 0 and record["steps_per_s"] > 0
     meta = read_lora(out / "test_lora.safetensors").metadata
     assert json.loads(meta["fulora_captions"]) == {
         "brain": "a photo of fetal brain",

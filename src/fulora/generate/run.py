@@ -62,11 +62,16 @@ class GenerateConfig(Checked):
     }
 
     def check(self) -> None:
-        """The VAE needs sides that are multiples of 8."""
+        """Sides that are multiples of 8 (the VAE); fused QKV only over a fused LoRA."""
         for key in ("width", "height"):
             value = getattr(self, key)
             if value is not None and value % 8:
                 raise ConfigError(f"{key!r} must be a multiple of 8, got {value}")
+        if self.fuse_qkv and self.lora and not self.fuse_lora:
+            raise ConfigError(
+                "fuse_qkv needs fuse_lora: true (an unfused LoRA sits on the separate q, k, v "
+                "projections that fuse_qkv replaces)"
+            )
 
     base: str = DEFAULT_BASE
     base_config: str | None = None
@@ -88,10 +93,13 @@ class GenerateConfig(Checked):
     seed: int = 0
     batch_size: int | None = None  # None: sized to the GPU memory (4 on CPU)
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    channels_last: bool = True
+    # channels-last UNet and VAE on CUDA: off, as measured (BENCHMARKS.md, H200, SD1.5 fp16 at
+    # batch 32: 4.90 images/s off, 4.41 on, and 4 GiB less memory off)
+    channels_last: bool = False
     vae_slicing: bool = True
     vae_tiling: bool = False
-    compile: bool = False
+    fuse_qkv: bool = False  # one q/k/v projection per attention (needs fuse_lora with a LoRA)
+    compile: bool = False  # torch.compile the UNet and the VAE decoder (first batch compiles)
     color: Literal["L", "RGB"] = "L"  # ultrasound is grayscale
     contact_sheet: int = 8  # thumbnails per side of each plane's contact sheet; 0: none
     device: str = "auto"
@@ -204,6 +212,29 @@ def _clip_skip(given: int | None, metadata: dict[str, str], lora: Path | None) -
         logger.info("clip skip %s, as LoRA %s was trained", trained, lora)
         return int(trained)
     return 1
+
+
+def apply_speedups(pipe, cfg: GenerateConfig, device: torch.device) -> None:
+    """Switch on the speed options of ``cfg`` on a pipeline already on ``device``.
+
+    Each is an option so that ``benchmarks/gpu_suite.py`` can measure its gain: fused QKV
+    projections (one matrix product for q, k and v), channels-last UNet and VAE (faster
+    convolutions on tensor cores), VAE slicing/tiling (memory), ``torch.compile`` of the UNet and
+    the VAE decoder. None changes the images beyond floating-point rounding (tested on CPU).
+    """
+    if cfg.fuse_qkv:
+        pipe.fuse_qkv_projections()  # after any LoRA is fused: q, k, v are concatenated
+    if cfg.channels_last and device.type == "cuda":
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if cfg.vae_slicing:
+        pipe.vae.enable_slicing()
+    if cfg.vae_tiling:
+        pipe.vae.enable_tiling()
+    if cfg.compile:
+        # fixed shapes (one batch size, one image size): no recompilation after the first batch
+        pipe.unet = torch.compile(pipe.unet, fullgraph=False)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, fullgraph=False)
 
 
 def _auto_batch(device: torch.device, width: int, height: int) -> int:
@@ -320,6 +351,7 @@ def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progre
     mine = todo[state.process_index :: state.num_processes]
     base_name, base_hash = base_identity(cfg.base)
     generated = 0
+    first_batch: tuple[int, float] | None = None  # (images, time) when the first batch was done
     started = time.perf_counter()  # reset below once the model is ready
     if mine:
         pipe = load_pipeline(cfg.base, dtype=dtype, config=cfg.base_config)
@@ -328,14 +360,7 @@ def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progre
             load_lora_into(pipe, resolved.lora, scale=cfg.lora_scale, fuse=cfg.fuse_lora)
         pipe.scheduler = make_scheduler(resolved.sampler, pipe.scheduler.config)
         pipe.to(device)
-        if cfg.channels_last and device.type == "cuda":
-            pipe.unet.to(memory_format=torch.channels_last)
-        if cfg.vae_slicing:
-            pipe.vae.enable_slicing()
-        if cfg.vae_tiling:
-            pipe.vae.enable_tiling()
-        if cfg.compile:
-            pipe.unet = torch.compile(pipe.unet)
+        apply_speedups(pipe, cfg, device)
         embeddings = {  # once per plane; the negative prompt at the same clip skip
             plane: prompt_embeddings(
                 pipe.tokenizer,
@@ -424,13 +449,18 @@ def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progre
                     img.save(tmp, format="PNG", pnginfo=info)
                 generated += 1
                 bar.update(1)
+            if first_batch is None:  # compilation, cuDNN autotuning and allocation happen here
+                first_batch = (generated, time.perf_counter())
         bar.close()
-    seconds = time.perf_counter() - started
+    ended = time.perf_counter()
+    seconds = ended - started
     state.wait_for_everyone()
     summary = {
         "generated": generated,
         "seconds": round(seconds, 2),
         "images_per_s": round(generated / seconds, 3) if generated and seconds else None,
+        "first_batch_s": round(first_batch[1] - started, 2) if first_batch else None,
+        "steady_images_per_s": _steady_rate(first_batch, generated, ended),
         "batch_size": batch,
         "device": str(device),
         "processes": state.num_processes,
@@ -463,6 +493,15 @@ def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progre
     )
     logger.info("%d images (%d new) in %s", len(manifest), generated, out)
     return record
+
+
+def _steady_rate(
+    first_batch: tuple[int, float] | None, generated: int, ended: float
+) -> float | None:
+    """Images/s after the first batch (which pays for compilation and warm-up)."""
+    if first_batch is None or generated <= first_batch[0]:
+        return None
+    return round((generated - first_batch[0]) / (ended - first_batch[1]), 3)
 
 
 def read_png_provenance(path: str | Path) -> dict[str, Any]:

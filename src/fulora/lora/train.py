@@ -62,6 +62,9 @@ from fulora.runs import RunDir
 logger = logging.getLogger("fulora")
 
 
+WARMUP_STEPS = 2  # steps left out of ``steady_steps_per_s``
+
+
 @dataclass
 class LoraTrainConfig(Checked):
     """Configuration of ``fulora lora train``; defaults follow the paper's kohya-ss recipe."""
@@ -578,6 +581,7 @@ def _train(pipe, examples, data, run, cfg, accelerator, weight_dtype, resume, pr
     )
     started = time.perf_counter()
     first_step = step
+    steady_from: tuple[int, float] | None = None  # (step, time) once warm-up steps are done
     prediction = noise_scheduler.config.prediction_type
     for epoch in range(step // steps_per_epoch, epochs):
         sampler.set_epoch(epoch)
@@ -636,7 +640,9 @@ def _train(pipe, examples, data, run, cfg, accelerator, weight_dtype, resume, pr
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            value = accelerator.gather(loss.detach().reshape(1)).mean().item()
+            value = accelerator.gather(loss.detach().reshape(1)).mean().item()  # syncs the GPU
+            if step - first_step == WARMUP_STEPS:
+                steady_from = (step, time.perf_counter())
             history.append(
                 {
                     "step": step,
@@ -666,6 +672,7 @@ def _train(pipe, examples, data, run, cfg, accelerator, weight_dtype, resume, pr
             _after_step(step)
     bar.close()
     seconds = time.perf_counter() - started
+    steady_steps_per_s = _steady_rate(steady_from, step)
     accelerator.wait_for_everyone()
     if not main:
         return {}
@@ -693,6 +700,7 @@ def _train(pipe, examples, data, run, cfg, accelerator, weight_dtype, resume, pr
         buckets=dict(buckets),
         seconds_training=round(seconds, 2),
         steps_per_s=round(trained_steps / seconds, 3) if seconds and trained_steps else None,
+        steady_steps_per_s=steady_steps_per_s,
         final_loss=history[-1]["loss"] if history else None,
         optimizer=optimizer_name,
         device=str(device),
@@ -706,6 +714,13 @@ def _train(pipe, examples, data, run, cfg, accelerator, weight_dtype, resume, pr
             round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None
         ),
     )
+
+
+def _steady_rate(steady_from: tuple[int, float] | None, step: int) -> float | None:
+    """Steps/s after the first WARMUP_STEPS (allocator, cuDNN and optimizer-state set-up)."""
+    if steady_from is None or step <= steady_from[0]:
+        return None
+    return round((step - steady_from[0]) / (time.perf_counter() - steady_from[1]), 3)
 
 
 def _dataset_hash(examples: list[Example]) -> str:

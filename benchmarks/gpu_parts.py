@@ -1,0 +1,493 @@
+"""The measurements of ``gpu_suite.py``, one part per process: ``python gpu_parts.py PART ...``.
+
+Each part appends rows to its JSON file as it goes (one row per setting), so a part that is
+stopped by its time limit or fails half-way still leaves what it measured. Every figure comes
+with the obvious alternative measured in the same process:
+
+* ``model``: writes the benchmark model (SD1.5's architecture with random weights, or the tiny
+  model with ``--smoke``) once, for the other parts.
+* ``lora``: fulora's LoRA trainer (``train_lora``, the paper recipe) at batch 1 and 8, latent
+  caching and gradient checkpointing on and off, against a plain loop written the way
+  diffusers' ``train_text_to_image_lora.py`` does it (VAE and text encoder every step).
+* ``generate``: ``fulora generate`` at several batch sizes and with each speed option, against
+  plain ``pipe(prompt)`` one image at a time.
+* ``classify``: the paper's five backbones, training and inference steps with AMP and
+  channels_last (fulora's defaults on CUDA) against a plain fp32 torchvision loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+PROMPT = "a photo of fetal brain"
+PAPER_ARCHS = ["densenet169", "mobilenet_v2", "efficientnet_b0", "resnet18", "vit_b_16"]
+
+
+class Recorder:
+    """Rows of one part, rewritten to its JSON file after each row (atomic replace)."""
+
+    def __init__(self, path: Path, part: str, deadline: float):
+        self.path, self.part, self.deadline = path, part, deadline
+        self.data: dict = {"part": part, "rows": [], "errors": [], "skipped": []}
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+    def row(self, **values) -> None:
+        self.data["rows"].append(values)
+        self.save()
+        print(f"[{self.part}] {values}", flush=True)
+
+    def note(self, key: str, value) -> None:
+        self.data[key] = value
+        self.save()
+
+    def attempt(self, name: str, fn: Callable[[], None], *, reserve: float = 0.0) -> None:
+        """Run one measurement unless the part's time is up; record a failure and go on."""
+        if time.time() + reserve > self.deadline:
+            self.data["skipped"].append(name)
+            self.save()
+            print(f"[{self.part}] skipped {name}: out of time", flush=True)
+            return
+        try:
+            fn()
+        except Exception as err:  # one setting's failure must not lose the others
+            self.data["errors"].append({"name": name, "error": f"{type(err).__name__}: {err}"})
+            self.save()
+            traceback.print_exc()
+        finally:
+            _free()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gib() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+def part_model(args, rec: Recorder) -> None:
+    from fulora.lora.tiny import save_sd15_random, save_tiny_model
+
+    start = time.perf_counter()
+    if args.smoke:
+        save_tiny_model(args.model)
+    else:
+        save_sd15_random(args.model)
+    rec.row(model=str(args.model), seconds=round(time.perf_counter() - start, 1))
+
+
+# ---------------------------------------------------------------------------------------- LoRA
+
+
+def _lora_settings(smoke: bool) -> list[tuple[int, bool, bool]]:
+    """(batch, cache latents, gradient checkpointing), most informative first."""
+    if smoke:
+        return [(1, True, False), (2, False, True)]
+    return [
+        (1, True, False),  # the paper recipe as fulora runs it
+        (1, False, False),
+        (1, True, True),
+        (8, True, False),
+        (8, True, True),
+        (8, False, False),
+        (1, False, True),
+        (8, False, True),
+    ]
+
+
+def part_lora(args, rec: Recorder) -> None:
+    from fulora.data.phantom import PhantomConfig, generate_phantom
+    from fulora.data.readers import read_any
+
+    size = 64 if args.smoke else 512
+    rank = 4 if args.smoke else 128
+    steps = 4 if args.smoke else 14
+    tmp = Path(tempfile.mkdtemp(prefix="fulora-bench-lora-"))
+    generate_phantom(tmp / "data", PhantomConfig(per_class=2 if args.smoke else 20, grid=False))
+    data = read_any(tmp / "data")
+    rec.note("setting", f"{size} px, rank {rank}, kohya targets + text encoder, {steps} steps")
+    for batch, cache, ckpt in _lora_settings(args.smoke):
+        name = f"fulora batch {batch} cache {cache} ckpt {ckpt}"
+        rec.attempt(
+            name,
+            lambda b=batch, c=cache, k=ckpt: _fulora_lora(
+                rec, args.model, data, tmp, size, rank, steps, b, c, k
+            ),
+            reserve=0 if args.smoke else 20,
+        )
+    for batch in (1, 2) if args.smoke else (1, 8):
+        rec.attempt(
+            f"plain batch {batch}",
+            lambda b=batch: _plain_lora(rec, args.model, data, size, rank, steps, b),
+            reserve=0 if args.smoke else 20,
+        )
+
+
+def _fulora_lora(rec, model, data, tmp, size, rank, steps, batch, cache, ckpt) -> None:
+    from fulora.lora.train import LoraTrainConfig, train_lora
+
+    cfg = LoraTrainConfig(
+        base=str(model),
+        rank=rank,
+        alpha=rank,
+        targets="kohya",
+        resolution=size,
+        center_crop=True,  # every image size x size: the figure is for 512 px
+        batch_size=batch,
+        repeats=1000,
+        max_steps=steps,
+        cache_latents=cache,
+        gradient_checkpointing=ckpt,
+        optimizer="adamw8bit",
+        mixed_precision="fp16",
+        clip_skip=2,
+        sample_every=0,
+        sample_steps=1,
+        seed=0,
+    )
+    _free()
+    record = train_lora(data, tmp / f"run-{batch}-{cache}-{ckpt}", cfg, progress=False)
+    rate = record["steady_steps_per_s"] or record["steps_per_s"]
+    rec.row(
+        loop="fulora",
+        batch=batch,
+        cache_latents=cache,
+        checkpointing=ckpt,
+        steps_per_s=rate,
+        images_per_s=round(rate * batch, 3),
+        peak_gib=record["peak_gpu_memory_gb"],
+        optimizer=record["optimizer"],
+        paper_1000_steps_min=round(1000 / rate / 60, 2) if batch == 1 else None,
+    )
+
+
+def _plain_lora(rec, model, data, size, rank, steps, batch) -> None:
+    """The loop of diffusers' train_text_to_image_lora.py, with the paper's LoRA set and rank.
+
+    fp16 frozen weights and fp32 LoRA weights, VAE encode and text encoder every step, 8-bit
+    AdamW when bitsandbytes is there; no latent cache, no clip skip bookkeeping, no checkpoints.
+    """
+    import numpy as np
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+    from PIL import Image
+
+    from fulora.lora.targets import lora_target_modules
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None)
+    unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for module in (unet, vae, te):
+        module.requires_grad_(False)
+        module.to(device, dtype=dtype)
+    for module, part in ((unet, "unet"), (te, "text_encoder")):
+        targets = lora_target_modules(module, part, "kohya")
+        module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    cast_training_params([unet, te], dtype=torch.float32)
+    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+    try:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=1e-4) if device.type == "cuda" else None
+    except ImportError:
+        optimizer = None
+    optimizer = optimizer or torch.optim.AdamW(params, lr=1e-4)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    paths = list(data.paths)
+    ids = tok([PROMPT] * batch, padding="max_length", max_length=77, return_tensors="pt")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def load(i: int) -> torch.Tensor:
+        img = Image.open(paths[i % len(paths)]).convert("RGB").resize((size, size))
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
+
+    def step(k: int) -> float:
+        pixels = torch.stack([load(k * batch + j) for j in range(batch)]).to(device, dtype)
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, 1000, (batch,), device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            hidden = te(ids.input_ids.to(device))[0]
+            pred = unet(noisy, t, hidden).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    unet.train()
+    te.train()
+    _free()
+    for k in range(2):  # warm-up, as fulora's steady rate leaves out its first two steps
+        step(k)
+    start = time.perf_counter()
+    for k in range(2, steps):
+        step(k)
+    _sync()
+    rate = (steps - 2) / (time.perf_counter() - start)
+    rec.row(
+        loop="plain (diffusers example)",
+        batch=batch,
+        cache_latents=False,
+        checkpointing=False,
+        steps_per_s=round(rate, 3),
+        images_per_s=round(rate * batch, 3),
+        peak_gib=_peak_gib(),
+        optimizer=type(optimizer).__name__,
+        paper_1000_steps_min=round(1000 / rate / 60, 2) if batch == 1 else None,
+    )
+
+
+# ---------------------------------------------------------------------------------- generation
+
+
+def _gen_sizes(smoke: bool) -> tuple[int, int, list[int]]:
+    """(side, steps, batch sizes)."""
+    return (64, 4, [1, 4]) if smoke else (512, 30, [1, 8, 16, 32])
+
+
+def part_generate(args, rec: Recorder) -> None:
+    side, steps, batches = _gen_sizes(args.smoke)
+    rec.note("setting", f"{side}x{side}, {steps} steps, DPM++ 2M Karras, CFG 7")
+    rec.attempt("plain pipe(prompt) batch 1", lambda: _plain_generate(rec, args, side, steps))
+    tmp = Path(tempfile.mkdtemp(prefix="fulora-bench-gen-"))
+    default = dict(channels_last=False, fuse_qkv=False, compile=False)  # GenerateConfig's
+    for batch in batches:
+        rec.attempt(
+            f"fulora batch {batch}",
+            lambda b=batch: _fulora_generate(rec, args, tmp, side, steps, b, default),
+            reserve=0 if args.smoke else 15,
+        )
+    top = batches[-1]
+    options = [
+        ("channels_last on", dict(default, channels_last=True)),
+        ("fuse_qkv", dict(default, fuse_qkv=True)),
+        ("compile", dict(default, compile=True)),
+        ("compile + fuse_qkv", dict(default, compile=True, fuse_qkv=True)),
+    ]
+    if args.smoke:  # inductor's CPU compile of the UNet alone outlasts the smoke budget
+        rec.note("not_in_smoke", "compile options (GPU run only)")
+        options = [o for o in options if not o[1]["compile"]]
+    for name, opts in options:
+        reserve = 0 if args.smoke else (150 if opts["compile"] else 15)
+        rec.attempt(
+            f"fulora batch {top} {name}",
+            lambda o=opts, n=name: _fulora_generate(rec, args, tmp, side, steps, top, o, n),
+            reserve=reserve,
+        )
+
+
+def _plain_generate(rec, args, side, steps) -> None:
+    from fulora.generate.samplers import make_scheduler
+    from fulora.lora.base import load_pipeline
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    pipe = load_pipeline(str(args.model), dtype=torch.float16 if cuda else torch.float32)
+    pipe = pipe.to(device)
+    pipe.scheduler = make_scheduler("dpmpp_2m_karras", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(height=side, width=side, num_inference_steps=steps, guidance_scale=7.0)
+    pipe(PROMPT, **kwargs)  # warm-up
+    images = 2 if args.smoke else 6
+    _free()
+    _sync()
+    start = time.perf_counter()
+    for i in range(images):
+        pipe(PROMPT, generator=torch.Generator().manual_seed(i), **kwargs)
+    _sync()
+    rate = images / (time.perf_counter() - start)
+    rec.row(
+        way="plain pipe(prompt)",
+        batch=1,
+        options="",
+        images_per_s=round(rate, 3),
+        peak_gib=_peak_gib(),
+    )
+
+
+def _fulora_generate(rec, args, tmp, side, steps, batch, options, name="default") -> None:
+    """One run of 3 batches (5 at batch 1): the first warms up (and compiles), the rest count."""
+    from fulora.generate.run import GenerateConfig, generate
+
+    cfg = GenerateConfig(
+        base=str(args.model),
+        planes=["brain"],
+        per_class=batch * 3 if batch > 1 else 5,
+        steps=steps,
+        width=side,
+        height=side,
+        batch_size=batch,
+        guidance=7.0,
+        contact_sheet=0,
+        vae_slicing=False,  # the figure is for speed; slicing saves memory at big batches
+        **options,
+    )
+    out = tmp / f"run-{batch}-{name.replace(' ', '_')}"
+    result = generate(out, cfg, progress=False)
+    rec.row(
+        way="fulora generate",
+        batch=batch,
+        options=name,
+        images_per_s=result["this_run_steady_images_per_s"],
+        first_batch_s=result["this_run_first_batch_s"],
+        peak_gib=_peak_gib(),
+        **_difference(out, tmp / f"run-{batch}-default"),
+    )
+
+
+def _difference(run: Path, default: Path) -> dict:
+    """Grey-level difference of a run's images from the default options' (same seeds)."""
+    import numpy as np
+    from PIL import Image
+
+    if run == default or not default.is_dir():
+        return {}
+    diffs = []
+    for path in sorted(run.glob("brain/*.png")):
+        other = default / path.relative_to(run)
+        if other.is_file():
+            a = np.asarray(Image.open(path), dtype=np.int16)
+            diffs.append(np.abs(a - np.asarray(Image.open(other), dtype=np.int16)))
+    if not diffs:
+        return {}
+    stacked = np.stack(diffs)
+    return {"mean_grey_diff": round(float(stacked.mean()), 3), "max_grey_diff": int(stacked.max())}
+
+
+# --------------------------------------------------------------------------------- classifiers
+
+
+def part_classify(args, rec: Recorder) -> None:
+    size = 64 if args.smoke else 224
+    steps = 2 if args.smoke else 12
+    archs = ["resnet18", "mobilenet_v2"] if args.smoke else PAPER_ARCHS
+    reserve = 0 if args.smoke else 10
+    rec.note("setting", f"{size} px, train batch 24 (SGD m0.9), inference batch 64")
+    for arch in archs:
+        for fast in (False, True):
+            way = "fulora (AMP + channels_last)" if fast else "plain fp32"
+            rec.attempt(
+                f"{arch} {way}",
+                lambda a=arch, f=fast, w=way: _classify_speed(rec, a, f, w, size, steps),
+                reserve=reserve,
+            )
+
+
+def _classify_speed(rec, arch, fast, way, size, steps) -> None:
+    from torch import nn
+
+    from fulora.classify.registry import create_model
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    amp = fast and cuda
+    layout = torch.channels_last if fast and cuda else torch.contiguous_format
+    model, _ = create_model(arch, 5, pretrained=False, log=False)
+    model = model.to(device, memory_format=layout)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.randn(24, 3, size, size, device=device).contiguous(memory_format=layout)
+    y = torch.randint(0, 5, (24,), device=device)
+    x_inf = torch.randn(64, 3, size, size, device=device).contiguous(memory_format=layout)
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = loss_fn(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def infer_step() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            model(x_inf)
+
+    model.train()
+    train_rate = 24 / _time_per_call(train_step, steps)
+    train_peak = _peak_gib()
+    model.eval()
+    infer_rate = 64 / _time_per_call(infer_step, steps)
+    rec.row(
+        arch=arch,
+        way=way,
+        train_images_per_s=round(train_rate, 1),
+        infer_images_per_s=round(infer_rate, 1),
+        epoch_6148_s=round(6148 / train_rate, 1),
+        train_peak_gib=train_peak,
+    )
+
+
+def _time_per_call(fn: Callable[[], None], calls: int) -> float:
+    for _ in range(3):
+        fn()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync()
+    return (time.perf_counter() - start) / calls
+
+
+PARTS = {
+    "model": part_model,
+    "lora": part_lora,
+    "generate": part_generate,
+    "classify": part_classify,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=list(PARTS))
+    parser.add_argument("--model", type=Path, required=True, help="benchmark model folder")
+    parser.add_argument("--json", type=Path, required=True, help="where this part's rows go")
+    parser.add_argument("--deadline", type=float, required=True, help="unix time to stop by")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, CPU sizes")
+    args = parser.parse_args()
+    logging.getLogger("fulora").setLevel(logging.WARNING)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # one line per measured row is the progress
+    rec = Recorder(args.json, args.part, args.deadline)
+    PARTS[args.part](args, rec)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Every GPU figure of fulora in one command: LoRA, generation, classifiers, the paper's grid.
+
+    python benchmarks/gpu_suite.py --out benchmarks/results/          # GPU, at most --budget s
+    python benchmarks/gpu_suite.py --out /tmp/smoke --smoke           # CPU, tiny model, < 2 min
+
+Each part (``gpu_parts.py``) runs in its own process under its share of the time budget, so one
+failure or a slow part loses nothing else; each figure has the obvious alternative measured in
+the same process (see ``gpu_parts.py``). Results: ``OUT/<machine>-<date>.json`` (every row,
+the machine, the versions) and ``OUT/<machine>-<date>.md`` (the tables BENCHMARKS.md carries),
+both rewritten after every part. The paper's grid is projected from the measured rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# (part, share of the time budget); unused time passes to the parts after it
+PARTS = [("model", 0.08), ("generate", 0.37), ("lora", 0.37), ("classify", 0.18)]
+# One SD1.5 image at 512x512, 30 steps, CFG 7: 30 x 2 UNet passes + the VAE decode.
+TFLOP_PER_IMAGE = 50.7
+# Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device-name fragment, for the "share" column.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+# The paper's grid (configs/fu-lora-paper.yaml): 3 LoRAs of 1000 steps (100 images x 10
+# repeats, batch 1), 1000 images per plane per LoRA, and 5 backbones x 3 seeds x 8 regimes
+# (ES, ES+DA, and HB, HB+DA per LoRA) of 20 epochs on ~6,150 images.
+GRID = {"loras": 3, "lora_steps": 1000, "images": 15_000, "classifiers_per_arch": 24}
+GRID_EPOCH_IMAGES, GRID_EPOCHS = 6148, 20
+
+
+def machine() -> dict:
+    """The device, the software and the date of this run."""
+    import torch
+
+    info = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            device=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
+    else:
+        info["device"] = f"CPU ({platform.machine()})"
+    for name in ("diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "timm"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:  # absent or broken: recorded as such, the parts say what it costs
+            info[name] = None
+    return info
+
+
+def run_parts(names: list[str], model: Path, work: Path, budget: float, smoke: bool, save):
+    """Run each part in its own process within its share of ``budget``; return their data."""
+    end = time.time() + budget
+    shares = [(n, s) for n, s in PARTS if n in names]
+    results = {}
+    for i, (name, share) in enumerate(shares):
+        left = end - time.time()
+        deadline = time.time() + left * share / sum(s for _, s in shares[i:])
+        path = work / f"{name}.json"
+        cmd = [sys.executable, str(HERE / "gpu_parts.py"), name, "--model", str(model)]
+        cmd += ["--json", str(path), "--deadline", str(deadline)] + (["--smoke"] if smoke else [])
+        print(f"== {name}: up to {deadline - time.time():.0f} s", flush=True)
+        started = time.time()
+        try:
+            # a part past its deadline gets a short grace to finish the row it is on
+            code = subprocess.run(cmd, timeout=max(5.0, deadline - time.time() + 30)).returncode
+        except subprocess.TimeoutExpired:
+            code = "killed at its time limit"
+        data = json.loads(path.read_text()) if path.is_file() else {"rows": [], "errors": []}
+        data.update(exit=code, seconds=round(time.time() - started, 1))
+        results[name] = data
+        save(results)
+    return results
+
+
+def projection(results: dict) -> dict | None:
+    """The paper's grid on one such GPU, from the measured rates (None if any is missing)."""
+    lora = _pick(results, "lora", loop="fulora", batch=1, cache_latents=True, checkpointing=False)
+    gen = [
+        r["images_per_s"]
+        for r in results.get("generate", {}).get("rows", [])
+        if r.get("way") == "fulora generate" and r.get("images_per_s")
+    ]
+    rates = {}  # arch -> training images/s: fulora's settings, else the plain loop's
+    for row in results.get("classify", {}).get("rows", []):
+        if row["way"].startswith("fulora") or row["arch"] not in rates:
+            rates[row["arch"]] = row["train_images_per_s"]
+    if not (lora and gen and rates):
+        return None
+    lora_h = GRID["loras"] * GRID["lora_steps"] / lora["steps_per_s"] / 3600
+    gen_h = GRID["images"] / max(gen) / 3600
+    per_image = sum(1 / r for r in rates.values()) / len(rates) * 5  # 5 backbones
+    classify_h = GRID["classifiers_per_arch"] * GRID_EPOCHS * GRID_EPOCH_IMAGES * per_image / 3600
+    return {
+        "lora_h": round(lora_h, 2),
+        "generate_h": round(gen_h, 2),
+        "classify_h": round(classify_h, 2),
+        "total_h": round(lora_h + gen_h + classify_h, 2),
+        "classifier_archs_measured": len(rates),
+        "note": "compute only: LoRA at rank 128 for all three variants (ranks 32 and 8 are "
+        "faster), generation at the best measured rate, classifiers from the training-step "
+        "rate on GPU-resident tensors with fulora's settings (the plain loop's where those were "
+        "not measured); data loading, evaluation, audit and report not counted",
+    }
+
+
+def _pick(results: dict, part: str, **match) -> dict | None:
+    for row in results.get(part, {}).get("rows", []):
+        if all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def _table(rows: list[dict], columns: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ["" if row.get(c) is None else str(row.get(c)) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """The tables BENCHMARKS.md carries."""
+    m, results = report["machine"], report["results"]
+    lines = [
+        f"### {m['device']}, {m['date']}",
+        "",
+        f"`{report['command']}`: torch {m['torch']}, diffusers {m['diffusers']}, "
+        f"bitsandbytes {m['bitsandbytes']}, Python {m['python']}, {m['cpus']} CPUs.",
+    ]
+    lora = results.get("lora", {})
+    if lora.get("rows"):
+        plain = {r["batch"]: r["steps_per_s"] for r in lora["rows"] if r["loop"] != "fulora"}
+        for row in lora["rows"]:
+            base = plain.get(row["batch"])
+            row["x_plain"] = f"{row['steps_per_s'] / base:.2f}" if base else None
+        lines += ["", f"**LoRA training** ({lora.get('setting', '')})", ""]
+        cols = ["loop", "batch", "cache_latents", "checkpointing", "steps_per_s"]
+        cols += ["images_per_s", "x_plain", "peak_gib", "optimizer", "paper_1000_steps_min"]
+        lines += _table(lora["rows"], cols)
+    gen = results.get("generate", {})
+    if gen.get("rows"):
+        plain = _pick(results, "generate", way="plain pipe(prompt)")
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in m["device"]), None)
+        for row in gen["rows"]:
+            rate = row.get("images_per_s") or 0
+            row["x_plain"] = f"{rate / plain['images_per_s']:.2f}" if plain else None
+            row["pct_of_peak"] = (
+                f"{100 * rate * TFLOP_PER_IMAGE / peak:.0f}%"
+                if peak and "512x512, 30 steps" in gen.get("setting", "")
+                else None
+            )
+        lines += ["", f"**Generation** ({gen.get('setting', '')})", ""]
+        cols = ["way", "batch", "options", "images_per_s", "x_plain", "pct_of_peak"]
+        cols += ["first_batch_s", "peak_gib", "mean_grey_diff", "max_grey_diff"]
+        lines += _table(gen["rows"], cols)
+    cls = results.get("classify", {})
+    if cls.get("rows"):
+        lines += ["", f"**Classifiers** ({cls.get('setting', '')})", ""]
+        cols = ["arch", "way", "train_images_per_s", "infer_images_per_s", "epoch_6148_s"]
+        lines += _table(cls["rows"], cols + ["train_peak_gib"])
+    grid = report.get("projection")
+    if grid:
+        lines += [
+            "",
+            f"**The paper's grid, projected** ({grid['note']}): LoRA {grid['lora_h']} h, "
+            f"generation {grid['generate_h']} h, classifiers {grid['classify_h']} h "
+            f"({grid['classifier_archs_measured']} of 5 backbones measured): "
+            f"**{grid['total_h']} h** on one such GPU.",
+        ]
+    problems = [
+        f"{part}: {e['name']}: {e['error'][:200]}"
+        for part, data in results.items()
+        for e in data.get("errors", [])
+    ]
+    problems += [
+        f"{part}: skipped (time budget): {', '.join(data['skipped'])}"
+        for part, data in results.items()
+        if data.get("skipped")
+    ]
+    problems += [
+        f"{part}: exit {data['exit']}" for part, data in results.items() if data.get("exit")
+    ]
+    if problems:
+        lines += ["", "Not measured in this run:", ""] + [f"- {p}" for p in problems]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, small sizes")
+    parser.add_argument(
+        "--budget", type=float, help="seconds for all parts (default 1100; 100 with --smoke)"
+    )
+    parser.add_argument(
+        "--parts", nargs="+", default=[n for n, _ in PARTS], choices=[n for n, _ in PARTS]
+    )
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="rewrite the .md of an earlier run's JSON"
+    )
+    args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        report["projection"] = projection(report["results"])
+        args.render.with_suffix(".md").write_text(markdown(report))
+        args.render.write_text(json.dumps(report, indent=1))
+        return 0
+    budget = args.budget or (100.0 if args.smoke else 1100.0)
+    info = machine()
+    if not args.smoke and "CPU" in info["device"]:
+        parser.error("no CUDA GPU here: run with --smoke (CPU, tiny model) or on a GPU machine")
+    slug = "smoke-cpu" if args.smoke else re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-")
+    stem = f"{slug}-{info['date'][:10]}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/gpu_suite.py " + " ".join(argv or sys.argv[1:])
+    report = {"machine": info, "command": command.strip(), "budget_s": budget, "results": {}}
+
+    def save(results: dict) -> None:
+        report["results"] = results
+        report["projection"] = projection(results)
+        md = markdown(report)  # adds the ratio columns to the rows, so before the JSON
+        for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", md)):
+            tmp = args.out / f".{stem}{suffix}.tmp"
+            tmp.write_text(text)
+            tmp.replace(args.out / f"{stem}{suffix}")
+
+    with tempfile.TemporaryDirectory(prefix="fulora-gpu-suite-") as work:
+        work = Path(work)
+        parts = args.parts if "model" in args.parts else ["model", *args.parts]
+        run_parts(parts, work / "model", work, budget, args.smoke, save)
+    print(markdown(report))
+    print(f"results: {args.out / stem}.json and .md")
+    failed = [p for p, d in report["results"].items() if d.get("exit") or not d.get("rows")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
