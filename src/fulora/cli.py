@@ -54,8 +54,18 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
     from fulora.data.download import download_dataset
 
     manifest = download_dataset(
-        args.name, args.dest, api=args.api, url=args.url, sha256=args.sha256, retries=args.retries
+        args.name,
+        args.dest,
+        api=args.api,
+        url=args.url,
+        sha256=args.sha256,
+        endpoint=args.endpoint,
+        retries=args.retries,
     )
+    if manifest is None:  # model files, not images
+        names = sorted(p.name for p in Path(args.dest).glob("*.safetensors"))
+        print(f"{args.name}: {', '.join(names)} in {args.dest}")
+        return 0
     print(
         f"{args.name}: {len(manifest)} images in {args.dest}; manifest: "
         f"{Path(args.dest) / 'manifest.csv'}"
@@ -159,6 +169,8 @@ def _cmd_classify_train(args: argparse.Namespace) -> int:
         "cache_dir": args.cache_dir,
         "val_metric": args.val_metric,
         "early_stopping": args.early_stopping,
+        "val_fraction": args.val_fraction,
+        "select": args.select,
     }
     seeds = args.seeds or [None]
     # Read and check everything before any training starts.
@@ -174,11 +186,12 @@ def _cmd_classify_train(args: argparse.Namespace) -> int:
         record = train_classifier(train, out, cfg, val=val)
         best = record.get("best_val", {})
         rows.append((out, cfg.seed, record.get("best_epoch"), best))
-    print(f"\n{'run':<40}{'seed':>6}{'best epoch':>12}{'val acc':>10}{'val F1':>10}")
+    print(f"\n{'run':<40}{'seed':>6}{'kept epoch':>12}{'val acc':>10}{'val F1':>10}")
     for out, seed, epoch, best in rows:
+        acc, f1 = (best.get(k) for k in ("val_accuracy", "val_f1_macro"))
         print(
-            f"{str(out):<40}{seed:>6}{epoch!s:>12}{best.get('val_accuracy', float('nan')):>10.2f}"
-            f"{best.get('val_f1_macro', float('nan')):>10.2f}"
+            f"{str(out):<40}{seed:>6}{epoch!s:>12}"
+            + "".join("         -" if v is None else f"{v:>10.2f}" for v in (acc, f1))
         )
     return 0
 
@@ -460,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", help="Zenodo API base URL (a mirror)")
     p.add_argument("--url", help="download URL override for non-Zenodo datasets (a mirror)")
     p.add_argument("--sha256", help="expected SHA-256 of a non-Zenodo download")
+    p.add_argument("--endpoint", help="Hugging Face Hub URL (a mirror; default huggingface.co)")
     p.add_argument("--retries", type=int, default=3, help="resume attempts per file")
     p.set_defaults(func=_cmd_data_download)
 
@@ -630,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = classify_cmds.add_parser(
         "train",
         help="train a classifier on real, synthetic or hybrid manifests",
-        description="Defaults are the paper's protocol (configs/classify-paper.yaml).",
+        description="Defaults are fulora's protocol (configs/classify-sound.yaml); "
+        "--config configs/classify-paper.yaml is the FU-LoRA notebook's, exactly.",
     )
     p.add_argument(
         "--train",
@@ -664,6 +679,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance", action="store_true", help="class-balance the real images")
     p.add_argument("--val-metric", choices=["f1_macro", "accuracy", "loss"])
     p.add_argument("--early-stopping", type=int, metavar="EPOCHS")
+    p.add_argument(
+        "--val-fraction", type=float, help="share of real patients held out; 0: none (paper)"
+    )
+    p.add_argument(
+        "--select",
+        choices=["best", "last"],
+        help="keep the best epoch (by --val-metric) or the last",
+    )
     p.add_argument("--seeds", type=int, nargs="+", help="train one model per seed")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--num-workers", type=int)

@@ -70,21 +70,29 @@ def server():
         yield s
 
 
-def _zip_with_african_layout() -> bytes:
-    """A zip shaped like a dataset release: a folder with a cohort CSV and its images."""
+def _zip_release(csv: str, header: str, rows: list[tuple[str, str]], images: str) -> bytes:
+    """A zip shaped like a dataset release: a CSV (``header`` + each row's line) and one small
+    PNG per row, named by the row's image name, in the folder ``images``."""
     from PIL import Image
 
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
-        rows = ["Patient_num,Plane,Train,Center,Image_name"]
-        for i, plane in enumerate(["Fetal brain", "Fetal femur", "Fetal abdomen"]):
-            name = f"patient00{i + 1}_GHA_plane{i}"
-            rows.append(f"{i + 1},{plane},1,Ghana,{name}")
+        for i, (name, _) in enumerate(rows):
             png = io.BytesIO()
             Image.new("L", (20, 16), 40 * i).save(png, format="PNG")
-            zf.writestr(f"release/{name}.png", png.getvalue())
-        zf.writestr("release/African_planes_database.csv", "\r\n".join(rows))
+            zf.writestr(f"{images}/{name}.png", png.getvalue())
+        zf.writestr(csv, "\r\n".join([header] + [line for _, line in rows]))
     return buffer.getvalue()
+
+
+def _zip_with_african_layout() -> bytes:
+    """The African release: a folder with a cohort CSV and its images."""
+    rows = []
+    for i, plane in enumerate(["Fetal brain", "Fetal femur", "Fetal abdomen"]):
+        name = f"patient00{i + 1}_GHA_plane{i}"
+        rows.append((name, f"{i + 1},{plane},1,Ghana,{name}"))
+    header = "Patient_num,Plane,Train,Center,Image_name"
+    return _zip_release("release/African_planes_database.csv", header, rows, "release")
 
 
 def test_interrupted_transfer_resumes_with_range(server, tmp_path):
@@ -293,3 +301,86 @@ def test_an_html_page_instead_of_the_archive_is_not_kept(server, tmp_path):
     assert not list((tmp_path / ".downloads").iterdir())
     with pytest.raises(DownloadError, match="not a zip"):  # and is not reused by the next run
         download_dataset("fu-lora-sample", tmp_path, url=server.url + "/main.zip", progress=False)
+
+
+def _hub(server, files: dict[str, bytes], oids: dict[str, str] | None = None) -> None:
+    """The Hub's tree listing (LFS files with their SHA-256) and resolve URLs for ``files``."""
+    listing = [
+        {
+            "type": "file",
+            "path": name,
+            "size": 134,  # the LFS pointer's size; the content's is under lfs
+            "lfs": {
+                "oid": (oids or {}).get(name, hashlib.sha256(body).hexdigest()),
+                "size": len(body),
+            },
+        }
+        for name, body in files.items()
+    ] + [{"type": "file", "path": "README.md", "size": 10}]
+    server.files["/api/models/fangyijie/fu-lora/tree/main"] = json.dumps(listing).encode()
+    for name, body in files.items():
+        server.files[f"/fangyijie/fu-lora/resolve/main/{name}"] = body
+
+
+LORAS = [f"fetal_ultrasound_v{v}.0.safetensors" for v in (1, 2, 3)]
+
+
+def test_the_papers_loras_come_from_the_hub_resumed_and_checked(server, tmp_path):
+    bodies = {name: bytes([i]) * (40_000 + i) for i, name in enumerate(LORAS)}
+    _hub(server, bodies)
+    server.cut.add(f"/fangyijie/fu-lora/resolve/main/{LORAS[0]}")
+    dest = tmp_path / "loras"
+    args = ["data", "download", "fu-lora-loras", "--dest", str(dest), "--endpoint", server.url]
+    assert main([*args, "--retries", "0"]) == 2  # cut halfway: a clear error, .part kept
+    assert (dest / f"{LORAS[0]}.part").is_file()
+    assert main(args) == 0
+    for name, body in bodies.items():
+        assert (dest / name).read_bytes() == body
+    assert ("/fangyijie/fu-lora/resolve/main/" + LORAS[0], "bytes=20000-") in server.requests
+    record = json.loads((dest / "download.json").read_text())
+    assert [f["published_checksum"] for f in record["files"]] == [
+        "sha256:" + hashlib.sha256(bodies[n]).hexdigest() for n in LORAS
+    ]
+    assert not (dest / "manifest.csv").exists()  # model files, not images
+
+
+def test_a_hub_file_that_does_not_match_its_published_sha256_is_refused(server, tmp_path):
+    bodies = {name: b"lora" * 100 for name in LORAS}
+    _hub(server, bodies, oids={LORAS[1]: "0" * 64})
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        download_dataset("fu-lora-loras", tmp_path, endpoint=server.url, progress=False)
+    assert not (tmp_path / LORAS[1]).exists()
+
+
+def test_a_file_missing_from_the_hub_repository_is_named(server, tmp_path):
+    _hub(server, {LORAS[0]: b"x"})
+    with pytest.raises(DownloadError, match=r"has no file 'fetal_ultrasound_v2\.0.*README\.md"):
+        download_dataset("fu-lora-loras", tmp_path, endpoint=server.url, progress=False)
+
+
+def test_the_papers_synthetic_set_is_read_with_its_labels(server, tmp_path):
+    """Zenodo 13228158's layout as the notebook reads it: CSV beside a folder of its name."""
+    rows = []
+    for i, plane in enumerate(["Fetal brain", "Fetal femur", "Other"]):
+        name = f"{i:05d}-{2671683618 + i}"
+        rows.append((name, f"{name},{plane},1"))
+    header = "\ufeffImage_name,Plane,Train"  # a BOM, as the paper's CSVs have
+    data = _zip_release("synthetic_train_5000.csv", header, rows, "synthetic_train_5000")
+    server.files["/files/synthetic.zip"] = data
+    server.files["/api/records/13228158"] = json.dumps(
+        {
+            "files": [
+                {
+                    "key": "synthetic.zip",
+                    "size": len(data),
+                    "checksum": "md5:" + hashlib.md5(data).hexdigest(),
+                    "links": {"self": server.url + "/files/synthetic.zip"},
+                }
+            ]
+        }
+    ).encode()
+    m = download_dataset("fu-lora-synthetic", tmp_path, api=server.url + "/api", progress=False)
+    assert m.counts("label") == {"brain": 1, "femur": 1, "other": 1}
+    assert set(m.frame["source"]) == {"synthetic"}
+    assert sorted(m.frame["seed"].astype(int)) == [2671683618, 2671683619, 2671683620]
+    assert all(p.is_file() for p in m.paths)

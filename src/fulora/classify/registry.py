@@ -17,6 +17,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import torch
@@ -38,11 +39,16 @@ class ModelInfo:
 
 
 _REGISTRY: dict[str, Callable[..., tuple[nn.Module, str | None]]] = {}
+IMAGENET_WEIGHTS = Literal["DEFAULT", "IMAGENET1K_V1"]
 _ALIASES: dict[str, str] = {}
 
 
 def register_model(name: str, *aliases: str):
-    """Register a builder ``fn(num_classes, pretrained) -> (module, weights_id | None)``."""
+    """Register a builder ``fn(num_classes, imagenet) -> (module, weights_id | None)``.
+
+    ``imagenet`` is None (random initialisation) or a torchvision weights name (``DEFAULT``,
+    ``IMAGENET1K_V1``); a builder that has no such weights raises :class:`ConfigError`.
+    """
 
     def wrap(fn):
         _REGISTRY[name] = fn
@@ -63,10 +69,10 @@ def list_models() -> list[str]:
 
 
 def _torchvision(name: str, head: Callable[[nn.Module, int], None]):
-    def build(num_classes: int, pretrained: bool) -> tuple[nn.Module, str | None]:
+    def build(num_classes: int, imagenet: str | None) -> tuple[nn.Module, str | None]:
         from torchvision.models import get_model, get_model_weights
 
-        weights = get_model_weights(name).DEFAULT if pretrained else None
+        weights = getattr(get_model_weights(name), imagenet) if imagenet else None
         if weights is not None:
             _ensure_available(weights.url, name)
         model = get_model(name, weights=weights)
@@ -146,8 +152,8 @@ class TinyCNN(nn.Module):
 
 
 @register_model("tiny_cnn", "tiny")
-def _tiny(num_classes: int, pretrained: bool) -> tuple[nn.Module, str | None]:
-    if pretrained:
+def _tiny(num_classes: int, imagenet: str | None) -> tuple[nn.Module, str | None]:
+    if imagenet:
         raise ConfigError("tiny_cnn has no pretrained weights; use pretrained: false")
     return TinyCNN(num_classes), None
 
@@ -175,8 +181,15 @@ def _ensure_available(url: str, arch: str) -> None:
     )
 
 
-def _timm(name: str, num_classes: int, pretrained: bool) -> tuple[nn.Module, str | None]:
+def _timm(name: str, num_classes: int, imagenet: str | None) -> tuple[nn.Module, str | None]:
     import timm
+
+    if imagenet not in (None, "DEFAULT"):
+        raise ConfigError(
+            f"imagenet_weights {imagenet!r} names torchvision weights; timm model {name!r} has "
+            "its own: use imagenet_weights: DEFAULT"
+        )
+    pretrained = imagenet is not None
 
     if not timm.list_models(name) and not timm.is_model(name):
         raise ConfigError(
@@ -213,6 +226,7 @@ def create_model(
     *,
     pretrained: bool = True,
     weights: str | Path | None = None,
+    imagenet: IMAGENET_WEIGHTS = "DEFAULT",
     log: bool = True,
 ) -> tuple[nn.Module, ModelInfo]:
     """Build a classifier.
@@ -224,6 +238,9 @@ def create_model(
         pretrained: Start from ImageNet weights (cache or download). Ignored with ``weights``.
         weights: A state dict file (``.pt``/``.pth``/``.safetensors``) to load instead; a
             classifier head of another size is left at its fresh initialisation.
+        imagenet: Which torchvision ImageNet weights: ``DEFAULT`` (torchvision's best, e.g.
+            ``IMAGENET1K_V2`` for MobileNet v2) or ``IMAGENET1K_V1`` (what the FU-LoRA
+            notebook loads for all five backbones; every one of them has it).
         log: Log which weights it starts from (off when the caller loads its own next).
 
     Returns:
@@ -233,11 +250,11 @@ def create_model(
         ConfigError: For an unknown architecture, or weights that cannot be had.
     """
     arch = resolve_arch(name)
-    use_pretrained = pretrained and weights is None
+    wanted = imagenet if pretrained and weights is None else None
     if arch.startswith("timm:"):
-        model, weights_id = _timm(arch.removeprefix("timm:"), num_classes, use_pretrained)
+        model, weights_id = _timm(arch.removeprefix("timm:"), num_classes, wanted)
     else:
-        model, weights_id = _REGISTRY[arch](num_classes, use_pretrained)
+        model, weights_id = _REGISTRY[arch](num_classes, wanted)
     if weights is not None:
         weights_id = _load_weights_file(model, Path(weights))
     input_size = 224 if arch == "vit_b_16" else None

@@ -1,17 +1,19 @@
 """Training plane classifiers on real, synthetic or hybrid manifests.
 
-The shipped defaults are the paper's protocol: 224 px, SGD lr 1e-3 momentum 0.9, batch 24,
-20 epochs, cross-entropy; ``augment: da`` is its data-augmentation preset (random rotation
-±15°, RandomResizedCrop(224, scale 0.08-1), horizontal flip). Unlike the paper's notebook,
-which validated on a random sample of its own training set, validation here uses a
-patient-level held-out split of the real training data (or a given manifest), keeps the best
-checkpoint by a chosen metric and can stop early.
+Two presets ship in ``configs/``. ``classify-paper.yaml`` is the FU-LoRA notebook's protocol
+exactly: 224 px (PIL bilinear), SGD lr 1e-3 momentum 0.9, batch 24, 20 epochs, cross-entropy,
+no normalisation, torchvision's ImageNet V1 weights, fp32, every image trains and the model
+after the last epoch is the one evaluated. ``classify-sound.yaml`` is fulora's: a
+patient-level held-out validation split of the real images, the best epoch by macro F1,
+ImageNet normalisation and mixed precision. ``augment: da`` is the notebook's augmentation
+(random rotation ±15°, RandomResizedCrop(224, scale 0.08-1), horizontal flip).
 
 A run folder holds ``config.yaml``, ``train_manifest.csv`` and ``val_manifest.csv`` (exactly
-which images were used), ``history.csv`` and ``loss_curve.png``, ``best.pt`` (the best model
-with its classes, preprocessing and weights provenance), ``last.pt`` (full state, for resume),
-``log.txt`` and ``done.json``. An interrupted run resumes at the last finished epoch with the
-same results as an uninterrupted one.
+which images were used; no validation file when there is no validation set), ``history.csv``
+and ``loss_curve.png``, ``best.pt`` (the selected model: the best epoch, or the last with
+``select: last``, with its classes, preprocessing and weights provenance), ``last.pt`` (full
+state, for resume), ``log.txt`` and ``done.json``. An interrupted run resumes at the last
+finished epoch with the same results as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class ClassifyConfig(Checked):
-    """Configuration of ``fulora classify train`` (defaults: the paper's protocol)."""
+    """Configuration of ``fulora classify train`` (defaults: fulora's protocol, classify-sound)."""
 
     RANGES = {
         "image_size": Range(8),
@@ -82,10 +84,13 @@ class ClassifyConfig(Checked):
 
     arch: str = "resnet18"
     pretrained: bool = True
+    # torchvision's DEFAULT (V2 for MobileNet v2) or IMAGENET1K_V1 (the notebook's, all five)
+    imagenet_weights: Literal["DEFAULT", "IMAGENET1K_V1"] = "DEFAULT"
     weights: str | None = None  # a state dict to start from instead of ImageNet
     classes: list[str] | None = None  # default: the planes of the training data
     image_size: int = 224
-    resize: Literal["stretch", "letterbox", "crop"] = "stretch"
+    # stretch: bicubic; stretch-bilinear: the notebook's transforms.Resize((224, 224)) on PIL
+    resize: Literal["stretch", "stretch-bilinear", "letterbox", "crop"] = "stretch"
     normalize: Literal["imagenet", "none"] = "imagenet"
     augment: Literal["none", "da"] = "none"
     batch_size: int = 24
@@ -98,8 +103,11 @@ class ClassifyConfig(Checked):
     label_smoothing: float = 0.0
     amp: bool = True  # mixed precision on CUDA
     channels_last: bool = True  # on CUDA
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # of real patients held out; 0: train on every image
     val_metric: Literal["f1_macro", "accuracy", "loss"] = "f1_macro"
+    # which epoch best.pt holds: the best by val_metric, or the last (the notebook evaluates
+    # the model after its 20th epoch; needs no validation set)
+    select: Literal["best", "last"] = "best"
     early_stopping: int = 0  # epochs without improvement before stopping; 0: never
     max_per_class: int | None = None
     max_synthetic_per_class: int | None = None
@@ -112,6 +120,24 @@ class ClassifyConfig(Checked):
     device: str = "auto"
     cache_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # free notes recorded with the run
+
+
+def describe_protocol(cfg: ClassifyConfig) -> str:
+    """One line saying how a classifier was trained and chosen (results and report show it)."""
+    validation = (
+        f"{cfg.val_fraction:.0%} of real patients held out"
+        if cfg.val_fraction
+        else "none (every image trains)"
+    )
+    chosen = "the last epoch" if cfg.select == "last" else f"the best epoch by {cfg.val_metric}"
+    weights = f"ImageNet {cfg.imagenet_weights}" if cfg.pretrained else "random init"
+    precision = "fp16 autocast on CUDA" if cfg.amp else "fp32"
+    return (
+        f"validation: {validation}; model tested: {chosen} of {cfg.epochs}; input: "
+        f"{'ImageNet mean/std' if cfg.normalize == 'imagenet' else 'raw [0, 1] pixels'}, "
+        f"{cfg.image_size} px {cfg.resize}; weights: {weights}; {precision}; "
+        f"{cfg.optimizer.upper()} lr {cfg.lr:g}, batch {cfg.batch_size}"
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,12 +192,18 @@ def _save(obj: dict[str, Any], path: Path) -> None:
 def split_train_val(
     training: Manifest, val: Manifest | None, val_fraction: float, seed: int
 ) -> tuple[Manifest, Manifest]:
-    """Training and validation sets; without ``val``, real patients are held out."""
+    """Training and validation sets; without ``val``, real patients are held out.
+
+    With ``val_fraction`` 0 and no ``val`` (nor rows marked ``val``) there is no validation
+    set: the second item is None and every image trains, as in the paper's notebook.
+    """
     if val is not None:
         return training, val
     marked = (training.frame["split"] == "val").to_numpy()
     if marked.any():
         return training.subset(~marked), training.subset(marked)
+    if val_fraction == 0:
+        return training, None
     synthetic = is_synthetic(training)
     real = training.subset(~synthetic)
     if len(real) == 0:
@@ -268,13 +300,7 @@ def train_classifier(
         seed=cfg.seed,
     )
     training, validation = split_train_val(training, val, cfg.val_fraction, cfg.seed)
-    if len(validation) == 0:
-        raise DataError("the validation set is empty; pass --val or raise val_fraction")
-    unknown = sorted(set(validation.labels) - set(classes))
-    if unknown:
-        raise DataError(
-            f"validation labels {unknown} ({validation.origin}) are not among the classes {classes}"
-        )
+    _check_validation(validation, cfg, classes)
 
     run.start(cfg)
     try:
@@ -284,12 +310,39 @@ def train_classifier(
     return record
 
 
+def _check_validation(validation: Manifest | None, cfg: ClassifyConfig, classes: list[str]) -> None:
+    """A validation set where the config needs one; its labels among the classes."""
+    if validation is None:
+        needs = [
+            key
+            for key, on in (
+                ("select: best", cfg.select == "best"),
+                ("early_stopping", cfg.early_stopping > 0),
+            )
+            if on
+        ]
+        if needs:
+            raise ConfigError(
+                f"{' and '.join(needs)} need a validation set, and val_fraction is 0: set "
+                "val_fraction above 0, pass --val MANIFEST, or use select: last and "
+                "early_stopping: 0 (the paper's notebook)"
+            )
+        return
+    if len(validation) == 0:
+        raise DataError("the validation set is empty; pass --val or raise val_fraction")
+    unknown = sorted(set(validation.labels) - set(classes))
+    if unknown:
+        raise DataError(
+            f"validation labels {unknown} ({validation.origin}) are not among the classes {classes}"
+        )
+
+
 def _train(
     run: RunDir,
     cfg: ClassifyConfig,
     classes: list[str],
     training: Manifest,
-    validation: Manifest,
+    validation: Manifest | None,
     progress: bool,
 ) -> dict[str, Any]:
     out = run.path
@@ -299,13 +352,18 @@ def _train(
     channels_last = cfg.channels_last and device.type == "cuda"
     _seed_everything(cfg.seed)
     model, info = create_model(
-        cfg.arch, len(classes), pretrained=cfg.pretrained, weights=cfg.weights
+        cfg.arch,
+        len(classes),
+        pretrained=cfg.pretrained,
+        weights=cfg.weights,
+        imagenet=cfg.imagenet_weights,
     )
     size = cfg.image_size
     if info.input_size is not None and size != info.input_size:
         raise ConfigError(f"{cfg.arch} needs image_size {info.input_size}, got {size}")
     training.write(out / "train_manifest.csv")
-    validation.write(out / "val_manifest.csv")
+    if validation is not None:
+        validation.write(out / "val_manifest.csv")
     cache = PreprocessCache(
         Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "preprocessed",
         size=(size, size),
@@ -314,9 +372,7 @@ def _train(
     )
     train_tf, eval_tf = build_transforms(cfg.augment, size, cfg.normalize)
     train_ds = ManifestDataset(training, classes, cache=cache, channels=3, transform=train_tf)
-    val_ds = ManifestDataset(validation, classes, cache=cache, channels=3, transform=eval_tf)
     train_ds.preload()
-    val_ds.preload()
 
     model = model.to(device)
     if channels_last:
@@ -335,13 +391,17 @@ def _train(
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     pin = device.type == "cuda"
-    val_loader = DataLoader(
-        val_ds,
-        batch_size=max(cfg.batch_size, 64),
-        shuffle=False,
-        num_workers=cfg.num_workers,
-        pin_memory=pin,
-    )
+    val_loader = None
+    if validation is not None:
+        val_ds = ManifestDataset(validation, classes, cache=cache, channels=3, transform=eval_tf)
+        val_ds.preload()
+        val_loader = DataLoader(
+            val_ds,
+            batch_size=max(cfg.batch_size, 64),
+            shuffle=False,
+            num_workers=cfg.num_workers,
+            pin_memory=pin,
+        )
 
     start_epoch, history, best, best_epoch, stale = 0, [], None, -1, 0
     last_path = out / "last.pt"
@@ -425,7 +485,11 @@ def _train(
         if scheduler is not None:
             scheduler.step()
         seconds = time.perf_counter() - started
-        scores = _evaluate(model, val_loader, device, amp, channels_last)
+        scores = (
+            _evaluate(model, val_loader, device, amp, channels_last)
+            if val_loader is not None
+            else dict.fromkeys(("loss", "accuracy", "f1_macro"))  # no validation set
+        )
         row = {
             "epoch": epoch + 1,
             "train_loss": total_loss / seen,
@@ -439,7 +503,11 @@ def _train(
         }
         history.append(row)
         value = scores[cfg.val_metric]
-        improved = best is None or (value > best if higher else value < best)
+        improved = (
+            cfg.select == "last"  # best.pt then holds the latest epoch
+            or best is None
+            or (value > best if higher else value < best)
+        )
         if improved:
             best, best_epoch, stale = value, epoch + 1, 0
             _save(
@@ -464,14 +532,15 @@ def _train(
             last_path,
         )
         _write_csv(out / "history.csv", history)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{value:.1f}")
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=_fmt(value))
         logger.info(
-            "epoch %d: train loss %.4f, val %s %.2f (best %.2f @ %d)",
+            "epoch %d: train loss %.4f, val %s %s (%s %s @ %d)",
             epoch + 1,
             row["train_loss"],
             cfg.val_metric,
-            value,
-            best,
+            _fmt(value),
+            "kept" if cfg.select == "last" else "best",
+            _fmt(best),
             best_epoch,
         )
         if cfg.early_stopping and stale >= cfg.early_stopping:
@@ -491,10 +560,15 @@ def _train(
         best_val={k: v for k, v in best_row.items() if k.startswith("val_")},
         train_images=len(training),
         train_synthetic=int(is_synthetic(training).sum()),
-        val_images=len(validation),
+        val_images=len(validation) if validation is not None else 0,
+        selected=cfg.select,
         train_fingerprint=data_fingerprint,
         device=str(device),
     )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu"):

@@ -1,9 +1,10 @@
-"""``fulora data download``: fetch a public dataset, resumably, and write its manifest.
+"""``fulora data download``: fetch a public dataset or model files, resumably and checked.
 
 Downloads resume from a ``.part`` file with an HTTP Range request, are retried with back-off,
-and are checked against the checksum the host publishes (Zenodo's MD5) or one the user pins
-(``--sha256``). Archives are unpacked (safely: no path escapes the destination) and a
-``manifest.csv`` is written from whatever known layouts the data holds.
+and are checked against the checksum the host publishes (Zenodo's MD5, the Hugging Face Hub's
+SHA-256 of each LFS file) or one the user pins (``--sha256``). Archives are unpacked (safely:
+no path escapes the destination) and a ``manifest.csv`` is written from whatever known layouts
+the data holds. Model files (the paper's released LoRAs) are kept as they are.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fulora.runs import now_iso
 logger = logging.getLogger("fulora")
 
 ZENODO_API = "https://zenodo.org/api"
+HF_ENDPOINT = "https://huggingface.co"
 _USER_AGENT = "fulora (+https://github.com/13204942/FU-LoRA)"
 _NETWORK_ERRORS = (
     urllib.error.URLError,
@@ -51,6 +53,8 @@ class DatasetSource:
     zenodo_record: str | None = None
     url: str | None = None
     archive_subdir: str | None = None  # only this folder of the archive is kept
+    hf_repo: str | None = None  # a Hugging Face Hub model repository ...
+    hf_files: tuple[str, ...] = ()  # ... and the files of it to fetch (model files: no manifest)
     page: str = ""
     citation: str = ""
 
@@ -69,6 +73,27 @@ DATASETS: dict[str, DatasetSource] = {
         zenodo_record="7540448",
         page="https://zenodo.org/records/7540448",
         citation="Sendra-Balcells et al., Sci Rep 13, 2728 (2023). CC BY 4.0.",
+    ),
+    "fu-lora-synthetic": DatasetSource(
+        name="fu-lora-synthetic",
+        description="The paper's released synthetic set (synthetic_train_5000: 1000 images per "
+        "plane, AUTOMATIC1111 names, labels in synthetic_train_5000.csv)",
+        zenodo_record="13228158",
+        page="https://zenodo.org/records/13228158",
+        citation="Wang et al., MICCAI 2024 PIPPI workshop, arXiv 2407.20072.",
+    ),
+    "fu-lora-loras": DatasetSource(
+        name="fu-lora-loras",
+        description="The paper's three released LoRAs for SD1.5: v1.0 rank 128, v2.0 rank 32, "
+        "v3.0 rank 8 (kohya-ss .safetensors)",
+        hf_repo="fangyijie/fu-lora",
+        hf_files=(
+            "fetal_ultrasound_v1.0.safetensors",
+            "fetal_ultrasound_v2.0.safetensors",
+            "fetal_ultrasound_v3.0.safetensors",
+        ),
+        page="https://huggingface.co/fangyijie/fu-lora",
+        citation="Wang et al., MICCAI 2024 PIPPI workshop, arXiv 2407.20072.",
     ),
     "fu-lora-sample": DatasetSource(
         name="fu-lora-sample",
@@ -296,21 +321,28 @@ def _matches(path: Path, checksum: str | None) -> bool:
     return file_hash(path, algorithm) == expected.lower()
 
 
-def zenodo_files(record: str, api: str = ZENODO_API, timeout: float = TIMEOUT) -> list[RemoteFile]:
-    """The files of a Zenodo record, with their sizes, MD5 checksums and download links."""
-    url = f"{api.rstrip('/')}/records/{record}"
+def _get_json(url: str, timeout: float, by_hand: str):
+    """A host's JSON answer (a file listing); offline, say how to do without it."""
     try:
         with _open(url, 0, timeout) as response:
-            data = json.loads(response.read().decode("utf-8"))
+            return json.loads(response.read().decode("utf-8"))
     except _NETWORK_ERRORS as err:
         raise DownloadError(
             f"cannot reach {url}: {_describe(err, timeout)}. Downloading needs network access; "
-            "without it, "
-            f"download the record by hand from https://zenodo.org/records/{record} and point "
-            "fulora at the unpacked folder"
+            f"without it, {by_hand}"
         ) from None
     except json.JSONDecodeError:
         raise DownloadError(f"{url} did not answer with JSON") from None
+
+
+def zenodo_files(record: str, api: str = ZENODO_API, timeout: float = TIMEOUT) -> list[RemoteFile]:
+    """The files of a Zenodo record, with their sizes, MD5 checksums and download links."""
+    url = f"{api.rstrip('/')}/records/{record}"
+    by_hand = (
+        f"download the record by hand from https://zenodo.org/records/{record} and point "
+        "fulora at the unpacked folder"
+    )
+    data = _get_json(url, timeout, by_hand)
     entries = data.get("files", [])
     if isinstance(entries, dict):  # newer API: {"entries": {name: {...}}}
         entries = list(entries.get("entries", {}).values())
@@ -326,6 +358,38 @@ def zenodo_files(record: str, api: str = ZENODO_API, timeout: float = TIMEOUT) -
         )
     if not files:
         raise DownloadError(f"Zenodo record {record} at {url} lists no files")
+    return files
+
+
+def hub_files(
+    repo: str, names: tuple[str, ...], endpoint: str = HF_ENDPOINT, timeout: float = TIMEOUT
+) -> list[RemoteFile]:
+    """Files of a Hugging Face Hub model repository (main branch), with size and SHA-256.
+
+    The Hub's tree listing gives each LFS file's SHA-256 (``lfs.oid``), which the download is
+    checked against; a file the listing lacks is an error naming what the repository holds.
+    """
+    base = endpoint.rstrip("/")
+    url = f"{base}/api/models/{repo}/tree/main"
+    by_hand = f"download the files by hand from {base}/{repo} and pass their paths"
+    listing = _get_json(url, timeout, by_hand)
+    entries = {e.get("path"): e for e in listing if isinstance(e, dict)}
+    files = []
+    for name in names:
+        entry = entries.get(name)
+        if entry is None:
+            raise DownloadError(
+                f"{base}/{repo} has no file {name!r}; it holds: {', '.join(sorted(entries))}"
+            )
+        lfs = entry.get("lfs") or {}
+        files.append(
+            RemoteFile(
+                name=name,
+                url=f"{base}/{repo}/resolve/main/{name}",
+                size=lfs.get("size") or entry.get("size"),
+                checksum=f"sha256:{lfs['oid']}" if lfs.get("oid") else None,
+            )
+        )
     return files
 
 
@@ -413,10 +477,11 @@ def download_dataset(
     api: str | None = None,
     url: str | None = None,
     sha256: str | None = None,
+    endpoint: str | None = None,
     retries: int = 3,
     progress: bool = True,
-) -> Manifest:
-    """Download, verify and unpack a public dataset, then write ``dest/manifest.csv``.
+) -> Manifest | None:
+    """Download and verify a public dataset (unpacked, with ``dest/manifest.csv``) or model files.
 
     Args:
         name: One of :data:`DATASETS`.
@@ -424,32 +489,19 @@ def download_dataset(
         api: Zenodo API base URL (default ``https://zenodo.org/api``; env ``FULORA_ZENODO_API``).
         url: Override the download URL of a non-Zenodo dataset (a mirror).
         sha256: Pin the SHA-256 of a non-Zenodo download (GitHub publishes none).
+        endpoint: Hugging Face Hub URL (default ``https://huggingface.co``; env ``HF_ENDPOINT``).
         retries: Resume attempts per file.
         progress: Show progress bars.
 
     Returns:
-        The manifest written to ``dest/manifest.csv``.
+        The manifest written to ``dest/manifest.csv``; None for model files (kept in ``dest``).
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     source = DATASETS[name]
     check_checksum(f"sha256:{sha256}" if sha256 else None)  # before any network traffic
     dest = Path(dest)
-    downloads = dest / ".downloads"
-    if source.zenodo_record:
-        files = zenodo_files(
-            source.zenodo_record, api or os.environ.get("FULORA_ZENODO_API", ZENODO_API)
-        )
-    else:
-        link = url or source.url
-        assert link is not None
-        files = [
-            RemoteFile(
-                name=Path(link).name or f"{name}.zip",
-                url=link,
-                checksum=f"sha256:{sha256}" if sha256 else None,
-            )
-        ]
+    files = _remote_files(source, api, url, sha256, endpoint)
     record: dict[str, object] = {
         "dataset": name,
         "source": source.page,
@@ -457,39 +509,83 @@ def download_dataset(
         "files": [],
     }
     for remote in files:
+        # model files are the result; archives and tables wait in .downloads to be unpacked
+        folder = dest if source.hf_repo else dest / ".downloads"
         target = fetch(
             remote.url,
-            downloads / remote.name,
+            folder / remote.name,
             checksum=remote.checksum,
             pinned=sha256 is not None,
             size=remote.size,
             retries=retries,
             progress=progress,
         )
-        _check_archive(target, remote, expect_zip=source.archive_subdir is not None)
-        digest = file_hash(target, "sha256")
-        record["files"].append(
-            {
-                "name": remote.name,
-                "url": remote.url,
-                "sha256": digest,  # type: ignore[union-attr]
-                "published_checksum": remote.checksum,
-            }
-        )
-        if remote.checksum is None:
-            logger.warning(
-                "%s has no published checksum; its SHA-256 is %s (pin it with "
-                "--sha256 to check later downloads)",
-                remote.name,
-                digest,
-            )
-        marker = downloads / f".{remote.name}.unpacked"
-        if zipfile.is_zipfile(target) and not marker.is_file():
-            unpack(target, dest, source.archive_subdir)
-            marker.write_text(digest)
+        if not source.hf_repo:
+            _check_archive(target, remote, expect_zip=source.archive_subdir is not None)
+        record["files"].append(_file_record(target, remote))  # type: ignore[union-attr]
+        if zipfile.is_zipfile(target) and not source.hf_repo:
+            _unpack_once(target, dest, source.archive_subdir)
+    if source.hf_repo:
+        write_json(dest / "download.json", {**record, "finished": now_iso()})
+        logger.info("%s: %d files in %s", name, len(files), dest)
+        return None
     manifest = build_manifest(dest)
     manifest.write(dest / "manifest.csv")
     record.update(finished=now_iso(), images=len(manifest), labels=manifest.counts("label"))
     write_json(dest / "download.json", record)
     logger.info("%s: %d images, manifest at %s", name, len(manifest), dest / "manifest.csv")
     return manifest
+
+
+def _remote_files(
+    source: DatasetSource,
+    api: str | None,
+    url: str | None,
+    sha256: str | None,
+    endpoint: str | None,
+) -> list[RemoteFile]:
+    """What to fetch for ``source``: a Zenodo record, Hub files or one URL."""
+    if source.zenodo_record:
+        return zenodo_files(
+            source.zenodo_record, api or os.environ.get("FULORA_ZENODO_API", ZENODO_API)
+        )
+    if source.hf_repo:
+        hub = endpoint or os.environ.get("HF_ENDPOINT", HF_ENDPOINT)
+        return hub_files(source.hf_repo, source.hf_files, hub)
+    link = url or source.url
+    assert link is not None
+    return [
+        RemoteFile(
+            name=Path(link).name or f"{source.name}.zip",
+            url=link,
+            checksum=f"sha256:{sha256}" if sha256 else None,
+        )
+    ]
+
+
+def _file_record(target: Path, remote: RemoteFile) -> dict[str, object]:
+    """What ``download.json`` says of one file; warns when nothing could check it."""
+    digest = file_hash(target, "sha256")
+    if remote.checksum is None:
+        logger.warning(
+            "%s has no published checksum; its SHA-256 is %s (pin it with --sha256 to check "
+            "later downloads)",
+            remote.name,
+            digest,
+        )
+    return {
+        "name": remote.name,
+        "url": remote.url,
+        "sha256": digest,
+        "published_checksum": remote.checksum,
+    }
+
+
+def _unpack_once(archive: Path, dest: Path, subdir: str | None) -> None:
+    """Unpack ``archive`` unless this very file was unpacked before (a marker holds its hash)."""
+    marker = archive.parent / f".{archive.name}.unpacked"
+    digest = file_hash(archive, "sha256")
+    if marker.is_file() and marker.read_text() == digest:
+        return
+    unpack(archive, dest, subdir)
+    marker.write_text(digest)

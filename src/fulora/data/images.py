@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fulora.errors import ImageLoadError
 
 ColorMode = Literal["L", "RGB"]
-Resize = Literal["stretch", "letterbox", "crop"]
+Resize = Literal["stretch", "stretch-bilinear", "letterbox", "crop"]
 
 # PIL raises these for truncated, corrupt or unsupported files.
 _DECODE_ERRORS = (
@@ -95,13 +95,17 @@ def resize_image(
     Args:
         img: The image.
         size: Target (height, width).
-        method: ``stretch`` (to exactly the size, as the paper's classifiers do), ``letterbox``
-            (keep the aspect ratio, pad with black) or ``crop`` (keep the aspect ratio, fill the
-            size and cut the overflow at the centre).
+        method: ``stretch`` (to exactly the size, bicubic), ``stretch-bilinear`` (to exactly
+            the size as the paper's notebook does: torchvision's ``Resize((224, 224))`` on a PIL
+            image, which is PIL's bilinear resize), ``letterbox`` (keep the aspect ratio, pad
+            with black) or ``crop`` (keep the aspect ratio, fill the size and cut the overflow
+            at the centre).
     """
     height, width = size
     if method == "stretch":
         return img.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if method == "stretch-bilinear":  # no reducing_gap: pixel for pixel what torchvision gives
+        return img.resize((width, height), Image.Resampling.BILINEAR)
     if method == "letterbox":
         scale = min(width / img.width, height / img.height)
         new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
@@ -111,7 +115,9 @@ def resize_image(
         return canvas
     if method == "crop":
         return ImageOps.fit(img, (width, height), Image.Resampling.BICUBIC)
-    raise ValueError(f"unknown resize method {method!r}; use stretch, letterbox or crop")
+    raise ValueError(
+        f"unknown resize method {method!r}; use stretch, stretch-bilinear, letterbox or crop"
+    )
 
 
 def image_info(path: str | Path) -> tuple[tuple[int, int], str]:

@@ -105,7 +105,10 @@ def _patient_from_name(name: str) -> tuple[str, str]:
 def _find_images_dir(csv_path: Path, images_dir: str | Path | None) -> Path:
     if images_dir is not None:
         return Path(images_dir).resolve()
-    for candidate in (csv_path.parent / "Images", csv_path.parent / "images"):
+    # Images/ (FETAL_PLANES_DB), or a folder named like the table (the FU-LoRA notebook's
+    # synthetic_train_5000.csv beside synthetic_train_5000/)
+    here = csv_path.parent
+    for candidate in (here / "Images", here / "images", here / csv_path.stem):
         if candidate.is_dir():
             return candidate.resolve()
     return csv_path.parent.resolve()
@@ -127,8 +130,8 @@ def read_image_table(
 
     Args:
         csv_path: The CSV.
-        images_dir: Folder holding the images (default: ``Images/`` beside the CSV, else the
-            CSV's folder).
+        images_dir: Folder holding the images (default: ``Images/`` beside the CSV, else a
+            folder named like the CSV, e.g. ``synthetic_train_5000/``, else the CSV's folder).
         source: Value of the ``source`` column (default: guessed from the columns).
         domain: Value of ``domain`` where the CSV has no ``Center`` (default: guessed from names).
         on_missing: What to do with rows whose image does not exist: ``error`` (default),

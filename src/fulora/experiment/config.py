@@ -39,6 +39,9 @@ from fulora.lora.train import LoraTrainConfig
 
 #: Regime keys that are not ClassifyConfig keys.
 REGIME_KEYS = ("synthetic", "filtered", "real")
+#: LoRA variant keys that are not LoraTrainConfig keys: a released LoRA file (no training) or
+#: a released synthetic image set (neither training nor generation), e.g. the paper's own.
+VARIANT_KEYS = ("file", "images")
 
 
 @dataclass
@@ -67,6 +70,8 @@ class LoraStage(Checked):
 
     recipe: str | None = None  # a `fulora lora train` YAML (e.g. configs/lora-paper.yaml)
     settings: dict[str, Any] = field(default_factory=dict)
+    # name -> LoraTrainConfig keys; or {file: LORA.safetensors} to generate with a released
+    # LoRA, or {images: {path: ..., images_dir: ...}} to use a released synthetic set as is
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"lora": {}})
 
 
@@ -282,7 +287,46 @@ def lora_configs(cfg: ExperimentConfig) -> dict[str, LoraTrainConfig]:
             LoraTrainConfig, [*layers, (variant or {}, source, f"lora.variants.{name}.")]
         )
         for name, variant in cfg.lora.variants.items()
+        if not variant_parts(cfg, name)
     }
+
+
+def variant_parts(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
+    """The released artifact a LoRA variant stands for, if any.
+
+    Returns:
+        ``{}`` (a LoRA to train), ``{"file": Path}`` (a released LoRA to generate with) or
+        ``{"images": DataSource}`` (a released synthetic set to use as it is).
+
+    Raises:
+        ConfigError: For both keys at once, or training keys beside either.
+    """
+    variant = cfg.lora.variants[name] or {}
+    source = cfg._source  # type: ignore[attr-defined]
+    key = f"lora.variants.{name}"
+    if not isinstance(variant, dict):
+        raise ConfigError(f"'{key}' in {source}: expected a mapping")
+    given = [k for k in VARIANT_KEYS if k in variant]
+    if not given:
+        return {}
+    others = sorted(set(variant) - {given[0]})
+    if others:
+        raise ConfigError(
+            f"'{key}' in {source}: {given[0]!r} stands for a released artifact and takes no "
+            f"other key (got {', '.join(others)})"
+        )
+    if given[0] == "file":
+        path = Path(str(variant["file"])).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"'{key}.file' in {source}: {path} does not exist (the paper's LoRAs: "
+                "fulora data download fu-lora-loras --out DIR)"
+            )
+        return {"file": path}
+    images = variant["images"]
+    if isinstance(images, str):
+        images = {"path": images}
+    return {"images": from_dict(DataSource, images, source=source, prefix=f"{key}.images.")}
 
 
 def generate_config(cfg: ExperimentConfig, lora_dir: str) -> GenerateConfig:
@@ -368,3 +412,19 @@ def classify_config(cfg: ExperimentConfig, regime: str, arch: str, seed: int) ->
         ({"arch": arch, "seed": seed}, source, "classify."),
     ]
     return _stage_config(ClassifyConfig, layers)
+
+
+def classifier_protocol(cfg: ExperimentConfig) -> str:
+    """How the grid's classifiers are trained and chosen, and over which seeds.
+
+    Resolved from the first cell (regimes differ only in data and augmentation); the results
+    and the report print it next to the numbers, so a table always says which preset made it.
+    """
+    from fulora.classify.train import describe_protocol
+
+    regime = next(iter(cfg.classify.regimes))
+    first = classify_config(cfg, regime, cfg.classify.archs[0], cfg.classify.seeds[0])
+    seeds = cfg.classify.seeds
+    runs = f"one run (seed {seeds[0]})" if len(seeds) == 1 else f"mean of seeds {seeds}"
+    recipe = f"{Path(cfg.classify.recipe).name}: " if cfg.classify.recipe else ""
+    return f"{recipe}{describe_protocol(first)}; {runs}"

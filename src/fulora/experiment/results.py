@@ -19,7 +19,7 @@ import pandas as pd
 
 from fulora.classify.registry import resolve_arch
 from fulora.evaluate.metrics import SPACES, bootstrap, metrics
-from fulora.io import atomic_open
+from fulora.io import atomic_open, write_text
 
 if TYPE_CHECKING:
     from fulora.experiment.runner import Plan
@@ -219,7 +219,11 @@ def write_results(plan: Plan) -> pd.DataFrame:
     domains = per_domain(plan)
     with atomic_open(out / "per_domain.csv", "w", newline="") as handle:
         domains.to_csv(handle, index=False)
-    lines = [f"# {plan.cfg.name}: zero-shot results\n"]
+    from fulora.experiment.config import classifier_protocol
+
+    protocol = classifier_protocol(plan.cfg)
+    write_text(out / "protocol.txt", protocol + "\n")
+    lines = [f"# {plan.cfg.name}: zero-shot results\n\nClassifier protocol: {protocol}.\n"]
     for target in plan.targets:
         for space in SPACES:
             lines.append(
@@ -233,7 +237,12 @@ def write_results(plan: Plan) -> pd.DataFrame:
         comparison = compare_with(table[table["target"] == next(iter(plan.targets))], reference)
         with atomic_open(out / "comparison.csv", "w", newline="") as handle:
             comparison.to_csv(handle, index=False)
-        lines.append(f"\n## Against {Path(reference).name} (all outputs; ours - paper)\n\n")
+        lines.append(
+            f"\n## Against {Path(reference).name} (all outputs; ours - paper)\n\n"
+            f"Ours: {protocol}. The paper's AUC is compared with our AUC (paper): its "
+            "notebook's formula, which counts a prediction of a plane absent from the test set "
+            "as a positive for every plane.\n\n"
+        )
         lines.append(markdown_table(comparison.round(2)))
     with atomic_open(out / "results.md", "w") as handle:
         handle.write("".join(lines))

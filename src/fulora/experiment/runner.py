@@ -36,8 +36,9 @@ from fulora.experiment.config import (
     generate_config,
     lora_configs,
     regime_parts,
+    variant_parts,
 )
-from fulora.io import write_json
+from fulora.io import file_hash, write_json
 from fulora.lora.train import LORA_COLUMNS
 from fulora.planes import PLANES, check_planes
 from fulora.runs import RunDir, now_iso
@@ -179,11 +180,13 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         raise ConfigError(f"'audit.enabled' in {source} is false but a regime is filtered")
 
     # Every config first: key errors come before any file is read.
+    all_variants = list(cfg.lora.variants) if synthetic_needed else []
+    released = {v: variant_parts(cfg, v) for v in all_variants}  # {} for a LoRA to train
     loras = lora_configs(cfg) if synthetic_needed else {}
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     grid: list[tuple[str, str | None, str, int]] = []
     for regime, (options, _) in regimes.items():
-        variants: list[str | None] = list(loras) if options.get("synthetic") else [None]
+        variants: list[str | None] = list(all_variants) if options.get("synthetic") else [None]
         for variant in variants:
             for arch in cfg.classify.archs:
                 for seed in cfg.classify.seeds:
@@ -193,7 +196,11 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         ccfg = classify_config(cfg, regime, arch, seed)
         ccfg.cache_dir = str(cache)
         classify_cfgs[regime, variant, arch, seed] = ccfg
-    gen_cfgs = {v: generate_config(cfg, str(out / "lora" / slug(v))) for v in loras}
+    gen_cfgs = {  # a released image set needs no generation
+        v: generate_config(cfg, str(released[v].get("file") or out / "lora" / slug(v)))
+        for v in all_variants
+        if "images" not in released[v]
+    }
     audit_config(cfg, "", str(cache))  # its keys are checked even when no regime needs it
     audit_classifier = _audit_classifier(cfg, grid, regimes, out) if audit_needed else None
     audit_cfg = (
@@ -220,8 +227,16 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
             raise type(err)(f"'data.targets.{name}' in {source}: {err}") from None
         targets[name] = manifest
     lora_data = None
-    if synthetic_needed:
+    if loras or (synthetic_needed and cfg.data.lora):  # the audit compares with it too
         lora_data = _read_sources(cfg.data.lora, "data.lora", source)
+    released_images = {
+        v: _read_source(parts["images"], f"lora.variants.{v}.images", source).with_values(
+            source="synthetic"  # whatever the layout: these images are not real
+        )
+        for v, parts in released.items()
+        if "images" in parts
+    }
+    if gen_cfgs:
         try:
             check_base(cfg.base, cfg.base_config)
         except ConfigError as err:
@@ -237,12 +252,17 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
     for ccfg in classify_cfgs.values():
         if ccfg.classes is None:
             ccfg.classes = list(classes)
-        weights = (ccfg.arch, ccfg.pretrained, ccfg.weights)
+        weights = (ccfg.arch, ccfg.pretrained, ccfg.weights, ccfg.imagenet_weights)
         if weights not in checked:
             checked.add(weights)
             try:
                 create_model(
-                    ccfg.arch, len(classes), pretrained=ccfg.pretrained, weights=ccfg.weights
+                    ccfg.arch,
+                    len(classes),
+                    pretrained=ccfg.pretrained,
+                    weights=ccfg.weights,
+                    imagenet=ccfg.imagenet_weights,
+                    log=False,
                 )
             except ConfigError as err:
                 raise ConfigError(
@@ -283,6 +303,11 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
                 {"variant": variant},
             )
         )
+    for variant, parts in released.items():  # a released LoRA is keyed by its content
+        if "file" in parts:
+            lora_keys[variant] = "file:" + file_hash(parts["file"])
+    for variant, manifest in released_images.items():
+        gen_keys[variant] = "images:" + fingerprint(manifest)
     for variant, gcfg in gen_cfgs.items():
         folder = out / "synthetic" / slug(variant)
         key = stage_key(
@@ -299,7 +324,14 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
                 {"variant": variant},
             )
         )
-    several = len(loras) > 1
+    several = len(all_variants) > 1
+
+    def synthetic_images(variant: str) -> Manifest:
+        """A variant's synthetic set: released as is, or what its generation stage wrote."""
+        if variant in released_images:
+            return released_images[variant]
+        return Manifest.read(out / "synthetic" / slug(variant) / "manifest.csv")
+
     classify_stages: dict[tuple, Stage] = {}
     audit_keys: dict[str, str] = {}
 
@@ -324,13 +356,10 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
 
         def train_one(real=real, variant=variant, folder=folder, ccfg=ccfg, filtered=filtered):
             manifests = [real]
-            if variant is not None:
-                source_csv = (
-                    out / "audit" / slug(variant) / "filtered.csv"
-                    if filtered
-                    else out / "synthetic" / slug(variant) / "manifest.csv"
-                )
-                manifests.append(Manifest.read(source_csv))
+            if variant is not None and filtered:
+                manifests.append(Manifest.read(out / "audit" / slug(variant) / "filtered.csv"))
+            elif variant is not None:
+                manifests.append(synthetic_images(variant))
             return train_classifier(manifests, folder, ccfg)
 
         info = {"regime": regime, "lora": variant, "arch": arch, "seed": seed, "label": label}
@@ -349,7 +378,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
 
         cell, clf_folder = audit_classifier
         clf_key = classify_stages[cell].key if cell in classify_stages else str(clf_folder)
-        for variant in loras:
+        for variant in all_variants:
             folder = out / "audit" / slug(variant)
             key = stage_key(
                 {
@@ -363,9 +392,8 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
             audit_keys[variant] = key
 
             def run_audit(variant=variant, folder=folder):
-                synthetic = Manifest.read(out / "synthetic" / slug(variant) / "manifest.csv")
                 return audit(
-                    synthetic,
+                    synthetic_images(variant),
                     train,
                     folder,
                     audit_cfg,

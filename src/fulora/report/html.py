@@ -172,6 +172,12 @@ def _bars(path: Path, table: pd.DataFrame, target: str) -> Path | None:
     return save_figure(fig, path)
 
 
+def _read_protocol(run: Path) -> str:
+    """The classifier protocol the results stage recorded (``results/protocol.txt``)."""
+    path = run / "results" / "protocol.txt"
+    return path.read_text().strip() if path.is_file() else "not recorded (results not written)"
+
+
 def _stages(run: Path) -> list[dict[str, Any]]:
     plan = pd.read_csv(run / "plan.csv", keep_default_na=False)
     rows = []
@@ -273,6 +279,7 @@ def build_report(run_dir: str | Path) -> Path:
         "Regimes": "; ".join(regimes),
         "Architectures": ", ".join(cfg.classify.archs),
         "Seeds": ", ".join(map(str, cfg.classify.seeds)),
+        "Classifier protocol": _read_protocol(run),
         "Targets": ", ".join(cfg.data.targets),
         "fulora": __version__,
     }
@@ -401,6 +408,12 @@ def build_report(run_dir: str | Path) -> Path:
         comparison = run / "results" / "comparison.csv"
         if comparison.is_file():
             page.add("<h3>Against the paper's table (all outputs; diff = ours - paper)</h3>")
+            page.add(
+                "<p>Ours: " + html.escape(_read_protocol(run)) + ". The paper's AUC column is "
+                "compared with our <i>AUC (paper)</i>: its notebook's formula, which counts a "
+                "prediction of <i>other</i> (absent from the test set) as a positive for every "
+                "plane; <i>AUC</i> is the proper one-vs-rest AUC from probabilities.</p>"
+            )
             page.table(pd.read_csv(comparison).round(2))
         domains = run / "results" / "per_domain.csv"
         if domains.is_file() and domains.stat().st_size > 2:
