@@ -426,7 +426,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fulora.report.html import build_report
+    from fulora.experiment.report import build_report
 
     path = build_report(args.run_dir)
     print(f"report: {path}")

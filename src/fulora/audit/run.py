@@ -38,16 +38,12 @@ from fulora.audit.memorisation import (  # noqa: E402
     ssim_nearest,
 )
 from fulora.config import AT_LEAST_0, AT_LEAST_1, FRACTION, SEED, Checked, Range
+from fulora.data.images import thumbnail  # noqa: E402
 from fulora.data.manifest import Manifest  # noqa: E402
 from fulora.errors import ConfigError, DataError  # noqa: E402
+from fulora.figures import confusion_matrix_figure, image_grid, save_figure  # noqa: E402
 from fulora.io import atomic_open, write_json  # noqa: E402
 from fulora.planes import PLANES  # noqa: E402
-from fulora.report.figures import (  # noqa: E402
-    confusion_matrix_figure,
-    image_grid,
-    save_figure,
-    thumbnail,
-)
 from fulora.runs import RunDir  # noqa: E402
 
 logger = logging.getLogger("fulora")

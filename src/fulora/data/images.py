@@ -132,3 +132,8 @@ def image_info(path: str | Path) -> tuple[tuple[int, int], str]:
 def to_array(img: Image.Image) -> np.ndarray:
     """uint8 array, (H, W) for L, (H, W, 3) for RGB."""
     return np.array(img, dtype=np.uint8)  # a writable copy (PIL's buffer view is read-only)
+
+
+def thumbnail(path: str | Path, size: tuple[int, int] = (96, 128)) -> np.ndarray:
+    """A grayscale thumbnail (height, width) of an image file, letterboxed (uint8 array)."""
+    return np.asarray(resize_image(load_image(path), size, "letterbox"))

@@ -603,7 +603,7 @@ def phantom_grid(
     size: tuple[int, int] | None = None,
 ) -> Path:
     """A labelled grid PNG: one row per plane, ``per_row`` images per domain side by side."""
-    from fulora.report.figures import image_grid
+    from fulora.figures import image_grid
 
     rows, row_labels = [], []
     for plane in planes:

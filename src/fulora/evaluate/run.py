@@ -157,7 +157,7 @@ def evaluate_model(
         DataError: If the model is missing, the test set is empty, a test label is unknown to
             the model, or an image is missing or unreadable.
     """
-    from fulora.report.figures import confusion_matrix_figure, reliability_diagram
+    from fulora.figures import confusion_matrix_figure, reliability_diagram
 
     if len(test) == 0:
         raise DataError(f"the test manifest {test.origin} has no images")

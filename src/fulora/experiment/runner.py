@@ -581,7 +581,7 @@ def run_experiment(
         table = write_results(plan)
         report_path = None
         if cfg.report.enabled:
-            from fulora.report.html import build_report
+            from fulora.experiment.report import build_report
 
             print("[report] building the HTML report")
             report_path = build_report(out)

@@ -29,8 +29,8 @@ def save_model(out: Path, parts: dict, cfg, corpus, *, history, build_seconds) -
     """
     from diffusers import StableDiffusionPipeline
 
+    from fulora.figures import loss_curve
     from fulora.foundation.build import threads_note
-    from fulora.report.figures import loss_curve
 
     pipe = StableDiffusionPipeline(**parts)
     pipe.to(torch.float16).save_pretrained(out)
@@ -65,8 +65,8 @@ def save_model(out: Path, parts: dict, cfg, corpus, *, history, build_seconds) -
 @torch.no_grad()
 def sample_grid(path: Path, pipe, *, seed: int = 0, per_caption: int = 6, steps: int = 30) -> Path:
     """A grid of samples from generic captions: what the base model draws before any LoRA."""
+    from fulora.figures import image_grid
     from fulora.generate.samplers import make_scheduler
-    from fulora.report.figures import image_grid
 
     pipe.scheduler = make_scheduler("dpmpp_2m_karras", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

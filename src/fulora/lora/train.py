@@ -755,7 +755,7 @@ def _write_loss(out: Path, history: list[dict[str, Any]]) -> None:
     writer.writerows(history)
     write_text(out / "loss.csv", buffer.getvalue())
     if history:
-        from fulora.report.figures import loss_curve
+        from fulora.figures import loss_curve
 
         loss_curve(
             out / "loss.png",
@@ -859,7 +859,7 @@ def _sample_grid(out, step, pipe, accelerator, unet, text_encoder, examples, cfg
     """One fixed-seed image per plane with the current LoRA, as samples/step-N.png."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from fulora.report.figures import image_grid
+    from fulora.figures import image_grid
 
     unet_m = accelerator.unwrap_model(unet)
     te_m = accelerator.unwrap_model(text_encoder)

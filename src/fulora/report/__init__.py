@@ -1,1 +1,1 @@
-"""Figures and reports."""
+"""Report helpers that need a trained classifier: the t-SNE embedding figure."""

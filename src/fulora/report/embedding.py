@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from fulora.classify.features import run_classifier  # noqa: E402
 from fulora.classify.train import load_classifier  # noqa: E402
 from fulora.data.manifest import Manifest  # noqa: E402
-from fulora.report.figures import save_figure  # noqa: E402
+from fulora.figures import save_figure  # noqa: E402
 
 GROUP_COLOURS = {"real training": "#1f77b4", "synthetic": "#ff7f0e", "target cohort": "#2ca02c"}
 

@@ -1,4 +1,8 @@
-"""Figures as PNG files (matplotlib, no display needed)."""
+"""Figures as PNG files (matplotlib, no display needed).
+
+A base module: every stage draws its figures with these helpers, so it imports nothing of
+fulora but ``io`` (see the layers in DEVELOPERS.md).
+"""
 
 from __future__ import annotations
 
@@ -21,13 +25,6 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     plt.close(fig)
     return path
-
-
-def thumbnail(path: str | Path, size: tuple[int, int] = (96, 128)) -> np.ndarray:
-    """A grayscale thumbnail (height, width) of an image file, letterboxed (uint8 array)."""
-    from fulora.data.images import load_image, resize_image
-
-    return np.asarray(resize_image(load_image(path), size, "letterbox"))
 
 
 def image_grid(

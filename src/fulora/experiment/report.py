@@ -25,11 +25,12 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from fulora.config import from_dict  # noqa: E402
+from fulora.data.images import thumbnail  # noqa: E402
 from fulora.data.manifest import Manifest  # noqa: E402
 from fulora.errors import DataError  # noqa: E402
+from fulora.figures import image_grid, save_figure  # noqa: E402
 from fulora.io import atomic_open  # noqa: E402
 from fulora.planes import PLANES  # noqa: E402
-from fulora.report.figures import image_grid, save_figure, thumbnail  # noqa: E402
 from fulora.runs import now_iso  # noqa: E402
 from fulora.shipped import shipped_model  # noqa: E402
 
