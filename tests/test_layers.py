@@ -89,3 +89,52 @@ def test_the_graph_sees_imports_inside_functions_and_skips_type_checking():
     assert ("experiment", "report") in edges  # runner imports the report inside a function
     assert ("classify", "figures") in edges
     assert ("evaluate", "experiment") not in edges
+
+
+# The only imports allowed inside functions, by top-level module, and why. Everything else is
+# imported at the top of its module.
+LAZY = {
+    "fulora": "cli.py only: a command imports its stage when it runs, so `fulora --help` and "
+    "`fulora data inspect` start in well under a second",
+    "diffusers": "the diffusion stack takes seconds to import; experiment/runner imports every "
+    "stage module, and commands that never run a diffusion model must not pay for it",
+    "transformers": "as diffusers",
+    "peft": "as diffusers",
+    "accelerate": "as diffusers",
+    "huggingface_hub": "as diffusers (and only needed to resolve a hub id)",
+    "safetensors": "as diffusers, where it reads LoRA and weights files",
+    "bitsandbytes": "optional: 8-bit AdamW on CUDA only, absent on most CPU machines",
+    "torch_fidelity": "audit only, heavy, and its Inception path needs a weights file",
+    "torchmetrics": "audit only (SSIM), heavy",
+    "scipy": "audit only",
+    "timm": "only for timm architectures; takes a second to import",
+    "torchvision": "the model zoo and transforms v2 load only when a classifier is built",
+    "sklearn": "t-SNE and the patient split only; data.manifest is imported by every command",
+    "torch": "config.py only: it is imported by every command, torch only by require_device",
+}
+
+
+LAZY_ONLY_IN = {"fulora": "cli.py", "torch": "config.py"}
+
+
+def test_imports_inside_functions_are_only_the_listed_lazy_ones():
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    only_in = LAZY_ONLY_IN.get(top)
+                    allowed = top in LAZY and (only_in is None or path.name == only_in)
+                    if not allowed:
+                        found.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: {name}")
+    assert not found, "imports inside functions with no stated reason:\n" + "\n".join(found)

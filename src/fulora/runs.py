@@ -22,11 +22,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fulora.config import save_config
+import yaml
+from filelock import FileLock, Timeout
+
+from fulora import __version__
+from fulora.config import save_config, to_dict
 from fulora.errors import FolderInUseError
 from fulora.io import check_writable_folder, write_json
 
 logger = logging.getLogger("fulora")
+
+#: The files every run folder holds (the experiment's layout builds on them).
+CONFIG_NAME = "config.yaml"  # the resolved config, written at start
+DONE_NAME = "done.json"  # written last: the run finished
+LOG_NAME = "log.txt"
 
 
 def now_iso() -> str:
@@ -45,7 +54,6 @@ class FolderLock:
     """
 
     def __init__(self, folder: str | Path):
-        from filelock import FileLock
 
         self.folder = Path(folder)
         self.info_file = self.folder / ".fulora.lock.json"
@@ -65,8 +73,6 @@ class FolderLock:
 
     def acquire(self, command: str) -> None:
         """Take the lock, or raise :class:`FolderInUseError` naming its holder."""
-        from filelock import Timeout
-
         try:
             self._lock.acquire()
         except Timeout:
@@ -126,7 +132,7 @@ class RunDir:
     @property
     def done_file(self) -> Path:
         """The completion marker, written last."""
-        return self.path / "done.json"
+        return self.path / DONE_NAME
 
     def is_done(self) -> bool:
         """Whether an earlier run in this folder finished."""
@@ -143,12 +149,9 @@ class RunDir:
 
         An empty list means the folder holds a run of exactly this configuration.
         """
-        path = self.path / "config.yaml"
+        path = self.path / CONFIG_NAME
         if not path.is_file():
             return None
-        import yaml
-
-        from fulora.config import to_dict
 
         old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         new = to_dict(config)
@@ -172,9 +175,9 @@ class RunDir:
         """
         self.lock()
         if config is not None:
-            save_config(config, self.path / "config.yaml")
+            save_config(config, self.path / CONFIG_NAME)
         self.done_file.unlink(missing_ok=True)
-        self._handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8")
+        self._handler = logging.FileHandler(self.path / LOG_NAME, encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(self._handler)
         if logger.level == logging.NOTSET:
@@ -184,8 +187,6 @@ class RunDir:
 
     def finish(self, **info: Any) -> dict[str, Any]:
         """Write ``done.json`` (last), stop file logging and return what was recorded."""
-        from fulora import __version__
-
         record = {
             "command": self.command,
             "finished": now_iso(),

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fulora.classify.features import run_classifier
+from fulora.classify.registry import _network_reachable
+from fulora.classify.train import load_classifier, resolve_device
 from fulora.data.images import load_image, resize_image
 from fulora.data.manifest import Manifest
 from fulora.errors import ConfigError
@@ -30,7 +33,6 @@ class ClassifierExtractor:
     def __init__(
         self, run_dir: str | Path, device: str = "auto", cache_dir: str | Path | None = None
     ):
-        from fulora.classify.train import load_classifier
 
         self.run_dir = Path(run_dir)
         self.model, self.meta = load_classifier(run_dir)
@@ -45,8 +47,6 @@ class ClassifierExtractor:
 
     def run(self, manifest: Manifest, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
         """(features (N, D), probabilities (N, C)) of the images."""
-        from fulora.classify.features import run_classifier
-
         proba, feats = run_classifier(
             self.model,
             self.meta,
@@ -71,8 +71,6 @@ def inception_weights(path: str | Path | None = None) -> Path | None:
         ConfigError: If no file is given or cached and the download host cannot be reached.
     """
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-
-    from fulora.classify.registry import _network_reachable
 
     if path is not None:
         if not Path(path).is_file():
@@ -100,8 +98,6 @@ class InceptionExtractor:
         self, weights: str | Path | None = None, device: str = "auto", batch_size: int = 32
     ):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        from fulora.classify.train import resolve_device
 
         path = inception_weights(weights)
         self.model = FeatureExtractorInceptionV3(

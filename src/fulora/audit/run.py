@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fulora.audit.extractors import ClassifierExtractor, InceptionExtractor
 from fulora.audit.fidelity import fidelity_metrics  # noqa: E402
 from fulora.audit.memorisation import (  # noqa: E402
     aligned_pixels,
@@ -89,7 +90,6 @@ class AuditConfig(Checked):
 
 
 def _extractor(cfg: AuditConfig):
-    from fulora.audit.extractors import ClassifierExtractor, InceptionExtractor
 
     kind = cfg.extractor
     if kind == "auto":
@@ -141,8 +141,6 @@ def audit(
     extractor = _extractor(cfg)  # fails fast (weights, classifier) before any image is read
     classifier = extractor if cfg.extractor != "inception" and cfg.classifier else None
     if classifier is None and cfg.classifier:
-        from fulora.audit.extractors import ClassifierExtractor
-
         classifier = ClassifierExtractor(cfg.classifier, cfg.device, cfg.cache_dir)
     run = RunDir(out, command="fulora audit").start(cfg)
     out = run.path

@@ -51,6 +51,7 @@ from fulora.data.cache import PreprocessCache, default_cache_dir
 from fulora.data.dataset import ManifestDataset
 from fulora.data.manifest import Manifest
 from fulora.errors import ConfigError, DataError
+from fulora.figures import training_curves
 from fulora.io import atomic_path, write_text
 from fulora.planes import PLANES, check_planes
 from fulora.runs import RunDir
@@ -549,7 +550,6 @@ def _train(
             logger.info("early stop: no improvement for %d epochs", stale)
             break
     bar.close()
-    from fulora.figures import training_curves
 
     training_curves(out / "loss_curve.png", history, title=f"{cfg.arch} ({cfg.augment})")
     best_row = history[best_epoch - 1] if best_epoch > 0 else {}

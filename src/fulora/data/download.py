@@ -25,7 +25,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from fulora.data.manifest import Manifest
+from fulora.data.manifest import MANIFEST_NAME, Manifest
+from fulora.data.readers import detect_layout, read_any
 from fulora.errors import ConfigError, DataError, DownloadError
 from fulora.io import file_hash, write_json
 from fulora.runs import now_iso
@@ -443,10 +444,8 @@ def unpack(archive: Path, dest: Path, subdir: str | None = None) -> None:
 
 def build_manifest(root: Path) -> Manifest:
     """A manifest of every known layout found under ``root`` (CSV tables and plane folders)."""
-    from fulora.data.readers import detect_layout, read_any
-
     parts: list[Manifest] = []
-    csvs = [p for p in sorted(root.rglob("*.csv")) if p != root / "manifest.csv"]
+    csvs = [p for p in sorted(root.rglob("*.csv")) if p != root / MANIFEST_NAME]
     folders = sorted(p for p in root.rglob("*") if p.is_dir())
     for candidate in csvs + folders:
         if any(part.startswith(".") for part in candidate.relative_to(root).parts):
@@ -530,10 +529,10 @@ def download_dataset(
         logger.info("%s: %d files in %s", name, len(files), dest)
         return None
     manifest = build_manifest(dest)
-    manifest.write(dest / "manifest.csv")
+    manifest.write(dest / MANIFEST_NAME)
     record.update(finished=now_iso(), images=len(manifest), labels=manifest.counts("label"))
     write_json(dest / "download.json", record)
-    logger.info("%s: %d images, manifest at %s", name, len(manifest), dest / "manifest.csv")
+    logger.info("%s: %d images, manifest at %s", name, len(manifest), dest / MANIFEST_NAME)
     return manifest
 
 

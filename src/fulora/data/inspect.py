@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from fulora.data.images import image_info, load_image
 from fulora.data.manifest import Manifest
+from fulora.data.readers import detect_layout, read_any
 from fulora.errors import ImageLoadError
 
 
@@ -140,8 +141,6 @@ def inspect_path(
     path: str | Path, *, images_dir: str | Path | None = None, **kwargs
 ) -> InspectReport:
     """Read any layout at ``path`` (missing images are reported, not fatal) and inspect it."""
-    from fulora.data.readers import detect_layout, read_any
-
     layout = detect_layout(path)
     manifest = read_any(path, images_dir=images_dir, on_missing="ignore")
     return inspect_manifest(manifest, layout=layout, **kwargs)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fulora.data.hashes import content_hashes
 from fulora.errors import DataError
 from fulora.io import atomic_open
 from fulora.planes import PLANES, map_planes
@@ -26,6 +27,8 @@ logger = logging.getLogger("fulora")
 
 #: Required columns, in file order.
 COLUMNS: tuple[str, ...] = ("path", "label", "split", "source", "domain", "patient")
+#: What a run folder or a dataset folder calls its manifest.
+MANIFEST_NAME = "manifest.csv"
 #: Allowed values of ``split`` ("" means unassigned).
 SPLITS: tuple[str, ...] = ("train", "val", "test", "")
 
@@ -283,8 +286,6 @@ class Manifest:
         hashes are remembered by (path, mtime, size) across runs (:mod:`fulora.data.hashes`),
         so an unchanged dataset is not read again. ``content=False`` leaves the bytes out.
         """
-        from fulora.data.hashes import content_hashes
-
         frame = self.frame.astype(str)
         columns = sorted(c for c in (columns or frame.columns) if c in frame.columns)
         rows = ["\t".join(values) for values in frame[columns].itertuples(index=False)]

@@ -50,8 +50,9 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from fulora.config import AT_LEAST_1, SEED, Checked, Range
-from fulora.data.manifest import Manifest
+from fulora.data.manifest import MANIFEST_NAME, Manifest
 from fulora.errors import DataError
+from fulora.figures import image_grid
 from fulora.io import atomic_path, write_text
 from fulora.planes import PAPER_CAPTIONS, PAPER_PLANES, check_planes
 
@@ -579,8 +580,8 @@ def generate_phantom(out: str | Path, config: PhantomConfig) -> Manifest:
         )
     for plane in planes:
         write_text(out / plane / "duplicate_text_for_each_image.txt", PAPER_CAPTIONS[plane] + "\n")
-    manifest = Manifest.from_records(records, origin=str(out / "manifest.csv"))
-    manifest.write(out / "manifest.csv")
+    manifest = Manifest.from_records(records, origin=str(out / MANIFEST_NAME))
+    manifest.write(out / MANIFEST_NAME)
     if config.grid:
         phantom_grid(
             out / "grid.png",
@@ -603,8 +604,6 @@ def phantom_grid(
     size: tuple[int, int] | None = None,
 ) -> Path:
     """A labelled grid PNG: one row per plane, ``per_row`` images per domain side by side."""
-    from fulora.figures import image_grid
-
     rows, row_labels = [], []
     for plane in planes:
         rows.append([render(plane, d, seed, i, size) for d in domains for i in range(per_row)])

@@ -24,7 +24,7 @@ from typing import Literal
 
 import pandas as pd
 
-from fulora.data.manifest import Manifest, read_csv_table, require_columns
+from fulora.data.manifest import MANIFEST_NAME, Manifest, read_csv_table, require_columns
 from fulora.errors import DataError, LabelError
 from fulora.planes import map_planes, plane_or_none
 
@@ -370,7 +370,7 @@ def detect_layout(path: str | Path) -> str:
     """
     path = Path(path)
     if path.is_dir():
-        if (path / "manifest.csv").is_file():
+        if (path / MANIFEST_NAME).is_file():
             return "manifest"
         if (path / "FETAL_PLANES_DB_data.csv").is_file():
             return "fetal_planes_db"
@@ -421,7 +421,7 @@ def read_any(
     path = Path(path)
     layout = detect_layout(path)
     if layout == "manifest":
-        manifest = Manifest.read(path / "manifest.csv" if path.is_dir() else path)
+        manifest = Manifest.read(path / MANIFEST_NAME if path.is_dir() else path)
         frame = _check_missing(manifest.frame, Path(manifest.origin), on_missing)
         return Manifest(frame, origin=manifest.origin, validate=False)
     if layout == "plane_folders":

@@ -35,6 +35,7 @@ from fulora.evaluate.metrics import (
     predict,
     restrict,
 )
+from fulora.figures import confusion_matrix_figure, reliability_diagram
 from fulora.io import atomic_open, write_json
 from fulora.runs import RunDir
 
@@ -157,8 +158,6 @@ def evaluate_model(
         DataError: If the model is missing, the test set is empty, a test label is unknown to
             the model, or an image is missing or unreadable.
     """
-    from fulora.figures import confusion_matrix_figure, reliability_diagram
-
     if len(test) == 0:
         raise DataError(f"the test manifest {test.origin} has no images")
     model, meta = load_classifier(model_dir)

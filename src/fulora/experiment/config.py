@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fulora.classify.train import ClassifyConfig
+from fulora.audit.run import AuditConfig
+from fulora.classify.train import ClassifyConfig, describe_protocol
 from fulora.config import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -356,8 +357,6 @@ def generate_config(cfg: ExperimentConfig, lora_dir: str) -> GenerateConfig:
 
 def audit_config(cfg: ExperimentConfig, classifier: str, cache_dir: str) -> Any:
     """The resolved audit config, using the classifier run folder ``classifier``."""
-    from fulora.audit.run import AuditConfig
-
     source = cfg._source  # type: ignore[attr-defined]
     if "classifier" in cfg.audit.settings:
         raise ConfigError(
@@ -420,8 +419,6 @@ def classifier_protocol(cfg: ExperimentConfig) -> str:
     Resolved from the first cell (regimes differ only in data and augmentation); the results
     and the report print it next to the numbers, so a table always says which preset made it.
     """
-    from fulora.classify.train import describe_protocol
-
     regime = next(iter(cfg.classify.regimes))
     first = classify_config(cfg, regime, cfg.classify.archs[0], cfg.classify.seeds[0])
     seeds = cfg.classify.seeds

@@ -24,14 +24,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from fulora import __version__
 from fulora.config import from_dict  # noqa: E402
 from fulora.data.images import thumbnail  # noqa: E402
-from fulora.data.manifest import Manifest  # noqa: E402
+from fulora.data.manifest import MANIFEST_NAME, Manifest  # noqa: E402
 from fulora.errors import DataError  # noqa: E402
+from fulora.experiment.config import ExperimentConfig
+from fulora.experiment.layout import STAGE_MARKER, ExperimentLayout
+from fulora.experiment.results import display_table
 from fulora.figures import image_grid, save_figure  # noqa: E402
 from fulora.io import atomic_open  # noqa: E402
 from fulora.planes import PLANES  # noqa: E402
-from fulora.runs import now_iso  # noqa: E402
+from fulora.report.embedding import embedding_figure
+from fulora.runs import CONFIG_NAME, DONE_NAME, now_iso  # noqa: E402
 from fulora.shipped import shipped_model  # noqa: E402
 
 logger = logging.getLogger("fulora")
@@ -175,17 +180,17 @@ def _bars(path: Path, table: pd.DataFrame, target: str) -> Path | None:
 
 def _read_protocol(run: Path) -> str:
     """The classifier protocol the results stage recorded (``results/protocol.txt``)."""
-    path = run / "results" / "protocol.txt"
+    path = ExperimentLayout(run).results / "protocol.txt"
     return path.read_text().strip() if path.is_file() else "not recorded (results not written)"
 
 
 def _stages(run: Path) -> list[dict[str, Any]]:
-    plan = pd.read_csv(run / "plan.csv", keep_default_na=False)
+    plan = pd.read_csv(ExperimentLayout(run).plan, keep_default_na=False)
     rows = []
     for _, row in plan.iterrows():
         folder = run / row["folder"]
-        info = _json(folder / "stage.json")
-        done = _json(folder / "done.json")
+        info = _json(folder / STAGE_MARKER)
+        done = _json(folder / DONE_NAME)
         rows.append({**row.to_dict(), "path": folder, "info": info, "done": done})
     return rows
 
@@ -196,20 +201,15 @@ def build_report(run_dir: str | Path) -> Path:
     Raises:
         DataError: If ``run_dir`` is not the folder of ``fulora experiment run``.
     """
-    from fulora import __version__
-    from fulora.experiment.config import ExperimentConfig
-    from fulora.experiment.results import display_table
-    from fulora.report.embedding import embedding_figure
-
     run = Path(run_dir)
-    if not (run / "plan.csv").is_file() or not (run / "config.yaml").is_file():
+    if not (ExperimentLayout(run).plan).is_file() or not (ExperimentLayout(run).config).is_file():
         raise DataError(
             f"{run} is not an experiment folder (no plan.csv/config.yaml); pass the --out "
             "folder of `fulora experiment run`"
         )
-    raw = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
-    cfg = from_dict(ExperimentConfig, raw, source=str(run / "config.yaml"))
-    out = run / "report"
+    raw = yaml.safe_load((ExperimentLayout(run).config).read_text(encoding="utf-8")) or {}
+    cfg = from_dict(ExperimentConfig, raw, source=str(ExperimentLayout(run).config))
+    out = ExperimentLayout(run).report
     out.mkdir(exist_ok=True)
     page = _Page(out)
     stages = _stages(run)
@@ -219,18 +219,18 @@ def build_report(run_dir: str | Path) -> Path:
 
     # ---- what was run ----------------------------------------------------------------------
     data = {
-        "LoRA training": _read_manifest(run / "data" / "lora_train.csv"),
-        "real training": _read_manifest(run / "data" / "train.csv"),
+        "LoRA training": _read_manifest(ExperimentLayout(run).data / "lora_train.csv"),
+        "real training": _read_manifest(ExperimentLayout(run).data / "train.csv"),
     }
     synthetic: dict[str, Manifest] = {}
     for stage in by_kind.get("generate", []):
-        manifest = _read_manifest(stage["path"] / "manifest.csv")
+        manifest = _read_manifest(stage["path"] / MANIFEST_NAME)
         if manifest is not None:
             synthetic[stage["info"].get("variant", stage["stage"])] = manifest
             data[f"synthetic ({stage['info'].get('variant', '')})"] = manifest
     targets = {
         p.stem.removeprefix("target-"): m
-        for p in sorted((run / "data").glob("target-*.csv"))
+        for p in sorted((ExperimentLayout(run).data).glob("target-*.csv"))
         if (m := _read_manifest(p)) is not None
     }
     data.update({f"target: {k}": v for k, v in targets.items()})
@@ -249,8 +249,8 @@ def build_report(run_dir: str | Path) -> Path:
     loras = []
     for stage in by_kind.get("lora", []):
         lcfg = (
-            yaml.safe_load((stage["path"] / "config.yaml").read_text())
-            if (stage["path"] / "config.yaml").is_file()
+            yaml.safe_load((stage["path"] / CONFIG_NAME).read_text())
+            if (stage["path"] / CONFIG_NAME).is_file()
             else {}
         )
         loras.append(
@@ -309,7 +309,7 @@ def build_report(run_dir: str | Path) -> Path:
     )
     page.add(
         "<details><summary>Resolved configuration (config.yaml)</summary><pre>"
-        + html.escape((run / "config.yaml").read_text(encoding="utf-8"))
+        + html.escape((ExperimentLayout(run).config).read_text(encoding="utf-8"))
         + "</pre></details></section>"
     )
 
@@ -379,7 +379,7 @@ def build_report(run_dir: str | Path) -> Path:
         page.add("</section>")
 
     # ---- results ---------------------------------------------------------------------------
-    results = run / "results" / "results.csv"
+    results = ExperimentLayout(run).results / "results.csv"
     if results.is_file():
         table = pd.read_csv(results, keep_default_na=False)
         page.add("<section><h2>Zero-shot results</h2>")
@@ -406,7 +406,7 @@ def build_report(run_dir: str | Path) -> Path:
             bars = _bars(out / f"bars_{target}.png", table, target)
             if bars is not None:
                 page.image(bars, f"ACC, F-score and AUC per architecture and regime on {target}")
-        comparison = run / "results" / "comparison.csv"
+        comparison = ExperimentLayout(run).results / "comparison.csv"
         if comparison.is_file():
             page.add("<h3>Against the paper's table (all outputs; diff = ours - paper)</h3>")
             page.add(
@@ -416,7 +416,7 @@ def build_report(run_dir: str | Path) -> Path:
                 "plane; <i>AUC</i> is the proper one-vs-rest AUC from probabilities.</p>"
             )
             page.table(pd.read_csv(comparison).round(2))
-        domains = run / "results" / "per_domain.csv"
+        domains = ExperimentLayout(run).results / "per_domain.csv"
         if domains.is_file() and domains.stat().st_size > 2:
             per = pd.read_csv(domains, keep_default_na=False)
             per = per[per["space"] == "all_outputs"]
@@ -473,7 +473,7 @@ def build_report(run_dir: str | Path) -> Path:
                 chosen["path"],
                 groups,
                 per_group=cfg.report.embedding_per_group,
-                cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else run / "cache",
+                cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else ExperimentLayout(run).cache,
                 device=cfg.device,
                 title=f"t-SNE of {info.get('arch')} ({info.get('label')}, seed {info.get('seed')}) "
                 "penultimate features per plane",

@@ -18,8 +18,12 @@ import numpy as np
 import pandas as pd
 
 from fulora.classify.registry import resolve_arch
+from fulora.errors import ConfigError
 from fulora.evaluate.metrics import SPACES, bootstrap, metrics
+from fulora.experiment.config import classifier_protocol
+from fulora.experiment.layout import ExperimentLayout
 from fulora.io import atomic_open, write_text
+from fulora.runs import DONE_NAME
 
 if TYPE_CHECKING:
     from fulora.experiment.runner import Plan
@@ -104,7 +108,7 @@ def collect(plan: Plan) -> pd.DataFrame:
     for (target, regime, lora, arch), cells in groups.items():
         evals = [_load_eval(Path(c["folder"])) for c in cells]
         trained = [
-            json.loads((Path(c["classifier"]) / "done.json").read_text(encoding="utf-8"))
+            json.loads((Path(c["classifier"]) / DONE_NAME).read_text(encoding="utf-8"))
             for c in cells
         ]
         for space in SPACES:
@@ -211,7 +215,7 @@ def compare_with(table: pd.DataFrame, reference: str | Path) -> pd.DataFrame:
 
 def write_results(plan: Plan) -> pd.DataFrame:
     """Write ``results/`` (CSV and Markdown tables, per-domain table, comparison); return it."""
-    out = plan.out / "results"
+    out = ExperimentLayout(plan.out).results
     out.mkdir(parents=True, exist_ok=True)
     table = collect(plan)
     with atomic_open(out / "results.csv", "w", newline="") as handle:
@@ -219,7 +223,6 @@ def write_results(plan: Plan) -> pd.DataFrame:
     domains = per_domain(plan)
     with atomic_open(out / "per_domain.csv", "w", newline="") as handle:
         domains.to_csv(handle, index=False)
-    from fulora.experiment.config import classifier_protocol
 
     protocol = classifier_protocol(plan.cfg)
     write_text(out / "protocol.txt", protocol + "\n")
@@ -257,7 +260,5 @@ def reference_table(compare: str | None) -> Path | None:
         return PAPER_TABLE
     path = Path(compare)
     if not path.is_file():
-        from fulora.errors import ConfigError
-
         raise ConfigError(f"'compare': {path} does not exist (use 'paper' or a CSV path)")
     return path

@@ -24,10 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from fulora.audit.run import audit
 from fulora.classify.registry import create_model
+from fulora.classify.train import train_classifier
 from fulora.config import require_device, to_dict
 from fulora.data.manifest import Manifest
+from fulora.data.readers import read_any
 from fulora.errors import ConfigError, FuloraError
+from fulora.evaluate.run import check_test_labels, evaluate_model
 from fulora.experiment.config import (
     DataSource,
     ExperimentConfig,
@@ -38,10 +44,15 @@ from fulora.experiment.config import (
     regime_parts,
     variant_parts,
 )
-from fulora.io import file_hash, write_json
-from fulora.lora.train import LORA_COLUMNS
+from fulora.experiment.layout import STAGE_MARKER, ExperimentLayout
+from fulora.experiment.report import build_report
+from fulora.experiment.results import reference_table, write_results
+from fulora.generate.run import generate
+from fulora.io import atomic_open, file_hash, write_json
+from fulora.lora.base import check_base
+from fulora.lora.train import LORA_COLUMNS, train_lora
 from fulora.planes import PLANES, check_planes
-from fulora.runs import RunDir, now_iso
+from fulora.runs import DONE_NAME, RunDir, now_iso
 
 logger = logging.getLogger("fulora")
 
@@ -62,11 +73,6 @@ def _config_payload(config: Any) -> dict[str, Any]:
     return {k: v for k, v in to_dict(config).items() if k not in _NOT_IN_KEY}
 
 
-def slug(text: str) -> str:
-    """A folder-safe version of a regime, variant or target name."""
-    return "".join(c if c.isalnum() or c in "+-_.@=" else "_" for c in str(text)) or "_"
-
-
 @dataclass
 class Stage:
     """One unit of work in an experiment."""
@@ -80,7 +86,7 @@ class Stage:
 
     def state(self) -> str:
         """``done`` (same key, finished), ``partial`` (same key), ``stale`` or ``new``."""
-        marker = self.folder / "stage.json"
+        marker = self.folder / STAGE_MARKER
         if not marker.is_file():
             return "stale" if self.folder.exists() and any(self.folder.iterdir()) else "new"
         try:
@@ -89,7 +95,7 @@ class Stage:
             return "stale"
         if key != self.key:
             return "stale"
-        return "done" if (self.folder / "done.json").is_file() else "partial"
+        return "done" if (self.folder / DONE_NAME).is_file() else "partial"
 
 
 #: Per stage kind, whether an interrupted stage left work it resumes from.
@@ -123,7 +129,6 @@ class Plan:
 
 
 def _read_source(source: DataSource, key: str, cfg_source: str) -> Manifest:
-    from fulora.data.readers import read_any
 
     path = Path(source.path).expanduser()
     if not path.exists():
@@ -157,13 +162,8 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
             architecture or plane, or weights that cannot be had.
         DataError: A manifest that cannot be read (named with its file and row).
     """
-    from fulora.classify.train import train_classifier
-    from fulora.evaluate.run import check_test_labels, evaluate_model
-    from fulora.generate.run import generate
-    from fulora.lora.base import check_base
-    from fulora.lora.train import train_lora
-
     out = Path(out)
+    layout = ExperimentLayout(out)
     source = getattr(cfg, "_source", "the experiment config")
     if not cfg.classify.regimes:
         raise ConfigError(f"'classify.regimes' in {source} is empty: name at least one regime")
@@ -183,7 +183,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
     all_variants = list(cfg.lora.variants) if synthetic_needed else []
     released = {v: variant_parts(cfg, v) for v in all_variants}  # {} for a LoRA to train
     loras = lora_configs(cfg) if synthetic_needed else {}
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else layout.cache
     grid: list[tuple[str, str | None, str, int]] = []
     for regime, (options, _) in regimes.items():
         variants: list[str | None] = list(all_variants) if options.get("synthetic") else [None]
@@ -197,7 +197,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         ccfg.cache_dir = str(cache)
         classify_cfgs[regime, variant, arch, seed] = ccfg
     gen_cfgs = {  # a released image set needs no generation
-        v: generate_config(cfg, str(released[v].get("file") or out / "lora" / slug(v)))
+        v: generate_config(cfg, str(released[v].get("file") or layout.lora(v)))
         for v in all_variants
         if "images" not in released[v]
     }
@@ -245,7 +245,6 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
             missing = [p for p in classes if p not in gcfg.planes]
             if missing:
                 logger.warning("generation with %s makes no images of %s", variant, missing)
-    from fulora.experiment.results import reference_table
 
     reference_table(cfg.compare)
     checked = set()
@@ -283,7 +282,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
     lora_keys: dict[str, str] = {}
     gen_keys: dict[str, str] = {}
     for variant, lcfg in loras.items():
-        folder = out / "lora" / slug(variant)
+        folder = layout.lora(variant)
         assert lora_data is not None
         key = stage_key(
             {
@@ -309,7 +308,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
     for variant, manifest in released_images.items():
         gen_keys[variant] = "images:" + fingerprint(manifest)
     for variant, gcfg in gen_cfgs.items():
-        folder = out / "synthetic" / slug(variant)
+        folder = layout.synthetic(variant)
         key = stage_key(
             {"config": _config_payload(gcfg), "lora": lora_keys[variant], "base": cfg.base}
         )
@@ -330,7 +329,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         """A variant's synthetic set: released as is, or what its generation stage wrote."""
         if variant in released_images:
             return released_images[variant]
-        return Manifest.read(out / "synthetic" / slug(variant) / "manifest.csv")
+        return Manifest.read(layout.synthetic_manifest(variant))
 
     classify_stages: dict[tuple, Stage] = {}
     audit_keys: dict[str, str] = {}
@@ -340,7 +339,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         real = regime_real.get(regime, train)
         filtered = bool(options.get("filtered"))
         label = regime + (f"@{variant}" if variant and several else "")
-        folder = out / "classify" / slug(label) / slug(arch) / f"seed-{seed}"
+        folder = layout.classifier(label, arch, seed)
         upstream = None
         if variant is not None:
             upstream = audit_keys[variant] if filtered else gen_keys[variant]
@@ -357,7 +356,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         def train_one(real=real, variant=variant, folder=folder, ccfg=ccfg, filtered=filtered):
             manifests = [real]
             if variant is not None and filtered:
-                manifests.append(Manifest.read(out / "audit" / slug(variant) / "filtered.csv"))
+                manifests.append(Manifest.read(layout.filtered(variant)))
             elif variant is not None:
                 manifests.append(synthetic_images(variant))
             return train_classifier(manifests, folder, ccfg)
@@ -374,12 +373,10 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         if cell[1] is None:
             add_classifier(*cell, ccfg)
     if audit_cfg is not None and audit_classifier is not None:
-        from fulora.audit.run import audit
-
         cell, clf_folder = audit_classifier
         clf_key = classify_stages[cell].key if cell in classify_stages else str(clf_folder)
         for variant in all_variants:
-            folder = out / "audit" / slug(variant)
+            folder = layout.audit(variant)
             key = stage_key(
                 {
                     "config": _config_payload(audit_cfg),
@@ -398,7 +395,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
                     folder,
                     audit_cfg,
                     train_set=lora_data,
-                    write_filtered=folder / "filtered.csv",
+                    write_filtered=layout.filtered(variant),
                 )
 
             plan.stages.append(
@@ -409,7 +406,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
             add_classifier(*cell, ccfg)
     for target, manifest in targets.items():
         for clf in classify_stages.values():
-            folder = out / "evaluate" / slug(target) / clf.folder.relative_to(out / "classify")
+            folder = layout.evaluation(target, clf.folder)
             key = stage_key(
                 {
                     "classifier": clf.key,
@@ -447,7 +444,7 @@ def _audit_classifier(cfg, grid, regimes, out) -> tuple[tuple | None, Path]:
     real_cells = [c for c in grid if not regimes[c[0]][0].get("synthetic")]
 
     def folder(cell) -> Path:
-        return out / "classify" / slug(cell[0]) / slug(cell[2]) / f"seed-{cell[3]}"
+        return ExperimentLayout(out).classifier(cell[0], cell[2], cell[3])
 
     if wanted is None:
         if not real_cells:
@@ -481,10 +478,6 @@ def _supersede(out: Path, folder: Path) -> None:
     logger.info("moved the outdated %s to %s", folder, target)
 
 
-#: The experiment's own outputs, rewritten by every run that changes anything.
-TOP_LEVEL_OUTPUTS = ("config.yaml", "done.json", "plan.csv", "data", "results", "report")
-
-
 def _supersede_outputs(out: Path) -> None:
     """Move the previous run's own outputs to ``superseded/experiment-<time>/`` before a rerun.
 
@@ -492,10 +485,11 @@ def _supersede_outputs(out: Path) -> None:
     experiment-level config, plan, data lists, tables and report of the run before, so that a
     rerun never destroys a result.
     """
-    present = [out / name for name in TOP_LEVEL_OUTPUTS if (out / name).exists()]
-    if not (out / "done.json").is_file() or not present:
+    layout = ExperimentLayout(out)
+    present = [out / name for name in layout.TOP_LEVEL if (out / name).exists()]
+    if not layout.done.is_file() or not present:
         return  # nothing finished before: the first run, or one that resumes
-    target = out / "superseded" / f"experiment-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = layout.superseded / f"experiment-{time.strftime('%Y%m%d-%H%M%S')}"
     if target.exists():
         target = target.with_name(f"{target.name}-{time.time_ns()}")
     target.mkdir(parents=True)
@@ -526,8 +520,6 @@ def run_experiment(
     Raises:
         ConfigError: Any configuration problem, before any work starts.
     """
-    from fulora.experiment.results import write_results
-
     if from_stage is not None and from_stage not in STAGES:
         raise ConfigError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
     out = Path(out)
@@ -552,11 +544,12 @@ def run_experiment(
         _supersede_outputs(out)
     run.start(cfg)
     _write_plan(plan, states)
+    layout = ExperimentLayout(out)
     for name, manifest in (("train", plan.train), ("lora_train", plan.lora_data)):
         if manifest is not None:
-            manifest.write(out / "data" / f"{name}.csv")
+            manifest.write(layout.data / f"{name}.csv")
     for name, manifest in plan.targets.items():
-        manifest.write(out / "data" / f"target-{slug(name)}.csv")
+        manifest.write(layout.target_manifest(name))
     ran, skipped = 0, 0
     try:
         for i, stage in enumerate(plan.stages, 1):
@@ -572,17 +565,15 @@ def run_experiment(
             print(f"{prefix}: {_partial_word(stage) if state == 'partial' else 'running'}")
             stage.folder.mkdir(parents=True, exist_ok=True)
             write_json(
-                stage.folder / "stage.json",
+                stage.folder / STAGE_MARKER,
                 {"stage": stage.name, "key": stage.key, "started": now_iso(), **stage.info},
             )
             stage.action()
             ran += 1
-        print(f"[results] tables in {out}/results/")
+        print(f"[results] tables in {layout.results}/")
         table = write_results(plan)
         report_path = None
         if cfg.report.enabled:
-            from fulora.experiment.report import build_report
-
             print("[report] building the HTML report")
             report_path = build_report(out)
     finally:
@@ -592,7 +583,7 @@ def run_experiment(
         stages=len(plan.stages),
         ran=ran,
         skipped=skipped,
-        results=str(out / "results" / "results.csv"),
+        results=str(layout.results / "results.csv"),
         report=str(report_path) if report_path else None,
     )
     print(f"\n{ran} stages run, {skipped} already done, in {record['seconds']:.0f} s")
@@ -600,9 +591,6 @@ def run_experiment(
 
 
 def _write_plan(plan: Plan, states: dict[str, str]) -> None:
-    import pandas as pd
-
-    from fulora.io import atomic_open
 
     rows = [
         {
@@ -614,5 +602,5 @@ def _write_plan(plan: Plan, states: dict[str, str]) -> None:
         }
         for s in plan.stages
     ]
-    with atomic_open(plan.out / "plan.csv", "w", newline="") as handle:
+    with atomic_open(ExperimentLayout(plan.out).plan, "w", newline="") as handle:
         pd.DataFrame(rows).to_csv(handle, index=False)

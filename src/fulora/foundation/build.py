@@ -20,11 +20,11 @@ across machines.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from fulora.config import AT_LEAST_0, AT_LEAST_1, FRACTION_BELOW_1, POSITIVE, SEED, Checked, Range
 from fulora.errors import ConfigError
+from fulora.foundation.card import sample_grid, save_model
 from fulora.foundation.corpus import corpus_image
 from fulora.foundation.model import foundation_components
 from fulora.io import atomic_path, write_text
@@ -271,8 +272,6 @@ def train_denoiser(
     progress: bool,
 ) -> tuple[_Trainer, dict[str, torch.nn.Module]]:
     """Train UNet and text encoder together on the latents; returns the trainer and EMA copies."""
-    import copy
-
     unet, text_encoder, scheduler = parts["unet"], parts["text_encoder"], parts["scheduler"]
     scaling = parts["vae"].config.scaling_factor
     ids = token_ids(parts["tokenizer"], corpus.captions)
@@ -323,7 +322,6 @@ def train_denoiser(
 
         if s % SAMPLE_EVERY:
             return
-        from fulora.foundation.card import sample_grid
 
         pipe = StableDiffusionPipeline(**(parts | ema))
         sample_grid(work / f"samples-{s:06d}.png", pipe, seed=cfg.seed, per_caption=4, steps=20)
@@ -368,7 +366,6 @@ def build_foundation(out: str | Path, cfg: FoundationConfig, *, progress: bool =
 
 
 def _build(out: Path, work: Path, run: RunDir, cfg: FoundationConfig, progress: bool) -> dict:
-    from fulora.foundation.card import save_model
 
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -430,8 +427,3 @@ def read_loss(path: str | Path) -> list[dict[str, Any]]:
             {"stage": r["stage"], "step": int(r["step"]), "loss": float(r["loss"])}
             for r in csv.DictReader(handle)
         ]
-
-
-def threads_note() -> str:
-    """How many threads torch uses (the card records it: CPU loss curves depend on it)."""
-    return f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from collections import Counter
 from pathlib import Path
@@ -10,7 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fulora.config import to_dict
+from fulora.figures import image_grid, loss_curve
+from fulora.generate.samplers import make_scheduler
 from fulora.io import file_hash, write_text
+from fulora.runs import DONE_NAME, LOG_NAME
 
 CARD = "MODEL_CARD.md"
 SAMPLE_CAPTIONS = (
@@ -28,9 +33,6 @@ def save_model(out: Path, parts: dict, cfg, corpus, *, history, build_seconds) -
         Facts for ``done.json``: parameters, file sizes, final losses, seconds.
     """
     from diffusers import StableDiffusionPipeline
-
-    from fulora.figures import loss_curve
-    from fulora.foundation.build import threads_note
 
     pipe = StableDiffusionPipeline(**parts)
     pipe.to(torch.float16).save_pretrained(out)
@@ -65,9 +67,6 @@ def save_model(out: Path, parts: dict, cfg, corpus, *, history, build_seconds) -
 @torch.no_grad()
 def sample_grid(path: Path, pipe, *, seed: int = 0, per_caption: int = 6, steps: int = 30) -> Path:
     """A grid of samples from generic captions: what the base model draws before any LoRA."""
-    from fulora.figures import image_grid
-    from fulora.generate.samplers import make_scheduler
-
     pipe.scheduler = make_scheduler("dpmpp_2m_karras", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     rows = []
@@ -94,13 +93,12 @@ def sample_grid(path: Path, pipe, *, seed: int = 0, per_caption: int = 6, steps:
 
 
 def _write_card(out: Path, cfg, corpus, record: dict[str, Any]) -> None:
-    from fulora.config import to_dict
 
     commonest, count = Counter(corpus.captions).most_common(1)[0]
     files = sorted(
         p for p in out.rglob("*") if p.is_file() and "work" not in p.relative_to(out).parts
     )
-    files = [p for p in files if p.name not in (CARD, "log.txt", "done.json")]
+    files = [p for p in files if p.name not in (CARD, LOG_NAME, DONE_NAME)]
     hashes = "\n".join(
         f"| `{p.relative_to(out)}` | {p.stat().st_size:,} | `{file_hash(p)}` |" for p in files
     )
@@ -162,3 +160,8 @@ losses (mean of the last 100 steps): VAE {record["final_loss"]["vae"]}, UNet
 {hashes}
 """,
     )
+
+
+def threads_note() -> str:
+    """How many threads torch uses (the card records it: CPU loss curves depend on it)."""
+    return f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs"

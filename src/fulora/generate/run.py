@@ -27,18 +27,21 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
+from fulora import __version__
 from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, Range, require_device
-from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
+from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.samplers import display_name, make_scheduler, resolve_sampler
 from fulora.io import atomic_path, file_hash
 from fulora.lora.base import DEFAULT_BASE, base_identity, load_pipeline, native_size
+from fulora.lora.conditioning import prompt_embeddings
+from fulora.lora.formats import load_lora_into, read_lora
 from fulora.planes import PAPER_CAPTIONS, PAPER_PLANES, check_planes
-from fulora.runs import RunDir, now_iso
+from fulora.runs import DONE_NAME, RunDir, now_iso
 
 logger = logging.getLogger("fulora")
 
@@ -134,8 +137,8 @@ def _resolve_lora(lora: str | None) -> Path | None:
     if lora is None:
         return None
     path = Path(lora)
-    if path.is_dir() and (path / "done.json").is_file():
-        done = json.loads((path / "done.json").read_text())
+    if path.is_dir() and (path / DONE_NAME).is_file():
+        done = json.loads((path / DONE_NAME).read_text())
         if done.get("lora_kohya") and Path(done["lora_kohya"]).is_file():
             return Path(done["lora_kohya"])
         kohya = sorted(
@@ -165,8 +168,6 @@ class _Plan:
 
 def plan(cfg: GenerateConfig) -> _Plan:
     """Resolve prompts, size, LoRA and batch size from the config and the LoRA's metadata."""
-    from fulora.lora.formats import read_lora
-
     planes = check_planes(cfg.planes)
     lora = _resolve_lora(cfg.lora)
     metadata: dict[str, str] = {}
@@ -324,10 +325,6 @@ def generate(
 
 def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progress) -> dict:
     """The body of :func:`generate` once the folder is locked: images, manifest, done.json."""
-    from fulora import __version__
-    from fulora.lora.conditioning import prompt_embeddings
-    from fulora.lora.formats import load_lora_into
-
     out, main = run.path, state.is_main_process
 
     # Fixed batches: batch k of a plane is indices [k*batch, (k+1)*batch).
@@ -468,7 +465,7 @@ def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progre
     if only or not main:
         return summary
     manifest = build_manifest(out, resolved.planes, cfg.per_class, seeds)
-    manifest.write(out / "manifest.csv")
+    manifest.write(out / MANIFEST_NAME)
     if cfg.contact_sheet:
         for plane in resolved.planes:
             contact_sheet(
@@ -534,7 +531,7 @@ def build_manifest(
             row["path"] = str(path.resolve())
             records.append(row)
     ordered = list(COLUMNS) + list(SYNTHETIC_COLUMNS)
-    manifest = Manifest.from_records(records, origin=str(out / "manifest.csv"))
+    manifest = Manifest.from_records(records, origin=str(out / MANIFEST_NAME))
     extras = [c for c in manifest.frame.columns if c not in ordered]
     manifest.frame = manifest.frame[ordered + extras]
     return manifest
@@ -554,8 +551,6 @@ def contact_sheet(
             x, y = (k % side) * thumb, (k // side) * thumb + (16 if title else 0)
             sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
     if title:
-        from PIL import ImageDraw
-
         ImageDraw.Draw(sheet).text((4, 2), title[:120], fill=230)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")

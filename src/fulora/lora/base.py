@@ -6,6 +6,7 @@ it never waits on a download that cannot happen.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -170,8 +171,6 @@ def native_size(base: str | Path) -> tuple[int, int] | None:
     diffusers' default: the UNet's ``sample_size`` (an int, or (height, width)) times the VAE's
     downsampling factor. Only local folders are read (no download to learn a size).
     """
-    import json
-
     folder = Path(resolve_base(base)).expanduser()
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text())

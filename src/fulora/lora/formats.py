@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,9 +123,6 @@ def save_lora_files(
     Returns:
         (diffusers file, kohya file).
     """
-    import os
-    import tempfile
-
     from diffusers import StableDiffusionPipeline
 
     out = Path(out)

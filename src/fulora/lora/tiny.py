@@ -10,6 +10,7 @@ tokenizer written from a small vocabulary, so no download is needed.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -148,8 +149,6 @@ def tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> d
 
 def _tokenizer(folder: str | Path | None = None):
     """The tiny CLIP tokenizer, written to ``folder`` (default: a temporary folder)."""
-    import tempfile
-
     from transformers import CLIPTokenizer
 
     folder = Path(folder or tempfile.mkdtemp(prefix="fulora-tok-"))
@@ -184,8 +183,6 @@ def _save(components: dict, out: str | Path, note: str, text: str) -> Path:
 
 def save_tiny_model(out: str | Path, seed: int = 0) -> Path:
     """Build the tiny pipeline and ``save_pretrained`` it to ``out`` (a diffusers folder)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         return _save(
             tiny_components(seed, tokenizer_dir=tmp),

@@ -40,10 +40,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from fulora import __version__
 from fulora.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, Checked, Range, to_dict
-from fulora.data.images import load_image
+from fulora.data.images import image_info, load_image
 from fulora.data.manifest import Manifest
 from fulora.errors import ConfigError, DataError
+from fulora.figures import image_grid, loss_curve
 from fulora.io import atomic_open, write_json, write_text
 from fulora.lora.base import DEFAULT_BASE, base_identity, load_pipeline
 from fulora.lora.buckets import (
@@ -211,8 +213,6 @@ def captions_for(manifest: Manifest, cfg: LoraTrainConfig) -> list[str]:
 
 def build_examples(manifest: Manifest, cfg: LoraTrainConfig) -> list[Example]:
     """Examples with captions and buckets; reads every image header (errors name the file)."""
-    from fulora.data.images import image_info
-
     if len(manifest) == 0:
         raise DataError(f"no training images in {manifest.origin or 'the data'}")
     manifest = manifest.drop_duplicate_paths("LoRA training (use repeats to weight an image)")
@@ -755,8 +755,6 @@ def _write_loss(out: Path, history: list[dict[str, Any]]) -> None:
     writer.writerows(history)
     write_text(out / "loss.csv", buffer.getvalue())
     if history:
-        from fulora.figures import loss_curve
-
         loss_curve(
             out / "loss.png",
             [r["step"] for r in history],
@@ -806,7 +804,6 @@ def _save_checkpoint(
 def _save_final(
     out, cfg, unet, text_encoder, unet_lora, te_lora, steps, identity, dataset_hash, examples
 ) -> None:
-    from fulora import __version__
 
     captions = {}
     for e in examples:
@@ -858,8 +855,6 @@ def _save_final(
 def _sample_grid(out, step, pipe, accelerator, unet, text_encoder, examples, cfg, device) -> None:
     """One fixed-seed image per plane with the current LoRA, as samples/step-N.png."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    from fulora.figures import image_grid
 
     unet_m = accelerator.unwrap_model(unet)
     te_m = accelerator.unwrap_model(text_encoder)
