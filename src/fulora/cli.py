@@ -197,19 +197,19 @@ def _cmd_classify_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fulora.evaluate.run import HEADLINE, evaluate_model
+    from fulora.config import load_config
+    from fulora.evaluate.run import HEADLINE, EvaluateConfig, evaluate_model
 
+    values = {
+        "batch_size": args.batch_size,
+        "n_bootstrap": args.bootstrap,
+        "seed": args.seed,
+        "device": args.device,
+        "cache_dir": args.cache_dir,
+    }
+    cfg = load_config(EvaluateConfig, args.config, args.set, values=values)
     test = _read_manifests([args.test])[0]
-    result = evaluate_model(
-        args.model,
-        test,
-        args.out,
-        batch_size=args.batch_size,
-        n_bootstrap=args.bootstrap,
-        seed=args.seed,
-        device=args.device,
-        cache_dir=args.cache_dir,
-    )
+    result = evaluate_model(args.model, test, args.out, cfg)
     print(
         f"\n{result['model']['arch']} on {args.test}: {result['images']} images, "
         f"test classes {', '.join(result['test_classes'])} of model classes "
@@ -445,7 +445,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    _add_data_parser(stages)
+    _add_lora_parser(stages)
+    _add_foundation_parser(stages)
+    _add_generate_parser(stages)
+    _add_classify_parser(stages)
+    _add_evaluate_parser(stages)
+    _add_demo_parser(stages)
+    _add_experiment_parser(stages)
+    _add_audit_parser(stages)
+    _add_report_parser(stages)
+    return parser
 
+
+def _add_data_parser(stages) -> None:
+    """The `data` stage's commands and flags."""
     data = stages.add_parser("data", help="read, check, download and synthesise datasets")
     data_cmds = data.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -519,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_data_manifest)
 
+
+def _add_lora_parser(stages) -> None:
+    """The `lora` stage's commands and flags."""
     lora = stages.add_parser("lora", help="LoRA fine-tuning of Stable Diffusion")
     lora_cmds = lora.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = lora_cmds.add_parser(
@@ -580,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_lora_tiny_model)
 
+
+def _add_foundation_parser(stages) -> None:
+    """The `foundation` stage's commands and flags."""
     foundation = stages.add_parser("foundation", help="the tiny foundation model fulora ships")
     foundation_cmds = foundation.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = foundation_cmds.add_parser(
@@ -594,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_foundation_build)
 
+
+def _add_generate_parser(stages) -> None:
+    """The `generate` stage's commands and flags."""
     from fulora.generate.samplers import SAMPLERS
 
     p = stages.add_parser("generate", help="generate a labelled synthetic dataset with a LoRA")
@@ -639,6 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_generate)
 
+
+def _add_classify_parser(stages) -> None:
+    """The `classify` stage's commands and flags."""
     classify = stages.add_parser("classify", help="train plane classifiers")
     classify_cmds = classify.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = classify_cmds.add_parser(
@@ -695,17 +721,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_classify_train)
 
+
+def _add_evaluate_parser(stages) -> None:
+    """The `evaluate` stage's commands and flags."""
     p = stages.add_parser("evaluate", help="evaluate a trained classifier on a test cohort")
     p.add_argument("--model", required=True, help="run folder of `fulora classify train`")
     p.add_argument("--test", required=True, help="test manifest, image CSV or dataset folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: none)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples (default 1000; 0: none)")
+    p.add_argument("--batch-size", type=int, help="default 64")
+    p.add_argument("--seed", type=int, help="bootstrap seed (default 0)")
+    p.add_argument("--device", help="auto, cpu, cuda ... (default auto)")
     p.add_argument("--cache-dir", help="preprocessing cache folder")
+    p.add_argument("--config", help="YAML config (keys of EvaluateConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _add_demo_parser(stages) -> None:
+    """The `demo` stage's commands and flags."""
     p = stages.add_parser("demo", help="run fulora end to end on embedded phantom data")
     p.add_argument("--out", default="demo-run", help="output folder (default demo-run)")
     p.add_argument(
@@ -716,6 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_experiment_parser(stages) -> None:
+    """The `experiment` stage's commands and flags."""
     experiment = stages.add_parser("experiment", help="the whole method from one config file")
     experiment_cmds = experiment.add_subparsers(dest="action", required=True)
     p = experiment_cmds.add_parser(
@@ -740,6 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check the config, list the stages")
     p.set_defaults(func=_cmd_experiment_run)
 
+
+def _add_audit_parser(stages) -> None:
+    """The `audit` stage's commands and flags."""
     p = stages.add_parser(
         "audit", help="fidelity, diversity, memorisation and class consistency of synthetic data"
     )
@@ -760,10 +800,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="preprocessing cache folder")
     p.set_defaults(func=_cmd_audit)
 
+
+def _add_report_parser(stages) -> None:
+    """The `report` stage's commands and flags."""
     p = stages.add_parser("report", help="(re)build the HTML report of an experiment folder")
     p.add_argument("run_dir", help="the --out folder of `fulora experiment run`")
     p.set_defaults(func=_cmd_report)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -125,6 +125,23 @@ def require_device(name: str) -> None:
         raise ConfigError("device 'mps': not available here; use --device auto or --device cpu")
 
 
+def resolve_device(name: str):
+    """The torch device for a ``device`` setting: ``auto`` is CUDA when there is one, else CPU.
+
+    The one place every stage turns its setting into a device (generation and LoRA training
+    let accelerate place each process instead, after the same :func:`require_device` check).
+
+    Raises:
+        ConfigError: For a device this machine lacks.
+    """
+    import torch
+
+    require_device(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
@@ -142,37 +159,13 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key, source)
-            except ConfigError as err:
-                errors.append(err)
-        raise fail()
+        return _convert_union(value, tp, key, source, fail)
     if origin is Literal:
         if value in get_args(tp):
             return value
         raise ConfigError(f"{where}: must be one of {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v for v in (s.strip() for s in value.split(",")) if v]
-        if not isinstance(value, list | tuple):
-            raise fail()
-        args = get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
-            return tuple(_convert(v, a, key, source) for v, a in zip(value, args, strict=True))
-        inner = args[0] if args else Any
-        items = [_convert(v, inner, key, source) for v in value]
-        return tuple(items) if origin is tuple else items
+        return _convert_sequence(value, tp, key, source, fail, where)
     if origin is dict:
         if not isinstance(value, dict):
             raise fail()
@@ -186,30 +179,66 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise fail()
         return from_dict(tp, value, source=source, prefix=f"{key}.")
+    return _convert_scalar(value, tp, fail)
+
+
+def _convert_union(value: Any, tp: Any, key: str, source: str, fail) -> Any:
+    """``X | None`` and other unions: None (or the words none/null), else the first that fits."""
+    args = get_args(tp)
+    if type(None) in args and (
+        value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+    ):
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, key, source)
+        except ConfigError:
+            continue
+    raise fail()
+
+
+def _convert_sequence(value: Any, tp: Any, key: str, source: str, fail, where: str) -> Any:
+    """Lists and tuples; a string becomes a comma-separated list (``--set planes=a,b``)."""
+    origin = get_origin(tp)
+    if isinstance(value, str):
+        value = [v for v in (s.strip() for s in value.split(",")) if v]
+    if not isinstance(value, list | tuple):
+        raise fail()
+    args = get_args(tp)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, key, source) for v, a in zip(value, args, strict=True))
+    inner = args[0] if args else Any
+    items = [_convert(v, inner, key, source) for v in value]
+    return tuple(items) if origin is tuple else items
+
+
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _convert_scalar(value: Any, tp: Any, fail) -> Any:
+    """bool, int, float, str and Path, from YAML values or command-line strings."""
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-            return False
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
         raise fail()
+    if tp in (int, float) and isinstance(value, bool):
+        raise fail()  # True is an int to Python, never a number to a user
     if tp is int:
-        if isinstance(value, bool):
-            raise fail()
-        if isinstance(value, int):
-            return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
+        if isinstance(value, int | str):
             try:
                 return int(value)
             except ValueError:
                 raise fail() from None
         raise fail()
     if tp is float:
-        if isinstance(value, bool):
-            raise fail()
         try:
             return float(value)
         except (TypeError, ValueError):

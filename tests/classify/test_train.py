@@ -14,7 +14,7 @@ from fulora.classify.train import ClassifyConfig, load_classifier, train_classif
 from fulora.data.manifest import Manifest
 from fulora.data.phantom import PhantomConfig, generate_phantom
 from fulora.errors import ConfigError, DataError
-from fulora.evaluate.run import evaluate_model
+from fulora.evaluate.run import EvaluateConfig, evaluate_model
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,8 @@ def test_train_reload_and_evaluate(phantom, tmp_path):
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 5)
 
-    result = evaluate_model(
-        run, target, tmp_path / "eval", n_bootstrap=50, cache_dir=tmp_path / "cache", progress=False
-    )
+    cfg = EvaluateConfig(n_bootstrap=50, cache_dir=str(tmp_path / "cache"))
+    result = evaluate_model(run, target, tmp_path / "eval", cfg, progress=False)
     out = tmp_path / "eval"
     for name in (
         "predictions.csv",

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from fulora.classify.features import run_classifier
 from fulora.classify.registry import _network_reachable
-from fulora.classify.train import load_classifier, resolve_device
+from fulora.classify.train import load_classifier
+from fulora.config import resolve_device
 from fulora.data.images import load_image, resize_image
 from fulora.data.manifest import Manifest
 from fulora.errors import ConfigError

@@ -214,36 +214,8 @@ def _audit(synthetic, reference, out, cfg, train_set, extractor, classifier) -> 
 
     # Class consistency with a classifier trained on real images.
     if syn_proba is not None:
-        classes = classifier.classes
-        predicted = np.array(classes)[syn_proba.argmax(1)]
-        p_label = np.array(
-            [
-                syn_proba[i, classes.index(lab)] if lab in classes else 0.0
-                for i, lab in enumerate(labels)
-            ]
-        )
-        agrees = predicted == labels
-        rows["predicted"] = predicted
-        rows["p_label"] = p_label.round(6)
-        rows["agrees"] = agrees
-        cm = np.array(
-            [[int(((labels == a) & (predicted == b)).sum()) for b in classes] for a in planes]
-        )
-        result["consistency"] = {
-            "classifier": str(classifier.run_dir),
-            "classes": classes,
-            "agreement": 100 * float(agrees.mean()),
-            "per_plane": {p: 100 * float(agrees[labels == p].mean()) for p in planes},
-            "mean_confidence": {p: float(p_label[labels == p].mean()) for p in planes},
-            "confusion": {"rows": planes, "columns": classes, "counts": cm.tolist()},
-        }
-        confusion_matrix_figure(
-            out / "consistency.png",
-            cm,
-            planes,
-            classes,
-            title=f"Prompted plane vs classifier ({100 * agrees.mean():.1f}% agree)",
-        )
+        summary, agrees, p_label = _consistency(syn_proba, classifier, labels, planes, rows, out)
+        result["consistency"] = summary
         if cfg.require_agreement:
             keep &= agrees
         keep &= p_label >= cfg.min_confidence
@@ -257,6 +229,53 @@ def _audit(synthetic, reference, out, cfg, train_set, extractor, classifier) -> 
         "kept": int(keep.sum()),
         "per_plane": {p: int(keep[labels == p].sum()) for p in planes},
     }
+    table = _per_plane_table(planes, labels, per_plane, overall, rows, keep)
+    with atomic_open(out / "per_plane.csv", "w", newline="") as handle:
+        pd.DataFrame(table).to_csv(handle, index=False)
+    with atomic_open(out / "synthetic_audit.csv", "w", newline="") as handle:
+        rows.to_csv(handle, index=False)
+    result["_rows"] = rows
+    return result
+
+
+def _consistency(syn_proba, classifier, labels, planes, rows, out):
+    """Does a classifier trained on real images see the prompted plane? Adds columns to rows.
+
+    Returns:
+        (summary for ``audit.json``, agreement per image, probability of the prompted plane)
+    """
+    classes = classifier.classes
+    predicted = np.array(classes)[syn_proba.argmax(1)]
+    p_label = np.array(
+        [syn_proba[i, classes.index(y)] if y in classes else 0.0 for i, y in enumerate(labels)]
+    )
+    agrees = predicted == labels
+    rows["predicted"] = predicted
+    rows["p_label"] = p_label.round(6)
+    rows["agrees"] = agrees
+    cm = np.array(
+        [[int(((labels == a) & (predicted == b)).sum()) for b in classes] for a in planes]
+    )
+    confusion_matrix_figure(
+        out / "consistency.png",
+        cm,
+        planes,
+        classes,
+        title=f"Prompted plane vs classifier ({100 * agrees.mean():.1f}% agree)",
+    )
+    summary = {
+        "classifier": str(classifier.run_dir),
+        "classes": classes,
+        "agreement": 100 * float(agrees.mean()),
+        "per_plane": {p: 100 * float(agrees[labels == p].mean()) for p in planes},
+        "mean_confidence": {p: float(p_label[labels == p].mean()) for p in planes},
+        "confusion": {"rows": planes, "columns": classes, "counts": cm.tolist()},
+    }
+    return summary, agrees, p_label
+
+
+def _per_plane_table(planes, labels, per_plane, overall, rows, keep) -> list[dict[str, Any]]:
+    """``per_plane.csv``: fidelity, near-copies, agreement and kept images per plane."""
     table = []
     for plane in [*planes, "overall"]:
         mask = labels == plane if plane != "overall" else np.ones(len(labels), bool)
@@ -278,12 +297,7 @@ def _audit(synthetic, reference, out, cfg, train_set, extractor, classifier) -> 
             row["agreement %"] = round(100 * float(rows["agrees"][mask].mean()), 2)
         row["kept"] = int(keep[mask].sum())
         table.append(row)
-    with atomic_open(out / "per_plane.csv", "w", newline="") as handle:
-        pd.DataFrame(table).to_csv(handle, index=False)
-    with atomic_open(out / "synthetic_audit.csv", "w", newline="") as handle:
-        rows.to_csv(handle, index=False)
-    result["_rows"] = rows
-    return result
+    return table
 
 
 def _memorisation(synthetic, train_set, syn_feats, extractor, cfg, rows, out):

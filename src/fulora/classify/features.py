@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fulora.classify.train import build_transforms, resolve_device
+from fulora.classify.train import build_transforms
+from fulora.config import resolve_device
 from fulora.data.cache import PreprocessCache, default_cache_dir
 from fulora.data.dataset import ManifestDataset
 from fulora.data.manifest import Manifest

@@ -46,6 +46,7 @@ from fulora.config import (
     Checked,
     Range,
     require_device,
+    resolve_device,
 )
 from fulora.data.cache import PreprocessCache, default_cache_dir
 from fulora.data.dataset import ManifestDataset
@@ -139,14 +140,6 @@ def describe_protocol(cfg: ClassifyConfig) -> str:
         f"{cfg.image_size} px {cfg.resize}; weights: {weights}; {precision}; "
         f"{cfg.optimizer.upper()} lr {cfg.lr:g}, batch {cfg.batch_size}"
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a device this machine lacks is an error."""
-    require_device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_transforms(cfg_augment: str, size: int, normalize: str):

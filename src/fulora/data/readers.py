@@ -114,6 +114,34 @@ def _find_images_dir(csv_path: Path, images_dir: str | Path | None) -> Path:
     return csv_path.parent.resolve()
 
 
+def _patients_and_domains(
+    names: pd.Series, numbers: pd.Series | None, centres: pd.Series | None, domain: str
+) -> tuple[list[str], list[str]]:
+    """Globally unique patient ids and the domain of each row of a real-image table.
+
+    From the ``Patient_num`` and ``Center`` columns where the table has them, else from the
+    image names (``Patient01234_...``, ``patient012_GHA_...``), else the given ``domain``.
+    """
+    guessed = [_patient_from_name(n) for n in names]
+    if centres is not None:
+        domains = list(centres)
+    elif domain:
+        domains = [domain] * len(names)
+    else:
+        domains = [g[1] for g in guessed]
+    if numbers is None:
+        return [g[0] for g in guessed], domains
+    if centres is not None:
+        # African patient numbers restart at 1 in every centre: keep the centre in the id.
+        patients = [
+            f"{c}-{int(n) if n.isdigit() else n}" if n else ""
+            for c, n in zip(centres, numbers, strict=True)
+        ]
+    else:
+        patients = [str(int(n)) if n.isdigit() else n for n in numbers]
+    return patients, domains
+
+
 def read_image_table(
     csv_path: str | Path,
     *,
@@ -152,12 +180,7 @@ def read_image_table(
     names = frame[name_col]
     is_a1111 = len(names) > 0 and bool(names.str.fullmatch(_A1111_NAME.pattern).all())
     if not source:
-        if is_a1111:
-            source = "synthetic"
-        elif centre_col:
-            source = "african"
-        else:
-            source = "fetal_planes_db"
+        source = "synthetic" if is_a1111 else "african" if centre_col else "fetal_planes_db"
     folder = _find_images_dir(csv_path, images_dir)
 
     out = pd.DataFrame(index=frame.index)
@@ -165,31 +188,16 @@ def read_image_table(
     out["label"] = map_planes(frame[label_col], file=str(csv_path))
     out["split"] = _split_column(frame[train_col], csv_path) if train_col else ""
     out["source"] = source
-    guessed = [_patient_from_name(n) for n in names]
-    if centre_col:
-        out["domain"] = frame[centre_col]
-    elif domain:
-        out["domain"] = domain
-    elif is_a1111:
-        out["domain"] = "synthetic"
-    else:
-        out["domain"] = [g[1] for g in guessed]
-    if patient_col and not is_a1111:
-        numbers = frame[patient_col]
-        if centre_col:
-            # African patient numbers restart at 1 in every centre: keep the centre in the id.
-            out["patient"] = [
-                f"{c}-{int(n) if n.isdigit() else n}" if n else ""
-                for c, n in zip(frame[centre_col], numbers, strict=True)
-            ]
-        else:
-            out["patient"] = [str(int(n)) if n.isdigit() else n for n in numbers]
-    else:
-        out["patient"] = [g[0] for g in guessed] if not is_a1111 else ""
-    if is_a1111:
+    if is_a1111:  # synthetic: no patient, the index and seed from the name
         parts = names.str.extract(_A1111_NAME)
+        out["domain"] = domain or "synthetic"
+        out["patient"] = ""
         out["index"] = parts[0].astype(int)
         out["seed"] = parts[1].astype("int64")
+    else:
+        centres = frame[centre_col] if centre_col else None
+        numbers = frame[patient_col] if patient_col else None
+        out["patient"], out["domain"] = _patients_and_domains(names, numbers, centres, domain)
     used = {name_col, label_col, patient_col, train_col, centre_col}
     for column in frame.columns:
         if column not in used and column not in out.columns:

@@ -14,6 +14,7 @@ Writes into the output folder:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 
 from fulora.classify.features import run_classifier
 from fulora.classify.train import load_classifier
+from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked
 from fulora.data.manifest import Manifest
 from fulora.errors import DataError
 from fulora.evaluate.metrics import (
@@ -42,6 +44,19 @@ from fulora.runs import RunDir
 logger = logging.getLogger("fulora")
 
 HEADLINE = ("accuracy", "recall_macro", "precision_macro", "f1_macro", "auc_macro", "paper_auc")
+
+
+@dataclass
+class EvaluateConfig(Checked):
+    """Configuration of ``fulora evaluate`` (saved as the run folder's ``config.yaml``)."""
+
+    RANGES = {"batch_size": AT_LEAST_1, "n_bootstrap": AT_LEAST_0, "seed": SEED}
+
+    batch_size: int = 64
+    n_bootstrap: int = 1000  # patient-level bootstrap resamples for the 95% intervals; 0: none
+    seed: int = 0  # of the bootstrap
+    device: str = "auto"
+    cache_dir: str | None = None  # preprocessing cache folder
 
 
 def predict_proba(
@@ -141,12 +156,8 @@ def evaluate_model(
     model_dir: str | Path,
     test: Manifest,
     out: str | Path,
+    cfg: EvaluateConfig | None = None,
     *,
-    batch_size: int = 64,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    device: str = "auto",
-    cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the classifier of training run ``model_dir`` on ``test``; write into ``out``.
@@ -158,23 +169,26 @@ def evaluate_model(
         DataError: If the model is missing, the test set is empty, a test label is unknown to
             the model, or an image is missing or unreadable.
     """
+    cfg = cfg or EvaluateConfig()
     if len(test) == 0:
         raise DataError(f"the test manifest {test.origin} has no images")
     model, meta = load_classifier(model_dir)
     classes = list(meta["classes"])
     check_test_labels(test, classes)
-    run = RunDir(out, command="fulora evaluate").start()
+    run = RunDir(out, command="fulora evaluate").start(cfg)
     try:
         proba = predict_proba(
             model,
             meta,
             test,
-            batch_size=batch_size,
-            device=device,
-            cache_dir=cache_dir,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            cache_dir=cfg.cache_dir,
             progress=progress,
         )
-        result = evaluate_predictions(test, proba, classes, n_bootstrap=n_bootstrap, seed=seed)
+        result = evaluate_predictions(
+            test, proba, classes, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed
+        )
         result["model"] = {
             "run": str(Path(model_dir).resolve()),
             "arch": meta["arch"],

@@ -33,7 +33,7 @@ from fulora.config import require_device, to_dict
 from fulora.data.manifest import Manifest
 from fulora.data.readers import read_any
 from fulora.errors import ConfigError, FuloraError
-from fulora.evaluate.run import check_test_labels, evaluate_model
+from fulora.evaluate.run import EvaluateConfig, check_test_labels, evaluate_model
 from fulora.experiment.config import (
     DataSource,
     ExperimentConfig,
@@ -404,6 +404,12 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
     for cell, ccfg in classify_cfgs.items():
         if cell[1] is not None:
             add_classifier(*cell, ccfg)
+    eval_cfg = EvaluateConfig(
+        batch_size=cfg.evaluate.batch_size,
+        n_bootstrap=cfg.evaluate.n_bootstrap,
+        device=cfg.device,
+        cache_dir=str(cache),
+    )
     for target, manifest in targets.items():
         for clf in classify_stages.values():
             folder = layout.evaluation(target, clf.folder)
@@ -421,15 +427,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
                     f"evaluate/{target}/{clf.name.removeprefix('classify/')}",
                     folder,
                     key,
-                    lambda c=clf.folder, m=manifest, f=folder: evaluate_model(
-                        c,
-                        m,
-                        f,
-                        n_bootstrap=cfg.evaluate.n_bootstrap,
-                        batch_size=cfg.evaluate.batch_size,
-                        device=cfg.device,
-                        cache_dir=cache,
-                    ),
+                    lambda c=clf.folder, m=manifest, f=folder: evaluate_model(c, m, f, eval_cfg),
                     info,
                 )
             )
@@ -545,31 +543,10 @@ def run_experiment(
     run.start(cfg)
     _write_plan(plan, states)
     layout = ExperimentLayout(out)
-    for name, manifest in (("train", plan.train), ("lora_train", plan.lora_data)):
-        if manifest is not None:
-            manifest.write(layout.data / f"{name}.csv")
-    for name, manifest in plan.targets.items():
-        manifest.write(layout.target_manifest(name))
+    _write_inputs(plan, layout)
     ran, skipped = 0, 0
     try:
-        for i, stage in enumerate(plan.stages, 1):
-            state = states[stage.name]
-            prefix = f"[{i}/{len(plan.stages)}] {stage.name}"
-            if state == "done":
-                skipped += 1
-                logger.info("%s: done (key %s), skipped", stage.name, stage.key)
-                print(f"{prefix}: done, skipped")
-                continue
-            if state in ("stale", "forced") and stage.folder.exists():
-                _supersede(out, stage.folder)
-            print(f"{prefix}: {_partial_word(stage) if state == 'partial' else 'running'}")
-            stage.folder.mkdir(parents=True, exist_ok=True)
-            write_json(
-                stage.folder / STAGE_MARKER,
-                {"stage": stage.name, "key": stage.key, "started": now_iso(), **stage.info},
-            )
-            stage.action()
-            ran += 1
+        ran, skipped = _run_stages(plan, states)
         print(f"[results] tables in {layout.results}/")
         table = write_results(plan)
         report_path = None
@@ -588,6 +565,39 @@ def run_experiment(
     )
     print(f"\n{ran} stages run, {skipped} already done, in {record['seconds']:.0f} s")
     return {**record, "table": table}
+
+
+def _write_inputs(plan: Plan, layout: ExperimentLayout) -> None:
+    """The manifests the run read, as it read them (``data/``)."""
+    for name, manifest in (("train", plan.train), ("lora_train", plan.lora_data)):
+        if manifest is not None:
+            manifest.write(layout.data / f"{name}.csv")
+    for name, manifest in plan.targets.items():
+        manifest.write(layout.target_manifest(name))
+
+
+def _run_stages(plan: Plan, states: dict[str, str]) -> tuple[int, int]:
+    """Run every stage that is not done, in order; (stages run, stages skipped)."""
+    ran, skipped = 0, 0
+    for i, stage in enumerate(plan.stages, 1):
+        state = states[stage.name]
+        prefix = f"[{i}/{len(plan.stages)}] {stage.name}"
+        if state == "done":
+            skipped += 1
+            logger.info("%s: done (key %s), skipped", stage.name, stage.key)
+            print(f"{prefix}: done, skipped")
+            continue
+        if state in ("stale", "forced") and stage.folder.exists():
+            _supersede(plan.out, stage.folder)
+        print(f"{prefix}: {_partial_word(stage) if state == 'partial' else 'running'}")
+        stage.folder.mkdir(parents=True, exist_ok=True)
+        write_json(
+            stage.folder / STAGE_MARKER,
+            {"stage": stage.name, "key": stage.key, "started": now_iso(), **stage.info},
+        )
+        stage.action()
+        ran += 1
+    return ran, skipped
 
 
 def _write_plan(plan: Plan, states: dict[str, str]) -> None:
