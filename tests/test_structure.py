@@ -15,7 +15,7 @@ LAYERS = [
     ["errors"],
     ["fulora", "io", "planes"],  # "fulora": the package's __init__ (its version)
     ["config", "figures", "shipped"],
-    ["runs"],
+    ["runs", "flags"],
     ["data"],
     ["lora"],
     ["generate"],

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fulora.errors import FuloraError
+from fulora.flags import add_config_flags, config_values
 
 logger = logging.getLogger("fulora")
 
@@ -150,28 +151,8 @@ def _cmd_classify_train(args: argparse.Namespace) -> int:
     from fulora.classify.train import ClassifyConfig, train_classifier
     from fulora.config import load_config
 
-    values = {
-        "arch": args.arch,
-        "pretrained": args.pretrained,
-        "weights": args.weights,
-        "classes": args.classes,
-        "image_size": args.image_size,
-        "augment": args.augment,
-        "batch_size": args.batch_size,
-        "epochs": args.epochs,
-        "lr": args.lr,
-        "max_per_class": args.max_per_class,
-        "max_synthetic_per_class": args.max_synthetic_per_class,
-        "synthetic_ratio": args.synthetic_ratio,
-        "balance": args.balance or None,
-        "device": args.device,
-        "num_workers": args.num_workers,
-        "cache_dir": args.cache_dir,
-        "val_metric": args.val_metric,
-        "early_stopping": args.early_stopping,
-        "val_fraction": args.val_fraction,
-        "select": args.select,
-    }
+    values = config_values(args, args.config_fields)
+    values["balance"] = args.balance or None  # a switch: --balance
     seeds = args.seeds or [None]
     # Read and check everything before any training starts.
     configs = [
@@ -200,13 +181,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fulora.config import load_config
     from fulora.evaluate.run import HEADLINE, EvaluateConfig, evaluate_model
 
-    values = {
-        "batch_size": args.batch_size,
-        "n_bootstrap": args.bootstrap,
-        "seed": args.seed,
-        "device": args.device,
-        "cache_dir": args.cache_dir,
-    }
+    values = config_values(args, args.config_fields)
     cfg = load_config(EvaluateConfig, args.config, args.set, values=values)
     test = _read_manifests([args.test])[0]
     result = evaluate_model(args.model, test, args.out, cfg)
@@ -232,27 +207,7 @@ def _cmd_lora_train(args: argparse.Namespace) -> int:
     from fulora.config import load_config
     from fulora.lora.train import LoraTrainConfig, train_lora
 
-    values = {
-        "base": args.base,
-        "base_config": args.base_config,
-        "rank": args.rank,
-        "alpha": args.alpha,
-        "targets": args.targets,
-        "clip_skip": args.clip_skip,
-        "max_steps": args.max_steps,
-        "epochs": args.epochs,
-        "repeats": args.repeats,
-        "resolution": args.resolution,
-        "batch_size": args.batch_size,
-        "mixed_precision": args.mixed_precision,
-        "cache_latents": args.cache_latents,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "seed": args.seed,
-        "checkpoint_every": args.checkpoint_every,
-        "sample_every": args.sample_every,
-        "caption_source": args.caption_source,
-        "output_name": args.output_name,
-    }
+    values = config_values(args, args.config_fields)
     cfg = load_config(LoraTrainConfig, args.config, args.set, values=values)
     data = _read_manifests([args.data])[0]
     record = train_lora(data, args.out, cfg, resume=args.resume)
@@ -311,28 +266,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from fulora.config import load_config
     from fulora.generate.run import GenerateConfig, generate
 
-    values = {
-        "base": args.base,
-        "base_config": args.base_config,
-        "lora": args.lora,
-        "lora_scale": args.lora_scale,
-        "per_class": args.per_class,
-        "planes": args.planes,
-        "negative_prompt": args.negative_prompt,
-        "sampler": args.sampler,
-        "clip_skip": args.clip_skip,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "width": args.width,
-        "height": args.height,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "dtype": args.dtype,
-        "color": args.color,
-        "compile": args.compile,
-        "fuse_qkv": args.fuse_qkv,
-        "device": args.device,
-    }
+    values = config_values(args, args.config_fields)
     cfg = load_config(GenerateConfig, args.config, args.set, values=values)
     result = generate(args.out, cfg, only=args.only or ())
     if args.only:
@@ -384,16 +318,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from fulora.config import load_config
     from fulora.data.manifest import Manifest
 
-    values = {
-        "extractor": args.extractor,
-        "classifier": args.classifier,
-        "inception_weights": args.inception_weights,
-        "near_copy_ssim": args.near_copy_ssim,
-        "near_copy_cosine": args.near_copy_cosine,
-        "min_confidence": args.min_confidence,
-        "device": args.device,
-        "cache_dir": args.cache_dir,
-    }
+    values = config_values(args, args.config_fields)
     cfg = load_config(AuditConfig, args.config, args.set, values)
     synthetic = Manifest.concat(_read_manifests(args.synthetic))
     reference = Manifest.concat(_read_manifests(args.reference))
@@ -431,6 +356,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     path = build_report(args.run_dir)
     print(f"report: {path}")
     return 0
+
+
+def _config_flags(parser, cls, **options) -> None:
+    """One flag per setting of ``cls`` (:mod:`fulora.flags`), then ``--config`` and ``--set``.
+
+    The command reads them back with ``config_values(args, args.config_fields)``.
+    """
+    fields = add_config_flags(parser, cls, **options)
+    parser.add_argument("--config", help=f"YAML config (keys of {cls.__name__})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.set_defaults(config_fields=fields)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -536,6 +472,8 @@ def _add_data_parser(stages) -> None:
 
 def _add_lora_parser(stages) -> None:
     """The `lora` stage's commands and flags."""
+    from fulora.lora.train import LoraTrainConfig
+
     lora = stages.add_parser("lora", help="LoRA fine-tuning of Stable Diffusion")
     lora_cmds = lora.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = lora_cmds.add_parser(
@@ -543,12 +481,6 @@ def _add_lora_parser(stages) -> None:
         help="fine-tune LoRA adapters on a few captioned images",
         description="Defaults follow the paper's kohya-ss recipe (configs/lora-paper.yaml).",
     )
-    p.add_argument(
-        "--base",
-        help="hub id, diffusers folder or .safetensors/.ckpt file "
-        "(default stable-diffusion-v1-5/stable-diffusion-v1-5)",
-    )
-    p.add_argument("--base-config", help="diffusers folder with the configs of a single-file base")
     p.add_argument(
         "--data",
         required=True,
@@ -562,29 +494,7 @@ def _add_lora_parser(stages) -> None:
         metavar="CHECKPOINT",
         help="continue from the latest checkpoint in --out (or a given one)",
     )
-    p.add_argument("--rank", type=int)
-    p.add_argument("--alpha", type=float)
-    p.add_argument(
-        "--targets",
-        choices=["kohya", "attention"],
-        help="layers with a LoRA: kohya (kohya-ss's standard set, default) or attention only",
-    )
-    p.add_argument("--clip-skip", type=int, help="kohya clip skip (default 2, the paper's)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--repeats", type=int, help="repeats per image and epoch")
-    p.add_argument("--resolution", type=int, help="bucket area is about resolution squared")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    p.add_argument("--cache-latents", type=_bool, help="true/false")
-    p.add_argument("--gradient-checkpointing", type=_bool, help="true/false")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--checkpoint-every", type=int, metavar="STEPS")
-    p.add_argument("--sample-every", type=int, metavar="STEPS")
-    p.add_argument("--caption-source", choices=["data", "config", "paper"])
-    p.add_argument("--output-name", help="file name of the kohya .safetensors")
-    p.add_argument("--config", help="YAML config (keys of LoraTrainConfig)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _config_flags(p, LoraTrainConfig)
     p.set_defaults(func=_cmd_lora_train)
 
     p = lora_cmds.add_parser("inspect", help="format, rank, alpha, modules and metadata")
@@ -617,54 +527,30 @@ def _add_foundation_parser(stages) -> None:
 
 def _add_generate_parser(stages) -> None:
     """The `generate` stage's commands and flags."""
+    from fulora.generate.run import GenerateConfig
     from fulora.generate.samplers import SAMPLERS
 
     p = stages.add_parser("generate", help="generate a labelled synthetic dataset with a LoRA")
-    p.add_argument("--base", help="hub id, diffusers folder or .safetensors/.ckpt file")
-    p.add_argument("--base-config", help="diffusers folder with the configs of a single-file base")
-    p.add_argument("--lora", help="kohya .safetensors, diffusers LoRA folder or LoRA run folder")
-    p.add_argument("--lora-scale", type=float)
-    p.add_argument("--per-class", type=int, help="images per plane (default 1000)")
-    p.add_argument("--planes", nargs="+")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--negative-prompt")
-    p.add_argument(
-        "--sampler",
-        help="fulora's or AUTOMATIC1111's name: "
-        + ", ".join(f"{name} ({entry[2]!r})" for name, entry in SAMPLERS.items()),
-    )
-    p.add_argument(
-        "--clip-skip",
-        type=int,
-        help="kohya/AUTOMATIC1111 clip skip for prompt and negative prompt "
-        "(default: the LoRA's training value, else 1)",
-    )
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--seed", type=int, help="run seed; each image's seed derives from it")
-    p.add_argument("--batch-size", type=int, help="default: sized to the GPU memory")
-    p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"])
-    p.add_argument("--color", choices=["L", "RGB"], help="L (grayscale, default) or RGB")
-    p.add_argument(
-        "--compile", type=_bool, help="torch.compile the UNet and VAE decoder (true/false)"
-    )
-    p.add_argument("--fuse-qkv", type=_bool, help="fused q/k/v attention projections (true/false)")
-    p.add_argument("--device", help="auto, cpu, cuda ...")
     p.add_argument(
         "--only",
         nargs="+",
         metavar="PLANE:INDEX",
         help="regenerate just these images (bit-identical to the full run's)",
     )
-    p.add_argument("--config", help="YAML config (keys of GenerateConfig)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    helps = {
+        "sampler": "fulora's or AUTOMATIC1111's name: "
+        + ", ".join(f"{name} ({entry[2]!r})" for name, entry in SAMPLERS.items()),
+        "seed": "run seed; each image's seed derives from it",
+    }
+    _config_flags(p, GenerateConfig, helps=helps)
     p.set_defaults(func=_cmd_generate)
 
 
 def _add_classify_parser(stages) -> None:
     """The `classify` stage's commands and flags."""
+    from fulora.classify.train import ClassifyConfig
+
     classify = stages.add_parser("classify", help="train plane classifiers")
     classify_cmds = classify.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = classify_cmds.add_parser(
@@ -685,56 +571,27 @@ def _add_classify_parser(stages) -> None:
         metavar="MANIFEST",
         help="validation data (default: hold out real patients of --train)",
     )
-    p.add_argument(
-        "--arch",
-        help="architecture: densenet169, mobilenet_v2, efficientnet_b0, "
-        "resnet18, vit_b_16, tiny_cnn, or any timm model",
-    )
     p.add_argument("--out", required=True, help="run folder (one per seed with several seeds)")
-    p.add_argument("--pretrained", type=_bool, help="start from ImageNet weights (true/false)")
-    p.add_argument("--weights", help="a state dict to start from")
-    p.add_argument("--classes", nargs="+", help="model classes (default: training planes)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--augment", choices=["none", "da"], help="'da': the paper's augmentation")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--max-per-class", type=int, help="cap on real images per plane")
-    p.add_argument("--max-synthetic-per-class", type=int, help="cap on synthetic images per plane")
-    p.add_argument("--synthetic-ratio", type=float, help="share of synthetic images (0-1)")
-    p.add_argument("--balance", action="store_true", help="class-balance the real images")
-    p.add_argument("--val-metric", choices=["f1_macro", "accuracy", "loss"])
-    p.add_argument("--early-stopping", type=int, metavar="EPOCHS")
-    p.add_argument(
-        "--val-fraction", type=float, help="share of real patients held out; 0: none (paper)"
-    )
-    p.add_argument(
-        "--select",
-        choices=["best", "last"],
-        help="keep the best epoch (by --val-metric) or the last",
-    )
     p.add_argument("--seeds", type=int, nargs="+", help="train one model per seed")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--cache-dir", help="preprocessing cache folder")
-    p.add_argument("--config", help="YAML config (keys of ClassifyConfig)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--balance", action="store_true", help="class-balance the real images")
+    helps = {
+        "arch": "architecture: densenet169, mobilenet_v2, efficientnet_b0, resnet18, vit_b_16, "
+        "tiny_cnn, or any timm model (default resnet18)",
+        "classes": "model classes (default: the training planes)",
+    }
+    _config_flags(p, ClassifyConfig, skip=("seed", "balance"), helps=helps)
     p.set_defaults(func=_cmd_classify_train)
 
 
 def _add_evaluate_parser(stages) -> None:
     """The `evaluate` stage's commands and flags."""
+    from fulora.evaluate.run import EvaluateConfig
+
     p = stages.add_parser("evaluate", help="evaluate a trained classifier on a test cohort")
     p.add_argument("--model", required=True, help="run folder of `fulora classify train`")
     p.add_argument("--test", required=True, help="test manifest, image CSV or dataset folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--bootstrap", type=int, help="bootstrap resamples (default 1000; 0: none)")
-    p.add_argument("--batch-size", type=int, help="default 64")
-    p.add_argument("--seed", type=int, help="bootstrap seed (default 0)")
-    p.add_argument("--device", help="auto, cpu, cuda ... (default auto)")
-    p.add_argument("--cache-dir", help="preprocessing cache folder")
-    p.add_argument("--config", help="YAML config (keys of EvaluateConfig)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _config_flags(p, EvaluateConfig, names={"n_bootstrap": "--bootstrap"})
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -780,6 +637,8 @@ def _add_experiment_parser(stages) -> None:
 
 def _add_audit_parser(stages) -> None:
     """The `audit` stage's commands and flags."""
+    from fulora.audit.run import AuditConfig
+
     p = stages.add_parser(
         "audit", help="fidelity, diversity, memorisation and class consistency of synthetic data"
     )
@@ -787,17 +646,8 @@ def _add_audit_parser(stages) -> None:
     p.add_argument("--reference", nargs="+", required=True, help="real images to compare with")
     p.add_argument("--train-set", nargs="+", help="the LoRA's training images (memorisation)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--config", help="YAML with audit settings")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--extractor", choices=["auto", "classifier", "inception"])
-    p.add_argument("--classifier", help="run folder of a classifier trained on real images")
-    p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights (offline)")
-    p.add_argument("--near-copy-ssim", type=float, help="SSIM at or above which: near-copy")
-    p.add_argument("--near-copy-cosine", type=float, help="cosine at or above which: near-copy")
-    p.add_argument("--min-confidence", type=float, help="filter: classifier's p(prompted plane)")
     p.add_argument("--write-filtered", metavar="MANIFEST", help="write the images that pass")
-    p.add_argument("--device", default=None)
-    p.add_argument("--cache-dir", help="preprocessing cache folder")
+    _config_flags(p, AuditConfig)
     p.set_defaults(func=_cmd_audit)
 
 

@@ -72,7 +72,7 @@ class AuditConfig(Checked):
     inception_weights: str | None = None  # torch-fidelity's Inception-v3 .pth, for offline use
     image_size: int = 128  # side of the aligned grayscale images compared by SSIM
     shortlist: int = 8  # SSIM candidates per image (by coarse pixel correlation)
-    near_copy_ssim: float = 0.9
+    near_copy_ssim: float = 0.9  # SSIM at or above which a synthetic image is a near-copy
     # Embedding cosine (of features centred on the training mean) flags too only when set: a
     # classifier's features cluster by class, so different images of one plane score near 1
     # (see similarity.png); pixels decide by default.
@@ -84,8 +84,8 @@ class AuditConfig(Checked):
     require_agreement: bool = True  # filter rule: the classifier's label is the prompted plane
     min_confidence: float = 0.5  # filter rule: its probability of the prompted plane
     gallery: int = 8  # most similar pairs shown
-    device: str = "auto"
-    cache_dir: str | None = None
+    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
+    cache_dir: str | None = None  # preprocessing cache folder
     seed: int = 0
 
 

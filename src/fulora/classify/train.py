@@ -119,7 +119,7 @@ class ClassifyConfig(Checked):
     num_workers: int = 0
     # Keep the decoded training set on the device as uint8 and augment there (fast on GPU).
     preload: bool = False
-    device: str = "auto"
+    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
     cache_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # free notes recorded with the run
 

@@ -55,7 +55,7 @@ class EvaluateConfig(Checked):
     batch_size: int = 64
     n_bootstrap: int = 1000  # patient-level bootstrap resamples for the 95% intervals; 0: none
     seed: int = 0  # of the bootstrap
-    device: str = "auto"
+    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
     cache_dir: str | None = None  # preprocessing cache folder
 
 

@@ -140,7 +140,7 @@ class ExperimentConfig(Checked):
     variables: dict[str, str] = field(default_factory=dict)
     base: str = DEFAULT_BASE  # Stable Diffusion model for the LoRA and generation
     base_config: str | None = None
-    device: str = "auto"
+    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
     cache_dir: str | None = None  # preprocessing cache; default OUT/cache
     compare: str | None = None  # "paper" (the FU-LoRA table) or a CSV in its format
     data: DataConfig = field(default_factory=DataConfig)

@@ -76,7 +76,7 @@ class GenerateConfig(Checked):
                 "projections that fuse_qkv replaces)"
             )
 
-    base: str = DEFAULT_BASE
+    base: str = DEFAULT_BASE  # hub id, diffusers folder or .safetensors/.ckpt file
     base_config: str | None = None
     lora: str | None = None  # kohya .safetensors, diffusers LoRA folder, or a LoRA run folder
     lora_scale: float = 1.0
@@ -105,7 +105,7 @@ class GenerateConfig(Checked):
     compile: bool = False  # torch.compile the UNet and the VAE decoder (first batch compiles)
     color: Literal["L", "RGB"] = "L"  # ultrasound is grayscale
     contact_sheet: int = 8  # thumbnails per side of each plane's contact sheet; 0: none
-    device: str = "auto"
+    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
 
 
 def image_seed(run_seed: int, plane: str, index: int) -> int:

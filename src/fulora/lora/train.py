@@ -110,7 +110,7 @@ class LoraTrainConfig(Checked):
                 f"({self.resolution}); set bucket_step to {min(64, self.resolution)}"
             )
 
-    base: str = DEFAULT_BASE
+    base: str = DEFAULT_BASE  # hub id, diffusers folder or .safetensors/.ckpt file
     base_config: str | None = None  # configs for a single-file base offline
     rank: int = 128
     alpha: float = 128.0
