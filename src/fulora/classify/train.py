@@ -333,20 +333,159 @@ def _check_validation(validation: Manifest | None, cfg: ClassifyConfig, classes:
         )
 
 
-def _train(
-    run: RunDir,
-    cfg: ClassifyConfig,
-    classes: list[str],
-    training: Manifest,
-    validation: Manifest | None,
-    progress: bool,
-) -> dict[str, Any]:
-    out = run.path
-    data_fingerprint = training.fingerprint()  # hashes every image: once per run
-    device = resolve_device(cfg.device)
-    amp = cfg.amp and device.type == "cuda"
-    channels_last = cfg.channels_last and device.type == "cuda"
-    _seed_everything(cfg.seed)
+@dataclass
+class _Fit:
+    """One run's training state between epochs: exactly what ``last.pt`` holds."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: float | None = None
+    best_epoch: int = -1
+    stale: int = 0  # epochs since the last improvement (early stopping)
+    next_epoch: int = 0
+
+    def checkpoint(self, epoch: int, data: str) -> dict[str, Any]:
+        """The contents of ``last.pt`` after ``epoch`` (0-based), for data fingerprint ``data``."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "history": self.history,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "stale": self.stale,
+            "data": data,
+        }
+
+    def resume(self, path: Path, data: str) -> None:
+        """Continue from ``last.pt`` if it was written for the same training data."""
+        if not path.is_file():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("data") != data:
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.next_epoch, self.history = state["epoch"] + 1, state["history"]
+        self.best, self.best_epoch, self.stale = state["best"], state["best_epoch"], state["stale"]
+        logger.info("resuming %s after epoch %d", path.parent, self.next_epoch)
+
+    def keep(self, epoch: int, value: float | None, cfg: ClassifyConfig) -> bool:
+        """Whether ``epoch``'s model becomes ``best.pt`` (always, with ``select: last``)."""
+        higher = cfg.val_metric != "loss"
+        improved = (
+            cfg.select == "last"
+            or self.best is None
+            or (value > self.best if higher else value < self.best)
+        )
+        if improved:
+            self.best, self.best_epoch, self.stale = value, epoch + 1, 0
+        else:
+            self.stale += 1
+        return improved
+
+
+def _start_fit(model: nn.Module, cfg: ClassifyConfig, amp: bool) -> _Fit:
+    """The optimiser, schedule and loss scaler of ``cfg`` around ``model``."""
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+        if cfg.schedule == "cosine"
+        else None
+    )
+    return _Fit(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=amp))
+
+
+def _batch_source(cfg: ClassifyConfig, dataset: ManifestDataset, transform, device):
+    """``batches(generator)``: the training batches of one epoch, in the generator's order.
+
+    With ``preload`` the decoded set sits on the device as uint8 and is augmented there.
+    """
+    pin = device.type == "cuda"
+    if not cfg.preload:
+        return lambda generator: DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=cfg.num_workers,
+            pin_memory=pin,
+        )
+    stored, stored_targets = dataset.uint8_tensor()
+    stored, stored_targets = stored.to(device), stored_targets.to(device)
+    logger.info("training set on %s: %.1f MB uint8", device, stored.numel() / 1e6)
+
+    def batches(generator: torch.Generator):
+        order = torch.randperm(len(stored), generator=generator).to(device)
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            images = stored[idx].float().div_(255.0).expand(-1, 3, -1, -1)
+            if transform is not None:
+                images = torch.stack([transform(image) for image in images])
+            yield images, stored_targets[idx]
+
+    return batches
+
+
+def _one_epoch(fit: _Fit, batches, criterion, device, amp: bool, channels_last: bool):
+    """Train one epoch; (mean loss, accuracy %, images seen)."""
+    fit.model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for images, target in batches:
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        fit.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=amp, dtype=torch.float16):
+            logits = fit.model(images)
+            loss = criterion(logits, target)
+        fit.scaler.scale(loss).backward()
+        fit.scaler.step(fit.optimizer)
+        fit.scaler.update()
+        total_loss += loss.item() * len(target)
+        correct += int((logits.argmax(1) == target).sum())
+        seen += len(target)
+    if fit.scheduler is not None:
+        fit.scheduler.step()
+    return total_loss / seen, 100.0 * correct / seen, seen
+
+
+def _val_loader(cfg, validation, classes, cache, transform, device) -> DataLoader | None:
+    if validation is None:
+        return None
+    dataset = ManifestDataset(validation, classes, cache=cache, channels=3, transform=transform)
+    dataset.preload()
+    return DataLoader(
+        dataset,
+        batch_size=max(cfg.batch_size, 64),
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _prepare(cfg, classes, training, validation, out, device):
+    """The model on ``device`` and the data of a run; writes the manifests the run uses.
+
+    Returns:
+        (model, ModelInfo, best.pt metadata, training dataset, its transform, validation
+        loader or None)
+    """
+    _seed_everything(cfg.seed)  # the model's initial head comes from the global RNG
     model, info = create_model(
         cfg.arch,
         len(classes),
@@ -369,50 +508,10 @@ def _train(
     train_tf, eval_tf = build_transforms(cfg.augment, size, cfg.normalize)
     train_ds = ManifestDataset(training, classes, cache=cache, channels=3, transform=train_tf)
     train_ds.preload()
-
     model = model.to(device)
-    if channels_last:
+    if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-        if cfg.schedule == "cosine"
-        else None
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    pin = device.type == "cuda"
-    val_loader = None
-    if validation is not None:
-        val_ds = ManifestDataset(validation, classes, cache=cache, channels=3, transform=eval_tf)
-        val_ds.preload()
-        val_loader = DataLoader(
-            val_ds,
-            batch_size=max(cfg.batch_size, 64),
-            shuffle=False,
-            num_workers=cfg.num_workers,
-            pin_memory=pin,
-        )
-
-    start_epoch, history, best, best_epoch, stale = 0, [], None, -1, 0
-    last_path = out / "last.pt"
-    if last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        if state.get("data") == data_fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler"):
-                scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            start_epoch, history = state["epoch"] + 1, state["history"]
-            best, best_epoch, stale = state["best"], state["best_epoch"], state["stale"]
-            logger.info("resuming %s after epoch %d", out, start_epoch)
-    higher = cfg.val_metric != "loss"
+    val_loader = _val_loader(cfg, validation, classes, cache, eval_tf, device)
     meta = {
         "arch": cfg.arch,
         "classes": classes,
@@ -423,135 +522,72 @@ def _train(
         "mode": "L",
         "channels": 3,
     }
-    if cfg.preload:
-        stored, stored_targets = train_ds.uint8_tensor()
-        stored, stored_targets = stored.to(device), stored_targets.to(device)
-        logger.info("training set on %s: %.1f MB uint8", device, stored.numel() / 1e6)
+    return model, info, meta, train_ds, train_tf, val_loader
 
-    def batches(generator: torch.Generator):
-        if not cfg.preload:
-            yield from DataLoader(
-                train_ds,
-                batch_size=cfg.batch_size,
-                shuffle=True,
-                generator=generator,
-                num_workers=cfg.num_workers,
-                pin_memory=pin,
-            )
-            return
-        order = torch.randperm(len(stored), generator=generator).to(device)
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            images = stored[idx].float().div_(255.0).expand(-1, 3, -1, -1)
-            if train_tf is not None:
-                images = torch.stack([train_tf(image) for image in images])
-            yield images, stored_targets[idx]
 
+def _train(
+    run: RunDir,
+    cfg: ClassifyConfig,
+    classes: list[str],
+    training: Manifest,
+    validation: Manifest | None,
+    progress: bool,
+) -> dict[str, Any]:
+    out = run.path
+    data_fingerprint = training.fingerprint()  # hashes every image: once per run
+    device = resolve_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    channels_last = cfg.channels_last and device.type == "cuda"
+    model, info, meta, train_ds, train_tf, val_loader = _prepare(
+        cfg, classes, training, validation, out, device
+    )
+    fit = _start_fit(model, cfg, amp)
+    fit.resume(out / "last.pt", data_fingerprint)
+    batches = _batch_source(cfg, train_ds, train_tf, device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     bar = tqdm(
-        range(start_epoch, cfg.epochs),
+        range(fit.next_epoch, cfg.epochs),
         desc=f"train {cfg.arch}",
         unit="epoch",
         disable=not progress,
-        initial=start_epoch,
+        initial=fit.next_epoch,
         total=cfg.epochs,
     )
     for epoch in bar:
         # Every epoch draws from its own seed, so a resumed run repeats the same batches.
         epoch_seed = cfg.seed * 100_003 + epoch
         torch.manual_seed(epoch_seed)
-        generator = torch.Generator().manual_seed(epoch_seed)
-        model.train()
         started = time.perf_counter()
-        total_loss, correct, seen = 0.0, 0, 0
-        for images, target in batches(generator):
-            images = images.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=amp, dtype=torch.float16):
-                logits = model(images)
-                loss = criterion(logits, target)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total_loss += loss.item() * len(target)
-            correct += int((logits.argmax(1) == target).sum())
-            seen += len(target)
-        if scheduler is not None:
-            scheduler.step()
+        epoch_batches = batches(torch.Generator().manual_seed(epoch_seed))
+        loss, accuracy, seen = _one_epoch(fit, epoch_batches, criterion, device, amp, channels_last)
         seconds = time.perf_counter() - started
         scores = (
-            _evaluate(model, val_loader, device, amp, channels_last)
+            _evaluate(fit.model, val_loader, device, amp, channels_last)
             if val_loader is not None
             else dict.fromkeys(("loss", "accuracy", "f1_macro"))  # no validation set
         )
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": total_loss / seen,
-            "train_accuracy": 100.0 * correct / seen,
-            "val_loss": scores["loss"],
-            "val_accuracy": scores["accuracy"],
-            "val_f1_macro": scores["f1_macro"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": round(seconds, 3),
-            "images_per_s": round(seen / seconds, 1),
-        }
-        history.append(row)
-        value = scores[cfg.val_metric]
-        improved = (
-            cfg.select == "last"  # best.pt then holds the latest epoch
-            or best is None
-            or (value > best if higher else value < best)
-        )
-        if improved:
-            best, best_epoch, stale = value, epoch + 1, 0
-            _save(
-                {"model": model.state_dict(), **meta, "epoch": epoch + 1, "val": scores},
-                out / "best.pt",
-            )
-        else:
-            stale += 1
-        _save(
+        fit.history.append(
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "best": best,
-                "best_epoch": best_epoch,
-                "stale": stale,
-                "data": data_fingerprint,
-            },
-            last_path,
+                "epoch": epoch + 1,
+                "train_loss": loss,
+                "train_accuracy": accuracy,
+                **{f"val_{k}": scores[k] for k in ("loss", "accuracy", "f1_macro")},
+                "lr": fit.optimizer.param_groups[0]["lr"],
+                "seconds": round(seconds, 3),
+                "images_per_s": round(seen / seconds, 1),
+            }
         )
-        _write_csv(out / "history.csv", history)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=_fmt(value))
-        logger.info(
-            "epoch %d: train loss %.4f, val %s %s (%s %s @ %d)",
-            epoch + 1,
-            row["train_loss"],
-            cfg.val_metric,
-            _fmt(value),
-            "kept" if cfg.select == "last" else "best",
-            _fmt(best),
-            best_epoch,
-        )
-        if cfg.early_stopping and stale >= cfg.early_stopping:
-            logger.info("early stop: no improvement for %d epochs", stale)
+        if _end_of_epoch(fit, epoch, scores, cfg, meta, out, data_fingerprint, bar):
             break
     bar.close()
-
-    training_curves(out / "loss_curve.png", history, title=f"{cfg.arch} ({cfg.augment})")
-    best_row = history[best_epoch - 1] if best_epoch > 0 else {}
+    training_curves(out / "loss_curve.png", fit.history, title=f"{cfg.arch} ({cfg.augment})")
+    best_row = fit.history[fit.best_epoch - 1] if fit.best_epoch > 0 else {}
     return run.finish(
         arch=cfg.arch,
         weights=info.weights,
         classes=classes,
-        epochs_run=len(history),
-        best_epoch=best_epoch,
+        epochs_run=len(fit.history),
+        best_epoch=fit.best_epoch,
         best_val={k: v for k, v in best_row.items() if k.startswith("val_")},
         train_images=len(training),
         train_synthetic=int(is_synthetic(training).sum()),
@@ -560,6 +596,33 @@ def _train(
         train_fingerprint=data_fingerprint,
         device=str(device),
     )
+
+
+def _end_of_epoch(fit, epoch, scores, cfg, meta, out, data_fingerprint, bar) -> bool:
+    """Keep the model if chosen, checkpoint, log; whether to stop early."""
+    value = scores[cfg.val_metric]
+    if fit.keep(epoch, value, cfg):
+        _save(
+            {"model": fit.model.state_dict(), **meta, "epoch": epoch + 1, "val": scores},
+            out / "best.pt",
+        )
+    _save(fit.checkpoint(epoch, data_fingerprint), out / "last.pt")
+    _write_csv(out / "history.csv", fit.history)
+    bar.set_postfix(loss=f"{fit.history[-1]['train_loss']:.3f}", val=_fmt(value))
+    logger.info(
+        "epoch %d: train loss %.4f, val %s %s (%s %s @ %d)",
+        epoch + 1,
+        fit.history[-1]["train_loss"],
+        cfg.val_metric,
+        _fmt(value),
+        "kept" if cfg.select == "last" else "best",
+        _fmt(fit.best),
+        fit.best_epoch,
+    )
+    if cfg.early_stopping and fit.stale >= cfg.early_stopping:
+        logger.info("early stop: no improvement for %d epochs", fit.stale)
+        return True
+    return False
 
 
 def _fmt(value: float | None) -> str:
