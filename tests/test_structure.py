@@ -148,7 +148,6 @@ TOO_LONG = {
     "experiment/report.py:build_report": 330,  # one renderer per section, HTML in a template
     "experiment/runner.py:plan_experiment": 281,  # one planner per stage kind
     "lora/train.py:_train": 241,  # the run state in one object (as classify/train.py _Fit)
-    "generate/run.py:_generate_into": 167,  # batches, provenance rows and PNG writing apart
 }
 
 

@@ -326,50 +326,14 @@ def generate(
 def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progress) -> dict:
     """The body of :func:`generate` once the folder is locked: images, manifest, done.json."""
     out, main = run.path, state.is_main_process
-
-    # Fixed batches: batch k of a plane is indices [k*batch, (k+1)*batch).
-    batches = [
-        (plane, list(range(k * batch, min(cfg.per_class, (k + 1) * batch))))
-        for plane in resolved.planes
-        for k in range(math.ceil(cfg.per_class / batch))
-    ]
-    seeds = {(p, i): image_seed(cfg.seed, p, i) for p, idx in batches for i in idx}
-    if only:
-        wanted = set(parse_only(only, resolved.planes))
-        for plane, index in wanted:
-            if index >= cfg.per_class:
-                raise ConfigError(f"--only {plane}:{index}: the run has {cfg.per_class} per plane")
-        targets = wanted
-    else:
-        targets = {
-            key for key in seeds if not image_path(out, key[0], key[1], seeds[key]).is_file()
-        }
+    batches, seeds, targets = _work(cfg, resolved, batch, only, out)
     todo = [(p, idx) for p, idx in batches if any((p, i) in targets for i in idx)]
     mine = todo[state.process_index :: state.num_processes]
     base_name, base_hash = base_identity(cfg.base)
-    generated = 0
-    first_batch: tuple[int, float] | None = None  # (images, time) when the first batch was done
-    started = time.perf_counter()  # reset below once the model is ready
+    made = _Made(base_name=base_name, base_hash=base_hash, batch=batch, device=device, dtype=dtype)
     if mine:
-        pipe = load_pipeline(cfg.base, dtype=dtype, config=cfg.base_config)
-        pipe.set_progress_bar_config(disable=True)
-        if resolved.lora is not None:
-            load_lora_into(pipe, resolved.lora, scale=cfg.lora_scale, fuse=cfg.fuse_lora)
-        pipe.scheduler = make_scheduler(resolved.sampler, pipe.scheduler.config)
-        pipe.to(device)
-        apply_speedups(pipe, cfg, device)
-        embeddings = {  # once per plane; the negative prompt at the same clip skip
-            plane: prompt_embeddings(
-                pipe.tokenizer,
-                pipe.text_encoder,
-                resolved.prompts[plane],
-                cfg.negative_prompt if cfg.guidance > 1.0 else None,
-                resolved.clip_skip,
-                device,
-            )
-            for plane in resolved.planes
-        }
-        started = time.perf_counter()  # images/s measures generation, not model loading
+        pipe, embeddings = _load_generator(cfg, resolved, device, dtype)
+        made.started = time.perf_counter()  # images/s measures generation, not model loading
         bar = tqdm(
             total=sum(sum((p, i) in targets for i in idx) for p, idx in mine),
             desc=f"generating ({state.process_index + 1}/{state.num_processes})",
@@ -377,91 +341,17 @@ def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progre
             disable=not progress,
         )
         for plane, indices in mine:
-            positive, negative = embeddings[plane]
-            n = len(indices)
-            generators = [torch.Generator().manual_seed(seeds[(plane, i)]) for i in indices]
-            with torch.no_grad():
-                images = pipe(
-                    prompt_embeds=positive.repeat(n, 1, 1),
-                    negative_prompt_embeds=negative.repeat(n, 1, 1)
-                    if negative is not None
-                    else None,
-                    height=resolved.height,
-                    width=resolved.width,
-                    num_inference_steps=cfg.steps,
-                    guidance_scale=cfg.guidance,
-                    generator=generators,
-                    output_type="np",
-                ).images
-            for index, array in zip(indices, images, strict=True):
-                if (plane, index) not in targets:
-                    continue
-                seed = seeds[(plane, index)]
-                row = {
-                    "path": f"{plane}/{index:05d}-{seed}.png",
-                    "label": plane,
-                    "split": "train",
-                    "source": "synthetic",
-                    "domain": "synthetic",
-                    "patient": "",
-                    "prompt": resolved.prompts[plane],
-                    "negative_prompt": cfg.negative_prompt,
-                    "seed": seed,
-                    "sampler": resolved.sampler,
-                    "clip_skip": resolved.clip_skip,
-                    "steps": cfg.steps,
-                    "guidance": cfg.guidance,
-                    "width": resolved.width,
-                    "height": resolved.height,
-                    "lora": str(resolved.lora.resolve()) if resolved.lora else "",
-                    "lora_sha256": resolved.lora_sha256,
-                    "lora_scale": cfg.lora_scale,
-                    "base_model": base_name,
-                    "created": now_iso(),
-                    "index": index,
-                    "run_seed": cfg.seed,
-                    "batch_size": batch,
-                    "device": device.type,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "fulora_version": __version__,
-                }
-                pixels = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
-                img = Image.fromarray(pixels, "RGB")
-                if cfg.color == "L":
-                    img = img.convert("L")
-                info = PngInfo()
-                info.add_text(
-                    "parameters",
-                    _a1111_parameters(
-                        resolved.prompts[plane],
-                        cfg.negative_prompt,
-                        row,
-                        cfg,
-                        base_hash,
-                        resolved.lora,
-                    ),
-                )
-                info.add_text("fulora", json.dumps(row))
-                with atomic_path(image_path(out, plane, index, seed)) as tmp:
-                    img.save(tmp, format="PNG", pnginfo=info)
-                generated += 1
-                bar.update(1)
-            if first_batch is None:  # compilation, cuDNN autotuning and allocation happen here
-                first_batch = (generated, time.perf_counter())
+            plane_seeds = [seeds[(plane, i)] for i in indices]
+            images = _denoise(pipe, embeddings[plane], plane_seeds, cfg, resolved)
+            for index, seed, array in zip(indices, plane_seeds, images, strict=True):
+                if (plane, index) in targets:
+                    _save_image(out, plane, index, seed, array, cfg, resolved, made)
+                    bar.update(1)
+            if made.first_batch is None:  # compilation, autotuning and allocation happen here
+                made.first_batch = (made.generated, time.perf_counter())
         bar.close()
-    ended = time.perf_counter()
-    seconds = ended - started
+    summary = made.summary(state.num_processes)
     state.wait_for_everyone()
-    summary = {
-        "generated": generated,
-        "seconds": round(seconds, 2),
-        "images_per_s": round(generated / seconds, 3) if generated and seconds else None,
-        "first_batch_s": round(first_batch[1] - started, 2) if first_batch else None,
-        "steady_images_per_s": _steady_rate(first_batch, generated, ended),
-        "batch_size": batch,
-        "device": str(device),
-        "processes": state.num_processes,
-    }
     if only or not main:
         return summary
     manifest = build_manifest(out, resolved.planes, cfg.per_class, seeds)
@@ -488,8 +378,148 @@ def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progre
         base_model_sha256=base_hash,
         **{f"this_run_{k}": v for k, v in summary.items()},
     )
-    logger.info("%d images (%d new) in %s", len(manifest), generated, out)
+    logger.info("%d images (%d new) in %s", len(manifest), made.generated, out)
     return record
+
+
+def _work(cfg, resolved, batch, only, out):
+    """(fixed batches, seed of each image, the images this run makes).
+
+    Batch ``k`` of a plane is always indices ``[k*batch, (k+1)*batch)``, so an image's pixels do
+    not depend on which other images a run makes.
+    """
+    batches = [
+        (plane, list(range(k * batch, min(cfg.per_class, (k + 1) * batch))))
+        for plane in resolved.planes
+        for k in range(math.ceil(cfg.per_class / batch))
+    ]
+    seeds = {(p, i): image_seed(cfg.seed, p, i) for p, idx in batches for i in idx}
+    if not only:
+        missing = {k for k in seeds if not image_path(out, k[0], k[1], seeds[k]).is_file()}
+        return batches, seeds, missing
+    wanted = set(parse_only(only, resolved.planes))
+    for plane, index in wanted:
+        if index >= cfg.per_class:
+            raise ConfigError(f"--only {plane}:{index}: the run has {cfg.per_class} per plane")
+    return batches, seeds, wanted
+
+
+def _load_generator(cfg, resolved, device, dtype):
+    """The pipeline (LoRA loaded, sampler set, speed options on) and each plane's embeddings."""
+    pipe = load_pipeline(cfg.base, dtype=dtype, config=cfg.base_config)
+    pipe.set_progress_bar_config(disable=True)
+    if resolved.lora is not None:
+        load_lora_into(pipe, resolved.lora, scale=cfg.lora_scale, fuse=cfg.fuse_lora)
+    pipe.scheduler = make_scheduler(resolved.sampler, pipe.scheduler.config)
+    pipe.to(device)
+    apply_speedups(pipe, cfg, device)
+    embeddings = {  # once per plane; the negative prompt at the same clip skip
+        plane: prompt_embeddings(
+            pipe.tokenizer,
+            pipe.text_encoder,
+            resolved.prompts[plane],
+            cfg.negative_prompt if cfg.guidance > 1.0 else None,
+            resolved.clip_skip,
+            device,
+        )
+        for plane in resolved.planes
+    }
+    return pipe, embeddings
+
+
+def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> np.ndarray:
+    """One batch of images (N, H, W, 3) in [0, 1]; each image's noise from its own seed."""
+    positive, negative = embeddings
+    n = len(seeds)
+    with torch.no_grad():
+        return pipe(
+            prompt_embeds=positive.repeat(n, 1, 1),
+            negative_prompt_embeds=negative.repeat(n, 1, 1) if negative is not None else None,
+            height=resolved.height,
+            width=resolved.width,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance,
+            generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+            output_type="np",
+        ).images
+
+
+@dataclass
+class _Made:
+    """What a process generated, and when (for images/s)."""
+
+    base_name: str
+    base_hash: str
+    batch: int
+    device: torch.device
+    dtype: torch.dtype
+    generated: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    first_batch: tuple[int, float] | None = None  # (images, time) when the first batch was done
+
+    def summary(self, processes: int) -> dict[str, Any]:
+        """The share of this process: images, seconds, images/s (all; after the first batch)."""
+        ended = time.perf_counter()
+        seconds = ended - self.started
+        return {
+            "generated": self.generated,
+            "seconds": round(seconds, 2),
+            "images_per_s": round(self.generated / seconds, 3)
+            if self.generated and seconds
+            else None,
+            "first_batch_s": round(self.first_batch[1] - self.started, 2)
+            if self.first_batch
+            else None,
+            "steady_images_per_s": _steady_rate(self.first_batch, self.generated, ended),
+            "batch_size": self.batch,
+            "device": str(self.device),
+            "processes": processes,
+        }
+
+
+def _save_image(out, plane, index, seed, array, cfg, resolved, made: _Made) -> None:
+    """One PNG, atomically, with its provenance (A1111 ``parameters`` + a ``fulora`` chunk)."""
+    row = {
+        "path": f"{plane}/{index:05d}-{seed}.png",
+        "label": plane,
+        "split": "train",
+        "source": "synthetic",
+        "domain": "synthetic",
+        "patient": "",
+        "prompt": resolved.prompts[plane],
+        "negative_prompt": cfg.negative_prompt,
+        "seed": seed,
+        "sampler": resolved.sampler,
+        "clip_skip": resolved.clip_skip,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "width": resolved.width,
+        "height": resolved.height,
+        "lora": str(resolved.lora.resolve()) if resolved.lora else "",
+        "lora_sha256": resolved.lora_sha256,
+        "lora_scale": cfg.lora_scale,
+        "base_model": made.base_name,
+        "created": now_iso(),
+        "index": index,
+        "run_seed": cfg.seed,
+        "batch_size": made.batch,
+        "device": made.device.type,
+        "dtype": str(made.dtype).removeprefix("torch."),
+        "fulora_version": __version__,
+    }
+    pixels = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    img = Image.fromarray(pixels, "RGB")
+    if cfg.color == "L":
+        img = img.convert("L")
+    info = PngInfo()
+    parameters = _a1111_parameters(
+        resolved.prompts[plane], cfg.negative_prompt, row, cfg, made.base_hash, resolved.lora
+    )
+    info.add_text("parameters", parameters)
+    info.add_text("fulora", json.dumps(row))
+    with atomic_path(image_path(out, plane, index, seed)) as tmp:
+        img.save(tmp, format="PNG", pnginfo=info)
+    made.generated += 1
 
 
 def _steady_rate(
