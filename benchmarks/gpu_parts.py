@@ -36,8 +36,9 @@ PAPER_ARCHS = ["densenet169", "mobilenet_v2", "efficientnet_b0", "resnet18", "vi
 class Recorder:
     """Rows of one part, rewritten to its JSON file after each row (atomic replace)."""
 
-    def __init__(self, path: Path, part: str, deadline: float):
+    def __init__(self, path: Path, part: str, deadline: float, only: list[str] | None = None):
         self.path, self.part, self.deadline = path, part, deadline
+        self.only = set(only or ())  # measure just these settings (a short GPU lease)
         self.data: dict = {"part": part, "rows": [], "errors": [], "skipped": []}
         self.save()
 
@@ -57,6 +58,8 @@ class Recorder:
 
     def attempt(self, name: str, fn: Callable[[], None], *, reserve: float = 0.0) -> None:
         """Run one measurement unless the part's time is up; record a failure and go on."""
+        if self.only and name not in self.only:
+            return
         if time.time() + reserve > self.deadline:
             self.data["skipped"].append(name)
             self.save()
@@ -480,12 +483,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True, help="where this part's rows go")
     parser.add_argument("--deadline", type=float, required=True, help="unix time to stop by")
     parser.add_argument("--smoke", action="store_true", help="tiny model, CPU sizes")
+    parser.add_argument("--only", nargs="+", metavar="SETTING", help="just these settings")
     args = parser.parse_args()
     logging.getLogger("fulora").setLevel(logging.WARNING)
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # one line per measured row is the progress
-    rec = Recorder(args.json, args.part, args.deadline)
+    rec = Recorder(args.json, args.part, args.deadline, args.only)
     PARTS[args.part](args, rec)
 
 
