@@ -521,9 +521,10 @@ def download_dataset(
         )
         if not source.hf_repo:
             _check_archive(target, remote, expect_zip=source.archive_subdir is not None)
-        record["files"].append(_file_record(target, remote))  # type: ignore[union-attr]
+        entry = _file_record(target, remote)
+        record["files"].append(entry)  # type: ignore[union-attr]
         if zipfile.is_zipfile(target) and not source.hf_repo:
-            _unpack_once(target, dest, source.archive_subdir)
+            _unpack_once(target, str(entry["sha256"]), dest, source.archive_subdir)
     if source.hf_repo:
         write_json(dest / "download.json", {**record, "finished": now_iso()})
         logger.info("%s: %d files in %s", name, len(files), dest)
@@ -580,10 +581,13 @@ def _file_record(target: Path, remote: RemoteFile) -> dict[str, object]:
     }
 
 
-def _unpack_once(archive: Path, dest: Path, subdir: str | None) -> None:
-    """Unpack ``archive`` unless this very file was unpacked before (a marker holds its hash)."""
+def _unpack_once(archive: Path, digest: str, dest: Path, subdir: str | None) -> None:
+    """Unpack ``archive`` (SHA-256 ``digest``) unless this very file was unpacked before.
+
+    A marker beside the archive holds the digest of what was unpacked; the caller passes the
+    digest it computed for ``download.json`` so a multi-GB archive is hashed once.
+    """
     marker = archive.parent / f".{archive.name}.unpacked"
-    digest = file_hash(archive, "sha256")
     if marker.is_file() and marker.read_text() == digest:
         return
     unpack(archive, dest, subdir)
