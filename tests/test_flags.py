@@ -10,6 +10,7 @@ from fulora.cli import build_parser
 from fulora.config import load_config
 from fulora.evaluate.run import EvaluateConfig
 from fulora.flags import config_values, field_comments
+from fulora.foundation.build import FoundationConfig
 from fulora.generate.run import GenerateConfig
 from fulora.lora.train import LoraTrainConfig
 
@@ -19,6 +20,7 @@ REQUIRED = {
     ("classify", "train"): ["--train", "t", "--out", "o"],
     ("evaluate",): ["--model", "m", "--test", "t", "--out", "o"],
     ("audit",): ["--synthetic", "s", "--reference", "r", "--out", "o"],
+    ("foundation", "build"): ["--out", "o"],
 }
 COMMANDS = {
     ("lora", "train"): (LoraTrainConfig, ()),
@@ -26,6 +28,7 @@ COMMANDS = {
     ("classify", "train"): (ClassifyConfig, ("seed", "balance")),  # --seeds, --balance
     ("evaluate",): (EvaluateConfig, ()),
     ("audit",): (AuditConfig, ()),
+    ("foundation", "build"): (FoundationConfig, ()),
 }
 
 

@@ -251,7 +251,8 @@ def _cmd_foundation_build(args: argparse.Namespace) -> int:
     from fulora.config import load_config
     from fulora.foundation.build import FoundationConfig, build_foundation
 
-    cfg = load_config(FoundationConfig, args.config, args.set, values={"seed": args.seed})
+    values = config_values(args, args.config_fields)
+    cfg = load_config(FoundationConfig, args.config, args.set, values=values)
     record = build_foundation(args.out, cfg)
     seconds = record.get("build_seconds", {})
     print(
@@ -510,6 +511,8 @@ def _add_lora_parser(stages) -> None:
 
 def _add_foundation_parser(stages) -> None:
     """The `foundation` stage's commands and flags."""
+    from fulora.foundation.build import FoundationConfig
+
     foundation = stages.add_parser("foundation", help="the tiny foundation model fulora ships")
     foundation_cmds = foundation.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = foundation_cmds.add_parser(
@@ -519,9 +522,7 @@ def _add_foundation_parser(stages) -> None:
         "with MODEL_CARD.md. fulora ships one as fulora:phantom-sd.",
     )
     p.add_argument("--out", required=True, help="output folder (rerun to resume)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--config", help="YAML recipe (keys of FoundationConfig)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _config_flags(p, FoundationConfig)
     p.set_defaults(func=_cmd_foundation_build)
 
 
