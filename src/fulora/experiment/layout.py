@@ -67,6 +67,11 @@ class ExperimentLayout:
         return self.root / "results"
 
     @property
+    def protocol(self) -> Path:
+        """One line: how the classifiers were trained and chosen (which preset ran)."""
+        return self.results / "protocol.txt"
+
+    @property
     def report(self) -> Path:
         """The HTML report and its figures."""
         return self.root / "report"

@@ -180,7 +180,7 @@ def _bars(path: Path, table: pd.DataFrame, target: str) -> Path | None:
 
 def _read_protocol(run: Path) -> str:
     """The classifier protocol the results stage recorded (``results/protocol.txt``)."""
-    path = ExperimentLayout(run).results / "protocol.txt"
+    path = ExperimentLayout(run).protocol
     return path.read_text().strip() if path.is_file() else "not recorded (results not written)"
 
 
@@ -202,14 +202,15 @@ def build_report(run_dir: str | Path) -> Path:
         DataError: If ``run_dir`` is not the folder of ``fulora experiment run``.
     """
     run = Path(run_dir)
-    if not (ExperimentLayout(run).plan).is_file() or not (ExperimentLayout(run).config).is_file():
+    layout = ExperimentLayout(run)
+    if not layout.plan.is_file() or not layout.config.is_file():
         raise DataError(
             f"{run} is not an experiment folder (no plan.csv/config.yaml); pass the --out "
             "folder of `fulora experiment run`"
         )
-    raw = yaml.safe_load((ExperimentLayout(run).config).read_text(encoding="utf-8")) or {}
-    cfg = from_dict(ExperimentConfig, raw, source=str(ExperimentLayout(run).config))
-    out = ExperimentLayout(run).report
+    raw = yaml.safe_load(layout.config.read_text(encoding="utf-8")) or {}
+    cfg = from_dict(ExperimentConfig, raw, source=str(layout.config))
+    out = layout.report
     out.mkdir(exist_ok=True)
     page = _Page(out)
     stages = _stages(run)
@@ -219,8 +220,8 @@ def build_report(run_dir: str | Path) -> Path:
 
     # ---- what was run ----------------------------------------------------------------------
     data = {
-        "LoRA training": _read_manifest(ExperimentLayout(run).data / "lora_train.csv"),
-        "real training": _read_manifest(ExperimentLayout(run).data / "train.csv"),
+        "LoRA training": _read_manifest(layout.data / "lora_train.csv"),
+        "real training": _read_manifest(layout.data / "train.csv"),
     }
     synthetic: dict[str, Manifest] = {}
     for stage in by_kind.get("generate", []):
@@ -230,7 +231,7 @@ def build_report(run_dir: str | Path) -> Path:
             data[f"synthetic ({stage['info'].get('variant', '')})"] = manifest
     targets = {
         p.stem.removeprefix("target-"): m
-        for p in sorted((ExperimentLayout(run).data).glob("target-*.csv"))
+        for p in sorted(layout.data.glob("target-*.csv"))
         if (m := _read_manifest(p)) is not None
     }
     data.update({f"target: {k}": v for k, v in targets.items()})
@@ -309,7 +310,7 @@ def build_report(run_dir: str | Path) -> Path:
     )
     page.add(
         "<details><summary>Resolved configuration (config.yaml)</summary><pre>"
-        + html.escape((ExperimentLayout(run).config).read_text(encoding="utf-8"))
+        + html.escape(layout.config.read_text(encoding="utf-8"))
         + "</pre></details></section>"
     )
 
@@ -379,7 +380,7 @@ def build_report(run_dir: str | Path) -> Path:
         page.add("</section>")
 
     # ---- results ---------------------------------------------------------------------------
-    results = ExperimentLayout(run).results / "results.csv"
+    results = layout.results / "results.csv"
     if results.is_file():
         table = pd.read_csv(results, keep_default_na=False)
         page.add("<section><h2>Zero-shot results</h2>")
@@ -406,7 +407,7 @@ def build_report(run_dir: str | Path) -> Path:
             bars = _bars(out / f"bars_{target}.png", table, target)
             if bars is not None:
                 page.image(bars, f"ACC, F-score and AUC per architecture and regime on {target}")
-        comparison = ExperimentLayout(run).results / "comparison.csv"
+        comparison = layout.results / "comparison.csv"
         if comparison.is_file():
             page.add("<h3>Against the paper's table (all outputs; diff = ours - paper)</h3>")
             page.add(
@@ -416,7 +417,7 @@ def build_report(run_dir: str | Path) -> Path:
                 "plane; <i>AUC</i> is the proper one-vs-rest AUC from probabilities.</p>"
             )
             page.table(pd.read_csv(comparison).round(2))
-        domains = ExperimentLayout(run).results / "per_domain.csv"
+        domains = layout.results / "per_domain.csv"
         if domains.is_file() and domains.stat().st_size > 2:
             per = pd.read_csv(domains, keep_default_na=False)
             per = per[per["space"] == "all_outputs"]
@@ -473,7 +474,7 @@ def build_report(run_dir: str | Path) -> Path:
                 chosen["path"],
                 groups,
                 per_group=cfg.report.embedding_per_group,
-                cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else ExperimentLayout(run).cache,
+                cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else layout.cache,
                 device=cfg.device,
                 title=f"t-SNE of {info.get('arch')} ({info.get('label')}, seed {info.get('seed')}) "
                 "penultimate features per plane",

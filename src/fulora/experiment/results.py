@@ -215,7 +215,8 @@ def compare_with(table: pd.DataFrame, reference: str | Path) -> pd.DataFrame:
 
 def write_results(plan: Plan) -> pd.DataFrame:
     """Write ``results/`` (CSV and Markdown tables, per-domain table, comparison); return it."""
-    out = ExperimentLayout(plan.out).results
+    layout = ExperimentLayout(plan.out)
+    out = layout.results
     out.mkdir(parents=True, exist_ok=True)
     table = collect(plan)
     with atomic_open(out / "results.csv", "w", newline="") as handle:
@@ -225,7 +226,7 @@ def write_results(plan: Plan) -> pd.DataFrame:
         domains.to_csv(handle, index=False)
 
     protocol = classifier_protocol(plan.cfg)
-    write_text(out / "protocol.txt", protocol + "\n")
+    write_text(layout.protocol, protocol + "\n")
     lines = [f"# {plan.cfg.name}: zero-shot results\n\nClassifier protocol: {protocol}.\n"]
     for target in plan.targets:
         for space in SPACES:
