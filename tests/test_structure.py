@@ -145,7 +145,7 @@ MAX_LINES = 80
 # is a known debt of issue 14 (split by what it does), never a place to add to; the test fails
 # when one grows, and when one is split without being taken off the list.
 TOO_LONG = {
-    "experiment/report.py:build_report": 330,  # one renderer per section, HTML in a template
+    "experiment/report.py:build_report": 325,  # one renderer per section, HTML in a template
     "experiment/runner.py:plan_experiment": 281,  # one planner per stage kind
     "lora/train.py:_train": 241,  # the run state in one object (as classify/train.py _Fit)
 }

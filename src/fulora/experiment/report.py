@@ -195,6 +195,21 @@ def _stages(run: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_config(layout: ExperimentLayout) -> ExperimentConfig:
+    """The experiment's resolved config, from a folder that ``fulora experiment run`` wrote.
+
+    Raises:
+        DataError: If the folder has no plan and config (not an experiment folder).
+    """
+    if not layout.plan.is_file() or not layout.config.is_file():
+        raise DataError(
+            f"{layout.root} is not an experiment folder (no plan.csv/config.yaml); pass the "
+            "--out folder of `fulora experiment run`"
+        )
+    raw = yaml.safe_load(layout.config.read_text(encoding="utf-8")) or {}
+    return from_dict(ExperimentConfig, raw, source=str(layout.config))
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report/report.html`` (self-contained) and its PNGs; return its path.
 
@@ -203,13 +218,7 @@ def build_report(run_dir: str | Path) -> Path:
     """
     run = Path(run_dir)
     layout = ExperimentLayout(run)
-    if not layout.plan.is_file() or not layout.config.is_file():
-        raise DataError(
-            f"{run} is not an experiment folder (no plan.csv/config.yaml); pass the --out "
-            "folder of `fulora experiment run`"
-        )
-    raw = yaml.safe_load(layout.config.read_text(encoding="utf-8")) or {}
-    cfg = from_dict(ExperimentConfig, raw, source=str(layout.config))
+    cfg = _read_config(layout)
     out = layout.report
     out.mkdir(exist_ok=True)
     page = _Page(out)
