@@ -306,11 +306,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_experiment_run(args: argparse.Namespace) -> int:
     from fulora.experiment.config import load_experiment
+    from fulora.experiment.ray_executor import RayOptions
     from fulora.experiment.runner import run_experiment
 
     cfg = load_experiment(args.config, overrides=args.set)
     out = args.out or str(Path("runs") / cfg.name)
-    run_experiment(cfg, out, from_stage=args.from_stage, dry_run=args.dry_run)
+    ray_flags = (args.address, args.retries, args.cpus_per_task)
+    if args.executor == "local" and any(flag is not None for flag in ray_flags):
+        raise FuloraError("--address, --retries and --cpus-per-task go with --executor ray")
+    ray = RayOptions(
+        args.address,
+        2 if args.retries is None else args.retries,
+        args.cpus_per_task or 1,
+    )
+    run_experiment(
+        cfg,
+        out,
+        from_stage=args.from_stage,
+        dry_run=args.dry_run,
+        executor=args.executor,
+        ray=ray,
+    )
     return 0
 
 
@@ -633,6 +649,29 @@ def _add_experiment_parser(stages) -> None:
         help="rerun this stage and every later one",
     )
     p.add_argument("--dry-run", action="store_true", help="check the config, list the stages")
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local: one stage after another here (default); ray: stages as Ray tasks over "
+        "every GPU and CPU of this machine or a cluster (pip install 'fulora[ray]')",
+    )
+    p.add_argument(
+        "--address",
+        help="with --executor ray: join this Ray cluster (auto, HOST:PORT or ray://HOST:PORT) "
+        "instead of starting one on this machine",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        help="with --executor ray: retries of a task whose worker died (default 2)",
+    )
+    p.add_argument(
+        "--cpus-per-task",
+        type=int,
+        help="with --executor ray: CPUs and torch threads per task (default 1); on the CPU, "
+        "as many as the local executor's threads reproduce its numbers exactly",
+    )
     p.set_defaults(func=_cmd_experiment_run)
 
 

@@ -174,7 +174,8 @@ def test_a_second_experiment_run_into_the_same_folder_stops_before_writing(
 
 
 def test_an_interrupted_stage_says_whether_it_resumes_or_restarts(tmp_path):
-    from fulora.experiment.runner import Stage, _partial_word
+    from fulora.experiment.stages import Stage
+    from fulora.experiment.stages import partial_word as _partial_word
 
     cases = [  # kind, files the interrupted stage left, what the runner says
         ("lora", [], "restarting (no checkpoint)"),

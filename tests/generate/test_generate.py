@@ -284,3 +284,21 @@ def test_two_processes_equal_one(tiny_model, trained_lora, tmp_path):
     assert pd.read_csv(tmp_path / "one" / "manifest.csv")[columns].equals(
         pd.read_csv(tmp_path / "two" / "manifest.csv")[columns]
     )
+
+
+def test_shards_then_a_plain_run_equal_one_run(full_run, tiny_model, trained_lora, tmp_path):
+    """The Ray executor's generation shards: each makes its share, the plain call merges."""
+    cfg = _cfg(tiny_model, trained_lora)
+    shares = [generate(tmp_path, cfg, shard=(k, 3), progress=False) for k in range(3)]
+    # 2 planes x batches [0, 4) and [4, 6): shard k makes batches k, k + 3 of the full list,
+    # whichever shard ran before it
+    assert [s["generated"] for s in shares] == [4 + 2, 2, 4]
+    assert not (tmp_path / "manifest.csv").exists() and not (tmp_path / "done.json").exists()
+    record = generate(tmp_path, cfg, progress=False)
+    assert record["this_run_generated"] == 0 and record["images"] == 12
+    made, full = _images(tmp_path), _images(full_run)
+    assert made.keys() == full.keys()
+    for rel, pixels in made.items():
+        assert np.array_equal(pixels, full[rel]), rel
+    with pytest.raises(ConfigError, match="shard"):
+        generate(tmp_path / "bad", cfg, shard=(3, 3), progress=False)

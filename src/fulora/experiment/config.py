@@ -80,7 +80,12 @@ class LoraStage(Checked):
 class GenerateStage(Checked):
     """Generation with each LoRA variant (``base`` and ``lora`` are filled in)."""
 
+    RANGES = {"shards": AT_LEAST_1}
+
     settings: dict[str, Any] = field(default_factory=dict)
+    # --executor ray: split each variant's images into this many tasks (one GPU each); the
+    # images equal a one-process run's. The local executor runs them in one process.
+    shards: int = 1
 
 
 @dataclass

@@ -4,6 +4,7 @@
 
     OUT/
       config.yaml  plan.csv  done.json  log.txt     the experiment's own (RunDir)
+      stages.csv   each stage's outcome, node and seconds in the last run
       data/        train.csv, lora_train.csv, target-<name>.csv: the inputs as read
       lora/<variant>/                               a LoRA run folder
       synthetic/<variant>/manifest.csv              a generation run folder
@@ -28,6 +29,7 @@ from fulora.runs import CONFIG_NAME, DONE_NAME
 
 STAGE_MARKER = "stage.json"  # in every stage folder: the stage's name and key
 PLAN_NAME = "plan.csv"
+STAGE_RUNS_NAME = "stages.csv"
 
 
 def slug(text: str) -> str:
@@ -50,6 +52,11 @@ class ExperimentLayout:
     def plan(self) -> Path:
         """Every stage, its key, state at start and folder."""
         return self.root / PLAN_NAME
+
+    @property
+    def stage_runs(self) -> Path:
+        """What became of each stage in the last run: state, node, seconds, log."""
+        return self.root / STAGE_RUNS_NAME
 
     @property
     def done(self) -> Path:
@@ -87,7 +94,7 @@ class ExperimentLayout:
         return self.root / "superseded"
 
     #: The experiment's own outputs, rewritten by every run that changes anything.
-    TOP_LEVEL = (CONFIG_NAME, DONE_NAME, PLAN_NAME, "data", "results", "report")
+    TOP_LEVEL = (CONFIG_NAME, DONE_NAME, PLAN_NAME, STAGE_RUNS_NAME, "data", "results", "report")
 
     def lora(self, variant: str) -> Path:
         """The LoRA run folder of ``variant``."""

@@ -19,7 +19,6 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,20 +43,29 @@ from fulora.experiment.config import (
     regime_parts,
     variant_parts,
 )
-from fulora.experiment.layout import STAGE_MARKER, ExperimentLayout
+from fulora.experiment.layout import ExperimentLayout
+from fulora.experiment.ray_executor import EXECUTORS, RayOptions, check_ray, run_on_ray
 from fulora.experiment.report import build_report
 from fulora.experiment.results import reference_table, write_results
+from fulora.experiment.stages import (
+    STAGES,
+    Stage,
+    StageRun,
+    critical_path,
+    failure_message,
+    node_summary,
+    run_locally,
+    stage_seconds,
+    write_stage_runs,
+)
 from fulora.generate.run import generate
-from fulora.io import atomic_open, file_hash, write_json
+from fulora.io import atomic_open, file_hash
 from fulora.lora.base import check_base
 from fulora.lora.train import LORA_COLUMNS, train_lora
 from fulora.planes import PLANES, check_planes
-from fulora.runs import DONE_NAME, RunDir, now_iso
+from fulora.runs import RunDir
 
 logger = logging.getLogger("fulora")
-
-#: Stage kinds in execution order (``--from`` takes one of these).
-STAGES = ("lora", "generate", "classify", "audit", "evaluate", "results", "report")
 
 # Settings that change where or how fast a stage runs, not what it produces.
 _NOT_IN_KEY = {"device", "cache_dir", "num_workers", "base", "base_config", "lora", "progress"}
@@ -71,47 +79,6 @@ def stage_key(payload: dict[str, Any]) -> str:
 
 def _config_payload(config: Any) -> dict[str, Any]:
     return {k: v for k, v in to_dict(config).items() if k not in _NOT_IN_KEY}
-
-
-@dataclass
-class Stage:
-    """One unit of work in an experiment."""
-
-    kind: str
-    name: str
-    folder: Path
-    key: str
-    action: Callable[[], Any]
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def state(self) -> str:
-        """``done`` (same key, finished), ``partial`` (same key), ``stale`` or ``new``."""
-        marker = self.folder / STAGE_MARKER
-        if not marker.is_file():
-            return "stale" if self.folder.exists() and any(self.folder.iterdir()) else "new"
-        try:
-            key = json.loads(marker.read_text(encoding="utf-8")).get("key")
-        except (OSError, json.JSONDecodeError):
-            return "stale"
-        if key != self.key:
-            return "stale"
-        return "done" if (self.folder / DONE_NAME).is_file() else "partial"
-
-
-#: Per stage kind, whether an interrupted stage left work it resumes from.
-_SAVED_WORK: dict[str, Callable[[Path], bool]] = {
-    "lora": lambda folder: any((folder / "checkpoints").glob("step-*")),
-    "classify": lambda folder: (folder / "last.pt").is_file(),
-    "generate": lambda folder: any(folder.glob("*/*.png")),
-}
-
-
-def _partial_word(stage: Stage) -> str:
-    """How an interrupted stage goes on: from its saved work, or from the start."""
-    saved = _SAVED_WORK.get(stage.kind)
-    if saved is None:
-        return "rerunning"
-    return "resuming" if saved(stage.folder) else "restarting (no checkpoint)"
 
 
 @dataclass
@@ -247,27 +214,7 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
                 logger.warning("generation with %s makes no images of %s", variant, missing)
 
     reference_table(cfg.compare)
-    checked = set()
-    for ccfg in classify_cfgs.values():
-        if ccfg.classes is None:
-            ccfg.classes = list(classes)
-        weights = (ccfg.arch, ccfg.pretrained, ccfg.weights, ccfg.imagenet_weights)
-        if weights not in checked:
-            checked.add(weights)
-            try:
-                create_model(
-                    ccfg.arch,
-                    len(classes),
-                    pretrained=ccfg.pretrained,
-                    weights=ccfg.weights,
-                    imagenet=ccfg.imagenet_weights,
-                    log=False,
-                )
-            except ConfigError as err:
-                raise ConfigError(
-                    f"'classify.archs' in {source}: {err} (in an experiment: "
-                    "classify.settings.weights or classify.settings.pretrained=false)"
-                ) from None
+    _check_classifier_weights(classify_cfgs.values(), classes, source)
 
     plan = Plan(cfg, out, classes, lora_data, train, targets)
     fingerprints: dict[tuple[int, tuple[str, ...] | None], str] = {}
@@ -302,6 +249,15 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
                 {"variant": variant},
             )
         )
+    if (
+        cfg.generate.shards > 1
+        and gen_cfgs
+        and any(g.batch_size is None for g in gen_cfgs.values())
+    ):
+        raise ConfigError(
+            f"'generate.shards' in {source} needs generate.settings.batch_size: every shard "
+            "must cut the same fixed batches for its images to equal a one-process run's"
+        )
     for variant, parts in released.items():  # a released LoRA is keyed by its content
         if "file" in parts:
             lora_keys[variant] = "file:" + file_hash(parts["file"])
@@ -321,6 +277,9 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
                 key,
                 lambda f=folder, c=gcfg: generate(f, c),
                 {"variant": variant},
+                after=(f"lora/{variant}",) if variant in loras else (),
+                shards=cfg.generate.shards,
+                shard_action=lambda k, n, f=folder, c=gcfg: generate(f, c, shard=(k, n)),
             )
         )
     several = len(all_variants) > 1
@@ -340,9 +299,10 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         filtered = bool(options.get("filtered"))
         label = regime + (f"@{variant}" if variant and several else "")
         folder = layout.classifier(label, arch, seed)
-        upstream = None
+        upstream, after = None, ()
         if variant is not None:
             upstream = audit_keys[variant] if filtered else gen_keys[variant]
+            after = (f"audit/{variant}",) if filtered else (f"generate/{variant}",)
         key = stage_key(
             {
                 "config": _config_payload(ccfg),
@@ -362,9 +322,8 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
             return train_classifier(manifests, folder, ccfg)
 
         info = {"regime": regime, "lora": variant, "arch": arch, "seed": seed, "label": label}
-        stage = Stage(
-            "classify", f"classify/{label}/{arch}/seed-{seed}", folder, key, train_one, info
-        )
+        name = f"classify/{label}/{arch}/seed-{seed}"
+        stage = Stage("classify", name, folder, key, train_one, info, after=after)
         classify_stages[regime, variant, arch, seed] = stage
         plan.stages.append(stage)
 
@@ -379,7 +338,8 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
             folder = layout.audit(variant)
             key = stage_key(
                 {
-                    "config": _config_payload(audit_cfg),
+                    # the classifier by its key, not its path: a moved experiment stays done
+                    "config": {**_config_payload(audit_cfg), "classifier": None},
                     "synthetic": gen_keys[variant],
                     "classifier": clf_key,
                     "reference": fingerprint(train),
@@ -398,8 +358,12 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
                     write_filtered=layout.filtered(variant),
                 )
 
+            clf_name = classify_stages[cell].name if cell in classify_stages else ""
+            after = (f"generate/{variant}", clf_name)
             plan.stages.append(
-                Stage("audit", f"audit/{variant}", folder, key, run_audit, {"variant": variant})
+                Stage(
+                    "audit", f"audit/{variant}", folder, key, run_audit, {"variant": variant}, after
+                )
             )
     for cell, ccfg in classify_cfgs.items():
         if cell[1] is not None:
@@ -429,10 +393,40 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
                     key,
                     lambda c=clf.folder, m=manifest, f=folder: evaluate_model(c, m, f, eval_cfg),
                     info,
+                    after=(clf.name,),
                 )
             )
             plan.cells.append({**info, "folder": str(folder)})
+    names = {stage.name for stage in plan.stages}  # released LoRAs and image sets have no stage
+    for stage in plan.stages:
+        stage.after = tuple(name for name in stage.after if name in names)
     return plan
+
+
+def _check_classifier_weights(classify_cfgs, classes: list[str], source: str) -> None:
+    """Fill in the classes and build each distinct classifier once (missing weights fail here)."""
+    checked = set()
+    for ccfg in classify_cfgs:
+        if ccfg.classes is None:
+            ccfg.classes = list(classes)
+        weights = (ccfg.arch, ccfg.pretrained, ccfg.weights, ccfg.imagenet_weights)
+        if weights in checked:
+            continue
+        checked.add(weights)
+        try:
+            create_model(
+                ccfg.arch,
+                len(classes),
+                pretrained=ccfg.pretrained,
+                weights=ccfg.weights,
+                imagenet=ccfg.imagenet_weights,
+                log=False,
+            )
+        except ConfigError as err:
+            raise ConfigError(
+                f"'classify.archs' in {source}: {err} (in an experiment: "
+                "classify.settings.weights or classify.settings.pretrained=false)"
+            ) from None
 
 
 def _audit_classifier(cfg, grid, regimes, out) -> tuple[tuple | None, Path]:
@@ -464,18 +458,6 @@ def _audit_classifier(cfg, grid, regimes, out) -> tuple[tuple | None, Path]:
     )
 
 
-def _supersede(out: Path, folder: Path) -> None:
-    """Move an outdated stage folder under ``out/superseded/`` (nothing is deleted)."""
-    target = (
-        out
-        / "superseded"
-        / f"{folder.relative_to(out).as_posix().replace('/', '__')}-{int(time.time())}"
-    )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(folder), str(target))
-    logger.info("moved the outdated %s to %s", folder, target)
-
-
 def _supersede_outputs(out: Path) -> None:
     """Move the previous run's own outputs to ``superseded/experiment-<time>/`` before a rerun.
 
@@ -503,6 +485,8 @@ def run_experiment(
     *,
     from_stage: str | None = None,
     dry_run: bool = False,
+    executor: str = "local",
+    ray: RayOptions | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) an experiment into ``out``.
 
@@ -511,27 +495,26 @@ def run_experiment(
         out: The experiment folder.
         from_stage: Rerun this stage kind (one of :data:`STAGES`) and every later one.
         dry_run: Only plan and print what would run.
+        executor: ``local`` (one stage after another in this process) or ``ray`` (stages as
+            Ray tasks over every GPU and CPU of a machine or cluster; needs ``fulora[ray]``).
+        ray: Where and how the Ray executor runs (default: a local Ray instance, 2 retries).
 
     Returns:
         The experiment's ``done.json`` record (the plan's states with ``dry_run``).
 
     Raises:
         ConfigError: Any configuration problem, before any work starts.
+        FuloraError: With the Ray executor, stages that failed (named, with their log files),
+            after every stage that did not depend on them has finished.
     """
     if from_stage is not None and from_stage not in STAGES:
         raise ConfigError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
-    out = Path(out)
-    require_device(cfg.device)
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    out, ray = Path(out), ray or RayOptions()
+    require_device(cfg.device) if executor == "local" else check_ray(cfg.device, ray)
     plan = plan_experiment(cfg, out)
-    forced = set(STAGES[STAGES.index(from_stage) :]) if from_stage else set()
-    states = {s.name: ("forced" if s.kind in forced else s.state()) for s in plan.stages}
-    counts: dict[str, int] = {}
-    for state in states.values():
-        counts[state] = counts.get(state, 0) + 1
-    print(
-        f"experiment {cfg.name!r} in {out}/: {len(plan.stages)} stages "
-        f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})"
-    )
+    states = _states_at_start(plan, from_stage)
     if dry_run:
         for stage in plan.stages:
             print(f"  {states[stage.name]:>7}  {stage.name}")
@@ -544,9 +527,8 @@ def run_experiment(
     _write_plan(plan, states)
     layout = ExperimentLayout(out)
     _write_inputs(plan, layout)
-    ran, skipped = 0, 0
     try:
-        ran, skipped = _run_stages(plan, states)
+        runs = _run_stages(plan, states, executor, ray)
         print(f"[results] tables in {layout.results}/")
         table = write_results(plan)
         report_path = None
@@ -555,8 +537,11 @@ def run_experiment(
             report_path = build_report(out)
     finally:
         run.close()
+    ran = sum(r.state == "ran" for r in runs if "(shard" not in r.stage)
+    skipped = sum(r.state == "skipped" for r in runs)
     record = run.finish(
         name=cfg.name,
+        executor=executor,
         stages=len(plan.stages),
         ran=ran,
         skipped=skipped,
@@ -564,7 +549,48 @@ def run_experiment(
         report=str(report_path) if report_path else None,
     )
     print(f"\n{ran} stages run, {skipped} already done, in {record['seconds']:.0f} s")
+    if ran:
+        _print_where_and_how_long(plan, runs)
     return {**record, "table": table}
+
+
+def _states_at_start(plan: Plan, from_stage: str | None) -> dict[str, str]:
+    """Each stage's state (``--from`` forces its kind and every later one), and a count line."""
+    forced = set(STAGES[STAGES.index(from_stage) :]) if from_stage else set()
+    states = {s.name: ("forced" if s.kind in forced else s.state()) for s in plan.stages}
+    counts: dict[str, int] = {}
+    for state in states.values():
+        counts[state] = counts.get(state, 0) + 1
+    print(
+        f"experiment {plan.cfg.name!r} in {plan.out}/: {len(plan.stages)} stages "
+        f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})"
+    )
+    return states
+
+
+def _print_where_and_how_long(plan: Plan, runs: list[StageRun]) -> None:
+    """Which node ran what, the total work and its longest chain of stages."""
+    seconds = stage_seconds(runs)
+    chain, names = critical_path(plan.stages, seconds)
+    print(node_summary(runs))
+    print(
+        f"  work {sum(seconds.values()):.0f} s; its longest chain {chain:.0f} s "
+        f"({' -> '.join(names)}): the least time any number of workers can take"
+    )
+
+
+def _run_stages(
+    plan: Plan, states: dict[str, str], executor: str, ray: RayOptions
+) -> list[StageRun]:
+    """Every stage that is not done, by the chosen executor; ``stages.csv`` records each."""
+    if executor == "ray":
+        runs = run_on_ray(plan.stages, plan.out, states, ray, plan.cfg.device)
+    else:
+        runs = run_locally(plan.stages, plan.out, states)
+    write_stage_runs(ExperimentLayout(plan.out).stage_runs, runs)
+    if any(r.state == "failed" for r in runs):
+        raise FuloraError(failure_message(runs))
+    return runs
 
 
 def _write_inputs(plan: Plan, layout: ExperimentLayout) -> None:
@@ -574,30 +600,6 @@ def _write_inputs(plan: Plan, layout: ExperimentLayout) -> None:
             manifest.write(layout.data / f"{name}.csv")
     for name, manifest in plan.targets.items():
         manifest.write(layout.target_manifest(name))
-
-
-def _run_stages(plan: Plan, states: dict[str, str]) -> tuple[int, int]:
-    """Run every stage that is not done, in order; (stages run, stages skipped)."""
-    ran, skipped = 0, 0
-    for i, stage in enumerate(plan.stages, 1):
-        state = states[stage.name]
-        prefix = f"[{i}/{len(plan.stages)}] {stage.name}"
-        if state == "done":
-            skipped += 1
-            logger.info("%s: done (key %s), skipped", stage.name, stage.key)
-            print(f"{prefix}: done, skipped")
-            continue
-        if state in ("stale", "forced") and stage.folder.exists():
-            _supersede(plan.out, stage.folder)
-        print(f"{prefix}: {_partial_word(stage) if state == 'partial' else 'running'}")
-        stage.folder.mkdir(parents=True, exist_ok=True)
-        write_json(
-            stage.folder / STAGE_MARKER,
-            {"stage": stage.name, "key": stage.key, "started": now_iso(), **stage.info},
-        )
-        stage.action()
-        ran += 1
-    return ran, skipped
 
 
 def _write_plan(plan: Plan, states: dict[str, str]) -> None:

@@ -280,6 +280,7 @@ def generate(
     *,
     only: Sequence[str] = (),
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Generate ``cfg.per_class`` images per plane into ``out`` (resuming a partial run).
 
@@ -288,6 +289,10 @@ def generate(
         cfg: The configuration.
         only: ``PLANE:INDEX`` items to (re)generate alone, bit-identical to the full run's.
         progress: Show a progress bar.
+        shard: ``(k, n)``: make only the k-th of n interleaved shares of the fixed batches,
+            with no lock, manifest or ``done.json``, so that n processes (Ray tasks of
+            ``fulora experiment run --executor ray``) share one folder; a plain call afterwards
+            finds every image made and writes the manifest. Images are those of a one-process run.
 
     Returns:
         A summary (``done.json`` for a full run).
@@ -313,22 +318,44 @@ def generate(
         cfg.dtype, torch.float16 if device.type == "cuda" else torch.float32
     )
     batch = resolved.batch_size or _auto_batch(device, resolved.width, resolved.height)
-    main = state.is_main_process
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise ConfigError(f"shard {shard}: expected (k, n) with 0 <= k < n")
+    index, count = shard or (state.process_index, state.num_processes)
+    part = _Share(index, count, state if shard is None else None)
     run = RunDir(out, command="fulora generate")
-    if main:
+    if part.main:
         run.lock() if only else run.start(cfg)  # one writer, even for --only
     try:
-        return _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progress)
+        return _generate_into(run, cfg, resolved, part, device, dtype, batch, only, progress)
     finally:
         run.close()
 
 
-def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progress) -> dict:
+@dataclass(frozen=True)
+class _Share:
+    """The share of the batches a process makes: the ``index``-th of ``count``."""
+
+    index: int
+    count: int
+    processes: Any  # accelerate's PartialState; None for a shard, which writes no outputs
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the manifest, contact sheets and ``done.json``."""
+        return self.processes is not None and self.processes.is_main_process
+
+
+def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only, progress) -> dict:
     """The body of :func:`generate` once the folder is locked: images, manifest, done.json."""
-    out, main = run.path, state.is_main_process
+    out, main = run.path, part.main
     batches, seeds, targets = _work(cfg, resolved, batch, only, out)
-    todo = [(p, idx) for p, idx in batches if any((p, i) in targets for i in idx)]
-    mine = todo[state.process_index :: state.num_processes]
+    # The share is cut from the full list of batches, not from what is left, so that processes
+    # that start at different times (Ray shards, a resumed run) never skip or repeat a batch.
+    mine = [
+        (plane, indices)
+        for plane, indices in batches[part.index :: part.count]
+        if any((plane, i) in targets for i in indices)
+    ]
     base_name, base_hash = base_identity(cfg.base)
     made = _Made(base_name=base_name, base_hash=base_hash, batch=batch, device=device, dtype=dtype)
     if mine:
@@ -336,7 +363,7 @@ def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progre
         made.started = time.perf_counter()  # images/s measures generation, not model loading
         bar = tqdm(
             total=sum(sum((p, i) in targets for i in idx) for p, idx in mine),
-            desc=f"generating ({state.process_index + 1}/{state.num_processes})",
+            desc=f"generating ({part.index + 1}/{part.count})",
             unit="img",
             disable=not progress,
         )
@@ -350,8 +377,9 @@ def _generate_into(run, cfg, resolved, state, device, dtype, batch, only, progre
             if made.first_batch is None:  # compilation, autotuning and allocation happen here
                 made.first_batch = (made.generated, time.perf_counter())
         bar.close()
-    summary = made.summary(state.num_processes)
-    state.wait_for_everyone()
+    summary = made.summary(part.count)
+    if part.processes is not None:
+        part.processes.wait_for_everyone()
     if only or not main:
         return summary
     manifest = build_manifest(out, resolved.planes, cfg.per_class, seeds)

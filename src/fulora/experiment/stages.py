@@ -1,0 +1,237 @@
+"""A stage of an experiment, and how one runs: in this process, or in a Ray worker.
+
+The runner (:mod:`fulora.experiment.runner`) plans the stages; an executor runs them: the local
+one here, one after another in plan order, or :mod:`fulora.experiment.ray_executor`, as Ray tasks
+in dependency order. Both start a stage the same way (:func:`begin_stage`), so a stage done by
+either executor is done for both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+
+from fulora.experiment.layout import STAGE_MARKER
+from fulora.io import atomic_open, write_json
+from fulora.runs import DONE_NAME, LOG_NAME, now_iso
+
+logger = logging.getLogger("fulora")
+
+#: Stage kinds in execution order (``--from`` takes one of these).
+STAGES = ("lora", "generate", "classify", "audit", "evaluate", "results", "report")
+
+
+@dataclass
+class Stage:
+    """One unit of work in an experiment."""
+
+    kind: str
+    name: str
+    folder: Path
+    key: str
+    action: Callable[[], Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    after: tuple[str, ...] = ()  # names of the stages whose outputs it reads
+    shards: int = 1  # > 1: generation split into shard tasks by the Ray executor
+    shard_action: Callable[[int, int], Any] | None = None  # shard (k, n) of the work
+
+    def state(self) -> str:
+        """``done`` (same key, finished), ``partial`` (same key), ``stale`` or ``new``."""
+        marker = self.folder / STAGE_MARKER
+        if not marker.is_file():
+            return "stale" if self.folder.exists() and any(self.folder.iterdir()) else "new"
+        try:
+            key = json.loads(marker.read_text(encoding="utf-8")).get("key")
+        except (OSError, json.JSONDecodeError):
+            return "stale"
+        if key != self.key:
+            return "stale"
+        return "done" if (self.folder / DONE_NAME).is_file() else "partial"
+
+
+#: Per stage kind, whether an interrupted stage left work it resumes from.
+_SAVED_WORK: dict[str, Callable[[Path], bool]] = {
+    "lora": lambda folder: any((folder / "checkpoints").glob("step-*")),
+    "classify": lambda folder: (folder / "last.pt").is_file(),
+    "generate": lambda folder: any(folder.glob("*/*.png")),
+}
+
+
+def partial_word(stage: Stage) -> str:
+    """How an interrupted stage goes on: from its saved work, or from the start."""
+    saved = _SAVED_WORK.get(stage.kind)
+    if saved is None:
+        return "rerunning"
+    return "resuming" if saved(stage.folder) else "restarting (no checkpoint)"
+
+
+def supersede(out: Path, folder: Path) -> None:
+    """Move an outdated stage folder under ``out/superseded/`` (nothing is deleted)."""
+    target = (
+        out
+        / "superseded"
+        / f"{folder.relative_to(out).as_posix().replace('/', '__')}-{int(time.time())}"
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(folder), str(target))
+    logger.info("moved the outdated %s to %s", folder, target)
+
+
+def begin_stage(stage: Stage) -> None:
+    """Mark the stage folder with the stage's key before any of its work lands there."""
+    stage.folder.mkdir(parents=True, exist_ok=True)
+    write_json(
+        stage.folder / STAGE_MARKER,
+        {"stage": stage.name, "key": stage.key, "started": now_iso(), **stage.info},
+    )
+
+
+@dataclass
+class StageRun:
+    """What became of one stage (or one shard of a generation stage) in this run."""
+
+    stage: str
+    kind: str
+    state: Literal["ran", "skipped", "failed", "blocked"]
+    node: str = ""
+    seconds: float = 0.0
+    log: str = ""
+    error: str = ""
+
+
+def node_name() -> str:
+    """The name of the machine this runs on, as the summary shows it."""
+    return socket.gethostname()
+
+
+def execute_stage(
+    stage: Stage, shard: tuple[int, int] | None = None, threads: int | None = None
+) -> StageRun:
+    """Run one stage (or shard ``(k, n)`` of it) here, its output and errors in its ``log.txt``.
+
+    This is the body of a Ray task; the stage's own run folder logs through ``RunDir`` to the
+    same file. Printed output (progress bars) goes there too, so a worker's terminal stays
+    quiet and every stage's story is in its folder. ``threads`` sets torch's CPU threads: the
+    thread count changes the summation order of CPU matrix products, so equal counts give
+    equal numbers.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    begin_stage(stage)
+    log = stage.folder / LOG_NAME
+    name = stage.name + (f" (shard {shard[0] + 1}/{shard[1]})" if shard else "")
+    started = time.perf_counter()
+    with open(log, "a", encoding="utf-8", buffering=1) as stream:
+        with redirect_stdout(stream), redirect_stderr(stream):
+            try:
+                if shard is None:
+                    stage.action()
+                else:
+                    assert stage.shard_action is not None
+                    stage.shard_action(*shard)
+            except BaseException:
+                print(f"{now_iso()} {name} failed on {node_name()}:", file=stream)
+                traceback.print_exc(file=stream)
+                raise
+    seconds = round(time.perf_counter() - started, 2)
+    return StageRun(name, stage.kind, "ran", node_name(), seconds, str(log))
+
+
+def run_locally(plan_stages: list[Stage], out: Path, states: dict[str, str]) -> list[StageRun]:
+    """Run every stage that is not done, one after another in plan order, in this process."""
+    runs = []
+    for i, stage in enumerate(plan_stages, 1):
+        state = states[stage.name]
+        prefix = f"[{i}/{len(plan_stages)}] {stage.name}"
+        if state == "done":
+            logger.info("%s: done (key %s), skipped", stage.name, stage.key)
+            print(f"{prefix}: done, skipped")
+            runs.append(StageRun(stage.name, stage.kind, "skipped"))
+            continue
+        if state in ("stale", "forced") and stage.folder.exists():
+            supersede(out, stage.folder)
+        print(f"{prefix}: {partial_word(stage) if state == 'partial' else 'running'}")
+        begin_stage(stage)
+        started = time.perf_counter()
+        stage.action()
+        seconds = round(time.perf_counter() - started, 2)
+        log = str(stage.folder / LOG_NAME)
+        runs.append(StageRun(stage.name, stage.kind, "ran", node_name(), seconds, log))
+    return runs
+
+
+def write_stage_runs(path: Path, runs: list[StageRun]) -> None:
+    """``stages.csv``: each stage's outcome, node and seconds in this run."""
+    with atomic_open(path, "w", newline="") as handle:
+        pd.DataFrame([asdict(run) for run in runs], columns=list(StageRun.__annotations__)).to_csv(
+            handle, index=False
+        )
+
+
+def node_summary(runs: list[StageRun]) -> str:
+    """Which node ran what, for how long: one line per node, its longest stages first."""
+    by_node: dict[str, list[StageRun]] = {}
+    for run in runs:
+        if run.state == "ran":
+            by_node.setdefault(run.node, []).append(run)
+    lines = []
+    for node, done in sorted(by_node.items()):
+        done.sort(key=lambda r: -r.seconds)
+        longest = ", ".join(f"{r.stage} {r.seconds:.0f} s" for r in done[:3])
+        more = f", +{len(done) - 3} more" if len(done) > 3 else ""
+        total = sum(r.seconds for r in done)
+        lines.append(f"  {node}: {len(done)} stages, {total:.0f} s of work ({longest}{more})")
+    return "\n".join(lines)
+
+
+def stage_seconds(runs: list[StageRun]) -> dict[str, float]:
+    """Seconds per stage in this run; a sharded stage's are its longest shard's plus its own."""
+    seconds: dict[str, float] = {}
+    shards: dict[str, float] = {}
+    for run in runs:
+        name, shard, _ = run.stage.partition(" (shard ")
+        if shard:
+            shards[name] = max(shards.get(name, 0.0), run.seconds)
+        else:
+            seconds[name] = seconds.get(name, 0.0) + run.seconds
+    return {name: s + shards.get(name, 0.0) for name, s in seconds.items()}
+
+
+def critical_path(stages: list[Stage], seconds: dict[str, float]) -> tuple[float, list[str]]:
+    """The longest chain of stages that wait for each other: (its seconds, its stages).
+
+    With enough GPUs an experiment takes about this long, whatever its total work.
+    """
+    longest: dict[str, tuple[float, list[str]]] = {}
+    for stage in stages:  # the plan puts every stage after the stages it reads
+        before = max(
+            (longest[name] for name in stage.after if name in longest),
+            default=(0.0, []),
+            key=lambda chain: chain[0],
+        )
+        longest[stage.name] = (before[0] + seconds.get(stage.name, 0.0), [*before[1], stage.name])
+    return max(longest.values(), default=(0.0, []), key=lambda chain: chain[0])
+
+
+def failure_message(runs: list[StageRun]) -> str:
+    """The failed stages with their log files, and what could not run because of them."""
+    failed = [r for r in runs if r.state == "failed"]
+    blocked = [r for r in runs if r.state == "blocked"]
+    lines = [f"{len(failed)} stage(s) failed:"]
+    lines += [f"  {r.stage}: {r.error} (log: {r.log})" for r in failed]
+    if blocked:
+        lines.append(f"{len(blocked)} stage(s) not run because they need a failed one")
+    lines.append("fix the cause and run the same command again: finished stages are kept")
+    return "\n".join(lines)
