@@ -15,7 +15,6 @@ from fulora.data.readers import read_any
 from fulora.errors import ConfigError, DataError, ImageLoadError
 from fulora.io import file_hash
 from fulora.lora import base as base_module
-from fulora.lora import train as train_module
 from fulora.lora.formats import read_lora
 from fulora.lora.train import LoraTrainConfig, add_lora_adapters, train_lora
 
@@ -96,7 +95,7 @@ def test_training_changes_only_the_lora_and_the_loss_falls(tiny_model, lora_imag
     assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "60"
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_model, lora_images, tmp_path, monkeypatch):
+def test_resume_reproduces_the_uninterrupted_run(tiny_model, lora_images, tmp_path):
     data = read_any(lora_images)
     cfg = _cfg(tiny_model, max_steps=8, checkpoint_every=2, batch_size=2, repeats=2)
     train_lora(data, tmp_path / "full", cfg, progress=False)
@@ -106,15 +105,13 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model, lora_images, tmp_pa
         if step == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "_after_step", crash)
     with pytest.raises(KeyboardInterrupt):
-        train_lora(data, tmp_path / "cut", cfg, progress=False)
+        train_lora(data, tmp_path / "cut", cfg, progress=False, on_step=crash)
     cut = tmp_path / "cut"
     assert not (cut / "test_lora.safetensors").exists()  # no half-written LoRA
     assert [
         p.name for p in sorted((cut / "checkpoints").iterdir()) if not p.name.startswith(".")
     ] == ["step-000002", "step-000004"]
-    monkeypatch.setattr(train_module, "_after_step", lambda step: None)
     train_lora(data, cut, cfg, resume="latest", progress=False)
     resumed = pd.read_csv(cut / "loss.csv")
     assert list(resumed["step"]) == list(range(1, 9))

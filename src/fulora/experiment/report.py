@@ -9,10 +9,10 @@ be mailed or attached to a paper's supplement; the PNGs it shows are also writte
 from __future__ import annotations
 
 import base64
-import html
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
+from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
+from markupsafe import Markup  # noqa: E402
 
 from fulora import __version__
 from fulora.config import from_dict  # noqa: E402
@@ -40,6 +42,13 @@ from fulora.runs import CONFIG_NAME, DONE_NAME, now_iso  # noqa: E402
 from fulora.shipped import shipped_model  # noqa: E402
 
 logger = logging.getLogger("fulora")
+
+_TEMPLATES = Environment(
+    loader=PackageLoader("fulora.experiment", "templates"),
+    autoescape=select_autoescape(["html", "j2"]),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;
@@ -67,32 +76,28 @@ dt{font-weight:600}
 """
 
 
-class _Page:
-    """Collects HTML parts and the PNGs they show."""
+class _Figures:
+    """Copies the PNGs the report shows into its folder and embeds them as data URIs."""
 
     def __init__(self, out: Path):
         self.out = out
-        self.parts: list[str] = []
 
-    def add(self, text: str) -> None:
-        self.parts.append(text)
-
-    def table(self, frame: pd.DataFrame) -> None:
-        self.add(frame.to_html(index=False, border=0, na_rep="", escape=True))
-
-    def image(self, path: Path, caption: str = "", name: str | None = None, width: int = 0) -> None:
-        """Embed a PNG (and copy it into the report folder under ``name``)."""
-        if not path.is_file():
-            return
+    def __call__(
+        self, path: Path | None, caption: str, name: str | None = None, width: int = 0
+    ) -> dict[str, Any] | None:
+        """The template's view of one figure, or None when ``path`` is not there."""
+        if path is None or not path.is_file():
+            return None
         target = self.out / (name or path.name)
         if target.resolve() != path.resolve():
             shutil.copyfile(path, target)
         data = base64.b64encode(path.read_bytes()).decode()
-        style = f' style="width:{width}px"' if width else ""
-        self.add(
-            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}"'
-            f"{style}><figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
+        return {"src": f"data:image/png;base64,{data}", "caption": caption, "width": width}
+
+
+def _table(frame: pd.DataFrame) -> Markup:
+    """A table as HTML: pandas escapes every cell, so the template may insert it as is."""
+    return Markup(frame.to_html(index=False, border=0, na_rep="", escape=True))
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -191,7 +196,11 @@ def _stages(run: Path) -> list[dict[str, Any]]:
         folder = run / row["folder"]
         info = _json(folder / STAGE_MARKER)
         done = _json(folder / DONE_NAME)
-        rows.append({**row.to_dict(), "path": folder, "info": info, "done": done})
+        config = folder / CONFIG_NAME
+        settings = (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+        rows.append(
+            {**row.to_dict(), "path": folder, "info": info, "done": done, "config": settings}
+        )
     return rows
 
 
@@ -210,8 +219,29 @@ def _read_config(layout: ExperimentLayout) -> ExperimentConfig:
     return from_dict(ExperimentConfig, raw, source=str(layout.config))
 
 
+@dataclass
+class _Experiment:
+    """What every section reads: the folder, its config, stages and data."""
+
+    run: Path
+    layout: ExperimentLayout
+    cfg: ExperimentConfig
+    stages: list[dict[str, Any]]
+    data: dict[str, Manifest]  # every image set by its name in the counts table
+    synthetic: dict[str, Manifest]  # LoRA variant -> its generated images
+    targets: dict[str, Manifest]
+    figure: _Figures
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        """The stages of one kind, in plan order."""
+        return [stage for stage in self.stages if stage["kind"] == kind]
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report/report.html`` (self-contained) and its PNGs; return its path.
+
+    Each section has its renderer (``_section_*``), which reads the experiment folder and
+    returns the template's context; the HTML is ``templates/report.html.j2``.
 
     Raises:
         DataError: If ``run_dir`` is not the folder of ``fulora experiment run``.
@@ -219,21 +249,37 @@ def build_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     layout = ExperimentLayout(run)
     cfg = _read_config(layout)
-    out = layout.report
-    out.mkdir(exist_ok=True)
-    page = _Page(out)
-    stages = _stages(run)
-    by_kind: dict[str, list[dict[str, Any]]] = {}
-    for stage in stages:
-        by_kind.setdefault(stage["kind"], []).append(stage)
+    layout.report.mkdir(exist_ok=True)
+    experiment = _read_experiment(run, layout, cfg)
+    title = f"fulora report: {cfg.name}"
+    document = _TEMPLATES.get_template("report.html.j2").render(
+        title=title,
+        css=_CSS,
+        built=now_iso(),
+        source=str(run.resolve()),
+        run=_section_run(experiment),
+        loras=_section_loras(experiment),
+        audits=_section_audits(experiment),
+        results=_section_results(experiment),
+        confusions=_section_confusions(experiment),
+        embedding=_section_embedding(experiment),
+        curves=_section_curves(experiment),
+    )
+    path = layout.report / "report.html"
+    with atomic_open(path, "w") as handle:
+        handle.write(document)
+    logger.info("report: %s", path)
+    return path
 
-    # ---- what was run ----------------------------------------------------------------------
+
+def _read_experiment(run: Path, layout: ExperimentLayout, cfg: ExperimentConfig) -> _Experiment:
+    stages = _stages(run)
     data = {
         "LoRA training": _read_manifest(layout.data / "lora_train.csv"),
         "real training": _read_manifest(layout.data / "train.csv"),
     }
     synthetic: dict[str, Manifest] = {}
-    for stage in by_kind.get("generate", []):
+    for stage in (s for s in stages if s["kind"] == "generate"):
         manifest = _read_manifest(stage["path"] / MANIFEST_NAME)
         if manifest is not None:
             synthetic[stage["info"].get("variant", stage["stage"])] = manifest
@@ -244,35 +290,30 @@ def build_report(run_dir: str | Path) -> Path:
         if (m := _read_manifest(p)) is not None
     }
     data.update({f"target: {k}": v for k, v in targets.items()})
-    data = {k: v for k, v in data.items() if v is not None}
+    present = {k: v for k, v in data.items() if v is not None}
+    figure = _Figures(layout.report)
+    return _Experiment(run, layout, cfg, stages, present, synthetic, targets, figure)
 
-    page.add("<section><h2>What was run</h2>")
+
+def _section_run(e: _Experiment) -> dict[str, Any]:
+    """What was run: the facts, images per plane and source, the stages, the config."""
+    cfg, stages = e.cfg, e.stages
     tiny = Path(cfg.base).expanduser().joinpath("FULORA_TINY_MODEL.txt").is_file()
-    if tiny:
-        page.add(
-            '<p class="warn"><b>Tiny random model.</b> The base model of this run is fulora\'s '
-            "tiny Stable Diffusion-architecture model with random weights: its synthetic images "
-            "are not ultrasound, and the numbers below show the plumbing, not the method. For "
-            "real results set <code>base</code> to SD1.5 weights (a hub id, a diffusers folder "
-            "or <code>v1-5-pruned.safetensors</code>).</p>"
-        )
-    loras = []
-    for stage in by_kind.get("lora", []):
-        lcfg = (
-            yaml.safe_load((stage["path"] / CONFIG_NAME).read_text())
-            if (stage["path"] / CONFIG_NAME).is_file()
-            else {}
-        )
-        loras.append(
-            f"{stage['info'].get('variant')}: rank {lcfg.get('rank')}, alpha {lcfg.get('alpha')}, "
-            f"{stage['done'].get('steps', '?')} steps"
-        )
+    loras = [
+        f"{s['info'].get('variant')}: rank {s['config'].get('rank')}, "
+        f"alpha {s['config'].get('alpha')}, {s['done'].get('steps', '?')} steps"
+        for s in e.of_kind("lora")
+    ]
     regimes = [
         f"{name}: {', '.join(f'{k}={v}' for k, v in (r or {}).items()) or 'defaults'}"
         for name, r in cfg.classify.regimes.items()
     ]
     finished = sorted(s["done"]["finished"] for s in stages if s["done"].get("finished"))
     compute = sum(float(s["done"].get("seconds", 0)) for s in stages)
+    shipped = (
+        " (fulora's tiny foundation model, pretrained on phantom ultrasound: SD1.5's "
+        "stand-in; see its MODEL_CARD.md)"
+    )
     facts = {
         "Experiment": cfg.name + (f": {cfg.description}" if cfg.description else ""),
         "Stages": f"{len(finished)} of {len(stages)} finished"
@@ -280,261 +321,215 @@ def build_report(run_dir: str | Path) -> Path:
         "Compute time": f"{compute / 60:.1f} min (sum over stages, all runs)",
         "Base model": cfg.base
         + (" (tiny, random weights)" if tiny else "")
-        + (
-            " (fulora's tiny foundation model, pretrained on phantom ultrasound: SD1.5's "
-            "stand-in; see its MODEL_CARD.md)"
-            if shipped_model(cfg.base)
-            else ""
-        ),
+        + (shipped if shipped_model(cfg.base) else ""),
         "LoRA variants": "; ".join(loras) or "none (no synthetic regime)",
         "Regimes": "; ".join(regimes),
         "Architectures": ", ".join(cfg.classify.archs),
         "Seeds": ", ".join(map(str, cfg.classify.seeds)),
-        "Classifier protocol": _read_protocol(run),
+        "Classifier protocol": _read_protocol(e.run),
         "Targets": ", ".join(cfg.data.targets),
         "fulora": __version__,
     }
-    page.add(
-        "<dl>"
-        + "".join(
-            f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts.items()
-        )
-        + "</dl>"
-    )
-    page.add("<h3>Images per plane and source</h3>")
-    page.table(_counts(data))
-    page.add("<h3>Stages</h3>")
-    page.table(
-        pd.DataFrame(
-            [
-                {
-                    "stage": s["stage"],
-                    "at start of last run": s["state_at_start"],
-                    "finished": s["done"].get("finished", "no"),
-                    "seconds": round(float(s["done"].get("seconds", 0)), 1),
-                }
-                for s in stages
-            ]
-        )
-    )
-    page.add(
-        "<details><summary>Resolved configuration (config.yaml)</summary><pre>"
-        + html.escape(layout.config.read_text(encoding="utf-8"))
-        + "</pre></details></section>"
-    )
+    stage_rows = [
+        {
+            "stage": s["stage"],
+            "at start of last run": s["state_at_start"],
+            "finished": s["done"].get("finished", "no"),
+            "seconds": round(float(s["done"].get("seconds", 0)), 1),
+        }
+        for s in stages
+    ]
+    return {
+        "tiny": tiny,
+        "facts": facts,
+        "counts": _table(_counts(e.data)),
+        "stages": _table(pd.DataFrame(stage_rows)),
+        "config": e.layout.config.read_text(encoding="utf-8"),
+    }
 
-    # ---- images and LoRA training ----------------------------------------------------------
-    if by_kind.get("lora"):
-        page.add("<section><h2>Real and synthetic images; LoRA training</h2>")
-        real = data.get("LoRA training") or data.get("real training")
-        for stage in by_kind["lora"]:
-            variant = stage["info"].get("variant", "")
-            page.add(f"<h3>LoRA {html.escape(variant)}</h3>")
-            if real is not None and variant in synthetic:
-                grid = _real_vs_synthetic(
-                    out / f"grid_{variant}.png",
-                    real,
-                    synthetic[variant],
-                    cfg.report.grid_per_plane,
-                    f"Real (LoRA training) vs synthetic ({variant}) per plane",
-                )
-                page.image(grid, f"Real vs synthetic images, LoRA {variant}")
-            page.add('<div class="figs">')
-            page.image(
-                stage["path"] / "loss.png",
-                f"LoRA {variant}: training loss",
-                f"lora_loss_{variant}.png",
-                520,
+
+def _section_loras(e: _Experiment) -> list[dict[str, Any]]:
+    """Per LoRA: real vs synthetic images per plane, the loss curve, end-of-training samples."""
+    real = e.data.get("LoRA training") or e.data.get("real training")
+    sections = []
+    for stage in e.of_kind("lora"):
+        variant = stage["info"].get("variant", "")
+        grid = None
+        if real is not None and variant in e.synthetic:
+            path = _real_vs_synthetic(
+                e.layout.report / f"grid_{variant}.png",
+                real,
+                e.synthetic[variant],
+                e.cfg.report.grid_per_plane,
+                f"Real (LoRA training) vs synthetic ({variant}) per plane",
             )
-            latest = stage["path"] / "samples" / "latest.txt"
-            if latest.is_file():
-                sample = stage["path"] / "samples" / latest.read_text().strip()
-                page.image(
+            grid = e.figure(path, f"Real vs synthetic images, LoRA {variant}")
+        latest = stage["path"] / "samples" / "latest.txt"
+        sample = (
+            stage["path"] / "samples" / latest.read_text().strip() if latest.is_file() else None
+        )
+        sections.append(
+            {
+                "variant": variant,
+                "grid": grid,
+                "loss": e.figure(
+                    stage["path"] / "loss.png",
+                    f"LoRA {variant}: training loss",
+                    f"lora_loss_{variant}.png",
+                    520,
+                ),
+                "samples": e.figure(
                     sample,
                     f"LoRA {variant}: fixed-seed samples at the end of training",
                     f"lora_samples_{variant}.png",
                     520,
-                )
-            page.add("</div>")
-        page.add("</section>")
-
-    # ---- synthetic-data audit ------------------------------------------------------------
-    audits = [s for s in by_kind.get("audit", []) if (s["path"] / "audit.json").is_file()]
-    if audits:
-        page.add("<section><h2>Synthetic data audit</h2>")
-        page.add(
-            "<p>Fidelity and diversity against the real training images (FID, KID with its "
-            "subset size, precision/recall of Kynkäänniemi et al.), near-copies of the LoRA "
-            "training images (SSIM of aligned images at or above the threshold), and agreement "
-            "of a classifier trained on real images with the prompted plane. The similarity "
-            "figure calibrates the threshold: real images against other real patients.</p>"
+                ),
+            }
         )
-        for stage in audits:
-            variant = stage["info"].get("variant", "")
-            result = _json(stage["path"] / "audit.json")
-            page.add(
-                f"<h3>LoRA {html.escape(variant)} ({html.escape(result.get('extractor', ''))})</h3>"
-            )
-            page.table(pd.read_csv(stage["path"] / "per_plane.csv", keep_default_na=False))
-            page.add('<div class="figs">')
-            for name, caption in (
-                ("similarity.png", "nearest-neighbour similarities"),
-                ("near_copies.png", "most similar synthetic/training pairs"),
-                ("consistency.png", "prompted plane vs classifier"),
-            ):
-                page.image(
-                    stage["path"] / name, f"{variant}: {caption}", f"audit_{variant}_{name}", 520
-                )
-            page.add("</div>")
-        page.add("</section>")
+    return sections
 
-    # ---- results ---------------------------------------------------------------------------
-    results = layout.results / "results.csv"
-    if results.is_file():
-        table = pd.read_csv(results, keep_default_na=False)
-        page.add("<section><h2>Zero-shot results</h2>")
-        page.add(
-            "<p>Mean ± std over seeds, with the 95% interval of the seed mean from a "
-            "patient-level bootstrap in brackets. <i>All outputs</i>: the model's arg-max over "
-            "every class it was trained on (a prediction of a plane absent from the target "
-            "counts as wrong), as in the paper; <i>test classes</i>: arg-max over the planes "
-            "present in the target only. AUC: macro one-vs-rest from probabilities. AUC "
-            "(paper): the FU-LoRA notebook's function, as every AUC in the paper's table was "
-            "computed: one-vs-rest from hard predictions, where a prediction of a plane absent "
-            "from the target (<i>other</i>) counts as a positive for every plane.</p>"
+
+_AUDIT_FIGURES = (
+    ("similarity.png", "nearest-neighbour similarities"),
+    ("near_copies.png", "most similar synthetic/training pairs"),
+    ("consistency.png", "prompted plane vs classifier"),
+)
+
+
+def _section_audits(e: _Experiment) -> list[dict[str, Any]]:
+    """Per audited LoRA: the per-plane table and the audit's three figures."""
+    audits = []
+    for stage in e.of_kind("audit"):
+        if not (stage["path"] / "audit.json").is_file():
+            continue
+        variant = stage["info"].get("variant", "")
+        per_plane = _table(pd.read_csv(stage["path"] / "per_plane.csv", keep_default_na=False))
+        figures = [
+            e.figure(stage["path"] / name, f"{variant}: {caption}", f"audit_{variant}_{name}", 520)
+            for name, caption in _AUDIT_FIGURES
+        ]
+        audits.append(
+            {
+                "variant": variant,
+                "extractor": _json(stage["path"] / "audit.json").get("extractor", ""),
+                "table": per_plane,
+                "figures": figures,
+            }
         )
-        for target in dict.fromkeys(table["target"]):
-            for space in ("all_outputs", "test_classes"):
-                part = table[(table["target"] == target) & (table["space"] == space)]
-                if part.empty:
-                    continue
-                page.add(
-                    f"<h3>{html.escape(str(target))}: {space.replace('_', ' ')} "
-                    f"({int(part['# test'].iloc[0])} test images)</h3>"
-                )
-                page.table(display_table(table, space, target))
-            bars = _bars(out / f"bars_{target}.png", table, target)
-            if bars is not None:
-                page.image(bars, f"ACC, F-score and AUC per architecture and regime on {target}")
-        comparison = layout.results / "comparison.csv"
-        if comparison.is_file():
-            page.add("<h3>Against the paper's table (all outputs; diff = ours - paper)</h3>")
-            page.add(
-                "<p>Ours: " + html.escape(_read_protocol(run)) + ". The paper's AUC column is "
-                "compared with our <i>AUC (paper)</i>: its notebook's formula, which counts a "
-                "prediction of <i>other</i> (absent from the test set) as a positive for every "
-                "plane; <i>AUC</i> is the proper one-vs-rest AUC from probabilities.</p>"
-            )
-            page.table(pd.read_csv(comparison).round(2))
-        domains = layout.results / "per_domain.csv"
-        if domains.is_file() and domains.stat().st_size > 2:
-            per = pd.read_csv(domains, keep_default_na=False)
-            per = per[per["space"] == "all_outputs"]
-            if not per.empty:
-                page.add(
-                    "<h3>Per domain (country / site): accuracy, all outputs, mean over seeds</h3>"
-                )
-                for target in dict.fromkeys(per["target"]):
-                    part = per[per["target"] == target]
-                    pivot = part.pivot_table(
-                        index=["Data", "LoRA", "Model"], columns="domain", values="ACC", sort=False
-                    ).round(1)
-                    counts = part.groupby("domain")["images"].first()
-                    pivot.columns = [f"{d} ({counts[d]})" for d in pivot.columns]
-                    page.add(f"<p>{html.escape(str(target))}</p>")
-                    page.table(pivot.reset_index())
-        page.add("</section>")
+    return audits
 
-    # ---- confusion matrices -------------------------------------------------------------------
-    evaluations = by_kind.get("evaluate", [])
-    if evaluations:
-        page.add("<section><h2>Confusion matrices</h2><p>First seed of each cell, all outputs.</p>")
-        seen = set()
-        page.add('<div class="figs">')
-        for stage in evaluations:
-            info = stage["info"]
-            key = (info.get("target"), info.get("label"), info.get("arch"))
-            if key in seen:
-                continue
+
+def _section_results(e: _Experiment) -> dict[str, Any] | None:
+    """The results tables per target and label space, bars, the paper comparison, domains."""
+    results = e.layout.results / "results.csv"
+    if not results.is_file():
+        return None
+    table = pd.read_csv(results, keep_default_na=False)
+    targets = []
+    for target in dict.fromkeys(table["target"]):
+        spaces = []
+        for space in ("all_outputs", "test_classes"):
+            part = table[(table["target"] == target) & (table["space"] == space)]
+            if not part.empty:
+                spaces.append(
+                    {
+                        "title": space.replace("_", " "),
+                        "images": int(part["# test"].iloc[0]),
+                        "table": _table(display_table(table, space, target)),
+                    }
+                )
+        bars = _bars(e.layout.report / f"bars_{target}.png", table, target)
+        caption = f"ACC, F-score and AUC per architecture and regime on {target}"
+        targets.append({"name": target, "spaces": spaces, "bars": e.figure(bars, caption)})
+    comparison = e.layout.results / "comparison.csv"
+    return {
+        "targets": targets,
+        "protocol": _read_protocol(e.run),
+        "comparison": _table(pd.read_csv(comparison).round(2)) if comparison.is_file() else None,
+        "per_domain": _per_domain(e.layout.results / "per_domain.csv"),
+    }
+
+
+def _per_domain(path: Path) -> list[dict[str, Any]]:
+    """Accuracy per domain (country / site), all outputs, one table per target."""
+    if not path.is_file() or path.stat().st_size <= 2:
+        return []
+    per = pd.read_csv(path, keep_default_na=False)
+    per = per[per["space"] == "all_outputs"]
+    parts = []
+    for target in dict.fromkeys(per["target"]):
+        part = per[per["target"] == target]
+        pivot = part.pivot_table(
+            index=["Data", "LoRA", "Model"], columns="domain", values="ACC", sort=False
+        ).round(1)
+        counts = part.groupby("domain")["images"].first()
+        pivot.columns = [f"{d} ({counts[d]})" for d in pivot.columns]
+        parts.append({"target": target, "table": _table(pivot.reset_index())})
+    return parts
+
+
+def _first_seed(stages: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
+    """One stage per distinct ``info`` values of ``keys`` (the first seed of each cell)."""
+    seen, chosen = set(), []
+    for stage in stages:
+        key = tuple(stage["info"].get(k) for k in keys)
+        if key not in seen:
             seen.add(key)
-            name = "cm_" + "_".join(str(k).replace("/", "-") for k in key) + ".png"
-            page.image(
-                stage["path"] / "confusion_matrix_all_outputs.png",
-                f"{info.get('target')}: {info.get('label')}, {info.get('arch')}",
-                name,
-                360,
-            )
-        page.add("</div></section>")
+            chosen.append(stage)
+    return chosen
 
-    # ---- embeddings --------------------------------------------------------------------------
-    classifiers = by_kind.get("classify", [])
-    if cfg.report.embedding and classifiers and data.get("real training") is not None:
-        chosen = _embedding_model(classifiers, cfg.report.embedding_model)
-        if chosen is not None:
-            info = chosen["info"]
-            groups = {"real training": data["real training"]}
-            variant = info.get("lora") or next(iter(synthetic), None)
-            if variant in synthetic:
-                groups["synthetic"] = synthetic[variant]
-            if targets:
-                groups["target cohort"] = next(iter(targets.values()))
-            figure = embedding_figure(
-                out / "embedding_tsne.png",
-                chosen["path"],
-                groups,
-                per_group=cfg.report.embedding_per_group,
-                cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else layout.cache,
-                device=cfg.device,
-                title=f"t-SNE of {info.get('arch')} ({info.get('label')}, seed {info.get('seed')}) "
-                "penultimate features per plane",
-            )
-            if figure is not None:
-                page.add("<section><h2>Embeddings</h2>")
-                page.add(
-                    "<p>t-SNE per plane of the chosen classifier's penultimate-layer features: "
-                    "real training images, synthetic images and the target cohort. Overlap of "
-                    "the synthetic and target clouds means the synthetic data carried the "
-                    "classifier's view of the training data towards the unseen site.</p>"
-                )
-                page.image(figure, "t-SNE of classifier embeddings per plane, coloured by source")
-                page.add("</section>")
 
-    # ---- audit (issue 7) and classifier training curves ---------------------------------------
-    if classifiers:
-        page.add(
-            "<section><h2>Classifier training</h2><details><summary>Loss and validation "
-            "curves (first seed of each cell)</summary><div class='figs'>"
-        )
-        seen = set()
-        for stage in classifiers:
-            info = stage["info"]
-            key = (info.get("label"), info.get("arch"))
-            if key in seen:
-                continue
-            seen.add(key)
-            page.image(
-                stage["path"] / "loss_curve.png",
-                f"{info.get('label')}, {info.get('arch')}",
-                "curve_" + "_".join(str(k) for k in key) + ".png",
-                520,
-            )
-        page.add("</div></details></section>")
+def _section_confusions(e: _Experiment) -> list[dict[str, Any]]:
+    """A confusion matrix per target, cell and architecture (first seed)."""
+    figures = []
+    for stage in _first_seed(e.of_kind("evaluate"), "target", "label", "arch"):
+        info = stage["info"]
+        key = (info.get("target"), info.get("label"), info.get("arch"))
+        name = "cm_" + "_".join(str(k).replace("/", "-") for k in key) + ".png"
+        caption = f"{info.get('target')}: {info.get('label')}, {info.get('arch')}"
+        path = stage["path"] / "confusion_matrix_all_outputs.png"
+        figures.append(e.figure(path, caption, name, 360))
+    return [f for f in figures if f]
 
-    body = "\n".join(page.parts)
-    title = f"fulora report: {cfg.name}"
-    document = (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-        f"<header><h1>{html.escape(title)}</h1>"
-        f"<p>FU-LoRA: LoRA-tuned diffusion, synthetic images, zero-shot classifiers.</p>"
-        f"<p>Built {now_iso()} from {html.escape(str(run.resolve()))}</p></header>"
-        f"<main>{body}</main></body></html>"
+
+def _section_embedding(e: _Experiment) -> dict[str, Any] | None:
+    """The t-SNE of a classifier's features: real training, synthetic and target images."""
+    classifiers = e.of_kind("classify")
+    real = e.data.get("real training")
+    if not (e.cfg.report.embedding and classifiers and real is not None):
+        return None
+    chosen = _embedding_model(classifiers, e.cfg.report.embedding_model)
+    if chosen is None:
+        return None
+    info = chosen["info"]
+    groups = {"real training": real}
+    variant = info.get("lora") or next(iter(e.synthetic), None)
+    if variant in e.synthetic:
+        groups["synthetic"] = e.synthetic[variant]
+    if e.targets:
+        groups["target cohort"] = next(iter(e.targets.values()))
+    path = embedding_figure(
+        e.layout.report / "embedding_tsne.png",
+        chosen["path"],
+        groups,
+        per_group=e.cfg.report.embedding_per_group,
+        cache_dir=Path(e.cfg.cache_dir) if e.cfg.cache_dir else e.layout.cache,
+        device=e.cfg.device,
+        title=f"t-SNE of {info.get('arch')} ({info.get('label')}, seed {info.get('seed')}) "
+        "penultimate features per plane",
     )
-    path = out / "report.html"
-    with atomic_open(path, "w") as handle:
-        handle.write(document)
-    logger.info("report: %s", path)
-    return path
+    return e.figure(path, "t-SNE of classifier embeddings per plane, coloured by source")
+
+
+def _section_curves(e: _Experiment) -> list[dict[str, Any]]:
+    """Each classifier cell's loss and validation curves (first seed)."""
+    figures = []
+    for stage in _first_seed(e.of_kind("classify"), "label", "arch"):
+        info = stage["info"]
+        name = f"curve_{info.get('label')}_{info.get('arch')}.png"
+        caption = f"{info.get('label')}, {info.get('arch')}"
+        figures.append(e.figure(stage["path"] / "loss_curve.png", caption, name, 520))
+    return [f for f in figures if f]
 
 
 def _embedding_model(

@@ -26,7 +26,7 @@ from fulora.io import atomic_open, write_text
 from fulora.runs import DONE_NAME
 
 if TYPE_CHECKING:
-    from fulora.experiment.runner import Plan
+    from fulora.experiment.planner import Plan
 
 #: Our metric keys and the paper's column names, in the paper's order.
 COLUMNS = {

@@ -1,0 +1,530 @@
+"""Planning an experiment: every config, input and stage resolved and checked before any work.
+
+:func:`plan_experiment` works in three passes, so that the cheapest mistakes fail first:
+
+1. :func:`_resolve_configs`: every stage config from the experiment file (key errors name their
+   dotted path and file, before any file is read);
+2. :func:`_read_inputs`: the manifests, the target labels, the base model and the classifier
+   weights;
+3. :class:`_Planner`: one method per stage kind turns them into :class:`Stage` objects, each
+   with its key (a hash of its resolved config minus placement settings, and of its inputs:
+   manifest fingerprints and the keys of the stages it reads) and ``after`` (the stages whose
+   outputs it reads).
+
+A stage's action is a :func:`functools.partial` of a module-level function over configs,
+manifests and paths: cheap to pickle, as the Ray executor ships each to a worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from fulora.audit.run import AuditConfig, audit
+from fulora.classify.registry import create_model
+from fulora.classify.train import ClassifyConfig, train_classifier
+from fulora.config import to_dict
+from fulora.data.manifest import Manifest
+from fulora.data.readers import read_any
+from fulora.errors import ConfigError, FuloraError
+from fulora.evaluate.run import EvaluateConfig, check_test_labels, evaluate_model
+from fulora.experiment.config import (
+    DataSource,
+    ExperimentConfig,
+    audit_config,
+    classify_config,
+    generate_config,
+    lora_configs,
+    regime_parts,
+    variant_parts,
+)
+from fulora.experiment.layout import ExperimentLayout
+from fulora.experiment.results import reference_table
+from fulora.experiment.stages import Stage
+from fulora.generate.run import GenerateConfig, generate
+from fulora.io import file_hash
+from fulora.lora.base import check_base
+from fulora.lora.train import LORA_COLUMNS, LoraTrainConfig, train_lora
+from fulora.planes import PLANES, check_planes
+
+logger = logging.getLogger("fulora")
+
+# Settings that change where or how fast a stage runs, not what it produces.
+_NOT_IN_KEY = {"device", "cache_dir", "num_workers", "base", "base_config", "lora", "progress"}
+
+Cell = tuple[str, str | None, str, int]  # (regime, LoRA variant or None, arch, seed)
+
+
+def stage_key(payload: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able mapping."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _config_payload(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(config).items() if k not in _NOT_IN_KEY}
+
+
+@dataclass
+class Plan:
+    """Everything resolved before any work: data, stage configs and the ordered stages."""
+
+    cfg: ExperimentConfig
+    out: Path
+    classes: list[str]
+    lora_data: Manifest | None
+    train: Manifest
+    targets: dict[str, Manifest]
+    stages: list[Stage] = field(default_factory=list)
+    cells: list[dict[str, Any]] = field(default_factory=list)  # one per evaluation
+
+
+@dataclass
+class _Configs:
+    """Pass 1: every stage config, resolved from the experiment file."""
+
+    source: str  # the experiment file, for messages
+    cache: Path
+    synthetic: bool  # some regime adds synthetic images
+    regimes: dict[str, tuple[dict[str, Any], Any]]
+    variants: list[str]  # LoRA variants, when a regime uses synthetic images
+    released: dict[str, dict[str, Any]]  # variant -> {} (trained), {"file"} or {"images"}
+    loras: dict[str, LoraTrainConfig]
+    generation: dict[str, GenerateConfig]  # a released image set needs none
+    classifiers: dict[Cell, ClassifyConfig]
+    audit_classifier: tuple[Cell | None, Path] | None
+    audit: AuditConfig | None
+
+
+@dataclass
+class _Inputs:
+    """Pass 2: the manifests every stage reads, checked."""
+
+    train: Manifest
+    classes: list[str]
+    regime_real: dict[str, Manifest]  # regimes with their own real images
+    targets: dict[str, Manifest]
+    lora_data: Manifest | None
+    released_images: dict[str, Manifest]
+
+
+def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
+    """Resolve and check an experiment before any work.
+
+    Raises:
+        ConfigError: An unknown key (named with its file), a missing path, an unknown
+            architecture or plane, or weights that cannot be had.
+        DataError: A manifest that cannot be read (named with its file and row).
+    """
+    out = Path(out)
+    configs = _resolve_configs(cfg, out)
+    inputs = _read_inputs(cfg, configs)
+    return _Planner(cfg, out, configs, inputs).build()
+
+
+def _check_grid(cfg: ExperimentConfig, source: str) -> None:
+    if not cfg.classify.regimes:
+        raise ConfigError(f"'classify.regimes' in {source} is empty: name at least one regime")
+    if not cfg.classify.archs or not cfg.classify.seeds:
+        raise ConfigError(f"'classify.archs' and 'classify.seeds' in {source} must not be empty")
+    if not cfg.data.targets:
+        raise ConfigError(f"'data.targets' in {source} is empty: name at least one cohort")
+
+
+def _resolve_configs(cfg: ExperimentConfig, out: Path) -> _Configs:
+    """Pass 1: key errors come before any file is read."""
+    source = getattr(cfg, "_source", "the experiment config")
+    _check_grid(cfg, source)
+    regimes = {name: regime_parts(cfg, name) for name in cfg.classify.regimes}
+    filtered = any(o.get("filtered") for o, _ in regimes.values())
+    synthetic = any(o.get("synthetic") for o, _ in regimes.values())
+    if cfg.audit.enabled is False and filtered:
+        raise ConfigError(f"'audit.enabled' in {source} is false but a regime is filtered")
+    layout = ExperimentLayout(out)
+    variants = list(cfg.lora.variants) if synthetic else []
+    released = {v: variant_parts(cfg, v) for v in variants}  # {} for a LoRA to train
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else layout.cache
+    grid = [
+        (regime, variant, arch, seed)
+        for regime, (options, _) in regimes.items()
+        for variant in (variants if options.get("synthetic") else [None])
+        for arch in cfg.classify.archs
+        for seed in cfg.classify.seeds
+    ]
+    classifiers = {}
+    for cell in grid:
+        classifiers[cell] = classify_config(cfg, cell[0], cell[2], cell[3])
+        classifiers[cell].cache_dir = str(cache)
+    generation = {
+        v: generate_config(cfg, str(released[v].get("file") or layout.lora(v)))
+        for v in variants
+        if "images" not in released[v]
+    }
+    _check_shards(cfg, generation, source)
+    audit_config(cfg, "", str(cache))  # its keys are checked even when no regime needs it
+    wanted = synthetic and (cfg.audit.enabled or filtered)
+    chosen = _audit_classifier(cfg, grid, regimes, out) if wanted else None
+    return _Configs(
+        source=source,
+        cache=cache,
+        synthetic=synthetic,
+        regimes=regimes,
+        variants=variants,
+        released=released,
+        loras=lora_configs(cfg) if synthetic else {},
+        generation=generation,
+        classifiers=classifiers,
+        audit_classifier=chosen,
+        audit=audit_config(cfg, str(chosen[1]), str(cache)) if chosen else None,
+    )
+
+
+def _check_shards(cfg: ExperimentConfig, generation: dict, source: str) -> None:
+    if cfg.generate.shards > 1 and any(g.batch_size is None for g in generation.values()):
+        raise ConfigError(
+            f"'generate.shards' in {source} needs generate.settings.batch_size: every shard "
+            "must cut the same fixed batches for its images to equal a one-process run's"
+        )
+
+
+def _read_source(source: DataSource, key: str, cfg_source: str) -> Manifest:
+    path = Path(source.path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{key!r} in {cfg_source}: {path} does not exist")
+    try:
+        manifest = read_any(path, images_dir=source.images_dir, on_missing=source.on_missing)
+    except FuloraError as err:
+        raise type(err)(f"{key!r} in {cfg_source}: {err}") from None
+    if source.split is not None:
+        manifest = manifest.select(split=source.split)
+        if len(manifest) == 0:
+            raise ConfigError(
+                f"{key!r} in {cfg_source}: no rows of split {source.split!r} in {path}"
+            )
+    return manifest
+
+
+def _read_sources(sources: list[DataSource], key: str, cfg_source: str) -> Manifest:
+    if not sources:
+        raise ConfigError(f"{key!r} in {cfg_source} is empty: name at least one folder or CSV")
+    return Manifest.concat(
+        [_read_source(s, f"{key}[{i}]", cfg_source) for i, s in enumerate(sources)]
+    )
+
+
+def _read_inputs(cfg: ExperimentConfig, configs: _Configs) -> _Inputs:
+    """Pass 2: the data, the base model and the classifier weights."""
+    source = configs.source
+    train = _read_sources(cfg.data.train, "data.train", source)
+    present = set(train.labels)
+    classes = (
+        check_planes(cfg.data.planes) if cfg.data.planes else [p for p in PLANES if p in present]
+    )
+    regime_real = {
+        name: _read_sources(options["real"], f"classify.regimes.{name}.real", source)
+        for name, (options, _) in configs.regimes.items()
+        if "real" in options
+    }
+    targets = {}
+    for name, src in cfg.data.targets.items():
+        manifest = _read_source(src, f"data.targets.{name}", source)
+        try:
+            check_test_labels(manifest, classes)
+        except FuloraError as err:
+            raise type(err)(f"'data.targets.{name}' in {source}: {err}") from None
+        targets[name] = manifest
+    lora_data = None
+    if configs.loras or (configs.synthetic and cfg.data.lora):  # the audit compares with it too
+        lora_data = _read_sources(cfg.data.lora, "data.lora", source)
+    released_images = {
+        v: _read_source(parts["images"], f"lora.variants.{v}.images", source).with_values(
+            source="synthetic"  # whatever the layout: these images are not real
+        )
+        for v, parts in configs.released.items()
+        if "images" in parts
+    }
+    _check_models(cfg, configs, classes)
+    return _Inputs(train, classes, regime_real, targets, lora_data, released_images)
+
+
+def _check_models(cfg: ExperimentConfig, configs: _Configs, classes: list[str]) -> None:
+    """The base model (when anything is generated), the reference table, classifier weights."""
+    if configs.generation:
+        try:
+            check_base(cfg.base, cfg.base_config)
+        except ConfigError as err:
+            raise ConfigError(f"'base' in {configs.source}: {err}") from None
+        for variant, gcfg in configs.generation.items():
+            missing = [p for p in classes if p not in gcfg.planes]
+            if missing:
+                logger.warning("generation with %s makes no images of %s", variant, missing)
+    reference_table(cfg.compare)
+    _check_classifier_weights(configs.classifiers.values(), classes, configs.source)
+
+
+def _check_classifier_weights(classify_cfgs, classes: list[str], source: str) -> None:
+    """Fill in the classes and build each distinct classifier once (missing weights fail here)."""
+    checked = set()
+    for ccfg in classify_cfgs:
+        if ccfg.classes is None:
+            ccfg.classes = list(classes)
+        weights = (ccfg.arch, ccfg.pretrained, ccfg.weights, ccfg.imagenet_weights)
+        if weights in checked:
+            continue
+        checked.add(weights)
+        try:
+            create_model(
+                ccfg.arch,
+                len(classes),
+                pretrained=ccfg.pretrained,
+                weights=ccfg.weights,
+                imagenet=ccfg.imagenet_weights,
+                log=False,
+            )
+        except ConfigError as err:
+            raise ConfigError(
+                f"'classify.archs' in {source}: {err} (in an experiment: "
+                "classify.settings.weights or classify.settings.pretrained=false)"
+            ) from None
+
+
+def _audit_classifier(cfg, grid, regimes, out) -> tuple[Cell | None, Path]:
+    """(grid cell or None, run folder) of the classifier that labels synthetic images."""
+    source = getattr(cfg, "_source", "the experiment config")
+    wanted = cfg.audit.classifier
+    real_cells = [c for c in grid if not regimes[c[0]][0].get("synthetic")]
+
+    def folder(cell) -> Path:
+        return ExperimentLayout(out).classifier(cell[0], cell[2], cell[3])
+
+    if wanted is None:
+        if not real_cells:
+            raise ConfigError(
+                f"the audit in {source} needs a classifier trained on real images: add a "
+                "real-only regime (e.g. ES: {}) or set audit.classifier to a classifier run folder"
+            )
+        return real_cells[0], folder(real_cells[0])
+    for cell in real_cells:
+        if wanted == f"{cell[0]}/{cell[2]}/seed-{cell[3]}":
+            return cell, folder(cell)
+    path = Path(wanted).expanduser()
+    if (path / "best.pt").is_file():
+        return None, path
+    names = ", ".join(f"{c[0]}/{c[2]}/seed-{c[3]}" for c in real_cells) or "none"
+    raise ConfigError(
+        f"'audit.classifier' in {source}: {wanted!r} is neither a real-only cell ({names}) "
+        "nor a classifier run folder"
+    )
+
+
+# Stage actions: module-level functions, bound with functools.partial (picklable by reference).
+
+
+def _as_is(manifest: Manifest) -> Manifest:
+    return manifest
+
+
+def _train_on(real: Manifest, synthetic, folder: Path, ccfg: ClassifyConfig) -> Any:
+    """Train a classifier on ``real`` plus ``synthetic()`` (a loader, read when the stage runs)."""
+    manifests = [real] + ([synthetic()] if synthetic is not None else [])
+    return train_classifier(manifests, folder, ccfg)
+
+
+def _audit_into(synthetic, train: Manifest, folder: Path, cfg, lora_data, filtered: Path) -> Any:
+    return audit(synthetic(), train, folder, cfg, train_set=lora_data, write_filtered=filtered)
+
+
+class _Planner:
+    """Pass 3: the stages, one method per stage kind, in an order that respects ``after``."""
+
+    def __init__(self, cfg: ExperimentConfig, out: Path, configs: _Configs, inputs: _Inputs):
+        self.cfg, self.configs, self.inputs = cfg, configs, inputs
+        self.layout = ExperimentLayout(out)
+        self.plan = Plan(cfg, out, inputs.classes, inputs.lora_data, inputs.train, inputs.targets)
+        self.keys: dict[str, str] = {}  # "lora/v", "generate/v", "audit/v" -> key
+        self.classifiers: dict[Cell, Stage] = {}
+        self._fingerprints: dict[tuple[int, tuple[str, ...] | None], str] = {}
+
+    def fingerprint(self, manifest: Manifest, columns: tuple[str, ...] | None = None) -> str:
+        """Once per manifest: a fingerprint hashes every image (stat + index lookup)."""
+        key = (id(manifest), columns)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = manifest.fingerprint(columns=columns)
+        return self._fingerprints[key]
+
+    def build(self) -> Plan:
+        """Every stage, in an order the local executor can run one after another.
+
+        LoRAs, generation, real-only classifiers (the audit labels with one of them), audits,
+        hybrid classifiers, evaluations.
+        """
+        self.add_loras()
+        self.add_generation()
+        cells = self.configs.classifiers.items()
+        for cell, ccfg in cells:
+            if cell[1] is None:
+                self.add_classifier(cell, ccfg)
+        self.add_audits()
+        for cell, ccfg in cells:
+            if cell[1] is not None:
+                self.add_classifier(cell, ccfg)
+        self.add_evaluations()
+        names = {stage.name for stage in self.plan.stages}  # released artifacts have no stage
+        for stage in self.plan.stages:
+            stage.after = tuple(name for name in stage.after if name in names)
+        return self.plan
+
+    def add_loras(self) -> None:
+        """One LoRA fine-tune per variant to train; a released LoRA is keyed by its content."""
+        data = self.inputs.lora_data
+        for variant, lcfg in self.configs.loras.items():
+            assert data is not None
+            payload = {
+                "config": _config_payload(lcfg),
+                "data": self.fingerprint(data, LORA_COLUMNS),
+                "base": self.cfg.base,
+            }
+            folder = self.layout.lora(variant)
+            action = partial(train_lora, data, folder, lcfg, resume="latest")
+            self._add("lora", f"lora/{variant}", folder, stage_key(payload), action, variant)
+        for variant, parts in self.configs.released.items():
+            if "file" in parts:
+                self.keys[f"lora/{variant}"] = "file:" + file_hash(parts["file"])
+
+    def add_generation(self) -> None:
+        """One generation per LoRA variant; a released image set is keyed by its fingerprint."""
+        for variant, manifest in self.inputs.released_images.items():
+            self.keys[f"generate/{variant}"] = "images:" + self.fingerprint(manifest)
+        for variant, gcfg in self.configs.generation.items():
+            payload = {
+                "config": _config_payload(gcfg),
+                "lora": self.keys[f"lora/{variant}"],
+                "base": self.cfg.base,
+            }
+            folder = self.layout.synthetic(variant)
+            stage = self._add(
+                "generate",
+                f"generate/{variant}",
+                folder,
+                stage_key(payload),
+                partial(generate, folder, gcfg),
+                variant,
+                after=(f"lora/{variant}",),
+            )
+            stage.shards = self.cfg.generate.shards
+            stage.shard_action = partial(_generate_shard, folder, gcfg)
+
+    def synthetic_loader(self, variant: str):
+        """A variant's synthetic set, read when a stage runs: released, or generated."""
+        if variant in self.inputs.released_images:
+            return partial(_as_is, self.inputs.released_images[variant])
+        return partial(Manifest.read, self.layout.synthetic_manifest(variant))
+
+    def add_classifier(self, cell: Cell, ccfg: ClassifyConfig) -> None:
+        """A classifier of the grid: its regime's real images, plus a variant's synthetic set.
+
+        A ``filtered`` regime takes only what the audit kept.
+        """
+        regime, variant, arch, seed = cell
+        real = self.inputs.regime_real.get(regime, self.inputs.train)
+        filtered = bool(self.configs.regimes[regime][0].get("filtered"))
+        label = regime + (f"@{variant}" if variant and len(self.configs.variants) > 1 else "")
+        upstream, after, synthetic = None, (), None
+        if variant is not None:
+            after = (f"audit/{variant}",) if filtered else (f"generate/{variant}",)
+            upstream = self.keys[after[0]]
+            synthetic = (
+                partial(Manifest.read, self.layout.filtered(variant))
+                if filtered
+                else self.synthetic_loader(variant)
+            )
+        payload = {
+            "config": _config_payload(ccfg),
+            "real": self.fingerprint(real),
+            "synthetic": upstream,
+            "filtered": filtered,
+            "classes": self.inputs.classes,
+        }
+        folder = self.layout.classifier(label, arch, seed)
+        info = {"regime": regime, "lora": variant, "arch": arch, "seed": seed, "label": label}
+        name = f"classify/{label}/{arch}/seed-{seed}"
+        action = partial(_train_on, real, synthetic, folder, ccfg)
+        stage = Stage("classify", name, folder, stage_key(payload), action, info, after=after)
+        self.classifiers[cell] = stage
+        self.plan.stages.append(stage)
+
+    def add_audits(self) -> None:
+        """One audit per variant, labelling its images with the chosen real-only classifier."""
+        if self.configs.audit is None or self.configs.audit_classifier is None:
+            return
+        cell, clf_folder = self.configs.audit_classifier
+        clf = self.classifiers.get(cell) if cell else None
+        inputs = self.inputs
+        for variant in self.configs.variants:
+            payload = {
+                # the classifier by its key, not its path: a moved experiment stays done
+                "config": {**_config_payload(self.configs.audit), "classifier": None},
+                "synthetic": self.keys[f"generate/{variant}"],
+                "classifier": clf.key if clf else str(clf_folder),
+                "reference": self.fingerprint(inputs.train),
+                "train_set": self.fingerprint(inputs.lora_data) if inputs.lora_data else None,
+            }
+            folder = self.layout.audit(variant)
+            action = partial(
+                _audit_into,
+                self.synthetic_loader(variant),
+                inputs.train,
+                folder,
+                self.configs.audit,
+                inputs.lora_data,
+                self.layout.filtered(variant),
+            )
+            after = (f"generate/{variant}", clf.name if clf else "")
+            self._add(
+                "audit", f"audit/{variant}", folder, stage_key(payload), action, variant, after
+            )
+
+    def add_evaluations(self) -> None:
+        """Every classifier on every target cohort."""
+        eval_cfg = EvaluateConfig(
+            batch_size=self.cfg.evaluate.batch_size,
+            n_bootstrap=self.cfg.evaluate.n_bootstrap,
+            device=self.cfg.device,
+            cache_dir=str(self.configs.cache),
+        )
+        for target, manifest in self.inputs.targets.items():
+            for clf in self.classifiers.values():
+                payload = {
+                    "classifier": clf.key,
+                    "target": self.fingerprint(manifest),
+                    "n_bootstrap": self.cfg.evaluate.n_bootstrap,
+                }
+                folder = self.layout.evaluation(target, clf.folder)
+                info = {**clf.info, "target": target, "classifier": str(clf.folder)}
+                self.plan.stages.append(
+                    Stage(
+                        "evaluate",
+                        f"evaluate/{target}/{clf.name.removeprefix('classify/')}",
+                        folder,
+                        stage_key(payload),
+                        partial(evaluate_model, clf.folder, manifest, folder, eval_cfg),
+                        info,
+                        after=(clf.name,),
+                    )
+                )
+                self.plan.cells.append({**info, "folder": str(folder)})
+
+    def _add(self, kind, name, folder, key, action, variant, after=()) -> Stage:
+        stage = Stage(kind, name, folder, key, action, {"variant": variant}, after=after)
+        self.keys[name] = key
+        self.plan.stages.append(stage)
+        return stage
+
+
+def _generate_shard(folder: Path, gcfg: GenerateConfig, k: int, n: int) -> Any:
+    return generate(folder, gcfg, shard=(k, n))
