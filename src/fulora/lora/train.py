@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -413,10 +414,6 @@ def _cache_latents(vae, dataset: ImageCaptions, cfg: LoraTrainConfig, device, pr
     return latents
 
 
-def _after_step(step: int) -> None:
-    """Hook called after each optimisation step (tests use it to interrupt a run)."""
-
-
 def _checkpoints(out: Path) -> list[Path]:
     folder = out / "checkpoints"
     if not folder.is_dir():
@@ -435,6 +432,7 @@ def train_lora(
     *,
     resume: str | None = None,
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune LoRA adapters on ``data`` into the run folder ``out``.
 
@@ -444,6 +442,8 @@ def train_lora(
         cfg: The configuration.
         resume: ``latest`` or a checkpoint folder to continue from; None starts afresh.
         progress: Show a progress bar.
+        on_step: Called with the step number after each optimisation step (and its
+            checkpoint); raising from it stops the run as a crash would (tests use it).
 
     Returns:
         The run's ``done.json`` record.
@@ -466,253 +466,341 @@ def train_lora(
     run = RunDir(out, command="fulora lora train")
     if main:
         run.start(cfg)
+    state = _LoraRun(cfg, run, accelerator, weight_dtype, pipe, examples)
     try:
-        record = _train(pipe, examples, data, run, cfg, accelerator, weight_dtype, resume, progress)
+        record = _train(state, data, resume, progress, on_step)
     finally:
         run.close()
     return record
 
 
-def _train(pipe, examples, data, run, cfg, accelerator, weight_dtype, resume, progress):
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
-    from peft.utils import set_peft_model_state_dict
+@dataclass
+class _LoraRun:
+    """One LoRA fine-tune in progress: its models, data, optimisation and position.
 
-    device = accelerator.device
-    out = run.path
-    main = accelerator.is_main_process
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    ``_train`` builds it (models, then data and optimiser, then any checkpoint to resume from)
+    and runs the steps; each part reads and updates this object instead of passing ten
+    positional arguments around.
+    """
+
+    cfg: LoraTrainConfig
+    run: RunDir
+    accelerator: Any
+    weight_dtype: torch.dtype
+    pipe: Any
+    examples: list[Example]
+    unet: Any = None
+    text_encoder: Any = None
+    adapters: tuple[Any, Any] = (None, None)  # the peft configs of the UNet and text encoder
+    params: list[dict] = field(default_factory=list)
+    optimizer: Any = None
+    optimizer_name: str = ""
+    lr_scheduler: Any = None
+    loader: Any = None
+    sampler: Any = None
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    epochs: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models train."""
+        return self.accelerator.device
+
+    @property
+    def out(self) -> Path:
+        """The run folder."""
+        return self.run.path
+
+
+def _train(state: _LoraRun, data: Manifest, resume: str | None, progress: bool, on_step) -> dict:
+    """Set up models, data and optimiser, resume if asked, run every step, save the LoRA."""
+    _setup_models(state)
+    _setup_optimisation(state, progress)
+    if resume:
+        _resume(state, resume)
+    started, first_step = time.perf_counter(), state.step
+    steady_from = _run_steps(state, progress, on_step)
+    seconds = time.perf_counter() - started
+    state.accelerator.wait_for_everyone()
+    if not state.accelerator.is_main_process:
+        return {}
+    return _finish(state, data, seconds, state.step - first_step, steady_from)
+
+
+def _setup_models(state: _LoraRun) -> None:
+    """Place the models, set the attention, add the LoRA adapters (fp32 weights)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from diffusers.training_utils import cast_training_params
+
+    cfg, pipe, device, dtype = state.cfg, state.pipe, state.device, state.weight_dtype
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     vae.requires_grad_(False)
-    unet.to(device, dtype=weight_dtype)
+    unet.to(device, dtype=dtype)
     vae.to(device, dtype=torch.float32)  # the VAE runs once per image in fp32 (fp16 overflows)
-    text_encoder.to(device, dtype=weight_dtype)
-    if cfg.attention == "sdpa":
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
-    else:
-        from diffusers.models.attention_processor import AttnProcessor
-
-        unet.set_attn_processor(AttnProcessor())
+    text_encoder.to(device, dtype=dtype)
+    unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
     torch.manual_seed(cfg.seed)  # the adapters' initial weights come from the global RNG
-    unet_lora, te_lora = add_lora_adapters(unet, text_encoder, cfg)
+    state.adapters = add_lora_adapters(unet, text_encoder, cfg)
     trained = [unet] + ([text_encoder] if cfg.train_text_encoder else [])
-    if weight_dtype != torch.float32:
+    if dtype != torch.float32:
         cast_training_params(trained, dtype=torch.float32)  # LoRA weights stay fp32
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
+    state.unet, state.text_encoder = unet, text_encoder
 
-    dataset = ImageCaptions(examples, tokenizer, cfg.center_crop, cfg.resolution)
-    scaling = vae.config.scaling_factor
+
+def _setup_optimisation(state: _LoraRun, progress: bool) -> None:
+    """The dataset (latents cached), bucketed batches, step counts, optimiser and schedule."""
+    from diffusers.optimization import get_scheduler
+
+    cfg, vae = state.cfg, state.pipe.vae
+    dataset = ImageCaptions(state.examples, state.pipe.tokenizer, cfg.center_crop, cfg.resolution)
     if cfg.cache_latents:
-        dataset.latents = _cache_latents(vae, dataset, cfg, device, progress and main)
+        main = state.accelerator.is_main_process
+        dataset.latents = _cache_latents(vae, dataset, cfg, state.device, progress and main)
         vae.to("cpu")  # not needed again until sampling
-    sampler = BucketBatchSampler(examples, cfg.batch_size, cfg.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate)
-    steps_per_epoch = len(sampler)
-    total_steps = cfg.epochs * steps_per_epoch
+    state.sampler = BucketBatchSampler(state.examples, cfg.batch_size, cfg.seed)
+    loader = DataLoader(dataset, batch_sampler=state.sampler, collate_fn=_collate)
+    state.steps_per_epoch = len(state.sampler)
+    state.total_steps = cfg.epochs * state.steps_per_epoch
     if cfg.max_steps is not None and cfg.max_steps > 0:
-        total_steps = cfg.max_steps  # overrides epochs: fewer, or more epochs as needed
-    epochs = math.ceil(total_steps / steps_per_epoch)
-
-    params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.unet_lr}]
+        state.total_steps = cfg.max_steps  # overrides epochs: fewer, or more epochs as needed
+    state.epochs = math.ceil(state.total_steps / state.steps_per_epoch)
+    state.params = [
+        {"params": [p for p in state.unet.parameters() if p.requires_grad], "lr": cfg.unet_lr}
+    ]
     if cfg.train_text_encoder:
-        params.append(
-            {
-                "params": [p for p in text_encoder.parameters() if p.requires_grad],
-                "lr": cfg.text_encoder_lr,
-            }
-        )
-    optimizer, optimizer_name = _optimizer(params, cfg, device)
+        te_params = [p for p in state.text_encoder.parameters() if p.requires_grad]
+        state.params.append({"params": te_params, "lr": cfg.text_encoder_lr})
+    optimizer, state.optimizer_name = _optimizer(state.params, cfg, state.device)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=cfg.lr_warmup_steps,
-        num_training_steps=total_steps,
+        num_training_steps=state.total_steps,
     )
-    unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
-        unet, text_encoder, optimizer, loader, lr_scheduler
+    (
+        state.unet,
+        state.text_encoder,
+        state.optimizer,
+        state.loader,
+        state.lr_scheduler,
+    ) = state.accelerator.prepare(state.unet, state.text_encoder, optimizer, loader, lr_scheduler)
+
+
+def _resume(state: _LoraRun, resume: str) -> None:
+    """Load adapters, optimiser, schedule and position from a checkpoint (or ``latest``)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    found = _checkpoints(state.out)
+    if resume == "latest":
+        checkpoint = found[-1] if found else None
+    else:
+        checkpoint = Path(resume)
+    if checkpoint is None:
+        logger.info("no checkpoint in %s: starting from step 0", state.out)
+        return
+    if not (checkpoint / "state.json").is_file():
+        raise ConfigError(f"{checkpoint} is not a complete fulora LoRA checkpoint")
+    unwrap = state.accelerator.unwrap_model
+    weights = load_file(str(checkpoint / "lora.safetensors"))
+    unet_weights = {k[5:]: v for k, v in weights.items() if k.startswith("unet.")}
+    set_peft_model_state_dict(unwrap(state.unet), unet_weights)
+    if state.cfg.train_text_encoder:
+        te_weights = {k[13:]: v for k, v in weights.items() if k.startswith("text_encoder.")}
+        set_peft_model_state_dict(unwrap(state.text_encoder), te_weights)
+    state.optimizer.load_state_dict(
+        torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
     )
+    state.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+    state.step = json.loads((checkpoint / "state.json").read_text())["step"]
+    state.history = [row for row in _read_loss(state.out) if row["step"] <= state.step]
+    logger.info("resumed from %s at step %d", checkpoint, state.step)
 
-    step, history = 0, []
-    checkpoint = None
-    if resume:
-        found = _checkpoints(out)
-        checkpoint = (
-            found[-1]
-            if resume == "latest" and found
-            else (Path(resume) if resume != "latest" else None)
-        )
-        if checkpoint is None:
-            logger.info("no checkpoint in %s: starting from step 0", out)
-        elif not (checkpoint / "state.json").is_file():
-            raise ConfigError(f"{checkpoint} is not a complete fulora LoRA checkpoint")
-    if checkpoint is not None:
-        state = json.loads((checkpoint / "state.json").read_text())
-        from safetensors.torch import load_file
 
-        weights = load_file(str(checkpoint / "lora.safetensors"))
-        set_peft_model_state_dict(
-            accelerator.unwrap_model(unet),
-            {k[5:]: v for k, v in weights.items() if k.startswith("unet.")},
-        )
-        if cfg.train_text_encoder:
-            set_peft_model_state_dict(
-                accelerator.unwrap_model(text_encoder),
-                {k[13:]: v for k, v in weights.items() if k.startswith("text_encoder.")},
-            )
-        optimizer.load_state_dict(
-            torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
-        )
-        lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-        step = state["step"]
-        history = [row for row in _read_loss(out) if row["step"] <= step]
-        logger.info("resumed from %s at step %d", checkpoint, step)
+def _run_steps(state: _LoraRun, progress: bool, on_step) -> tuple[int, float] | None:
+    """Every remaining step, in the data order of each epoch; (step, time) once warm."""
+    from diffusers import DDPMScheduler
 
-    unet.train()
+    cfg, main = state.cfg, state.accelerator.is_main_process
+    noise_scheduler = DDPMScheduler.from_config(state.pipe.scheduler.config)
+    state.unet.train()
     if cfg.train_text_encoder:
-        text_encoder.train()
+        state.text_encoder.train()
     bar = tqdm(
-        total=total_steps, initial=step, desc="lora", unit="step", disable=not (progress and main)
+        total=state.total_steps,
+        initial=state.step,
+        desc="lora",
+        unit="step",
+        disable=not (progress and main),
     )
-    started = time.perf_counter()
-    first_step = step
-    steady_from: tuple[int, float] | None = None  # (step, time) once warm-up steps are done
-    prediction = noise_scheduler.config.prediction_type
-    for epoch in range(step // steps_per_epoch, epochs):
-        sampler.set_epoch(epoch)
-        skip = step - epoch * steps_per_epoch
-        for k, batch in enumerate(loader):
+    first_step, steady_from = state.step, None
+    for epoch in range(state.step // state.steps_per_epoch, state.epochs):
+        state.sampler.set_epoch(epoch)
+        skip = state.step - epoch * state.steps_per_epoch
+        for k, batch in enumerate(state.loader):
             if k < skip:
                 continue
-            if step >= total_steps:
+            if state.step >= state.total_steps:
                 break
-            # All randomness of this step comes from (seed, step): resume repeats it exactly.
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            if "latents" in batch:
-                latents = batch["latents"].to(device, dtype=weight_dtype)
-            else:
-                with torch.no_grad():
-                    vae.to(device)
-                    dist = vae.encode(batch["pixels"].to(device, torch.float32)).latent_dist
-                    sample = dist.mean + dist.std * torch.randn(
-                        dist.mean.shape, generator=generator
-                    ).to(device)
-                    latents = (sample * scaling).to(weight_dtype)
-            noise = torch.randn(latents.shape, generator=generator).to(device, weight_dtype)
-            if cfg.noise_offset:
-                offset = torch.randn(
-                    (latents.shape[0], latents.shape[1], 1, 1), generator=generator
-                )
-                noise = noise + cfg.noise_offset * offset.to(device, weight_dtype)
-            timesteps = torch.randint(
-                0,
-                noise_scheduler.config.num_train_timesteps,
-                (latents.shape[0],),
-                generator=generator,
-            ).to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            with accelerator.autocast():
-                hidden = encode_prompt(text_encoder, batch["input_ids"].to(device), cfg.clip_skip)
-                pred = unet(noisy, timesteps, hidden).sample
-            if prediction == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-            if cfg.snr_gamma:
-                snr = compute_snr(noise_scheduler, timesteps)
-                weights = torch.clamp(snr, max=cfg.snr_gamma)
-                weights = weights / (snr + 1 if prediction == "v_prediction" else snr)
-                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none")
-                loss = (per_sample.mean(dim=(1, 2, 3)) * weights).mean()
-            else:
-                loss = F.mse_loss(pred.float(), target.float())
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(
-                    [p for g in params for p in g["params"]], cfg.max_grad_norm
-                )
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            value = accelerator.gather(loss.detach().reshape(1)).mean().item()  # syncs the GPU
-            if step - first_step == WARMUP_STEPS:
-                steady_from = (step, time.perf_counter())
-            history.append(
-                {
-                    "step": step,
-                    "epoch": epoch + 1,
-                    "loss": value,
-                    "lr": lr_scheduler.get_last_lr()[0],
-                }
-            )
+            value = _optimise(state, _loss(state, noise_scheduler, batch))
+            state.step += 1
+            if state.step - first_step == WARMUP_STEPS:
+                steady_from = (state.step, time.perf_counter())
+            lr = state.lr_scheduler.get_last_lr()[0]
+            state.history.append({"step": state.step, "epoch": epoch + 1, "loss": value, "lr": lr})
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(
-                    out,
-                    step,
-                    accelerator,
-                    unet,
-                    text_encoder,
-                    optimizer,
-                    lr_scheduler,
-                    history,
-                    cfg,
-                )
-            if cfg.sample_every and step % cfg.sample_every == 0 and main:
-                _sample_grid(
-                    out, step, pipe, accelerator, unet, text_encoder, examples, cfg, device
-                )
-            _after_step(step)
+            _checkpoint_and_sample(state)
+            if on_step is not None:
+                on_step(state.step)
     bar.close()
-    seconds = time.perf_counter() - started
-    steady_steps_per_s = _steady_rate(steady_from, step)
-    accelerator.wait_for_everyone()
-    if not main:
-        return {}
-    unet_m = accelerator.unwrap_model(unet)
-    te_m = accelerator.unwrap_model(text_encoder) if cfg.train_text_encoder else None
-    _write_loss(out, history)
+    return steady_from
+
+
+def _loss(state: _LoraRun, noise_scheduler, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The denoising loss of one batch; all its randomness comes from (seed, step)."""
+    from diffusers.training_utils import compute_snr
+
+    cfg, device, dtype = state.cfg, state.device, state.weight_dtype
+    # All randomness of this step comes from (seed, step): resume repeats it exactly.
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)
+    latents = _latents(state, batch, generator)
+    noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+    if cfg.noise_offset:
+        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+        noise = noise + cfg.noise_offset * offset.to(device, dtype)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+    ).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    with state.accelerator.autocast():
+        hidden = encode_prompt(state.text_encoder, batch["input_ids"].to(device), cfg.clip_skip)
+        pred = state.unet(noisy, timesteps, hidden).sample
+    prediction = noise_scheduler.config.prediction_type
+    if prediction == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    if not cfg.snr_gamma:
+        return F.mse_loss(pred.float(), target.float())
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=cfg.snr_gamma)
+    weights = weights / (snr + 1 if prediction == "v_prediction" else snr)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none")
+    return (per_sample.mean(dim=(1, 2, 3)) * weights).mean()
+
+
+def _latents(state: _LoraRun, batch: dict[str, torch.Tensor], generator) -> torch.Tensor:
+    """The batch's cached latents, or the VAE's sample of them (drawn from ``generator``)."""
+    if "latents" in batch:
+        return batch["latents"].to(state.device, dtype=state.weight_dtype)
+    vae = state.pipe.vae
+    with torch.no_grad():
+        vae.to(state.device)
+        dist = vae.encode(batch["pixels"].to(state.device, torch.float32)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator).to(state.device)
+        sample = dist.mean + dist.std * noise
+        return (sample * vae.config.scaling_factor).to(state.weight_dtype)
+
+
+def _optimise(state: _LoraRun, loss: torch.Tensor) -> float:
+    """Backward, clip, step; the loss averaged over processes (this syncs the GPU)."""
+    accelerator, cfg = state.accelerator, state.cfg
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and cfg.max_grad_norm:
+        accelerator.clip_grad_norm_(
+            [p for g in state.params for p in g["params"]], cfg.max_grad_norm
+        )
+    state.optimizer.step()
+    state.lr_scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return accelerator.gather(loss.detach().reshape(1)).mean().item()
+
+
+def _checkpoint_and_sample(state: _LoraRun) -> None:
+    """A checkpoint every ``checkpoint_every`` steps, a sample grid every ``sample_every``."""
+    cfg, step = state.cfg, state.step
+    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < state.total_steps:
+        _save_checkpoint(
+            state.out,
+            step,
+            state.accelerator,
+            state.unet,
+            state.text_encoder,
+            state.optimizer,
+            state.lr_scheduler,
+            state.history,
+            cfg,
+        )
+    if cfg.sample_every and step % cfg.sample_every == 0 and state.accelerator.is_main_process:
+        _sample_grid(
+            state.out,
+            step,
+            state.pipe,
+            state.accelerator,
+            state.unet,
+            state.text_encoder,
+            state.examples,
+            cfg,
+            state.device,
+        )
+
+
+def _finish(state: _LoraRun, data: Manifest, seconds: float, trained_steps: int, steady_from):
+    """Save the LoRA (both layouts), the loss, a last sample grid and the training manifest."""
+    cfg, out, examples, device = state.cfg, state.out, state.examples, state.device
+    unet_m = state.accelerator.unwrap_model(state.unet)
+    te_m = state.accelerator.unwrap_model(state.text_encoder) if cfg.train_text_encoder else None
+    _write_loss(out, state.history)
     identity = base_identity(cfg.base)
     dataset_hash = _dataset_hash(examples)
-    _save_final(out, cfg, unet_m, te_m, unet_lora, te_lora, step, identity, dataset_hash, examples)
-    _sample_grid(out, step, pipe, accelerator, unet, text_encoder, examples, cfg, device)
-    buckets = Counter(f"{e.bucket[0]}x{e.bucket[1]}" for e in examples)
+    unet_lora, te_lora = state.adapters
+    _save_final(
+        out, cfg, unet_m, te_m, unet_lora, te_lora, state.step, identity, dataset_hash, examples
+    )
+    _sample_grid(
+        out,
+        state.step,
+        state.pipe,
+        state.accelerator,
+        state.unet,
+        state.text_encoder,
+        examples,
+        cfg,
+        device,
+    )
+    buckets = [f"{e.bucket[0]}x{e.bucket[1]}" for e in examples]
     Manifest(
-        data.frame.assign(
-            caption=[e.caption for e in examples],
-            bucket=[f"{e.bucket[0]}x{e.bucket[1]}" for e in examples],
-        ),
+        data.frame.assign(caption=[e.caption for e in examples], bucket=buckets),
         origin=data.origin,
         validate=False,
     ).write(out / "train_manifest.csv")
-    trained_steps = step - first_step
-    return run.finish(
-        steps=step,
-        epochs=epochs,
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return state.run.finish(
+        steps=state.step,
+        epochs=state.epochs,
         images=len(examples),
-        buckets=dict(buckets),
+        buckets=dict(Counter(buckets)),
         seconds_training=round(seconds, 2),
         steps_per_s=round(trained_steps / seconds, 3) if seconds and trained_steps else None,
-        steady_steps_per_s=steady_steps_per_s,
-        final_loss=history[-1]["loss"] if history else None,
-        optimizer=optimizer_name,
+        steady_steps_per_s=_steady_rate(steady_from, state.step),
+        final_loss=state.history[-1]["loss"] if state.history else None,
+        optimizer=state.optimizer_name,
         device=str(device),
-        mixed_precision=accelerator.mixed_precision,
+        mixed_precision=state.accelerator.mixed_precision,
         base_model=identity[0],
         base_model_sha256=identity[1],
         dataset_sha256=dataset_hash,
         lora_diffusers=str(out / DIFFUSERS_WEIGHT_NAME),
         lora_kohya=str(out / f"{cfg.output_name}.safetensors"),
-        peak_gpu_memory_gb=(
-            round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None
-        ),
+        peak_gpu_memory_gb=round(peak, 3) if peak is not None else None,
     )
 
 
