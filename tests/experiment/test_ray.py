@@ -142,3 +142,28 @@ def test_ctrl_c_cancels_and_the_rerun_goes_on_from_what_was_finished(ray_config,
         assert state == ("skipped" if stage in done_before else "ran"), (stage, rerun)
     assert (out / "done.json").is_file()
     assert not [p for p in out.rglob("*") if ".tmp" in p.name], "a half-written file was left"
+
+
+@pytest.mark.slow
+def test_ray_runs_the_demo_experiment_as_the_local_executor_does(tmp_path):
+    """The demo itself (``make demo``'s experiment, report off): about 7 minutes on 2 cores."""
+    import yaml
+
+    from fulora.data.phantom import PhantomConfig, generate_phantom
+    from fulora.demo import demo_experiment
+
+    for domain in ("source", "target"):
+        config = PhantomConfig(per_class=20, domain=domain, grid=domain == "source")
+        generate_phantom(tmp_path / f"phantom-{domain}", config)
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(demo_experiment(tmp_path, report=False), sort_keys=False))
+    local, ray = tmp_path / "local", tmp_path / "ray"
+    _scenario("equal", str(path), str(local), str(ray), timeout=1200)
+    plans = [pd.read_csv(run / "plan.csv") for run in (local, ray)]
+    assert len(plans[0]) == 21 and plans[0][["stage", "key"]].equals(plans[1][["stage", "key"]])
+    for folder in plans[0]["folder"][plans[0]["kind"] == "evaluate"]:
+        metrics = [json.loads((run / folder / "metrics.json").read_text()) for run in (local, ray)]
+        assert metrics[0]["spaces"] == metrics[1]["spaces"], folder
+    assert (local / "results" / "results.csv").read_text() == (
+        ray / "results" / "results.csv"
+    ).read_text()
