@@ -29,8 +29,9 @@ from safetensors.torch import load_file
 
 from fulora.config import load_config
 from fulora.lora.buckets import make_buckets, select_bucket
+from fulora.lora.data import build_examples
 from fulora.lora.targets import kohya_module_name
-from fulora.lora.train import LoraTrainConfig, add_lora_adapters, build_examples
+from fulora.lora.train import LoraTrainConfig, add_lora_adapters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -456,7 +457,7 @@ def test_generation_takes_clip_skip_from_the_lora(trained_lora, tiny_model):
 # Cached latents: kohya caches vae.encode(x).latent_dist.sample(), not the mean.
 # --------------------------------------------------------------------------------------------
 def test_cached_latents_are_draws_from_the_vae_distribution(tiny_model):
-    from fulora.lora.train import _cache_latents
+    from fulora.lora.data import cache_latents as _cache_latents
 
     vae = _pipe(tiny_model).vae
     images = [

@@ -49,7 +49,8 @@ from fulora.experiment.stages import Stage
 from fulora.generate.run import GenerateConfig, generate
 from fulora.io import file_hash
 from fulora.lora.base import check_base
-from fulora.lora.train import LORA_COLUMNS, LoraTrainConfig, train_lora
+from fulora.lora.data import LORA_COLUMNS
+from fulora.lora.train import LoraTrainConfig, train_lora
 from fulora.planes import PLANES, check_planes
 
 logger = logging.getLogger("fulora")

@@ -15,19 +15,17 @@ a demanding user expects:
 * a grid of one fixed-seed sample per plane every N steps, the loss curve (CSV and PNG);
 * the LoRA saved twice: diffusers/PEFT layout (``pipe.load_lora_weights(RUN_DIR)``) and a
   kohya/AUTOMATIC1111 ``.safetensors`` with the training metadata in its header.
+
+This module holds the config, the entry point and the training loop (its state in ``_LoraRun``);
+the data (captions, buckets, dataset, batches, cached latents) is :mod:`fulora.lora.data`, the
+run's files (checkpoints, loss record, final LoRA) :mod:`fulora.lora.checkpoints`.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,28 +36,34 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fulora import __version__
-from fulora.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, Checked, Range, to_dict
-from fulora.data.images import image_info, load_image
+from fulora.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, Checked, Range
 from fulora.data.manifest import Manifest
-from fulora.errors import ConfigError, DataError
-from fulora.figures import image_grid, loss_curve
-from fulora.io import atomic_open, write_json, write_text
+from fulora.errors import ConfigError
+from fulora.figures import image_grid
+from fulora.io import atomic_open
 from fulora.lora.base import DEFAULT_BASE, base_identity, load_pipeline
-from fulora.lora.buckets import (
-    BucketChoice,
-    center_square,
-    fit_to_bucket,
-    make_buckets,
-    select_bucket,
+from fulora.lora.checkpoints import (
+    checkpoint_folders,
+    dataset_hash,
+    read_loss,
+    save_checkpoint,
+    save_final,
+    write_loss,
 )
-from fulora.lora.conditioning import encode_prompt, prompt_embeddings, token_ids
-from fulora.lora.formats import DIFFUSERS_WEIGHT_NAME, peft_state_dicts, save_lora_files
+from fulora.lora.conditioning import encode_prompt, prompt_embeddings
+from fulora.lora.data import (
+    BucketBatchSampler,
+    Example,
+    ImageCaptions,
+    build_examples,
+    cache_latents,
+    collate,
+)
+from fulora.lora.formats import DIFFUSERS_WEIGHT_NAME
 from fulora.lora.targets import TargetPreset, lora_target_modules
-from fulora.planes import PAPER_CAPTIONS, check_planes
 from fulora.runs import RunDir
 
 logger = logging.getLogger("fulora")
@@ -164,184 +168,6 @@ class LoraTrainConfig(Checked):
 # Data
 # --------------------------------------------------------------------------------------------
 #: The manifest columns LoRA training reads (with the images' bytes): its data fingerprint.
-LORA_COLUMNS = ("path", "label", "caption", "repeats")
-
-
-@dataclass
-class Example:
-    """One training image with its caption and bucket."""
-
-    path: str
-    label: str
-    caption: str
-    bucket: tuple[int, int]  # (width, height)
-    repeats: int
-    resized: tuple[int, int] = (0, 0)  # the size it is resized to before trimming to the bucket
-
-
-def captions_for(manifest: Manifest, cfg: LoraTrainConfig) -> list[str]:
-    """The caption of every row, per ``cfg.caption_source``; errors name what is missing."""
-    labels = manifest.labels
-    if cfg.caption_source == "paper":
-        return [PAPER_CAPTIONS[label] for label in labels]
-    if cfg.caption_source == "config":
-        planes = check_planes(cfg.captions)
-        known = dict(zip(planes, cfg.captions.values(), strict=True))
-        missing = sorted(set(labels) - set(known))
-        if missing:
-            raise ConfigError(
-                f"captions: no caption for plane(s) {', '.join(missing)}; add them under "
-                "'captions' in the config or use caption_source: data"
-            )
-        return [known[label] for label in labels]
-    if "caption" not in manifest.frame.columns:
-        raise DataError(
-            f"{manifest.origin} has no captions: put a caption file (e.g. "
-            "duplicate_text_for_each_image.txt) in each plane folder, add a 'caption' column, "
-            "or set caption_source: paper or config"
-        )
-    captions = [str(c).strip() for c in manifest.frame["caption"]]
-    for row, caption in enumerate(captions):
-        if not caption:
-            folder = Path(manifest.paths[row]).parent
-            raise DataError(
-                f"no caption for {manifest.paths[row]}: the plane folder {folder} has no caption "
-                "file (e.g. duplicate_text_for_each_image.txt) and the image no <name>.txt; add "
-                "one, or set caption_source: paper or config"
-            )
-    return captions
-
-
-def build_examples(manifest: Manifest, cfg: LoraTrainConfig) -> list[Example]:
-    """Examples with captions and buckets; reads every image header (errors name the file)."""
-    if len(manifest) == 0:
-        raise DataError(f"no training images in {manifest.origin or 'the data'}")
-    manifest = manifest.drop_duplicate_paths("LoRA training (use repeats to weight an image)")
-    captions = captions_for(manifest, cfg)
-    repeats = manifest.frame["repeats"] if "repeats" in manifest.frame.columns else None
-    out = []
-    for row, path in enumerate(manifest.paths):
-        if not path.is_file():
-            raise DataError(f"training image {path} (row {row}) does not exist")
-        size, _ = image_info(path)
-        choice = _bucket_for(size, cfg, path)
-        rep = cfg.repeats
-        if repeats is not None and str(repeats.iloc[row]).strip():
-            rep = int(float(repeats.iloc[row]))
-        out.append(
-            Example(
-                str(path), manifest.labels[row], captions[row], choice.bucket, rep, choice.resized
-            )
-        )
-    return out
-
-
-def _bucket_for(size: tuple[int, int], cfg: LoraTrainConfig, path: Path) -> BucketChoice:
-    """Kohya's bucket of one image, or the square of side ``resolution`` without buckets."""
-    if cfg.center_crop or not cfg.buckets:
-        side = cfg.resolution
-        scale = max(side / size[0], side / size[1])
-        cover = (max(side, int(size[0] * scale + 0.5)), max(side, int(size[1] * scale + 0.5)))
-        return BucketChoice((side, side), cover)
-    # kohya's default bucket range: sides from resolution/2 to 2*resolution (256-1024 at 512).
-    buckets = make_buckets(
-        cfg.resolution,
-        cfg.bucket_step,
-        min_side=max(cfg.bucket_step, cfg.resolution // 2),
-        max_side=cfg.resolution * 2,
-    )
-    try:
-        return select_bucket(
-            size,
-            resolution=cfg.resolution,
-            step=cfg.bucket_step,
-            upscale=cfg.bucket_upscale,
-            buckets=buckets,
-        )
-    except ValueError as err:
-        raise DataError(
-            f"training image {path}: {err}; remove it, or set a smaller bucket_step"
-        ) from None
-
-
-class ImageCaptions(Dataset):
-    """Pixels (3, H, W) in [-1, 1] at each example's bucket, and token ids of its caption."""
-
-    def __init__(self, examples: list[Example], tokenizer, center_crop: bool, resolution: int):
-        self.examples = examples
-        self.center_crop = center_crop
-        self.resolution = resolution
-        self.ids = token_ids(tokenizer, [e.caption for e in examples])
-        self.latents: list[torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def pixels(self, i: int) -> torch.Tensor:
-        """The image, bucketed, as a tensor in [-1, 1]."""
-        example = self.examples[i]
-        img = load_image(example.path, "RGB", row=i)
-        img = (
-            center_square(img, self.resolution)
-            if self.center_crop
-            else fit_to_bucket(img, BucketChoice(example.bucket, example.resized))
-        )
-        array = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1)
-        return array / 127.5 - 1.0
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = {"input_ids": self.ids[i]}
-        if self.latents is not None:
-            item["latents"] = self.latents[i]
-        else:
-            item["pixels"] = self.pixels(i)
-        return item
-
-
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of one bucket each; order drawn from (seed, epoch) so resume repeats it."""
-
-    def __init__(self, examples: list[Example], batch_size: int, seed: int):
-        self.examples = examples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order to produce."""
-        self.epoch = epoch
-
-    def batches(self) -> list[list[int]]:
-        """All batches of the current epoch, in order."""
-        generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i, example in enumerate(self.examples):
-            by_bucket.setdefault(example.bucket, []).extend([i] * example.repeats)
-        batches: list[list[int]] = []
-        for bucket in sorted(by_bucket):
-            items = by_bucket[bucket]
-            order = torch.randperm(len(items), generator=generator).tolist()
-            shuffled = [items[k] for k in order]
-            batches += [
-                shuffled[k : k + self.batch_size] for k in range(0, len(shuffled), self.batch_size)
-            ]
-        order = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[k] for k in order]
-
-    def __iter__(self):
-        return iter(self.batches())
-
-    def __len__(self) -> int:
-        return len(self.batches())
-
-
-def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-
-# --------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------
 def _optimizer(params: list[dict], cfg: LoraTrainConfig, device: torch.device):
     if cfg.optimizer == "adamw8bit":
         if device.type == "cuda":
@@ -386,43 +212,6 @@ def add_lora_adapters(unet, text_encoder, cfg: LoraTrainConfig):
         te_lora = config(lora_target_modules(text_encoder, "text_encoder", cfg.targets))
         text_encoder.add_adapter(te_lora)
     return unet_lora, te_lora
-
-
-def _cache_latents(vae, dataset: ImageCaptions, cfg: LoraTrainConfig, device, progress: bool):
-    """Each image's latent, encoded once: a draw from the VAE's distribution, or its mean.
-
-    kohya caches ``latent_dist.sample()``; the draw of image ``i`` is seeded by (seed, i) so a
-    rerun caches the same latents.
-    """
-    scaling = vae.config.scaling_factor
-    latents = []
-    with torch.no_grad():
-        for i in tqdm(
-            range(len(dataset)),
-            desc="caching latents",
-            unit="img",
-            disable=not progress,
-            leave=False,
-        ):
-            dist = vae.encode(dataset.pixels(i).unsqueeze(0).to(device)).latent_dist
-            latent = dist.mean
-            if cfg.cached_latent == "sample":
-                generator = torch.Generator().manual_seed(cfg.seed * 1_000_033 + i)
-                noise = torch.randn(dist.mean.shape, generator=generator)
-                latent = dist.mean + dist.std * noise.to(device, dist.mean.dtype)
-            latents.append(latent[0].cpu() * scaling)
-    return latents
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    folder = out / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_dir() and (p / "state.json").is_file() and p.name.startswith("step-")
-    )
 
 
 def train_lora(
@@ -562,10 +351,10 @@ def _setup_optimisation(state: _LoraRun, progress: bool) -> None:
     dataset = ImageCaptions(state.examples, state.pipe.tokenizer, cfg.center_crop, cfg.resolution)
     if cfg.cache_latents:
         main = state.accelerator.is_main_process
-        dataset.latents = _cache_latents(vae, dataset, cfg, state.device, progress and main)
+        dataset.latents = cache_latents(vae, dataset, cfg, state.device, progress and main)
         vae.to("cpu")  # not needed again until sampling
     state.sampler = BucketBatchSampler(state.examples, cfg.batch_size, cfg.seed)
-    loader = DataLoader(dataset, batch_sampler=state.sampler, collate_fn=_collate)
+    loader = DataLoader(dataset, batch_sampler=state.sampler, collate_fn=collate)
     state.steps_per_epoch = len(state.sampler)
     state.total_steps = cfg.epochs * state.steps_per_epoch
     if cfg.max_steps is not None and cfg.max_steps > 0:
@@ -598,7 +387,7 @@ def _resume(state: _LoraRun, resume: str) -> None:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    found = _checkpoints(state.out)
+    found = checkpoint_folders(state.out)
     if resume == "latest":
         checkpoint = found[-1] if found else None
     else:
@@ -620,7 +409,7 @@ def _resume(state: _LoraRun, resume: str) -> None:
     )
     state.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
     state.step = json.loads((checkpoint / "state.json").read_text())["step"]
-    state.history = [row for row in _read_loss(state.out) if row["step"] <= state.step]
+    state.history = [row for row in read_loss(state.out) if row["step"] <= state.step]
     logger.info("resumed from %s at step %d", checkpoint, state.step)
 
 
@@ -728,7 +517,7 @@ def _checkpoint_and_sample(state: _LoraRun) -> None:
     """A checkpoint every ``checkpoint_every`` steps, a sample grid every ``sample_every``."""
     cfg, step = state.cfg, state.step
     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < state.total_steps:
-        _save_checkpoint(
+        save_checkpoint(
             state.out,
             step,
             state.accelerator,
@@ -758,12 +547,12 @@ def _finish(state: _LoraRun, data: Manifest, seconds: float, trained_steps: int,
     cfg, out, examples, device = state.cfg, state.out, state.examples, state.device
     unet_m = state.accelerator.unwrap_model(state.unet)
     te_m = state.accelerator.unwrap_model(state.text_encoder) if cfg.train_text_encoder else None
-    _write_loss(out, state.history)
+    write_loss(out, state.history)
     identity = base_identity(cfg.base)
-    dataset_hash = _dataset_hash(examples)
+    data_hash = dataset_hash(examples)
     unet_lora, te_lora = state.adapters
-    _save_final(
-        out, cfg, unet_m, te_m, unet_lora, te_lora, state.step, identity, dataset_hash, examples
+    save_final(
+        out, cfg, unet_m, te_m, unet_lora, te_lora, state.step, identity, data_hash, examples
     )
     _sample_grid(
         out,
@@ -797,7 +586,7 @@ def _finish(state: _LoraRun, data: Manifest, seconds: float, trained_steps: int,
         mixed_precision=state.accelerator.mixed_precision,
         base_model=identity[0],
         base_model_sha256=identity[1],
-        dataset_sha256=dataset_hash,
+        dataset_sha256=data_hash,
         lora_diffusers=str(out / DIFFUSERS_WEIGHT_NAME),
         lora_kohya=str(out / f"{cfg.output_name}.safetensors"),
         peak_gpu_memory_gb=round(peak, 3) if peak is not None else None,
@@ -809,135 +598,6 @@ def _steady_rate(steady_from: tuple[int, float] | None, step: int) -> float | No
     if steady_from is None or step <= steady_from[0]:
         return None
     return round((step - steady_from[0]) / (time.perf_counter() - steady_from[1]), 3)
-
-
-def _dataset_hash(examples: list[Example]) -> str:
-    digest = hashlib.sha256()
-    for e in sorted(examples, key=lambda e: e.path):
-        with open(e.path, "rb") as handle:
-            digest.update(hashlib.sha256(handle.read()).digest())
-        digest.update(f"{e.label}\t{e.caption}\n".encode())
-    return digest.hexdigest()
-
-
-def _read_loss(out: Path) -> list[dict[str, Any]]:
-    path = out / "loss.csv"
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return [
-            {
-                "step": int(r["step"]),
-                "epoch": int(r["epoch"]),
-                "loss": float(r["loss"]),
-                "lr": float(r["lr"]),
-            }
-            for r in csv.DictReader(handle)
-        ]
-
-
-def _write_loss(out: Path, history: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["step", "epoch", "loss", "lr"])
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(out / "loss.csv", buffer.getvalue())
-    if history:
-        loss_curve(
-            out / "loss.png",
-            [r["step"] for r in history],
-            [r["loss"] for r in history],
-            title="LoRA training loss",
-        )
-
-
-def _lora_tensors(accelerator, unet, text_encoder, cfg) -> dict[str, torch.Tensor]:
-    unet_sd, te_sd = peft_state_dicts(
-        accelerator.unwrap_model(unet),
-        accelerator.unwrap_model(text_encoder) if cfg.train_text_encoder else None,
-    )
-    tensors = {f"unet.{k}": v.detach().float().cpu().contiguous() for k, v in unet_sd.items()}
-    tensors.update(
-        {f"text_encoder.{k}": v.detach().float().cpu().contiguous() for k, v in te_sd.items()}
-    )
-    return tensors
-
-
-def _save_checkpoint(
-    out, step, accelerator, unet, text_encoder, optimizer, lr_scheduler, history, cfg
-) -> None:
-    """Write checkpoints/step-N atomically (temp folder, then rename); keep the newest few."""
-    from safetensors.torch import save_file
-
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    folder = out / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=folder))
-    save_file(_lora_tensors(accelerator, unet, text_encoder, cfg), str(tmp / "lora.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-    _write_loss(out, history)
-    write_json(tmp / "state.json", {"step": step, "config": to_dict(cfg)})  # written last
-    final = folder / f"step-{step:06d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in _checkpoints(out)[: -cfg.keep_checkpoints or None]:
-        shutil.rmtree(old, ignore_errors=True)
-    logger.info("checkpoint %s", final)
-
-
-def _save_final(
-    out, cfg, unet, text_encoder, unet_lora, te_lora, steps, identity, dataset_hash, examples
-) -> None:
-
-    captions = {}
-    for e in examples:
-        captions.setdefault(e.label, Counter())[e.caption] += 1
-    metadata = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(cfg.rank),
-        "ss_network_alpha": str(cfg.alpha),
-        "ss_steps": str(steps),
-        "ss_seed": str(cfg.seed),
-        "ss_clip_skip": str(cfg.clip_skip),
-        "ss_enable_bucket": str(cfg.buckets and not cfg.center_crop),
-        "ss_bucket_no_upscale": str(not cfg.bucket_upscale),
-        "ss_cache_latents": str(cfg.cache_latents),
-        "ss_mixed_precision": cfg.mixed_precision,
-        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
-        "ss_sd_model_name": identity[0],
-        "ss_new_sd_model_hash": identity[1],
-        "ss_output_name": cfg.output_name,
-        "ss_base_model_version": "sd_v1",
-        "ss_learning_rate": str(cfg.unet_lr),
-        "ss_unet_lr": str(cfg.unet_lr),
-        "ss_text_encoder_lr": str(cfg.text_encoder_lr),
-        "ss_num_train_images": str(len(examples)),
-        "ss_tag_frequency": {plane: dict(c) for plane, c in captions.items()},
-        "fulora_version": __version__,
-        "fulora_base_model": cfg.base,
-        "fulora_base_model_sha256": identity[1],
-        "fulora_dataset_sha256": dataset_hash,
-        "fulora_captions": {plane: c.most_common(1)[0][0] for plane, c in captions.items()},
-        "fulora_buckets": sorted({f"{e.bucket[0]}x{e.bucket[1]}" for e in examples}),
-        # the most common training bucket: generation's default size
-        "fulora_size": "x".join(map(str, Counter(e.bucket for e in examples).most_common(1)[0][0])),
-        "fulora_targets": cfg.targets,
-        "fulora_config": to_dict(cfg),
-    }
-    save_lora_files(
-        out,
-        unet,
-        text_encoder,
-        unet_lora,
-        te_lora,
-        output_name=cfg.output_name,
-        metadata=metadata,
-        save_dtype=cfg.save_dtype,
-    )
 
 
 def _sample_grid(out, step, pipe, accelerator, unet, text_encoder, examples, cfg, device) -> None:
