@@ -34,7 +34,15 @@ from tqdm.auto import tqdm
 
 from fulora.errors import ConfigError
 from fulora.experiment.layout import STAGE_MARKER
-from fulora.experiment.stages import Stage, StageRun, execute_stage, node_name, supersede
+from fulora.experiment.stages import (
+    Stage,
+    StageRun,
+    execute_stage,
+    node_name,
+    shard_name,
+    supersede_outdated,
+)
+from fulora.runs import LOG_NAME
 
 logger = logging.getLogger("fulora")
 
@@ -91,10 +99,8 @@ class _Unit:
 
     @property
     def name(self) -> str:
-        """The stage's name, with the shard for a shard."""
-        if self.shard is None:
-            return self.stage.name
-        return f"{self.stage.name} (shard {self.shard[0] + 1}/{self.shard[1]})"
+        """The stage's name, with the shard for a shard (as :func:`execute_stage` reports it)."""
+        return shard_name(self.stage.name, self.shard)
 
 
 def run_on_ray(
@@ -217,8 +223,7 @@ def _units(stages: list[Stage], out: Path, states: dict[str, str]) -> list[_Unit
     for stage in stages:
         if stage.name not in todo:
             continue
-        if states[stage.name] in ("stale", "forced") and stage.folder.exists():
-            supersede(out, stage.folder)
+        supersede_outdated(out, stage, states[stage.name])
         needs = {name for name in stage.after if name in todo}
         shards = []
         if stage.shards > 1 and stage.shard_action is not None:
@@ -262,8 +267,9 @@ def _schedule(ray: Any, units: list[_Unit], options: RayOptions, gpu: bool) -> l
                 else:
                     tqdm.write(f"[ray] {outcome.stage} failed: {outcome.error} (log {outcome.log})")
                 bar.update(1)
-            if _running_names(running.values()) != shown:  # a log file gets changes only
-                shown = _running_names(running.values())
+            now = _running_names(running.values())
+            if now != shown:  # a log file gets changes only
+                shown = now
                 bar.set_postfix_str(shown, refresh=True)
     except KeyboardInterrupt:
         bar.close()
@@ -320,7 +326,7 @@ def _outcome(ray: Any, ref: Any, unit: _Unit, retries: int) -> StageRun:
 
 
 def _log(unit: _Unit) -> str:
-    return str(unit.stage.folder / "log.txt")
+    return str(unit.stage.folder / LOG_NAME)
 
 
 def _running_names(units: Any, shown: int = 3) -> str:

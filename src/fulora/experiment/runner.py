@@ -37,6 +37,7 @@ from fulora.experiment.stages import (
     failure_message,
     node_summary,
     run_locally,
+    stage_of,
     stage_seconds,
     write_stage_runs,
 )
@@ -125,7 +126,7 @@ def run_experiment(
             report_path = build_report(out)
     finally:
         run.close()
-    ran = sum(r.state == "ran" for r in runs if "(shard" not in r.stage)
+    ran = sum(r.state == "ran" for r in runs if not stage_of(r.stage)[1])
     skipped = sum(r.state == "skipped" for r in runs)
     record = run.finish(
         name=cfg.name,

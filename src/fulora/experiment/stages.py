@@ -15,7 +15,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -116,35 +116,65 @@ def node_name() -> str:
     return socket.gethostname()
 
 
-def execute_stage(
-    stage: Stage, shard: tuple[int, int] | None = None, threads: int | None = None
-) -> StageRun:
-    """Run one stage (or shard ``(k, n)`` of it) here, its output and errors in its ``log.txt``.
+_SHARD = " (shard "
 
-    This is the body of a Ray task; the stage's own run folder logs through ``RunDir`` to the
-    same file. Printed output (progress bars) goes there too, so a worker's terminal stays
-    quiet and every stage's story is in its folder. ``threads`` sets torch's CPU threads: the
-    thread count changes the summation order of CPU matrix products, so equal counts give
-    equal numbers.
+
+def shard_name(stage: str, shard: tuple[int, int] | None) -> str:
+    """The name a shard ``(k, n)`` of a stage runs under: ``NAME (shard k+1/n)``."""
+    return stage if shard is None else f"{stage}{_SHARD}{shard[0] + 1}/{shard[1]})"
+
+
+def stage_of(run_name: str) -> tuple[str, bool]:
+    """(the stage's name, whether ``run_name`` is one of its shards): :func:`shard_name` undone."""
+    stage, shard, _ = run_name.partition(_SHARD)
+    return stage, bool(shard)
+
+
+def supersede_outdated(out: Path, stage: Stage, state: str) -> None:
+    """Move a stale or forced stage's folder aside before the stage runs again."""
+    if state in ("stale", "forced") and stage.folder.exists():
+        supersede(out, stage.folder)
+
+
+@contextmanager
+def _output_to(log: Path, name: str):
+    """Printed output (progress bars) and any traceback of the block appended to ``log``."""
+    with open(log, "a", encoding="utf-8", buffering=1) as stream:
+        with redirect_stdout(stream), redirect_stderr(stream):
+            try:
+                yield
+            except BaseException:
+                print(f"{now_iso()} {name} failed on {node_name()}:", file=stream)
+                traceback.print_exc(file=stream)
+                raise
+
+
+def execute_stage(
+    stage: Stage,
+    shard: tuple[int, int] | None = None,
+    threads: int | None = None,
+    capture: bool = True,
+) -> StageRun:
+    """Run one stage (or shard ``(k, n)`` of it) here; its outcome, node and seconds.
+
+    As a Ray task (``capture``), printed output and errors go to the stage's ``log.txt``, where
+    the stage's own run folder logs through ``RunDir`` too, so a worker's terminal stays quiet
+    and every stage's story is in its folder; the local executor leaves them on the terminal.
+    ``threads`` sets torch's CPU threads: the thread count changes the summation order of CPU
+    matrix products, so equal counts give equal numbers.
     """
     if threads is not None:
         torch.set_num_threads(threads)
     begin_stage(stage)
     log = stage.folder / LOG_NAME
-    name = stage.name + (f" (shard {shard[0] + 1}/{shard[1]})" if shard else "")
+    name = shard_name(stage.name, shard)
     started = time.perf_counter()
-    with open(log, "a", encoding="utf-8", buffering=1) as stream:
-        with redirect_stdout(stream), redirect_stderr(stream):
-            try:
-                if shard is None:
-                    stage.action()
-                else:
-                    assert stage.shard_action is not None
-                    stage.shard_action(*shard)
-            except BaseException:
-                print(f"{now_iso()} {name} failed on {node_name()}:", file=stream)
-                traceback.print_exc(file=stream)
-                raise
+    with _output_to(log, name) if capture else nullcontext():
+        if shard is None:
+            stage.action()
+        else:
+            assert stage.shard_action is not None
+            stage.shard_action(*shard)
     seconds = round(time.perf_counter() - started, 2)
     return StageRun(name, stage.kind, "ran", node_name(), seconds, str(log))
 
@@ -160,15 +190,9 @@ def run_locally(plan_stages: list[Stage], out: Path, states: dict[str, str]) -> 
             print(f"{prefix}: done, skipped")
             runs.append(StageRun(stage.name, stage.kind, "skipped"))
             continue
-        if state in ("stale", "forced") and stage.folder.exists():
-            supersede(out, stage.folder)
+        supersede_outdated(out, stage, state)
         print(f"{prefix}: {partial_word(stage) if state == 'partial' else 'running'}")
-        begin_stage(stage)
-        started = time.perf_counter()
-        stage.action()
-        seconds = round(time.perf_counter() - started, 2)
-        log = str(stage.folder / LOG_NAME)
-        runs.append(StageRun(stage.name, stage.kind, "ran", node_name(), seconds, log))
+        runs.append(execute_stage(stage, capture=False))
     return runs
 
 
@@ -201,7 +225,7 @@ def stage_seconds(runs: list[StageRun]) -> dict[str, float]:
     seconds: dict[str, float] = {}
     shards: dict[str, float] = {}
     for run in runs:
-        name, shard, _ = run.stage.partition(" (shard ")
+        name, shard = stage_of(run.stage)
         if shard:
             shards[name] = max(shards.get(name, 0.0), run.seconds)
         else:

@@ -529,17 +529,7 @@ def _checkpoint_and_sample(state: _LoraRun) -> None:
             cfg,
         )
     if cfg.sample_every and step % cfg.sample_every == 0 and state.accelerator.is_main_process:
-        _sample_grid(
-            state.out,
-            step,
-            state.pipe,
-            state.accelerator,
-            state.unet,
-            state.text_encoder,
-            state.examples,
-            cfg,
-            state.device,
-        )
+        _sample_grid(state)
 
 
 def _finish(state: _LoraRun, data: Manifest, seconds: float, trained_steps: int, steady_from):
@@ -554,17 +544,7 @@ def _finish(state: _LoraRun, data: Manifest, seconds: float, trained_steps: int,
     save_final(
         out, cfg, unet_m, te_m, unet_lora, te_lora, state.step, identity, data_hash, examples
     )
-    _sample_grid(
-        out,
-        state.step,
-        state.pipe,
-        state.accelerator,
-        state.unet,
-        state.text_encoder,
-        examples,
-        cfg,
-        device,
-    )
+    _sample_grid(state)
     buckets = [f"{e.bucket[0]}x{e.bucket[1]}" for e in examples]
     Manifest(
         data.frame.assign(caption=[e.caption for e in examples], bucket=buckets),
@@ -600,10 +580,13 @@ def _steady_rate(steady_from: tuple[int, float] | None, step: int) -> float | No
     return round((step - steady_from[0]) / (time.perf_counter() - steady_from[1]), 3)
 
 
-def _sample_grid(out, step, pipe, accelerator, unet, text_encoder, examples, cfg, device) -> None:
-    """One fixed-seed image per plane with the current LoRA, as samples/step-N.png."""
+def _sample_grid(state: _LoraRun) -> None:
+    """One fixed-seed image per plane with the LoRA as it is now, as samples/step-N.png."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+    out, step, pipe, accelerator = state.out, state.step, state.pipe, state.accelerator
+    unet, text_encoder, examples = state.unet, state.text_encoder, state.examples
+    cfg, device = state.cfg, state.device
     unet_m = accelerator.unwrap_model(unet)
     te_m = accelerator.unwrap_model(text_encoder)
     was_training = unet_m.training
