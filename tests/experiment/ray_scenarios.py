@@ -97,15 +97,26 @@ def faults(config: str, out: str) -> dict:
     }
 
 
+HELD = "classify/HB/tiny_cnn/seed-0"  # the stage the interrupted run is held in
+
+
+def _held(action, marker: Path):
+    def run():
+        marker.write_text("held")  # Ctrl-C comes now, while this stage runs
+        time.sleep(120)
+        return action()
+
+    return run
+
+
 def interrupt(config: str, out: str) -> dict:
-    """Ctrl-C while stages run, then the same command again."""
-    script = [sys.executable, __file__, "run", config, out]
+    """Ctrl-C while stages run (one is held running until then), then the same command again."""
+    script = [sys.executable, __file__, "run", config, out, "hold"]
     driver = subprocess.Popen(script, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    marker = Path(out) / "lora"
-    while time.time() < deadline and not any(marker.glob("*/done.json")):
+    marker = Path(out).parent / "held"
+    while time.time() < deadline and not marker.exists():
         time.sleep(0.2)
-    time.sleep(1.0)  # the classifiers and generation are under way
     driver.send_signal(signal.SIGINT)
     try:
         output, _ = driver.communicate(timeout=60)
@@ -144,8 +155,19 @@ def _ray_processes_left(wait: float = 15.0) -> list[str]:
         time.sleep(0.5)
 
 
-def run(config: str, out: str) -> dict:
-    """A plain Ray run (the interrupted driver of :func:`interrupt`)."""
+def run(config: str, out: str, hold: str = "") -> dict:
+    """A Ray run (the interrupted driver of :func:`interrupt`, holding :data:`HELD` with hold)."""
+    if hold:
+        plan_experiment = runner.plan_experiment
+
+        def patched(cfg, out_dir):
+            plan = plan_experiment(cfg, out_dir)
+            for stage in plan.stages:
+                if stage.name == HELD:
+                    stage.action = _held(stage.action, Path(out).parent / "held")
+            return plan
+
+        runner.plan_experiment = patched
     try:
         return _ray(config, out)
     except KeyboardInterrupt:
