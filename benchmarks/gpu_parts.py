@@ -289,7 +289,7 @@ def part_generate(args, rec: Recorder) -> None:
     rec.note("setting", f"{side}x{side}, {steps} steps, DPM++ 2M Karras, CFG 7")
     rec.attempt("plain pipe(prompt) batch 1", lambda: _plain_generate(rec, args, side, steps))
     tmp = Path(tempfile.mkdtemp(prefix="fulora-bench-gen-"))
-    default = dict(channels_last=False, fuse_qkv=False, compile=False)  # GenerateConfig's
+    default = dict(channels_last=False, fuse_qkv=False, compile=False, write_threads=2)
     for batch in batches:
         rec.attempt(
             f"fulora batch {batch}",
@@ -298,10 +298,12 @@ def part_generate(args, rec: Recorder) -> None:
         )
     top = batches[-1]
     options = [
+        ("write_threads 0", dict(default, write_threads=0)),  # PNGs written in the loop
         ("channels_last on", dict(default, channels_last=True)),
         ("fuse_qkv", dict(default, fuse_qkv=True)),
         ("compile", dict(default, compile=True)),
         ("compile + fuse_qkv", dict(default, compile=True, fuse_qkv=True)),
+        ("compile + channels_last", dict(default, compile=True, channels_last=True)),
     ]
     if args.smoke:  # inductor's CPU compile of the UNet alone outlasts the smoke budget
         rec.note("not_in_smoke", "compile options (GPU run only)")

@@ -65,10 +65,16 @@ def machine() -> dict:
     return info
 
 
-def run_parts(names: list[str], model: Path, work: Path, budget: float, smoke: bool, save):
-    """Run each part in its own process within its share of ``budget``; return their data."""
+def run_parts(
+    names: list[str], model: Path, work: Path, budget: float, smoke: bool, save, only=None
+):
+    """Run each part in its own process within its share of ``budget``; return their data.
+
+    ``only``: just these settings (row names as in the log, e.g. ``"fulora batch 32 compile"``)
+    in every part but the model's, for a short GPU lease.
+    """
     end = time.time() + budget
-    shares = [(n, s) for n, s in PARTS if n in names]
+    shares = [(n, dict(PARTS)[n]) for n in names]  # in the order given: the last gets the rest
     results = {}
     for i, (name, share) in enumerate(shares):
         left = end - time.time()
@@ -76,6 +82,7 @@ def run_parts(names: list[str], model: Path, work: Path, budget: float, smoke: b
         path = work / f"{name}.json"
         cmd = [sys.executable, str(HERE / "gpu_parts.py"), name, "--model", str(model)]
         cmd += ["--json", str(path), "--deadline", str(deadline)] + (["--smoke"] if smoke else [])
+        cmd += ["--only", *only] if only and name != "model" else []
         print(f"== {name}: up to {deadline - time.time():.0f} s", flush=True)
         started = time.time()
         try:
@@ -211,7 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=float, help="seconds for all parts (default 1100; 100 with --smoke)"
     )
     parser.add_argument(
-        "--parts", nargs="+", default=[n for n, _ in PARTS], choices=[n for n, _ in PARTS]
+        "--parts",
+        nargs="+",
+        default=[n for n, _ in PARTS],
+        choices=[n for n, _ in PARTS],
+        help="parts to run, in this order (the model's always first)",
+    )
+    parser.add_argument(
+        "--only", nargs="+", metavar="SETTING", help="just these settings (names as in the log)"
     )
     parser.add_argument(
         "--render", type=Path, metavar="JSON", help="rewrite the .md of an earlier run's JSON"
@@ -244,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fulora-gpu-suite-") as work:
         work = Path(work)
-        parts = args.parts if "model" in args.parts else ["model", *args.parts]
-        run_parts(parts, work / "model", work, budget, args.smoke, save)
+        parts = ["model", *(p for p in args.parts if p != "model")]
+        run_parts(parts, work / "model", work, budget, args.smoke, save, args.only)
     print(markdown(report))
     print(f"results: {args.out / stem}.json and .md")
     failed = [p for p, d in report["results"].items() if d.get("exit") or not d.get("rows")]

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
@@ -302,3 +303,121 @@ def test_shards_then_a_plain_run_equal_one_run(full_run, tiny_model, trained_lor
         assert np.array_equal(pixels, full[rel]), rel
     with pytest.raises(ConfigError, match="shard"):
         generate(tmp_path / "bad", cfg, shard=(3, 3), progress=False)
+
+
+# ------------------------------------------------ decoding, the fp16-VAE NaN guard, PNG writers
+
+
+def _tiny_pipe(tiny_model):
+    from fulora.generate.samplers import make_scheduler
+    from fulora.lora.base import load_pipeline
+
+    pipe = load_pipeline(str(tiny_model), dtype=torch.float32)
+    pipe.scheduler = make_scheduler("dpmpp_2m_karras", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_decoding_equals_the_diffusers_pipelines_own(tiny_model):
+    """Reference: diffusers' StableDiffusionPipeline decoding and post-processing itself
+    (``output_type="np"``); fulora asks it for latents and decodes them with its NaN guard."""
+    from types import SimpleNamespace
+
+    from fulora.generate.run import _denoise
+    from fulora.lora.conditioning import prompt_embeddings
+
+    pipe = _tiny_pipe(tiny_model)
+    embeddings = prompt_embeddings(
+        pipe.tokenizer, pipe.text_encoder, "a photo of fetal brain", "", 1, torch.device("cpu")
+    )
+    seeds = [3, 11]
+    cfg = SimpleNamespace(steps=3, guidance=7.0)
+    ours = _denoise(pipe, embeddings, seeds, cfg, SimpleNamespace(width=64, height=48))
+    theirs = pipe(
+        prompt_embeds=embeddings[0].repeat(2, 1, 1),
+        negative_prompt_embeds=embeddings[1].repeat(2, 1, 1),
+        height=48,
+        width=64,
+        num_inference_steps=3,
+        guidance_scale=7.0,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="np",
+    ).images
+    assert ours.shape == (2, 48, 64, 3) and np.array_equal(ours, theirs)
+
+
+def _nan_when(vae, condition):
+    """Make the VAE decoder's output NaN for batch rows where ``condition(dtype)`` holds."""
+
+    def hook(module, args, output):
+        if condition(output.dtype):
+            output = output.clone()
+            output[-1] = float("nan")  # the batch's last image
+        return output
+
+    return vae.decoder.register_forward_hook(hook)
+
+
+def test_nan_guard_redecodes_only_the_broken_images_in_fp32(tiny_model):
+    import copy
+
+    from fulora.generate.run import decode_latents
+
+    vae = _tiny_pipe(tiny_model).vae.to(torch.bfloat16)
+    latents = torch.randn(3, 4, 6, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        plain = vae.decode(latents / vae.config.scaling_factor)[0]
+        upcast = copy.deepcopy(vae).float()  # the same (bf16-rounded) weights in fp32
+        exact = upcast.decode(latents.float() / vae.config.scaling_factor)[0]
+        handle = _nan_when(vae, lambda dtype: dtype == torch.bfloat16)
+        guarded = decode_latents(vae, latents, seeds=[1, 2, 3])
+        handle.remove()
+    assert not torch.isnan(guarded).any()
+    assert torch.equal(guarded[:2], plain[:2])  # the sound images keep their bf16 bytes
+    assert torch.equal(guarded[2], exact[2].bfloat16())  # the broken one: fp32's
+    assert vae.dtype == torch.bfloat16  # the VAE is back in half precision afterwards
+
+
+def test_nan_even_in_fp32_names_the_seeds(tiny_model):
+    from fulora.errors import DataError
+    from fulora.generate.run import decode_latents
+
+    vae = _tiny_pipe(tiny_model).vae
+    _nan_when(vae, lambda dtype: True)
+    with torch.no_grad(), pytest.raises(DataError, match=r"seeds \[9\] decode to NaN even in fp32"):
+        decode_latents(vae, torch.zeros(2, 4, 6, 8), seeds=[8, 9])
+
+
+def test_writer_threads_change_no_byte(full_run, tiny_model, trained_lora, tmp_path):
+    """``write_threads`` overlaps PNG writing with denoising; 0 writes in the loop."""
+    generate(tmp_path, _cfg(tiny_model, trained_lora, write_threads=0), progress=False)
+    in_loop, threaded = _images(tmp_path), _images(full_run)
+    assert in_loop.keys() == threaded.keys()
+    assert all(np.array_equal(in_loop[rel], threaded[rel]) for rel in in_loop)
+    # a speed setting: the finished run is not "another configuration"
+    record = generate(tmp_path, _cfg(tiny_model, trained_lora, write_threads=4), progress=False)
+    assert record["this_run_generated"] == 0
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_failed_write_stops_the_run_and_keeps_what_was_written(
+    tiny_model, tmp_path, monkeypatch, threads
+):
+    import fulora.generate.run as run
+
+    real = run._save_image
+
+    def save(out, plane, index, *rest):
+        if plane == "brain" and index == 5:  # the second batch (indices 4-5)
+            raise OSError("disk full")
+        real(out, plane, index, *rest)
+
+    monkeypatch.setattr(run, "_save_image", save)
+    with pytest.raises(OSError, match="disk full"):
+        generate(tmp_path, _cfg(tiny_model, write_threads=threads), progress=False)
+    written = sorted(p.name.split("-")[0] for p in tmp_path.glob("brain/*.png"))
+    assert written[:4] == ["00000", "00001", "00002", "00003"] and "00005" not in written
+    assert not (tmp_path / "done.json").exists() and not list(tmp_path.rglob("*.tmp*"))
+    monkeypatch.setattr(run, "_save_image", real)  # the rerun makes only what is missing
+    record = generate(tmp_path, _cfg(tiny_model, write_threads=threads), progress=False)
+    assert record["this_run_generated"] == 12 - len(written) and record["images"] == 12

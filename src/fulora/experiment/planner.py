@@ -56,7 +56,16 @@ from fulora.planes import PLANES, check_planes
 logger = logging.getLogger("fulora")
 
 # Settings that change where or how fast a stage runs, not what it produces.
-_NOT_IN_KEY = {"device", "cache_dir", "num_workers", "base", "base_config", "lora", "progress"}
+_NOT_IN_KEY = {
+    "device",
+    "cache_dir",
+    "num_workers",
+    "write_threads",
+    "base",
+    "base_config",
+    "lora",
+    "progress",
+}
 
 Cell = tuple[str, str | None, str, int]  # (regime, LoRA variant or None, arch, seed)
 

@@ -20,8 +20,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +64,7 @@ class GenerateConfig(Checked):
         "seed": SEED,
         "batch_size": AT_LEAST_1,
         "contact_sheet": AT_LEAST_0,
+        "write_threads": Range(0, 32),
     }
 
     def check(self) -> None:
@@ -103,9 +106,16 @@ class GenerateConfig(Checked):
     vae_tiling: bool = False
     fuse_qkv: bool = False  # one q/k/v projection per attention (needs fuse_lora with a LoRA)
     compile: bool = False  # torch.compile the UNet and the VAE decoder (first batch compiles)
+    # threads that write a batch's PNGs while the next batch denoises; 0: write them in the loop
+    write_threads: int = 2
     color: Literal["L", "RGB"] = "L"  # ultrasound is grayscale
     contact_sheet: int = 8  # thumbnails per side of each plane's contact sheet; 0: none
     device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
+
+
+# settings that change how fast images are written, never their bytes: a run may resume with
+# another value (and an older run folder's config.yaml may not have the key at all)
+_SPEED_ONLY = {"write_threads"}
 
 
 def image_seed(run_seed: int, plane: str, index: int) -> int:
@@ -305,7 +315,7 @@ def generate(
 
     out = Path(out)
     resolved = plan(cfg)
-    changed = RunDir(out).changed_config_keys(cfg)
+    changed = [k for k in RunDir(out).changed_config_keys(cfg) or () if k not in _SPEED_ONLY]
     if changed and not only:
         raise ConfigError(
             f"{out} already holds images made with another configuration "
@@ -367,15 +377,18 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
             unit="img",
             disable=not progress,
         )
-        for plane, indices in mine:
-            plane_seeds = [seeds[(plane, i)] for i in indices]
-            images = _denoise(pipe, embeddings[plane], plane_seeds, cfg, resolved)
-            for index, seed, array in zip(indices, plane_seeds, images, strict=True):
-                if (plane, index) in targets:
-                    _save_image(out, plane, index, seed, array, cfg, resolved, made)
-                    bar.update(1)
-            if made.first_batch is None:  # compilation, autotuning and allocation happen here
-                made.first_batch = (made.generated, time.perf_counter())
+        with _ImageWriter(cfg.write_threads, made, bar) as writer:
+            for plane, indices in mine:
+                plane_seeds = [seeds[(plane, i)] for i in indices]
+                images = _denoise(pipe, embeddings[plane], plane_seeds, cfg, resolved)
+                jobs = [
+                    partial(_save_image, out, plane, index, seed, array, cfg, resolved, made)
+                    for index, seed, array in zip(indices, plane_seeds, images, strict=True)
+                    if (plane, index) in targets
+                ]
+                writer.write(jobs)
+                if made.first_batch is None:  # compilation, autotuning and allocation happen here
+                    made.first_batch = (len(jobs), time.perf_counter())
         bar.close()
     summary = made.summary(part.count)
     if part.processes is not None:
@@ -460,7 +473,7 @@ def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> np.ndarray:
     positive, negative = embeddings
     n = len(seeds)
     with torch.no_grad():
-        return pipe(
+        latents = pipe(
             prompt_embeds=positive.repeat(n, 1, 1),
             negative_prompt_embeds=negative.repeat(n, 1, 1) if negative is not None else None,
             height=resolved.height,
@@ -468,8 +481,47 @@ def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> np.ndarray:
             num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance,
             generator=[torch.Generator().manual_seed(seed) for seed in seeds],
-            output_type="np",
+            output_type="latent",
         ).images
+        pixels = decode_latents(pipe.vae, latents, seeds)
+    return pipe.image_processor.postprocess(pixels, output_type="np", do_denormalize=[True] * n)
+
+
+def decode_latents(vae, latents: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """The VAE decode of a batch (in [-1, 1]), as diffusers' pipeline does it, with a NaN guard.
+
+    A half-precision VAE can overflow to NaN on some latents (AUTOMATIC1111 then re-decodes in
+    fp32, its ``--no-half-vae`` fallback); the images that came out NaN are decoded again in fp32,
+    alone, so that every other image keeps its half-precision bytes and a resumed run its
+    determinism.
+
+    Raises:
+        DataError: An image is NaN even from an fp32 VAE (the latents themselves are broken:
+            the UNet overflowed, e.g. with too large a LoRA scale), naming its seeds.
+    """
+    pixels = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    broken = torch.isnan(pixels).flatten(1).any(dim=1)
+    if not bool(broken.any()):
+        return pixels
+    rows = broken.nonzero().flatten()
+    bad_seeds = [seeds[i] for i in rows.tolist()]
+    half = vae.dtype
+    if half != torch.float32:
+        logger.warning("VAE gave NaN in %s for seeds %s: decoding them in fp32", half, bad_seeds)
+        vae.to(torch.float32)
+        try:
+            again = vae.decode(latents[rows].float() / vae.config.scaling_factor)[0]
+        finally:
+            vae.to(half)
+        pixels[rows] = again.to(pixels.dtype)
+        still = torch.isnan(again).flatten(1).any(dim=1)
+        bad_seeds = [seeds[i] for i in rows[still].tolist()]
+    if bad_seeds:
+        raise DataError(
+            f"the denoised latents of seeds {bad_seeds} decode to NaN even in fp32: the UNet "
+            "overflowed (try dtype: fp32, or a smaller lora_scale)"
+        )
+    return pixels
 
 
 @dataclass
@@ -547,7 +599,52 @@ def _save_image(out, plane, index, seed, array, cfg, resolved, made: _Made) -> N
     info.add_text("fulora", json.dumps(row))
     with atomic_path(image_path(out, plane, index, seed)) as tmp:
         img.save(tmp, format="PNG", pnginfo=info)
-    made.generated += 1
+
+
+class _ImageWriter:
+    """Writes one batch's PNGs on threads while the next batch denoises (0 threads: at once).
+
+    PNG encoding and the fsync of each file are CPU work that would otherwise leave the GPU idle
+    between batches. At most one batch waits to be written (memory stays bounded), a failed write
+    raises at the next batch, and leaving the block waits for every queued image, so work that
+    was denoised is on disk even when the run stops with an error.
+    """
+
+    def __init__(self, threads: int, made: _Made, bar) -> None:
+        self.made, self.bar = made, bar
+        self.pool = ThreadPoolExecutor(threads, "fulora-png") if threads else None
+        self.pending: list[Future] = []
+
+    def write(self, jobs: list[Callable[[], None]]) -> None:
+        """Queue one batch's image writes, once the previous batch's are on disk."""
+        self.drain()
+        if self.pool is None:
+            for job in jobs:
+                job()
+                self._count()
+        else:
+            self.pending = [self.pool.submit(job) for job in jobs]
+
+    def drain(self) -> None:
+        """Wait for the queued writes; the first failure raises."""
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()
+            self._count()
+
+    def _count(self) -> None:
+        self.made.generated += 1
+        self.bar.update(1)
+
+    def __enter__(self) -> _ImageWriter:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.pool is None:
+            return
+        if kind is None:
+            self.drain()
+        self.pool.shutdown(wait=True)  # on an error too: what was denoised reaches the disk
 
 
 def _steady_rate(
