@@ -110,19 +110,20 @@ def part_model(args, rec: Recorder) -> None:
 # ---------------------------------------------------------------------------------------- LoRA
 
 
-def _lora_settings(smoke: bool) -> list[tuple[int, bool, bool]]:
-    """(batch, cache latents, gradient checkpointing), most informative first."""
+def _lora_settings(smoke: bool) -> list[tuple[int, bool, bool, bool]]:
+    """(batch, cache latents, gradient checkpointing, cuDNN autotuning), most informative first."""
     if smoke:
-        return [(1, True, False), (2, False, True)]
+        return [(1, True, False, False), (2, False, True, False)]
     return [
-        (1, True, False),  # the paper recipe as fulora runs it
-        (1, False, False),
-        (1, True, True),
-        (8, True, False),
-        (8, True, True),
-        (8, False, False),
-        (1, False, True),
-        (8, False, True),
+        (1, True, False, False),  # the paper recipe as fulora runs it
+        (1, True, False, True),  # the same with torch.backends.cudnn.benchmark on
+        (1, False, False, False),
+        (1, True, True, False),
+        (8, True, False, False),
+        (8, True, True, False),
+        (8, False, False, False),
+        (1, False, True, False),
+        (8, False, True, False),
     ]
 
 
@@ -137,12 +138,12 @@ def part_lora(args, rec: Recorder) -> None:
     generate_phantom(tmp / "data", PhantomConfig(per_class=2 if args.smoke else 20, grid=False))
     data = read_any(tmp / "data")
     rec.note("setting", f"{size} px, rank {rank}, kohya targets + text encoder, {steps} steps")
-    for batch, cache, ckpt in _lora_settings(args.smoke):
-        name = f"fulora batch {batch} cache {cache} ckpt {ckpt}"
+    for batch, cache, ckpt, tuned in _lora_settings(args.smoke):
+        name = f"fulora batch {batch} cache {cache} ckpt {ckpt}" + (" cudnn_benchmark" * tuned)
         rec.attempt(
             name,
-            lambda b=batch, c=cache, k=ckpt: _fulora_lora(
-                rec, args.model, data, tmp, size, rank, steps, b, c, k
+            lambda b=batch, c=cache, k=ckpt, t=tuned: _fulora_lora(
+                rec, args.model, data, tmp, size, rank, steps, b, c, k, t
             ),
             reserve=0 if args.smoke else 20,
         )
@@ -154,7 +155,7 @@ def part_lora(args, rec: Recorder) -> None:
         )
 
 
-def _fulora_lora(rec, model, data, tmp, size, rank, steps, batch, cache, ckpt) -> None:
+def _fulora_lora(rec, model, data, tmp, size, rank, steps, batch, cache, ckpt, tuned) -> None:
     from fulora.lora.train import LoraTrainConfig, train_lora
 
     cfg = LoraTrainConfig(
@@ -177,13 +178,18 @@ def _fulora_lora(rec, model, data, tmp, size, rank, steps, batch, cache, ckpt) -
         seed=0,
     )
     _free()
-    record = train_lora(data, tmp / f"run-{batch}-{cache}-{ckpt}", cfg, progress=False)
+    torch.backends.cudnn.benchmark = tuned
+    try:
+        record = train_lora(data, tmp / f"run-{batch}-{cache}-{ckpt}-{tuned}", cfg, progress=False)
+    finally:
+        torch.backends.cudnn.benchmark = False
     rate = record["steady_steps_per_s"] or record["steps_per_s"]
     rec.row(
         loop="fulora",
         batch=batch,
         cache_latents=cache,
         checkpointing=ckpt,
+        cudnn_benchmark=tuned,
         steps_per_s=rate,
         images_per_s=round(rate * batch, 3),
         peak_gib=record["peak_gpu_memory_gb"],
@@ -304,6 +310,8 @@ def part_generate(args, rec: Recorder) -> None:
         ("compile", dict(default, compile=True)),
         ("compile + fuse_qkv", dict(default, compile=True, fuse_qkv=True)),
         ("compile + channels_last", dict(default, compile=True, channels_last=True)),
+        # cuDNN autotuning (torch.backends.cudnn.benchmark) for the compiled convolutions
+        ("compile + cudnn_benchmark", dict(default, compile=True, cudnn_benchmark=True)),
     ]
     if args.smoke:  # inductor's CPU compile of the UNet alone outlasts the smoke budget
         rec.note("not_in_smoke", "compile options (GPU run only)")
@@ -350,6 +358,9 @@ def _fulora_generate(rec, args, tmp, side, steps, batch, options, name="default"
     """One run of 3 batches (5 at batch 1): the first warms up (and compiles), the rest count."""
     from fulora.generate.run import GenerateConfig, generate
 
+    options = dict(options)
+    tuned = options.pop("cudnn_benchmark", False)
+
     cfg = GenerateConfig(
         base=str(args.model),
         planes=["brain"],
@@ -364,7 +375,11 @@ def _fulora_generate(rec, args, tmp, side, steps, batch, options, name="default"
         **options,
     )
     out = tmp / f"run-{batch}-{name.replace(' ', '_')}"
-    result = generate(out, cfg, progress=False)
+    torch.backends.cudnn.benchmark = tuned
+    try:
+        result = generate(out, cfg, progress=False)
+    finally:
+        torch.backends.cudnn.benchmark = False
     rec.row(
         way="fulora generate",
         batch=batch,

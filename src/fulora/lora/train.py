@@ -312,11 +312,13 @@ def _train(state: _LoraRun, data: Manifest, resume: str | None, progress: bool, 
         _resume(state, resume)
     started, first_step = time.perf_counter(), state.step
     steady_from = _run_steps(state, progress, on_step)
+    # both rates end here: saving the LoRA and the last sample grid is not training speed
     seconds = time.perf_counter() - started
+    steady = _steady_rate(steady_from, state.step)
     state.accelerator.wait_for_everyone()
     if not state.accelerator.is_main_process:
         return {}
-    return _finish(state, data, seconds, state.step - first_step, steady_from)
+    return _finish(state, data, seconds, state.step - first_step, steady)
 
 
 def _setup_models(state: _LoraRun) -> None:
@@ -532,7 +534,9 @@ def _checkpoint_and_sample(state: _LoraRun) -> None:
         _sample_grid(state)
 
 
-def _finish(state: _LoraRun, data: Manifest, seconds: float, trained_steps: int, steady_from):
+def _finish(
+    state: _LoraRun, data: Manifest, seconds: float, trained_steps: int, steady: float | None
+):
     """Save the LoRA (both layouts), the loss, a last sample grid and the training manifest."""
     cfg, out, examples, device = state.cfg, state.out, state.examples, state.device
     unet_m = state.accelerator.unwrap_model(state.unet)
@@ -559,7 +563,7 @@ def _finish(state: _LoraRun, data: Manifest, seconds: float, trained_steps: int,
         buckets=dict(Counter(buckets)),
         seconds_training=round(seconds, 2),
         steps_per_s=round(trained_steps / seconds, 3) if seconds and trained_steps else None,
-        steady_steps_per_s=_steady_rate(steady_from, state.step),
+        steady_steps_per_s=steady,
         final_loss=state.history[-1]["loss"] if state.history else None,
         optimizer=state.optimizer_name,
         device=str(device),
