@@ -138,8 +138,13 @@ def part_lora(args, rec: Recorder) -> None:
     generate_phantom(tmp / "data", PhantomConfig(per_class=2 if args.smoke else 20, grid=False))
     data = read_any(tmp / "data")
     rec.note("setting", f"{size} px, rank {rank}, kohya targets + text encoder, {steps} steps")
-    for batch, cache, ckpt, tuned in _lora_settings(args.smoke):
-        name = f"fulora batch {batch} cache {cache} ckpt {ckpt}" + (" cudnn_benchmark" * tuned)
+    named = [
+        (f"fulora batch {b} cache {c} ckpt {k}" + (" cudnn_benchmark" * t), (b, c, k, t))
+        for b, c, k, t in _lora_settings(args.smoke)
+    ]
+    if args.only:  # in the order asked for (to see whether a row's place in the process matters)
+        named.sort(key=lambda item: args.only.index(item[0]) if item[0] in args.only else 0)
+    for name, (batch, cache, ckpt, tuned) in named:
         rec.attempt(
             name,
             lambda b=batch, c=cache, k=ckpt, t=tuned: _fulora_lora(
