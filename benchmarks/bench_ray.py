@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--gpu-json", type=Path, default=GPU_JSON, help="a GPU suite result")
     parser.add_argument("--skip-demo", action="store_true", help="only the projection")
     args = parser.parse_args()
-    report: dict = {"gpu_json": str(args.gpu_json.relative_to(HERE.parent))}
+    report: dict = {"gpu_json": str(args.gpu_json.resolve().relative_to(HERE.parent.resolve()))}
     report["projection"] = projections(gpu_rates(args.gpu_json))
     if not args.skip_demo:
         with tempfile.TemporaryDirectory() as work:

@@ -159,7 +159,9 @@ def markdown(report: dict) -> str:
             base = plain.get(row["batch"])
             row["x_plain"] = f"{row['steps_per_s'] / base:.2f}" if base else None
         lines += ["", f"**LoRA training** ({lora.get('setting', '')})", ""]
-        cols = ["loop", "batch", "cache_latents", "checkpointing", "cudnn_benchmark", "steps_per_s"]
+        cols = ["loop", "batch", "cache_latents", "checkpointing"]
+        cols += ["cudnn_benchmark"] if any("cudnn_benchmark" in r for r in lora["rows"]) else []
+        cols += ["steps_per_s"]
         cols += ["images_per_s", "x_plain", "peak_gib", "optimizer", "paper_1000_steps_min"]
         lines += _table(lora["rows"], cols)
     gen = results.get("generate", {})
