@@ -1,8 +1,13 @@
 """`fulora demo` end to end, reduced, on a fresh folder; then a rerun that skips finished work."""
 
+import numpy as np
 import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
 
+from fulora.data.manifest import Manifest
 from fulora.demo import run_demo
+from fulora.experiment.layout import ExperimentLayout
 
 
 def test_demo_end_to_end_with_report_and_rerun(tmp_path, capsys):
@@ -24,9 +29,51 @@ def test_demo_end_to_end_with_report_and_rerun(tmp_path, capsys):
         "report/report.html",
     ):
         assert (tmp_path / path).is_file(), path
+    _check_numbers_against_the_predictions(tmp_path, table)
     out = capsys.readouterr().out
     assert "fulora:phantom-sd" in out and "ACC" in out and "report.html" in out
     lora_done = (tmp_path / "lora" / "r16" / "done.json").stat().st_mtime_ns
     run_demo(tmp_path, per_class=6, synthetic_per_class=4, report=False, lora_steps=20)
     assert (tmp_path / "lora" / "r16" / "done.json").stat().st_mtime_ns == lora_done
     assert "0 stages run, 21 already done" in capsys.readouterr().out
+
+
+def _check_numbers_against_the_predictions(run, table):
+    """Every ACC and F-score of the table, recomputed with scikit-learn (the reference) from the
+    evaluations' predictions.csv and averaged over seeds; the synthetic counts from the
+    generation and audit manifests the classifiers trained on."""
+    layout = ExperimentLayout(run)
+    generated = Manifest.read(layout.synthetic_manifest("r16"))
+    kept = Manifest.read(layout.filtered("r16"))
+    assert len(generated) == 20 and set(kept.frame["path"]) <= set(generated.frame["path"])
+    # the filter rule, image by image: the audit classifier names the prompted plane with at
+    # least 0.5 probability and the image is no near-copy (this reduced demo's classifier is
+    # weak, so it may keep none; the full demo keeps some)
+    audited = pd.read_csv(layout.audit("r16") / "synthetic_audit.csv")
+    rule = audited["agrees"] & (audited["p_label"] >= 0.5) & ~audited["near_copy"]
+    assert (audited["keep"] == rule).all()
+    assert set(audited.loc[rule, "path"]) == set(kept.frame["path"])
+    expected_synthetic = {"real-only": 0, "hybrid": len(generated), "hybrid-filtered": len(kept)}
+    for _, row in table[table["space"] == "all_outputs"].iterrows():
+        regime = row["Data"]
+        assert row["# synthetic"] == expected_synthetic[regime], regime
+        acc, f1 = [], []
+        for seed in range(3):
+            folder = layout.evaluation(
+                "phantom-target", layout.classifier(regime, "tiny_cnn", seed)
+            )
+            predictions = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
+            acc.append(100 * accuracy_score(predictions["label"], predictions["predicted"]))
+            present = sorted(set(predictions["label"]))
+            f1.append(
+                100
+                * f1_score(
+                    predictions["label"],
+                    predictions["predicted"],
+                    labels=present,
+                    average="macro",
+                    zero_division=0,
+                )
+            )
+        assert row["ACC"] == pytest.approx(np.mean(acc), abs=0.006), regime
+        assert row["F-score"] == pytest.approx(np.mean(f1), abs=0.006), regime

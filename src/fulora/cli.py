@@ -80,19 +80,10 @@ def _cmd_data_phantom(args: argparse.Namespace) -> int:
     from fulora.data.phantom import PhantomConfig, generate_phantom
     from fulora.runs import RunDir
 
-    config = load_config(
-        PhantomConfig,
-        args.config,
-        args.set,
-        values={
-            "per_class": args.per_class,
-            "domain": args.domain,
-            "seed": args.seed,
-            "planes": args.planes,
-            "size": tuple(args.size) if args.size else None,
-            "grid": False if args.no_grid else None,
-        },
-    )
+    values = config_values(args, args.config_fields)
+    values["size"] = tuple(args.size) if args.size else None
+    values["grid"] = False if args.no_grid else None
+    config = load_config(PhantomConfig, args.config, args.set, values=values)
     run = RunDir(args.out, command="fulora data phantom").start(config)
     try:
         manifest = generate_phantom(args.out, config)
@@ -413,9 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_data_parser(stages) -> None:
     """The `data` stage's commands and flags."""
+    from fulora.data.phantom import PhantomConfig
+
     data = stages.add_parser("data", help="read, check, download and synthesise datasets")
     data_cmds = data.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
     p = data_cmds.add_parser("inspect", help="counts, image sizes and modes, and problems")
     p.add_argument("path", help="a dataset folder, image CSV or manifest")
     p.add_argument("--images", help="folder holding the images of a CSV (default: beside it)")
@@ -446,24 +438,10 @@ def _add_data_parser(stages) -> None:
 
     p = data_cmds.add_parser("phantom", help="procedural B-mode-like images (the demo data)")
     p.add_argument("out", help="output folder (a run folder)")
-    p.add_argument("--per-class", type=int, help="images per plane and domain (default 20)")
-    p.add_argument(
-        "--domain",
-        choices=["source", "target", "both"],
-        help="which simulated machine (default source)",
-    )
-    p.add_argument("--seed", type=int, help="dataset seed (default 0)")
-    p.add_argument("--planes", nargs="+", help="planes to draw (default the paper's five)")
+    # size (two numbers) and grid (an on-by-default switch) keep their own spellings
+    _config_flags(p, PhantomConfig, skip=("size", "grid"))
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size")
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
-    p.add_argument("--config", help="YAML config (keys of PhantomConfig)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
-    )
     p.set_defaults(func=_cmd_data_phantom)
 
     p = data_cmds.add_parser(

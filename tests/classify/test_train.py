@@ -14,6 +14,7 @@ from fulora.classify.train import ClassifyConfig, load_classifier, train_classif
 from fulora.data.manifest import Manifest
 from fulora.data.phantom import PhantomConfig, generate_phantom
 from fulora.errors import ConfigError, DataError
+from fulora.evaluate.result import Evaluation
 from fulora.evaluate.run import EvaluateConfig, evaluate_model
 
 
@@ -97,6 +98,26 @@ def test_train_reload_and_evaluate(phantom, tmp_path):
     low, high = result["spaces"]["all_outputs"]["ci95"]["accuracy"]
     assert low <= acc <= high
     assert result["spaces"]["all_outputs"]["bootstrap"]["unit"] == "patient"
+    # what the results table reads back: the same numbers, typed
+    read = Evaluation.read(out)
+    assert read.classes == meta["classes"] and read.images == len(target)
+    assert read.spaces["all_outputs"].metrics["accuracy"] == acc
+    assert read.spaces["all_outputs"].ci95["accuracy"] == (low, high)
+    assert (
+        read.spaces["test_classes"].unit == "patient"
+        and read.spaces["test_classes"].resamples == 50
+    )
+    assert read.per_domain["phantom-target"].images == len(target)
+    assert np.allclose(read.probabilities(), probs) and len(read.labels()) == len(target)
+
+
+def test_an_evaluation_folder_that_is_broken_is_named(tmp_path):
+    with pytest.raises(DataError, match=f"cannot read the evaluation in {tmp_path}"):
+        Evaluation.read(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"classes": ["brain"]}))
+    (tmp_path / "predictions.csv").write_text("path,label\n")
+    with pytest.raises(DataError, match=r"metrics.json has no 'test_classes' entry: rerun"):
+        Evaluation.read(tmp_path)
 
 
 def test_resume_reproduces_the_uninterrupted_run(phantom, tmp_path, monkeypatch):

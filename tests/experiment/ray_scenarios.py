@@ -119,7 +119,7 @@ def interrupt(config: str, out: str) -> dict:
         time.sleep(0.2)
     driver.send_signal(signal.SIGINT)
     try:
-        output, _ = driver.communicate(timeout=60)
+        output, _ = driver.communicate(timeout=150)  # cancel, grace, Ray shutdown on a busy box
     except subprocess.TimeoutExpired:
         driver.kill()
         output, _ = driver.communicate()

@@ -71,7 +71,7 @@ def test_ray_runs_the_experiment_as_the_local_executor_does(tiny_model, phantom_
 
     # Every stage key equal: a stage done by either executor is done for both.
     plans = [pd.read_csv(run / "plan.csv") for run in (local, ray)]
-    assert len(plans[0]) == 15 and plans[0][["stage", "key"]].equals(plans[1][["stage", "key"]])
+    assert len(plans[0]) == 16 and plans[0][["stage", "key"]].equals(plans[1][["stage", "key"]])
     # Every metric equal, and so every table.
     for folder in plans[0]["folder"][plans[0]["kind"] == "evaluate"]:
         metrics = [json.loads((run / folder / "metrics.json").read_text()) for run in (local, ray)]
@@ -122,6 +122,7 @@ def test_a_killed_worker_is_retried_and_a_failing_stage_is_reported(ray_config, 
     rerun = {r["stage"]: r["state"] for r in result["rerun"]}
     assert sorted(s for s, state in rerun.items() if state == "ran") == [
         "classify/HB/tiny_cnn/seed-0",
+        "embedding",  # the t-SNE of the first hybrid classifier: HB's
         "evaluate/target/HB/tiny_cnn/seed-0",
     ]
     assert (out / "results" / "results.csv").is_file() and (out / "done.json").is_file()

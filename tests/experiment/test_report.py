@@ -14,6 +14,7 @@ from PIL import Image
 
 from fulora.cli import main
 from fulora.evaluate.metrics import bootstrap, metrics
+from fulora.evaluate.result import Evaluation
 from fulora.experiment.results import (
     PAPER_TABLE,
     compare_with,
@@ -75,8 +76,17 @@ def test_seed_mean_interval_of_identical_seeds_is_the_single_seed_interval():
     frame = pd.DataFrame({"label": labels, "patient": [f"p{i // 3}" for i in range(n)]})
     for i, c in enumerate(classes):
         frame[f"p_{c}"] = proba[:, i]
-    result = {"classes": classes, "test_classes": ["abdomen", "brain"]}
-    both = seed_mean_ci([(result, frame), (result, frame)], "all_outputs", 50, seed=1)
+    frame["label"] = labels
+    evaluation = Evaluation(
+        folder=Path("unused"),
+        classes=classes,
+        test_classes=["abdomen", "brain"],
+        images=n,
+        spaces={},
+        per_domain={},
+        predictions=frame,
+    )
+    both = seed_mean_ci([evaluation, evaluation], "all_outputs", 50, seed=1)
     y = np.array([classes.index(v) for v in labels])
     single = bootstrap(
         lambda idx: metrics(y[idx], proba[idx], [1, 2], "all_outputs"),

@@ -25,8 +25,18 @@ def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
 def test_outputs_of_a_finished_experiment(finished_experiment):
     run = finished_experiment
     plan = pd.read_csv(run / "plan.csv")
-    assert list(plan["kind"].unique()) == ["lora", "generate", "classify", "audit", "evaluate"]
-    assert len(plan) == 1 + 1 + 6 + 1 + 6  # LoRA, generation, 3 regimes x 2 seeds, audit, evals
+    kinds = ["lora", "generate", "classify", "audit", "evaluate", "embedding"]
+    assert list(plan["kind"].unique()) == kinds
+    # LoRA, generation, 3 regimes x 2 seeds, audit, evaluations, the report's t-SNE points
+    assert len(plan) == 1 + 1 + 6 + 1 + 6 + 1
+    # the t-SNE stage ran the first hybrid classifier on real, synthetic and target images
+    points = pd.read_csv(run / "embedding" / "embedding.csv")
+    # (a group needs 5 images of a plane: this small run made 4 synthetic ones per plane)
+    assert set(points["group"]) == {"real training", "target cohort"}
+    assert set(points["plane"]) == {"abdomen", "brain", "femur"} and points[["x", "y"]].notna().all(
+        None
+    )
+    assert json.loads((run / "embedding" / "stage.json").read_text())["label"] == "HB"
     for folder in plan["folder"]:
         assert (run / folder / "done.json").is_file(), folder
         assert json.loads((run / folder / "stage.json").read_text())["key"]
@@ -74,25 +84,25 @@ def test_rerun_skips_change_reruns_and_from(experiment_config, tmp_path, capsys)
     path = write_config(tmp_path / "experiment.yaml", experiment_config)
     out = tmp_path / "run"
     first = run_experiment(load_experiment(path), out)
-    assert first["ran"] == 6 and first["skipped"] == 0
+    assert first["ran"] == 7 and first["skipped"] == 0  # with the report's t-SNE points
     lora = _mtimes(out, "lora/r4/*.safetensors")
     images = _mtimes(out, "synthetic/r4/*/*.png")
     assert lora and len(images) == 12
 
     again = run_experiment(load_experiment(path), out)
-    assert again["ran"] == 0 and again["skipped"] == 6
+    assert again["ran"] == 0 and again["skipped"] == 7
     assert not (out / "superseded").exists()  # nothing changed: nothing to keep
     assert _mtimes(out, "synthetic/r4/*/*.png") == images
 
-    # A classifier setting changed: classifiers and evaluations rerun, LoRA and images do not;
-    # the old classifier folders are kept under superseded/.
+    # A classifier setting changed: classifiers, evaluations and the t-SNE points rerun, LoRA
+    # and images do not; the old folders are kept under superseded/.
     changed = load_experiment(path, ["classify.settings.epochs=3"])
     third = run_experiment(changed, out)
-    assert third["ran"] == 4 and third["skipped"] == 2
+    assert third["ran"] == 5 and third["skipped"] == 2
     assert _mtimes(out, "lora/r4/*.safetensors") == lora
     assert _mtimes(out, "synthetic/r4/*/*.png") == images
     kept = sorted(p.name for p in (out / "superseded").iterdir())
-    assert len([k for k in kept if not k.startswith("experiment-")]) == 4
+    assert len([k for k in kept if not k.startswith("experiment-")]) == 5
     # ... and so are the experiment's own config, plan, tables and report of the run before.
     (previous,) = [out / "superseded" / k for k in kept if k.startswith("experiment-")]
     assert {"config.yaml", "done.json", "plan.csv", "results"} <= {
@@ -104,10 +114,10 @@ def test_rerun_skips_change_reruns_and_from(experiment_config, tmp_path, capsys)
         json.loads((out / "classify/ES/tiny_cnn/seed-0/done.json").read_text())["epochs_run"] == 3
     )
 
-    # --from evaluate: only the evaluations (and results, report) run again.
+    # --from evaluate: only the evaluations, the t-SNE points (and results, report) run again.
     capsys.readouterr()
     fourth = run_experiment(changed, out, from_stage="evaluate")
-    assert fourth["ran"] == 2 and fourth["skipped"] == 4
+    assert fourth["ran"] == 3 and fourth["skipped"] == 4
     dry = run_experiment(changed, out, dry_run=True)
     assert set(dry["stages"].values()) == {"done"}
 

@@ -123,6 +123,41 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model, lora_images, tmp_pa
     )
 
 
+@pytest.mark.parametrize("mode", ["sample", "mean"])
+def test_cached_latents_are_the_vaes_own_draws(tiny_model, lora_images, mode):
+    """Reference: diffusers' ``DiagonalGaussianDistribution`` (``latent_dist.sample(generator)``,
+    what kohya caches, and ``.mode()``), on the same bucketed pixels, times the VAE's scaling
+    factor; the draw of image ``i`` comes from its own seed, so a second caching is identical."""
+    from fulora.lora.data import ImageCaptions, build_examples, cache_latents
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_model, safety_checker=None, requires_safety_checker=False
+    )
+    cfg = _cfg(tiny_model, cached_latent=mode, seed=5)
+    examples = build_examples(read_any(lora_images), cfg)
+    dataset = ImageCaptions(examples, pipe.tokenizer, center_crop=False, resolution=64)
+    cached = cache_latents(pipe.vae, dataset, cfg, torch.device("cpu"), progress=False)
+    again = cache_latents(pipe.vae, dataset, cfg, torch.device("cpu"), progress=False)
+    assert len(cached) == len(examples) > 1
+    scaling = pipe.vae.config.scaling_factor
+    down = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # 8 for SD's VAE, 2 for the tiny
+    with torch.no_grad():
+        for i, latent in enumerate(cached):
+            dist = pipe.vae.encode(dataset.pixels(i).unsqueeze(0)).latent_dist
+            if mode == "sample":
+                draw = dist.sample(generator=torch.Generator().manual_seed(5 * 1_000_033 + i))
+            else:
+                draw = dist.mode()
+            side = tuple(s // down for s in examples[i].bucket[::-1])  # bucket is (w, h)
+            assert latent.shape == draw[0].shape == (4, *side)
+            torch.testing.assert_close(latent, draw[0] * scaling, rtol=0, atol=1e-6)
+            assert torch.equal(latent, again[i])
+    # and the training batches carry exactly these latents instead of pixels
+    dataset.latents = cached
+    item = dataset[1]
+    assert "pixels" not in item and torch.equal(item["latents"], cached[1])
+
+
 def test_latent_caching_off_also_trains(tiny_model, lora_images, tmp_path):
     record = train_lora(
         read_any(lora_images),

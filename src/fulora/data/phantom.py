@@ -120,10 +120,10 @@ class PhantomConfig(Checked):
 
     RANGES = {"per_class": AT_LEAST_1, "seed": SEED, "size": Range(32, 4096)}
 
-    per_class: int = 20
-    domain: Literal["source", "target", "both"] = "source"
-    seed: int = 0
-    planes: list[str] = field(default_factory=lambda: list(PHANTOM_PLANES))
+    per_class: int = 20  # images per plane and domain
+    domain: Literal["source", "target", "both"] = "source"  # which simulated machine
+    seed: int = 0  # dataset seed
+    planes: list[str] = field(default_factory=lambda: list(PHANTOM_PLANES))  # planes to draw
     size: tuple[int, int] | None = None  # (height, width); default: the domain's screen size
     grid: bool = True  # write grid.png with a few images per plane
 

@@ -37,6 +37,7 @@ from fulora.evaluate.metrics import (
     predict,
     restrict,
 )
+from fulora.evaluate.result import METRICS_NAME, PREDICTIONS_NAME
 from fulora.figures import confusion_matrix_figure, reliability_diagram
 from fulora.io import atomic_open, write_json
 from fulora.runs import RunDir
@@ -47,14 +48,20 @@ HEADLINE = ("accuracy", "recall_macro", "precision_macro", "f1_macro", "auc_macr
 
 
 @dataclass
-class EvaluateConfig(Checked):
-    """Configuration of ``fulora evaluate`` (saved as the run folder's ``config.yaml``)."""
+class EvaluateSettings(Checked):
+    """What an evaluation computes: the keys of an experiment's ``evaluate`` section too."""
 
     RANGES = {"batch_size": AT_LEAST_1, "n_bootstrap": AT_LEAST_0, "seed": SEED}
 
     batch_size: int = 64
     n_bootstrap: int = 1000  # patient-level bootstrap resamples for the 95% intervals; 0: none
     seed: int = 0  # of the bootstrap
+
+
+@dataclass
+class EvaluateConfig(EvaluateSettings):
+    """Configuration of ``fulora evaluate`` (saved as the run folder's ``config.yaml``)."""
+
     device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
     cache_dir: str | None = None  # preprocessing cache folder
 
@@ -216,7 +223,7 @@ def evaluate_model(
         reliability_diagram(
             out / "reliability.png", result["calibration"]["bins"], result["calibration"]["ece"]
         )
-        write_json(out / "metrics.json", result)
+        write_json(out / METRICS_NAME, result)
         run.finish(
             images=len(test), accuracy=result["spaces"]["all_outputs"]["metrics"]["accuracy"]
         )
@@ -243,7 +250,7 @@ def _write_tables(
             "patient": test.frame["patient"],
         }
     )
-    with atomic_open(out / "predictions.csv", "w", newline="") as handle:
+    with atomic_open(out / PREDICTIONS_NAME, "w", newline="") as handle:
         frame.to_csv(handle, index=False)
     rows = []
     for space in SPACES:

@@ -34,6 +34,7 @@ from fulora.config import (
     read_yaml_mapping,
 )
 from fulora.errors import ConfigError
+from fulora.evaluate.run import EvaluateSettings
 from fulora.generate.run import GenerateConfig
 from fulora.lora.base import DEFAULT_BASE
 from fulora.lora.train import LoraTrainConfig
@@ -105,13 +106,12 @@ class ClassifyStage(Checked):
 
 
 @dataclass
-class EvaluateStage(Checked):
-    """Zero-shot evaluation of every classifier on every target cohort."""
+class EvaluateStage(EvaluateSettings):
+    """Zero-shot evaluation of every classifier on every target cohort (``evaluate:``).
 
-    RANGES = {"n_bootstrap": AT_LEAST_0, "batch_size": AT_LEAST_1}
-
-    n_bootstrap: int = 1000
-    batch_size: int = 64
+    Its keys are :class:`~fulora.evaluate.run.EvaluateSettings`'; the experiment's ``device``
+    and cache complete them into each evaluation's ``EvaluateConfig``.
+    """
 
 
 @dataclass

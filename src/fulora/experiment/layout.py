@@ -79,6 +79,11 @@ class ExperimentLayout:
         return self.results / "protocol.txt"
 
     @property
+    def embedding(self) -> Path:
+        """The t-SNE points of one classifier's features (the ``embedding`` stage)."""
+        return self.root / "embedding"
+
+    @property
     def report(self) -> Path:
         """The HTML report and its figures."""
         return self.root / "report"

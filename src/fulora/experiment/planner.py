@@ -44,7 +44,7 @@ from fulora.experiment.config import (
     variant_parts,
 )
 from fulora.experiment.layout import ExperimentLayout
-from fulora.experiment.results import reference_table
+from fulora.experiment.results import EvaluationCell, reference_table
 from fulora.experiment.stages import Stage
 from fulora.generate.run import GenerateConfig, generate
 from fulora.io import file_hash
@@ -52,6 +52,7 @@ from fulora.lora.base import check_base
 from fulora.lora.data import LORA_COLUMNS
 from fulora.lora.train import LoraTrainConfig, train_lora
 from fulora.planes import PLANES, check_planes
+from fulora.report.embedding import embed
 
 logger = logging.getLogger("fulora")
 
@@ -91,7 +92,7 @@ class Plan:
     train: Manifest
     targets: dict[str, Manifest]
     stages: list[Stage] = field(default_factory=list)
-    cells: list[dict[str, Any]] = field(default_factory=list)  # one per evaluation
+    cells: list[EvaluationCell] = field(default_factory=list)  # one per evaluation
 
 
 @dataclass
@@ -384,6 +385,7 @@ class _Planner:
             if cell[1] is not None:
                 self.add_classifier(cell, ccfg)
         self.add_evaluations()
+        self.add_embedding()
         names = {stage.name for stage in self.plan.stages}  # released artifacts have no stage
         for stage in self.plan.stages:
             stage.after = tuple(name for name in stage.after if name in names)
@@ -502,8 +504,7 @@ class _Planner:
     def add_evaluations(self) -> None:
         """Every classifier on every target cohort."""
         eval_cfg = EvaluateConfig(
-            batch_size=self.cfg.evaluate.batch_size,
-            n_bootstrap=self.cfg.evaluate.n_bootstrap,
+            **to_dict(self.cfg.evaluate),
             device=self.cfg.device,
             cache_dir=str(self.configs.cache),
         )
@@ -513,6 +514,8 @@ class _Planner:
                     "classifier": clf.key,
                     "target": self.fingerprint(manifest),
                     "n_bootstrap": self.cfg.evaluate.n_bootstrap,
+                    # only when set: keys from before the seed was a key stay as they were
+                    **({"seed": eval_cfg.seed} if eval_cfg.seed else {}),
                 }
                 folder = self.layout.evaluation(target, clf.folder)
                 info = {**clf.info, "target": target, "classifier": str(clf.folder)}
@@ -527,7 +530,82 @@ class _Planner:
                         after=(clf.name,),
                     )
                 )
-                self.plan.cells.append({**info, "folder": str(folder)})
+                self.plan.cells.append(
+                    EvaluationCell(
+                        target=target,
+                        regime=clf.info["regime"],
+                        lora=clf.info["lora"],
+                        arch=clf.info["arch"],
+                        seed=clf.info["seed"],
+                        classifier=clf.folder,
+                        folder=folder,
+                    )
+                )
+
+    def add_embedding(self) -> None:
+        """The t-SNE points of one classifier's features, for the report.
+
+        Planned when ``report.enabled`` and ``report.embedding`` are on. The classifier is
+        ``report.embedding_model`` (``REGIME/ARCH/seed-N``), else the first hybrid one, else
+        the first; its real training set, its variant's synthetic images and the first target
+        cohort are the groups.
+        """
+        report = self.cfg.report
+        if not (report.enabled and report.embedding and self.classifiers):
+            return
+        clf = self._embedding_classifier(report.embedding_model)
+        variant = clf.info["lora"] or next(iter(self.configs.variants), None)
+        groups: dict[str, Any] = {"real training": self.inputs.train}
+        after = [clf.name]
+        if variant is not None:
+            groups["synthetic"] = self.synthetic_loader(variant)
+            after.append(f"generate/{variant}")
+        target = next(iter(self.inputs.targets.items()), None)
+        if target is not None:
+            groups["target cohort"] = target[1]
+        payload = {
+            "classifier": clf.key,
+            "synthetic": self.keys.get(f"generate/{variant}"),
+            "real": self.fingerprint(self.inputs.train),
+            "target": self.fingerprint(target[1]) if target else None,
+            "per_group": report.embedding_per_group,
+        }
+        action = partial(
+            embed,
+            self.layout.embedding,
+            clf.folder,
+            groups,
+            per_group=report.embedding_per_group,
+            cache_dir=self.configs.cache,
+            device=self.cfg.device,
+        )
+        info = {**clf.info, "classifier": clf.name}
+        self.plan.stages.append(
+            Stage(
+                "embedding",
+                "embedding",
+                self.layout.embedding,
+                stage_key(payload),
+                action,
+                info,
+                after=tuple(after),
+            )
+        )
+
+    def _embedding_classifier(self, wanted: str | None) -> Stage:
+        """The classifier named ``REGIME/ARCH/seed-N`` (or by stage name), else the default."""
+        stages = list(self.classifiers.values())
+        if wanted:
+            for stage in stages:
+                if wanted in (stage.name.removeprefix("classify/"), stage.name):
+                    return stage
+            raise ConfigError(
+                f"report.embedding_model {wanted!r} in {self.configs.source} is not a classifier "
+                "of this experiment; use one of "
+                + ", ".join(s.name.removeprefix("classify/") for s in stages)
+            )
+        hybrid = [s for s in stages if s.info.get("lora")]
+        return (hybrid or stages)[0]
 
     def _add(self, kind, name, folder, key, action, variant, after=()) -> Stage:
         stage = Stage(kind, name, folder, key, action, {"variant": variant}, after=after)

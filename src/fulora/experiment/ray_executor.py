@@ -50,7 +50,14 @@ logger = logging.getLogger("fulora")
 EXECUTORS = ("local", "ray")
 
 #: GPUs a task of each kind asks for when the experiment runs on CUDA (others: none).
-GPUS_PER_TASK = {"lora": 1.0, "generate": 1.0, "classify": 1.0, "audit": 1.0, "evaluate": 0.25}
+GPUS_PER_TASK = {
+    "lora": 1.0,
+    "generate": 1.0,
+    "classify": 1.0,
+    "audit": 1.0,
+    "evaluate": 0.25,
+    "embedding": 0.25,
+}
 
 _INSTALL_HINT = "--executor ray needs Ray: pip install 'fulora[ray]' (or pip install ray)"
 

@@ -14,7 +14,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib
 
@@ -36,8 +36,9 @@ from fulora.experiment.layout import STAGE_MARKER, ExperimentLayout
 from fulora.experiment.results import display_table
 from fulora.figures import image_grid, save_figure  # noqa: E402
 from fulora.io import atomic_open  # noqa: E402
+from fulora.lora.train import LoraTrainConfig  # noqa: E402
 from fulora.planes import PLANES  # noqa: E402
-from fulora.report.embedding import embedding_figure
+from fulora.report.embedding import POINTS_NAME, embedding_figure
 from fulora.runs import CONFIG_NAME, DONE_NAME, now_iso  # noqa: E402
 from fulora.shipped import shipped_model  # noqa: E402
 
@@ -74,6 +75,9 @@ pre{background:#f0f2f5;padding:10px;overflow:auto;font-size:12px}
 dl{display:grid;grid-template-columns:max-content auto;gap:3px 14px;font-size:14px}
 dt{font-weight:600}
 """
+
+
+T = TypeVar("T")
 
 
 class _Figures:
@@ -189,19 +193,39 @@ def _read_protocol(run: Path) -> str:
     return path.read_text().strip() if path.is_file() else "not recorded (results not written)"
 
 
-def _stages(run: Path) -> list[dict[str, Any]]:
+@dataclass
+class _StageRecord:
+    """One stage of ``plan.csv`` and what its folder holds (stage marker, ``done.json``)."""
+
+    stage: str
+    kind: str
+    path: Path
+    state_at_start: str
+    info: dict[str, Any]  # the stage marker: variant, regime, arch, seed, ...
+    done: dict[str, Any]  # empty until the stage finished
+
+    def config(self, kind: type[T]) -> T | None:
+        """The stage's resolved config (its ``config.yaml``) as ``kind``; None when absent."""
+        path = self.path / CONFIG_NAME
+        if not path.is_file():
+            return None
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return from_dict(kind, raw, source=str(path))
+
+
+def _stages(run: Path) -> list[_StageRecord]:
     plan = pd.read_csv(ExperimentLayout(run).plan, keep_default_na=False)
-    rows = []
-    for _, row in plan.iterrows():
-        folder = run / row["folder"]
-        info = _json(folder / STAGE_MARKER)
-        done = _json(folder / DONE_NAME)
-        config = folder / CONFIG_NAME
-        settings = (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
-        rows.append(
-            {**row.to_dict(), "path": folder, "info": info, "done": done, "config": settings}
+    return [
+        _StageRecord(
+            stage=row["stage"],
+            kind=row["kind"],
+            path=run / row["folder"],
+            state_at_start=row["state_at_start"],
+            info=_json(run / row["folder"] / STAGE_MARKER),
+            done=_json(run / row["folder"] / DONE_NAME),
         )
-    return rows
+        for _, row in plan.iterrows()
+    ]
 
 
 def _read_config(layout: ExperimentLayout) -> ExperimentConfig:
@@ -226,15 +250,15 @@ class _Experiment:
     run: Path
     layout: ExperimentLayout
     cfg: ExperimentConfig
-    stages: list[dict[str, Any]]
+    stages: list[_StageRecord]
     data: dict[str, Manifest]  # every image set by its name in the counts table
     synthetic: dict[str, Manifest]  # LoRA variant -> its generated images
     targets: dict[str, Manifest]
     figure: _Figures
 
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+    def of_kind(self, kind: str) -> list[_StageRecord]:
         """The stages of one kind, in plan order."""
-        return [stage for stage in self.stages if stage["kind"] == kind]
+        return [stage for stage in self.stages if stage.kind == kind]
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -279,11 +303,11 @@ def _read_experiment(run: Path, layout: ExperimentLayout, cfg: ExperimentConfig)
         "real training": _read_manifest(layout.data / "train.csv"),
     }
     synthetic: dict[str, Manifest] = {}
-    for stage in (s for s in stages if s["kind"] == "generate"):
-        manifest = _read_manifest(stage["path"] / MANIFEST_NAME)
+    for stage in (s for s in stages if s.kind == "generate"):
+        manifest = _read_manifest(stage.path / MANIFEST_NAME)
         if manifest is not None:
-            synthetic[stage["info"].get("variant", stage["stage"])] = manifest
-            data[f"synthetic ({stage['info'].get('variant', '')})"] = manifest
+            synthetic[stage.info.get("variant", stage.stage)] = manifest
+            data[f"synthetic ({stage.info.get('variant', '')})"] = manifest
     targets = {
         p.stem.removeprefix("target-"): m
         for p in sorted(layout.data.glob("target-*.csv"))
@@ -300,16 +324,16 @@ def _section_run(e: _Experiment) -> dict[str, Any]:
     cfg, stages = e.cfg, e.stages
     tiny = Path(cfg.base).expanduser().joinpath("FULORA_TINY_MODEL.txt").is_file()
     loras = [
-        f"{s['info'].get('variant')}: rank {s['config'].get('rank')}, "
-        f"alpha {s['config'].get('alpha')}, {s['done'].get('steps', '?')} steps"
+        f"{s.info.get('variant')}: rank {c.rank}, alpha {c.alpha}, {s.done.get('steps', '?')} steps"
         for s in e.of_kind("lora")
+        if (c := s.config(LoraTrainConfig)) is not None
     ]
     regimes = [
         f"{name}: {', '.join(f'{k}={v}' for k, v in (r or {}).items()) or 'defaults'}"
         for name, r in cfg.classify.regimes.items()
     ]
-    finished = sorted(s["done"]["finished"] for s in stages if s["done"].get("finished"))
-    compute = sum(float(s["done"].get("seconds", 0)) for s in stages)
+    finished = sorted(s.done["finished"] for s in stages if s.done.get("finished"))
+    compute = sum(float(s.done.get("seconds", 0)) for s in stages)
     shipped = (
         " (fulora's tiny foundation model, pretrained on phantom ultrasound: SD1.5's "
         "stand-in; see its MODEL_CARD.md)"
@@ -332,10 +356,10 @@ def _section_run(e: _Experiment) -> dict[str, Any]:
     }
     stage_rows = [
         {
-            "stage": s["stage"],
-            "at start of last run": s["state_at_start"],
-            "finished": s["done"].get("finished", "no"),
-            "seconds": round(float(s["done"].get("seconds", 0)), 1),
+            "stage": s.stage,
+            "at start of last run": s.state_at_start,
+            "finished": s.done.get("finished", "no"),
+            "seconds": round(float(s.done.get("seconds", 0)), 1),
         }
         for s in stages
     ]
@@ -353,7 +377,7 @@ def _section_loras(e: _Experiment) -> list[dict[str, Any]]:
     real = e.data.get("LoRA training") or e.data.get("real training")
     sections = []
     for stage in e.of_kind("lora"):
-        variant = stage["info"].get("variant", "")
+        variant = stage.info.get("variant", "")
         grid = None
         if real is not None and variant in e.synthetic:
             path = _real_vs_synthetic(
@@ -364,16 +388,14 @@ def _section_loras(e: _Experiment) -> list[dict[str, Any]]:
                 f"Real (LoRA training) vs synthetic ({variant}) per plane",
             )
             grid = e.figure(path, f"Real vs synthetic images, LoRA {variant}")
-        latest = stage["path"] / "samples" / "latest.txt"
-        sample = (
-            stage["path"] / "samples" / latest.read_text().strip() if latest.is_file() else None
-        )
+        latest = stage.path / "samples" / "latest.txt"
+        sample = stage.path / "samples" / latest.read_text().strip() if latest.is_file() else None
         sections.append(
             {
                 "variant": variant,
                 "grid": grid,
                 "loss": e.figure(
-                    stage["path"] / "loss.png",
+                    stage.path / "loss.png",
                     f"LoRA {variant}: training loss",
                     f"lora_loss_{variant}.png",
                     520,
@@ -400,18 +422,18 @@ def _section_audits(e: _Experiment) -> list[dict[str, Any]]:
     """Per audited LoRA: the per-plane table and the audit's three figures."""
     audits = []
     for stage in e.of_kind("audit"):
-        if not (stage["path"] / "audit.json").is_file():
+        if not (stage.path / "audit.json").is_file():
             continue
-        variant = stage["info"].get("variant", "")
-        per_plane = _table(pd.read_csv(stage["path"] / "per_plane.csv", keep_default_na=False))
+        variant = stage.info.get("variant", "")
+        per_plane = _table(pd.read_csv(stage.path / "per_plane.csv", keep_default_na=False))
         figures = [
-            e.figure(stage["path"] / name, f"{variant}: {caption}", f"audit_{variant}_{name}", 520)
+            e.figure(stage.path / name, f"{variant}: {caption}", f"audit_{variant}_{name}", 520)
             for name, caption in _AUDIT_FIGURES
         ]
         audits.append(
             {
                 "variant": variant,
-                "extractor": _json(stage["path"] / "audit.json").get("extractor", ""),
+                "extractor": _json(stage.path / "audit.json").get("extractor", ""),
                 "table": per_plane,
                 "figures": figures,
             }
@@ -468,11 +490,11 @@ def _per_domain(path: Path) -> list[dict[str, Any]]:
     return parts
 
 
-def _first_seed(stages: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
+def _first_seed(stages: list[_StageRecord], *keys: str) -> list[dict[str, Any]]:
     """One stage per distinct ``info`` values of ``keys`` (the first seed of each cell)."""
     seen, chosen = set(), []
     for stage in stages:
-        key = tuple(stage["info"].get(k) for k in keys)
+        key = tuple(stage.info.get(k) for k in keys)
         if key not in seen:
             seen.add(key)
             chosen.append(stage)
@@ -483,38 +505,25 @@ def _section_confusions(e: _Experiment) -> list[dict[str, Any]]:
     """A confusion matrix per target, cell and architecture (first seed)."""
     figures = []
     for stage in _first_seed(e.of_kind("evaluate"), "target", "label", "arch"):
-        info = stage["info"]
+        info = stage.info
         key = (info.get("target"), info.get("label"), info.get("arch"))
         name = "cm_" + "_".join(str(k).replace("/", "-") for k in key) + ".png"
         caption = f"{info.get('target')}: {info.get('label')}, {info.get('arch')}"
-        path = stage["path"] / "confusion_matrix_all_outputs.png"
+        path = stage.path / "confusion_matrix_all_outputs.png"
         figures.append(e.figure(path, caption, name, 360))
     return [f for f in figures if f]
 
 
 def _section_embedding(e: _Experiment) -> dict[str, Any] | None:
-    """The t-SNE of a classifier's features: real training, synthetic and target images."""
-    classifiers = e.of_kind("classify")
-    real = e.data.get("real training")
-    if not (e.cfg.report.embedding and classifiers and real is not None):
+    """The t-SNE that the ``embedding`` stage computed: real training, synthetic and target."""
+    stage = next(iter(e.of_kind("embedding")), None)
+    points = stage.path / POINTS_NAME if stage is not None else None
+    if points is None or not stage.done or not points.is_file():
         return None
-    chosen = _embedding_model(classifiers, e.cfg.report.embedding_model)
-    if chosen is None:
-        return None
-    info = chosen["info"]
-    groups = {"real training": real}
-    variant = info.get("lora") or next(iter(e.synthetic), None)
-    if variant in e.synthetic:
-        groups["synthetic"] = e.synthetic[variant]
-    if e.targets:
-        groups["target cohort"] = next(iter(e.targets.values()))
+    info = stage.info
     path = embedding_figure(
         e.layout.report / "embedding_tsne.png",
-        chosen["path"],
-        groups,
-        per_group=e.cfg.report.embedding_per_group,
-        cache_dir=Path(e.cfg.cache_dir) if e.cfg.cache_dir else e.layout.cache,
-        device=e.cfg.device,
+        pd.read_csv(points, keep_default_na=False),
         title=f"t-SNE of {info.get('arch')} ({info.get('label')}, seed {info.get('seed')}) "
         "penultimate features per plane",
     )
@@ -525,28 +534,8 @@ def _section_curves(e: _Experiment) -> list[dict[str, Any]]:
     """Each classifier cell's loss and validation curves (first seed)."""
     figures = []
     for stage in _first_seed(e.of_kind("classify"), "label", "arch"):
-        info = stage["info"]
+        info = stage.info
         name = f"curve_{info.get('label')}_{info.get('arch')}.png"
         caption = f"{info.get('label')}, {info.get('arch')}"
-        figures.append(e.figure(stage["path"] / "loss_curve.png", caption, name, 520))
+        figures.append(e.figure(stage.path / "loss_curve.png", caption, name, 520))
     return [f for f in figures if f]
-
-
-def _embedding_model(
-    classifiers: list[dict[str, Any]], wanted: str | None
-) -> dict[str, Any] | None:
-    finished = [s for s in classifiers if s["done"]]
-    if wanted:
-        for stage in finished:
-            info = stage["info"]
-            if wanted in (
-                f"{info.get('label')}/{info.get('arch')}/seed-{info.get('seed')}",
-                stage["stage"],
-            ):
-                return stage
-        raise DataError(
-            f"report.embedding_model {wanted!r} is not a finished classifier; use one of "
-            + ", ".join(s["stage"].removeprefix("classify/") for s in finished)
-        )
-    hybrid = [s for s in finished if s["info"].get("lora")]
-    return (hybrid or finished or [None])[0]

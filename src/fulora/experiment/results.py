@@ -10,23 +10,21 @@ seed-averaged metric (every seed's predictions on the same resampled patients). 
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from fulora.classify.registry import resolve_arch
-from fulora.errors import ConfigError
+from fulora.errors import ConfigError, DataError
 from fulora.evaluate.metrics import SPACES, bootstrap, metrics
-from fulora.experiment.config import classifier_protocol
+from fulora.evaluate.result import Evaluation
+from fulora.experiment.config import ExperimentConfig, classifier_protocol
 from fulora.experiment.layout import ExperimentLayout
 from fulora.io import atomic_open, write_text
-from fulora.runs import DONE_NAME
-
-if TYPE_CHECKING:
-    from fulora.experiment.planner import Plan
+from fulora.runs import RunDir
 
 #: Our metric keys and the paper's column names, in the paper's order.
 COLUMNS = {
@@ -69,21 +67,35 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body]) + "\n"
 
 
-def _load_eval(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
-    result = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    return result, pd.read_csv(folder / "predictions.csv", keep_default_na=False)
+@dataclass(frozen=True)
+class EvaluationCell:
+    """One evaluation of the grid: which classifier, on which cohort, and where its files are."""
+
+    target: str  # the test cohort's name
+    regime: str
+    lora: str | None  # the LoRA variant of a hybrid regime
+    arch: str
+    seed: int
+    classifier: Path  # the classifier's run folder
+    folder: Path  # the evaluation's run folder
+
+
+def _training_counts(classifier: Path) -> tuple[int, int]:
+    """(real, synthetic) training images of a finished classifier, from its ``done.json``."""
+    done = RunDir(classifier).read_done()
+    if done is None or "train_images" not in done:
+        raise DataError(f"{classifier} is not a finished classifier run (no done.json)")
+    synthetic = int(done.get("train_synthetic", 0))
+    return int(done["train_images"]) - synthetic, synthetic
 
 
 def seed_mean_ci(
-    evals: list[tuple[dict[str, Any], pd.DataFrame]], space: str, n_resamples: int, seed: int = 0
+    evals: list[Evaluation], space: str, n_resamples: int, seed: int = 0
 ) -> dict[str, tuple[float, float]]:
     """95% intervals of the seed-averaged metrics, resampling patients (all seeds together)."""
-    first, frame = evals[0]
-    classes = list(first["classes"])
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[label] for label in frame["label"]])
-    test_labels = [classes.index(c) for c in first["test_classes"]]
-    probas = [f[[f"p_{c}" for c in classes]].to_numpy(dtype=float) for _, f in evals]
+    first = evals[0]
+    y, test_labels = first.labels(), first.test_labels()
+    probas = [e.probabilities() for e in evals]
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
         values = [metrics(y[idx], p[idx], test_labels, space) for p in probas]
@@ -92,31 +104,33 @@ def seed_mean_ci(
     return bootstrap(
         statistic,
         len(y),
-        groups=[str(p) for p in frame["patient"]],
+        groups=[str(p) for p in first.predictions["patient"]],
         n_resamples=n_resamples,
         seed=seed,
     )
 
 
-def collect(plan: Plan) -> pd.DataFrame:
-    """The tidy results table (one row per target, space, regime, LoRA, arch)."""
+def collect(cells: list[EvaluationCell], n_bootstrap: int, seed: int = 0) -> pd.DataFrame:
+    """The tidy results table (one row per target, space, regime, LoRA, arch).
+
+    Args:
+        cells: The grid's evaluations; those that differ only by seed form one row.
+        n_bootstrap: Resamples of the seed-averaged intervals (a single seed keeps its own).
+        seed: Of those resamples.
+    """
     rows = []
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for cell in plan.cells:
-        key = (cell["target"], cell["regime"], cell["lora"], cell["arch"])
-        groups.setdefault(key, []).append(cell)
-    for (target, regime, lora, arch), cells in groups.items():
-        evals = [_load_eval(Path(c["folder"])) for c in cells]
-        trained = [
-            json.loads((Path(c["classifier"]) / DONE_NAME).read_text(encoding="utf-8"))
-            for c in cells
-        ]
+    groups: dict[tuple, list[EvaluationCell]] = {}
+    for cell in cells:
+        groups.setdefault((cell.target, cell.regime, cell.lora, cell.arch), []).append(cell)
+    for (target, regime, lora, arch), group in groups.items():
+        evals = [Evaluation.read(c.folder) for c in group]
+        real, synthetic = _training_counts(group[0].classifier)
         for space in SPACES:
-            per_seed = {k: [e[0]["spaces"][space]["metrics"][k] for e in evals] for k in COLUMNS}
+            scores = [e.spaces[space] for e in evals]
             if len(evals) > 1:
-                ci = seed_mean_ci(evals, space, plan.cfg.evaluate.n_bootstrap)
+                ci = seed_mean_ci(evals, space, n_bootstrap, seed)
             else:
-                ci = {k: tuple(v) for k, v in evals[0][0]["spaces"][space]["ci95"].items()}
+                ci = scores[0].ci95
             row: dict[str, Any] = {
                 "target": target,
                 "space": space,
@@ -124,13 +138,13 @@ def collect(plan: Plan) -> pd.DataFrame:
                 "LoRA": lora or "",
                 "Model": model_name(arch),
                 "arch": resolve_arch(arch),
-                "# real": int(trained[0]["train_images"] - trained[0]["train_synthetic"]),
-                "# synthetic": int(trained[0]["train_synthetic"]),
-                "# test": int(evals[0][0]["images"]),
+                "# real": real,
+                "# synthetic": synthetic,
+                "# test": evals[0].images,
                 "seeds": len(evals),
             }
             for key, name in COLUMNS.items():
-                values = np.array(per_seed[key], dtype=float)
+                values = np.array([s.metrics[key] for s in scores], dtype=float)
                 row[name] = round(float(values.mean()), 2)
                 row[f"{name} std"] = round(float(values.std(ddof=1)), 2) if len(values) > 1 else 0.0
                 low, high = ci.get(key, (float("nan"), float("nan")))
@@ -140,23 +154,22 @@ def collect(plan: Plan) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def per_domain(plan: Plan) -> pd.DataFrame:
+def per_domain(cells: list[EvaluationCell]) -> pd.DataFrame:
     """Per-domain (e.g. per-country) metrics, averaged over seeds."""
     rows = []
-    for cell in plan.cells:
-        result, _ = _load_eval(Path(cell["folder"]))
-        for domain, values in result["per_domain"].items():
+    for cell in cells:
+        for domain, scores in Evaluation.read(cell.folder).per_domain.items():
             for space in SPACES:
                 rows.append(
                     {
-                        "target": cell["target"],
+                        "target": cell.target,
                         "space": space,
-                        "Data": cell["regime"],
-                        "LoRA": cell["lora"] or "",
-                        "Model": model_name(cell["arch"]),
+                        "Data": cell.regime,
+                        "LoRA": cell.lora or "",
+                        "Model": model_name(cell.arch),
                         "domain": domain,
-                        "images": values["images"],
-                        **{COLUMNS[k]: values[space][k] for k in COLUMNS},
+                        "images": scores.images,
+                        **{COLUMNS[k]: scores.spaces[space][k] for k in COLUMNS},
                     }
                 )
     if not rows:
@@ -213,22 +226,31 @@ def compare_with(table: pd.DataFrame, reference: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_results(plan: Plan) -> pd.DataFrame:
-    """Write ``results/`` (CSV and Markdown tables, per-domain table, comparison); return it."""
-    layout = ExperimentLayout(plan.out)
-    out = layout.results
-    out.mkdir(parents=True, exist_ok=True)
-    table = collect(plan)
-    with atomic_open(out / "results.csv", "w", newline="") as handle:
+def write_results(
+    out: str | Path, cfg: ExperimentConfig, cells: list[EvaluationCell]
+) -> pd.DataFrame:
+    """Write ``results/`` (CSV and Markdown tables, per-domain table, comparison); return it.
+
+    Args:
+        out: The experiment folder.
+        cfg: The experiment's resolved config (name, protocol, bootstrap, comparison).
+        cells: The grid's evaluations, all finished.
+    """
+    layout = ExperimentLayout(out)
+    folder = layout.results
+    folder.mkdir(parents=True, exist_ok=True)
+    table = collect(cells, cfg.evaluate.n_bootstrap, cfg.evaluate.seed)
+    with atomic_open(folder / "results.csv", "w", newline="") as handle:
         table.to_csv(handle, index=False)
-    domains = per_domain(plan)
-    with atomic_open(out / "per_domain.csv", "w", newline="") as handle:
+    domains = per_domain(cells)
+    with atomic_open(folder / "per_domain.csv", "w", newline="") as handle:
         domains.to_csv(handle, index=False)
 
-    protocol = classifier_protocol(plan.cfg)
+    protocol = classifier_protocol(cfg)
     write_text(layout.protocol, protocol + "\n")
-    lines = [f"# {plan.cfg.name}: zero-shot results\n\nClassifier protocol: {protocol}.\n"]
-    for target in plan.targets:
+    lines = [f"# {cfg.name}: zero-shot results\n\nClassifier protocol: {protocol}.\n"]
+    targets = list(dict.fromkeys(c.target for c in cells))
+    for target in targets:
         for space in SPACES:
             lines.append(
                 f"\n## {target}, {space.replace('_', ' ')} "
@@ -236,10 +258,10 @@ def write_results(plan: Plan) -> pd.DataFrame:
                 "Mean ± std over seeds [95% patient-bootstrap interval of the mean].\n\n"
             )
             lines.append(markdown_table(display_table(table, space, target)))
-    reference = reference_table(plan.cfg.compare)
+    reference = reference_table(cfg.compare)
     if reference is not None:
-        comparison = compare_with(table[table["target"] == next(iter(plan.targets))], reference)
-        with atomic_open(out / "comparison.csv", "w", newline="") as handle:
+        comparison = compare_with(table[table["target"] == targets[0]], reference)
+        with atomic_open(folder / "comparison.csv", "w", newline="") as handle:
             comparison.to_csv(handle, index=False)
         lines.append(
             f"\n## Against {Path(reference).name} (all outputs; ours - paper)\n\n"
@@ -248,7 +270,7 @@ def write_results(plan: Plan) -> pd.DataFrame:
             "as a positive for every plane.\n\n"
         )
         lines.append(markdown_table(comparison.round(2)))
-    with atomic_open(out / "results.md", "w") as handle:
+    with atomic_open(folder / "results.md", "w") as handle:
         handle.write("".join(lines))
     return table
 

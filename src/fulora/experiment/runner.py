@@ -119,7 +119,7 @@ def run_experiment(
     try:
         runs = _run_stages(plan, states, executor, ray)
         print(f"[results] tables in {layout.results}/")
-        table = write_results(plan)
+        table = write_results(plan.out, plan.cfg, plan.cells)
         report_path = None
         if cfg.report.enabled:
             print("[report] building the HTML report")

@@ -30,7 +30,7 @@ from fulora.runs import DONE_NAME, LOG_NAME, now_iso
 logger = logging.getLogger("fulora")
 
 #: Stage kinds in execution order (``--from`` takes one of these).
-STAGES = ("lora", "generate", "classify", "audit", "evaluate", "results", "report")
+STAGES = ("lora", "generate", "classify", "audit", "evaluate", "embedding", "results", "report")
 
 
 @dataclass

@@ -490,10 +490,10 @@ def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> np.ndarray:
 def decode_latents(vae, latents: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
     """The VAE decode of a batch (in [-1, 1]), as diffusers' pipeline does it, with a NaN guard.
 
-    A half-precision VAE can overflow to NaN on some latents (AUTOMATIC1111 then re-decodes in
-    fp32, its ``--no-half-vae`` fallback); the images that came out NaN are decoded again in fp32,
-    alone, so that every other image keeps its half-precision bytes and a resumed run its
-    determinism.
+    A half-precision VAE can overflow to NaN on some latents; AUTOMATIC1111 then decodes again
+    in fp32 (what its no-half-VAE option does for every image). Here only the images that came
+    out NaN are decoded again in fp32, alone, so that every other image keeps its
+    half-precision bytes and a resumed run its determinism.
 
     Raises:
         DataError: An image is NaN even from an fp32 VAE (the latents themselves are broken:
