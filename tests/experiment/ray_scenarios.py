@@ -112,7 +112,17 @@ def _held(action, marker: Path):
 def interrupt(config: str, out: str) -> dict:
     """Ctrl-C while stages run (one is held running until then), then the same command again."""
     script = [sys.executable, __file__, "run", config, out, "hold"]
-    driver = subprocess.Popen(script, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A terminal's Ctrl-C reaches a process whose SIGINT is at its default; one started in the
+    # background by a non-interactive shell (`cmd &`, as some CI runners do) inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt at all. Start the driver as a
+    # terminal would, whatever started these tests.
+    driver = subprocess.Popen(
+        script,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     marker = Path(out).parent / "held"
     while time.time() < deadline and not marker.exists():

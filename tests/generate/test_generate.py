@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -421,3 +422,20 @@ def test_a_failed_write_stops_the_run_and_keeps_what_was_written(
     monkeypatch.setattr(run, "_save_image", real)  # the rerun makes only what is missing
     record = generate(tmp_path, _cfg(tiny_model, write_threads=threads), progress=False)
     assert record["this_run_generated"] == 12 - len(written) and record["images"] == 12
+
+
+def test_a_killed_writers_temporary_file_is_removed_and_never_read(tiny_model, tmp_path):
+    """SIGKILL mid-write leaves ``.<name>.tmp.png`` (atomic writes rename only when done): the
+    next run in the folder deletes it, and no reader takes a hidden file for an image."""
+    from fulora.data.readers import read_any
+
+    cfg = _cfg(tiny_model, per_class=2, contact_sheet=0)
+    generate(tmp_path, cfg, progress=False)
+    left = tmp_path / "brain" / ".00001-123.x1y2z3.tmp.png"
+    left.write_bytes(b"\x89PNG half")
+    folders = tmp_path.parent / "as-plane-folders"  # no manifest.csv: the plane-folder reader
+    for plane in ("brain", "femur"):
+        shutil.copytree(tmp_path / plane, folders / plane)
+    assert len(read_any(folders)) == 4  # the hidden file is skipped
+    record = generate(tmp_path, cfg, progress=False)
+    assert record["this_run_generated"] == 0 and not left.exists()

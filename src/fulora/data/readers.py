@@ -321,7 +321,13 @@ def read_plane_folders(
                 f"folder {folder} is not named after a plane ({name!r}); name plane folders "
                 "abdomen, brain, femur, other, thorax or cervix (optionally '20_brain' for repeats)"
             )
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        # hidden files are not images of the set: macOS's ._ companions, a killed writer's
+        # .<name>.tmp.png
+        images = sorted(
+            p
+            for p in folder.iterdir()
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
         if not images:
             raise DataError(
                 f"plane folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})"

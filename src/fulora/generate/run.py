@@ -358,6 +358,8 @@ class _Share:
 def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only, progress) -> dict:
     """The body of :func:`generate` once the folder is locked: images, manifest, done.json."""
     out, main = run.path, part.main
+    if main and part.count == 1:  # alone in the folder: no other process is mid-write
+        _remove_half_written(out, resolved.planes)
     batches, seeds, targets = _work(cfg, resolved, batch, only, out)
     # The share is cut from the full list of batches, not from what is left, so that processes
     # that start at different times (Ray shards, a resumed run) never skip or repeat a batch.
@@ -421,6 +423,17 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
     )
     logger.info("%d images (%d new) in %s", len(manifest), made.generated, out)
     return record
+
+
+def _remove_half_written(out: Path, planes: Sequence[str]) -> None:
+    """Delete the temporary files of a killed run's unfinished writes (``.<name>.tmp.png``).
+
+    Only a process alone in the folder, holding its lock, calls this: no one else is writing.
+    """
+    for plane in planes:
+        for path in (out / plane).glob(".*.tmp.png"):
+            logger.info("removing %s, half-written by an interrupted run", path.name)
+            path.unlink(missing_ok=True)
 
 
 def _work(cfg, resolved, batch, only, out):
