@@ -280,6 +280,19 @@ def _read_caption(path: Path) -> str:
         return path.read_text(encoding="latin-1").strip()
 
 
+def _images_in(folder: Path) -> list[Path]:
+    """The image files of a folder, sorted.
+
+    Hidden files are not images of the set: macOS's ``._`` companions, a killed writer's
+    ``.<name>.tmp.png``.
+    """
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+
+
 def read_plane_folders(
     root: str | Path,
     *,
@@ -321,13 +334,7 @@ def read_plane_folders(
                 f"folder {folder} is not named after a plane ({name!r}); name plane folders "
                 "abdomen, brain, femur, other, thorax or cervix (optionally '20_brain' for repeats)"
             )
-        # hidden files are not images of the set: macOS's ._ companions, a killed writer's
-        # .<name>.tmp.png
-        images = sorted(
-            p
-            for p in folder.iterdir()
-            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-        )
+        images = _images_in(folder)
         if not images:
             raise DataError(
                 f"plane folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
