@@ -18,6 +18,7 @@ with the obvious alternative measured in the same process:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -85,6 +86,20 @@ def _free() -> None:
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def _cudnn_autotuning(on: bool):
+    """``torch.backends.cudnn.benchmark`` set to ``on`` for one measurement, then restored.
+
+    (Not ``torch.backends.cudnn.flags``: it also sets every other cuDNN flag to its defaults.)
+    """
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def _peak_gib() -> float | None:
@@ -183,11 +198,8 @@ def _fulora_lora(rec, model, data, tmp, size, rank, steps, batch, cache, ckpt, t
         seed=0,
     )
     _free()
-    torch.backends.cudnn.benchmark = tuned
-    try:
+    with _cudnn_autotuning(tuned):
         record = train_lora(data, tmp / f"run-{batch}-{cache}-{ckpt}-{tuned}", cfg, progress=False)
-    finally:
-        torch.backends.cudnn.benchmark = False
     rate = record["steady_steps_per_s"] or record["steps_per_s"]
     rec.row(
         loop="fulora",
@@ -380,11 +392,8 @@ def _fulora_generate(rec, args, tmp, side, steps, batch, options, name="default"
         **options,
     )
     out = tmp / f"run-{batch}-{name.replace(' ', '_')}"
-    torch.backends.cudnn.benchmark = tuned
-    try:
+    with _cudnn_autotuning(tuned):
         result = generate(out, cfg, progress=False)
-    finally:
-        torch.backends.cudnn.benchmark = False
     rec.row(
         way="fulora generate",
         batch=batch,

@@ -158,6 +158,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             raise
 
 
+def half_written(folder: str | Path, suffix: str) -> list[Path]:
+    """The temporary files of ``*<suffix>`` writes that :func:`atomic_path` left in ``folder``.
+
+    Only a writer killed mid-write leaves one; a finished or failed write removes its own.
+    """
+    return sorted(Path(folder).glob(f".*.tmp{suffix}"))
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_open(path, "w", newline="") as handle:

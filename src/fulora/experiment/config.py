@@ -109,7 +109,7 @@ class ClassifyStage(Checked):
 class EvaluateStage(EvaluateSettings):
     """Zero-shot evaluation of every classifier on every target cohort (``evaluate:``).
 
-    Its keys are :class:`~fulora.evaluate.run.EvaluateSettings`'; the experiment's ``device``
+    Its keys are :class:`~fulora.evaluate.run.EvaluateSettings`'s; the experiment's ``device``
     and cache complete them into each evaluation's ``EvaluateConfig``.
     """
 

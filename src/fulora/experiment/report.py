@@ -30,7 +30,7 @@ from fulora import __version__
 from fulora.config import from_dict  # noqa: E402
 from fulora.data.images import thumbnail  # noqa: E402
 from fulora.data.manifest import MANIFEST_NAME, Manifest  # noqa: E402
-from fulora.errors import DataError  # noqa: E402
+from fulora.errors import DataError, FuloraError  # noqa: E402
 from fulora.experiment.config import ExperimentConfig
 from fulora.experiment.layout import STAGE_MARKER, ExperimentLayout
 from fulora.experiment.results import display_table
@@ -205,12 +205,19 @@ class _StageRecord:
     done: dict[str, Any]  # empty until the stage finished
 
     def config(self, kind: type[T]) -> T | None:
-        """The stage's resolved config (its ``config.yaml``) as ``kind``; None when absent."""
+        """The stage's resolved config (its ``config.yaml``) as ``kind``.
+
+        None when absent or unreadable: a report shows what it can, as for manifests.
+        """
         path = self.path / CONFIG_NAME
         if not path.is_file():
             return None
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        return from_dict(kind, raw, source=str(path))
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            return from_dict(kind, raw, source=str(path))
+        except (OSError, yaml.YAMLError, FuloraError) as err:
+            logger.warning("report: cannot read %s: %s", path, err)
+            return None
 
 
 def _stages(run: Path) -> list[_StageRecord]:

@@ -38,7 +38,7 @@ from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, Range, require_
 from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.samplers import display_name, make_scheduler, resolve_sampler
-from fulora.io import atomic_path, file_hash
+from fulora.io import atomic_path, file_hash, half_written
 from fulora.lora.base import DEFAULT_BASE, base_identity, load_pipeline, native_size
 from fulora.lora.conditioning import prompt_embeddings
 from fulora.lora.formats import load_lora_into, read_lora
@@ -431,7 +431,7 @@ def _remove_half_written(out: Path, planes: Sequence[str]) -> None:
     Only a process alone in the folder, holding its lock, calls this: no one else is writing.
     """
     for plane in planes:
-        for path in (out / plane).glob(".*.tmp.png"):
+        for path in half_written(out / plane, ".png"):
             logger.info("removing %s, half-written by an interrupted run", path.name)
             path.unlink(missing_ok=True)
 
