@@ -39,7 +39,7 @@ class Recorder:
 
     def __init__(self, path: Path, part: str, deadline: float, only: list[str] | None = None):
         self.path, self.part, self.deadline = path, part, deadline
-        self.only = set(only or ())  # measure just these settings (a short GPU lease)
+        self.only = list(only or ())  # measure just these settings (a short GPU lease)
         self.data: dict = {"part": part, "rows": [], "errors": [], "skipped": []}
         self.save()
 
@@ -57,6 +57,17 @@ class Recorder:
         self.data[key] = value
         self.save()
 
+    def attempt_all(self, rows: list[tuple[str, Callable[[], None], float]]) -> None:
+        """``attempt`` each (name, measurement, reserve), in ``only``'s order when it is given.
+
+        The order is the caller's to choose so that a short lease can check whether a row's
+        place in the process changes its figure (warm-up, cuDNN's algorithm cache).
+        """
+        if self.only:
+            rows = sorted(rows, key=lambda r: self.only.index(r[0]) if r[0] in self.only else 0)
+        for name, fn, reserve in rows:
+            self.attempt(name, fn, reserve=reserve)
+
     def attempt(self, name: str, fn: Callable[[], None], *, reserve: float = 0.0) -> None:
         """Run one measurement unless the part's time is up; record a failure and go on."""
         if self.only and name not in self.only:
@@ -66,6 +77,9 @@ class Recorder:
             self.save()
             print(f"[{self.part}] skipped {name}: out of time", flush=True)
             return
+        # kept in the file while it runs: if the part is killed at its limit, the report can
+        # say which row was cut short and after how long (e.g. a compile that never finished)
+        self.note("running", {"name": name, "started": time.time()})
         try:
             fn()
         except Exception as err:  # one setting's failure must not lose the others
@@ -73,6 +87,8 @@ class Recorder:
             self.save()
             traceback.print_exc()
         finally:
+            self.data.pop("running", None)
+            self.save()
             _free()
 
 
@@ -153,26 +169,26 @@ def part_lora(args, rec: Recorder) -> None:
     generate_phantom(tmp / "data", PhantomConfig(per_class=2 if args.smoke else 20, grid=False))
     data = read_any(tmp / "data")
     rec.note("setting", f"{size} px, rank {rank}, kohya targets + text encoder, {steps} steps")
-    named = [
-        (f"fulora batch {b} cache {c} ckpt {k}" + (" cudnn_benchmark" * t), (b, c, k, t))
-        for b, c, k, t in _lora_settings(args.smoke)
-    ]
-    if args.only:  # in the order asked for (to see whether a row's place in the process matters)
-        named.sort(key=lambda item: args.only.index(item[0]) if item[0] in args.only else 0)
-    for name, (batch, cache, ckpt, tuned) in named:
-        rec.attempt(
-            name,
-            lambda b=batch, c=cache, k=ckpt, t=tuned: _fulora_lora(
+    reserve = 0 if args.smoke else 20
+    rows = [
+        (
+            f"fulora batch {b} cache {c} ckpt {k}" + (" cudnn_benchmark" * t),
+            lambda b=b, c=c, k=k, t=t: _fulora_lora(
                 rec, args.model, data, tmp, size, rank, steps, b, c, k, t
             ),
-            reserve=0 if args.smoke else 20,
+            reserve,
         )
-    for batch in (1, 2) if args.smoke else (1, 8):
-        rec.attempt(
-            f"plain batch {batch}",
-            lambda b=batch: _plain_lora(rec, args.model, data, size, rank, steps, b),
-            reserve=0 if args.smoke else 20,
+        for b, c, k, t in _lora_settings(args.smoke)
+    ]
+    rows += [
+        (
+            f"plain batch {b}",
+            lambda b=b: _plain_lora(rec, args.model, data, size, rank, steps, b),
+            reserve,
         )
+        for b in ((1, 2) if args.smoke else (1, 8))
+    ]
+    rec.attempt_all(rows)
 
 
 def _fulora_lora(rec, model, data, tmp, size, rank, steps, batch, cache, ckpt, tuned) -> None:
@@ -310,36 +326,54 @@ def _gen_sizes(smoke: bool) -> tuple[int, int, list[int]]:
 def part_generate(args, rec: Recorder) -> None:
     side, steps, batches = _gen_sizes(args.smoke)
     rec.note("setting", f"{side}x{side}, {steps} steps, DPM++ 2M Karras, CFG 7")
-    rec.attempt("plain pipe(prompt) batch 1", lambda: _plain_generate(rec, args, side, steps))
     tmp = Path(tempfile.mkdtemp(prefix="fulora-bench-gen-"))
     default = dict(channels_last=False, fuse_qkv=False, compile=False, write_threads=2)
-    for batch in batches:
-        rec.attempt(
-            f"fulora batch {batch}",
-            lambda b=batch: _fulora_generate(rec, args, tmp, side, steps, b, default),
-            reserve=0 if args.smoke else 15,
+    rows = [("plain pipe(prompt) batch 1", lambda: _plain_generate(rec, args, side, steps), 0)]
+    rows += [
+        (
+            f"fulora batch {b}",
+            lambda b=b: _fulora_generate(rec, args, tmp, side, steps, b, default),
+            0 if args.smoke else 15,
         )
+        for b in batches
+    ]
     top = batches[-1]
+    compiled = dict(default, compile=True)
     options = [
         ("write_threads 0", dict(default, write_threads=0)),  # PNGs written in the loop
         ("channels_last on", dict(default, channels_last=True)),
         ("fuse_qkv", dict(default, fuse_qkv=True)),
-        ("compile", dict(default, compile=True)),
-        ("compile + fuse_qkv", dict(default, compile=True, fuse_qkv=True)),
-        ("compile + channels_last", dict(default, compile=True, channels_last=True)),
+        ("compile", compiled),
+        ("compile + fuse_qkv", dict(compiled, fuse_qkv=True)),
+        ("compile + channels_last", dict(compiled, channels_last=True)),
         # cuDNN autotuning (torch.backends.cudnn.benchmark) for the compiled convolutions
-        ("compile + cudnn_benchmark", dict(default, compile=True, cudnn_benchmark=True)),
+        ("compile + cudnn_benchmark", dict(compiled, cudnn_benchmark=True)),
+        # PyTorch's diffusion-fast inductor settings, CUDA graphs, kernel search
+        (
+            "compile + fuse_qkv + inductor_tuning",
+            dict(compiled, fuse_qkv=True, inductor_tuning=True),
+        ),
+        (
+            "compile reduce-overhead + fuse_qkv",
+            dict(compiled, fuse_qkv=True, compile_mode="reduce-overhead"),
+        ),
+        (
+            "compile max-autotune + fuse_qkv + inductor_tuning",
+            dict(compiled, fuse_qkv=True, inductor_tuning=True, compile_mode="max-autotune"),
+        ),
     ]
     if args.smoke:  # inductor's CPU compile of the UNet alone outlasts the smoke budget
         rec.note("not_in_smoke", "compile options (GPU run only)")
         options = [o for o in options if not o[1]["compile"]]
-    for name, opts in options:
-        reserve = 0 if args.smoke else (150 if opts["compile"] else 15)
-        rec.attempt(
+    rows += [
+        (
             f"fulora batch {top} {name}",
             lambda o=opts, n=name: _fulora_generate(rec, args, tmp, side, steps, top, o, n),
-            reserve=reserve,
+            0 if args.smoke else (150 if opts["compile"] else 15),
         )
+        for name, opts in options
+    ]
+    rec.attempt_all(rows)
 
 
 def _plain_generate(rec, args, side, steps) -> None:

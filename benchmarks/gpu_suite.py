@@ -91,7 +91,7 @@ def run_parts(
         except subprocess.TimeoutExpired:
             code = "killed at its time limit"
         data = json.loads(path.read_text()) if path.is_file() else {"rows": [], "errors": []}
-        data.update(exit=code, seconds=round(time.time() - started, 1))
+        data.update(exit=code, seconds=round(time.time() - started, 1), ended=time.time())
         results[name] = data
         save(results)
     return results
@@ -205,11 +205,22 @@ def markdown(report: dict) -> str:
         if data.get("skipped")
     ]
     problems += [
-        f"{part}: exit {data['exit']}" for part, data in results.items() if data.get("exit")
+        f"{part}: exit {data['exit']}" + _cut_short(data)
+        for part, data in results.items()
+        if data.get("exit")
     ]
     if problems:
         lines += ["", "Not measured in this run:", ""] + [f"- {p}" for p in problems]
     return "\n".join(lines) + "\n"
+
+
+def _cut_short(data: dict) -> str:
+    """Which row a killed part was measuring, and for how long (a lower bound on its cost)."""
+    running, ended = data.get("running"), data.get("ended")
+    if not running:
+        return ""
+    took = f" after {ended - running['started']:.0f} s" if ended else ""
+    return f", while measuring {running['name']!r}{took} (unfinished)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,3 +67,42 @@ def test_committed_results_render_again(tmp_path):
         )
         assert done.returncode == 0, done.stderr
         assert copy.with_suffix(".md").read_text() == committed.with_suffix(".md").read_text()
+
+
+def _benchmark_module(name: str):
+    import importlib
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_rows_run_in_the_order_asked_and_a_killed_row_is_named(tmp_path):
+    """A short lease names rows in the order it wants them (a row's place in the process can
+    change its figure), and a part killed mid-row leaves which row it was on and since when."""
+    import time
+
+    parts = _benchmark_module("gpu_parts")
+    path = tmp_path / "part.json"
+    rec = parts.Recorder(path, "lora", time.time() + 60, only=["b", "a"])
+    seen = []
+
+    def measure(name):
+        seen.append((name, json.loads(path.read_text())["running"]["name"]))
+
+    rec.attempt_all([(n, lambda n=n: measure(n), 0.0) for n in ("a", "b", "c")])
+    assert seen == [("b", "b"), ("a", "a")]  # "c" was not asked for
+    assert "running" not in json.loads(path.read_text())
+
+    suite = _benchmark_module("gpu_suite")
+    killed = {"rows": [], "exit": "killed at its time limit", "ended": 1400.0}
+    killed["running"] = {"name": "fulora batch 32 compile", "started": 1000.0}
+    text = suite.markdown({"machine": {}, "results": {"generate": killed}} | _header())
+    assert "while measuring 'fulora batch 32 compile' after 400 s (unfinished)" in text
+
+
+def _header() -> dict:
+    machine = dict(device="CPU", date="today", torch="t", diffusers="d", bitsandbytes=None)
+    return {"machine": machine | dict(python="3", cpus=2), "command": "python gpu_suite.py"}

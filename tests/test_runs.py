@@ -47,6 +47,17 @@ def test_changed_config_keys_names_what_differs(tmp_path, changed, expected):
     assert RunDir(tmp_path).changed_config_keys(_Config(**changed)) == expected
 
 
+@pytest.mark.parametrize("value, expected", [(8, []), (16, ["rank"])])
+def test_a_key_added_since_the_run_counts_as_its_default(tmp_path, value, expected):
+    """An older run's config.yaml lacks settings added later; absent means the default (which
+    keeps the old behaviour), so the run resumes unless the new setting is set otherwise."""
+    RunDir(tmp_path).start(_Config()).close()
+    saved = yaml.safe_load((tmp_path / CONFIG_NAME).read_text())
+    del saved["rank"]
+    (tmp_path / CONFIG_NAME).write_text(yaml.safe_dump(saved))
+    assert RunDir(tmp_path).changed_config_keys(_Config(rank=value)) == expected
+
+
 def test_close_stops_logging_to_the_folder(tmp_path):
     run = RunDir(tmp_path).start()
     run.close()

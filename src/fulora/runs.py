@@ -11,6 +11,7 @@ finishes or dies.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -111,6 +112,17 @@ def _in_use_message(folder: Path, holder: dict[str, Any] | None) -> str:
     )
 
 
+def _field_defaults(config: Any) -> dict[str, Any]:
+    """The default of each field of a config dataclass that has a plain (non-factory) one."""
+    if not dataclasses.is_dataclass(config):
+        return {}
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(config)
+        if f.default is not dataclasses.MISSING
+    }
+
+
 class RunDir:
     """A run folder: config, log and completion marker.
 
@@ -155,7 +167,9 @@ class RunDir:
 
         old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         new = to_dict(config)
-        return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        # a key the older file lacks was added since, with a default that keeps the old behaviour
+        defaults = _field_defaults(config)
+        return sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k))
 
     def lock(self) -> RunDir:
         """Take the folder's exclusive lock (:class:`FolderLock`) until :meth:`close`.

@@ -239,3 +239,16 @@ def test_inputs_changed_in_place_make_their_stages_stale(
     evaluations = [name for name in pixels if name.startswith("evaluate/")]
     assert evaluations and all(pixels[n] != patients[n] for n in evaluations)
     assert pixels["lora/r4"] == patients["lora/r4"]
+
+
+def test_settings_added_later_keep_the_stage_keys_of_existing_experiments():
+    """A generation setting added after experiments existed (at its default, which keeps the old
+    behaviour) stays out of the stage key, so upgrading fulora re-runs no generation."""
+    from fulora.experiment.planner import _config_payload
+    from fulora.generate.run import GenerateConfig
+
+    payload = _config_payload(GenerateConfig(compile=True))
+    assert "compile_mode" not in payload and "inductor_tuning" not in payload
+    assert payload["compile"] is True  # settings from before are keyed as they were
+    tuned = _config_payload(GenerateConfig(compile=True, compile_mode="max-autotune"))
+    assert tuned["compile_mode"] == "max-autotune"  # set otherwise: keyed (it can move pixels)

@@ -106,8 +106,10 @@ def test_batch_size_changes_only_rounding(full_run, tiny_model, trained_lora, tm
     [
         {"fuse_qkv": True},  # one q/k/v matrix product: the same sums in another order
         pytest.param({"compile": True}, marks=pytest.mark.slow),  # inductor on CPU: minutes
+        # the diffusion-fast settings that act on CPU too (1x1 convolutions as matrix products)
+        pytest.param({"compile": True, "inductor_tuning": True}, marks=pytest.mark.slow),
     ],
-    ids=["fuse_qkv", "compile"],
+    ids=["fuse_qkv", "compile", "compile_inductor_tuning"],
 )
 def test_speed_options_change_only_rounding(full_run, tiny_model, trained_lora, tmp_path, options):
     """The tolerance BENCHMARKS.md states for the speed options: at most 1 grey level."""
@@ -123,6 +125,25 @@ def test_speed_options_change_only_rounding(full_run, tiny_model, trained_lora, 
 def test_fused_qkv_needs_a_fused_lora(tiny_model, trained_lora, tmp_path):
     with pytest.raises(ConfigError, match="fuse_qkv needs fuse_lora: true"):
         _cfg(tiny_model, trained_lora, fuse_qkv=True, fuse_lora=False)
+
+
+def test_compile_settings_need_compile_and_become_torch_options(tiny_model):
+    from torch._inductor import list_mode_options
+
+    from fulora.generate.run import compile_options
+
+    for key, value in (("compile_mode", "max-autotune"), ("inductor_tuning", True)):
+        with pytest.raises(ConfigError, match=f"'{key}' is a setting of torch.compile"):
+            _cfg(tiny_model, **{key: value})
+    # torch.compile takes a mode or options, not both: the mode must arrive as torch's own
+    cfg = _cfg(tiny_model, compile=True, compile_mode="max-autotune")
+    assert compile_options(cfg) == list_mode_options("max-autotune")  # reference: torch
+    tuned = compile_options(_cfg(tiny_model, compile=True, inductor_tuning=True))
+    assert tuned["conv_1x1_as_mm"] and tuned["epilogue_fusion"] is False
+    import torch._inductor.config as inductor
+
+    for key in tuned:  # names inductor knows (an unknown one fails only at the first batch)
+        assert hasattr(inductor, key), key
 
 
 def test_the_lora_changes_the_images(full_run, tiny_model, tmp_path):

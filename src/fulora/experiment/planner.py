@@ -77,8 +77,17 @@ def stage_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Settings added after experiments existed, with the default that reproduces the earlier
+# behaviour: in a stage's key only when set otherwise, so that adding them re-runs nothing.
+_IN_KEY_WHEN_SET = {"compile_mode": "default", "inductor_tuning": False}
+
+
 def _config_payload(config: Any) -> dict[str, Any]:
-    return {k: v for k, v in to_dict(config).items() if k not in _NOT_IN_KEY}
+    return {
+        k: v
+        for k, v in to_dict(config).items()
+        if k not in _NOT_IN_KEY and not (k in _IN_KEY_WHEN_SET and v == _IN_KEY_WHEN_SET[k])
+    }
 
 
 @dataclass
