@@ -112,6 +112,17 @@ def _in_use_message(folder: Path, holder: dict[str, Any] | None) -> str:
     )
 
 
+def steady_rate(mark: tuple[int, float] | None, count: int, ended: float) -> float | None:
+    """Items per second from ``mark`` (count, ``time.perf_counter()``) to ``count`` at ``ended``.
+
+    The mark is set after the warm-up (first batch, first steps: compilation, autotuning,
+    allocation), so the rate says what a long run sustains; None when nothing came after it.
+    """
+    if mark is None or count <= mark[0]:
+        return None
+    return round((count - mark[0]) / (ended - mark[1]), 3)
+
+
 def _field_defaults(config: Any) -> dict[str, Any]:
     """The default of each field of a config dataclass that has a plain (non-factory) one."""
     if not dataclasses.is_dataclass(config):

@@ -43,7 +43,7 @@ from fulora.lora.base import DEFAULT_BASE, base_identity, load_pipeline, native_
 from fulora.lora.conditioning import prompt_embeddings
 from fulora.lora.formats import load_lora_into, read_lora
 from fulora.planes import PAPER_CAPTIONS, PAPER_PLANES, check_planes
-from fulora.runs import DONE_NAME, RunDir, now_iso
+from fulora.runs import DONE_NAME, RunDir, now_iso, steady_rate
 
 logger = logging.getLogger("fulora")
 
@@ -596,7 +596,7 @@ class _Made:
             "first_batch_s": round(self.first_batch[1] - self.started, 2)
             if self.first_batch
             else None,
-            "steady_images_per_s": _steady_rate(self.first_batch, self.generated, ended),
+            "steady_images_per_s": steady_rate(self.first_batch, self.generated, ended),
             "batch_size": self.batch,
             "device": str(self.device),
             "processes": processes,
@@ -691,15 +691,6 @@ class _ImageWriter:
         if kind is None:
             self.drain()
         self.pool.shutdown(wait=True)  # on an error too: what was denoised reaches the disk
-
-
-def _steady_rate(
-    first_batch: tuple[int, float] | None, generated: int, ended: float
-) -> float | None:
-    """Images/s after the first batch (which pays for compilation and warm-up)."""
-    if first_batch is None or generated <= first_batch[0]:
-        return None
-    return round((generated - first_batch[0]) / (ended - first_batch[1]), 3)
 
 
 def read_png_provenance(path: str | Path) -> dict[str, Any]:

@@ -64,7 +64,7 @@ from fulora.lora.data import (
 )
 from fulora.lora.formats import DIFFUSERS_WEIGHT_NAME
 from fulora.lora.targets import TargetPreset, lora_target_modules
-from fulora.runs import RunDir
+from fulora.runs import RunDir, steady_rate
 
 logger = logging.getLogger("fulora")
 
@@ -313,8 +313,8 @@ def _train(state: _LoraRun, data: Manifest, resume: str | None, progress: bool, 
     started, first_step = time.perf_counter(), state.step
     steady_from = _run_steps(state, progress, on_step)
     # both rates end here: saving the LoRA and the last sample grid is not training speed
-    seconds = time.perf_counter() - started
-    steady = _steady_rate(steady_from, state.step)
+    ended = time.perf_counter()
+    seconds, steady = ended - started, steady_rate(steady_from, state.step, ended)
     state.accelerator.wait_for_everyone()
     if not state.accelerator.is_main_process:
         return {}
@@ -575,13 +575,6 @@ def _finish(
         lora_kohya=str(out / f"{cfg.output_name}.safetensors"),
         peak_gpu_memory_gb=round(peak, 3) if peak is not None else None,
     )
-
-
-def _steady_rate(steady_from: tuple[int, float] | None, step: int) -> float | None:
-    """Steps/s after the first WARMUP_STEPS (allocator, cuDNN and optimizer-state set-up)."""
-    if steady_from is None or step <= steady_from[0]:
-        return None
-    return round((step - steady_from[0]) / (time.perf_counter() - steady_from[1]), 3)
 
 
 def _sample_grid(state: _LoraRun) -> None:
