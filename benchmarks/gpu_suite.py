@@ -7,7 +7,9 @@ Each part (``gpu_parts.py``) runs in its own process under its share of the time
 failure or a slow part loses nothing else; each figure has the obvious alternative measured in
 the same process (see ``gpu_parts.py``). Results: ``OUT/<machine>-<date>.json`` (every row,
 the machine, the versions) and ``OUT/<machine>-<date>.md`` (the tables BENCHMARKS.md carries),
-both rewritten after every part. The paper's grid is projected from the measured rates.
+both rewritten after every part (``-2``, ``-3``... for a later run the same day: nothing is
+overwritten). The paper's grid is projected from the measured rates. Runs split over several
+commands (a GPU lent 10 minutes at a time) become one report with ``--merge A.json B.json``.
 """
 
 from __future__ import annotations
@@ -99,7 +101,19 @@ def run_parts(
 
 def projection(results: dict) -> dict | None:
     """The paper's grid on one such GPU, from the measured rates (None if any is missing)."""
-    lora = _pick(results, "lora", loop="fulora", batch=1, cache_latents=True, checkpointing=False)
+    # the paper recipe as fulora runs it (cuDNN autotuning off); of several runs' rows, the best:
+    # the first row of a process reads ~10% slow (warm-up), which a 1000-step run does not pay
+    lora = max(
+        (
+            r
+            for r in results.get("lora", {}).get("rows", [])
+            if r.get("loop") == "fulora"
+            and (r.get("batch"), r.get("cache_latents"), r.get("checkpointing")) == (1, True, False)
+            and not r.get("cudnn_benchmark")
+        ),
+        key=lambda r: r["steps_per_s"],
+        default=None,
+    )
     gen = [
         r["images_per_s"]
         for r in results.get("generate", {}).get("rows", [])
@@ -136,6 +150,7 @@ def _pick(results: dict, part: str, **match) -> dict | None:
 
 
 def _table(rows: list[dict], columns: list[str]) -> list[str]:
+    columns = (["run"] if any("run" in r for r in rows) else []) + columns
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = ["" if row.get(c) is None else str(row.get(c)) for c in columns]
@@ -144,7 +159,7 @@ def _table(rows: list[dict], columns: list[str]) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    """The tables BENCHMARKS.md carries."""
+    """The tables BENCHMARKS.md carries (adds the ratio columns to the rows)."""
     m, results = report["machine"], report["results"]
     lines = [
         f"### {m['device']}, {m['date']}",
@@ -152,34 +167,10 @@ def markdown(report: dict) -> str:
         f"`{report['command']}`: torch {m['torch']}, diffusers {m['diffusers']}, "
         f"bitsandbytes {m['bitsandbytes']}, Python {m['python']}, {m['cpus']} CPUs.",
     ]
-    lora = results.get("lora", {})
-    if lora.get("rows"):
-        plain = {r["batch"]: r["steps_per_s"] for r in lora["rows"] if r["loop"] != "fulora"}
-        for row in lora["rows"]:
-            base = plain.get(row["batch"])
-            row["x_plain"] = f"{row['steps_per_s'] / base:.2f}" if base else None
-        lines += ["", f"**LoRA training** ({lora.get('setting', '')})", ""]
-        cols = ["loop", "batch", "cache_latents", "checkpointing"]
-        cols += ["cudnn_benchmark"] if any("cudnn_benchmark" in r for r in lora["rows"]) else []
-        cols += ["steps_per_s"]
-        cols += ["images_per_s", "x_plain", "peak_gib", "optimizer", "paper_1000_steps_min"]
-        lines += _table(lora["rows"], cols)
-    gen = results.get("generate", {})
-    if gen.get("rows"):
-        plain = _pick(results, "generate", way="plain pipe(prompt)")
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in m["device"]), None)
-        for row in gen["rows"]:
-            rate = row.get("images_per_s") or 0
-            row["x_plain"] = f"{rate / plain['images_per_s']:.2f}" if plain else None
-            row["pct_of_peak"] = (
-                f"{100 * rate * TFLOP_PER_IMAGE / peak:.0f}%"
-                if peak and "512x512, 30 steps" in gen.get("setting", "")
-                else None
-            )
-        lines += ["", f"**Generation** ({gen.get('setting', '')})", ""]
-        cols = ["way", "batch", "options", "images_per_s", "x_plain", "pct_of_peak"]
-        cols += ["first_batch_s", "peak_gib", "mean_grey_diff", "max_grey_diff"]
-        lines += _table(gen["rows"], cols)
+    for run in report.get("merged_from", []):
+        lines.append(f"- run `{run['run']}` ({run['date']}): `{run['command']}`")
+    lines += _lora_lines(results.get("lora", {}))
+    lines += _generate_lines(results, m["device"])
     cls = results.get("classify", {})
     if cls.get("rows"):
         lines += ["", f"**Classifiers** ({cls.get('setting', '')})", ""]
@@ -194,6 +185,50 @@ def markdown(report: dict) -> str:
             f"({grid['classifier_archs_measured']} of 5 backbones measured): "
             f"**{grid['total_h']} h** on one such GPU.",
         ]
+    problems = _problems(results)
+    if problems:
+        lines += ["", "Not measured in this run:", ""] + [f"- {p}" for p in problems]
+    return "\n".join(lines) + "\n"
+
+
+def _lora_lines(lora: dict) -> list[str]:
+    if not lora.get("rows"):
+        return []
+    # against the plain loop of the same run (merged reports hold several)
+    plain = {
+        (r.get("run"), r["batch"]): r["steps_per_s"] for r in lora["rows"] if r["loop"] != "fulora"
+    }
+    for row in lora["rows"]:
+        base = plain.get((row.get("run"), row["batch"]))
+        row["x_plain"] = f"{row['steps_per_s'] / base:.2f}" if base else None
+    cols = ["loop", "batch", "cache_latents", "checkpointing"]
+    cols += ["cudnn_benchmark"] if any("cudnn_benchmark" in r for r in lora["rows"]) else []
+    cols += ["steps_per_s", "images_per_s", "x_plain", "peak_gib", "optimizer"]
+    cols += ["paper_1000_steps_min"]
+    return ["", f"**LoRA training** ({lora.get('setting', '')})", ""] + _table(lora["rows"], cols)
+
+
+def _generate_lines(results: dict, device: str) -> list[str]:
+    gen = results.get("generate", {})
+    if not gen.get("rows"):
+        return []
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
+    for row in gen["rows"]:
+        rate = row.get("images_per_s") or 0
+        plain = _pick(results, "generate", way="plain pipe(prompt)", run=row.get("run"))
+        row["x_plain"] = f"{rate / plain['images_per_s']:.2f}" if plain else None
+        row["pct_of_peak"] = (
+            f"{100 * rate * TFLOP_PER_IMAGE / peak:.0f}%"
+            if peak and "512x512, 30 steps" in gen.get("setting", "")
+            else None
+        )
+    cols = ["way", "batch", "options", "images_per_s", "x_plain", "pct_of_peak"]
+    cols += ["first_batch_s", "peak_gib", "mean_grey_diff", "max_grey_diff"]
+    return ["", f"**Generation** ({gen.get('setting', '')})", ""] + _table(gen["rows"], cols)
+
+
+def _problems(results: dict) -> list[str]:
+    """What a run did not measure: errors, rows skipped for time, parts that did not exit 0."""
     problems = [
         f"{part}: {e['name']}: {e['error'][:200]}"
         for part, data in results.items()
@@ -204,14 +239,57 @@ def markdown(report: dict) -> str:
         for part, data in results.items()
         if data.get("skipped")
     ]
-    problems += [
+    return problems + [
         f"{part}: exit {data['exit']}" + _cut_short(data)
         for part, data in results.items()
         if data.get("exit")
     ]
-    if problems:
-        lines += ["", "Not measured in this run:", ""] + [f"- {p}" for p in problems]
-    return "\n".join(lines) + "\n"
+
+
+def merge(paths: list[Path], command: str) -> dict:
+    """One report from several runs on one kind of GPU: each part's rows together, each row
+    tagged with its run (the file's name), so that split or repeated runs give one projection.
+
+    Raises:
+        SystemExit: The runs are of different devices (a projection must not mix GPUs).
+    """
+    reports = [(path.stem, json.loads(path.read_text())) for path in paths]
+    devices = {run: report["machine"]["device"] for run, report in reports}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{run}: {device}" for run, device in devices.items())
+        raise SystemExit(f"--merge: the runs are of different devices ({listed}); merge one kind")
+    results: dict = {}
+    for run, report in reports:
+        for part, data in report["results"].items():
+            into = results.setdefault(part, {"part": part, "rows": [], "errors": [], "skipped": []})
+            into.setdefault("setting", data.get("setting"))
+            into["rows"] += [dict(row, run=run) for row in data.get("rows", [])]
+            into["errors"] += [dict(e, name=f"{run}: {e['name']}") for e in data.get("errors", [])]
+            into["skipped"] += [f"{run}: {name}" for name in data.get("skipped", [])]
+            if data.get("exit"):
+                error = f"exit {data['exit']}{_cut_short(data)}"
+                into["errors"].append({"name": run, "error": error})
+    return {
+        "machine": reports[0][1]["machine"],
+        "command": command,
+        "merged_from": [
+            {"run": run, "date": r["machine"]["date"], "command": r["command"]}
+            for run, r in reports
+        ],
+        "results": results,
+        "projection": projection(results),
+    }
+
+
+def _free_stem(out: Path, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``-3``... when a run of the same machine and day is already there
+    (a second run the same day must not overwrite the first's figures)."""
+    taken = {p.name.removesuffix(".json") for p in out.glob(f"{stem}*.json")}
+    n, name = 1, stem
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}"
+    return name
 
 
 def _cut_short(data: dict) -> str:
@@ -223,7 +301,7 @@ def _cut_short(data: dict) -> str:
     return f", while measuring {running['name']!r}{took} (unfinished)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, small sizes")
@@ -243,7 +321,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--render", type=Path, metavar="JSON", help="rewrite the .md of an earlier run's JSON"
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="combine earlier runs on one kind of GPU into OUT/<first>-merged.json and .md",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    command = "python benchmarks/gpu_suite.py " + " ".join(argv or sys.argv[1:])
+    if args.merge:
+        report = merge(args.merge, command.strip())
+        args.out.mkdir(parents=True, exist_ok=True)
+        target = args.out / f"{args.merge[0].stem}-merged.json"
+        target.with_suffix(".md").write_text(markdown(report))
+        target.write_text(json.dumps(report, indent=1))
+        print(f"merged {len(args.merge)} runs: {target} and .md")
+        return 0
     if args.render:
         report = json.loads(args.render.read_text())
         report["projection"] = projection(report["results"])
@@ -255,9 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and "CPU" in info["device"]:
         parser.error("no CUDA GPU here: run with --smoke (CPU, tiny model) or on a GPU machine")
     slug = "smoke-cpu" if args.smoke else re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-")
-    stem = f"{slug}-{info['date'][:10]}"
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/gpu_suite.py " + " ".join(argv or sys.argv[1:])
+    stem = _free_stem(args.out, f"{slug}-{info['date'][:10]}")
     report = {"machine": info, "command": command.strip(), "budget_s": budget, "results": {}}
 
     def save(results: dict) -> None:

@@ -106,3 +106,55 @@ def test_rows_run_in_the_order_asked_and_a_killed_row_is_named(tmp_path):
 def _header() -> dict:
     machine = dict(device="CPU", date="today", torch="t", diffusers="d", bitsandbytes=None)
     return {"machine": machine | dict(python="3", cpus=2), "command": "python gpu_suite.py"}
+
+
+def test_merge_makes_one_report_of_runs_on_one_kind_of_gpu(tmp_path):
+    """Two committed H200 runs (the LoRA rows in either order) merge into one report: every
+    row tagged with its run, each fulora row compared with its own run's plain loop, and the
+    projection from the paper recipe's best row without cuDNN autotuning."""
+    parts = REPO / "benchmarks/results/parts"
+    runs = [parts / "NVIDIA-H200-2026-11-26-run2.json", parts / "NVIDIA-H200-2026-11-26-run3.json"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/gpu_suite.py"), "--out", str(tmp_path)]
+        + ["--merge", *map(str, runs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    merged = json.loads((tmp_path / "NVIDIA-H200-2026-11-26-run2-merged.json").read_text())
+    lora = merged["results"]["lora"]["rows"]
+    assert {r["run"] for r in lora} == {
+        "NVIDIA-H200-2026-11-26-run2",
+        "NVIDIA-H200-2026-11-26-run3",
+    }
+    assert len(lora) == 6
+    run3 = {r["loop"] + str(r.get("cudnn_benchmark")): r for r in lora if r["run"].endswith("3")}
+    assert run3["fuloraFalse"]["x_plain"] == f"{3.461 / 3.164:.2f}"  # run 3's own plain loop
+    assert merged["projection"] is None  # no classifier rows in these two runs
+    suite = _benchmark_module("gpu_suite")
+    run1 = json.loads((parts / "NVIDIA-H200-2026-11-26-run1.json").read_text())
+    grid = suite.projection(merged["results"] | {"classify": run1["results"]["classify"]})
+    best = 1000 * 3 / 3.461 / 3600  # 3 LoRAs at run 3's 3.461 steps/s, not autotuned 4.131
+    assert grid["lora_h"] == round(best, 2)
+    markdown = (tmp_path / "NVIDIA-H200-2026-11-26-run2-merged.md").read_text()
+    assert "| run | loop |" in markdown and "- run `NVIDIA-H200-2026-11-26-run3`" in markdown
+
+
+def test_merge_refuses_runs_of_different_gpus_and_a_rerun_overwrites_nothing(tmp_path):
+    suite = _benchmark_module("gpu_suite")
+    run = json.loads(
+        (REPO / "benchmarks/results/parts/NVIDIA-H200-2026-11-26-run3.json").read_text()
+    )
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    paths[0].write_text(json.dumps(run))
+    paths[1].write_text(json.dumps(run | {"machine": run["machine"] | {"device": "NVIDIA H100"}}))
+    import pytest
+
+    with pytest.raises(SystemExit, match="a: NVIDIA H200, b: NVIDIA H100"):
+        suite.merge(paths, "merge")
+    assert suite._free_stem(tmp_path, "X-2026") == "X-2026"
+    (tmp_path / "X-2026.json").write_text("{}")
+    assert suite._free_stem(tmp_path, "X-2026") == "X-2026-2"
+    (tmp_path / "X-2026-2.json").write_text("{}")
+    assert suite._free_stem(tmp_path, "X-2026") == "X-2026-3"
