@@ -38,6 +38,8 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090
 # (ES, ES+DA, and HB, HB+DA per LoRA) of 20 epochs on ~6,150 images.
 GRID = {"loras": 3, "lora_steps": 1000, "images": 15_000, "classifiers_per_arch": 24}
 GRID_EPOCH_IMAGES, GRID_EPOCHS = 6148, 20
+# the classifier rows measured with fulora's defaults on CUDA (the other "fulora" rows are options)
+FULORA_CLASSIFY_WAY = "fulora (AMP + channels_last)"
 
 
 def machine() -> dict:
@@ -119,9 +121,11 @@ def projection(results: dict) -> dict | None:
         for r in results.get("generate", {}).get("rows", [])
         if r.get("way") == "fulora generate" and r.get("images_per_s")
     ]
-    rates = {}  # arch -> training images/s: fulora's settings, else the plain loop's
+    rates = {}  # arch -> training images/s: fulora's defaults, else the plain loop's
     for row in results.get("classify", {}).get("rows", []):
-        if row["way"].startswith("fulora") or row["arch"] not in rates:
+        if row["way"] == FULORA_CLASSIFY_WAY or (
+            row["way"] == "plain fp32" and row["arch"] not in rates
+        ):
             rates[row["arch"]] = row["train_images_per_s"]
     if not (lora and gen and rates):
         return None

@@ -82,6 +82,14 @@ class Checked:
     def check(self) -> None:
         """Rules across fields; raise :class:`ConfigError` naming the keys."""
 
+    def needs_switch(self, switch: str, keys: tuple[str, ...], what: str) -> None:
+        """Refuse a setting of ``keys`` away from its default while ``switch`` is off."""
+        if getattr(self, switch):
+            return
+        for key in keys:
+            if getattr(self, key) != getattr(type(self), key):  # the class holds the default
+                raise ConfigError(f"{key!r} is a setting of {what}: it needs {switch}: true")
+
 
 def validate(cfg: Any) -> None:
     """Check enum values, number ranges and the class's cross-field rules of a config.

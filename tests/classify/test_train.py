@@ -323,3 +323,42 @@ def test_preloaded_uint8_training_set(phantom, tmp_path):
     assert record["epochs_run"] == 2
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert history["train_loss"].notna().all() and (history["images_per_s"] > 0).all()
+
+
+def test_speed_settings_need_their_switch(tmp_path):
+    with pytest.raises(ConfigError, match="'compile_mode' is a setting of torch.compile"):
+        _cfg(tmp_path, compile_mode="reduce-overhead")
+    with pytest.raises(ConfigError, match="'amp_dtype' is a setting of mixed precision"):
+        _cfg(tmp_path, amp=False, amp_dtype="bf16")
+
+
+def test_a_compiled_classifier_trains_the_same_and_saves_plain_weights(phantom, tmp_path):
+    """torch.compile changes how the steps run, not what they compute: the history and the
+    weights match the uncompiled run's within float rounding, and best.pt holds the module's own
+    keys (a compiled wrapper's would carry an ``_orig_mod.`` prefix no loader expects)."""
+    _, source, _ = phantom
+    runs = {}
+    for compiled in (False, True):
+        cfg = _cfg(tmp_path, epochs=2, select="last", compile=compiled)
+        train_classifier([source], tmp_path / f"run-{compiled}", cfg, progress=False)
+        runs[compiled] = pd.read_csv(tmp_path / f"run-{compiled}" / "history.csv")
+    for column in ("train_loss", "train_accuracy", "val_loss", "val_f1_macro"):
+        assert np.allclose(runs[True][column], runs[False][column], rtol=1e-3, atol=1e-3), column
+    plain = torch.load(tmp_path / "run-False" / "best.pt", weights_only=False)["model"]
+    fast = torch.load(tmp_path / "run-True" / "best.pt", weights_only=False)["model"]
+    assert list(fast) == list(plain)
+    for key in plain:
+        assert torch.allclose(fast[key].float(), plain[key].float(), atol=1e-4), key
+    model, _ = load_classifier(tmp_path / "run-True")
+    assert not model.training
+
+
+def test_bf16_on_a_gpu_without_it_stops_before_training(phantom, tmp_path, monkeypatch):
+    _, source, _ = phantom
+    monkeypatch.setattr(train_module, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    cfg = _cfg(tmp_path, amp_dtype="bf16")
+    with pytest.raises(ConfigError, match="Tesla T4 has none: use --amp-dtype fp16"):
+        train_classifier([source], tmp_path / "run", cfg, progress=False)
+    assert not (tmp_path / "run" / "last.pt").exists()

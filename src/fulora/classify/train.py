@@ -84,6 +84,11 @@ class ClassifyConfig(Checked):
         "num_workers": AT_LEAST_0,
     }
 
+    def check(self) -> None:
+        """Compile's mode only with compile; the autocast type only with amp."""
+        self.needs_switch("compile", ("compile_mode",), "torch.compile")
+        self.needs_switch("amp", ("amp_dtype",), "mixed precision")
+
     arch: str = "resnet18"
     pretrained: bool = True
     # torchvision's DEFAULT (V2 for MobileNet v2) or IMAGENET1K_V1 (the notebook's, all five)
@@ -104,7 +109,16 @@ class ClassifyConfig(Checked):
     schedule: Literal["constant", "cosine"] = "constant"
     label_smoothing: float = 0.0
     amp: bool = True  # mixed precision on CUDA
+    # autocast's type: fp16 (with loss scaling, which reads the GPU every step) or bf16 (no
+    # scaling, so no per-step wait for the GPU; Ampere and newer)
+    amp_dtype: Literal["fp16", "bf16"] = "fp16"
     channels_last: bool = True  # on CUDA
+    # torch.compile the training forward and backward; compile_mode reduce-overhead adds CUDA
+    # graphs (small networks at batch 24 wait on kernel launches); first steps compile
+    compile: bool = False
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"
+    ] = "default"
     val_fraction: float = 0.2  # of real patients held out; 0: train on every image
     val_metric: Literal["f1_macro", "accuracy", "loss"] = "f1_macro"
     # which epoch best.pt holds: the best by val_metric, or the last (the notebook evaluates
@@ -133,7 +147,7 @@ def describe_protocol(cfg: ClassifyConfig) -> str:
     )
     chosen = "the last epoch" if cfg.select == "last" else f"the best epoch by {cfg.val_metric}"
     weights = f"ImageNet {cfg.imagenet_weights}" if cfg.pretrained else "random init"
-    precision = "fp16 autocast on CUDA" if cfg.amp else "fp32"
+    precision = f"{cfg.amp_dtype} autocast on CUDA" if cfg.amp else "fp32"
     return (
         f"validation: {validation}; model tested: {chosen} of {cfg.epochs}; input: "
         f"{'ImageNet mean/std' if cfg.normalize == 'imagenet' else 'raw [0, 1] pixels'}, "
@@ -212,7 +226,11 @@ def split_train_val(
 
 
 def _evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool, channels_last: bool
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: torch.dtype | None,
+    channels_last: bool,
 ) -> dict[str, float]:
     """Validation loss, accuracy and macro F1 (over the classes present) of ``model``."""
     model.eval()
@@ -223,7 +241,7 @@ def _evaluate(
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, enabled=amp, dtype=torch.float16):
+            with torch.autocast(device.type, enabled=amp is not None, dtype=amp):
                 logits = model(images)
             logits = logits.float().cpu()
             losses.append(criterion(logits, target).item())
@@ -337,15 +355,20 @@ def _check_validation(validation: Manifest | None, cfg: ClassifyConfig, classes:
 class _Fit:
     """One run's training state between epochs: exactly what ``last.pt`` holds."""
 
-    model: nn.Module
+    model: nn.Module  # what is saved: never the compiled wrapper (its keys get a prefix)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
+    step_model: nn.Module | None = None  # what trains: ``model`` (the default), or it compiled
     history: list[dict[str, Any]] = field(default_factory=list)
     best: float | None = None
     best_epoch: int = -1
     stale: int = 0  # epochs since the last improvement (early stopping)
     next_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.step_model is None:
+            self.step_model = self.model
 
     def checkpoint(self, epoch: int, data: str) -> dict[str, Any]:
         """The contents of ``last.pt`` after ``epoch`` (0-based), for data fingerprint ``data``."""
@@ -393,8 +416,11 @@ class _Fit:
         return improved
 
 
-def _start_fit(model: nn.Module, cfg: ClassifyConfig, amp: bool) -> _Fit:
-    """The optimiser, schedule and loss scaler of ``cfg`` around ``model``."""
+_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _start_fit(model: nn.Module, cfg: ClassifyConfig, amp: torch.dtype | None) -> _Fit:
+    """The optimiser, schedule, loss scaler (fp16 only) and compiled step model of ``cfg``."""
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -406,7 +432,9 @@ def _start_fit(model: nn.Module, cfg: ClassifyConfig, amp: bool) -> _Fit:
         if cfg.schedule == "cosine"
         else None
     )
-    return _Fit(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=amp))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    step_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    return _Fit(model, optimizer, scheduler, scaler, step_model)
 
 
 def _batch_source(cfg: ClassifyConfig, dataset: ManifestDataset, transform, device):
@@ -440,28 +468,34 @@ def _batch_source(cfg: ClassifyConfig, dataset: ManifestDataset, transform, devi
     return batches
 
 
-def _one_epoch(fit: _Fit, batches, criterion, device, amp: bool, channels_last: bool):
-    """Train one epoch; (mean loss, accuracy %, images seen)."""
+def _one_epoch(fit: _Fit, batches, criterion, device, amp: torch.dtype | None, channels_last):
+    """Train one epoch; (mean loss, accuracy %, images seen).
+
+    The loss and the hits add up on the device and are read once, at the end: reading them
+    every step would make the CPU wait for the GPU before queueing the next step.
+    """
     fit.model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
     for images, target in batches:
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         fit.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=amp, dtype=torch.float16):
-            logits = fit.model(images)
+        with torch.autocast(device.type, enabled=amp is not None, dtype=amp):
+            logits = fit.step_model(images)
             loss = criterion(logits, target)
         fit.scaler.scale(loss).backward()
         fit.scaler.step(fit.optimizer)
         fit.scaler.update()
-        total_loss += loss.item() * len(target)
-        correct += int((logits.argmax(1) == target).sum())
+        total_loss += loss.detach().float() * len(target)
+        correct += (logits.detach().argmax(1) == target).sum()
         seen += len(target)
     if fit.scheduler is not None:
         fit.scheduler.step()
-    return total_loss / seen, 100.0 * correct / seen, seen
+    return float(total_loss) / seen, 100.0 * int(correct) / seen, seen
 
 
 def _val_loader(cfg, validation, classes, cache, transform, device) -> DataLoader | None:
@@ -534,10 +568,15 @@ def _train(
     progress: bool,
 ) -> dict[str, Any]:
     out = run.path
-    data_fingerprint = training.fingerprint()  # hashes every image: once per run
     device = resolve_device(cfg.device)
-    amp = cfg.amp and device.type == "cuda"
+    amp = _AMP_DTYPES[cfg.amp_dtype] if cfg.amp and device.type == "cuda" else None
+    if amp == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ConfigError(
+            f"amp_dtype: bf16 needs a GPU with bfloat16 (Ampere or newer); "
+            f"{torch.cuda.get_device_name(device)} has none: use --amp-dtype fp16"
+        )
     channels_last = cfg.channels_last and device.type == "cuda"
+    data_fingerprint = training.fingerprint()  # hashes every image: once per run
     model, info, meta, train_ds, train_tf, val_loader = _prepare(
         cfg, classes, training, validation, out, device
     )

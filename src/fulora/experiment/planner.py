@@ -77,16 +77,21 @@ def stage_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# Settings added after experiments existed, with the default that reproduces the earlier
-# behaviour: in a stage's key only when set otherwise, so that adding them re-runs nothing.
-_IN_KEY_WHEN_SET = {"compile_mode": "default", "inductor_tuning": False}
+# Settings added to a stage's config after experiments existed, with the default that keeps
+# the earlier behaviour: in a stage's key only when set otherwise, so that upgrading fulora
+# re-runs nothing. Per config class: a name may be old in one class and new in another.
+_IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
+    GenerateConfig: {"compile_mode": "default", "inductor_tuning": False},
+    ClassifyConfig: {"amp_dtype": "fp16", "compile": False, "compile_mode": "default"},
+}
 
 
 def _config_payload(config: Any) -> dict[str, Any]:
+    added = _IN_KEY_WHEN_SET.get(type(config), {})
     return {
         k: v
         for k, v in to_dict(config).items()
-        if k not in _NOT_IN_KEY and not (k in _IN_KEY_WHEN_SET and v == _IN_KEY_WHEN_SET[k])
+        if k not in _NOT_IN_KEY and not (k in added and v == added[k])
     }
 
 

@@ -73,9 +73,7 @@ class GenerateConfig(Checked):
             value = getattr(self, key)
             if value is not None and value % 8:
                 raise ConfigError(f"{key!r} must be a multiple of 8, got {value}")
-        for key in ("compile_mode", "inductor_tuning"):
-            if getattr(self, key) != getattr(GenerateConfig, key) and not self.compile:
-                raise ConfigError(f"{key!r} is a setting of torch.compile: it needs compile: true")
+        self.needs_switch("compile", ("compile_mode", "inductor_tuning"), "torch.compile")
         if self.fuse_qkv and self.lora and not self.fuse_lora:
             raise ConfigError(
                 "fuse_qkv needs fuse_lora: true (an unfused LoRA sits on the separate q, k, v "
