@@ -332,6 +332,7 @@ def test_speed_settings_need_their_switch(tmp_path):
         _cfg(tmp_path, amp=False, amp_dtype="bf16")
 
 
+@pytest.mark.slow  # inductor compiles on CPU: about 30 s with a cold cache
 def test_a_compiled_classifier_trains_the_same_and_saves_plain_weights(phantom, tmp_path):
     """torch.compile changes how the steps run, not what they compute: the history and the
     weights match the uncompiled run's within float rounding, and best.pt holds the module's own
