@@ -257,7 +257,12 @@ def merge(paths: list[Path], command: str) -> dict:
     Raises:
         SystemExit: The runs are of different devices (a projection must not mix GPUs).
     """
-    reports = [(path.stem, json.loads(path.read_text())) for path in paths]
+    reports, runs = [], set()
+    for i, path in enumerate(paths, 1):
+        # each lease's OUT is a fresh folder, so two files may share a name: tag them apart
+        run = path.stem if path.stem not in runs else f"{path.stem}#{i}"
+        runs.add(run)
+        reports.append((run, json.loads(path.read_text())))
     devices = {run: report["machine"]["device"] for run, report in reports}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{run}: {device}" for run, device in devices.items())

@@ -153,6 +153,11 @@ def test_merge_refuses_runs_of_different_gpus_and_a_rerun_overwrites_nothing(tmp
 
     with pytest.raises(SystemExit, match="a: NVIDIA H200, b: NVIDIA H100"):
         suite.merge(paths, "merge")
+    (tmp_path / "other").mkdir()  # two leases' files of the same name, from two OUT folders
+    twin = tmp_path / "other" / "a.json"
+    twin.write_text(paths[0].read_text())
+    merged = suite.merge([paths[0], twin], "merge")
+    assert [r["run"] for r in merged["merged_from"]] == ["a", "a#2"]
     assert suite._free_stem(tmp_path, "X-2026") == "X-2026"
     (tmp_path / "X-2026.json").write_text("{}")
     assert suite._free_stem(tmp_path, "X-2026") == "X-2026-2"
