@@ -67,6 +67,11 @@ SEED = Range(0, 2**63 - 1)  # what torch.manual_seed accepts
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+# torch.compile's modes (reduce-overhead: CUDA graphs; max-autotune: kernel search), for every
+# stage config that can compile
+CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
+
+
 class Checked:
     """Base of every config dataclass: each field is checked when an instance is made.
 

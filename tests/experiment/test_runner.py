@@ -257,3 +257,8 @@ def test_settings_added_later_keep_the_stage_keys_of_existing_experiments():
     payload = _config_payload(ClassifyConfig())
     assert not {"amp_dtype", "compile", "compile_mode"} & set(payload)
     assert _config_payload(ClassifyConfig(amp_dtype="bf16"))["amp_dtype"] == "bf16"
+    from fulora.experiment.config import EvaluateStage
+
+    keyed = ("n_bootstrap", "seed")  # the evaluation key's settings (batch_size changes nothing)
+    assert _config_payload(EvaluateStage(n_bootstrap=200), keyed) == {"n_bootstrap": 200}
+    assert _config_payload(EvaluateStage(seed=3), keyed) == {"n_bootstrap": 1000, "seed": 3}

@@ -44,6 +44,7 @@ from fulora.config import (
     POSITIVE,
     SEED,
     Checked,
+    CompileMode,
     Range,
     require_device,
     resolve_device,
@@ -116,9 +117,7 @@ class ClassifyConfig(Checked):
     # torch.compile the training forward and backward; compile_mode reduce-overhead adds CUDA
     # graphs (small networks at batch 24 wait on kernel launches); first steps compile
     compile: bool = False
-    compile_mode: Literal[
-        "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"
-    ] = "default"
+    compile_mode: CompileMode = "default"
     val_fraction: float = 0.2  # of real patients held out; 0: train on every image
     val_metric: Literal["f1_macro", "accuracy", "loss"] = "f1_macro"
     # which epoch best.pt holds: the best by val_metric, or the last (the notebook evaluates
@@ -359,16 +358,12 @@ class _Fit:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
-    step_model: nn.Module | None = None  # what trains: ``model`` (the default), or it compiled
+    step_model: nn.Module  # what trains: ``model``, or it compiled
     history: list[dict[str, Any]] = field(default_factory=list)
     best: float | None = None
     best_epoch: int = -1
     stale: int = 0  # epochs since the last improvement (early stopping)
     next_epoch: int = 0
-
-    def __post_init__(self) -> None:
-        if self.step_model is None:
-            self.step_model = self.model
 
     def checkpoint(self, epoch: int, data: str) -> dict[str, Any]:
         """The contents of ``last.pt`` after ``epoch`` (0-based), for data fingerprint ``data``."""

@@ -35,6 +35,7 @@ from fulora.errors import ConfigError, FuloraError
 from fulora.evaluate.run import EvaluateConfig, check_test_labels, evaluate_model
 from fulora.experiment.config import (
     DataSource,
+    EvaluateStage,
     ExperimentConfig,
     audit_config,
     classify_config,
@@ -83,15 +84,19 @@ def stage_key(payload: dict[str, Any]) -> str:
 _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
     GenerateConfig: {"compile_mode": "default", "inductor_tuning": False},
     ClassifyConfig: {"amp_dtype": "fp16", "compile": False, "compile_mode": "default"},
+    EvaluateStage: {"seed": 0},
 }
 
 
-def _config_payload(config: Any) -> dict[str, Any]:
+def _config_payload(config: Any, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The settings of ``config`` that go into a stage key (only ``keys``, when given)."""
     added = _IN_KEY_WHEN_SET.get(type(config), {})
     return {
         k: v
         for k, v in to_dict(config).items()
-        if k not in _NOT_IN_KEY and not (k in added and v == added[k])
+        if k not in _NOT_IN_KEY
+        and (keys is None or k in keys)
+        and not (k in added and v == added[k])
     }
 
 
@@ -527,9 +532,8 @@ class _Planner:
                 payload = {
                     "classifier": clf.key,
                     "target": self.fingerprint(manifest),
-                    "n_bootstrap": self.cfg.evaluate.n_bootstrap,
-                    # only when set: keys from before the seed was a key stay as they were
-                    **({"seed": eval_cfg.seed} if eval_cfg.seed else {}),
+                    # not batch_size: it changes no result
+                    **_config_payload(self.cfg.evaluate, ("n_bootstrap", "seed")),
                 }
                 folder = self.layout.evaluation(target, clf.folder)
                 info = {**clf.info, "target": target, "classifier": str(clf.folder)}

@@ -34,7 +34,15 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from fulora import __version__
-from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, Range, require_device
+from fulora.config import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    SEED,
+    Checked,
+    CompileMode,
+    Range,
+    require_device,
+)
 from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.samplers import display_name, make_scheduler, resolve_sampler
@@ -109,9 +117,7 @@ class GenerateConfig(Checked):
     compile: bool = False  # torch.compile the UNet and the VAE decoder (first batch compiles)
     # torch.compile's mode: reduce-overhead adds CUDA graphs, the max-autotune modes search
     # kernels for each matrix product and convolution (minutes of compiling on the first batch)
-    compile_mode: Literal[
-        "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"
-    ] = "default"
+    compile_mode: CompileMode = "default"
     # inductor settings of PyTorch's diffusion-fast recipe (1x1 convolutions as matrix products,
     # coordinate-descent tuning of the generated kernels, no epilogue fusion); needs compile
     inductor_tuning: bool = False
