@@ -471,8 +471,12 @@ def _difference(run: Path, default: Path) -> dict:
 _CLASSIFY_WAYS = {
     "plain fp32": (None, False, None),
     "fulora (AMP + channels_last)": (torch.float16, True, None),  # fulora's defaults on CUDA
-    # options: bf16 needs no loss scaling (no per-step GPU read); CUDA graphs for launch-bound
-    # small networks at batch 24
+    # options. Each half of fulora's defaults alone: which one slows the convolutional
+    # networks at batch 24 (an H100 trained all four faster in plain fp32; BENCHMARKS.md)
+    "fulora (AMP)": (torch.float16, False, None),
+    "fulora (fp32 + channels_last)": (None, True, None),
+    # bf16 needs no loss scaling (no per-step GPU read); CUDA graphs for launch-bound small
+    # networks at batch 24
     "fulora (bf16 + channels_last)": (torch.bfloat16, True, None),
     "fulora (AMP + channels_last + compile reduce-overhead)": (
         torch.float16,

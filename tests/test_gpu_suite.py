@@ -4,6 +4,7 @@ suite cannot rot between GPU runs (issue 16)."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,3 +164,33 @@ def test_merge_refuses_runs_of_different_gpus_and_a_rerun_overwrites_nothing(tmp
     assert suite._free_stem(tmp_path, "X-2026") == "X-2026-2"
     (tmp_path / "X-2026-2.json").write_text("{}")
     assert suite._free_stem(tmp_path, "X-2026") == "X-2026-3"
+
+
+def test_a_part_saves_its_rows_while_it_runs(tmp_path):
+    """A lease's limit can stop the whole command mid-part (it did, on an H100): the suite's
+    files must already hold the rows measured so far, and say which part and row were running."""
+    suite = _benchmark_module("gpu_suite")
+    rows = tmp_path / "classify.json"
+    writes_a_row_then_hangs = (
+        "import json, pathlib, sys, time\n"
+        "p = pathlib.Path(sys.argv[1])\n"
+        "data = {'rows': [{'arch': 'resnet18'}], 'errors': [], 'skipped': [],\n"
+        "        'running': {'name': 'resnet18 compile', 'started': time.time()}}\n"
+        "p.with_suffix('.tmp').write_text(json.dumps(data))\n"
+        "p.with_suffix('.tmp').replace(p)\n"
+        "time.sleep(60)\n"
+    )
+    saved = []
+
+    def progress(code):
+        saved.append((code, json.loads(rows.read_text())["rows"]))
+
+    cmd = [sys.executable, "-c", writes_a_row_then_hangs, str(rows)]
+    code = suite._run_part(cmd, rows, limit=8.0, progress=progress)
+    assert code == "killed at its time limit"
+    assert saved and saved[-1] == (suite.STILL_RUNNING, [{"arch": "resnet18"}])
+    report = {"machine": {}, "results": {"classify": json.loads(rows.read_text())}} | _header()
+    report["results"]["classify"].update(exit=suite.STILL_RUNNING, ended=time.time())
+    text = suite.markdown(report)
+    assert "classify: exit still running when the suite stopped, while measuring" in text
+    assert "resnet18" in text
