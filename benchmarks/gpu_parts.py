@@ -237,37 +237,77 @@ def _plain_lora(rec, model, data, size, rank, steps, batch) -> None:
     fp16 frozen weights and fp32 LoRA weights, VAE encode and text encoder every step, 8-bit
     AdamW when bitsandbytes is there; no latent cache, no clip skip bookkeeping, no checkpoints.
     """
-    import numpy as np
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe, params = _plain_lora_pipeline(model, rank, device, dtype)
+    optimizer = _plain_optimizer(params, device)
+    step = _plain_lora_step(pipe, params, optimizer, list(data.paths), size, batch, dtype)
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    _free()
+    for k in range(2):  # warm-up, as fulora's steady rate leaves out its first two steps
+        step(k)
+    start = time.perf_counter()
+    for k in range(2, steps):
+        step(k)
+    _sync()
+    rate = (steps - 2) / (time.perf_counter() - start)
+    rec.row(
+        loop="plain (diffusers example)",
+        batch=batch,
+        cache_latents=False,
+        checkpointing=False,
+        steps_per_s=round(rate, 3),
+        images_per_s=round(rate * batch, 3),
+        peak_gib=_peak_gib(),
+        optimizer=type(optimizer).__name__,
+        paper_1000_steps_min=round(1000 / rate / 60, 2) if batch == 1 else None,
+    )
+
+
+def _plain_lora_pipeline(model, rank, device, dtype):
+    """The frozen pipeline on ``device`` with fp32 LoRA adapters on kohya's layers; their params."""
+    from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
-    from PIL import Image
 
     from fulora.lora.targets import lora_target_modules
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None)
-    unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    for module in (unet, vae, te):
+    unet, te = pipe.unet, pipe.text_encoder
+    for module in (unet, pipe.vae, te):
         module.requires_grad_(False)
         module.to(device, dtype=dtype)
     for module, part in ((unet, "unet"), (te, "text_encoder")):
         targets = lora_target_modules(module, part, "kohya")
         module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
     cast_training_params([unet, te], dtype=torch.float32)
-    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
-    try:
-        import bitsandbytes as bnb
+    return pipe, [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
 
-        optimizer = bnb.optim.AdamW8bit(params, lr=1e-4) if device.type == "cuda" else None
-    except ImportError:
-        optimizer = None
-    optimizer = optimizer or torch.optim.AdamW(params, lr=1e-4)
+
+def _plain_optimizer(params, device) -> torch.optim.Optimizer:
+    """8-bit AdamW on CUDA when bitsandbytes is installed (the paper recipe's), else AdamW."""
+    if device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=1e-4)
+        except ImportError:
+            pass
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def _plain_lora_step(pipe, params, optimizer, paths, size, batch, dtype) -> Callable[[int], float]:
+    """Step ``k`` of the plain loop: load and encode the images, predict the noise, update."""
+    import numpy as np
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from PIL import Image
+
+    unet, vae, te = pipe.unet, pipe.vae, pipe.text_encoder
+    device = unet.device
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    paths = list(data.paths)
-    ids = tok([PROMPT] * batch, padding="max_length", max_length=77, return_tensors="pt")
+    ids = pipe.tokenizer([PROMPT] * batch, padding="max_length", max_length=77, return_tensors="pt")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def load(i: int) -> torch.Tensor:
@@ -292,27 +332,7 @@ def _plain_lora(rec, model, data, size, rank, steps, batch) -> None:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    unet.train()
-    te.train()
-    _free()
-    for k in range(2):  # warm-up, as fulora's steady rate leaves out its first two steps
-        step(k)
-    start = time.perf_counter()
-    for k in range(2, steps):
-        step(k)
-    _sync()
-    rate = (steps - 2) / (time.perf_counter() - start)
-    rec.row(
-        loop="plain (diffusers example)",
-        batch=batch,
-        cache_latents=False,
-        checkpointing=False,
-        steps_per_s=round(rate, 3),
-        images_per_s=round(rate * batch, 3),
-        peak_gib=_peak_gib(),
-        optimizer=type(optimizer).__name__,
-        paper_1000_steps_min=round(1000 / rate / 60, 2) if batch == 1 else None,
-    )
+    return step
 
 
 # ---------------------------------------------------------------------------------- generation

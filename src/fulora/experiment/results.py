@@ -10,6 +10,8 @@ seed-averaged metric (every seed's predictions on the same resampled patients). 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,20 +112,26 @@ def seed_mean_ci(
     )
 
 
-def collect(cells: list[EvaluationCell], n_bootstrap: int, seed: int = 0) -> pd.DataFrame:
+def collect(
+    cells: list[EvaluationCell],
+    n_bootstrap: int,
+    seed: int = 0,
+    read: Callable[[Path], Evaluation] = Evaluation.read,
+) -> pd.DataFrame:
     """The tidy results table (one row per target, space, regime, LoRA, arch).
 
     Args:
         cells: The grid's evaluations; those that differ only by seed form one row.
         n_bootstrap: Resamples of the seed-averaged intervals (a single seed keeps its own).
         seed: Of those resamples.
+        read: How an evaluation folder is read (a cached reader when several tables are made).
     """
     rows = []
     groups: dict[tuple, list[EvaluationCell]] = {}
     for cell in cells:
         groups.setdefault((cell.target, cell.regime, cell.lora, cell.arch), []).append(cell)
     for (target, regime, lora, arch), group in groups.items():
-        evals = [Evaluation.read(c.folder) for c in group]
+        evals = [read(c.folder) for c in group]
         real, synthetic = _training_counts(group[0].classifier)
         for space in SPACES:
             scores = [e.spaces[space] for e in evals]
@@ -154,11 +162,13 @@ def collect(cells: list[EvaluationCell], n_bootstrap: int, seed: int = 0) -> pd.
     return pd.DataFrame(rows)
 
 
-def per_domain(cells: list[EvaluationCell]) -> pd.DataFrame:
-    """Per-domain (e.g. per-country) metrics, averaged over seeds."""
+def per_domain(
+    cells: list[EvaluationCell], read: Callable[[Path], Evaluation] = Evaluation.read
+) -> pd.DataFrame:
+    """Per-domain (e.g. per-country) metrics, averaged over seeds (``read``: as in ``collect``)."""
     rows = []
     for cell in cells:
-        for domain, scores in Evaluation.read(cell.folder).per_domain.items():
+        for domain, scores in read(cell.folder).per_domain.items():
             for space in SPACES:
                 rows.append(
                     {
@@ -239,10 +249,11 @@ def write_results(
     layout = ExperimentLayout(out)
     folder = layout.results
     folder.mkdir(parents=True, exist_ok=True)
-    table = collect(cells, cfg.evaluate.n_bootstrap, cfg.evaluate.seed)
+    read = functools.cache(Evaluation.read)  # each evaluation once for both tables
+    table = collect(cells, cfg.evaluate.n_bootstrap, cfg.evaluate.seed, read)
     with atomic_open(folder / "results.csv", "w", newline="") as handle:
         table.to_csv(handle, index=False)
-    domains = per_domain(cells)
+    domains = per_domain(cells, read)
     with atomic_open(folder / "per_domain.csv", "w", newline="") as handle:
         domains.to_csv(handle, index=False)
 
