@@ -487,21 +487,25 @@ def _difference(run: Path, default: Path) -> dict:
 # --------------------------------------------------------------------------------- classifiers
 
 
-# how each classifier row trains: autocast type (None: fp32), channels-last, compile mode
+# how each classifier row trains: autocast type (None: fp32), channels-last, compile mode,
+# torch's fused SGD (fulora's fused_optimizer)
 _CLASSIFY_WAYS = {
-    "plain fp32": (None, False, None),
-    "fulora (AMP + channels_last)": (torch.float16, True, None),  # fulora's defaults on CUDA
-    # options. Each half of fulora's defaults alone: which one slows the convolutional
-    # networks at batch 24 (an H100 trained all four faster in plain fp32; BENCHMARKS.md)
-    "fulora (AMP)": (torch.float16, False, None),
-    "fulora (fp32 + channels_last)": (None, True, None),
+    "plain fp32": (None, False, None, False),
+    "fulora (AMP + channels_last)": (torch.float16, True, None, False),  # defaults on CUDA
+    # options. The fused SGD takes the loss scaler's overflow flag on the device: no per-step
+    # read of the GPU (session 10 found the defaults slower than fp32 for the CNNs at batch 24)
+    "fulora (AMP + channels_last + fused SGD)": (torch.float16, True, None, True),
+    # each half of the defaults alone: which one slows the convolutional networks
+    "fulora (AMP)": (torch.float16, False, None, False),
+    "fulora (fp32 + channels_last)": (None, True, None, False),
     # bf16 needs no loss scaling (no per-step GPU read); CUDA graphs for launch-bound small
     # networks at batch 24
-    "fulora (bf16 + channels_last)": (torch.bfloat16, True, None),
+    "fulora (bf16 + channels_last)": (torch.bfloat16, True, None, False),
     "fulora (AMP + channels_last + compile reduce-overhead)": (
         torch.float16,
         True,
         "reduce-overhead",
+        False,
     ),
 }
 
@@ -513,8 +517,8 @@ def part_classify(args, rec: Recorder) -> None:
     rec.note("setting", f"{size} px, train batch 24 (SGD m0.9), inference batch 64")
     ways = list(_CLASSIFY_WAYS)
     if args.smoke:  # inductor's CPU compile outlasts the smoke budget; no bf16 autocast on CPU
-        rec.note("not_in_smoke", "bf16 and compile ways (GPU run only)")
-        ways = ways[:2]
+        rec.note("not_in_smoke", "the half-default, bf16 and compile ways (GPU run only)")
+        ways = ways[:3]
     # the paper's two ways for every backbone first, then the options (after them, so that a
     # full run's budget goes to the figures the projection needs)
     order = [(a, w) for w in ways[:2] for a in archs] + [(a, w) for w in ways[2:] for a in archs]
@@ -537,12 +541,13 @@ def _classify_speed(rec, arch, way, size, steps) -> None:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    amp, last, mode = _CLASSIFY_WAYS[way]
+    amp, last, mode, fused = _CLASSIFY_WAYS[way]
     amp = amp if cuda else None
     layout = torch.channels_last if last and cuda else torch.contiguous_format
     model, _ = create_model(arch, 5, pretrained=False, log=False)
     model = model.to(device, memory_format=layout)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    fused_sgd = {"fused": True} if fused else {}  # fulora's fused_optimizer
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, **fused_sgd)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     step_model = torch.compile(model, mode=mode) if mode else model  # as ClassifyConfig.compile
     loss_fn = nn.CrossEntropyLoss()

@@ -97,9 +97,10 @@ def phantom_source(tmp_path_factory):
         dict(amp=False, channels_last=False),  # the paper preset's fp32
         dict(amp=True, amp_dtype="fp16", channels_last=True),  # fulora's defaults on CUDA
         dict(amp=True, amp_dtype="bf16", channels_last=True),
+        dict(amp=True, amp_dtype="fp16", channels_last=True, fused_optimizer=True),
         dict(amp=True, amp_dtype="fp16", channels_last=True, preload=True, augment="da"),
     ],
-    ids=["fp32", "fp16-channels-last", "bf16-channels-last", "fp16-preload-da"],
+    ids=["fp32", "fp16-channels-last", "bf16-channels-last", "fp16-fused", "fp16-preload-da"],
 )
 def test_classifier_precisions_train_and_keep_fp32_weights(phantom_source, tmp_path, speed):
     """Each autocast type trains (finite losses) and saves fp32 weights: autocast computes in

@@ -34,6 +34,7 @@ def test_smoke_runs_every_part_and_writes_json_and_markdown(tmp_path):
     assert {r["way"] for r in results["classify"]["rows"]} == {
         "plain fp32",
         "fulora (AMP + channels_last)",
+        "fulora (AMP + channels_last + fused SGD)",
     }
     assert report["projection"]["total_h"] > 0
     markdown = report_file.with_suffix(".md").read_text()

@@ -354,6 +354,27 @@ def test_a_compiled_classifier_trains_the_same_and_saves_plain_weights(phantom, 
     assert not model.training
 
 
+# weights' tolerance: SGD's update is linear in the gradient, so rounding stays rounding; Adam
+# divides by sqrt(v), which can turn a rounding difference in a tiny v into a sizeable step,
+# so its bound is a tenth of one step at lr 1e-2
+@pytest.mark.parametrize(("optimizer", "weights_atol"), [("sgd", 1e-5), ("adamw", 1e-3)])
+def test_the_fused_optimizer_makes_the_same_update(phantom, tmp_path, optimizer, weights_atol):
+    """torch's fused SGD/AdamW against its default (foreach) implementation: the same history
+    and weights within float rounding (the reference is torch's own optimizer)."""
+    _, source, _ = phantom
+    runs = {}
+    for fused in (False, True):
+        cfg = _cfg(tmp_path, epochs=2, select="last", optimizer=optimizer, fused_optimizer=fused)
+        train_classifier([source], tmp_path / f"run-{fused}", cfg, progress=False)
+        runs[fused] = pd.read_csv(tmp_path / f"run-{fused}" / "history.csv")
+    for column in ("train_loss", "train_accuracy", "val_loss", "val_f1_macro"):
+        assert np.allclose(runs[True][column], runs[False][column], rtol=1e-3, atol=1e-3), column
+    plain = torch.load(tmp_path / "run-False" / "best.pt", weights_only=False)["model"]
+    fused = torch.load(tmp_path / "run-True" / "best.pt", weights_only=False)["model"]
+    for key in plain:
+        assert torch.allclose(fused[key].float(), plain[key].float(), atol=weights_atol), key
+
+
 def test_bf16_on_a_gpu_without_it_stops_before_training(phantom, tmp_path, monkeypatch):
     _, source, _ = phantom
     monkeypatch.setattr(train_module, "resolve_device", lambda name: torch.device("cuda"))

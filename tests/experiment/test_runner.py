@@ -241,6 +241,15 @@ def test_inputs_changed_in_place_make_their_stages_stale(
     assert pixels["lora/r4"] == patients["lora/r4"]
 
 
+_CLASSIFY_KEYED_AT_DEFAULTS = """amp arch augment balance batch_size channels_last classes
+early_stopping epochs extra image_size imagenet_weights label_smoothing lr max_per_class
+max_synthetic_per_class momentum normalize optimizer preload pretrained resize schedule seed
+select synthetic_ratio val_fraction val_metric weight_decay weights""".split()
+_GENERATE_KEYED_AT_DEFAULTS = """batch_size channels_last clip_skip color compile contact_sheet
+dtype fuse_lora fuse_qkv guidance height lora_scale negative_prompt per_class planes prompts
+sampler seed steps vae_slicing vae_tiling width""".split()
+
+
 def test_settings_added_later_keep_the_stage_keys_of_existing_experiments():
     """A generation setting added after experiments existed (at its default, which keeps the old
     behaviour) stays out of the stage key, so upgrading fulora re-runs no generation."""
@@ -255,8 +264,13 @@ def test_settings_added_later_keep_the_stage_keys_of_existing_experiments():
     from fulora.classify.train import ClassifyConfig
 
     payload = _config_payload(ClassifyConfig())
-    assert not {"amp_dtype", "compile", "compile_mode"} & set(payload)
+    assert not {"amp_dtype", "compile", "compile_mode", "fused_optimizer"} & set(payload)
     assert _config_payload(ClassifyConfig(amp_dtype="bf16"))["amp_dtype"] == "bf16"
+    assert _config_payload(ClassifyConfig(fused_optimizer=True))["fused_optimizer"] is True
+    # at the defaults, exactly the settings keyed before session 9: a field added since that is
+    # not in planner._IN_KEY_WHEN_SET (or _NOT_IN_KEY) fails here, not in users' experiments
+    assert set(payload) == set(_CLASSIFY_KEYED_AT_DEFAULTS)
+    assert set(_config_payload(GenerateConfig())) == set(_GENERATE_KEYED_AT_DEFAULTS)
     from fulora.experiment.config import EvaluateStage
 
     keyed = ("n_bootstrap", "seed")  # the evaluation key's settings (batch_size changes nothing)

@@ -83,7 +83,12 @@ def stage_key(payload: dict[str, Any]) -> str:
 # re-runs nothing. Per config class: a name may be old in one class and new in another.
 _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
     GenerateConfig: {"compile_mode": "default", "inductor_tuning": False},
-    ClassifyConfig: {"amp_dtype": "fp16", "compile": False, "compile_mode": "default"},
+    ClassifyConfig: {
+        "amp_dtype": "fp16",
+        "compile": False,
+        "compile_mode": "default",
+        "fused_optimizer": False,
+    },
     EvaluateStage: {"seed": 0},
 }
 
