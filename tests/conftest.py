@@ -17,6 +17,16 @@ SHARED = Path(
 )
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.gpu`` tests (the CUDA-only paths, beside each stage's tests) skip without
+    CUDA, so ``pytest -m gpu`` on a CPU machine reports them skipped, not failed."""
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+
+
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
     """The real FU-LoRA sample folder; tests using it skip when it is absent."""

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -332,25 +333,40 @@ def test_speed_settings_need_their_switch(tmp_path):
         _cfg(tmp_path, amp=False, amp_dtype="bf16")
 
 
+def _train_with_and_without(source, tmp_path, setting: str, **kw) -> dict[bool, Path]:
+    """Two 2-epoch runs of ``_cfg(**kw)``, with ``setting`` off and on; their folders."""
+    runs = {}
+    for on in (False, True):
+        cfg = _cfg(tmp_path, epochs=2, select="last", **kw, **{setting: on})
+        runs[on] = tmp_path / f"run-{setting}-{on}"
+        train_classifier([source], runs[on], cfg, progress=False)
+    return runs
+
+
+def _assert_same_training(runs: dict[bool, Path], weights_atol: float) -> None:
+    """The two runs' histories within 1e-3 and their best.pt weights within ``weights_atol``,
+    with the same keys in the same order."""
+    history = {on: pd.read_csv(folder / "history.csv") for on, folder in runs.items()}
+    for column in ("train_loss", "train_accuracy", "val_loss", "val_f1_macro"):
+        assert np.allclose(history[True][column], history[False][column], rtol=1e-3, atol=1e-3), (
+            column
+        )
+    plain, other = (
+        torch.load(runs[on] / "best.pt", weights_only=False)["model"] for on in (False, True)
+    )
+    assert list(other) == list(plain)
+    for key in plain:
+        assert torch.allclose(other[key].float(), plain[key].float(), atol=weights_atol), key
+
+
 @pytest.mark.slow  # inductor compiles on CPU: about 30 s with a cold cache
 def test_a_compiled_classifier_trains_the_same_and_saves_plain_weights(phantom, tmp_path):
     """torch.compile changes how the steps run, not what they compute: the history and the
     weights match the uncompiled run's within float rounding, and best.pt holds the module's own
     keys (a compiled wrapper's would carry an ``_orig_mod.`` prefix no loader expects)."""
-    _, source, _ = phantom
-    runs = {}
-    for compiled in (False, True):
-        cfg = _cfg(tmp_path, epochs=2, select="last", compile=compiled)
-        train_classifier([source], tmp_path / f"run-{compiled}", cfg, progress=False)
-        runs[compiled] = pd.read_csv(tmp_path / f"run-{compiled}" / "history.csv")
-    for column in ("train_loss", "train_accuracy", "val_loss", "val_f1_macro"):
-        assert np.allclose(runs[True][column], runs[False][column], rtol=1e-3, atol=1e-3), column
-    plain = torch.load(tmp_path / "run-False" / "best.pt", weights_only=False)["model"]
-    fast = torch.load(tmp_path / "run-True" / "best.pt", weights_only=False)["model"]
-    assert list(fast) == list(plain)
-    for key in plain:
-        assert torch.allclose(fast[key].float(), plain[key].float(), atol=1e-4), key
-    model, _ = load_classifier(tmp_path / "run-True")
+    runs = _train_with_and_without(phantom[1], tmp_path, "compile")
+    _assert_same_training(runs, weights_atol=1e-4)
+    model, _ = load_classifier(runs[True])
     assert not model.training
 
 
@@ -361,18 +377,8 @@ def test_a_compiled_classifier_trains_the_same_and_saves_plain_weights(phantom, 
 def test_the_fused_optimizer_makes_the_same_update(phantom, tmp_path, optimizer, weights_atol):
     """torch's fused SGD/AdamW against its default (foreach) implementation: the same history
     and weights within float rounding (the reference is torch's own optimizer)."""
-    _, source, _ = phantom
-    runs = {}
-    for fused in (False, True):
-        cfg = _cfg(tmp_path, epochs=2, select="last", optimizer=optimizer, fused_optimizer=fused)
-        train_classifier([source], tmp_path / f"run-{fused}", cfg, progress=False)
-        runs[fused] = pd.read_csv(tmp_path / f"run-{fused}" / "history.csv")
-    for column in ("train_loss", "train_accuracy", "val_loss", "val_f1_macro"):
-        assert np.allclose(runs[True][column], runs[False][column], rtol=1e-3, atol=1e-3), column
-    plain = torch.load(tmp_path / "run-False" / "best.pt", weights_only=False)["model"]
-    fused = torch.load(tmp_path / "run-True" / "best.pt", weights_only=False)["model"]
-    for key in plain:
-        assert torch.allclose(fused[key].float(), plain[key].float(), atol=weights_atol), key
+    runs = _train_with_and_without(phantom[1], tmp_path, "fused_optimizer", optimizer=optimizer)
+    _assert_same_training(runs, weights_atol)
 
 
 def test_bf16_on_a_gpu_without_it_stops_before_training(phantom, tmp_path, monkeypatch):
@@ -384,3 +390,31 @@ def test_bf16_on_a_gpu_without_it_stops_before_training(phantom, tmp_path, monke
     with pytest.raises(ConfigError, match="Tesla T4 has none: use --amp-dtype fp16"):
         train_classifier([source], tmp_path / "run", cfg, progress=False)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "speed",
+    [
+        dict(amp=False, channels_last=False),  # the paper preset's fp32
+        dict(amp=True, amp_dtype="fp16", channels_last=True),  # fulora's defaults on CUDA
+        dict(amp=True, amp_dtype="bf16", channels_last=True),
+        dict(amp=True, amp_dtype="fp16", channels_last=True, fused_optimizer=True),
+        dict(amp=True, amp_dtype="fp16", channels_last=True, preload=True, augment="da"),
+    ],
+    ids=["fp32", "fp16-channels-last", "bf16-channels-last", "fp16-fused", "fp16-preload-da"],
+)
+def test_each_precision_trains_on_cuda_and_keeps_fp32_weights(phantom, tmp_path, speed):
+    """Each autocast type trains (finite losses) and saves fp32 weights: autocast computes in
+    half precision but must never turn the weights themselves into halves."""
+    if speed.get("amp_dtype") == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    _, source, _ = phantom
+    cfg = _cfg(tmp_path, epochs=2, device="cuda", **speed)
+    record = train_classifier([source], tmp_path / "run", cfg, progress=False)
+    assert record["device"].startswith("cuda") and record["epochs_run"] == 2
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert np.isfinite(history[["train_loss", "val_loss"]].to_numpy()).all()
+    weights = torch.load(tmp_path / "run" / "best.pt", weights_only=False)["model"]
+    floats = [t for t in weights.values() if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float32 for t in floats)

@@ -460,3 +460,19 @@ def test_a_killed_writers_temporary_file_is_removed_and_never_read(tiny_model, t
     assert len(read_any(folders)) == 4  # the hidden file is skipped
     record = generate(tmp_path, cfg, progress=False)
     assert record["this_run_generated"] == 0 and not left.exists()
+
+
+@pytest.mark.gpu
+def test_fp16_generation_on_cuda_stays_close_to_fp32_on_the_cpu(
+    full_run, tiny_model, trained_lora, tmp_path
+):
+    """dtype auto is fp16 on CUDA: the same seeds give the CPU's fp32 images (``full_run``)
+    within a few grey levels (fp16 rounding through the UNet, the sampler and the VAE; no NaN,
+    no shifted seeds). Written before a GPU ran it (session 10): a first guess at the bound."""
+    record = generate(tmp_path, _cfg(tiny_model, trained_lora, device="cuda"), progress=False)
+    fast, plain = _images(tmp_path), _images(full_run)
+    assert fast.keys() == plain.keys() and len(fast) == 12
+    for rel in fast:
+        diff = np.abs(fast[rel].astype(int) - plain[rel].astype(int))
+        assert diff.mean() < 2.0 and (diff > 8).mean() < 0.01, (rel, diff.mean(), diff.max())
+    assert record["this_run_device"].startswith("cuda") and record["this_run_generated"] == 12
