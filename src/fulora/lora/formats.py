@@ -7,7 +7,8 @@
   ``.safetensors`` with keys ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` /
   ``.alpha`` and ``lora_te_<module>...`` for the text encoder, and training metadata in the
   safetensors header (kohya's ``ss_*`` keys where one exists, ``fulora_*`` for the rest).
-  diffusers loads it with ``pipe.load_lora_weights(file)``.
+  diffusers loads it with ``pipe.load_lora_weights(file)``; with ``HF_HUB_OFFLINE=1`` only as
+  ``pipe.load_lora_weights(folder, weight_name=file_name)``, as :func:`load_lora_into` does.
 """
 
 from __future__ import annotations
@@ -269,7 +270,11 @@ def load_lora_into(
     """
     lora = read_lora(path)
     try:
-        pipe.load_lora_weights(str(lora.path), adapter_name=adapter_name)
+        # Folder + file name, not the file's path: with HF_HUB_OFFLINE=1 (a machine without
+        # network) diffusers refuses a path without weight_name before it looks at the disk.
+        pipe.load_lora_weights(
+            str(lora.path.parent), weight_name=lora.path.name, adapter_name=adapter_name
+        )
     except Exception as err:
         raise DataError(
             f"cannot load LoRA {lora.path} ({lora.format} format) into the base model: {err}. "
