@@ -462,17 +462,41 @@ def test_a_killed_writers_temporary_file_is_removed_and_never_read(tiny_model, t
     assert record["this_run_generated"] == 0 and not left.exists()
 
 
-@pytest.mark.gpu
-def test_fp16_generation_on_cuda_stays_close_to_fp32_on_the_cpu(
-    full_run, tiny_model, trained_lora, tmp_path
-):
-    """dtype auto is fp16 on CUDA: the same seeds give the CPU's fp32 images (``full_run``)
-    within a few grey levels (fp16 rounding through the UNet, the sampler and the VAE; no NaN,
-    no shifted seeds). Written before a GPU ran it (session 10): a first guess at the bound."""
-    record = generate(tmp_path, _cfg(tiny_model, trained_lora, device="cuda"), progress=False)
-    fast, plain = _images(tmp_path), _images(full_run)
+def _assert_close_images(fast: dict, plain: dict, mean_below: float) -> None:
+    """Each image within ``mean_below`` grey levels on average and under 1% of its pixels off
+    by more than 8; the message gives the correlation too (near 1: rounding; near 0: other
+    images, as from other noise)."""
     assert fast.keys() == plain.keys() and len(fast) == 12
     for rel in fast:
-        diff = np.abs(fast[rel].astype(int) - plain[rel].astype(int))
-        assert diff.mean() < 2.0 and (diff > 8).mean() < 0.01, (rel, diff.mean(), diff.max())
+        a, b = fast[rel].astype(float), plain[rel].astype(float)
+        diff = np.abs(a - b)
+        corr = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+        assert diff.mean() < mean_below and (diff > 8).mean() < 0.01, (
+            f"{rel}: mean diff {diff.mean():.2f}, max {diff.max():.0f}, correlation {corr:.3f}"
+        )
+
+
+# On the H100 (session 11) fp16 on CUDA against fp32 on the CPU differed by 31.7 grey levels
+# on average (max 175: other images, not rounding), while fp16 against fp32 both on the CPU
+# differ by 0.12. These two tests split that comparison into device and precision.
+@pytest.mark.gpu
+def test_the_same_seeds_give_the_cpus_fp32_images_on_cuda(
+    full_run, tiny_model, trained_lora, tmp_path
+):
+    """Same seeds, fp32 on CUDA: the CPU's images (``full_run``) up to float rounding (the
+    noise is drawn on the CPU from each image's seed, so the device must not change it)."""
+    cfg = _cfg(tiny_model, trained_lora, device="cuda", dtype="fp32")
+    record = generate(tmp_path, cfg, progress=False)
+    _assert_close_images(_images(tmp_path), _images(full_run), mean_below=0.5)
     assert record["this_run_device"].startswith("cuda") and record["this_run_generated"] == 12
+
+
+@pytest.mark.gpu
+def test_fp16_generation_on_cuda_stays_close_to_fp32(tiny_model, trained_lora, tmp_path):
+    """dtype auto is fp16 on CUDA: within a few grey levels of fp32 on CUDA (fp16 rounding
+    through the UNet, the sampler and the VAE; no NaN). The bound is the CPU's: fp16 there is
+    0.12 grey levels from fp32 on average with this model."""
+    for dtype in ("auto", "fp32"):
+        cfg = _cfg(tiny_model, trained_lora, device="cuda", dtype=dtype)
+        generate(tmp_path / dtype, cfg, progress=False)
+    _assert_close_images(_images(tmp_path / "auto"), _images(tmp_path / "fp32"), mean_below=2.0)
