@@ -487,26 +487,25 @@ def _difference(run: Path, default: Path) -> dict:
 # --------------------------------------------------------------------------------- classifiers
 
 
-# how each classifier row trains: autocast type (None: fp32), channels-last, compile mode,
-# torch's fused SGD (fulora's fused_optimizer)
-_CLASSIFY_WAYS = {
-    "plain fp32": (None, False, None, False),
-    "fulora (AMP + channels_last)": (torch.float16, True, None, False),  # defaults on CUDA
+# how each classifier row trains: None is the plain torchvision loop written here (the obvious
+# alternative); the others are fulora's own loop (start_fit + train_epoch) with these
+# ClassifyConfig settings, whose CUDA defaults are fp16 autocast + channels-last
+_CLASSIFY_WAYS: dict[str, dict | None] = {
+    "plain fp32": None,
+    "fulora (AMP + channels_last)": {},  # the defaults
     # options. The fused SGD takes the loss scaler's overflow flag on the device: no per-step
     # read of the GPU (session 10 found the defaults slower than fp32 for the CNNs at batch 24)
-    "fulora (AMP + channels_last + fused SGD)": (torch.float16, True, None, True),
+    "fulora (AMP + channels_last + fused SGD)": {"fused_optimizer": True},
     # each half of the defaults alone: which one slows the convolutional networks
-    "fulora (AMP)": (torch.float16, False, None, False),
-    "fulora (fp32 + channels_last)": (None, True, None, False),
+    "fulora (AMP)": {"channels_last": False},
+    "fulora (fp32 + channels_last)": {"amp": False},
     # bf16 needs no loss scaling (no per-step GPU read); CUDA graphs for launch-bound small
     # networks at batch 24
-    "fulora (bf16 + channels_last)": (torch.bfloat16, True, None, False),
-    "fulora (AMP + channels_last + compile reduce-overhead)": (
-        torch.float16,
-        True,
-        "reduce-overhead",
-        False,
-    ),
+    "fulora (bf16 + channels_last)": {"amp_dtype": "bf16"},
+    "fulora (AMP + channels_last + compile reduce-overhead)": {
+        "compile": True,
+        "compile_mode": "reduce-overhead",
+    },
 }
 
 
@@ -514,7 +513,11 @@ def part_classify(args, rec: Recorder) -> None:
     size = 64 if args.smoke else 224
     steps = 2 if args.smoke else 12
     archs = ["resnet18", "mobilenet_v2"] if args.smoke else PAPER_ARCHS
-    rec.note("setting", f"{size} px, train batch 24 (SGD m0.9), inference batch 64")
+    rec.note(
+        "setting",
+        f"{size} px, train batch 24 (SGD m0.9), inference batch 64; the fulora rows time "
+        "fulora's training loop itself (start_fit + train_epoch)",
+    )
     ways = list(_CLASSIFY_WAYS)
     if args.smoke:  # inductor's CPU compile outlasts the smoke budget; no bf16 autocast on CPU
         rec.note("not_in_smoke", "the half-default, bf16 and compile ways (GPU run only)")
@@ -527,7 +530,7 @@ def part_classify(args, rec: Recorder) -> None:
             (
                 f"{arch} {way}",
                 lambda a=arch, w=way: _classify_speed(rec, a, w, size, steps),
-                0 if args.smoke else (60 if _CLASSIFY_WAYS[way][2] else 10),
+                0 if args.smoke else (60 if (_CLASSIFY_WAYS[way] or {}).get("compile") else 10),
             )
             for arch, way in order
         ]
@@ -535,44 +538,28 @@ def part_classify(args, rec: Recorder) -> None:
 
 
 def _classify_speed(rec, arch, way, size, steps) -> None:
-    from torch import nn
-
     from fulora.classify.registry import create_model
+    from fulora.classify.train import ClassifyConfig, speed_settings
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    amp, last, mode, fused = _CLASSIFY_WAYS[way]
-    amp = amp if cuda else None
-    layout = torch.channels_last if last and cuda else torch.contiguous_format
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    settings = _CLASSIFY_WAYS[way]
+    amp, last = speed_settings(ClassifyConfig(**(settings or {"amp": False})), device)
+    layout = torch.channels_last if last else torch.contiguous_format
     model, _ = create_model(arch, 5, pretrained=False, log=False)
-    model = model.to(device, memory_format=layout)
-    fused_sgd = {"fused": True} if fused else {}  # fulora's fused_optimizer
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, **fused_sgd)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    step_model = torch.compile(model, mode=mode) if mode else model  # as ClassifyConfig.compile
-    loss_fn = nn.CrossEntropyLoss()
-    x = torch.randn(24, 3, size, size, device=device).contiguous(memory_format=layout)
+    model = model.to(device, memory_format=layout)  # as fulora's _prepare places it
+    x = torch.randn(24, 3, size, size, device=device)
     y = torch.randint(0, 5, (24,), device=device)
+    if settings is None:
+        train_rate = 24 / _time_per_call(_plain_train_step(model, x, y), steps)
+    else:
+        train_rate = _fulora_train_rate(model, ClassifyConfig(**settings), x, y, steps, device)
+    train_peak = _peak_gib()
     x_inf = torch.randn(64, 3, size, size, device=device).contiguous(memory_format=layout)
 
-    def train_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp or torch.float16, enabled=amp is not None):
-            loss = loss_fn(step_model(x), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    def infer_step() -> None:
-        with (
-            torch.no_grad(),
-            torch.autocast(device.type, dtype=amp or torch.float16, enabled=amp is not None),
-        ):
+    def infer_step() -> None:  # as fulora's _evaluate: no_grad, the training autocast
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             model(x_inf)
 
-    model.train()
-    train_rate = 24 / _time_per_call(train_step, steps)
-    train_peak = _peak_gib()
     model.eval()
     infer_rate = 64 / _time_per_call(infer_step, steps)
     rec.row(
@@ -583,6 +570,40 @@ def _classify_speed(rec, arch, way, size, steps) -> None:
         epoch_6148_s=round(6148 / train_rate, 1),
         train_peak_gib=train_peak,
     )
+
+
+def _plain_train_step(model, x, y) -> Callable[[], None]:
+    """A torchvision-tutorial step: fp32, SGD, the loss not read."""
+    from torch import nn
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def _fulora_train_rate(model, cfg, x, y, steps: int, device) -> float:
+    """Images/s of fulora's training loop (``start_fit`` + ``train_epoch``, which reads the
+    loss once per epoch) over ``steps`` batches of ``x``, after 3 warm-up batches."""
+    from torch import nn
+
+    from fulora.classify.train import speed_settings, start_fit, train_epoch
+
+    amp, last = speed_settings(cfg, device)
+    fit = start_fit(model, cfg, amp)
+    criterion = nn.CrossEntropyLoss()
+    train_epoch(fit, [(x, y)] * 3, criterion, device, amp, last)  # compile, cuDNN, allocator
+    _sync()
+    start = time.perf_counter()
+    train_epoch(fit, [(x, y)] * steps, criterion, device, amp, last)
+    _sync()
+    return 24 * steps / (time.perf_counter() - start)
 
 
 def _time_per_call(fn: Callable[[], None], calls: int) -> float:

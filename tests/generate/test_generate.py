@@ -476,6 +476,15 @@ def _assert_close_images(fast: dict, plain: dict, mean_below: float) -> None:
         )
 
 
+def test_fp16_on_the_cpu_stays_within_rounding_of_fp32(
+    full_run, tiny_model, trained_lora, tmp_path
+):
+    """The fp16 path that CUDA takes by default, run on the CPU: the same images as fp32 up to
+    rounding (0.12 grey levels on average in session 11). Its GPU twin is below."""
+    generate(tmp_path, _cfg(tiny_model, trained_lora, dtype="fp16"), progress=False)
+    _assert_close_images(_images(tmp_path), _images(full_run), mean_below=0.5)
+
+
 # On the H100 (session 11) fp16 on CUDA against fp32 on the CPU differed by 31.7 grey levels
 # on average (max 175: other images, not rounding), while fp16 against fp32 both on the CPU
 # differ by 0.12. These two tests split that comparison into device and precision.
@@ -500,3 +509,52 @@ def test_fp16_generation_on_cuda_stays_close_to_fp32(tiny_model, trained_lora, t
         cfg = _cfg(tiny_model, trained_lora, device="cuda", dtype=dtype)
         generate(tmp_path / dtype, cfg, progress=False)
     _assert_close_images(_images(tmp_path / "auto"), _images(tmp_path / "fp32"), mean_below=2.0)
+
+
+# SD1.5's attention shapes at 512 px (heads of 40, 80 and 160 over 4096/1024/256 latent pixels;
+# cross-attention over CLIP's 77 tokens) and the tiny model's heads of 4 and 8
+_ATTENTION_SHAPES = [(8, 4096, 4096, 40), (8, 4096, 77, 40), (8, 1024, 77, 80), (8, 256, 256, 160)]
+_ATTENTION_SHAPES += [(8, 48, 48, 4), (8, 12, 77, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"])
+@pytest.mark.parametrize("shape", _ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_each_fp16_attention_kernel_matches_fp32(backend, shape):
+    """Each of torch's fused fp16 attention kernels that takes ``shape`` gives the fp32 math
+    result up to fp16 rounding: if fp16 generation on CUDA goes wrong (session 11), this names
+    the kernel (SDPA picks one per shape and GPU; fulora does not choose)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, queries, keys, dim = shape
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, n, dim, generator=generator) for n in (queries, keys, keys))
+    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    fp16 = [t.cuda().half() for t in (q, k, v)]
+    try:
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            got = torch.nn.functional.scaled_dot_product_attention(*fp16).double().cpu()
+    except RuntimeError as err:  # the kernel does not take this shape or GPU
+        pytest.skip(f"{backend} refuses {shape}: {str(err)[:120]}")
+    # relative to the output's norm: fp16 inputs alone are off by 5e-4 of theirs, a wrong
+    # kernel by the order of 1 (an output of 4096 keys is small: absolute bounds miss it)
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert error < 1e-2, f"{backend} at {shape}: off by {error:.3g} of the fp64 output's norm"
+
+
+@pytest.mark.gpu
+def test_the_tiny_unet_in_fp16_on_cuda_matches_fp32_on_the_cpu(tiny_model):
+    """One UNet call (the tiny model, CFG-sized batch): fp16 on CUDA against fp32 on the CPU,
+    relative to the output's size. Localises a device difference below the sampler."""
+    from fulora.lora.base import load_pipeline
+
+    unet = load_pipeline(str(tiny_model), dtype=torch.float32).unet.eval()
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 6, 10, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    step = torch.tensor([500])
+    with torch.no_grad():
+        expected = unet(latents, step, text).sample
+        got = unet.half().cuda()(latents.half().cuda(), step.cuda(), text.half().cuda()).sample
+    relative = ((got.float().cpu() - expected).norm() / expected.norm()).item()
+    assert relative < 1e-2, f"fp16 CUDA UNet off by {relative:.3g} of its output's norm"

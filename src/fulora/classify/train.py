@@ -23,7 +23,7 @@ import io
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -355,7 +355,7 @@ def _check_validation(validation: Manifest | None, cfg: ClassifyConfig, classes:
 
 
 @dataclass
-class _Fit:
+class Fit:
     """One run's training state between epochs: exactly what ``last.pt`` holds."""
 
     model: nn.Module  # what is saved: never the compiled wrapper (its keys get a prefix)
@@ -418,8 +418,35 @@ class _Fit:
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _start_fit(model: nn.Module, cfg: ClassifyConfig, amp: torch.dtype | None) -> _Fit:
-    """The optimiser, schedule, loss scaler (fp16 only) and compiled step model of ``cfg``."""
+def speed_settings(cfg: ClassifyConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """What ``cfg``'s speed options mean on ``device``: both are CUDA-only.
+
+    Returns:
+        (autocast type, or None for fp32; whether images and weights are channels-last)
+
+    Raises:
+        ConfigError: For bf16 on a GPU without bfloat16.
+    """
+    amp = _AMP_DTYPES[cfg.amp_dtype] if cfg.amp and device.type == "cuda" else None
+    if amp == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ConfigError(
+            f"amp_dtype: bf16 needs a GPU with bfloat16 (Ampere or newer); "
+            f"{torch.cuda.get_device_name(device)} has none: use --amp-dtype fp16"
+        )
+    return amp, cfg.channels_last and device.type == "cuda"
+
+
+def start_fit(model: nn.Module, cfg: ClassifyConfig, amp: torch.dtype | None) -> Fit:
+    """The optimiser, schedule, loss scaler (fp16 only) and compiled step model of ``cfg``.
+
+    Args:
+        model: The network, already on its device (and channels-last if so trained).
+        cfg: The configuration (optimizer, lr, schedule, compile, fused_optimizer).
+        amp: The autocast type from :func:`speed_settings` (None: fp32).
+
+    Returns:
+        The training state before the first epoch.
+    """
     fused = {"fused": True} if cfg.fused_optimizer else {}  # off: torch's default (foreach)
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(
@@ -440,7 +467,7 @@ def _start_fit(model: nn.Module, cfg: ClassifyConfig, amp: torch.dtype | None) -
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     step_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
-    return _Fit(model, optimizer, scheduler, scaler, step_model)
+    return Fit(model, optimizer, scheduler, scaler, step_model)
 
 
 def _batch_source(cfg: ClassifyConfig, dataset: ManifestDataset, transform, device):
@@ -474,11 +501,29 @@ def _batch_source(cfg: ClassifyConfig, dataset: ManifestDataset, transform, devi
     return batches
 
 
-def _one_epoch(fit: _Fit, batches, criterion, device, amp: torch.dtype | None, channels_last):
-    """Train one epoch; (mean loss, accuracy %, images seen).
+def train_epoch(
+    fit: Fit,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    criterion: nn.Module,
+    device: torch.device,
+    amp: torch.dtype | None,
+    channels_last: bool,
+) -> tuple[float, float, int]:
+    """Train one epoch (``benchmarks/gpu_suite.py`` times this very loop).
 
     The loss and the hits add up on the device and are read once, at the end: reading them
     every step would make the CPU wait for the GPU before queueing the next step.
+
+    Args:
+        fit: The state from :func:`start_fit`.
+        batches: (images, targets) batches, on any device.
+        criterion: The loss.
+        device: Where the model is.
+        amp: The autocast type (None: fp32), from :func:`speed_settings`.
+        channels_last: Whether images go channels-last, from :func:`speed_settings`.
+
+    Returns:
+        (mean loss, accuracy %, images seen)
     """
     fit.model.train()
     total_loss = torch.zeros((), device=device)
@@ -575,18 +620,12 @@ def _train(
 ) -> dict[str, Any]:
     out = run.path
     device = resolve_device(cfg.device)
-    amp = _AMP_DTYPES[cfg.amp_dtype] if cfg.amp and device.type == "cuda" else None
-    if amp == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise ConfigError(
-            f"amp_dtype: bf16 needs a GPU with bfloat16 (Ampere or newer); "
-            f"{torch.cuda.get_device_name(device)} has none: use --amp-dtype fp16"
-        )
-    channels_last = cfg.channels_last and device.type == "cuda"
+    amp, channels_last = speed_settings(cfg, device)
     data_fingerprint = training.fingerprint()  # hashes every image: once per run
     model, info, meta, train_ds, train_tf, val_loader = _prepare(
         cfg, classes, training, validation, out, device
     )
-    fit = _start_fit(model, cfg, amp)
+    fit = start_fit(model, cfg, amp)
     fit.resume(out / "last.pt", data_fingerprint)
     batches = _batch_source(cfg, train_ds, train_tf, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -604,7 +643,9 @@ def _train(
         torch.manual_seed(epoch_seed)
         started = time.perf_counter()
         epoch_batches = batches(torch.Generator().manual_seed(epoch_seed))
-        loss, accuracy, seen = _one_epoch(fit, epoch_batches, criterion, device, amp, channels_last)
+        loss, accuracy, seen = train_epoch(
+            fit, epoch_batches, criterion, device, amp, channels_last
+        )
         seconds = time.perf_counter() - started
         scores = (
             _evaluate(fit.model, val_loader, device, amp, channels_last)
