@@ -542,19 +542,35 @@ def test_each_fp16_attention_kernel_matches_fp32(backend, shape):
     assert error < 1e-2, f"{backend} at {shape}: off by {error:.3g} of the fp64 output's norm"
 
 
+def _component_call(pipe, part: str, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """One call of the pipeline's ``part`` on fixed inputs (drawn on the CPU) on ``device``."""
+    generator = torch.Generator().manual_seed(0)
+    model = getattr(pipe, "vae" if part == "vae_decoder" else part).to(device, dtype)
+    with torch.no_grad():
+        if part == "text_encoder":
+            ids = pipe.tokenizer(["a photo of fetal brain"] * 2, padding="max_length").input_ids
+            out = model(torch.tensor(ids, device=device), output_hidden_states=True)
+            out = out.hidden_states[-2]  # clip skip 2, as the paper's recipe
+        elif part == "unet":
+            latents = torch.randn(2, 4, 6, 10, generator=generator)
+            text = torch.randn(2, 77, model.config.cross_attention_dim, generator=generator)
+            args = (latents.to(device, dtype), torch.tensor([500], device=device))
+            out = model(*args, text.to(device, dtype)).sample
+        else:
+            latents = torch.randn(2, 4, 6, 10, generator=generator).to(device, dtype)
+            out = model.decode(latents).sample
+    return out.float().cpu()
+
+
 @pytest.mark.gpu
-def test_the_tiny_unet_in_fp16_on_cuda_matches_fp32_on_the_cpu(tiny_model):
-    """One UNet call (the tiny model, CFG-sized batch): fp16 on CUDA against fp32 on the CPU,
-    relative to the output's size. Localises a device difference below the sampler."""
+@pytest.mark.parametrize("part", ["text_encoder", "unet", "vae_decoder"])
+def test_each_model_in_fp16_on_cuda_matches_fp32_on_the_cpu(tiny_model, part):
+    """One call of each of the tiny pipeline's models: fp16 on CUDA against fp32 on the CPU,
+    relative to the output's norm. Localises a device difference below the sampler."""
     from fulora.lora.base import load_pipeline
 
-    unet = load_pipeline(str(tiny_model), dtype=torch.float32).unet.eval()
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, 6, 10, generator=generator)
-    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
-    step = torch.tensor([500])
-    with torch.no_grad():
-        expected = unet(latents, step, text).sample
-        got = unet.half().cuda()(latents.half().cuda(), step.cuda(), text.half().cuda()).sample
-    relative = ((got.float().cpu() - expected).norm() / expected.norm()).item()
-    assert relative < 1e-2, f"fp16 CUDA UNet off by {relative:.3g} of its output's norm"
+    pipe = load_pipeline(str(tiny_model), dtype=torch.float32)
+    expected = _component_call(pipe, part, "cpu", torch.float32)
+    got = _component_call(pipe, part, "cuda", torch.float16)
+    relative = ((got - expected).norm() / expected.norm()).item()
+    assert relative < 1e-2, f"fp16 CUDA {part} off by {relative:.3g} of its output's norm"
