@@ -289,14 +289,22 @@ def saved_lora(tiny_model, tmp_path_factory):
     return out, _outputs(pipe)
 
 
-@pytest.mark.parametrize("which", ["k.safetensors", "."], ids=["kohya-file", "diffusers-folder"])
-def test_plain_diffusers_loads_the_whole_lora(saved_lora, tiny_model, which):
+@pytest.mark.parametrize(
+    "which, name",
+    [("k.safetensors", None), (".", None), (".", "k.safetensors")],
+    ids=["kohya-file", "diffusers-folder", "kohya-offline-form"],
+)
+def test_plain_diffusers_loads_the_whole_lora(saved_lora, tiny_model, which, name, monkeypatch):
     from peft.tuners.lora import LoraLayer
 
     folder, (hidden, unet_out) = saved_lora
     pipe = _pipe(tiny_model)
     base_hidden, base_unet = _outputs(pipe)
-    pipe.load_lora_weights(str((folder / which).resolve()), adapter_name="x")
+    # The README's forms: a file or folder online; folder + weight_name, the one diffusers
+    # takes with HF_HUB_OFFLINE=1 (it read the variable at import: its copy is set here)
+    monkeypatch.setattr("diffusers.loaders.lora_base.HF_HUB_OFFLINE", name is not None)
+    kwargs = {"weight_name": name} if name else {}
+    pipe.load_lora_weights(str((folder / which).resolve()), adapter_name="x", **kwargs)
     pipe.set_adapters(["x"], adapter_weights=[SCALE])
     wrapped = {
         part: sum(isinstance(m, LoraLayer) for m in getattr(pipe, part).modules())
