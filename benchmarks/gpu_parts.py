@@ -537,22 +537,32 @@ def part_classify(args, rec: Recorder) -> None:
     )
 
 
+def classify_way_config(way: str):
+    """The ClassifyConfig a classifier row trains with; the plain loop's: fp32, NCHW."""
+    from fulora.classify.train import ClassifyConfig
+
+    settings = _CLASSIFY_WAYS[way]
+    return ClassifyConfig(
+        **({"amp": False, "channels_last": False} if settings is None else settings)
+    )
+
+
 def _classify_speed(rec, arch, way, size, steps) -> None:
     from fulora.classify.registry import create_model
-    from fulora.classify.train import ClassifyConfig, speed_settings
+    from fulora.classify.train import speed_settings
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    settings = _CLASSIFY_WAYS[way]
-    amp, last = speed_settings(ClassifyConfig(**(settings or {"amp": False})), device)
+    cfg = classify_way_config(way)
+    amp, last = speed_settings(cfg, device)
     layout = torch.channels_last if last else torch.contiguous_format
     model, _ = create_model(arch, 5, pretrained=False, log=False)
     model = model.to(device, memory_format=layout)  # as fulora's _prepare places it
     x = torch.randn(24, 3, size, size, device=device)
     y = torch.randint(0, 5, (24,), device=device)
-    if settings is None:
+    if _CLASSIFY_WAYS[way] is None:
         train_rate = 24 / _time_per_call(_plain_train_step(model, x, y), steps)
     else:
-        train_rate = _fulora_train_rate(model, ClassifyConfig(**settings), x, y, steps, device)
+        train_rate = _fulora_train_rate(model, cfg, x, y, steps, device)
     train_peak = _peak_gib()
     x_inf = torch.randn(64, 3, size, size, device=device).contiguous(memory_format=layout)
 

@@ -7,6 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -195,3 +198,26 @@ def test_a_part_saves_its_rows_while_it_runs(tmp_path):
     text = suite.markdown(report)
     assert "classify: exit still running when the suite stopped, while measuring" in text
     assert "resnet18" in text
+
+
+@pytest.mark.parametrize(
+    "way, expected",
+    [
+        ("plain fp32", (None, False)),
+        ("fulora (AMP + channels_last)", (torch.float16, True)),
+        ("fulora (AMP + channels_last + fused SGD)", (torch.float16, True)),
+        ("fulora (AMP)", (torch.float16, False)),
+        ("fulora (fp32 + channels_last)", (None, True)),
+        ("fulora (AMP + channels_last + compile reduce-overhead)", (torch.float16, True)),
+    ],
+)
+def test_each_classifier_row_trains_as_its_name_says_on_cuda(way, expected):
+    """A row's name is what fulora does on CUDA with its settings (autocast type,
+    channels-last), as fulora's own speed_settings reads them; the CPU ignores both."""
+    from fulora.classify.train import speed_settings
+
+    parts = _benchmark_module("gpu_parts")
+    cfg = parts.classify_way_config(way)
+    assert speed_settings(cfg, torch.device("cuda")) == expected
+    assert speed_settings(cfg, torch.device("cpu")) == (None, False)
+    assert cfg.fused_optimizer == ("fused" in way) and cfg.compile == ("compile" in way)
