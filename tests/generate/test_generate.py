@@ -544,13 +544,14 @@ def test_each_fp16_attention_kernel_matches_fp32(backend, shape):
 
 def _component_call(pipe, part: str, device: str, dtype: torch.dtype) -> torch.Tensor:
     """One call of the pipeline's ``part`` on fixed inputs (drawn on the CPU) on ``device``."""
+    from fulora.lora.conditioning import encode_prompt  # what generation calls (clip skip 2)
+
     generator = torch.Generator().manual_seed(0)
     model = getattr(pipe, "vae" if part == "vae_decoder" else part).to(device, dtype)
     with torch.no_grad():
         if part == "text_encoder":
             ids = pipe.tokenizer(["a photo of fetal brain"] * 2, padding="max_length").input_ids
-            out = model(torch.tensor(ids, device=device), output_hidden_states=True)
-            out = out.hidden_states[-2]  # clip skip 2, as the paper's recipe
+            out = encode_prompt(model, torch.tensor(ids, device=device), clip_skip=2)
         elif part == "unet":
             latents = torch.randn(2, 4, 6, 10, generator=generator)
             text = torch.randn(2, 77, model.config.cross_attention_dim, generator=generator)
