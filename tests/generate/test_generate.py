@@ -511,29 +511,49 @@ def test_fp16_generation_on_cuda_stays_close_to_fp32(tiny_model, trained_lora, t
     _assert_close_images(_images(tmp_path / "auto"), _images(tmp_path / "fp32"), mean_below=2.0)
 
 
-# SD1.5's attention shapes at 512 px (heads of 40, 80 and 160 over 4096/1024/256 latent pixels;
-# cross-attention over CLIP's 77 tokens) and the tiny model's heads of 4 and 8
-_ATTENTION_SHAPES = [(8, 4096, 4096, 40), (8, 4096, 77, 40), (8, 1024, 77, 80), (8, 256, 256, 160)]
-_ATTENTION_SHAPES += [(8, 48, 48, 4), (8, 12, 77, 8)]
+# (heads, queries, keys, head size, causal mask): SD1.5's UNet at 512 px (heads of 40, 80 and
+# 160 over 4096/1024/256 latent pixels; cross-attention over CLIP's 77 tokens), its VAE's one
+# head of 512, CLIP's causal self-attention (a float mask of the query's type, as transformers
+# builds it), then the tiny model's UNet, VAE and CLIP
+_ATTENTION_SHAPES = [
+    (8, 4096, 4096, 40, False),
+    (8, 4096, 77, 40, False),
+    (8, 1024, 77, 80, False),
+    (8, 256, 256, 160, False),
+    (1, 4096, 4096, 512, False),
+    (12, 77, 77, 64, True),
+    (8, 48, 48, 4, False),
+    (8, 12, 77, 8, False),
+    (1, 60, 60, 32, False),
+    (4, 77, 77, 8, True),
+]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"])
-@pytest.mark.parametrize("shape", _ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_each_fp16_attention_kernel_matches_fp32(backend, shape):
-    """Each of torch's fused fp16 attention kernels that takes ``shape`` gives the fp32 math
+@pytest.mark.parametrize(
+    "shape", _ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + "-causal" * s[4]
+)
+def test_each_fp16_attention_kernel_matches_fp64(backend, shape):
+    """Each of torch's fused fp16 attention kernels that takes ``shape`` gives the fp64 math
     result up to fp16 rounding: if fp16 generation on CUDA goes wrong (session 11), this names
-    the kernel (SDPA picks one per shape and GPU; fulora does not choose)."""
+    the kernel. SDPA picks one per shape and GPU, fulora does not choose, and on an H100 with a
+    recent cuDNN it prefers cuDNN's (pytorch/pytorch#191612), whose fp16 kernels have had
+    silent-correctness bugs (pytorch/pytorch#193893, #196678)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    heads, queries, keys, dim = shape
+    heads, queries, keys, dim, causal = shape
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, heads, n, dim, generator=generator) for n in (queries, keys, keys))
-    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    low = torch.finfo(torch.float16).min
+    mask = torch.full((queries, keys), low, dtype=torch.float64).triu(1) if causal else None
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    expected = sdpa(q.double(), k.double(), v.double(), attn_mask=mask)
     fp16 = [t.cuda().half() for t in (q, k, v)]
+    fp16_mask = mask.cuda().half() if causal else None
     try:
         with sdpa_kernel(getattr(SDPBackend, backend)):
-            got = torch.nn.functional.scaled_dot_product_attention(*fp16).double().cpu()
+            got = sdpa(*fp16, attn_mask=fp16_mask).double().cpu()
     except RuntimeError as err:  # the kernel does not take this shape or GPU
         pytest.skip(f"{backend} refuses {shape}: {str(err)[:120]}")
     # relative to the output's norm: fp16 inputs alone are off by 5e-4 of theirs, a wrong
