@@ -562,7 +562,7 @@ def _classify_speed(rec, arch, way, size, steps) -> None:
     if _CLASSIFY_WAYS[way] is None:
         train_rate = 24 / _time_per_call(_plain_train_step(model, x, y), steps)
     else:
-        train_rate = _fulora_train_rate(model, cfg, x, y, steps, device)
+        train_rate = _fulora_train_rate(model, cfg, (amp, last), x, y, steps)
     train_peak = _peak_gib()
     x_inf = torch.randn(64, 3, size, size, device=device).contiguous(memory_format=layout)
 
@@ -598,14 +598,15 @@ def _plain_train_step(model, x, y) -> Callable[[], None]:
     return step
 
 
-def _fulora_train_rate(model, cfg, x, y, steps: int, device) -> float:
+def _fulora_train_rate(model, cfg, speed, x, y, steps: int) -> float:
     """Images/s of fulora's training loop (``start_fit`` + ``train_epoch``, which reads the
-    loss once per epoch) over ``steps`` batches of ``x``, after 3 warm-up batches."""
+    loss once per epoch) over ``steps`` batches of ``x``, after 3 warm-up batches; ``speed``:
+    (autocast type, channels-last) as ``speed_settings`` gave them."""
     from torch import nn
 
-    from fulora.classify.train import speed_settings, start_fit, train_epoch
+    from fulora.classify.train import start_fit, train_epoch
 
-    amp, last = speed_settings(cfg, device)
+    (amp, last), device = speed, x.device
     fit = start_fit(model, cfg, amp)
     criterion = nn.CrossEntropyLoss()
     train_epoch(fit, [(x, y)] * 3, criterion, device, amp, last)  # compile, cuDNN, allocator

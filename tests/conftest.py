@@ -27,6 +27,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             pytest.skip("needs a CUDA GPU")
 
 
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """``hub_offline(True)``: diffusers' LoRA loader behaves as with ``HF_HUB_OFFLINE=1`` (a
+    machine without network, like the lent GPU machine); diffusers reads the variable when it
+    is imported, so this sets its copy of it."""
+    return lambda on: monkeypatch.setattr("diffusers.loaders.lora_base.HF_HUB_OFFLINE", on)
+
+
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
     """The real FU-LoRA sample folder; tests using it skip when it is absent."""

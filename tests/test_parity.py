@@ -294,15 +294,15 @@ def saved_lora(tiny_model, tmp_path_factory):
     [("k.safetensors", None), (".", None), (".", "k.safetensors")],
     ids=["kohya-file", "diffusers-folder", "kohya-offline-form"],
 )
-def test_plain_diffusers_loads_the_whole_lora(saved_lora, tiny_model, which, name, monkeypatch):
+def test_plain_diffusers_loads_the_whole_lora(saved_lora, tiny_model, which, name, hub_offline):
     from peft.tuners.lora import LoraLayer
 
     folder, (hidden, unet_out) = saved_lora
     pipe = _pipe(tiny_model)
     base_hidden, base_unet = _outputs(pipe)
     # The README's forms: a file or folder online; folder + weight_name, the one diffusers
-    # takes with HF_HUB_OFFLINE=1 (it read the variable at import: its copy is set here)
-    monkeypatch.setattr("diffusers.loaders.lora_base.HF_HUB_OFFLINE", name is not None)
+    # takes with HF_HUB_OFFLINE=1
+    hub_offline(name is not None)
     kwargs = {"weight_name": name} if name else {}
     pipe.load_lora_weights(str((folder / which).resolve()), adapter_name="x", **kwargs)
     pipe.set_adapters(["x"], adapter_weights=[SCALE])

@@ -488,27 +488,32 @@ def test_fp16_on_the_cpu_stays_within_rounding_of_fp32(
 # On the H100 (session 11) fp16 on CUDA against fp32 on the CPU differed by 31.7 grey levels
 # on average (max 175: other images, not rounding), while fp16 against fp32 both on the CPU
 # differ by 0.12. These two tests split that comparison into device and precision.
+@pytest.fixture(scope="module")
+def cuda_fp32_run(tiny_model, trained_lora, tmp_path_factory):
+    """``full_run``'s configuration in fp32 on CUDA: (folder, done.json)."""
+    out = tmp_path_factory.mktemp("gen") / "cuda-fp32"
+    cfg = _cfg(tiny_model, trained_lora, device="cuda", dtype="fp32")
+    return out, generate(out, cfg, progress=False)
+
+
 @pytest.mark.gpu
-def test_the_same_seeds_give_the_cpus_fp32_images_on_cuda(
-    full_run, tiny_model, trained_lora, tmp_path
-):
+def test_the_same_seeds_give_the_cpus_fp32_images_on_cuda(full_run, cuda_fp32_run):
     """Same seeds, fp32 on CUDA: the CPU's images (``full_run``) up to float rounding (the
     noise is drawn on the CPU from each image's seed, so the device must not change it)."""
-    cfg = _cfg(tiny_model, trained_lora, device="cuda", dtype="fp32")
-    record = generate(tmp_path, cfg, progress=False)
-    _assert_close_images(_images(tmp_path), _images(full_run), mean_below=0.5)
+    folder, record = cuda_fp32_run
+    _assert_close_images(_images(folder), _images(full_run), mean_below=0.5)
     assert record["this_run_device"].startswith("cuda") and record["this_run_generated"] == 12
 
 
 @pytest.mark.gpu
-def test_fp16_generation_on_cuda_stays_close_to_fp32(tiny_model, trained_lora, tmp_path):
+def test_fp16_generation_on_cuda_stays_close_to_fp32(
+    cuda_fp32_run, tiny_model, trained_lora, tmp_path
+):
     """dtype auto is fp16 on CUDA: within a few grey levels of fp32 on CUDA (fp16 rounding
     through the UNet, the sampler and the VAE; no NaN). The bound is the CPU's: fp16 there is
     0.12 grey levels from fp32 on average with this model."""
-    for dtype in ("auto", "fp32"):
-        cfg = _cfg(tiny_model, trained_lora, device="cuda", dtype=dtype)
-        generate(tmp_path / dtype, cfg, progress=False)
-    _assert_close_images(_images(tmp_path / "auto"), _images(tmp_path / "fp32"), mean_below=2.0)
+    generate(tmp_path, _cfg(tiny_model, trained_lora, device="cuda"), progress=False)
+    _assert_close_images(_images(tmp_path), _images(cuda_fp32_run[0]), mean_below=2.0)
 
 
 # (heads, queries, keys, head size, causal mask): SD1.5's UNet at 512 px (heads of 40, 80 and
@@ -558,8 +563,13 @@ def test_each_fp16_attention_kernel_matches_fp64(backend, shape):
         pytest.skip(f"{backend} refuses {shape}: {str(err)[:120]}")
     # relative to the output's norm: fp16 inputs alone are off by 5e-4 of theirs, a wrong
     # kernel by the order of 1 (an output of 4096 keys is small: absolute bounds miss it)
-    error = ((got - expected).norm() / expected.norm()).item()
+    error = _relative_error(got, expected)
     assert error < 1e-2, f"{backend} at {shape}: off by {error:.3g} of the fp64 output's norm"
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """The difference's norm over the expected output's."""
+    return ((got - expected).norm() / expected.norm()).item()
 
 
 def _component_call(pipe, part: str, device: str, dtype: torch.dtype) -> torch.Tensor:
@@ -593,5 +603,5 @@ def test_each_model_in_fp16_on_cuda_matches_fp32_on_the_cpu(tiny_model, part):
     pipe = load_pipeline(str(tiny_model), dtype=torch.float32)
     expected = _component_call(pipe, part, "cpu", torch.float32)
     got = _component_call(pipe, part, "cuda", torch.float16)
-    relative = ((got - expected).norm() / expected.norm()).item()
+    relative = _relative_error(got, expected)
     assert relative < 1e-2, f"fp16 CUDA {part} off by {relative:.3g} of its output's norm"

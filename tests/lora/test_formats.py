@@ -58,10 +58,8 @@ def _fresh(tiny_model):
 
 @pytest.mark.parametrize("offline", [False, True], ids=["online", "HF_HUB_OFFLINE"])
 @pytest.mark.parametrize("which", ["kohya.safetensors", "pytorch_lora_weights.safetensors", ""])
-def test_round_trip_matches_the_original(trained_like, tiny_model, which, offline, monkeypatch):
-    # HF_HUB_OFFLINE=1 (set on machines without network, as on our GPU machine, where it first
-    # failed): diffusers read it at import, so the test sets diffusers' copy of it
-    monkeypatch.setattr("diffusers.loaders.lora_base.HF_HUB_OFFLINE", offline)
+def test_round_trip_matches_the_original(trained_like, tiny_model, which, offline, hub_offline):
+    hub_offline(offline)  # offline: where load_lora_into first failed (the lent GPU machine)
     pipe, out = trained_like
     hidden, unet_out = _outputs(pipe)
     fresh = _fresh(tiny_model)
