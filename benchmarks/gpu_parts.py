@@ -26,6 +26,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -359,12 +360,13 @@ def part_generate(args, rec: Recorder) -> None:
     ]
     top = batches[-1]
     compiled = dict(default, compile=True)
+    fastest = dict(compiled, fuse_qkv=True)
     options = [
         ("write_threads 0", dict(default, write_threads=0)),  # PNGs written in the loop
         ("channels_last on", dict(default, channels_last=True)),
         ("fuse_qkv", dict(default, fuse_qkv=True)),
         ("compile", compiled),
-        ("compile + fuse_qkv", dict(compiled, fuse_qkv=True)),
+        ("compile + fuse_qkv", fastest),
         ("compile + channels_last", dict(compiled, channels_last=True)),
         # cuDNN autotuning (torch.backends.cudnn.benchmark) for the compiled convolutions
         ("compile + cudnn_benchmark", dict(compiled, cudnn_benchmark=True)),
@@ -391,7 +393,7 @@ def part_generate(args, rec: Recorder) -> None:
     if args.smoke:  # inductor's CPU compile of the UNet alone outlasts the smoke budget
         rec.note("not_in_smoke", "compile options (GPU run only)")
         settings = [s for s in settings if not s[2]["compile"]]
-    rows += [
+    option_rows = [
         (
             f"fulora batch {b} {name}",
             lambda b=b, o=opts, n=name: _fulora_generate(rec, args, tmp, side, steps, b, o, n),
@@ -399,7 +401,32 @@ def part_generate(args, rec: Recorder) -> None:
         )
         for b, name, opts in settings
     ]
-    rec.attempt_all(rows)
+    # the decode overlap's rows before the three that compile for minutes (not in a smoke run)
+    slow = len(option_rows) - (0 if args.smoke else 3)
+    assert args.smoke or option_rows[slow][0].endswith("compile reduce-overhead + fuse_qkv")
+    overlap_rows = _overlap_rows(rec, args, tmp, side, steps, batches, default, fastest)
+    rec.attempt_all(rows + option_rows[:slow] + overlap_rows + option_rows[slow:])
+
+
+def _overlap_rows(rec, args, tmp, side, steps, batches, default: dict, fastest: dict) -> list:
+    """Rows of each setting with and without ``decode_overlap``, at 6 batches instead of 3.
+
+    The overlap hides one decode per batch after the first (which decodes alone), hence the
+    longer runs. At batch 8 and the top batch with the defaults, and at the top batch with the
+    fastest setting so far (compiled: not in a smoke run).
+    """
+    top = batches[-1]
+    settings = [(b, "", default) for b in dict.fromkeys(batches[1:] if args.smoke else (8, top))]
+    if not args.smoke:
+        settings.append((top, " compile + fuse_qkv", fastest))
+    rows = []
+    for b, name, opts in settings:
+        for overlap in ("", " + decode_overlap"):
+            label = f"6 batches{name}{overlap}"
+            with_overlap = dict(opts, decode_overlap=bool(overlap))
+            run = partial(_fulora_generate, rec, args, tmp, side, steps, b, with_overlap, label, 6)
+            rows.append((f"fulora batch {b} {label}", run, 150 if opts["compile"] else 30))
+    return [(name, run, 0 if args.smoke else reserve) for name, run, reserve in rows]
 
 
 def _plain_generate(rec, args, side, steps) -> None:
@@ -431,8 +458,9 @@ def _plain_generate(rec, args, side, steps) -> None:
     )
 
 
-def _fulora_generate(rec, args, tmp, side, steps, batch, options, name="default") -> None:
-    """One run of 3 batches (5 at batch 1): the first warms up (and compiles), the rest count."""
+def _fulora_generate(rec, args, tmp, side, steps, batch, options, name="default", batches=3):
+    """One run of ``batches`` batches (5 at batch 1): the first warms up (and compiles), the
+    rest count."""
     from fulora.generate.run import GenerateConfig, generate
 
     options = dict(options)
@@ -441,7 +469,7 @@ def _fulora_generate(rec, args, tmp, side, steps, batch, options, name="default"
     cfg = GenerateConfig(
         base=str(args.model),
         planes=["brain"],
-        per_class=batch * 3 if batch > 1 else 5,
+        per_class=batch * batches if batch > 1 else 5,
         steps=steps,
         width=side,
         height=side,

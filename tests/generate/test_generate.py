@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
-from fulora.errors import ConfigError
+from fulora.errors import ConfigError, DataError
 from fulora.generate.run import GenerateConfig, generate, image_seed, read_png_provenance
 
 
@@ -345,7 +345,7 @@ def test_decoding_equals_the_diffusers_pipelines_own(tiny_model):
     (``output_type="np"``); fulora asks it for latents and decodes them with its NaN guard."""
     from types import SimpleNamespace
 
-    from fulora.generate.run import _denoise
+    from fulora.generate.run import _denoise, to_images
     from fulora.lora.conditioning import prompt_embeddings
 
     pipe = _tiny_pipe(tiny_model)
@@ -354,7 +354,8 @@ def test_decoding_equals_the_diffusers_pipelines_own(tiny_model):
     )
     seeds = [3, 11]
     cfg = SimpleNamespace(steps=3, guidance=7.0)
-    ours = _denoise(pipe, embeddings, seeds, cfg, SimpleNamespace(width=64, height=48))
+    latents = _denoise(pipe, embeddings, seeds, cfg, SimpleNamespace(width=64, height=48))
+    ours = to_images(pipe, latents, seeds)
     theirs = pipe(
         prompt_embeds=embeddings[0].repeat(2, 1, 1),
         negative_prompt_embeds=embeddings[1].repeat(2, 1, 1),
@@ -401,7 +402,7 @@ def test_nan_guard_redecodes_only_the_broken_images_in_fp32(tiny_model):
 
 
 def test_nan_even_in_fp32_names_the_seeds(tiny_model):
-    from fulora.errors import DataError
+
     from fulora.generate.run import decode_latents
 
     vae = _tiny_pipe(tiny_model).vae
@@ -410,14 +411,23 @@ def test_nan_even_in_fp32_names_the_seeds(tiny_model):
         decode_latents(vae, torch.zeros(2, 4, 6, 8), seeds=[8, 9])
 
 
-def test_writer_threads_change_no_byte(full_run, tiny_model, trained_lora, tmp_path):
-    """``write_threads`` overlaps PNG writing with denoising; 0 writes in the loop."""
-    generate(tmp_path, _cfg(tiny_model, trained_lora, write_threads=0), progress=False)
-    in_loop, threaded = _images(tmp_path), _images(full_run)
-    assert in_loop.keys() == threaded.keys()
-    assert all(np.array_equal(in_loop[rel], threaded[rel]) for rel in in_loop)
-    # a speed setting: the finished run is not "another configuration"
-    record = generate(tmp_path, _cfg(tiny_model, trained_lora, write_threads=4), progress=False)
+# settings that change only how fast images are made: the same bytes as ``full_run`` (PNGs on
+# 2 threads, decoded in the loop), and a finished run is not "another configuration" for them
+_SPEED_ONLY_SETTINGS = [
+    {"write_threads": 0},  # PNGs written in the loop
+    {"decode_overlap": True},  # each batch decoded on a thread of its own beside the next
+    {"decode_overlap": True, "write_threads": 0},
+]
+
+
+@pytest.mark.parametrize("setting", _SPEED_ONLY_SETTINGS, ids=str)
+def test_speed_only_settings_change_no_byte(full_run, tiny_model, trained_lora, tmp_path, setting):
+    record = generate(tmp_path, _cfg(tiny_model, trained_lora, **setting), progress=False)
+    assert record["this_run_generated"] == 12
+    ours, default = _images(tmp_path), _images(full_run)
+    assert ours.keys() == default.keys()
+    assert all(np.array_equal(ours[rel], default[rel]) for rel in ours)
+    record = generate(tmp_path, _cfg(tiny_model, trained_lora), progress=False)
     assert record["this_run_generated"] == 0
 
 
@@ -443,6 +453,83 @@ def test_a_failed_write_stops_the_run_and_keeps_what_was_written(
     monkeypatch.setattr(run, "_save_image", real)  # the rerun makes only what is missing
     record = generate(tmp_path, _cfg(tiny_model, write_threads=threads), progress=False)
     assert record["this_run_generated"] == 12 - len(written) and record["images"] == 12
+
+
+def test_decode_overlap_decodes_a_batch_while_the_next_denoises(tiny_model, tmp_path, monkeypatch):
+    """Four batches: the first is decoded alone; the second's and third's decodes each wait
+    until the next batch has begun denoising (they would wait forever in the loop), on the
+    decode thread."""
+    import threading
+
+    import fulora.generate.run as run
+
+    real_denoise, real_decode = run._denoise, run.decode_latents
+    began = [threading.Event() for _ in range(4)]  # denoise of batch k has begun
+    seen: list[tuple[str, bool | None]] = []  # (thread, has the next batch begun denoising)
+
+    def denoise(*args):
+        began[sum(e.is_set() for e in began)].set()
+        return real_denoise(*args)
+
+    def decode(vae, latents, seeds):
+        k = len(seen)
+        next_began = None if k == 3 else began[k + 1].wait(timeout=30 if k else 0)
+        seen.append((threading.current_thread().name, next_began))
+        return real_decode(vae, latents, seeds)
+
+    monkeypatch.setattr(run, "_denoise", denoise)
+    monkeypatch.setattr(run, "decode_latents", decode)
+    generate(tmp_path, _cfg(tiny_model, decode_overlap=True), progress=False)
+    assert [next_began for _, next_began in seen] == [False, True, True, None]
+    assert all(name.startswith("fulora-decode") for name, _ in seen)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failed_decode_stops_the_run_and_keeps_the_batches_before(
+    tiny_model, tmp_path, monkeypatch, overlap
+):
+    import fulora.generate.run as run
+
+    real = run.decode_latents
+    broken = image_seed(7, "brain", 4)  # the second batch of brain (indices 4-5)
+
+    def decode(vae, latents, seeds):
+        if broken in seeds:
+            raise DataError(f"the denoised latents of seeds [{broken}] decode to NaN")
+        return real(vae, latents, seeds)
+
+    monkeypatch.setattr(run, "decode_latents", decode)
+    cfg = _cfg(tiny_model, decode_overlap=overlap, contact_sheet=0)
+    with pytest.raises(DataError, match=str(broken)):
+        generate(tmp_path, cfg, progress=False)
+    written = sorted(p.name.split("-")[0] for p in tmp_path.glob("*/*.png"))
+    assert written == ["00000", "00001", "00002", "00003"]  # the first batch, nothing after
+    monkeypatch.setattr(run, "decode_latents", real)
+    assert generate(tmp_path, cfg, progress=False)["this_run_generated"] == 8
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_batch_decoding_when_denoising_fails_still_reaches_the_disk(
+    tiny_model, tmp_path, monkeypatch, overlap
+):
+    """With the overlap the second batch is still decoding when the third denoise fails (the
+    first is decoded alone): it is written before the error propagates, as in the loop."""
+    import fulora.generate.run as run
+
+    real, calls = run._denoise, []
+
+    def denoise(*args):
+        calls.append(1)
+        if len(calls) == 3:  # femur's first batch
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args)
+
+    monkeypatch.setattr(run, "_denoise", denoise)
+    cfg = _cfg(tiny_model, decode_overlap=overlap, contact_sheet=0)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        generate(tmp_path, cfg, progress=False)
+    assert len(list(tmp_path.glob("brain/*.png"))) == 6 and not list(tmp_path.glob("femur/*"))
+    assert not (tmp_path / "done.json").exists()
 
 
 def test_a_killed_writers_temporary_file_is_removed_and_never_read(tiny_model, tmp_path):
@@ -514,6 +601,19 @@ def test_fp16_generation_on_cuda_stays_close_to_fp32(
     0.12 grey levels from fp32 on average with this model."""
     generate(tmp_path, _cfg(tiny_model, trained_lora, device="cuda"), progress=False)
     _assert_close_images(_images(tmp_path), _images(cuda_fp32_run[0]), mean_below=2.0)
+
+
+@pytest.mark.gpu
+def test_decode_overlap_on_cuda_changes_no_byte(tiny_model, trained_lora, tmp_path):
+    """The overlapped decode runs on a CUDA stream of its own, which must wait for the
+    latents of its batch: fp16 images byte for byte those of the decode in the loop."""
+    runs = {}
+    for overlap in (False, True):
+        cfg = _cfg(tiny_model, trained_lora, device="cuda", decode_overlap=overlap, per_class=12)
+        generate(tmp_path / str(overlap), cfg, progress=False)
+        runs[overlap] = _images(tmp_path / str(overlap))
+    assert runs[True].keys() == runs[False].keys() and len(runs[True]) == 24
+    assert all(np.array_equal(runs[True][rel], runs[False][rel]) for rel in runs[True])
 
 
 # (heads, queries, keys, head size, causal mask): SD1.5's UNet at 512 px (heads of 40, 80 and

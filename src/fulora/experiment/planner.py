@@ -63,6 +63,7 @@ _NOT_IN_KEY = {
     "cache_dir",
     "num_workers",
     "write_threads",
+    "decode_overlap",
     "base",
     "base_config",
     "lora",

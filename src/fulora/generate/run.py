@@ -123,6 +123,9 @@ class GenerateConfig(Checked):
     inductor_tuning: bool = False
     # threads that write a batch's PNGs while the next batch denoises; 0: write them in the loop
     write_threads: int = 2
+    # decode each batch with the VAE on a thread (and CUDA stream) of its own while the next
+    # batch denoises: the same images, one more batch in GPU memory while it decodes
+    decode_overlap: bool = False
     color: Literal["L", "RGB"] = "L"  # ultrasound is grayscale
     contact_sheet: int = 8  # thumbnails per side of each plane's contact sheet; 0: none
     device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
@@ -130,7 +133,7 @@ class GenerateConfig(Checked):
 
 # settings that change how fast images are written, never their bytes: a run may resume with
 # another value (and an older run folder's config.yaml may not have the key at all)
-_SPEED_ONLY = {"write_threads"}
+_SPEED_ONLY = {"write_threads", "decode_overlap"}
 
 
 def image_seed(run_seed: int, plane: str, index: int) -> int:
@@ -416,18 +419,15 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
             unit="img",
             disable=not progress,
         )
-        with _ImageWriter(cfg.write_threads, made, bar) as writer:
+        with (
+            _ImageWriter(cfg.write_threads, made, bar) as writer,
+            _Decoder(pipe, device, cfg.decode_overlap) as decoder,
+        ):
             for plane, indices in mine:
                 plane_seeds = [seeds[(plane, i)] for i in indices]
-                images = _denoise(pipe, embeddings[plane], plane_seeds, cfg, resolved)
-                jobs = [
-                    partial(_save_image, out, plane, index, seed, array, cfg, resolved, made)
-                    for index, seed, array in zip(indices, plane_seeds, images, strict=True)
-                    if (plane, index) in targets
-                ]
-                writer.write(jobs)
-                if made.first_batch is None:  # compilation, autotuning and allocation happen here
-                    made.first_batch = (len(jobs), time.perf_counter())
+                latents = _denoise(pipe, embeddings[plane], plane_seeds, cfg, resolved)
+                write = (writer, made, out, plane, indices, plane_seeds, targets, cfg, resolved)
+                decoder.decode(latents, plane_seeds, then=partial(_queue_writes, *write))
         bar.close()
     summary = made.summary(part.count)
     if part.processes is not None:
@@ -518,12 +518,12 @@ def _load_generator(cfg, resolved, device, dtype):
     return pipe, embeddings
 
 
-def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> np.ndarray:
-    """One batch of images (N, H, W, 3) in [0, 1]; each image's noise from its own seed."""
+def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> torch.Tensor:
+    """One batch's denoised latents; each image's noise from its own seed."""
     positive, negative = embeddings
     n = len(seeds)
     with torch.no_grad():
-        latents = pipe(
+        return pipe(
             prompt_embeds=positive.repeat(n, 1, 1),
             negative_prompt_embeds=negative.repeat(n, 1, 1) if negative is not None else None,
             height=resolved.height,
@@ -533,8 +533,103 @@ def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> np.ndarray:
             generator=[torch.Generator().manual_seed(seed) for seed in seeds],
             output_type="latent",
         ).images
+
+
+def to_images(pipe, latents: torch.Tensor, seeds: Sequence[int]) -> np.ndarray:
+    """A batch of latents as images (N, H, W, 3) in [0, 1], post-processed as diffusers does."""
+    with torch.no_grad():
         pixels = decode_latents(pipe.vae, latents, seeds)
-    return pipe.image_processor.postprocess(pixels, output_type="np", do_denormalize=[True] * n)
+    denormalize = [True] * len(seeds)
+    return pipe.image_processor.postprocess(pixels, output_type="np", do_denormalize=denormalize)
+
+
+def _queue_writes(writer, made, out, plane, indices, seeds, targets, cfg, resolved, images) -> None:
+    """Hand one decoded batch's wanted images to the PNG writer."""
+    jobs = [
+        partial(_save_image, out, plane, index, seed, array, cfg, resolved, made)
+        for index, seed, array in zip(indices, seeds, images, strict=True)
+        if (plane, index) in targets
+    ]
+    writer.write(jobs)
+    if made.first_batch is None:  # compilation, autotuning and allocation happen here
+        made.first_batch = (len(jobs), time.perf_counter())
+
+
+class _Decoder:
+    """Decodes each batch's latents; with ``overlap``, while the next batch denoises.
+
+    The overlapped decode runs on a thread and, on CUDA, a stream of its own: diffusers'
+    pipeline waits for the GPU at the start of each call (it copies the timesteps to the device
+    and DPM++ reads a step index with ``.item()``), but such waits cover only the work queued on
+    the caller's stream, so the decode is not waited for. The first batch is decoded before the
+    next one starts (it compiles, autotunes and allocates; the steady rate counts from its end)
+    and at most one batch decodes at a time, so memory grows by one batch's latents and one
+    decode. A decode's failure raises at the next batch or when the block ends; a batch being
+    decoded when the run stops with an error is still written. Without ``overlap`` each batch
+    is decoded in the loop, on the caller's thread and stream.
+    """
+
+    def __init__(self, pipe, device: torch.device, overlap: bool) -> None:
+        self.pipe = pipe
+        self.pool = ThreadPoolExecutor(1, "fulora-decode") if overlap else None
+        self.stream = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
+        self.pending: tuple[Future, Callable[[np.ndarray], None]] | None = None
+        self.first = True
+
+    def decode(self, latents: torch.Tensor, seeds: Sequence[int], then: Callable) -> None:
+        """Decode a batch and call ``then(images)`` with its images, on the caller's thread.
+
+        The previous batch's ``then`` runs first (after its decode ends), so batches are
+        handed on in order.
+        """
+        self.finish()
+        if self.pool is None:
+            then(to_images(self.pipe, latents, seeds))
+            return
+        ready = None
+        if self.stream is not None:  # the decode's stream waits for the latents, not the CPU
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(latents.device))
+            latents.record_stream(self.stream)  # the allocator must not reuse them meanwhile
+        self.pending = (self.pool.submit(self._decode_aside, latents, seeds, ready), then)
+        if self.first:
+            self.first = False
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the batch being decoded and hand its images on; its failure raises here."""
+        if self.pending is None:
+            return
+        future, then = self.pending
+        try:
+            images = future.result()
+        finally:
+            if future.done():  # a wait cut short (Ctrl-C) leaves the batch to __exit__
+                self.pending = None
+        then(images)
+
+    def _decode_aside(self, latents, seeds, ready) -> np.ndarray:
+        if self.stream is None:
+            return to_images(self.pipe, latents, seeds)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            return to_images(self.pipe, latents, seeds)  # its copy to the CPU waits for it
+
+    def __enter__(self) -> _Decoder:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            if kind is None:
+                self.finish()
+            elif self.pending is not None:  # denoised work reaches the disk on an error too
+                try:
+                    self.finish()
+                except Exception:
+                    logger.exception("the batch being decoded when the run stopped failed too")
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
 
 
 def decode_latents(vae, latents: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
