@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import logging
+import shutil
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ class Recorder:
         self.path, self.part, self.deadline = path, part, deadline
         self.only = list(only or ())  # measure just these settings (a short GPU lease)
         self.data: dict = {"part": part, "rows": [], "errors": [], "skipped": []}
+        self.scratch_folders: list[Path] = []
         self.save()
 
     def save(self) -> None:
@@ -57,6 +59,17 @@ class Recorder:
     def note(self, key: str, value) -> None:
         self.data[key] = value
         self.save()
+
+    def scratch(self, prefix: str) -> Path:
+        """A new temporary folder for the part's runs, deleted by :meth:`remove_scratch`."""
+        folder = Path(tempfile.mkdtemp(prefix=prefix))
+        self.scratch_folders.append(folder)
+        return folder
+
+    def remove_scratch(self) -> None:
+        """Delete the part's temporary folders (its images, LoRAs and phantom data)."""
+        for folder in self.scratch_folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def attempt_all(self, rows: list[tuple[str, Callable[[], None], float]]) -> None:
         """``attempt`` each (name, measurement, reserve), in ``only``'s order when it is given.
@@ -91,6 +104,34 @@ class Recorder:
             self.data.pop("running", None)
             self.save()
             _free()
+
+
+class _RowLister(Recorder):
+    """Collects the names of the rows a part would measure; measures and writes nothing."""
+
+    def __init__(self) -> None:  # no file, no deadline
+        self.names: list[str] = []
+
+    def note(self, key: str, value) -> None:
+        pass
+
+    def scratch(self, prefix: str) -> Path:
+        return Path(tempfile.gettempdir()) / f"{prefix}not-created"
+
+    def attempt_all(self, rows: list[tuple[str, Callable[[], None], float]]) -> None:
+        self.names += [name for name, _, _ in rows]
+
+
+def row_names(part: str, smoke: bool) -> list[str]:
+    """The names of the rows ``part`` measures, in order (what ``--only`` takes); runs none.
+
+    The model part has none: it builds the benchmark model, whatever ``--only`` says.
+    """
+    if part == "model":
+        return []
+    lister = _RowLister()
+    PARTS[part](argparse.Namespace(smoke=smoke, model=None), lister)
+    return lister.names
 
 
 def _free() -> None:
@@ -166,16 +207,21 @@ def part_lora(args, rec: Recorder) -> None:
     size = 64 if args.smoke else 512
     rank = 4 if args.smoke else 128
     steps = 4 if args.smoke else 14
-    tmp = Path(tempfile.mkdtemp(prefix="fulora-bench-lora-"))
-    generate_phantom(tmp / "data", PhantomConfig(per_class=2 if args.smoke else 20, grid=False))
-    data = read_any(tmp / "data")
+    tmp = rec.scratch("fulora-bench-lora-")
+
+    @functools.cache  # made by the first row that runs (none when only listing the rows)
+    def data():
+        per_class = 2 if args.smoke else 20
+        generate_phantom(tmp / "data", PhantomConfig(per_class=per_class, grid=False))
+        return read_any(tmp / "data")
+
     rec.note("setting", f"{size} px, rank {rank}, kohya targets + text encoder, {steps} steps")
     reserve = 0 if args.smoke else 20
     rows = [
         (
             f"fulora batch {b} cache {c} ckpt {k}" + (" cudnn_benchmark" * t),
             lambda b=b, c=c, k=k, t=t: _fulora_lora(
-                rec, args.model, data, tmp, size, rank, steps, b, c, k, t
+                rec, args.model, data(), tmp, size, rank, steps, b, c, k, t
             ),
             reserve,
         )
@@ -184,7 +230,7 @@ def part_lora(args, rec: Recorder) -> None:
     rows += [
         (
             f"plain batch {b}",
-            lambda b=b: _plain_lora(rec, args.model, data, size, rank, steps, b),
+            lambda b=b: _plain_lora(rec, args.model, data(), size, rank, steps, b),
             reserve,
         )
         for b in ((1, 2) if args.smoke else (1, 8))
@@ -347,7 +393,7 @@ def _gen_sizes(smoke: bool) -> tuple[int, int, list[int]]:
 def part_generate(args, rec: Recorder) -> None:
     side, steps, batches = _gen_sizes(args.smoke)
     rec.note("setting", f"{side}x{side}, {steps} steps, DPM++ 2M Karras, CFG 7")
-    tmp = Path(tempfile.mkdtemp(prefix="fulora-bench-gen-"))
+    tmp = rec.scratch("fulora-bench-gen-")
     default = dict(channels_last=False, fuse_qkv=False, compile=False, write_threads=2)
     rows = [("plain pipe(prompt) batch 1", lambda: _plain_generate(rec, args, side, steps), 0)]
     rows += [
@@ -423,8 +469,10 @@ def _overlap_rows(rec, args, tmp, side, steps, batches, default: dict, fastest: 
     for b, name, opts in settings:
         for overlap in ("", " + decode_overlap"):
             label = f"6 batches{name}{overlap}"
-            with_overlap = dict(opts, decode_overlap=bool(overlap))
-            run = partial(_fulora_generate, rec, args, tmp, side, steps, b, with_overlap, label, 6)
+            setting = dict(opts, decode_overlap=bool(overlap))
+            run = functools.partial(
+                _fulora_generate, rec, args, tmp, side, steps, b, setting, label, batches=6
+            )
             rows.append((f"fulora batch {b} {label}", run, 150 if opts["compile"] else 30))
     return [(name, run, 0 if args.smoke else reserve) for name, run, reserve in rows]
 
@@ -678,7 +726,10 @@ def main() -> None:
 
     diffusers_logging.disable_progress_bar()  # one line per measured row is the progress
     rec = Recorder(args.json, args.part, args.deadline, args.only)
-    PARTS[args.part](args, rec)
+    try:
+        PARTS[args.part](args, rec)
+    finally:
+        rec.remove_scratch()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import difflib
 import functools
 import json
 import os
@@ -374,6 +375,11 @@ def _parser() -> argparse.ArgumentParser:
         "--only", nargs="+", metavar="SETTING", help="just these settings (names as in the log)"
     )
     parser.add_argument(
+        "--list",
+        action="store_true",
+        help="print the row names of --parts (what --only takes; --smoke's differ) and stop",
+    )
+    parser.add_argument(
         "--render", type=Path, metavar="JSON", help="rewrite the .md of an earlier run's JSON"
     )
     parser.add_argument(
@@ -384,6 +390,22 @@ def _parser() -> argparse.ArgumentParser:
         help="combine earlier runs on one kind of GPU into OUT/<first>-merged.json and .md",
     )
     return parser
+
+
+def check_only(parser, only: list[str], parts: list[str], smoke: bool) -> None:
+    """Stop with a usage error naming each ``--only`` row that no part in ``parts`` measures."""
+    from gpu_parts import row_names  # torch: not for --render and --merge
+
+    known = [name for part in parts for name in row_names(part, smoke)]
+    for name in only:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f" (the closest: {close[0]!r})" if close else ""
+            kind = " --smoke" if smoke else ""
+            parser.error(
+                f"--only {name!r}: no{kind} row of the parts {' '.join(parts)} has this "
+                f"name{hint}; --list prints them"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,6 +426,14 @@ def main(argv: list[str] | None = None) -> int:
         args.render.with_suffix(".md").write_text(markdown(report))
         args.render.write_text(json.dumps(report, indent=1))
         return 0
+    if args.list:
+        from gpu_parts import row_names
+
+        for part in args.parts:
+            print("\n".join([f"{part}:", *(f"  {name}" for name in row_names(part, args.smoke))]))
+        return 0
+    if args.only:  # a misspelt row would measure nothing, silently, on a rare GPU lease
+        check_only(parser, args.only, args.parts, args.smoke)
     budget = args.budget or (100.0 if args.smoke else 1100.0)
     info = machine()
     if not args.smoke and "CPU" in info["device"]:

@@ -221,3 +221,33 @@ def test_each_classifier_row_trains_as_its_name_says_on_cuda(way, expected):
     assert speed_settings(cfg, torch.device("cuda")) == expected
     assert speed_settings(cfg, torch.device("cpu")) == (None, False)
     assert cfg.fused_optimizer == ("fused" in way) and cfg.compile == ("compile" in way)
+
+
+def test_only_refuses_a_row_that_no_part_measures(tmp_path):
+    """A misspelt ``--only`` row would measure nothing on a rare GPU lease: the suite stops
+    before any work, naming the row and the closest one; ``--list`` prints the names."""
+    suite = [sys.executable, str(REPO / "benchmarks/gpu_suite.py"), "--out", str(tmp_path)]
+    misspelt = ["--parts", "model", "classify", "--only", "resnet18 plain fp32", "resnet18 plan"]
+    done = subprocess.run(suite + misspelt, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not list(tmp_path.iterdir())
+    assert "--only 'resnet18 plan'" in done.stderr and "'resnet18 plain fp32'" in done.stderr
+    listed = subprocess.run(
+        suite + ["--list", "--parts", "generate"], capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode == 0 and "  fulora batch 32 compile + fuse_qkv\n" in listed.stdout
+
+
+def test_every_row_the_next_lease_names_is_one_the_suite_measures():
+    """BENCHMARKS.md's commands for the next GPU lease name their rows with ``--only``: each
+    must be a row of the part named with it (rows are renamed as the suite grows)."""
+    import re
+
+    parts = _benchmark_module("gpu_parts")
+    text = (REPO / "BENCHMARKS.md").read_text().split("## Still to be measured")[1]
+    only = r"--only((?:\s*\\?\s*\"[^\"]+\")+)"  # --only "a" \ "b": rows over lines
+    commands = re.findall(r"--parts ([a-z ]+)" + only, text)
+    assert len(commands) >= 3
+    for part_names, rows in commands:
+        known = {row for part in part_names.split() for row in parts.row_names(part, False)}
+        for row in re.findall(r'"([^"]+)"', rows):
+            assert row in known, (row, part_names)
