@@ -108,8 +108,10 @@ def test_batch_size_changes_only_rounding(full_run, tiny_model, trained_lora, tm
         pytest.param({"compile": True}, marks=pytest.mark.slow),  # inductor on CPU: minutes
         # the diffusion-fast settings that act on CPU too (1x1 convolutions as matrix products)
         pytest.param({"compile": True, "inductor_tuning": True}, marks=pytest.mark.slow),
+        # the compiled VAE decoder called (and compiled) on the decode thread
+        pytest.param({"compile": True, "decode_overlap": True}, marks=pytest.mark.slow),
     ],
-    ids=["fuse_qkv", "compile", "compile_inductor_tuning"],
+    ids=["fuse_qkv", "compile", "compile_inductor_tuning", "compile_decode_overlap"],
 )
 def test_speed_options_change_only_rounding(full_run, tiny_model, trained_lora, tmp_path, options):
     """The tolerance BENCHMARKS.md states for the speed options: at most 1 grey level."""
