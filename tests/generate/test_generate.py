@@ -606,6 +606,24 @@ def test_fp16_generation_on_cuda_stays_close_to_fp32(
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kernel", ["MATH", "EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION"]
+)
+def test_fp16_on_cuda_with_each_attention_kernel_matches_the_cpus_fp32(
+    full_run, tiny_model, trained_lora, tmp_path, kernel
+):
+    """The whole fp16 generation with SDPA allowed one kernel (and math for the shapes it
+    cannot take), against the CPU's fp32 images: names the kernel behind session 11's
+    difference, and shows at once whether keeping SDPA off it is a remedy."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    allowed = [getattr(SDPBackend, kernel)] + [SDPBackend.MATH] * (kernel != "MATH")
+    with sdpa_kernel(allowed):
+        generate(tmp_path, _cfg(tiny_model, trained_lora, device="cuda"), progress=False)
+    _assert_close_images(_images(tmp_path), _images(full_run), mean_below=2.0)
+
+
+@pytest.mark.gpu
 def test_decode_overlap_on_cuda_changes_no_byte(tiny_model, trained_lora, tmp_path):
     """The overlapped decode runs on a CUDA stream of its own, which must wait for the
     latents of its batch: fp16 images byte for byte those of the decode in the loop."""
