@@ -238,12 +238,14 @@ def test_only_refuses_a_row_that_no_part_measures(tmp_path):
 
 
 def test_every_row_the_next_lease_names_is_one_the_suite_measures():
-    """BENCHMARKS.md's commands for the next GPU lease name their rows with ``--only``: each
-    must be a row of the part named with it (rows are renamed as the suite grows)."""
+    """``benchmarks/next_lease.sh`` (and any command in BENCHMARKS.md's list for the next GPU
+    lease) names its rows with ``--only``: each must be a row of the parts named with it
+    (rows are renamed as the suite grows)."""
     import re
 
     parts = _benchmark_module("gpu_parts")
-    text = (REPO / "BENCHMARKS.md").read_text().split("## Still to be measured")[1]
+    text = (REPO / "benchmarks/next_lease.sh").read_text()
+    text += (REPO / "BENCHMARKS.md").read_text().split("## Still to be measured")[1]
     only = r"--only((?:\s*\\?\s*\"[^\"]+\")+)"  # --only "a" \ "b": rows over lines
     commands = re.findall(r"--parts ([a-z ]+)" + only, text)
     assert len(commands) >= 3
@@ -251,3 +253,18 @@ def test_every_row_the_next_lease_names_is_one_the_suite_measures():
         known = {row for part in part_names.split() for row in parts.row_names(part, False)}
         for row in re.findall(r'"([^"]+)"', rows):
             assert row in known, (row, part_names)
+
+
+def test_the_lease_script_parses_and_refuses_an_unknown_step(tmp_path):
+    script = str(REPO / "benchmarks/next_lease.sh")
+    assert subprocess.run(["bash", "-n", script], timeout=30).returncode == 0
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", script, "tests", "overlaps"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"OUT": str(out), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 2 and "tests, classify, overlap, autotune" in done.stderr
+    assert not out.exists()  # refused before any work

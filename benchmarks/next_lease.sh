@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The GPU measurements still to be made (BENCHMARKS.md, "Still to be measured"), as steps that
+# each fit one command of a lent GPU machine (at most 10 minutes), most informative first:
+#
+#   bash benchmarks/next_lease.sh tests classify    # about 7 minutes
+#   bash benchmarks/next_lease.sh overlap           # about 7 minutes
+#   bash benchmarks/next_lease.sh autotune          # about 8 minutes
+#
+# Give the lending tool's command a time limit at least 60 s above the steps' budgets (a suite
+# part gets 30 s of grace past its deadline; installing the wheels comes first). Results and
+# logs go to $OUT (the lending tool's folder; default benchmarks/results/lease). Wheels in .whl/
+# (the lent machine has no network, and its image lacks diffusers, transformers 4,
+# bitsandbytes) are installed into /tmp/site first. Every row name below is checked against
+# the suite by tests/test_gpu_suite.py.
+set -o pipefail
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-benchmarks/results/lease}
+PY=${PYTHON:-python3}
+
+usage() {
+    echo "usage: bash benchmarks/next_lease.sh STEP... (tests, classify, overlap, autotune)" >&2
+    exit 2
+}
+
+# A plain grep would hold the log back until it exits: a command stopped from outside would
+# leave no log.
+quiet() { grep --line-buffered -v "Flax\|phantom images\|should be kept in float32"; }
+
+# suite NAME BUDGET ARGS...: the GPU suite under BUDGET seconds, its log in OUT/NAME.log
+suite() {
+    local name=$1 budget=$2
+    shift 2
+    timeout $((budget + 60)) "$PY" benchmarks/gpu_suite.py --out "$OUT" --budget "$budget" "$@" \
+        2>&1 | quiet | tee "$OUT/$name.log"
+}
+
+step() {
+    case $1 in
+    tests)
+        # session 11's fp16-on-CUDA difference split by device, precision, model and attention
+        # kernel, and the decode overlap's CUDA stream (about 1 minute)
+        timeout 300 "$PY" -m pytest -q -m gpu -rA tests/generate/test_generate.py \
+            2>&1 | quiet | tee "$OUT/gpu-tests.log"
+        ;;
+    classify)
+        # the classifier rows through fulora's own loop: the defaults against plain fp32 in one
+        # run, and CUDA graphs for two more CNNs
+        suite classify 300 --parts model classify --only \
+            "densenet169 plain fp32" "densenet169 fulora (AMP + channels_last)" \
+            "mobilenet_v2 plain fp32" "mobilenet_v2 fulora (AMP + channels_last)" \
+            "efficientnet_b0 plain fp32" "efficientnet_b0 fulora (AMP + channels_last)" \
+            "resnet18 plain fp32" "resnet18 fulora (AMP + channels_last)" \
+            "vit_b_16 plain fp32" "vit_b_16 fulora (AMP + channels_last)" \
+            "resnet18 fulora (AMP + channels_last + compile reduce-overhead)" \
+            "efficientnet_b0 fulora (AMP + channels_last + compile reduce-overhead)"
+        ;;
+    overlap)
+        # the VAE decode beside the next batch's denoising, each against the same setting
+        # without it, at 6 batches (the compiled pair compiles twice)
+        suite overlap 360 --parts model generate --only \
+            "fulora batch 8 6 batches" "fulora batch 8 6 batches + decode_overlap" \
+            "fulora batch 32 6 batches" "fulora batch 32 6 batches + decode_overlap" \
+            "fulora batch 32 6 batches compile + fuse_qkv" \
+            "fulora batch 32 6 batches compile + fuse_qkv + decode_overlap"
+        ;;
+    autotune)
+        # inductor's kernel search (compiles for minutes): the 8 images/s aim
+        suite autotune 420 --parts model generate --only \
+            "fulora batch 32 compile max-autotune + fuse_qkv + inductor_tuning"
+        ;;
+    *) usage ;;
+    esac
+}
+
+[ $# -gt 0 ] || usage
+for name in "$@"; do  # every step name checked before any work
+    case $name in tests | classify | overlap | autotune) ;; *) usage ;; esac
+done
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 3
+    export PYTHONPATH=/tmp/site:$PWD/src
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+status=0
+for name in "$@"; do
+    echo "== $name ($(date -u +%H:%M:%S))"
+    step "$name" || status=1
+done
+exit $status
