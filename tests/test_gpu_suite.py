@@ -34,6 +34,8 @@ def test_smoke_runs_every_part_and_writes_json_and_markdown(tmp_path):
     assert ways == {"plain pipe(prompt)", "fulora generate"}
     fused = [r for r in results["generate"]["rows"] if r["options"] == "fuse_qkv"]
     assert fused and fused[0]["max_grey_diff"] <= 1  # the stated tolerance
+    overlap = [r for r in results["generate"]["rows"] if r["options"].endswith("decode_overlap")]
+    assert overlap and overlap[0]["max_grey_diff"] == 0  # a speed-only setting: the same bytes
     assert {r["way"] for r in results["classify"]["rows"]} == {
         "plain fp32",
         "fulora (AMP + channels_last)",
