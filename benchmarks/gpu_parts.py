@@ -447,9 +447,9 @@ def part_generate(args, rec: Recorder) -> None:
         )
         for b, name, opts in settings
     ]
-    # the decode overlap's rows before the three that compile for minutes (not in a smoke run)
-    slow = len(option_rows) - (0 if args.smoke else 3)
-    assert args.smoke or option_rows[slow][0].endswith("compile reduce-overhead + fuse_qkv")
+    # the decode overlap's rows before those that compile for minutes (none in a smoke run)
+    names = [name for name, _, _ in option_rows]
+    slow = next((i for i, n in enumerate(names) if "reduce-overhead" in n), len(names))
     overlap_rows = _overlap_rows(rec, args, tmp, side, steps, batches, default, fastest)
     rec.attempt_all(rows + option_rows[:slow] + overlap_rows + option_rows[slow:])
 
@@ -474,8 +474,9 @@ def _overlap_rows(rec, args, tmp, side, steps, batches, default: dict, fastest: 
             run = functools.partial(
                 _fulora_generate, rec, args, tmp, side, steps, b, setting, label, batches=count
             )
-            rows.append((f"fulora batch {b} {label}", run, 150 if opts["compile"] else 30))
-    return [(name, run, 0 if args.smoke else reserve) for name, run, reserve in rows]
+            reserve = 0 if args.smoke else (150 if opts["compile"] else 30)
+            rows.append((f"fulora batch {b} {label}", run, reserve))
+    return rows
 
 
 def _plain_generate(rec, args, side, steps) -> None:

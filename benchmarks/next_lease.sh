@@ -17,8 +17,10 @@ cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-benchmarks/results/lease}
 PY=${PYTHON:-python3}
 
+STEPS="tests classify overlap autotune"  # the cases of step() below
+
 usage() {
-    echo "usage: bash benchmarks/next_lease.sh STEP... (tests, classify, overlap, autotune)" >&2
+    echo "usage: bash benchmarks/next_lease.sh STEP... (${STEPS// /, })" >&2
     exit 2
 }
 
@@ -74,7 +76,7 @@ step() {
 
 [ $# -gt 0 ] || usage
 for name in "$@"; do  # every step name checked before any work
-    case $name in tests | classify | overlap | autotune) ;; *) usage ;; esac
+    [[ $name != *[[:space:]]* && " $STEPS " == *" $name "* ]] || usage
 done
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
