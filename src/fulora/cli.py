@@ -377,8 +377,15 @@ def _config_flags(parser, cls, **options) -> None:
     parser.set_defaults(config_fields=fields)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``fulora`` command."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``fulora`` command.
+
+    Args:
+        only: Give only this stage its commands and flags (the others keep their name and
+            help): each stage's flags come from its config class, whose module imports what
+            the stage runs on (torch, scikit-learn, SciPy...), seconds that a command of
+            another stage need not wait for. None: every stage's, for tests and docs.
+    """
     from fulora import __version__
 
     parser = argparse.ArgumentParser(
@@ -389,24 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    _add_data_parser(stages)
-    _add_lora_parser(stages)
-    _add_foundation_parser(stages)
-    _add_generate_parser(stages)
-    _add_classify_parser(stages)
-    _add_evaluate_parser(stages)
-    _add_demo_parser(stages)
-    _add_experiment_parser(stages)
-    _add_audit_parser(stages)
-    _add_report_parser(stages)
+    for name, (help_text, add_commands) in _STAGES.items():
+        stage_parser = stages.add_parser(name, help=help_text)
+        if only is None or name == only:
+            add_commands(stage_parser)
     return parser
 
 
-def _add_data_parser(stages) -> None:
+def _add_data_parser(data: argparse.ArgumentParser) -> None:
     """The `data` stage's commands and flags."""
     from fulora.data.phantom import PhantomConfig
 
-    data = stages.add_parser("data", help="read, check, download and synthesise datasets")
     data_cmds = data.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = data_cmds.add_parser("inspect", help="counts, image sizes and modes, and problems")
     p.add_argument("path", help="a dataset folder, image CSV or manifest")
@@ -465,11 +465,10 @@ def _add_data_parser(stages) -> None:
     p.set_defaults(func=_cmd_data_manifest)
 
 
-def _add_lora_parser(stages) -> None:
+def _add_lora_parser(lora: argparse.ArgumentParser) -> None:
     """The `lora` stage's commands and flags."""
     from fulora.lora.train import LoraTrainConfig
 
-    lora = stages.add_parser("lora", help="LoRA fine-tuning of Stable Diffusion")
     lora_cmds = lora.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = lora_cmds.add_parser(
         "train",
@@ -503,11 +502,10 @@ def _add_lora_parser(stages) -> None:
     p.set_defaults(func=_cmd_lora_tiny_model)
 
 
-def _add_foundation_parser(stages) -> None:
+def _add_foundation_parser(foundation: argparse.ArgumentParser) -> None:
     """The `foundation` stage's commands and flags."""
     from fulora.foundation.build import FoundationConfig
 
-    foundation = stages.add_parser("foundation", help="the tiny foundation model fulora ships")
     foundation_cmds = foundation.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = foundation_cmds.add_parser(
         "build",
@@ -520,12 +518,11 @@ def _add_foundation_parser(stages) -> None:
     p.set_defaults(func=_cmd_foundation_build)
 
 
-def _add_generate_parser(stages) -> None:
+def _add_generate_parser(p: argparse.ArgumentParser) -> None:
     """The `generate` stage's commands and flags."""
     from fulora.generate.run import GenerateConfig
     from fulora.generate.samplers import SAMPLERS
 
-    p = stages.add_parser("generate", help="generate a labelled synthetic dataset with a LoRA")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--only",
@@ -542,11 +539,10 @@ def _add_generate_parser(stages) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-def _add_classify_parser(stages) -> None:
+def _add_classify_parser(classify: argparse.ArgumentParser) -> None:
     """The `classify` stage's commands and flags."""
     from fulora.classify.train import ClassifyConfig
 
-    classify = stages.add_parser("classify", help="train plane classifiers")
     classify_cmds = classify.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = classify_cmds.add_parser(
         "train",
@@ -578,11 +574,10 @@ def _add_classify_parser(stages) -> None:
     p.set_defaults(func=_cmd_classify_train)
 
 
-def _add_evaluate_parser(stages) -> None:
+def _add_evaluate_parser(p: argparse.ArgumentParser) -> None:
     """The `evaluate` stage's commands and flags."""
     from fulora.evaluate.run import EvaluateConfig
 
-    p = stages.add_parser("evaluate", help="evaluate a trained classifier on a test cohort")
     p.add_argument("--model", required=True, help="run folder of `fulora classify train`")
     p.add_argument("--test", required=True, help="test manifest, image CSV or dataset folder")
     p.add_argument("--out", required=True, help="output folder")
@@ -590,9 +585,8 @@ def _add_evaluate_parser(stages) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
-def _add_demo_parser(stages) -> None:
+def _add_demo_parser(p: argparse.ArgumentParser) -> None:
     """The `demo` stage's commands and flags."""
-    p = stages.add_parser("demo", help="run fulora end to end on embedded phantom data")
     p.add_argument("--out", default="demo-run", help="output folder (default demo-run)")
     p.add_argument(
         "--per-class", type=int, default=20, help="phantom images per plane (the paper: ~20)"
@@ -603,9 +597,8 @@ def _add_demo_parser(stages) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-def _add_experiment_parser(stages) -> None:
+def _add_experiment_parser(experiment: argparse.ArgumentParser) -> None:
     """The `experiment` stage's commands and flags."""
-    experiment = stages.add_parser("experiment", help="the whole method from one config file")
     experiment_cmds = experiment.add_subparsers(dest="action", required=True)
     p = experiment_cmds.add_parser(
         "run",
@@ -653,13 +646,10 @@ def _add_experiment_parser(stages) -> None:
     p.set_defaults(func=_cmd_experiment_run)
 
 
-def _add_audit_parser(stages) -> None:
+def _add_audit_parser(p: argparse.ArgumentParser) -> None:
     """The `audit` stage's commands and flags."""
     from fulora.audit.run import AuditConfig
 
-    p = stages.add_parser(
-        "audit", help="fidelity, diversity, memorisation and class consistency of synthetic data"
-    )
     p.add_argument("--synthetic", nargs="+", required=True, help="synthetic images (manifest)")
     p.add_argument("--reference", nargs="+", required=True, help="real images to compare with")
     p.add_argument("--train-set", nargs="+", help="the LoRA's training images (memorisation)")
@@ -669,16 +659,43 @@ def _add_audit_parser(stages) -> None:
     p.set_defaults(func=_cmd_audit)
 
 
-def _add_report_parser(stages) -> None:
+def _add_report_parser(p: argparse.ArgumentParser) -> None:
     """The `report` stage's commands and flags."""
-    p = stages.add_parser("report", help="(re)build the HTML report of an experiment folder")
     p.add_argument("run_dir", help="the --out folder of `fulora experiment run`")
     p.set_defaults(func=_cmd_report)
 
 
+# The stages of `fulora --help`, in its order: (help, the function adding the commands and flags)
+_STAGES = {
+    "data": ("read, check, download and synthesise datasets", _add_data_parser),
+    "lora": ("LoRA fine-tuning of Stable Diffusion", _add_lora_parser),
+    "foundation": ("the tiny foundation model fulora ships", _add_foundation_parser),
+    "generate": ("generate a labelled synthetic dataset with a LoRA", _add_generate_parser),
+    "classify": ("train plane classifiers", _add_classify_parser),
+    "evaluate": ("evaluate a trained classifier on a test cohort", _add_evaluate_parser),
+    "demo": ("run fulora end to end on embedded phantom data", _add_demo_parser),
+    "experiment": ("the whole method from one config file", _add_experiment_parser),
+    "audit": (
+        "fidelity, diversity, memorisation and class consistency of synthetic data",
+        _add_audit_parser,
+    ),
+    "report": ("(re)build the HTML report of an experiment folder", _add_report_parser),
+}
+
+
+def _stage_named(argv: Sequence[str]) -> str:
+    """The stage an argument list names, or "" for none or an unknown one.
+
+    Its first word not an option: the top-level options take no value.
+    """
+    words = [word for word in argv if not word.startswith("-")]
+    return words[0] if words and words[0] in _STAGES else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fulora`` console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_stage_named(argv))
     args = parser.parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose)
     try:
