@@ -102,6 +102,10 @@ def demo_experiment(
                 "batch_size": 16,
                 "lr": 0.01,
                 "optimizer": "sgd",
+                # the decoded set as one uint8 tensor, batches cut from it (the GPU's path): a
+                # hybrid classifier trained in 15.1 s instead of 29.1 s through a DataLoader on
+                # a 2-core AMD EPYC; the same protocol, though its shuffle draws other numbers
+                "preload": True,
             },
             "archs": ["tiny_cnn"],
             "seeds": [seed, seed + 1, seed + 2],
