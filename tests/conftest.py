@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -66,6 +68,22 @@ def write_png(path: Path, mode: str = "L", size: tuple[int, int] = (64, 48), see
 @pytest.fixture
 def make_png():
     return write_png
+
+
+def cli_commands(parser: argparse.ArgumentParser, path=()) -> dict[tuple[str, ...], Any]:
+    """Every (sub)command's parser below ``parser``, itself included, by command path."""
+    found = {path: parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found |= cli_commands(sub, (*path, name))
+    return found
+
+
+@pytest.fixture(name="cli_commands")
+def cli_commands_fixture():
+    """:func:`cli_commands`, for the tests of the CLI's commands, flags and help."""
+    return cli_commands
 
 
 @pytest.fixture(scope="session")

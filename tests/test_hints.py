@@ -6,7 +6,6 @@ names a flag no command has fails here.
 
 from __future__ import annotations
 
-import argparse
 import io
 import re
 import tokenize
@@ -20,16 +19,6 @@ FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?![\w-])")  # no
 COMMAND = re.compile(r"`fulora ([a-z]+)(?: ([a-z][a-z-]*))?")
 
 
-def _commands(parser: argparse.ArgumentParser, prefix=()) -> dict[tuple[str, ...], set[str]]:
-    """Every (sub)command path with the option strings it accepts."""
-    found = {prefix: {o for a in parser._actions for o in a.option_strings}}
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                found |= _commands(sub, (*prefix, name))
-    return found
-
-
 def _strings() -> list[tuple[str, int, str]]:
     rows = []
     for path in sorted(SOURCE.rglob("*.py")):
@@ -41,8 +30,16 @@ def _strings() -> list[tuple[str, int, str]]:
     return rows
 
 
-def test_every_flag_named_in_a_message_exists():
-    commands = _commands(build_parser())
+def _flags(cli_commands) -> dict[tuple[str, ...], set[str]]:
+    """Every (sub)command path with the option strings it accepts."""
+    return {
+        path: {option for action in parser._actions for option in action.option_strings}
+        for path, parser in cli_commands(build_parser()).items()
+    }
+
+
+def test_every_flag_named_in_a_message_exists(cli_commands):
+    commands = _flags(cli_commands)
     every_flag = set().union(*commands.values())
     named = [f for _, _, text in _strings() for f in FLAG.findall(text)]
     assert len(named) > 20  # the scan sees the messages
@@ -55,8 +52,8 @@ def test_every_flag_named_in_a_message_exists():
     assert not missing, "messages name flags no command has:\n" + "\n".join(missing)
 
 
-def test_every_command_named_in_a_message_exists():
-    commands = _commands(build_parser())
+def test_every_command_named_in_a_message_exists(cli_commands):
+    commands = _flags(cli_commands)
     missing, named = [], 0
     for path, line, text in _strings():
         for group, sub in COMMAND.findall(text):
