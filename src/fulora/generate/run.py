@@ -518,12 +518,29 @@ def _load_generator(cfg, resolved, device, dtype):
     return pipe, embeddings
 
 
+def initial_noise(pipe, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+    """Each seed's starting latents, drawn in fp32 on the CPU whatever the run's device and dtype.
+
+    The values diffusers draws for a CPU generator in fp32 (``randn_tensor``), so fp32 images
+    are unchanged; drawing them in the run's dtype instead made a seed's fp16 image another
+    image on torch before 2.12, whose CPU ``randn`` took another path for half precision
+    (pytorch/pytorch#179834). AUTOMATIC1111 likewise draws its noise in fp32.
+    """
+    shape = (1, pipe.unet.config.in_channels)
+    shape += (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return torch.cat(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )
+
+
 def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> torch.Tensor:
     """One batch's denoised latents; each image's noise from its own seed."""
     positive, negative = embeddings
     n = len(seeds)
+    noise = initial_noise(pipe, seeds, resolved.height, resolved.width)
     with torch.no_grad():
         return pipe(
+            latents=noise.to(positive.device, positive.dtype),  # as diffusers types them
             prompt_embeds=positive.repeat(n, 1, 1),
             negative_prompt_embeds=negative.repeat(n, 1, 1) if negative is not None else None,
             height=resolved.height,
