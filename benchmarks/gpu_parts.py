@@ -34,6 +34,9 @@ import torch
 
 PROMPT = "a photo of fetal brain"
 PAPER_ARCHS = ["densenet169", "mobilenet_v2", "efficientnet_b0", "resnet18", "vit_b_16"]
+# --smoke: image side of every part (32 px: the same code paths, a quarter of 64 px's pixels,
+# so the whole smoke run stays under its 2 minutes on a slow 2-core CPU)
+SMOKE_SIDE = 32
 
 
 class Recorder:
@@ -204,7 +207,7 @@ def part_lora(args, rec: Recorder) -> None:
     from fulora.data.phantom import PhantomConfig, generate_phantom
     from fulora.data.readers import read_any
 
-    size = 64 if args.smoke else 512
+    size = SMOKE_SIDE if args.smoke else 512
     rank = 4 if args.smoke else 128
     steps = 4 if args.smoke else 14
     tmp = rec.scratch("fulora-bench-lora-")
@@ -248,6 +251,7 @@ def _fulora_lora(rec, model, data, tmp, size, rank, steps, batch, cache, ckpt, t
         targets="kohya",
         resolution=size,
         center_crop=True,  # every image size x size: the figure is for 512 px
+        bucket_step=min(64, size),  # a smoke run's images are smaller than kohya's step
         batch_size=batch,
         repeats=1000,
         max_steps=steps,
@@ -387,7 +391,7 @@ def _plain_lora_step(pipe, params, optimizer, paths, size, batch, dtype) -> Call
 
 def _gen_sizes(smoke: bool) -> tuple[int, int, list[int]]:
     """(side, steps, batch sizes)."""
-    return (64, 4, [1, 4]) if smoke else (512, 30, [1, 8, 16, 32])
+    return (SMOKE_SIDE, 4, [1, 4]) if smoke else (512, 30, [1, 8, 16, 32])
 
 
 def part_generate(args, rec: Recorder) -> None:
@@ -588,7 +592,7 @@ _CLASSIFY_WAYS: dict[str, dict | None] = {
 
 
 def part_classify(args, rec: Recorder) -> None:
-    size = 64 if args.smoke else 224
+    size = SMOKE_SIDE if args.smoke else 224
     steps = 2 if args.smoke else 12
     archs = ["resnet18", "mobilenet_v2"] if args.smoke else PAPER_ARCHS
     rec.note(

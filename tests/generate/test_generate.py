@@ -185,13 +185,13 @@ def test_killed_run_resumes_without_duplicates_or_truncated_files(tiny_model, tm
         "femur",
         "thorax",
         "--per-class",
-        "16",
+        "8",
         "--steps",
         "3",
         "--width",
-        "80",
+        "40",
         "--height",
-        "48",
+        "24",
         "--batch-size",
         "2",
         "--device",
@@ -215,18 +215,18 @@ def test_killed_run_resumes_without_duplicates_or_truncated_files(tiny_model, tm
     process.send_signal(signal.SIGKILL)
     process.wait()
     partial = len(list((tmp_path / "run").glob("*/*.png")))
-    assert 8 <= partial < 48, "the run should have been killed midway"
+    assert 8 <= partial < 24, "the run should have been killed midway"
     assert not (tmp_path / "run" / "done.json").exists()
     result = subprocess.run(
         _cli(args, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-2000:]
     pngs = sorted((tmp_path / "run").glob("*/*.png"))
-    assert len(pngs) == 48 and not list((tmp_path / "run").rglob("*.tmp*"))
+    assert len(pngs) == 24 and not list((tmp_path / "run").rglob("*.tmp*"))
     for path in pngs:
         _pixels(path)  # every file decodes completely
     manifest = pd.read_csv(tmp_path / "run" / "manifest.csv")
-    assert len(manifest) == 48 and not manifest["path"].duplicated().any()
+    assert len(manifest) == 24 and not manifest["path"].duplicated().any()
     # and the images equal those of an uninterrupted run
     clean = subprocess.run(
         _cli([*args[:-1], "clean"], tmp_path),
