@@ -594,8 +594,8 @@ def test_initial_noise_is_diffusers_fp32_noise_whatever_the_run_dtype(tiny_model
 def test_fp16_images_do_not_depend_on_how_torch_draws_half_precision_noise(
     full_run, tiny_model, trained_lora, tmp_path, monkeypatch
 ):
-    """torch before 2.12 drew other numbers for a seed in fp16 than in fp32 on the CPU
-    (pytorch/pytorch#179834): on the lent GPUs' torch 2.11, fp16 images were other images than
+    """torch 2.11 (the lent GPUs') draws other numbers for a seed in fp16 than in fp32 on the
+    CPU (2.14.1 does not; pytorch/pytorch#179834): there fp16 images were other images than
     fp32's (31.7 grey levels apart, correlation 0.07). Such a torch is simulated here: any
     half-precision draw comes out negated. The noise is drawn in fp32, so nothing changes."""
     real_randn = torch.randn

@@ -522,9 +522,19 @@ def initial_noise(pipe, seeds: Sequence[int], height: int, width: int) -> torch.
     """Each seed's starting latents, drawn in fp32 on the CPU whatever the run's device and dtype.
 
     The values diffusers draws for a CPU generator in fp32 (``randn_tensor``), so fp32 images
-    are unchanged; drawing them in the run's dtype instead made a seed's fp16 image another
-    image on torch before 2.12, whose CPU ``randn`` took another path for half precision
-    (pytorch/pytorch#179834). AUTOMATIC1111 likewise draws its noise in fp32.
+    are unchanged. Drawn in the run's dtype instead, a seed's fp16 image was another image on
+    torch 2.11, whose CPU ``randn`` gives other numbers in half precision than in fp32 (2.14.1
+    gives the same; pytorch/pytorch#179834 changed that kernel). AUTOMATIC1111 likewise draws
+    its noise in fp32.
+
+    Args:
+        pipe: The pipeline (its UNet's latent channels and its VAE's scale factor).
+        seeds: One seed per image.
+        height: The images' height in pixels.
+        width: The images' width in pixels.
+
+    Returns:
+        fp32 CPU latents (len(seeds), channels, height / scale, width / scale).
     """
     shape = (1, pipe.unet.config.in_channels)
     shape += (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
