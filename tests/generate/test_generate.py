@@ -332,17 +332,20 @@ def test_shards_then_a_plain_run_equal_one_run(full_run, tiny_model, trained_lor
 # ------------------------------------------------ decoding, the fp16-VAE NaN guard, PNG writers
 
 
-def _tiny_pipe(tiny_model):
+def _tiny_pipe(tiny_model, sampler="dpmpp_2m_karras"):
     from fulora.generate.samplers import make_scheduler
     from fulora.lora.base import load_pipeline
 
     pipe = load_pipeline(str(tiny_model), dtype=torch.float32)
-    pipe.scheduler = make_scheduler("dpmpp_2m_karras", pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def test_decoding_equals_the_diffusers_pipelines_own(tiny_model):
+# euler_a draws noise at every step from the images' generators: after the starting noise
+# (fulora draws that itself), each generator must go on where diffusers' would have
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a"])
+def test_decoding_equals_the_diffusers_pipelines_own(tiny_model, sampler):
     """Reference: diffusers' StableDiffusionPipeline decoding and post-processing itself
     (``output_type="np"``); fulora asks it for latents and decodes them with its NaN guard."""
     from types import SimpleNamespace
@@ -350,7 +353,7 @@ def test_decoding_equals_the_diffusers_pipelines_own(tiny_model):
     from fulora.generate.run import _denoise, to_images
     from fulora.lora.conditioning import prompt_embeddings
 
-    pipe = _tiny_pipe(tiny_model)
+    pipe = _tiny_pipe(tiny_model, sampler)
     embeddings = prompt_embeddings(
         pipe.tokenizer, pipe.text_encoder, "a photo of fetal brain", "", 1, torch.device("cpu")
     )
@@ -587,8 +590,12 @@ def test_initial_noise_is_diffusers_fp32_noise_whatever_the_run_dtype(tiny_model
     shape = (2, pipe.unet.config.in_channels, 48 // scale, 64 // scale)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     expected = randn_tensor(shape, generator=generators, dtype=torch.float32)
-    got = initial_noise(pipe, seeds, height=48, width=64)
+    ours = [torch.Generator().manual_seed(s) for s in seeds]
+    got = initial_noise(pipe, ours, height=48, width=64)
     assert got.dtype == torch.float32 and torch.equal(got, expected)
+    # each generator left where diffusers leaves it (a sampler's later noise comes from there)
+    states = zip(ours, generators, strict=True)
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in states)
 
 
 def test_fp16_images_do_not_depend_on_how_torch_draws_half_precision_noise(

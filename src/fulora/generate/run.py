@@ -518,36 +518,38 @@ def _load_generator(cfg, resolved, device, dtype):
     return pipe, embeddings
 
 
-def initial_noise(pipe, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
-    """Each seed's starting latents, drawn in fp32 on the CPU whatever the run's device and dtype.
+def initial_noise(
+    pipe, generators: Sequence[torch.Generator], height: int, width: int
+) -> torch.Tensor:
+    """Each image's starting latents, drawn in fp32 on the CPU whatever the run's device and dtype.
 
-    The values diffusers draws for a CPU generator in fp32 (``randn_tensor``), so fp32 images
-    are unchanged. Drawn in the run's dtype instead, a seed's fp16 image was another image on
-    torch 2.11, whose CPU ``randn`` gives other numbers in half precision than in fp32 (2.14.1
-    gives the same; pytorch/pytorch#179834 changed that kernel). AUTOMATIC1111 likewise draws
-    its noise in fp32.
+    The values diffusers draws from the same CPU generators in fp32 (``randn_tensor``), and
+    each generator is left where diffusers would leave it, so fp32 images are unchanged, a
+    sampler's later noise (Euler a) included. Drawn in the run's dtype instead, a seed's fp16
+    image was another image on torch 2.11, whose CPU ``randn`` gives other numbers in half
+    precision than in fp32 (2.14.1 gives the same; pytorch/pytorch#179834 changed that kernel).
+    AUTOMATIC1111 likewise draws its noise in fp32.
 
     Args:
         pipe: The pipeline (its UNet's latent channels and its VAE's scale factor).
-        seeds: One seed per image.
+        generators: One CPU generator per image, seeded with the image's seed.
         height: The images' height in pixels.
         width: The images' width in pixels.
 
     Returns:
-        fp32 CPU latents (len(seeds), channels, height / scale, width / scale).
+        fp32 CPU latents (len(generators), channels, height / scale, width / scale).
     """
     shape = (1, pipe.unet.config.in_channels)
     shape += (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    return torch.cat(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-    )
+    return torch.cat([torch.randn(shape, generator=generator) for generator in generators])
 
 
 def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> torch.Tensor:
     """One batch's denoised latents; each image's noise from its own seed."""
     positive, negative = embeddings
     n = len(seeds)
-    noise = initial_noise(pipe, seeds, resolved.height, resolved.width)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    noise = initial_noise(pipe, generators, resolved.height, resolved.width)
     with torch.no_grad():
         return pipe(
             latents=noise.to(positive.device, positive.dtype),  # as diffusers types them
@@ -557,7 +559,7 @@ def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> torch.Tensor:
             width=resolved.width,
             num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance,
-            generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+            generator=generators,  # where the starting noise left them, for Euler a's noise
             output_type="latent",
         ).images
 
