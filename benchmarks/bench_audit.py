@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from bench_cli import cpu_name  # benchmarks/ is the script's folder, first on sys.path
 
 from fulora.data.readers import read_any
 
@@ -64,9 +65,7 @@ def main() -> None:
             work / "spain_even.csv",
         ),
     }
-    print(
-        f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}"
-    )
+    print(f"machine: {cpu_name()}, python {platform.python_version()}")
     for name, (synthetic, reference, train_set) in runs.items():
         out = work / name.split(" ")[0]
         seconds[name] = fulora(

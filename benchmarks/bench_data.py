@@ -17,12 +17,12 @@ DATA defaults to ../shared/data/fu-lora-sample/spain_lora_train (100 FETAL_PLANE
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_cli import cpu_name  # benchmarks/ is the script's folder, first on sys.path
 
 from fulora.data.cache import PreprocessCache
 from fulora.data.dataset import ManifestDataset
@@ -66,7 +66,7 @@ def main() -> None:
     n = len(manifest)
     print(
         f"data: {data} ({n} images), size {args.size}x{args.size}, 1 thread, "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
+        f"{cpu_name()}, torch {torch.__version__}"
     )
     print(f"{'path':<8}{'s/epoch':>10}{'img/s':>10}{'speed-up':>10}")
     for name, t in (("direct", t_direct), ("cold", t_cold), ("warm", t_warm), ("memory", t_mem)):
