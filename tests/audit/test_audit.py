@@ -78,6 +78,26 @@ def test_phantom_copies_flagged_and_another_machine_not(tmp_path):
     assert (ssim[2:] < 0.9).all()
 
 
+def test_ssim_nearest_is_torchmetrics_ssim_with_onednn_as_it_was():
+    """Reference: torchmetrics' SSIM, called as usual (oneDNN on), for each chosen pair.
+
+    ssim_nearest turns oneDNN off for its convolutions (3x faster on a CPU); the values must
+    stay torchmetrics' to float rounding, and oneDNN must be on again afterwards.
+    """
+    import torch
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.rand(6, 1, 48, 48, generator=g)
+    queries = (keys[[2, 0, 5]] + 0.3 * torch.rand(3, 1, 48, 48, generator=g)).clamp(0, 1)
+    assert torch.backends.mkldnn.enabled
+    index, values = ssim_nearest(queries, keys, shortlist=3)
+    assert torch.backends.mkldnn.enabled
+    assert list(index) == [2, 0, 5]
+    reference = ssim(queries, keys[index], data_range=1.0, reduction="none").double().numpy()
+    np.testing.assert_allclose(values, reference, rtol=0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def audited(world):
     out = world["root"] / "audit"

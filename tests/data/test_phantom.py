@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from PIL import Image
 from fulora.cli import main
 from fulora.data.phantom import PHANTOM_PLANES, STYLES, PhantomConfig, generate_phantom, render
 from fulora.data.readers import read_any, read_plane_folders
-from fulora.errors import ConfigError, DataError
+from fulora.errors import ConfigError, DataError, WriteError
 
 
 @pytest.mark.parametrize("plane", PHANTOM_PLANES)
@@ -62,6 +63,38 @@ def test_generate_writes_a_training_folder_and_resumes(tmp_path):
     kept = m.paths[0].stat().st_mtime_ns
     generate_phantom(tmp_path, config)
     assert victim.read_bytes() == original and m.paths[0].stat().st_mtime_ns == kept
+
+
+def test_images_rendered_on_threads_are_those_rendered_one_by_one(tmp_path, monkeypatch):
+    config = PhantomConfig(per_class=3, domain="both", planes=["brain", "thorax"])
+    threaded = generate_phantom(tmp_path / "threads", config)
+    monkeypatch.setattr("os.cpu_count", lambda: 1)  # one thread: render() in a plain loop
+    serial = generate_phantom(tmp_path / "serial", config)
+    for a, b in zip(threaded.paths, serial.paths, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    assert (tmp_path / "threads/grid.png").read_bytes() == (
+        tmp_path / "serial/grid.png"
+    ).read_bytes()
+
+
+def test_a_failed_write_stops_the_rendering(tmp_path, monkeypatch):
+    """A write that fails (a full disk) ends the run at once: the renders not yet started are
+    cancelled, not finished in the background first."""
+    from fulora.data import phantom
+
+    rendered, real_render = [], phantom.render
+    monkeypatch.setattr(phantom, "render", lambda *a: rendered.append(a) or real_render(*a))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(WriteError, match="the disk is full") as error:
+        generate_phantom(tmp_path, PhantomConfig(per_class=40, grid=False))
+    # the error is held (as by a caller that logs it): nothing may go on rendering meanwhile
+    time.sleep(1.0)
+    assert error.value and len(rendered) < 20  # of 200 (a few were under way on the threads)
+    assert not list(tmp_path.rglob("*.png"))
 
 
 def test_bad_config():
