@@ -2,7 +2,7 @@
 # The GPU measurements still to be made (BENCHMARKS.md, "Still to be measured"), as steps that
 # each fit one command of a lent GPU machine (at most 10 minutes), most informative first:
 #
-#   bash benchmarks/next_lease.sh tests overlap     # about 7 minutes
+#   bash benchmarks/next_lease.sh tests demo overlap    # about 9 minutes
 #
 # (Session 15 dropped the step `autotune`, generation's `compile max-autotune` row: on an H100
 # its kernel search was killed after 413 s, still in the UNet's down blocks, and every kernel
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-benchmarks/results/lease}
 PY=${PYTHON:-python3}
 
-STEPS="tests overlap"  # the cases of step() below
+STEPS="tests demo overlap"  # the cases of step() below
 
 usage() {
     echo "usage: bash benchmarks/next_lease.sh STEP... (${STEPS// /, })" >&2
@@ -47,6 +47,24 @@ step() {
         # fp16, the decode overlap's CUDA stream (about 1 minute)
         timeout 300 "$PY" -m pytest -q -m gpu -rA tests/generate/test_generate.py \
             2>&1 | quiet | tee "$OUT/gpu-tests.log"
+        ;;
+    demo)
+        # the whole method through the experiment runner on CUDA (no GPU run of it is recorded):
+        # `fulora demo --device cuda`, 22 stages on fulora:phantom-sd (LoRA, fp16 generation,
+        # audit, classifiers, evaluation, report; about 2 minutes). Its log, tables, stage
+        # times and config come back, not its images. First: which dependencies the image lacks.
+        "$PY" -c "import importlib.util as u; print('missing:', [m for m in ('pandas', 'sklearn',
+            'scipy', 'torchmetrics', 'jinja2', 'matplotlib', 'timm', 'yaml', 'safetensors',
+            'accelerate', 'peft', 'diffusers', 'transformers') if u.find_spec(m) is None])" \
+            2>&1 | tee "$OUT/demo.log"
+        local rc
+        timeout 300 "$PY" -m fulora demo --device cuda --out /tmp/demo-cuda 2>&1 | quiet \
+            | tee -a "$OUT/demo.log"
+        rc=$?
+        mkdir -p "$OUT/demo-cuda"
+        cp -r /tmp/demo-cuda/results /tmp/demo-cuda/stages.csv /tmp/demo-cuda/experiment.yaml \
+            "$OUT/demo-cuda/" 2>/dev/null
+        return $rc
         ;;
     overlap)
         # the VAE decode beside the next batch's denoising with a compiled UNet and VAE (session

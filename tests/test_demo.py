@@ -5,9 +5,34 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
+from fulora.cli import main
 from fulora.data.manifest import Manifest
-from fulora.demo import run_demo
+from fulora.demo import demo_experiment, run_demo
+from fulora.errors import ConfigError
 from fulora.experiment.layout import ExperimentLayout
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu", "'device' must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"), ("cuda:7", "CUDA")],
+)
+def test_demo_refuses_a_device_before_any_work(tmp_path, device, message):
+    with pytest.raises(ConfigError, match=message):
+        run_demo(tmp_path / "run", device=device)
+    assert not (tmp_path / "run").exists()  # no phantom image made first
+
+
+def test_demo_device_flag_reaches_the_experiment(tmp_path, capsys, monkeypatch):
+    """``fulora demo --device``: every stage of the demo's experiment runs on that device."""
+    assert demo_experiment(tmp_path, device="cuda")["device"] == "cuda"
+    assert demo_experiment(tmp_path)["device"] == "cpu"  # the demo is sized for a CPU
+    seen = {}
+    monkeypatch.setattr("fulora.demo.run_demo", lambda out, **kw: seen.update(kw, out=out))
+    assert main(["demo", "--out", str(tmp_path / "d"), "--device", "auto"]) == 0
+    assert seen["device"] == "auto" and seen["out"] == str(tmp_path / "d")
+    monkeypatch.undo()
+    assert main(["demo", "--out", str(tmp_path / "e"), "--device", "cuda:7"]) == 2
+    assert "--device cpu" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
 def test_demo_end_to_end_with_report_and_rerun(tmp_path, capsys):

@@ -291,6 +291,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         synthetic_per_class=args.synthetic_per_class,
         report=not args.no_report,
+        device=args.device,
     )
     return 0
 
@@ -594,6 +595,11 @@ def _add_demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-per-class", type=int, default=60, help="synthetic images per plane")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default: the demo is sized for 2 cores), cuda, cuda:N, mps or auto",
+    )
     p.set_defaults(func=_cmd_demo)
 
 

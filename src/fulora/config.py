@@ -112,10 +112,20 @@ def validate(cfg: Any) -> None:
         for item in items:
             if allowed is not None and isinstance(item, int | float) and item not in allowed:
                 raise ConfigError(f"{f.name!r} must be {allowed.describe()}, got {item!r}")
-        if f.name == "device" and isinstance(value, str) and not _DEVICE.fullmatch(value):
-            raise ConfigError(f"'device' must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        if f.name == "device" and isinstance(value, str):
+            check_device(value)
     if isinstance(cfg, Checked):
         cfg.check()
+
+
+def check_device(name: str) -> None:
+    """Refuse a ``device`` setting that names no device fulora knows.
+
+    Raises:
+        ConfigError: Unless ``name`` is auto, cpu, cuda, cuda:N or mps.
+    """
+    if not _DEVICE.fullmatch(name):
+        raise ConfigError(f"'device' must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
 
 
 def require_device(name: str) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from fulora.config import check_device, require_device
 from fulora.data.phantom import PhantomConfig, generate_phantom
 from fulora.experiment.config import load_experiment
 from fulora.experiment.results import display_table
@@ -71,6 +72,7 @@ def demo_experiment(
     synthetic_per_class: int = 60,
     report: bool = True,
     lora_steps: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """The demo's experiment config (a YAML-ready mapping) for data already in ``out``."""
     lora = {k: v for k, v in DEMO_LORA.items() if k not in ("rank", "alpha")}
@@ -80,7 +82,7 @@ def demo_experiment(
         "name": "demo",
         "description": "phantom source machine -> phantom target machine, fulora:phantom-sd",
         "base": PHANTOM_SD,
-        "device": "cpu",
+        "device": device,
         "data": {
             "lora": [str(out / "phantom-source")],
             "train": [str(out / "phantom-source")],
@@ -128,11 +130,19 @@ def run_demo(
     synthetic_per_class: int = 60,
     report: bool = True,
     lora_steps: int | None = None,
+    device: str = "cpu",
 ) -> pd.DataFrame:
     """Run the demo into ``out``; returns the results table (``out/results/results.csv``).
 
     ``lora_steps`` shortens the LoRA fine-tune (tests); the demo's is ``DEMO_LORA``'s.
+    ``device``: the demo is sized for a CPU; ``cuda`` runs every stage on the GPU (fp16
+    generation, so other images and numbers than the CPU's).
+
+    Raises:
+        ConfigError: For a device this machine lacks, before any work.
     """
+    check_device(device)
+    require_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"fulora demo in {out}/ ({PHANTOM_SD} and phantom data; see the README for SD1.5)")
@@ -149,6 +159,7 @@ def run_demo(
         synthetic_per_class=synthetic_per_class,
         report=report,
         lora_steps=lora_steps,
+        device=device,
     )
     write_text(out / "experiment.yaml", yaml.safe_dump(config, sort_keys=False))
     cfg = load_experiment(out / "experiment.yaml")
