@@ -2,7 +2,8 @@
 # The GPU measurements still to be made (BENCHMARKS.md, "Still to be measured"), as steps that
 # each fit one command of a lent GPU machine (at most 10 minutes), most informative first:
 #
-#   bash benchmarks/next_lease.sh tests demo overlap    # about 9 minutes
+#   bash benchmarks/next_lease.sh tests demo    # about 1 minute, then the demo (at most 300 s)
+#   bash benchmarks/next_lease.sh overlap       # about 5 minutes (its budget: 300 s)
 #
 # (Session 15 dropped the step `autotune`, generation's `compile max-autotune` row: on an H100
 # its kernel search was killed after 413 s, still in the UNet's down blocks, and every kernel
@@ -51,7 +52,7 @@ step() {
     demo)
         # the whole method through the experiment runner on CUDA (no GPU run of it is recorded):
         # `fulora demo --device cuda`, 22 stages on fulora:phantom-sd (LoRA, fp16 generation,
-        # audit, classifiers, evaluation, report; about 2 minutes). Its log, tables, stage
+        # audit, classifiers, evaluation, report; at most 300 s). Its log, tables, stage
         # times and config come back, not its images. First: which dependencies the image lacks.
         "$PY" -c "import importlib.util as u; print('missing:', [m for m in ('pandas', 'sklearn',
             'scipy', 'torchmetrics', 'jinja2', 'matplotlib', 'timm', 'yaml', 'safetensors',
