@@ -348,8 +348,9 @@ def _memorisation(synthetic, train_set, syn_feats, extractor, cfg, rows, out):
     _similarity_figure(out / "similarity.png", cos, ssim, real_cos, real_ssim, cfg)
     order = np.argsort(-ssim)[: cfg.gallery]
     if len(order):
+        synthetic_paths = synthetic.paths
         grid_rows = [
-            [thumbnail(synthetic.paths[i]), thumbnail(train_paths[ssim_idx[i]])] for i in order
+            [thumbnail(synthetic_paths[i]), thumbnail(train_paths[ssim_idx[i]])] for i in order
         ]
         image_grid(
             out / "near_copies.png",

@@ -78,6 +78,8 @@ class ManifestDataset(Dataset):
         self.transform = transform
         self.in_memory = in_memory
         self._memory: dict[int, np.ndarray] = {}
+        # once: Manifest.paths builds a list of every path on each call
+        self._paths = manifest.paths
         self._row_targets = [index[lab] for lab in manifest.labels]
         self.rows = list(range(len(manifest)))
         self.skipped: list[tuple[str, str]] = []
@@ -89,7 +91,7 @@ class ManifestDataset(Dataset):
     def _array(self, row: int) -> np.ndarray:
         if row in self._memory:
             return self._memory[row]
-        path = self.manifest.paths[row]
+        path = self._paths[row]
         if self.cache is not None:
             array = self.cache.get(path, row=row)
         else:
@@ -121,7 +123,7 @@ class ManifestDataset(Dataset):
             )
         keep = [r for r, err in zip(self.rows, results, strict=True) if err is None]
         self.skipped = [
-            (str(self.manifest.paths[r]), err)
+            (str(self._paths[r]), err)
             for r, err in zip(self.rows, results, strict=True)
             if err is not None
         ]

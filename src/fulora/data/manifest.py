@@ -225,7 +225,7 @@ class Manifest:
 
     @property
     def paths(self) -> list[Path]:
-        """Absolute image paths."""
+        """Absolute image paths, as a new list on every call (take it once, outside a loop)."""
         return [Path(p) for p in self.frame["path"]]
 
     @property

@@ -146,7 +146,8 @@ def _real_vs_synthetic(out: Path, real: Manifest, synthetic: Manifest, k: int, t
         for manifest in (real, synthetic):
             idx = np.flatnonzero(manifest.frame["label"].to_numpy() == plane)
             idx = np.sort(rng.choice(idx, min(k, len(idx)), replace=False)) if len(idx) else idx
-            cells = [thumbnail(manifest.paths[i]) for i in idx]
+            paths = manifest.paths
+            cells = [thumbnail(paths[i]) for i in idx]
             row += cells + [np.zeros((96, 128), np.uint8)] * (k - len(cells))
         rows.append(row)
         labels.append(plane)

@@ -93,6 +93,7 @@ def build_examples(manifest: Manifest, cfg: LoraTrainConfig) -> list[Example]:
     captions = captions_for(manifest, cfg)
     repeats = manifest.frame["repeats"] if "repeats" in manifest.frame.columns else None
     out = []
+    labels = manifest.labels
     for row, path in enumerate(manifest.paths):
         if not path.is_file():
             raise DataError(f"training image {path} (row {row}) does not exist")
@@ -102,9 +103,7 @@ def build_examples(manifest: Manifest, cfg: LoraTrainConfig) -> list[Example]:
         if repeats is not None and str(repeats.iloc[row]).strip():
             rep = int(float(repeats.iloc[row]))
         out.append(
-            Example(
-                str(path), manifest.labels[row], captions[row], choice.bucket, rep, choice.resized
-            )
+            Example(str(path), labels[row], captions[row], choice.bucket, rep, choice.resized)
         )
     return out
 
