@@ -232,3 +232,61 @@ def test_experiment_dry_run_refuses_a_bad_stage_setting(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert "exp.yaml: 'lora.settings.rank' must be at least 1, got 0" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _classify(arch: str, image_size: int):
+    from fulora.classify.train import ClassifyConfig
+
+    return ClassifyConfig(
+        arch=arch,
+        pretrained=False,
+        image_size=image_size,
+        epochs=1,
+        batch_size=4,
+        val_fraction=0.0,
+        select="last",
+        early_stopping=0,
+        device="cpu",
+    )
+
+
+def _generate(base: str):
+    from fulora.generate.run import GenerateConfig
+
+    return GenerateConfig(
+        base=base, planes=["brain"], per_class=1, steps=1, width=64, height=48, device="cpu"
+    )
+
+
+@pytest.mark.parametrize(
+    ("stage", "bad", "message", "good"),
+    [
+        ("classify", ("nonsense_net", 32), "unknown architecture 'nonsense_net'", ("tiny_cnn", 32)),
+        ("classify", ("vit_b_16", 32), "vit_b_16 needs image_size 224, got 32", ("tiny_cnn", 32)),
+        ("generate", ("/no/such/model",), "base model path /no/such/model does not exist", None),
+    ],
+)
+def test_a_refused_value_leaves_nothing_that_refuses_the_corrected_command(
+    tmp_path, lora_images, tiny_model, stage, bad, message, good
+):
+    """A value that only a model can check (an architecture, the model's input size, the base
+    model) is checked before the run folder gets its config.yaml: that file made the corrected
+    command fail with "already holds a run with another configuration" in a folder with no work.
+    """
+    from fulora.classify.train import train_classifier
+    from fulora.data.readers import read_any
+    from fulora.generate.run import generate
+
+    out = tmp_path / "run"
+    if stage == "classify":
+        train = [read_any(lora_images)]
+        run = lambda cfg: train_classifier(train, out, cfg, progress=False)  # noqa: E731
+        bad_cfg, good_cfg = _classify(*bad), _classify(*good)
+    else:
+        run = lambda cfg: generate(out, cfg, progress=False)  # noqa: E731
+        bad_cfg, good_cfg = _generate(*bad), _generate(str(tiny_model))
+    with pytest.raises(ConfigError, match=message):
+        run(bad_cfg)
+    assert not (out / "config.yaml").exists()
+    run(good_cfg)
+    assert (out / "done.json").is_file()

@@ -318,6 +318,7 @@ def train_classifier(
     )
     training, validation = split_train_val(training, val, cfg.val_fraction, cfg.seed)
     _check_validation(validation, cfg, classes)
+    _check_model(cfg, len(classes))
 
     run.start(cfg)
     try:
@@ -325,6 +326,24 @@ def train_classifier(
     finally:
         run.close()
     return record
+
+
+def _check_model(cfg: ClassifyConfig, num_classes: int) -> None:
+    """Build the model once before the run folder is started.
+
+    An unknown architecture, weights that cannot be had or a wrong image size then fail
+    without leaving a config.yaml behind, which would refuse the corrected command.
+    """
+    _, info = create_model(
+        cfg.arch,
+        num_classes,
+        pretrained=cfg.pretrained,
+        weights=cfg.weights,
+        imagenet=cfg.imagenet_weights,
+        log=False,
+    )
+    if info.input_size is not None and cfg.image_size != info.input_size:
+        raise ConfigError(f"{cfg.arch} needs image_size {info.input_size}, got {cfg.image_size}")
 
 
 def _check_validation(validation: Manifest | None, cfg: ClassifyConfig, classes: list[str]) -> None:
@@ -578,9 +597,7 @@ def _prepare(cfg, classes, training, validation, out, device):
         weights=cfg.weights,
         imagenet=cfg.imagenet_weights,
     )
-    size = cfg.image_size
-    if info.input_size is not None and size != info.input_size:
-        raise ConfigError(f"{cfg.arch} needs image_size {info.input_size}, got {size}")
+    size = cfg.image_size  # checked against the model's by _check_model
     training.write(out / "train_manifest.csv")
     if validation is not None:
         validation.write(out / "val_manifest.csv")

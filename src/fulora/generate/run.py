@@ -47,7 +47,13 @@ from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Mani
 from fulora.errors import ConfigError, DataError
 from fulora.generate.samplers import display_name, make_scheduler, resolve_sampler
 from fulora.io import atomic_path, file_hash, half_written
-from fulora.lora.base import DEFAULT_BASE, base_identity, load_pipeline, native_size
+from fulora.lora.base import (
+    DEFAULT_BASE,
+    base_identity,
+    check_base,
+    load_pipeline,
+    native_size,
+)
 from fulora.lora.conditioning import prompt_embeddings
 from fulora.lora.formats import load_lora_into, read_lora
 from fulora.planes import PAPER_CAPTIONS, PAPER_PLANES, check_planes
@@ -355,6 +361,8 @@ def generate(
 
     out = Path(out)
     resolved = plan(cfg)
+    # before the folder gets a config.yaml, which would refuse the corrected command
+    check_base(cfg.base, cfg.base_config)
     changed = [k for k in RunDir(out).changed_config_keys(cfg) or () if k not in _SPEED_ONLY]
     if changed and not only:
         raise ConfigError(
