@@ -6,7 +6,14 @@ import pytest
 from PIL import Image
 
 from fulora.cli import main
-from fulora.data.phantom import PHANTOM_PLANES, STYLES, PhantomConfig, generate_phantom, render
+from fulora.data.phantom import (
+    PHANTOM_PLANES,
+    STYLES,
+    PhantomConfig,
+    generate_phantom,
+    phantom_grid,
+    render,
+)
 from fulora.data.readers import read_any, read_plane_folders
 from fulora.errors import ConfigError, DataError, WriteError
 
@@ -75,6 +82,14 @@ def test_images_rendered_on_threads_are_those_rendered_one_by_one(tmp_path, monk
     assert (tmp_path / "threads/grid.png").read_bytes() == (
         tmp_path / "serial/grid.png"
     ).read_bytes()
+    # the grid generate_phantom reads from its PNGs is the grid rendered afresh
+    rendered = phantom_grid(
+        tmp_path / "rendered.png",
+        planes=["brain", "thorax"],
+        domains=["source", "target"],
+        per_row=3,
+    )
+    assert rendered.read_bytes() == (tmp_path / "serial/grid.png").read_bytes()
 
 
 def test_a_failed_write_stops_the_rendering(tmp_path, monkeypatch):

@@ -614,9 +614,15 @@ def generate_phantom(out: str | Path, config: PhantomConfig) -> Manifest:
             seed=config.seed,
             per_row=min(4, config.per_class),
             size=config.size,
+            folder=out,
         )
     logger.info("phantom: %d images (%d new) in %s", len(records), len(missing), out)
     return manifest
+
+
+def _read_grey(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L"))
 
 
 def phantom_grid(
@@ -626,10 +632,18 @@ def phantom_grid(
     seed: int = 0,
     per_row: int = 4,
     size: tuple[int, int] | None = None,
+    folder: Path | None = None,
 ) -> Path:
-    """A labelled grid PNG: one row per plane, ``per_row`` images per domain side by side."""
+    """A labelled grid PNG: one row per plane, ``per_row`` images per domain side by side.
+
+    ``folder``: a :func:`generate_phantom` folder of these settings to read the images from
+    instead of rendering them again.
+    """
     jobs = [(plane, d, seed, i, size) for plane in planes for d in domains for i in range(per_row)]
-    images = list(_render_all(jobs))
+    if folder is None:
+        images = list(_render_all(jobs))
+    else:
+        images = [_read_grey(folder / p / f"{d}-{i:05d}.png") for p, d, _, i, _ in jobs]
     width = len(domains) * per_row
     rows = [images[k : k + width] for k in range(0, len(images), width)]
     row_labels = list(planes)
