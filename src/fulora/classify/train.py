@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fulora.classify.mix import is_synthetic, mix_manifests
-from fulora.classify.registry import create_model, resolve_arch
+from fulora.classify.registry import ModelInfo, create_model, resolve_arch
 from fulora.config import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -318,32 +318,34 @@ def train_classifier(
     )
     training, validation = split_train_val(training, val, cfg.val_fraction, cfg.seed)
     _check_validation(validation, cfg, classes)
-    _check_model(cfg, len(classes))
+    built = _build_model(cfg, len(classes))
 
     run.start(cfg)
     try:
-        record = _train(run, cfg, classes, training, validation, progress)
+        record = _train(run, cfg, classes, training, validation, built, progress)
     finally:
         run.close()
     return record
 
 
-def _check_model(cfg: ClassifyConfig, num_classes: int) -> None:
-    """Build the model once before the run folder is started.
+def _build_model(cfg: ClassifyConfig, num_classes: int) -> tuple[nn.Module, ModelInfo]:
+    """The run's model, built before its folder is started.
 
     An unknown architecture, weights that cannot be had or a wrong image size then fail
     without leaving a config.yaml behind, which would refuse the corrected command.
     """
-    _, info = create_model(
+    _seed_everything(cfg.seed)  # the model's initial head comes from the global RNG
+    model, info = create_model(
         cfg.arch,
         num_classes,
         pretrained=cfg.pretrained,
         weights=cfg.weights,
         imagenet=cfg.imagenet_weights,
-        log=False,
+        log=False,  # logged by _prepare, once the run's log.txt is open
     )
     if info.input_size is not None and cfg.image_size != info.input_size:
         raise ConfigError(f"{cfg.arch} needs image_size {info.input_size}, got {cfg.image_size}")
+    return model, info
 
 
 def _check_validation(validation: Manifest | None, cfg: ClassifyConfig, classes: list[str]) -> None:
@@ -582,22 +584,18 @@ def _val_loader(cfg, validation, classes, cache, transform, device) -> DataLoade
     )
 
 
-def _prepare(cfg, classes, training, validation, out, device):
-    """The model on ``device`` and the data of a run; writes the manifests the run uses.
+def _prepare(cfg, built, classes, training, validation, out, device):
+    """The model (``built`` by :func:`_build_model`) on ``device``, and the data of a run.
+
+    Writes the manifests the run uses.
 
     Returns:
         (model, ModelInfo, best.pt metadata, training dataset, its transform, validation
         loader or None)
     """
-    _seed_everything(cfg.seed)  # the model's initial head comes from the global RNG
-    model, info = create_model(
-        cfg.arch,
-        len(classes),
-        pretrained=cfg.pretrained,
-        weights=cfg.weights,
-        imagenet=cfg.imagenet_weights,
-    )
-    size = cfg.image_size  # checked against the model's by _check_model
+    model, info = built
+    logger.info("model %s, %s", info.arch, info.weights)
+    size = cfg.image_size  # checked against the model's by _build_model
     training.write(out / "train_manifest.csv")
     if validation is not None:
         validation.write(out / "val_manifest.csv")
@@ -633,6 +631,7 @@ def _train(
     classes: list[str],
     training: Manifest,
     validation: Manifest | None,
+    built: tuple[nn.Module, ModelInfo],
     progress: bool,
 ) -> dict[str, Any]:
     out = run.path
@@ -640,7 +639,7 @@ def _train(
     amp, channels_last = speed_settings(cfg, device)
     data_fingerprint = training.fingerprint()  # hashes every image: once per run
     model, info, meta, train_ds, train_tf, val_loader = _prepare(
-        cfg, classes, training, validation, out, device
+        cfg, built, classes, training, validation, out, device
     )
     fit = start_fit(model, cfg, amp)
     fit.resume(out / "last.pt", data_fingerprint)
