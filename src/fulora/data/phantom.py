@@ -554,6 +554,11 @@ def _render_all(jobs: list[tuple]) -> Iterator[np.ndarray]:
         yield from pool.map(lambda job: render(*job), jobs)
 
 
+def _image_path(out: Path, plane: str, domain: str, index: int) -> Path:
+    """Where :func:`generate_phantom` writes an image (and :func:`phantom_grid` reads it)."""
+    return out / plane / f"{domain}-{index:05d}.png"
+
+
 def generate_phantom(out: str | Path, config: PhantomConfig) -> Manifest:
     """Write a phantom dataset: ``out/<plane>/<domain>-<index>.png``, captions, manifest, grid.
 
@@ -573,7 +578,7 @@ def generate_phantom(out: str | Path, config: PhantomConfig) -> Manifest:
         raise DataError(f"per_class must be at least 1, got {config.per_class}")
     domains = list(DOMAINS) if config.domain == "both" else [config.domain]
     jobs = [(d, p, i) for d in domains for p in planes for i in range(config.per_class)]
-    paths = [out / plane / f"{domain}-{index:05d}.png" for domain, plane, index in jobs]
+    paths = [_image_path(out, plane, domain, index) for domain, plane, index in jobs]
     missing = [(job, path) for job, path in zip(jobs, paths, strict=True) if not path.is_file()]
     # closed on any error or Ctrl-C, which cancels the renders not yet started
     with closing(
@@ -643,7 +648,7 @@ def phantom_grid(
     if folder is None:
         images = list(_render_all(jobs))
     else:
-        images = [_read_grey(folder / p / f"{d}-{i:05d}.png") for p, d, _, i, _ in jobs]
+        images = [_read_grey(_image_path(folder, p, d, i)) for p, d, _, i, _ in jobs]
     width = len(domains) * per_row
     rows = [images[k : k + width] for k in range(0, len(images), width)]
     row_labels = list(planes)

@@ -141,12 +141,12 @@ def _real_vs_synthetic(out: Path, real: Manifest, synthetic: Manifest, k: int, t
     rng = np.random.default_rng(0)
     planes = [p for p in PLANES if p in real.counts() or p in synthetic.counts()]
     rows, labels = [], []
+    sources = [(manifest, manifest.paths) for manifest in (real, synthetic)]
     for plane in planes:
         row = []
-        for manifest in (real, synthetic):
+        for manifest, paths in sources:
             idx = np.flatnonzero(manifest.frame["label"].to_numpy() == plane)
             idx = np.sort(rng.choice(idx, min(k, len(idx)), replace=False)) if len(idx) else idx
-            paths = manifest.paths
             cells = [thumbnail(paths[i]) for i in idx]
             row += cells + [np.zeros((96, 128), np.uint8)] * (k - len(cells))
         rows.append(row)
