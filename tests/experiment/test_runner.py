@@ -18,8 +18,14 @@ from fulora.experiment.runner import run_experiment
 from .conftest import write_config
 
 
+def _finished(folder: Path, pattern: str) -> list[Path]:
+    """The files ``pattern`` matches, less a killed writer's ``.<name>.tmp.png`` (Path.glob's
+    ``*`` matches a leading dot, unlike the shell's)."""
+    return [p for p in sorted(folder.glob(pattern)) if not p.name.startswith(".")]
+
+
 def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.glob(pattern))}
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in _finished(folder, pattern)}
 
 
 def test_outputs_of_a_finished_experiment(finished_experiment):
@@ -136,7 +142,7 @@ def test_killed_mid_generation_resumes_without_redoing_work(experiment_config, t
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(out.glob("synthetic/r4/*/*.png"))) < 6:
+    while time.time() < deadline and len(_finished(out, "synthetic/r4/*/*.png")) < 6:
         if process.poll() is not None:
             break
         time.sleep(0.05)
@@ -157,6 +163,7 @@ def test_killed_mid_generation_resumes_without_redoing_work(experiment_config, t
     after = _mtimes(out, "synthetic/r4/*/*.png")
     assert len(after) == 30
     assert {k: after[k] for k in before} == before  # finished images not regenerated
+    assert not list(out.glob("synthetic/r4/*/.*.tmp*"))  # the killed write's file is gone
     done = json.loads((out / "synthetic/r4/done.json").read_text())
     assert done["images"] == 30
     assert (out / "done.json").is_file() and (out / "results" / "results.csv").is_file()

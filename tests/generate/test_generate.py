@@ -42,6 +42,11 @@ def _pixels(path):
         return np.array(img)
 
 
+def _finished_pngs(folder):
+    """The finished images: Path.glob's ``*`` also matches a killed write's ``.<name>.tmp.png``."""
+    return [p for p in folder.glob("*/*.png") if not p.name.startswith(".")]
+
+
 def _images(folder):
     return {p.relative_to(folder): _pixels(p) for p in sorted(folder.glob("*/*.png"))}
 
@@ -210,18 +215,18 @@ def test_killed_run_resumes_without_duplicates_or_truncated_files(tiny_model, tm
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
-    while time.time() < deadline and len(list((tmp_path / "run").glob("*/*.png"))) < 8:
+    while time.time() < deadline and len(_finished_pngs(tmp_path / "run")) < 8:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    partial = len(list((tmp_path / "run").glob("*/*.png")))
+    partial = len(_finished_pngs(tmp_path / "run"))
     assert 8 <= partial < 24, "the run should have been killed midway"
     assert not (tmp_path / "run" / "done.json").exists()
     result = subprocess.run(
         _cli(args, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    pngs = sorted((tmp_path / "run").glob("*/*.png"))
+    pngs = sorted((tmp_path / "run").glob("*/*.png"))  # a leftover .<name>.tmp.png would count
     assert len(pngs) == 24 and not list((tmp_path / "run").rglob("*.tmp*"))
     for path in pngs:
         _pixels(path)  # every file decodes completely
