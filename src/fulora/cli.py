@@ -139,7 +139,7 @@ def _read_manifests(paths: Sequence[str], on_missing: str = "error", images_dir=
 
 
 def _cmd_classify_train(args: argparse.Namespace) -> int:
-    from fulora.classify.train import ClassifyConfig, train_classifier
+    from fulora.classify.config import ClassifyConfig
     from fulora.config import load_config
 
     values = config_values(args, args.config_fields)
@@ -152,6 +152,8 @@ def _cmd_classify_train(args: argparse.Namespace) -> int:
     ]
     train = _read_manifests(args.train)
     val = _read_manifests([args.val])[0] if args.val else None
+    from fulora.classify.train import train_classifier  # torch: after the cheap checks
+
     rows = []
     for cfg in configs:
         out = Path(args.out) / f"seed-{cfg.seed}" if len(configs) > 1 else Path(args.out)
@@ -170,11 +172,13 @@ def _cmd_classify_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fulora.config import load_config
-    from fulora.evaluate.run import HEADLINE, EvaluateConfig, evaluate_model
+    from fulora.evaluate.config import EvaluateConfig
 
     values = config_values(args, args.config_fields)
     cfg = load_config(EvaluateConfig, args.config, args.set, values=values)
     test = _read_manifests([args.test])[0]
+    from fulora.evaluate.run import HEADLINE, evaluate_model  # torch: after the cheap checks
+
     result = evaluate_model(args.model, test, args.out, cfg)
     print(
         f"\n{result['model']['arch']} on {args.test}: {result['images']} images, "
@@ -196,11 +200,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_lora_train(args: argparse.Namespace) -> int:
     from fulora.config import load_config
-    from fulora.lora.train import LoraTrainConfig, train_lora
+    from fulora.lora.config import LoraTrainConfig
 
     values = config_values(args, args.config_fields)
     cfg = load_config(LoraTrainConfig, args.config, args.set, values=values)
     data = _read_manifests([args.data])[0]
+    from fulora.lora.train import train_lora  # torch, diffusers: after the cheap checks
+
     record = train_lora(data, args.out, cfg, resume=args.resume)
     if record:
         print(
@@ -240,10 +246,12 @@ def _cmd_lora_tiny_model(args: argparse.Namespace) -> int:
 
 def _cmd_foundation_build(args: argparse.Namespace) -> int:
     from fulora.config import load_config
-    from fulora.foundation.build import FoundationConfig, build_foundation
+    from fulora.foundation.config import FoundationConfig
 
     values = config_values(args, args.config_fields)
     cfg = load_config(FoundationConfig, args.config, args.set, values=values)
+    from fulora.foundation.build import build_foundation  # torch: after the config's checks
+
     record = build_foundation(args.out, cfg)
     seconds = record.get("build_seconds", {})
     print(
@@ -256,10 +264,12 @@ def _cmd_foundation_build(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from fulora.config import load_config
-    from fulora.generate.run import GenerateConfig, generate
+    from fulora.generate.config import GenerateConfig
 
     values = config_values(args, args.config_fields)
     cfg = load_config(GenerateConfig, args.config, args.set, values=values)
+    from fulora.generate.run import generate  # torch, diffusers: after the config's checks
+
     result = generate(args.out, cfg, only=args.only or ())
     if args.only:
         print(f"regenerated {result['generated']} image(s) in {args.out}")
@@ -298,14 +308,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_experiment_run(args: argparse.Namespace) -> int:
     from fulora.experiment.config import load_experiment
-    from fulora.experiment.ray_executor import RayOptions
-    from fulora.experiment.runner import run_experiment
 
     cfg = load_experiment(args.config, overrides=args.set)
     out = args.out or str(Path("runs") / cfg.name)
     ray_flags = (args.address, args.retries, args.cpus_per_task)
     if args.executor == "local" and any(flag is not None for flag in ray_flags):
         raise FuloraError("--address, --retries and --cpus-per-task go with --executor ray")
+    # the stages' code (torch, diffusers) loads once the file's own keys have passed their
+    # checks; the stage settings are checked by the planner, before any work
+    from fulora.experiment.ray_executor import RayOptions
+    from fulora.experiment.runner import run_experiment
+
     ray = RayOptions(
         args.address,
         2 if args.retries is None else args.retries,
@@ -323,7 +336,7 @@ def _cmd_experiment_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from fulora.audit.run import AuditConfig, audit
+    from fulora.audit.config import AuditConfig
     from fulora.config import load_config
     from fulora.data.manifest import Manifest
 
@@ -332,6 +345,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     synthetic = Manifest.concat(_read_manifests(args.synthetic))
     reference = Manifest.concat(_read_manifests(args.reference))
     train_set = Manifest.concat(_read_manifests(args.train_set)) if args.train_set else None
+    from fulora.audit.run import audit  # torch: after the cheap checks
+
     result = audit(
         synthetic, reference, args.out, cfg, train_set=train_set, write_filtered=args.write_filtered
     )
@@ -383,9 +398,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     Args:
         only: Give only this stage its commands and flags (the others keep their name and
-            help): each stage's flags come from its config class, whose module imports what
-            the stage runs on (torch, scikit-learn, SciPy...), seconds that a command of
-            another stage need not wait for. None: every stage's, for tests and docs.
+            help): building a stage's flags imports its modules (the phantom's SciPy, the
+            experiment's planner), time that a command of another stage need not wait for.
+            None: every stage's, for tests and docs.
     """
     from fulora import __version__
 
@@ -468,7 +483,7 @@ def _add_data_parser(data: argparse.ArgumentParser) -> None:
 
 def _add_lora_parser(lora: argparse.ArgumentParser) -> None:
     """The `lora` stage's commands and flags."""
-    from fulora.lora.train import LoraTrainConfig
+    from fulora.lora.config import LoraTrainConfig
 
     lora_cmds = lora.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = lora_cmds.add_parser(
@@ -505,7 +520,7 @@ def _add_lora_parser(lora: argparse.ArgumentParser) -> None:
 
 def _add_foundation_parser(foundation: argparse.ArgumentParser) -> None:
     """The `foundation` stage's commands and flags."""
-    from fulora.foundation.build import FoundationConfig
+    from fulora.foundation.config import FoundationConfig
 
     foundation_cmds = foundation.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = foundation_cmds.add_parser(
@@ -521,7 +536,7 @@ def _add_foundation_parser(foundation: argparse.ArgumentParser) -> None:
 
 def _add_generate_parser(p: argparse.ArgumentParser) -> None:
     """The `generate` stage's commands and flags."""
-    from fulora.generate.run import GenerateConfig
+    from fulora.generate.config import GenerateConfig
     from fulora.generate.samplers import SAMPLERS
 
     p.add_argument("--out", required=True, help="output folder")
@@ -542,7 +557,7 @@ def _add_generate_parser(p: argparse.ArgumentParser) -> None:
 
 def _add_classify_parser(classify: argparse.ArgumentParser) -> None:
     """The `classify` stage's commands and flags."""
-    from fulora.classify.train import ClassifyConfig
+    from fulora.classify.config import ClassifyConfig
 
     classify_cmds = classify.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = classify_cmds.add_parser(
@@ -577,7 +592,7 @@ def _add_classify_parser(classify: argparse.ArgumentParser) -> None:
 
 def _add_evaluate_parser(p: argparse.ArgumentParser) -> None:
     """The `evaluate` stage's commands and flags."""
-    from fulora.evaluate.run import EvaluateConfig
+    from fulora.evaluate.config import EvaluateConfig
 
     p.add_argument("--model", required=True, help="run folder of `fulora classify train`")
     p.add_argument("--test", required=True, help="test manifest, image CSV or dataset folder")
@@ -654,7 +669,7 @@ def _add_experiment_parser(experiment: argparse.ArgumentParser) -> None:
 
 def _add_audit_parser(p: argparse.ArgumentParser) -> None:
     """The `audit` stage's commands and flags."""
-    from fulora.audit.run import AuditConfig
+    from fulora.audit.config import AuditConfig
 
     p.add_argument("--synthetic", nargs="+", required=True, help="synthetic images (manifest)")
     p.add_argument("--reference", nargs="+", required=True, help="real images to compare with")

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import matplotlib
 
@@ -30,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fulora.audit.config import AuditConfig
 from fulora.audit.extractors import ClassifierExtractor, InceptionExtractor
 from fulora.audit.fidelity import fidelity_metrics  # noqa: E402
 from fulora.audit.memorisation import (  # noqa: E402
@@ -38,7 +38,6 @@ from fulora.audit.memorisation import (  # noqa: E402
     same_image_or_patient,
     ssim_nearest,
 )
-from fulora.config import AT_LEAST_0, AT_LEAST_1, FRACTION, SEED, Checked, Range
 from fulora.data.images import thumbnail  # noqa: E402
 from fulora.data.manifest import Manifest  # noqa: E402
 from fulora.errors import ConfigError, DataError  # noqa: E402
@@ -48,45 +47,6 @@ from fulora.planes import PLANES  # noqa: E402
 from fulora.runs import RunDir  # noqa: E402
 
 logger = logging.getLogger("fulora")
-
-
-@dataclass
-class AuditConfig(Checked):
-    """Configuration of ``fulora audit``."""
-
-    RANGES = {
-        "image_size": Range(16),  # SSIM's 11-px window needs room
-        "shortlist": AT_LEAST_1,
-        "near_copy_ssim": Range(-1, 1),
-        "near_copy_cosine": Range(-1, 1),
-        "kid_subsets": AT_LEAST_1,
-        "kid_subset_size": Range(2),
-        "prc_neighborhood": AT_LEAST_1,
-        "min_confidence": FRACTION,
-        "gallery": AT_LEAST_0,
-        "seed": SEED,
-    }
-
-    extractor: Literal["auto", "classifier", "inception"] = "auto"  # auto: classifier if given
-    classifier: str | None = None  # a `fulora classify train` run trained on real images
-    inception_weights: str | None = None  # torch-fidelity's Inception-v3 .pth, for offline use
-    image_size: int = 128  # side of the aligned grayscale images compared by SSIM
-    shortlist: int = 8  # SSIM candidates per image (by coarse pixel correlation)
-    near_copy_ssim: float = 0.9  # SSIM at or above which a synthetic image is a near-copy
-    # Embedding cosine (of features centred on the training mean) flags too only when set: a
-    # classifier's features cluster by class, so different images of one plane score near 1
-    # (see similarity.png); pixels decide by default.
-    near_copy_cosine: float | None = None
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    prc_neighborhood: int = 3
-    drop_near_copies: bool = True  # filter rule
-    require_agreement: bool = True  # filter rule: the classifier's label is the prompted plane
-    min_confidence: float = 0.5  # filter rule: its probability of the prompted plane
-    gallery: int = 8  # most similar pairs shown
-    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
-    cache_dir: str | None = None  # preprocessing cache folder
-    seed: int = 0
 
 
 def _extractor(cfg: AuditConfig):

@@ -14,7 +14,6 @@ Writes into the output folder:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,9 @@ import torch
 
 from fulora.classify.features import run_classifier
 from fulora.classify.train import load_classifier
-from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked
 from fulora.data.manifest import Manifest
 from fulora.errors import DataError
+from fulora.evaluate.config import EvaluateConfig
 from fulora.evaluate.metrics import (
     SPACES,
     bootstrap,
@@ -45,25 +44,6 @@ from fulora.runs import RunDir
 logger = logging.getLogger("fulora")
 
 HEADLINE = ("accuracy", "recall_macro", "precision_macro", "f1_macro", "auc_macro", "paper_auc")
-
-
-@dataclass
-class EvaluateSettings(Checked):
-    """What an evaluation computes: the keys of an experiment's ``evaluate`` section too."""
-
-    RANGES = {"batch_size": AT_LEAST_1, "n_bootstrap": AT_LEAST_0, "seed": SEED}
-
-    batch_size: int = 64
-    n_bootstrap: int = 1000  # patient-level bootstrap resamples for the 95% intervals; 0: none
-    seed: int = 0  # of the bootstrap
-
-
-@dataclass
-class EvaluateConfig(EvaluateSettings):
-    """Configuration of ``fulora evaluate`` (saved as the run folder's ``config.yaml``)."""
-
-    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
-    cache_dir: str | None = None  # preprocessing cache folder
 
 
 def predict_proba(

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fulora.audit.run import AuditConfig
-from fulora.classify.train import ClassifyConfig, describe_protocol
+from fulora.audit.config import AuditConfig
+from fulora.classify.config import ClassifyConfig, describe_protocol
 from fulora.config import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -34,10 +34,9 @@ from fulora.config import (
     read_yaml_mapping,
 )
 from fulora.errors import ConfigError
-from fulora.evaluate.run import EvaluateSettings
-from fulora.generate.run import GenerateConfig
-from fulora.lora.base import DEFAULT_BASE
-from fulora.lora.train import LoraTrainConfig
+from fulora.evaluate.config import EvaluateSettings
+from fulora.generate.config import GenerateConfig
+from fulora.lora.config import DEFAULT_BASE, LoraTrainConfig
 
 #: Regime keys that are not ClassifyConfig keys.
 REGIME_KEYS = ("synthetic", "filtered", "real")
@@ -240,7 +239,8 @@ def load_experiment(
         values: An already-built mapping merged over the file (used by ``fulora demo``).
 
     Returns:
-        The experiment config; stage keys are checked by :func:`stage_configs`.
+        The experiment config; the stage sections' keys are checked when it is planned
+        (:func:`fulora.experiment.planner.plan_experiment`, before any work).
 
     Raises:
         ConfigError: Naming the key and the file.

@@ -36,7 +36,7 @@ from fulora.experiment.layout import STAGE_MARKER, ExperimentLayout
 from fulora.experiment.results import display_table
 from fulora.figures import image_grid, save_figure  # noqa: E402
 from fulora.io import atomic_open  # noqa: E402
-from fulora.lora.train import LoraTrainConfig  # noqa: E402
+from fulora.lora.config import LoraTrainConfig  # noqa: E402
 from fulora.planes import PLANES  # noqa: E402
 from fulora.report.embedding import POINTS_NAME, embedding_figure
 from fulora.runs import CONFIG_NAME, DONE_NAME, now_iso  # noqa: E402

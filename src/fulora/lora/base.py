@@ -16,11 +16,11 @@ import torch
 
 from fulora.errors import ConfigError
 from fulora.io import file_hash
+from fulora.lora.config import DEFAULT_BASE
 from fulora.shipped import SHIPPED_MODELS, shipped_model
 
 logger = logging.getLogger("fulora")
 
-DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 

@@ -32,7 +32,7 @@ from fulora.lora.conditioning import token_ids
 from fulora.planes import PAPER_CAPTIONS, check_planes
 
 if TYPE_CHECKING:
-    from fulora.lora.train import LoraTrainConfig
+    from fulora.lora.config import LoraTrainConfig
 
 logger = logging.getLogger("fulora")
 

@@ -18,7 +18,8 @@ from typing import Literal
 
 from torch import nn
 
-TargetPreset = Literal["kohya", "attention"]
+from fulora.lora.config import TargetPreset
+
 TARGET_PRESETS: tuple[str, ...] = ("kohya", "attention")
 
 # The block classes kohya's LoRANetwork searches (its UNET_TARGET_REPLACE_MODULE and

@@ -1,0 +1,90 @@
+"""The configuration of ``fulora generate``.
+
+Kept apart from the generation code (torch, diffusers) so that a bad value is refused before
+those load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, CompileMode, Range
+from fulora.errors import ConfigError
+from fulora.lora.config import DEFAULT_BASE
+from fulora.planes import PAPER_PLANES
+
+
+@dataclass
+class GenerateConfig(Checked):
+    """Configuration of ``fulora generate``."""
+
+    RANGES = {
+        # A1111 users do use negative LoRA weights; past +-4 images break down.
+        "lora_scale": Range(-4, 4),
+        "per_class": AT_LEAST_1,
+        "clip_skip": Range(1, 12),
+        "steps": AT_LEAST_1,
+        "guidance": AT_LEAST_0,  # at most 1: no classifier-free guidance
+        "width": Range(8),
+        "height": Range(8),
+        "seed": SEED,
+        "batch_size": AT_LEAST_1,
+        "contact_sheet": AT_LEAST_0,
+        "write_threads": Range(0, 32),
+    }
+
+    def check(self) -> None:
+        """Sides that are multiples of 8 (the VAE); fused QKV only over a fused LoRA."""
+        for key in ("width", "height"):
+            value = getattr(self, key)
+            if value is not None and value % 8:
+                raise ConfigError(f"{key!r} must be a multiple of 8, got {value}")
+        self.needs_switch("compile", ("compile_mode", "inductor_tuning"), "torch.compile")
+        if self.fuse_qkv and self.lora and not self.fuse_lora:
+            raise ConfigError(
+                "fuse_qkv needs fuse_lora: true (an unfused LoRA sits on the separate q, k, v "
+                "projections that fuse_qkv replaces)"
+            )
+
+    base: str = DEFAULT_BASE  # hub id, diffusers folder or .safetensors/.ckpt file
+    base_config: str | None = None
+    lora: str | None = None  # kohya .safetensors, diffusers LoRA folder, or a LoRA run folder
+    lora_scale: float = 1.0
+    fuse_lora: bool = True  # merge the LoRA into the weights: faster, same images
+    planes: list[str] = field(default_factory=lambda: list(PAPER_PLANES))
+    per_class: int = 1000
+    prompts: dict[str, str] = field(default_factory=dict)  # default: the LoRA's captions
+    negative_prompt: str = ""
+    # kohya/AUTOMATIC1111 clip skip (1 = CLIP's last layer), for the prompt and the negative
+    # prompt alike. None: the LoRA's training clip skip (ss_clip_skip), else 1.
+    clip_skip: int | None = None
+    sampler: str = "dpmpp_2m_karras"  # fulora's name or AUTOMATIC1111's ("DPM++ 2M Karras")
+    steps: int = 30
+    guidance: float = 7.0
+    width: int | None = None  # default: the LoRA's training size, else 512
+    height: int | None = None
+    seed: int = 0
+    batch_size: int | None = None  # None: sized to the GPU memory (4 on CPU)
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    # channels-last UNet and VAE on CUDA: off, as measured (BENCHMARKS.md, H200, SD1.5 fp16 at
+    # batch 32: 4.90 images/s off, 4.41 on, and 4 GiB less memory off)
+    channels_last: bool = False
+    vae_slicing: bool = True
+    vae_tiling: bool = False
+    fuse_qkv: bool = False  # one q/k/v projection per attention (needs fuse_lora with a LoRA)
+    compile: bool = False  # torch.compile the UNet and the VAE decoder (first batch compiles)
+    # torch.compile's mode: reduce-overhead adds CUDA graphs, the max-autotune modes search
+    # kernels for each matrix product and convolution (minutes of compiling on the first batch)
+    compile_mode: CompileMode = "default"
+    # inductor settings of PyTorch's diffusion-fast recipe (1x1 convolutions as matrix products,
+    # coordinate-descent tuning of the generated kernels, no epilogue fusion); needs compile
+    inductor_tuning: bool = False
+    # threads that write a batch's PNGs while the next batch denoises; 0: write them in the loop
+    write_threads: int = 2
+    # decode each batch with the VAE on a thread (and CUDA stream) of its own while the next
+    # batch denoises: the same images, one more batch in GPU memory while it decodes
+    decode_overlap: bool = False
+    color: Literal["L", "RGB"] = "L"  # ultrasound is grayscale
+    contact_sheet: int = 8  # thumbnails per side of each plane's contact sheet; 0: none
+    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
