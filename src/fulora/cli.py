@@ -308,14 +308,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_experiment_run(args: argparse.Namespace) -> int:
     from fulora.experiment.config import load_experiment
+    from fulora.experiment.resolve import resolve_configs
 
     cfg = load_experiment(args.config, overrides=args.set)
     out = args.out or str(Path("runs") / cfg.name)
     ray_flags = (args.address, args.retries, args.cpus_per_task)
     if args.executor == "local" and any(flag is not None for flag in ray_flags):
         raise FuloraError("--address, --retries and --cpus-per-task go with --executor ray")
-    # the stages' code (torch, diffusers) loads once the file's own keys have passed their
-    # checks; the stage settings are checked by the planner, before any work
+    resolve_configs(cfg, Path(out))  # every stage setting, before the stages' code loads
     from fulora.experiment.ray_executor import RayOptions
     from fulora.experiment.runner import run_experiment
 

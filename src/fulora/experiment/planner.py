@@ -2,8 +2,9 @@
 
 :func:`plan_experiment` works in three passes, so that the cheapest mistakes fail first:
 
-1. :func:`_resolve_configs`: every stage config from the experiment file (key errors name their
-   dotted path and file, before any file is read);
+1. :func:`~fulora.experiment.resolve.resolve_configs`: every stage config from the experiment
+   file (key errors name their dotted path and file, before any file is read; its module
+   imports no stage's code, so the CLI runs this pass before torch loads);
 2. :func:`_read_inputs`: the manifests, the target labels, the base model and the classifier
    weights;
 3. :class:`_Planner`: one method per stage kind turns them into :class:`Stage` objects, each
@@ -25,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fulora.audit.run import AuditConfig, audit
+from fulora.audit.run import audit
 from fulora.classify.registry import create_model
 from fulora.classify.train import ClassifyConfig, train_classifier
 from fulora.config import to_dict
@@ -37,21 +38,16 @@ from fulora.experiment.config import (
     DataSource,
     EvaluateStage,
     ExperimentConfig,
-    audit_config,
-    classify_config,
-    generate_config,
-    lora_configs,
-    regime_parts,
-    variant_parts,
 )
 from fulora.experiment.layout import ExperimentLayout
+from fulora.experiment.resolve import Cell, StageConfigs, resolve_configs
 from fulora.experiment.results import EvaluationCell, reference_table
 from fulora.experiment.stages import Stage
 from fulora.generate.run import GenerateConfig, generate
 from fulora.io import file_hash
 from fulora.lora.base import check_base
 from fulora.lora.data import LORA_COLUMNS
-from fulora.lora.train import LoraTrainConfig, train_lora
+from fulora.lora.train import train_lora
 from fulora.planes import PLANES, check_planes
 from fulora.report.embedding import embed
 
@@ -69,8 +65,6 @@ _NOT_IN_KEY = {
     "lora",
     "progress",
 }
-
-Cell = tuple[str, str | None, str, int]  # (regime, LoRA variant or None, arch, seed)
 
 
 def stage_key(payload: dict[str, Any]) -> str:
@@ -121,23 +115,6 @@ class Plan:
 
 
 @dataclass
-class _Configs:
-    """Pass 1: every stage config, resolved from the experiment file."""
-
-    source: str  # the experiment file, for messages
-    cache: Path
-    synthetic: bool  # some regime adds synthetic images
-    regimes: dict[str, tuple[dict[str, Any], Any]]
-    variants: list[str]  # LoRA variants, when a regime uses synthetic images
-    released: dict[str, dict[str, Any]]  # variant -> {} (trained), {"file"} or {"images"}
-    loras: dict[str, LoraTrainConfig]
-    generation: dict[str, GenerateConfig]  # a released image set needs none
-    classifiers: dict[Cell, ClassifyConfig]
-    audit_classifier: tuple[Cell | None, Path] | None
-    audit: AuditConfig | None
-
-
-@dataclass
 class _Inputs:
     """Pass 2: the manifests every stage reads, checked."""
 
@@ -158,74 +135,9 @@ def plan_experiment(cfg: ExperimentConfig, out: str | Path) -> Plan:
         DataError: A manifest that cannot be read (named with its file and row).
     """
     out = Path(out)
-    configs = _resolve_configs(cfg, out)
+    configs = resolve_configs(cfg, out)
     inputs = _read_inputs(cfg, configs)
     return _Planner(cfg, out, configs, inputs).build()
-
-
-def _check_grid(cfg: ExperimentConfig, source: str) -> None:
-    if not cfg.classify.regimes:
-        raise ConfigError(f"'classify.regimes' in {source} is empty: name at least one regime")
-    if not cfg.classify.archs or not cfg.classify.seeds:
-        raise ConfigError(f"'classify.archs' and 'classify.seeds' in {source} must not be empty")
-    if not cfg.data.targets:
-        raise ConfigError(f"'data.targets' in {source} is empty: name at least one cohort")
-
-
-def _resolve_configs(cfg: ExperimentConfig, out: Path) -> _Configs:
-    """Pass 1: key errors come before any file is read."""
-    source = getattr(cfg, "_source", "the experiment config")
-    _check_grid(cfg, source)
-    regimes = {name: regime_parts(cfg, name) for name in cfg.classify.regimes}
-    filtered = any(o.get("filtered") for o, _ in regimes.values())
-    synthetic = any(o.get("synthetic") for o, _ in regimes.values())
-    if cfg.audit.enabled is False and filtered:
-        raise ConfigError(f"'audit.enabled' in {source} is false but a regime is filtered")
-    layout = ExperimentLayout(out)
-    variants = list(cfg.lora.variants) if synthetic else []
-    released = {v: variant_parts(cfg, v) for v in variants}  # {} for a LoRA to train
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else layout.cache
-    grid = [
-        (regime, variant, arch, seed)
-        for regime, (options, _) in regimes.items()
-        for variant in (variants if options.get("synthetic") else [None])
-        for arch in cfg.classify.archs
-        for seed in cfg.classify.seeds
-    ]
-    classifiers = {}
-    for cell in grid:
-        classifiers[cell] = classify_config(cfg, cell[0], cell[2], cell[3])
-        classifiers[cell].cache_dir = str(cache)
-    generation = {
-        v: generate_config(cfg, str(released[v].get("file") or layout.lora(v)))
-        for v in variants
-        if "images" not in released[v]
-    }
-    _check_shards(cfg, generation, source)
-    audit_config(cfg, "", str(cache))  # its keys are checked even when no regime needs it
-    wanted = synthetic and (cfg.audit.enabled or filtered)
-    chosen = _audit_classifier(cfg, grid, regimes, out) if wanted else None
-    return _Configs(
-        source=source,
-        cache=cache,
-        synthetic=synthetic,
-        regimes=regimes,
-        variants=variants,
-        released=released,
-        loras=lora_configs(cfg) if synthetic else {},
-        generation=generation,
-        classifiers=classifiers,
-        audit_classifier=chosen,
-        audit=audit_config(cfg, str(chosen[1]), str(cache)) if chosen else None,
-    )
-
-
-def _check_shards(cfg: ExperimentConfig, generation: dict, source: str) -> None:
-    if cfg.generate.shards > 1 and any(g.batch_size is None for g in generation.values()):
-        raise ConfigError(
-            f"'generate.shards' in {source} needs generate.settings.batch_size: every shard "
-            "must cut the same fixed batches for its images to equal a one-process run's"
-        )
 
 
 def _read_source(source: DataSource, key: str, cfg_source: str) -> Manifest:
@@ -253,7 +165,7 @@ def _read_sources(sources: list[DataSource], key: str, cfg_source: str) -> Manif
     )
 
 
-def _read_inputs(cfg: ExperimentConfig, configs: _Configs) -> _Inputs:
+def _read_inputs(cfg: ExperimentConfig, configs: StageConfigs) -> _Inputs:
     """Pass 2: the data, the base model and the classifier weights."""
     source = configs.source
     train = _read_sources(cfg.data.train, "data.train", source)
@@ -288,7 +200,7 @@ def _read_inputs(cfg: ExperimentConfig, configs: _Configs) -> _Inputs:
     return _Inputs(train, classes, regime_real, targets, lora_data, released_images)
 
 
-def _check_models(cfg: ExperimentConfig, configs: _Configs, classes: list[str]) -> None:
+def _check_models(cfg: ExperimentConfig, configs: StageConfigs, classes: list[str]) -> None:
     """The base model (when anything is generated), the reference table, classifier weights."""
     if configs.generation:
         try:
@@ -329,35 +241,6 @@ def _check_classifier_weights(classify_cfgs, classes: list[str], source: str) ->
             ) from None
 
 
-def _audit_classifier(cfg, grid, regimes, out) -> tuple[Cell | None, Path]:
-    """(grid cell or None, run folder) of the classifier that labels synthetic images."""
-    source = getattr(cfg, "_source", "the experiment config")
-    wanted = cfg.audit.classifier
-    real_cells = [c for c in grid if not regimes[c[0]][0].get("synthetic")]
-
-    def folder(cell) -> Path:
-        return ExperimentLayout(out).classifier(cell[0], cell[2], cell[3])
-
-    if wanted is None:
-        if not real_cells:
-            raise ConfigError(
-                f"the audit in {source} needs a classifier trained on real images: add a "
-                "real-only regime (e.g. ES: {}) or set audit.classifier to a classifier run folder"
-            )
-        return real_cells[0], folder(real_cells[0])
-    for cell in real_cells:
-        if wanted == f"{cell[0]}/{cell[2]}/seed-{cell[3]}":
-            return cell, folder(cell)
-    path = Path(wanted).expanduser()
-    if (path / "best.pt").is_file():
-        return None, path
-    names = ", ".join(f"{c[0]}/{c[2]}/seed-{c[3]}" for c in real_cells) or "none"
-    raise ConfigError(
-        f"'audit.classifier' in {source}: {wanted!r} is neither a real-only cell ({names}) "
-        "nor a classifier run folder"
-    )
-
-
 # Stage actions: module-level functions, bound with functools.partial (picklable by reference).
 
 
@@ -378,7 +261,7 @@ def _audit_into(synthetic, train: Manifest, folder: Path, cfg, lora_data, filter
 class _Planner:
     """Pass 3: the stages, one method per stage kind, in an order that respects ``after``."""
 
-    def __init__(self, cfg: ExperimentConfig, out: Path, configs: _Configs, inputs: _Inputs):
+    def __init__(self, cfg: ExperimentConfig, out: Path, configs: StageConfigs, inputs: _Inputs):
         self.cfg, self.configs, self.inputs = cfg, configs, inputs
         self.layout = ExperimentLayout(out)
         self.plan = Plan(cfg, out, inputs.classes, inputs.lora_data, inputs.train, inputs.targets)
