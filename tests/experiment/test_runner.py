@@ -200,6 +200,9 @@ def test_an_interrupted_stage_says_whether_it_resumes_or_restarts(tmp_path):
         ("classify", ["last.pt"], "resuming"),
         ("generate", [], "restarting (no checkpoint)"),
         ("generate", ["brain/00000-1.png"], "resuming"),
+        # killed during its first write: a temporary file is no finished image
+        ("generate", ["brain/.00000-1.k3j2.tmp.png"], "restarting (no checkpoint)"),
+        ("lora", ["checkpoints/.step-20-x/lora.safetensors"], "restarting (no checkpoint)"),
         ("audit", [], "rerunning"),
     ]
     for i, (kind, files, word) in enumerate(cases):

@@ -772,3 +772,17 @@ def test_each_model_in_fp16_on_cuda_matches_fp32_on_the_cpu(tiny_model, part):
     got = _component_call(pipe, part, "cuda", torch.float16)
     relative = _relative_error(got, expected)
     assert relative < 1e-2, f"fp16 CUDA {part} off by {relative:.3g} of its output's norm"
+
+
+def test_a_moved_lora_run_folder_resolves_to_its_kohya_file_not_a_stale_temporary_one(tmp_path):
+    """done.json names the kohya file by its old absolute path after the folder moved; the
+    fallback must skip the temporary file an export killed in an earlier attempt left."""
+    from fulora.generate.run import _resolve_lora
+
+    run = tmp_path / "lora"
+    run.mkdir()
+    (run / "done.json").write_text('{"lora_kohya": "/elsewhere/lora/demo_lora.safetensors"}')
+    for name in (".demo_lora.k3j2.tmp.safetensors", "demo_lora.safetensors"):
+        (run / name).write_bytes(b"")
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert _resolve_lora(str(run)) == run / "demo_lora.safetensors"

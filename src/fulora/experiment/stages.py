@@ -65,7 +65,8 @@ class Stage:
 _SAVED_WORK: dict[str, Callable[[Path], bool]] = {
     "lora": lambda folder: any((folder / "checkpoints").glob("step-*")),
     "classify": lambda folder: (folder / "last.pt").is_file(),
-    "generate": lambda folder: any(folder.glob("*/*.png")),
+    # [!.]: not a killed write's .<name>.tmp.png (Path.glob's * matches a leading dot)
+    "generate": lambda folder: any(folder.glob("*/[!.]*.png")),
 }
 
 

@@ -94,8 +94,11 @@ def _resolve_lora(lora: str | None) -> Path | None:
         done = json.loads((path / DONE_NAME).read_text())
         if done.get("lora_kohya") and Path(done["lora_kohya"]).is_file():
             return Path(done["lora_kohya"])
+        # [!.]: not the .<name>.tmp.safetensors of an export killed in an earlier attempt
         kohya = sorted(
-            p for p in path.glob("*.safetensors") if p.name != "pytorch_lora_weights.safetensors"
+            p
+            for p in path.glob("[!.]*.safetensors")
+            if p.name != "pytorch_lora_weights.safetensors"
         )
         if kohya:
             return kohya[0]
