@@ -223,6 +223,9 @@ def _cli_refusal(*args):
             "'kid_subsets'",
         ),
         (["foundation", "build", "--out", "OUT", "--set", "vae_steps=0"], "'vae_steps'"),
+        (["data", "phantom", "OUT", "--per-class", "0"], "'per_class' must be at least 1"),
+        (["data", "phantom", "OUT", "--planes", "brian"], "unknown plane label 'brian'"),
+        (["data", "phantom", "OUT", "--planes", "cervix"], "the phantom draws"),  # a plane, undrawn
     ],
 )
 def test_cli_refuses_bad_numbers_before_any_work(tmp_path, args, message):

@@ -77,13 +77,15 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 
 def _cmd_data_phantom(args: argparse.Namespace) -> int:
     from fulora.config import load_config
-    from fulora.data.phantom import PhantomConfig, generate_phantom
+    from fulora.data.config import PhantomConfig
     from fulora.runs import RunDir
 
     values = config_values(args, args.config_fields)
     values["size"] = tuple(args.size) if args.size else None
     values["grid"] = False if args.no_grid else None
     config = load_config(PhantomConfig, args.config, args.set, values=values)
+    from fulora.data.phantom import generate_phantom  # SciPy: after the config's checks
+
     run = RunDir(args.out, command="fulora data phantom").start(config)
     try:
         manifest = generate_phantom(args.out, config)
@@ -421,7 +423,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def _add_data_parser(data: argparse.ArgumentParser) -> None:
     """The `data` stage's commands and flags."""
-    from fulora.data.phantom import PhantomConfig
+    from fulora.data.config import PhantomConfig
 
     data_cmds = data.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = data_cmds.add_parser("inspect", help="counts, image sizes and modes, and problems")

@@ -15,7 +15,7 @@ from fulora.data.phantom import (
     render,
 )
 from fulora.data.readers import read_any, read_plane_folders
-from fulora.errors import ConfigError, DataError, WriteError
+from fulora.errors import ConfigError, WriteError
 
 
 @pytest.mark.parametrize("plane", PHANTOM_PLANES)
@@ -113,10 +113,11 @@ def test_a_failed_write_stops_the_rendering(tmp_path, monkeypatch):
 
 
 def test_bad_config():
-    with pytest.raises(DataError, match="draws .*not cervix"):
-        generate_phantom("/tmp/x", PhantomConfig(planes=["cervix"]))
+    """Refused by the config itself, before any folder is made."""
+    with pytest.raises(ConfigError, match="draws .*not cervix"):
+        PhantomConfig(planes=["cervix"])
     with pytest.raises(ConfigError, match="'per_class' must be at least 1, got 0"):
-        generate_phantom("/tmp/x", PhantomConfig(per_class=0))
+        PhantomConfig(per_class=0)
 
 
 def test_cli_writes_a_run_folder(tmp_path, capsys):

@@ -43,7 +43,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -52,19 +52,17 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from fulora.config import AT_LEAST_1, SEED, Checked, Range
+from fulora.data.config import PHANTOM_PLANES, PhantomConfig
 from fulora.data.manifest import MANIFEST_NAME, Manifest
 from fulora.errors import DataError
 from fulora.figures import image_grid
 from fulora.io import atomic_path, write_text
-from fulora.planes import PAPER_CAPTIONS, PAPER_PLANES, check_planes
+from fulora.planes import PAPER_CAPTIONS, check_planes
 
 logger = logging.getLogger("fulora")
 
 Domain = Literal["source", "target"]
 DOMAINS: tuple[str, ...] = ("source", "target")
-#: Planes the phantom can draw.
-PHANTOM_PLANES: tuple[str, ...] = PAPER_PLANES
 
 
 @dataclass(frozen=True)
@@ -115,20 +113,6 @@ STYLES: dict[str, ScannerStyle] = {
         text=True,
     ),
 }
-
-
-@dataclass
-class PhantomConfig(Checked):
-    """Configuration of ``fulora data phantom``."""
-
-    RANGES = {"per_class": AT_LEAST_1, "seed": SEED, "size": Range(32, 4096)}
-
-    per_class: int = 20  # images per plane and domain
-    domain: Literal["source", "target", "both"] = "source"  # which simulated machine
-    seed: int = 0  # dataset seed
-    planes: list[str] = field(default_factory=lambda: list(PHANTOM_PLANES))  # planes to draw
-    size: tuple[int, int] | None = None  # (height, width); default: the domain's screen size
-    grid: bool = True  # write grid.png with a few images per plane
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,12 +554,7 @@ def generate_phantom(out: str | Path, config: PhantomConfig) -> Manifest:
         The manifest (also written to ``out/manifest.csv``).
     """
     out = Path(out)
-    planes = check_planes(config.planes)
-    unknown = [p for p in planes if p not in PHANTOM_PLANES]
-    if unknown:
-        raise DataError(f"the phantom draws {', '.join(PHANTOM_PLANES)}; not {', '.join(unknown)}")
-    if config.per_class < 1:
-        raise DataError(f"per_class must be at least 1, got {config.per_class}")
+    planes = check_planes(config.planes)  # canonical names; PhantomConfig refused any other
     domains = list(DOMAINS) if config.domain == "both" else [config.domain]
     jobs = [(d, p, i) for d in domains for p in planes for i in range(config.per_class)]
     paths = [_image_path(out, plane, domain, index) for domain, plane, index in jobs]
