@@ -258,7 +258,15 @@ def test_cuda_on_a_machine_without_it_is_refused(tmp_path):
     assert "this machine has 0 CUDA device(s)" in result.stderr, result.stderr
 
 
-def test_experiment_dry_run_refuses_a_bad_stage_setting(tmp_path):
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("lora: {settings: {rank: 0}}", "exp.yaml: 'lora.settings.rank' must be at least 1, got 0"),
+        # once refused only at generation, after the LoRA had trained
+        ("generate: {settings: {sampler: DPM++ 2M Karass}}", "unknown sampler 'DPM++ 2M Karass'"),
+    ],
+)
+def test_experiment_dry_run_refuses_a_bad_stage_setting(tmp_path, section, message):
     """The experiment runner and --dry-run build stage configs the same way: same errors.
 
     The CLI resolves them (experiment/resolve.py) before the stages' code loads.
@@ -267,11 +275,11 @@ def test_experiment_dry_run_refuses_a_bad_stage_setting(tmp_path):
     config.write_text(
         "base: fulora:phantom-sd\n"
         "data: {lora: [images], train: [images], targets: {t: images}}\n"
-        "lora: {settings: {rank: 0}}\n"
+        f"{section}\n"
     )
     out = str(tmp_path / "o")
     result = _cli_refusal("experiment", "run", str(config), "--out", out, "--dry-run")
-    assert "exp.yaml: 'lora.settings.rank' must be at least 1, got 0" in result.stderr
+    assert message in result.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -11,8 +11,9 @@ from typing import Literal
 
 from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, CompileMode, Range
 from fulora.errors import ConfigError
+from fulora.generate.samplers import resolve_sampler
 from fulora.lora.config import DEFAULT_BASE
-from fulora.planes import PAPER_PLANES
+from fulora.planes import PAPER_PLANES, check_planes
 
 
 @dataclass
@@ -35,7 +36,13 @@ class GenerateConfig(Checked):
     }
 
     def check(self) -> None:
-        """Sides that are multiples of 8 (the VAE); fused QKV only over a fused LoRA."""
+        """Known sampler and planes; sides multiples of 8 (the VAE); fused QKV over a fused LoRA.
+
+        Checked here rather than at generation, so that an experiment's dry run catches a
+        misspelt sampler before its LoRA trains.
+        """
+        resolve_sampler(self.sampler)
+        check_planes(self.planes)
         for key in ("width", "height"):
             value = getattr(self, key)
             if value is not None and value % 8:
