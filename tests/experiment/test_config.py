@@ -72,6 +72,12 @@ CASES = [
     ),
     ("audit key", {"audit.settings": {"near_copy": 0.9}}, ["'audit.settings.near_copy'"]),
     (
+        "no validation images",  # once refused by the first classifier, after the LoRA and images
+        {"classify.settings.val_fraction": 0.0, "classify.settings.select": "best"},
+        ["'classify.regimes.ES'", "select: best needs validation images", "val_fraction"],
+    ),
+    ("misspelt sampler", {"generate.settings.sampler": "Euler b"}, ["unknown sampler 'Euler b'"]),
+    (
         "generation owns lora",
         {"generate.settings.lora": "x.safetensors"},
         ["'generate.settings.lora'"],

@@ -98,6 +98,18 @@ class ClassifyConfig(Checked):
     extra: dict[str, Any] = field(default_factory=dict)  # free notes recorded with the run
 
 
+def validation_needs(cfg: ClassifyConfig) -> list[str]:
+    """The settings of ``cfg`` that need a validation set (none: every image may train)."""
+    return [
+        key
+        for key, on in (
+            ("select: best", cfg.select == "best"),
+            ("early_stopping", cfg.early_stopping > 0),
+        )
+        if on
+    ]
+
+
 def describe_protocol(cfg: ClassifyConfig) -> str:
     """One line saying how a classifier was trained and chosen (results and report show it)."""
     validation = (

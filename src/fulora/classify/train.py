@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fulora.classify.config import ClassifyConfig
+from fulora.classify.config import ClassifyConfig, validation_needs
 from fulora.classify.mix import is_synthetic, mix_manifests
 from fulora.classify.registry import ModelInfo, create_model, resolve_arch
 from fulora.config import (
@@ -249,17 +249,11 @@ def _build_model(cfg: ClassifyConfig, num_classes: int) -> tuple[nn.Module, Mode
 def _check_validation(validation: Manifest | None, cfg: ClassifyConfig, classes: list[str]) -> None:
     """A validation set where the config needs one; its labels among the classes."""
     if validation is None:
-        needs = [
-            key
-            for key, on in (
-                ("select: best", cfg.select == "best"),
-                ("early_stopping", cfg.early_stopping > 0),
-            )
-            if on
-        ]
+        needs = validation_needs(cfg)
         if needs:
             raise ConfigError(
-                f"{' and '.join(needs)} need a validation set, and val_fraction is 0: set "
+                f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} a validation "
+                "set, and val_fraction is 0: set "
                 "val_fraction above 0, pass --val MANIFEST, or use select: last and "
                 "early_stopping: 0 (the paper's notebook)"
             )

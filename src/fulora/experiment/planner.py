@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fulora.audit.run import audit
+from fulora.classify.config import validation_needs
 from fulora.classify.registry import create_model
 from fulora.classify.train import ClassifyConfig, train_classifier
 from fulora.config import to_dict
@@ -197,7 +198,32 @@ def _read_inputs(cfg: ExperimentConfig, configs: StageConfigs) -> _Inputs:
         if "images" in parts
     }
     _check_models(cfg, configs, classes)
-    return _Inputs(train, classes, regime_real, targets, lora_data, released_images)
+    inputs = _Inputs(train, classes, regime_real, targets, lora_data, released_images)
+    _check_validation_sets(configs, inputs)
+    return inputs
+
+
+def _check_validation_sets(configs: StageConfigs, inputs: _Inputs) -> None:
+    """Validation images for every classifier that keeps its best epoch or stops early.
+
+    The experiment passes no --val, so with val_fraction 0 they must be rows of split val;
+    found out by the first classifier, that would fail after the LoRA and images were made.
+    """
+    for (regime, variant, _, _), ccfg in configs.classifiers.items():
+        needs = validation_needs(ccfg)
+        if not needs or ccfg.val_fraction > 0:
+            continue
+        sets = [inputs.regime_real.get(regime, inputs.train)]
+        sets += [inputs.released_images[variant]] if variant in inputs.released_images else []
+        if any((m.frame["split"] == "val").any() for m in sets):
+            continue
+        raise ConfigError(
+            f"'classify.regimes.{regime}' in {configs.source}: {' and '.join(needs)} "
+            f"need{'s' if len(needs) == 1 else ''} validation images, and val_fraction is 0 "
+            "with no image of split val: set "
+            "classify.settings.val_fraction above 0, or select: last and early_stopping: 0 "
+            "(the paper's notebook)"
+        )
 
 
 def _check_models(cfg: ExperimentConfig, configs: StageConfigs, classes: list[str]) -> None:
