@@ -76,6 +76,11 @@ CASES = [
         {"classify.settings.val_fraction": 0.0, "classify.settings.select": "best"},
         ["'classify.regimes.ES'", "select: best needs validation images", "val_fraction"],
     ),
+    (
+        "image size the arch cannot take",  # once refused by the vit classifier, after the LoRA
+        {"classify.archs": ["tiny_cnn", "vit_b_16"]},
+        ["'classify.settings.image_size'", "vit_b_16 needs image_size 224, got 32"],
+    ),
     ("misspelt sampler", {"generate.settings.sampler": "Euler b"}, ["unknown sampler 'Euler b'"]),
     (
         "generation owns lora",

@@ -264,6 +264,12 @@ def create_model(
     return model, info
 
 
+def check_input_size(info: ModelInfo, image_size: int) -> None:
+    """Refuse an image size the built model cannot take (vit_b_16: 224 px only)."""
+    if info.input_size is not None and image_size != info.input_size:
+        raise ConfigError(f"{info.arch} needs image_size {info.input_size}, got {image_size}")
+
+
 def _load_weights_file(model: nn.Module, path: Path) -> str:
     if not path.is_file():
         raise ConfigError(f"weights file {path} does not exist")

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from fulora.classify.config import ClassifyConfig, validation_needs
 from fulora.classify.mix import is_synthetic, mix_manifests
-from fulora.classify.registry import ModelInfo, create_model, resolve_arch
+from fulora.classify.registry import ModelInfo, check_input_size, create_model, resolve_arch
 from fulora.config import (
     require_device,
     resolve_device,
@@ -241,8 +241,7 @@ def _build_model(cfg: ClassifyConfig, num_classes: int) -> tuple[nn.Module, Mode
         imagenet=cfg.imagenet_weights,
         log=False,  # logged by _prepare, once the run's log.txt is open
     )
-    if info.input_size is not None and cfg.image_size != info.input_size:
-        raise ConfigError(f"{cfg.arch} needs image_size {info.input_size}, got {cfg.image_size}")
+    check_input_size(info, cfg.image_size)
     return model, info
 
 

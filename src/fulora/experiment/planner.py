@@ -28,7 +28,7 @@ from typing import Any
 
 from fulora.audit.run import audit
 from fulora.classify.config import validation_needs
-from fulora.classify.registry import create_model
+from fulora.classify.registry import ModelInfo, check_input_size, create_model
 from fulora.classify.train import ClassifyConfig, train_classifier
 from fulora.config import to_dict
 from fulora.data.manifest import Manifest
@@ -242,29 +242,35 @@ def _check_models(cfg: ExperimentConfig, configs: StageConfigs, classes: list[st
 
 
 def _check_classifier_weights(classify_cfgs, classes: list[str], source: str) -> None:
-    """Fill in the classes and build each distinct classifier once (missing weights fail here)."""
-    checked = set()
+    """Fill in the classes; build each distinct classifier once and check every cell against it.
+
+    Missing weights and an image size the architecture cannot take (vit_b_16: 224 px) fail
+    here, not in the classifier's stage after the LoRA and the images were made.
+    """
+    built: dict[tuple, ModelInfo] = {}
     for ccfg in classify_cfgs:
         if ccfg.classes is None:
             ccfg.classes = list(classes)
         weights = (ccfg.arch, ccfg.pretrained, ccfg.weights, ccfg.imagenet_weights)
-        if weights in checked:
-            continue
-        checked.add(weights)
+        if weights not in built:
+            try:
+                _, built[weights] = create_model(
+                    ccfg.arch,
+                    len(classes),
+                    pretrained=ccfg.pretrained,
+                    weights=ccfg.weights,
+                    imagenet=ccfg.imagenet_weights,
+                    log=False,
+                )
+            except ConfigError as err:
+                raise ConfigError(
+                    f"'classify.archs' in {source}: {err} (in an experiment: "
+                    "classify.settings.weights or classify.settings.pretrained=false)"
+                ) from None
         try:
-            create_model(
-                ccfg.arch,
-                len(classes),
-                pretrained=ccfg.pretrained,
-                weights=ccfg.weights,
-                imagenet=ccfg.imagenet_weights,
-                log=False,
-            )
+            check_input_size(built[weights], ccfg.image_size)
         except ConfigError as err:
-            raise ConfigError(
-                f"'classify.archs' in {source}: {err} (in an experiment: "
-                "classify.settings.weights or classify.settings.pretrained=false)"
-            ) from None
+            raise ConfigError(f"'classify.settings.image_size' in {source}: {err}") from None
 
 
 # Stage actions: module-level functions, bound with functools.partial (picklable by reference).
