@@ -224,7 +224,7 @@ def _cli_refusal(*args):
         ),
         (["foundation", "build", "--out", "OUT", "--set", "vae_steps=0"], "'vae_steps'"),
         (["data", "phantom", "OUT", "--per-class", "0"], "'per_class' must be at least 1"),
-        (["data", "phantom", "OUT", "--planes", "brian"], "unknown plane label 'brian'"),
+        (["data", "phantom", "OUT", "--planes", "brian"], "'planes': unknown plane label 'brian'"),
         (["data", "phantom", "OUT", "--planes", "cervix"], "the phantom draws"),  # a plane, undrawn
     ],
 )
@@ -264,6 +264,9 @@ def test_cuda_on_a_machine_without_it_is_refused(tmp_path):
         ("lora: {settings: {rank: 0}}", "exp.yaml: 'lora.settings.rank' must be at least 1, got 0"),
         # once refused only at generation, after the LoRA had trained
         ("generate: {settings: {sampler: DPM++ 2M Karass}}", "unknown sampler 'DPM++ 2M Karass'"),
+        # a prompt for a misspelt plane was ignored: that plane got the LoRA's caption instead
+        ("generate: {settings: {prompts: {brian: a brain}}}", "'generate.settings.prompts': unkn"),
+        ("lora: {settings: {captions: {brian: a brain}}}", "'lora.settings.captions': unknown"),
     ],
 )
 def test_experiment_dry_run_refuses_a_bad_stage_setting(tmp_path, section, message):

@@ -24,8 +24,9 @@ from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from fulora.errors import ConfigError
+from fulora.errors import ConfigError, LabelError
 from fulora.io import write_text
+from fulora.planes import check_planes
 
 T = TypeVar("T")
 
@@ -86,6 +87,13 @@ class Checked:
 
     def check(self) -> None:
         """Rules across fields; raise :class:`ConfigError` naming the keys."""
+
+    def check_planes_of(self, key: str) -> None:
+        """Refuse an unknown plane in ``key`` (a plane list, or a mapping keyed by plane)."""
+        try:
+            check_planes(getattr(self, key))
+        except LabelError as err:
+            raise ConfigError(f"{key!r}: {err}") from None
 
     def needs_switch(self, switch: str, keys: tuple[str, ...], what: str) -> None:
         """Refuse a setting of ``keys`` away from its default while ``switch`` is off."""

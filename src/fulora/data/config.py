@@ -32,6 +32,7 @@ class PhantomConfig(Checked):
 
     def check(self) -> None:
         """Only planes the phantom draws (cervix is a plane label, but not drawn)."""
+        self.check_planes_of("planes")
         unknown = [p for p in check_planes(self.planes) if p not in PHANTOM_PLANES]
         if unknown:
             raise ConfigError(

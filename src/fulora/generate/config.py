@@ -13,7 +13,7 @@ from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, CompileMode, Ra
 from fulora.errors import ConfigError
 from fulora.generate.samplers import resolve_sampler
 from fulora.lora.config import DEFAULT_BASE
-from fulora.planes import PAPER_PLANES, check_planes
+from fulora.planes import PAPER_PLANES
 
 
 @dataclass
@@ -42,7 +42,8 @@ class GenerateConfig(Checked):
         misspelt sampler before its LoRA trains.
         """
         resolve_sampler(self.sampler)
-        check_planes(self.planes)
+        self.check_planes_of("planes")
+        self.check_planes_of("prompts")  # its keys: a misspelt plane would fall back silently
         for key in ("width", "height"):
             value = getattr(self, key)
             if value is not None and value % 8:

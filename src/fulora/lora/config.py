@@ -49,7 +49,8 @@ class LoraTrainConfig(Checked):
     }
 
     def check(self) -> None:
-        """Buckets need a step that divides into the resolution (kohya: multiples of 8)."""
+        """Caption keys are planes; bucket steps divide the resolution (kohya: multiples of 8)."""
+        self.check_planes_of("captions")
         if self.bucket_step % 8 or self.resolution % 8:
             raise ConfigError(
                 f"'resolution' ({self.resolution}) and 'bucket_step' ({self.bucket_step}) must "
