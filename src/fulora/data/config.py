@@ -1,7 +1,8 @@
 """The configuration of ``fulora data phantom``.
 
 Kept apart from the renderer, which imports SciPy and matplotlib (1.2 s on 2 cores), so that
-every ``fulora data`` command starts fast and a bad value is refused before those load.
+``fulora data inspect`` and the other data commands start fast, and a bad value is refused
+before those load.
 """
 
 from __future__ import annotations
