@@ -88,10 +88,14 @@ class Checked:
     def check(self) -> None:
         """Rules across fields; raise :class:`ConfigError` naming the keys."""
 
-    def check_planes_of(self, key: str) -> None:
-        """Refuse an unknown plane in ``key`` (a plane list, or a mapping keyed by plane)."""
+    def check_planes_of(self, key: str) -> list[str]:
+        """The canonical planes of ``key`` (a plane list, or a mapping keyed by plane).
+
+        Raises:
+            ConfigError: For an unknown plane, naming ``key``.
+        """
         try:
-            check_planes(getattr(self, key))
+            return check_planes(getattr(self, key))
         except LabelError as err:
             raise ConfigError(f"{key!r}: {err}") from None
 

@@ -98,9 +98,13 @@ class ClassifyConfig(Checked):
     extra: dict[str, Any] = field(default_factory=dict)  # free notes recorded with the run
 
 
-def validation_needs(cfg: ClassifyConfig) -> list[str]:
-    """The settings of ``cfg`` that need a validation set (none: every image may train)."""
-    return [
+def validation_needs(cfg: ClassifyConfig) -> str:
+    """The settings of ``cfg`` that need a validation set, with their verb, for a message.
+
+    ``"select: best needs"``, ``"select: best and early_stopping need"``, or ``""`` when every
+    image may train.
+    """
+    needs = [
         key
         for key, on in (
             ("select: best", cfg.select == "best"),
@@ -108,6 +112,9 @@ def validation_needs(cfg: ClassifyConfig) -> list[str]:
         )
         if on
     ]
+    if not needs:
+        return ""
+    return f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''}"
 
 
 def describe_protocol(cfg: ClassifyConfig) -> str:

@@ -251,8 +251,7 @@ def _check_validation(validation: Manifest | None, cfg: ClassifyConfig, classes:
         needs = validation_needs(cfg)
         if needs:
             raise ConfigError(
-                f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} a validation "
-                "set, and val_fraction is 0: set "
+                f"{needs} a validation set, and val_fraction is 0: set "
                 "val_fraction above 0, pass --val MANIFEST, or use select: last and "
                 "early_stopping: 0 (the paper's notebook)"
             )

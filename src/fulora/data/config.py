@@ -12,7 +12,7 @@ from typing import Literal
 
 from fulora.config import AT_LEAST_1, SEED, Checked, Range
 from fulora.errors import ConfigError
-from fulora.planes import PAPER_PLANES, check_planes
+from fulora.planes import PAPER_PLANES
 
 #: Planes the phantom can draw.
 PHANTOM_PLANES: tuple[str, ...] = PAPER_PLANES
@@ -33,8 +33,7 @@ class PhantomConfig(Checked):
 
     def check(self) -> None:
         """Only planes the phantom draws (cervix is a plane label, but not drawn)."""
-        self.check_planes_of("planes")
-        unknown = [p for p in check_planes(self.planes) if p not in PHANTOM_PLANES]
+        unknown = [p for p in self.check_planes_of("planes") if p not in PHANTOM_PLANES]
         if unknown:
             raise ConfigError(
                 f"'planes': the phantom draws {', '.join(PHANTOM_PLANES)}; not {', '.join(unknown)}"

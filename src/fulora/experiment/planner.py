@@ -218,9 +218,8 @@ def _check_validation_sets(configs: StageConfigs, inputs: _Inputs) -> None:
         if any((m.frame["split"] == "val").any() for m in sets):
             continue
         raise ConfigError(
-            f"'classify.regimes.{regime}' in {configs.source}: {' and '.join(needs)} "
-            f"need{'s' if len(needs) == 1 else ''} validation images, and val_fraction is 0 "
-            "with no image of split val: set "
+            f"'classify.regimes.{regime}' in {configs.source}: {needs} validation images, and "
+            "val_fraction is 0 with no image of split val: set "
             "classify.settings.val_fraction above 0, or select: last and early_stopping: 0 "
             "(the paper's notebook)"
         )

@@ -130,10 +130,10 @@ def plan(cfg: GenerateConfig) -> _Plan:
     if lora is not None:
         metadata = read_lora(lora).metadata
     captions = json.loads(metadata.get("fulora_captions", "{}") or "{}")
-    prompts = {}
-    for plane in planes:
-        given = {check_planes([k])[0]: v for k, v in cfg.prompts.items()}
-        prompts[plane] = given.get(plane) or captions.get(plane) or PAPER_CAPTIONS[plane]
+    given = dict(zip(check_planes(cfg.prompts), cfg.prompts.values(), strict=True))
+    prompts = {
+        plane: given.get(plane) or captions.get(plane) or PAPER_CAPTIONS[plane] for plane in planes
+    }
     width, height = cfg.width, cfg.height
     if width is None or height is None:
         # the LoRA's commonest training bucket, else the base model's own size, else SD1.5's
