@@ -45,8 +45,10 @@ step() {
     tests)
         # the generation GPU tests: fp16 on CUDA against the CPU's fp32 images (session 14
         # fixed their difference, the noise drawn in fp16), each model and attention kernel in
-        # fp16, the decode overlap's CUDA stream (about 1 minute)
+        # fp16, the decode overlap's CUDA stream (about 1 minute); the LoRA's: --device cpu
+        # beside a GPU trains on the CPU (session 18; the 8-bit one skips without bitsandbytes)
         timeout 300 "$PY" -m pytest -q -m gpu -rA tests/generate/test_generate.py \
+            tests/lora/test_train.py \
             2>&1 | quiet | tee "$OUT/gpu-tests.log"
         ;;
     demo)

@@ -206,6 +206,7 @@ def _cli_refusal(*args):
             "'rank' must be at least 1",
         ),
         (["lora", "train", "--data", "DATA", "--out", "OUT", "--max-steps", "-5"], "'max_steps'"),
+        (["lora", "train", "--data", "DATA", "--out", "OUT", "--device", "gpu"], "'device' must"),
         (["generate", "--out", "OUT", "--set", "steps=0"], "'steps' must be at least 1"),
         (["classify", "train", "--train", "DATA", "--out", "OUT", "--epochs", "0"], "'epochs'"),
         (["classify", "train", "--train", "DATA", "--out", "OUT", "--set", "lr=-0.1"], "'lr'"),

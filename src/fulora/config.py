@@ -160,11 +160,27 @@ def require_device(name: str) -> None:
         raise ConfigError("device 'mps': not available here; use --device auto or --device cpu")
 
 
+def check_process_device(name: str, processes: int) -> None:
+    """Refuse one named GPU (``cuda:N``) for a run of several processes (``accelerate launch``).
+
+    accelerate gives each process its own GPU; ``cuda:N`` would put every process on one.
+
+    Raises:
+        ConfigError: For ``cuda:N`` with more than one process.
+    """
+    if processes > 1 and name.startswith("cuda:"):
+        raise ConfigError(
+            f"device {name!r} with {processes} processes: accelerate gives each process its own "
+            "GPU; use --device cuda (or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+
+
 def resolve_device(name: str):
     """The torch device for a ``device`` setting: ``auto`` is CUDA when there is one, else CPU.
 
     The one place every stage turns its setting into a device (generation and LoRA training
-    let accelerate place each process instead, after the same :func:`require_device` check).
+    let accelerate place each process instead, after the same :func:`require_device` check
+    and :func:`check_process_device`).
 
     Raises:
         ConfigError: For a device this machine lacks.

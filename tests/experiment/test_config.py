@@ -82,6 +82,12 @@ CASES = [
         ["'classify.settings.image_size'", "vit_b_16 needs image_size 224, got 32"],
     ),
     ("misspelt sampler", {"generate.settings.sampler": "Euler b"}, ["unknown sampler 'Euler b'"]),
+    # One device per experiment: the runner checks only the top-level one and Ray gives tasks
+    # GPUs by it, so a stage's own device once failed only when that stage started.
+    ("stage device", {"classify.settings.device": "cuda:1"}, ["'classify.settings.device'"]),
+    ("regime device", {"classify.regimes": {"ES": {"device": "cpu"}}}, ["'classify.regimes.ES."]),
+    ("lora device", {"lora.settings.device": "cuda"}, ["'lora.settings.device'", "top-level"]),
+    ("generate device", {"generate.settings.device": "cpu"}, ["'generate.settings.device'"]),
     (
         "generation owns lora",
         {"generate.settings.lora": "x.safetensors"},
@@ -122,6 +128,23 @@ def test_overrides_and_variables(experiment_config, tmp_path, monkeypatch):
     assert [s.path for s in cfg.data.train] == ["/data/b/train", "/env/more"]
     assert cfg.classify.seeds == [3, 4]
     assert cfg.base_config is None  # an empty variable alone means "not set"
+
+
+def test_every_stage_runs_on_the_experiments_device(experiment_config, tmp_path):
+    """The LoRA once took the GPU whenever there was one (the demo's ``--device cpu`` too), and
+    a classifier recipe's device overrode the experiment's."""
+    from fulora.experiment.resolve import resolve_configs
+
+    (tmp_path / "classifier.yaml").write_text("device: cuda\nepochs: 2\n")
+    (tmp_path / "lora.yaml").write_text("device: cuda\nrank: 2\n")
+    experiment_config["classify"]["recipe"] = "classifier.yaml"
+    experiment_config["lora"]["recipe"] = "lora.yaml"
+    experiment_config["lora"]["variants"] = {"r2": {}}
+    path = write_config(tmp_path / "experiment.yaml", experiment_config)
+    configs = resolve_configs(load_experiment(path), tmp_path / "run")
+    stages = [*configs.loras.values(), *configs.generation.values(), *configs.classifiers.values()]
+    assert len(stages) == 4 and {c.device for c in stages} == {"cpu"}
+    assert configs.loras["r2"].rank == 2 and {c.epochs for c in configs.classifiers.values()} == {2}
 
 
 def test_paper_config_resolves(tmp_path, capsys, sample_data):

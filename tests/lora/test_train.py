@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from fulora.config import check_process_device
 from fulora.data.readers import read_any
 from fulora.errors import ConfigError, DataError, ImageLoadError
 from fulora.io import file_hash
@@ -181,6 +182,33 @@ def test_missing_base_model(lora_images, tmp_path, monkeypatch):
     assert "--base PATH" in str(err.value) and "someone/unknown-model" in str(err.value)
 
 
+def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(lora_images, tmp_path):
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(ConfigError, match="'cuda:7': this machine has"):
+        # a missing base model would be named first if the model were loaded first
+        train_lora(read_any(lora_images), tmp_path / "a", _cfg(tmp_path / "none", device="cuda:7"))
+    assert not (tmp_path / "a").exists()
+    check_process_device("cuda", 2)  # accelerate launch: each process takes its own GPU
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES"):
+        check_process_device("cuda:1", 2)
+
+
+def test_a_run_sets_its_own_device_and_precision_in_a_process_that_ran_accelerate(
+    tiny_model, lora_images, tmp_path
+):
+    """accelerate refused a second precision in one process ("restart your runtime"): an
+    experiment's second LoRA variant with another mixed_precision, or a notebook."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    Accelerator(mixed_precision="bf16", cpu=True)  # what ran before in this process
+    cfg = _cfg(tiny_model, device="cpu", max_steps=1)
+    record = train_lora(read_any(lora_images), tmp_path / "lora", cfg, progress=False)
+    assert record["device"] == "cpu" and record["mixed_precision"] == "no"
+
+
 def test_bad_training_data(tiny_model, lora_images, tmp_path):
     folder = tmp_path / "data"
     shutil.copytree(lora_images, folder)
@@ -296,6 +324,18 @@ def test_training_speed_leaves_out_saving_the_lora(tiny_model, lora_images, tmp_
     assert record["steps_per_s"] == pytest.approx(
         record["steps"] / record["seconds_training"], 0.01
     )
+
+
+@pytest.mark.gpu
+def test_device_cpu_trains_on_the_cpu_beside_a_gpu(tiny_model, lora_images, tmp_path):
+    """accelerate once took the GPU whatever the device (so did the demo's ``--device cpu``)."""
+    record = train_lora(
+        read_any(lora_images),
+        tmp_path / "lora",
+        _cfg(tiny_model, device="cpu", max_steps=2),
+        progress=False,
+    )
+    assert record["device"] == "cpu" and record["mixed_precision"] == "no"
 
 
 @pytest.mark.gpu

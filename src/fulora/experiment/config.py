@@ -215,7 +215,10 @@ def _normalise(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_recipe(path: str | Path, relative_to: Path | None) -> tuple[dict[str, Any], str]:
-    """A stage recipe YAML (path relative to the experiment file first); (keys, file name)."""
+    """A stage recipe YAML (path relative to the experiment file first); (keys, file name).
+
+    A recipe's ``device`` is dropped: an experiment runs every stage on its own ``device``.
+    """
     candidate = Path(path).expanduser()
     if (
         not candidate.is_absolute()
@@ -223,7 +226,9 @@ def read_recipe(path: str | Path, relative_to: Path | None) -> tuple[dict[str, A
         and (relative_to / candidate).is_file()
     ):
         candidate = relative_to / candidate
-    return read_yaml_mapping(candidate, "recipe"), str(candidate)
+    recipe = read_yaml_mapping(candidate, "recipe")
+    recipe.pop("device", None)
+    return recipe, str(candidate)
 
 
 def load_experiment(
@@ -264,11 +269,21 @@ def load_experiment(
 
 
 def _stage_config(cls: type, layers: list[tuple[dict[str, Any], str, str]]) -> Any:
-    """Merge key layers (mapping, file, key prefix) into one stage config, naming bad keys."""
+    """Merge key layers (mapping, file, key prefix) into one stage config, naming bad keys.
+
+    A layer with a prefix is a section of the experiment file, where ``device`` is refused:
+    the runner checks the top-level device, and the Ray executor gives tasks GPUs by it.
+    """
     merged: dict[str, Any] = {}
     for mapping, source, prefix in layers:
         if not isinstance(mapping, dict):
             raise ConfigError(f"{prefix.rstrip('.') or 'config'} in {source}: expected a mapping")
+        if prefix and "device" in mapping:
+            raise ConfigError(
+                f"'{prefix}device' in {source}: an experiment runs every stage on its top-level "
+                "'device'; remove this one and set device at the top of the file (or --set "
+                "device=...)"
+            )
         from_dict(cls, mapping, source=source, prefix=prefix)  # errors name this layer
         merged.update(mapping)
     return from_dict(cls, merged, source=layers[-1][1])
@@ -278,7 +293,7 @@ def lora_configs(cfg: ExperimentConfig) -> dict[str, LoraTrainConfig]:
     """The resolved LoRA config of every variant."""
     source = cfg._source  # type: ignore[attr-defined]
     layers: list[tuple[dict[str, Any], str, str]] = [
-        ({"base": cfg.base, "base_config": cfg.base_config}, source, "")
+        ({"base": cfg.base, "base_config": cfg.base_config, "device": cfg.device}, source, "")
     ]
     if cfg.lora.recipe:
         recipe, recipe_source = read_recipe(cfg.lora.recipe, cfg._config_dir)  # type: ignore[attr-defined]

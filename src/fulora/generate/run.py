@@ -34,9 +34,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from fulora import __version__
-from fulora.config import (
-    require_device,
-)
+from fulora.config import check_process_device, require_device, resolve_device
 from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.config import GenerateConfig
@@ -293,7 +291,10 @@ def generate(
         )
     require_device(cfg.device)
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
-    device = state.device if cfg.device == "auto" else torch.device(cfg.device)
+    check_process_device(cfg.device, state.num_processes)
+    # one process: the setting (accelerate's state may hold an earlier run's device); several
+    # (accelerate launch): each process's own GPU
+    device = state.device if state.num_processes > 1 else resolve_device(cfg.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
         cfg.dtype, torch.float16 if device.type == "cuda" else torch.float32
     )

@@ -91,6 +91,9 @@ class LoraTrainConfig(Checked):
     center_crop: bool = False  # square centre crop instead of buckets
     clip_skip: int = 2  # kohya semantics: 2 = the penultimate CLIP layer
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # on CUDA; CPU runs in fp32
+    # auto (the GPU when there is one), cpu, cuda, cuda:N or mps; under accelerate launch,
+    # auto or cuda (each process takes its own GPU)
+    device: str = "auto"
     seed: int = 1234
     cache_latents: bool = True
     # sample: one draw from the VAE's latent distribution per image (kohya); mean: its mean.

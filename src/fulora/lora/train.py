@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from fulora.config import check_process_device, require_device
 from fulora.data.manifest import Manifest
 from fulora.errors import ConfigError
 from fulora.figures import image_grid
@@ -74,9 +75,33 @@ WARMUP_STEPS = 2  # steps left out of ``steady_steps_per_s``
 
 
 # --------------------------------------------------------------------------------------------
-# Data
+# Device and optimiser
 # --------------------------------------------------------------------------------------------
-#: The manifest columns LoRA training reads (with the images' bytes): its data fingerprint.
+def _accelerator(cfg: LoraTrainConfig):
+    """The ``Accelerator`` of a run: on ``cfg.device``, mixed precision on CUDA only.
+
+    Under ``accelerate launch`` each process takes its own GPU.
+
+    Raises:
+        ConfigError: For ``cuda:N`` with several processes.
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    cpu = not cuda and cfg.device != "mps"
+    processes = PartialState(cpu=cpu).num_processes
+    check_process_device(cfg.device, processes)
+    if processes == 1:
+        # accelerate keeps one device and precision per process, and refuses another ("restart
+        # your runtime"): a run in one process sets its own (an experiment's second variant,
+        # a test suite, a notebook). The reset is accelerate's own tests' (AccelerateTestCase).
+        AcceleratorState._reset_state(reset_partial_state=True)
+    if cfg.device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(cfg.device))  # accelerate's "cuda" is the current GPU
+    return Accelerator(mixed_precision=cfg.mixed_precision if cuda else "no", cpu=cpu)
+
+
 def _optimizer(params: list[dict], cfg: LoraTrainConfig, device: torch.device):
     if cfg.optimizer == "adamw8bit":
         if device.type == "cuda":
@@ -146,17 +171,15 @@ def train_lora(
     Returns:
         The run's ``done.json`` record.
     """
-    from accelerate import Accelerator
-
+    require_device(cfg.device)  # before the run folder is made
     out = Path(out)
     existing = RunDir(out)
     if not resume and existing.is_done() and existing.changed_config_keys(cfg) == []:
         logger.info("%s is already trained with this configuration; nothing to do", out)
         return existing.read_done() or {}
     examples = build_examples(data, cfg)  # data errors before any model loading
+    accelerator = _accelerator(cfg)
     pipe = load_pipeline(cfg.base, config=cfg.base_config)
-    cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision if cuda else "no", cpu=not cuda)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
@@ -204,8 +227,11 @@ class _LoraRun:
 
     @property
     def device(self) -> torch.device:
-        """Where the models train."""
-        return self.accelerator.device
+        """Where the models train (accelerate's ``cuda`` is the current GPU: named here)."""
+        device = self.accelerator.device
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
 
     @property
     def out(self) -> Path:
