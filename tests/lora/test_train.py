@@ -125,6 +125,26 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model, lora_images, tmp_pa
     )
 
 
+def test_a_finished_lora_is_not_trained_over_with_other_settings(tiny_model, lora_images, tmp_path):
+    """A rerun with another setting once retrained in place, and the finished LoRA was lost."""
+    data, run = read_any(lora_images), tmp_path / "run"
+    cfg = _cfg(tiny_model, max_steps=2, checkpoint_every=1)
+    train_lora(data, run, cfg, progress=False)
+    finished = file_hash(run / "test_lora.safetensors")
+    other = _cfg(tiny_model, max_steps=2, checkpoint_every=1, rank=8)
+    with pytest.raises(ConfigError, match=r"\(rank differ\); use a new --out folder"):
+        train_lora(data, run, other, progress=False)
+    with pytest.raises(ConfigError, match=r"--resume: .*\(rank differ\).*--config .*config.yaml"):
+        train_lora(data, run, other, resume="latest", progress=False)
+    assert file_hash(run / "test_lora.safetensors") == finished
+    assert train_lora(data, run, cfg, progress=False)["steps"] == 2  # done: nothing to do
+    assert file_hash(run / "test_lora.safetensors") == finished
+    # a resumed run may train longer: it goes on from the last checkpoint
+    longer = _cfg(tiny_model, max_steps=3, checkpoint_every=1)
+    assert train_lora(data, run, longer, resume="latest", progress=False)["steps"] == 3
+    assert list(pd.read_csv(run / "loss.csv")["step"]) == [1, 2, 3]
+
+
 @pytest.mark.parametrize("mode", ["sample", "mean"])
 def test_cached_latents_are_the_vaes_own_draws(tiny_model, lora_images, mode):
     """Reference: diffusers' ``DiagonalGaussianDistribution`` (``latent_dist.sample(generator)``,

@@ -66,7 +66,7 @@ from fulora.lora.data import (
 )
 from fulora.lora.formats import DIFFUSERS_WEIGHT_NAME
 from fulora.lora.targets import lora_target_modules
-from fulora.runs import RunDir, steady_rate
+from fulora.runs import CONFIG_NAME, RunDir, steady_rate
 
 logger = logging.getLogger("fulora")
 
@@ -174,7 +174,7 @@ def train_lora(
     require_device(cfg.device)  # before the run folder is made
     out = Path(out)
     existing = RunDir(out)
-    if not resume and existing.is_done() and existing.changed_config_keys(cfg) == []:
+    if _finished_here(existing, cfg, resume):
         logger.info("%s is already trained with this configuration; nothing to do", out)
         return existing.read_done() or {}
     examples = build_examples(data, cfg)  # data errors before any model loading
@@ -193,6 +193,48 @@ def train_lora(
     finally:
         run.close()
     return record
+
+
+#: What a resumed run may change: where it runs and reads the base's configs, how long it
+#: trains, and how often it saves. Anything else would continue another run's adapters.
+_RESUMABLE_CHANGES = frozenset(
+    {
+        "device",
+        "base_config",
+        "max_steps",
+        "epochs",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "sample_every",
+    }
+)
+
+
+def _finished_here(existing: RunDir, cfg: LoraTrainConfig, resume: str | None) -> bool:
+    """Whether ``existing`` holds this very LoRA, finished; refuse a folder of another run.
+
+    A finished LoRA was once retrained in place, and lost, when a setting changed.
+
+    Raises:
+        ConfigError: The folder holds a run with other settings (with ``resume``: other
+            settings than :data:`_RESUMABLE_CHANGES`).
+    """
+    changed = existing.changed_config_keys(cfg)
+    if resume:
+        others = sorted(set(changed or ()) - _RESUMABLE_CHANGES)
+        if others:
+            raise ConfigError(
+                f"--resume: {existing.path} holds a run with other settings "
+                f"({', '.join(others)} differ); resume with its own (--config "
+                f"{existing.path / CONFIG_NAME}) or train into a new --out folder"
+            )
+        return False
+    if changed:
+        raise ConfigError(
+            f"{existing.path} already holds a LoRA run with other settings "
+            f"({', '.join(changed)} differ); use a new --out folder, or delete that one"
+        )
+    return changed == [] and existing.is_done()
 
 
 @dataclass
