@@ -86,7 +86,7 @@ def _accelerator(cfg: LoraTrainConfig):
         ConfigError: For ``cuda:N`` with several processes.
     """
     from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, GradientState
 
     cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     cpu = not cuda and cfg.device != "mps"
@@ -97,6 +97,7 @@ def _accelerator(cfg: LoraTrainConfig):
         # your runtime"): a run in one process sets its own (an experiment's second variant,
         # a test suite, a notebook). The reset is accelerate's own tests' (AccelerateTestCase).
         AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()  # it holds the last run's data loaders
     if cfg.device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(cfg.device))  # accelerate's "cuda" is the current GPU
     return Accelerator(mixed_precision=cfg.mixed_precision if cuda else "no", cpu=cpu)
