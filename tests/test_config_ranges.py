@@ -227,6 +227,21 @@ def _cli_refusal(*args):
         (["data", "phantom", "OUT", "--per-class", "0"], "'per_class' must be at least 1"),
         (["data", "phantom", "OUT", "--planes", "brian"], "'planes': unknown plane label 'brian'"),
         (["data", "phantom", "OUT", "--planes", "cervix"], "the phantom draws"),  # a plane, undrawn
+        # a plane twice: once two "brain" outputs in one classifier
+        (
+            [
+                "classify",
+                "train",
+                "--train",
+                "DATA",
+                "--out",
+                "OUT",
+                "--set",
+                "classes=[Brain,brain]",
+            ],
+            "'classes' names brain twice",
+        ),
+        (["generate", "--out", "OUT", "--planes", "brain", "Brain"], "'planes' names brain twice"),
     ],
 )
 def test_cli_refuses_bad_numbers_before_any_work(tmp_path, args, message):

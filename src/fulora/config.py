@@ -92,12 +92,17 @@ class Checked:
         """The canonical planes of ``key`` (a plane list, or a mapping keyed by plane).
 
         Raises:
-            ConfigError: For an unknown plane, naming ``key``.
+            ConfigError: For an unknown plane, or one named twice (``Brain`` and ``brain``
+                too), naming ``key``.
         """
         try:
-            return check_planes(getattr(self, key))
+            planes = check_planes(getattr(self, key))
         except LabelError as err:
             raise ConfigError(f"{key!r}: {err}") from None
+        twice = sorted({p for p in planes if planes.count(p) > 1})
+        if twice:
+            raise ConfigError(f"{key!r} names {', '.join(twice)} twice")
+        return planes
 
     def needs_switch(self, switch: str, keys: tuple[str, ...], what: str) -> None:
         """Refuse a setting of ``keys`` away from its default while ``switch`` is off."""

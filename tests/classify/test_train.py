@@ -196,6 +196,16 @@ def test_bad_inputs(phantom, tmp_path):
         evaluate_model(tmp_path / "nothing", target, tmp_path / "f", progress=False)
     with pytest.raises(DataError, match="has no images"):
         evaluate_model(tmp_path / "d", target.subset([False] * len(target)), tmp_path / "g")
+    # one plane: nothing to tell apart (once a 1-class model at 100% accuracy)
+    brain = source.select(labels=["brain"])
+    with pytest.raises(DataError, match=r"all of one plane \(brain\) in .*: a classifier needs"):
+        train_classifier([brain], tmp_path / "h", _cfg(tmp_path), progress=False)
+    with pytest.raises(ConfigError, match=r"'classes' names one plane \(brain\)"):
+        _cfg(tmp_path, classes=["Brain"])
+    # too few patients to hold out a fifth of: the message says what to pass instead
+    few = source.subset(source.frame["patient"].isin(sorted(set(source.frame["patient"]))[:4]))
+    with pytest.raises(DataError, match=r"only 4 patient\(s\) in [^+]*: give a validation set"):
+        train_classifier([few], tmp_path / "i", _cfg(tmp_path), progress=False)
 
 
 def _cli(*args, cwd):

@@ -77,6 +77,11 @@ CASES = [
         ["'classify.regimes.ES'", "select: best needs validation images", "val_fraction"],
     ),
     (
+        "too few patients to hold out",  # once refused by the first classifier, after the images
+        {"classify.settings.val_fraction": 0.1},
+        ["'classify.regimes.ES'", "cannot hold out 10% by patient", "val_fraction"],
+    ),
+    (
         "image size the arch cannot take",  # once refused by the vit classifier, after the LoRA
         {"classify.archs": ["tiny_cnn", "vit_b_16"]},
         ["'classify.settings.image_size'", "vit_b_16 needs image_size 224, got 32"],

@@ -19,6 +19,7 @@ from fulora.config import (
     CompileMode,
     Range,
 )
+from fulora.errors import ConfigError
 
 
 @dataclass
@@ -43,9 +44,14 @@ class ClassifyConfig(Checked):
     }
 
     def check(self) -> None:
-        """Compile's mode only with compile; the autocast type only with amp."""
+        """Compile's mode only with compile, the autocast type only with amp; two classes up."""
         self.needs_switch("compile", ("compile_mode",), "torch.compile")
         self.needs_switch("amp", ("amp_dtype",), "mixed precision")
+        planes = self.check_planes_of("classes") if self.classes else []
+        if len(planes) == 1:
+            raise ConfigError(
+                f"'classes' names one plane ({planes[0]}): a classifier needs two or more"
+            )
 
     arch: str = "resnet18"
     pretrained: bool = True

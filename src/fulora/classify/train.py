@@ -120,7 +120,13 @@ def split_train_val(
             "no real images to hold out for validation (the training set is all synthetic); "
             "pass --val MANIFEST"
         )
-    real = real.split_by_patient(val_fraction, seed=seed)
+    try:
+        real = real.split_by_patient(val_fraction, seed=seed)
+    except DataError as err:
+        raise DataError(
+            f"{err}: give a validation set (--val MANIFEST), or hold out a larger share "
+            "(--val-fraction), or none (--val-fraction 0 with --select last)"
+        ) from None
     held = real.select(split="val")
     kept = Manifest.concat([real.select(split="train"), training.subset(synthetic)])
     return kept, held
@@ -205,6 +211,12 @@ def train_classifier(
     classes = check_planes(cfg.classes) if cfg.classes else [p for p in PLANES if p in present]
     if not classes:
         raise DataError("the training manifests are empty")
+    if len(classes) == 1:
+        origins = ", ".join(m.origin for m in train if m.origin) or "the training manifests"
+        raise DataError(
+            f"the training images are all of one plane ({classes[0]}) in {origins}: a "
+            "classifier needs two or more"
+        )
     training = mix_manifests(
         train,
         classes=classes,

@@ -212,7 +212,7 @@ class Manifest:
             return cls.from_records([])
         frame = pd.concat([m.frame for m in manifests], ignore_index=True)
         frame = frame.astype(object).where(frame.notna(), "")
-        origin = " + ".join(m.origin for m in manifests if m.origin)
+        origin = " + ".join(dict.fromkeys(m.origin for m in manifests if m.origin))
         return cls(frame, origin=origin, validate=False)
 
     # -- access -------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from fulora.classify.train import ClassifyConfig, train_classifier
 from fulora.config import to_dict
 from fulora.data.manifest import Manifest
 from fulora.data.readers import read_any
-from fulora.errors import ConfigError, FuloraError
+from fulora.errors import ConfigError, DataError, FuloraError
 from fulora.evaluate.run import EvaluateConfig, check_test_labels, evaluate_model
 from fulora.experiment.config import (
     DataSource,
@@ -204,25 +204,39 @@ def _read_inputs(cfg: ExperimentConfig, configs: StageConfigs) -> _Inputs:
 
 
 def _check_validation_sets(configs: StageConfigs, inputs: _Inputs) -> None:
-    """Validation images for every classifier that keeps its best epoch or stops early.
+    """Validation images for every classifier: rows of split val, or real patients held out.
 
-    The experiment passes no --val, so with val_fraction 0 they must be rows of split val;
-    found out by the first classifier, that would fail after the LoRA and images were made.
+    The experiment passes no --val. Found out by the first classifier, a missing validation
+    set (val_fraction 0 with select: best) or too few patients to hold out a share of would
+    fail after the LoRA and images were made.
     """
+    split_checked = set()
     for (regime, variant, _, _), ccfg in configs.classifiers.items():
-        needs = validation_needs(ccfg)
-        if not needs or ccfg.val_fraction > 0:
-            continue
-        sets = [inputs.regime_real.get(regime, inputs.train)]
-        sets += [inputs.released_images[variant]] if variant in inputs.released_images else []
+        real = inputs.regime_real.get(regime, inputs.train)
+        sets = [
+            real,
+            *([inputs.released_images[variant]] if variant in inputs.released_images else []),
+        ]
         if any((m.frame["split"] == "val").any() for m in sets):
             continue
-        raise ConfigError(
-            f"'classify.regimes.{regime}' in {configs.source}: {needs} validation images, and "
-            "val_fraction is 0 with no image of split val: set "
-            "classify.settings.val_fraction above 0, or select: last and early_stopping: 0 "
-            "(the paper's notebook)"
-        )
+        where = f"'classify.regimes.{regime}' in {configs.source}"
+        if ccfg.val_fraction > 0 and (regime, ccfg.val_fraction) not in split_checked:
+            split_checked.add((regime, ccfg.val_fraction))
+            try:  # the classifier's own split of its real images (whether it can: any seed)
+                real.split_by_patient(ccfg.val_fraction, seed=ccfg.seed)
+            except DataError as err:
+                raise ConfigError(
+                    f"{where}: {err}: set classify.settings.val_fraction to a larger share, or "
+                    "to 0 with select: last and early_stopping: 0, or mark validation rows "
+                    "(split val)"
+                ) from None
+        needs = validation_needs(ccfg)
+        if needs and ccfg.val_fraction == 0:
+            raise ConfigError(
+                f"{where}: {needs} validation images, and val_fraction is 0 with no image of "
+                "split val: set classify.settings.val_fraction above 0, or select: last and "
+                "early_stopping: 0 (the paper's notebook)"
+            )
 
 
 def _check_models(cfg: ExperimentConfig, configs: StageConfigs, classes: list[str]) -> None:
