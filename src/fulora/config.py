@@ -104,6 +104,19 @@ class Checked:
             raise ConfigError(f"{key!r} names {', '.join(twice)} twice")
         return planes
 
+    def check_classes_of(self, key: str) -> list[str]:
+        """The canonical planes of ``key``, a classifier's classes when set: two or more.
+
+        Raises:
+            ConfigError: For one plane, or as :meth:`check_planes_of`.
+        """
+        planes = self.check_planes_of(key) if getattr(self, key) else []
+        if len(planes) == 1:
+            raise ConfigError(
+                f"{key!r} names one plane ({planes[0]}): a classifier needs two or more"
+            )
+        return planes
+
     def needs_switch(self, switch: str, keys: tuple[str, ...], what: str) -> None:
         """Refuse a setting of ``keys`` away from its default while ``switch`` is off."""
         if getattr(self, switch):

@@ -76,6 +76,7 @@ CASES = [
         {"classify.settings.val_fraction": 0.0, "classify.settings.select": "best"},
         ["'classify.regimes.ES'", "select: best needs validation images", "val_fraction"],
     ),
+    ("one plane", {"data.planes": ["brain"]}, ["'data.planes'", "two or more"]),
     (
         "too few patients to hold out",  # once refused by the first classifier, after the images
         {"classify.settings.val_fraction": 0.1},

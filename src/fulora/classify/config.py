@@ -19,7 +19,6 @@ from fulora.config import (
     CompileMode,
     Range,
 )
-from fulora.errors import ConfigError
 
 
 @dataclass
@@ -47,11 +46,7 @@ class ClassifyConfig(Checked):
         """Compile's mode only with compile, the autocast type only with amp; two classes up."""
         self.needs_switch("compile", ("compile_mode",), "torch.compile")
         self.needs_switch("amp", ("amp_dtype",), "mixed precision")
-        planes = self.check_planes_of("classes") if self.classes else []
-        if len(planes) == 1:
-            raise ConfigError(
-                f"'classes' names one plane ({planes[0]}): a classifier needs two or more"
-            )
+        self.check_classes_of("classes")
 
     arch: str = "resnet18"
     pretrained: bool = True

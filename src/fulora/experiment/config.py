@@ -64,6 +64,10 @@ class DataConfig(Checked):
     targets: dict[str, DataSource] = field(default_factory=dict)  # unseen cohorts to test on
     planes: list[str] | None = None  # classes; default: the planes of the training images
 
+    def check(self) -> None:
+        """``planes``: two planes or more, each once."""
+        self.check_classes_of("planes")
+
 
 @dataclass
 class LoraStage(Checked):
