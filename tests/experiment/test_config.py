@@ -115,6 +115,21 @@ def test_config_error_before_any_work(experiment_config, tmp_path, capsys, chang
     assert not out.exists()  # nothing was started
 
 
+def test_a_training_set_of_one_plane_is_refused(
+    experiment_config, phantom_domains, tmp_path, capsys
+):
+    """Found out by the first classifier once, after the LoRA trained and the images were made."""
+    from fulora.data.manifest import Manifest
+
+    brain = Manifest.read(phantom_domains / "source" / "manifest.csv").select(labels=["brain"])
+    brain.write(tmp_path / "brain.csv")
+    experiment_config["data"]["train"] = [str(tmp_path / "brain.csv")]
+    path = write_config(tmp_path / "experiment.yaml", experiment_config)
+    assert main(["experiment", "run", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert "'data.train' in" in (err := capsys.readouterr().err) and "one plane (brain)" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_target_label_is_named(experiment_config, tmp_path, capsys):
     experiment_config["data"]["planes"] = ["brain", "femur"]  # the target also has abdomen
     path = write_config(tmp_path / "experiment.yaml", experiment_config)

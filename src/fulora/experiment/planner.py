@@ -174,6 +174,11 @@ def _read_inputs(cfg: ExperimentConfig, configs: StageConfigs) -> _Inputs:
     classes = (
         check_planes(cfg.data.planes) if cfg.data.planes else [p for p in PLANES if p in present]
     )
+    if len(classes) == 1:  # found out by the first classifier, after the LoRA and images
+        raise ConfigError(
+            f"'data.train' in {source}: its images are all of one plane ({classes[0]}): a "
+            "classifier needs two or more"
+        )
     regime_real = {
         name: _read_sources(options["real"], f"classify.regimes.{name}.real", source)
         for name, (options, _) in configs.regimes.items()
