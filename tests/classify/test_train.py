@@ -145,6 +145,12 @@ def test_resume_reproduces_the_uninterrupted_run(phantom, tmp_path, monkeypatch)
             [source], tmp_path / "cut", _cfg(tmp_path, augment="da", epochs=3), progress=False
         )
     assert not (tmp_path / "cut" / "done.json").exists()
+    # an unfinished run is no model to evaluate (its best.pt was once taken for the model),
+    # unless its best.pt is passed itself
+    _, _, target = phantom
+    with pytest.raises(DataError, match=r"has not finished .*epoch 2.*pass .*best.pt itself"):
+        evaluate_model(tmp_path / "cut", target, tmp_path / "early", progress=False)
+    evaluate_model(tmp_path / "cut" / "best.pt", target, tmp_path / "early", progress=False)
     monkeypatch.setattr(train_module, "_write_csv", original)
     train_classifier(
         [source], tmp_path / "cut", _cfg(tmp_path, augment="da", epochs=3), progress=False

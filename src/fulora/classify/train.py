@@ -49,7 +49,7 @@ from fulora.errors import ConfigError, DataError
 from fulora.figures import training_curves
 from fulora.io import atomic_path, write_text
 from fulora.planes import PLANES, check_planes
-from fulora.runs import RunDir
+from fulora.runs import DONE_NAME, RunDir
 
 logger = logging.getLogger("fulora")
 
@@ -634,22 +634,29 @@ def _fmt(value: float | None) -> str:
 
 
 def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """Load ``best.pt`` of a training run.
+    """Load ``best.pt`` of a finished training run (or a ``.pt`` file as it is).
 
     Returns:
         ``(model in eval mode, metadata dict)`` with ``classes``, ``image_size``, ``resize``,
         ``normalize``, ``arch`` and ``weights``.
 
     Raises:
-        DataError: If the folder holds no trained model.
+        DataError: If the folder holds no trained model, or a run that did not finish (its
+            best.pt is from an epoch before the end; once evaluated as if it were the model).
     """
-    path = Path(run_dir)
-    path = path / "best.pt" if path.is_dir() else path
+    folder = Path(run_dir)
+    path = folder / "best.pt" if folder.is_dir() else folder
     if not path.is_file():
         raise DataError(
             f"no trained model at {path}; pass the run folder of `fulora classify train`"
         )
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if folder.is_dir() and not (folder / DONE_NAME).is_file():
+        raise DataError(
+            f"the training in {folder} has not finished (no {DONE_NAME}; its best.pt is from "
+            f"epoch {state.get('epoch')}): run its `fulora classify train` command again to "
+            f"finish it, or pass {path} itself to use these weights as they are"
+        )
     model, _ = create_model(state["arch"], len(state["classes"]), pretrained=False, log=False)
     model.load_state_dict(state["model"])
     logger.info(
