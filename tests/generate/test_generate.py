@@ -134,6 +134,16 @@ def test_fused_qkv_needs_a_fused_lora(tiny_model, trained_lora, tmp_path):
         _cfg(tiny_model, trained_lora, fuse_qkv=True, fuse_lora=False)
 
 
+def test_a_lora_run_that_has_not_finished_is_refused(tiny_model, trained_lora, tmp_path):
+    """Its files are an earlier finish's, if any: once generated with as if they were its own."""
+    folder = tmp_path / "lora"
+    shutil.copytree(trained_lora, folder)
+    (folder / "done.json").unlink()  # resumed with more steps, and training (or killed)
+    with pytest.raises(DataError, match=r"has not finished .*--resume.*\.safetensors files"):
+        generate(tmp_path / "out", _cfg(tiny_model, folder), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_compile_settings_need_compile_and_become_torch_options(tiny_model):
     from torch._inductor import list_mode_options
 

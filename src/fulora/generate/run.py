@@ -49,7 +49,7 @@ from fulora.lora.base import (
 from fulora.lora.conditioning import prompt_embeddings
 from fulora.lora.formats import load_lora_into, read_lora
 from fulora.planes import PAPER_CAPTIONS, check_planes
-from fulora.runs import DONE_NAME, RunDir, now_iso, steady_rate
+from fulora.runs import CONFIG_NAME, DONE_NAME, RunDir, now_iso, steady_rate
 
 logger = logging.getLogger("fulora")
 
@@ -85,9 +85,21 @@ def parse_only(items: Sequence[str], planes: Sequence[str]) -> list[tuple[str, i
 
 
 def _resolve_lora(lora: str | None) -> Path | None:
+    """The LoRA file of ``lora``: a file, a finished LoRA run folder, or a diffusers folder.
+
+    Raises:
+        DataError: For a missing path, or a run folder whose training has not finished (its
+            files, if any, are an earlier run's: once generated with as if they were this one).
+    """
     if lora is None:
         return None
     path = Path(lora)
+    if path.is_dir() and (path / CONFIG_NAME).is_file() and not (path / DONE_NAME).is_file():
+        raise DataError(
+            f"the LoRA training in {path} has not finished (no {DONE_NAME}): finish it with its "
+            "`fulora lora train ... --resume` command, or pass one of its .safetensors files "
+            "to use it as it is"
+        )
     if path.is_dir() and (path / DONE_NAME).is_file():
         done = json.loads((path / DONE_NAME).read_text())
         if done.get("lora_kohya") and Path(done["lora_kohya"]).is_file():
