@@ -77,6 +77,8 @@ CASES = [
         ["'classify.regimes.ES'", "select: best needs validation images", "val_fraction"],
     ),
     ("one plane", {"data.planes": ["brain"]}, ["'data.planes'", "two or more"]),
+    ("a seed twice", {"classify.seeds": [0, 0]}, ["'classify.seeds'", "twice"]),
+    ("an arch twice", {"classify.archs": ["tiny_cnn", "tiny_cnn"]}, ["'classify.archs'", "twice"]),
     (
         "too few patients to hold out",  # once refused by the first classifier, after the images
         {"classify.settings.val_fraction": 0.1},

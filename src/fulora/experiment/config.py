@@ -107,6 +107,12 @@ class ClassifyStage(Checked):
         default_factory=lambda: {"ES": {}, "HB": {"synthetic": True}}
     )
 
+    def check(self) -> None:
+        """Each seed once (a seed twice was one run, reported as the mean of two)."""
+        twice = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if twice:
+            raise ConfigError(f"'seeds' names {', '.join(map(str, twice))} twice")
+
 
 @dataclass
 class EvaluateStage(EvaluateSettings):

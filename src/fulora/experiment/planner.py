@@ -28,7 +28,7 @@ from typing import Any
 
 from fulora.audit.run import audit
 from fulora.classify.config import validation_needs
-from fulora.classify.registry import ModelInfo, check_input_size, create_model
+from fulora.classify.registry import ModelInfo, check_input_size, create_model, resolve_arch
 from fulora.classify.train import ClassifyConfig, train_classifier
 from fulora.config import to_dict
 from fulora.data.manifest import Manifest
@@ -256,7 +256,22 @@ def _check_models(cfg: ExperimentConfig, configs: StageConfigs, classes: list[st
             if missing:
                 logger.warning("generation with %s makes no images of %s", variant, missing)
     reference_table(cfg.compare)
+    _check_archs(cfg.classify.archs, configs.source)
     _check_classifier_weights(configs.classifiers.values(), classes, configs.source)
+
+
+def _check_archs(archs: list[str], source: str) -> None:
+    """Each architecture once, under any of its spellings.
+
+    ResNet18 and resnet18 trained the same model twice, shown as two in the results table.
+    """
+    seen: dict[str, str] = {}
+    for arch in archs:
+        canonical = resolve_arch(arch)
+        if canonical in seen:
+            spellings = f" ({seen[canonical]!r} and {arch!r})" if seen[canonical] != arch else ""
+            raise ConfigError(f"'classify.archs' in {source} names {canonical} twice{spellings}")
+        seen[canonical] = arch
 
 
 def _check_classifier_weights(classify_cfgs, classes: list[str], source: str) -> None:
