@@ -202,6 +202,11 @@ def test_bad_inputs(phantom, tmp_path):
         evaluate_model(tmp_path / "nothing", target, tmp_path / "f", progress=False)
     with pytest.raises(DataError, match="has no images"):
         evaluate_model(tmp_path / "d", target.subset([False] * len(target)), tmp_path / "g")
+    # a zero-shot test of the images the classifier trained on (once inflated numbers)
+    with pytest.raises(
+        DataError, match=r"\d+ of the 12 test images .* are in the classifier's training set"
+    ):
+        evaluate_model(tmp_path / "d", source.select(labels=["brain"]), tmp_path / "leak")
     # one plane: nothing to tell apart (once a 1-class model at 100% accuracy)
     brain = source.select(labels=["brain"])
     with pytest.raises(DataError, match=r"all of one plane \(brain\) in .*: a classifier needs"):

@@ -132,6 +132,17 @@ def test_a_training_set_of_one_plane_is_refused(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_target_cohort_of_training_images_is_refused(experiment_config, tmp_path, capsys):
+    """Once a zero-shot table inflated by images the classifiers trained on."""
+    experiment_config["data"]["targets"]["again"] = experiment_config["data"]["train"][0]
+    path = write_config(tmp_path / "experiment.yaml", experiment_config)
+    assert main(["experiment", "run", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "'data.targets.again' in" in err and "18 of the 18 test images" in err, err
+    assert "are in the experiment's training or LoRA images" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_target_label_is_named(experiment_config, tmp_path, capsys):
     experiment_config["data"]["planes"] = ["brain", "femur"]  # the target also has abdomen
     path = write_config(tmp_path / "experiment.yaml", experiment_config)

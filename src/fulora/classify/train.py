@@ -53,6 +53,9 @@ from fulora.runs import DONE_NAME, RunDir
 
 logger = logging.getLogger("fulora")
 
+#: The images a run trained on, as a manifest (the evaluation checks the test set against it).
+TRAIN_MANIFEST_NAME = "train_manifest.csv"
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -498,7 +501,7 @@ def _prepare(cfg, built, classes, training, validation, out, device):
     model, info = built
     logger.info("model %s, %s", info.arch, info.weights)
     size = cfg.image_size  # checked against the model's by _build_model
-    training.write(out / "train_manifest.csv")
+    training.write(out / TRAIN_MANIFEST_NAME)
     if validation is not None:
         validation.write(out / "val_manifest.csv")
     cache = PreprocessCache(

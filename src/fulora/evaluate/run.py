@@ -14,6 +14,7 @@ Writes into the output folder:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pandas as pd
 import torch
 
 from fulora.classify.features import run_classifier
-from fulora.classify.train import load_classifier
+from fulora.classify.train import TRAIN_MANIFEST_NAME, load_classifier
 from fulora.data.manifest import Manifest
 from fulora.errors import DataError
 from fulora.evaluate.config import EvaluateConfig
@@ -79,6 +80,30 @@ def check_test_labels(manifest: Manifest, classes: list[str]) -> None:
                 f"knows ({', '.join(classes)}); drop those rows, e.g. "
                 f"`fulora data manifest ... --labels {' '.join(classes)}`"
             )
+
+
+def check_unseen(test: Manifest, seen: Iterable[str], what: str) -> None:
+    """A zero-shot test holds no image the model trained on (compared by path).
+
+    Raises:
+        DataError: Naming how many test images are in ``what`` and the first one.
+    """
+    seen = set(seen)
+    shared = [row for row, path in enumerate(test.frame["path"]) if path in seen]
+    if shared:
+        raise DataError(
+            f"{len(shared)} of the {len(test)} test images in {test.origin or 'the test set'} "
+            f"are in {what} (first: row {shared[0]}, {test.frame['path'].iloc[shared[0]]}): a "
+            "zero-shot test must not see them; test on images that were not trained on"
+        )
+
+
+def _check_unseen_by(model_dir: Path, test: Manifest) -> None:
+    """Against the run's ``train_manifest.csv`` (a ``.pt`` file alone has none to compare)."""
+    trained = model_dir / TRAIN_MANIFEST_NAME if model_dir.is_dir() else None
+    if trained is not None and trained.is_file():
+        paths = pd.read_csv(trained, usecols=["path"], dtype=str)["path"]
+        check_unseen(test, paths, f"the classifier's training set ({trained})")
 
 
 def evaluate_predictions(
@@ -162,6 +187,7 @@ def evaluate_model(
     model, meta = load_classifier(model_dir)
     classes = list(meta["classes"])
     check_test_labels(test, classes)
+    _check_unseen_by(Path(model_dir), test)
     run = RunDir(out, command="fulora evaluate").start(cfg)
     try:
         proba = predict_proba(

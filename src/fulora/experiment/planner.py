@@ -34,7 +34,7 @@ from fulora.config import to_dict
 from fulora.data.manifest import Manifest
 from fulora.data.readers import read_any
 from fulora.errors import ConfigError, DataError, FuloraError
-from fulora.evaluate.run import EvaluateConfig, check_test_labels, evaluate_model
+from fulora.evaluate.run import EvaluateConfig, check_test_labels, check_unseen, evaluate_model
 from fulora.experiment.config import (
     DataSource,
     EvaluateStage,
@@ -195,6 +195,13 @@ def _read_inputs(cfg: ExperimentConfig, configs: StageConfigs) -> _Inputs:
     lora_data = None
     if configs.loras or (configs.synthetic and cfg.data.lora):  # the audit compares with it too
         lora_data = _read_sources(cfg.data.lora, "data.lora", source)
+    trained_on = [train, *regime_real.values(), *([lora_data] if lora_data else [])]
+    seen = {path for manifest in trained_on for path in manifest.frame["path"]}
+    for name, manifest in targets.items():
+        try:  # a cohort that overlaps them once gave zero-shot numbers inflated by it
+            check_unseen(manifest, seen, "the experiment's training or LoRA images")
+        except DataError as err:
+            raise DataError(f"'data.targets.{name}' in {source}: {err}") from None
     released_images = {
         v: _read_source(parts["images"], f"lora.variants.{v}.images", source).with_values(
             source="synthetic"  # whatever the layout: these images are not real
