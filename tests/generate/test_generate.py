@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -142,6 +143,28 @@ def test_a_lora_run_that_has_not_finished_is_refused(tiny_model, trained_lora, t
     with pytest.raises(DataError, match=r"has not finished .*--resume.*\.safetensors files"):
         generate(tmp_path / "out", _cfg(tiny_model, folder), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_images_of_another_lora_file_at_the_same_path_are_refused(
+    tiny_model, trained_lora, tmp_path
+):
+    """A LoRA trained again into its folder: the rerun once kept the old LoRA's images (mixed
+    with new ones if unfinished) and recorded the new file's hash for them."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "lora"
+    shutil.copytree(trained_lora, folder)
+    cfg = _cfg(tiny_model, folder, planes=["brain"], per_class=2, batch_size=2, contact_sheet=0)
+    record = generate(tmp_path / "out", cfg, progress=False)
+    assert Path(record["lora"]).parent == folder  # the copy's file, not the original's
+    lora_file = folder / Path(json.loads((folder / "done.json").read_text())["lora_kohya"]).name
+    weights = load_file(lora_file)
+    save_file({k: v * 1.5 for k, v in weights.items()}, lora_file)  # trained again
+    for finished in (True, False):
+        if not finished:
+            (tmp_path / "out" / "done.json").unlink()
+        with pytest.raises(ConfigError, match="holds images made with another LoRA file"):
+            generate(tmp_path / "out", cfg, progress=False)
 
 
 def test_compile_settings_need_compile_and_become_torch_options(tiny_model):

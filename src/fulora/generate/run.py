@@ -102,8 +102,11 @@ def _resolve_lora(lora: str | None) -> Path | None:
         )
     if path.is_dir() and (path / DONE_NAME).is_file():
         done = json.loads((path / DONE_NAME).read_text())
-        if done.get("lora_kohya") and Path(done["lora_kohya"]).is_file():
-            return Path(done["lora_kohya"])
+        # the file of that name in this folder: a copied folder's done.json names the
+        # original's path, which may hold another LoRA by now
+        named = path / Path(done.get("lora_kohya") or "").name
+        if done.get("lora_kohya") and named.is_file():
+            return named
         # [!.]: not the .<name>.tmp.safetensors of an export killed in an earlier attempt
         kohya = sorted(
             p
@@ -301,6 +304,7 @@ def generate(
             f"{out} already holds images made with another configuration "
             f"({', '.join(changed)} differ); use another --out folder"
         )
+    _check_same_lora(out, resolved)
     require_device(cfg.device)
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     check_process_device(cfg.device, state.num_processes)
@@ -322,6 +326,34 @@ def generate(
         return _generate_into(run, cfg, resolved, part, device, dtype, batch, only, progress)
     finally:
         run.close()
+
+
+def _check_same_lora(out: Path, resolved: _Plan) -> None:
+    """Images already in ``out`` come from this very LoRA file.
+
+    Its path may hold another file now (a LoRA trained again into the same folder): a rerun
+    mixed the two sets, or, finished, recorded the new file for the old images.
+
+    Raises:
+        ConfigError: Naming both files' hashes.
+    """
+    made_with = _lora_of_images_in(out, resolved.planes)
+    if made_with is not None and made_with != resolved.lora_sha256:
+        raise ConfigError(
+            f"{out} holds images made with another LoRA file (SHA-256 {made_with[:12] or 'none'}"
+            f"; {resolved.lora or 'no LoRA'} is {resolved.lora_sha256[:12] or 'none'}): use "
+            "another --out folder"
+        )
+
+
+def _lora_of_images_in(out: Path, planes: Sequence[str]) -> str | None:
+    """The LoRA SHA-256 the images in ``out`` were made with ("" for none; None: no images)."""
+    if (out / DONE_NAME).is_file():
+        return json.loads((out / DONE_NAME).read_text()).get("lora_sha256", "")
+    for plane in planes:
+        for png in sorted((out / plane).glob("[!.]*.png"))[:1]:  # [!.]: not a write under way
+            return read_png_provenance(png).get("lora_sha256", "")
+    return None
 
 
 @dataclass(frozen=True)
