@@ -37,6 +37,7 @@ logger = logging.getLogger("fulora")
 CONFIG_NAME = "config.yaml"  # the resolved config, written at start
 DONE_NAME = "done.json"  # written last: the run finished
 LOG_NAME = "log.txt"
+TRAIN_MANIFEST_NAME = "train_manifest.csv"  # a training run's images, written at start
 
 
 def now_iso() -> str:

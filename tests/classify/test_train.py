@@ -167,6 +167,10 @@ def test_resume_reproduces_the_uninterrupted_run(phantom, tmp_path, monkeypatch)
     )
     with pytest.raises(ConfigError, match="another configuration .*epochs"):
         train_classifier([source], tmp_path / "cut", _cfg(tmp_path, augment="da", epochs=4))
+    # other images, same settings: once "nothing to do", the run on the first images answering
+    fewer = source.subset(source.frame["label"] != "femur")
+    with pytest.raises(ConfigError, match="trained on other images than these"):
+        train_classifier([fewer], tmp_path / "cut", _cfg(tmp_path, augment="da", epochs=3))
 
 
 def test_bad_inputs(phantom, tmp_path):

@@ -137,6 +137,11 @@ def test_a_finished_lora_is_not_trained_over_with_other_settings(tiny_model, lor
     with pytest.raises(ConfigError, match=r"--resume: .*\(rank differ\).*--config .*config.yaml"):
         train_lora(data, run, other, resume="latest", progress=False)
     assert file_hash(run / "test_lora.safetensors") == finished
+    # other images, same settings: once "nothing to do" (finished) or resumed on them
+    brain = data.select(labels=["brain"])
+    for resume in (None, "latest"):
+        with pytest.raises(ConfigError, match="trained on other images than these"):
+            train_lora(brain, run, cfg, resume=resume, progress=False)
     assert train_lora(data, run, cfg, progress=False)["steps"] == 2  # done: nothing to do
     assert file_hash(run / "test_lora.safetensors") == finished
     # a resumed run may train longer: it goes on from the last checkpoint

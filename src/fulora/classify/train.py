@@ -44,17 +44,14 @@ from fulora.config import (
 )
 from fulora.data.cache import PreprocessCache, default_cache_dir
 from fulora.data.dataset import ManifestDataset
-from fulora.data.manifest import Manifest
+from fulora.data.manifest import Manifest, check_trained_on
 from fulora.errors import ConfigError, DataError
 from fulora.figures import training_curves
 from fulora.io import atomic_path, write_text
 from fulora.planes import PLANES, check_planes
-from fulora.runs import DONE_NAME, RunDir
+from fulora.runs import DONE_NAME, TRAIN_MANIFEST_NAME, RunDir
 
 logger = logging.getLogger("fulora")
-
-#: The images a run trained on, as a manifest (the evaluation checks the test set against it).
-TRAIN_MANIFEST_NAME = "train_manifest.csv"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -204,10 +201,6 @@ def train_classifier(
             f"{out} already holds a run with another configuration ({', '.join(changed)} "
             "differ); use a new --out folder or delete it"
         )
-    if changed == [] and run.is_done():
-        logger.info("%s is already trained with this configuration; nothing to do", out)
-        return run.read_done() or {}
-
     present = set()
     for manifest in train:
         present |= set(manifest.labels)
@@ -230,6 +223,10 @@ def train_classifier(
         seed=cfg.seed,
     )
     training, validation = split_train_val(training, val, cfg.val_fraction, cfg.seed)
+    check_trained_on(out, training)
+    if changed == [] and run.is_done():
+        logger.info("%s is already trained with this configuration; nothing to do", out)
+        return run.read_done() or {}
     _check_validation(validation, cfg, classes)
     built = _build_model(cfg, len(classes))
 

@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 from fulora.data.hashes import content_hashes
-from fulora.errors import DataError
+from fulora.errors import ConfigError, DataError
 from fulora.io import atomic_open
 from fulora.planes import PLANES, map_planes
+from fulora.runs import TRAIN_MANIFEST_NAME
 
 logger = logging.getLogger("fulora")
 
@@ -297,6 +298,13 @@ class Manifest:
             digest.update(f"{row}\n".encode())
         return digest.hexdigest()
 
+    def lists_the_images_of(self, other: Manifest) -> bool:
+        """Whether both list the same images under the same labels, in any order."""
+        columns = ["path", "label"]
+        return self.fingerprint(columns=columns, content=False) == other.fingerprint(
+            columns=columns, content=False
+        )
+
     def drop_duplicate_paths(self, what: str = "training") -> Manifest:
         """The manifest with each image once; warns naming the rows that repeated one.
 
@@ -429,3 +437,20 @@ def _relative_if_inside(path: str, base: Path) -> str:
         return resolved.relative_to(base).as_posix()
     except ValueError:
         return path
+
+
+def check_trained_on(folder: Path, images: Manifest) -> None:
+    """The training run in ``folder``, if any, trained (or began to train) on ``images``.
+
+    A finished run once answered for any images given with the same settings, and an
+    interrupted one resumed on other images.
+
+    Raises:
+        ConfigError: Its ``train_manifest.csv`` lists other images (paths or labels).
+    """
+    saved = Path(folder) / TRAIN_MANIFEST_NAME
+    if saved.is_file() and not Manifest.read(saved).lists_the_images_of(images):
+        raise ConfigError(
+            f"{folder} holds a run trained on other images than these ({saved} lists them); "
+            "use a new --out folder or delete that one"
+        )

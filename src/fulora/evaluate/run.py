@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from fulora.classify.features import run_classifier
-from fulora.classify.train import TRAIN_MANIFEST_NAME, load_classifier
+from fulora.classify.train import load_classifier
 from fulora.data.manifest import Manifest
 from fulora.errors import DataError
 from fulora.evaluate.config import EvaluateConfig
@@ -40,7 +40,7 @@ from fulora.evaluate.metrics import (
 from fulora.evaluate.result import METRICS_NAME, PREDICTIONS_NAME
 from fulora.figures import confusion_matrix_figure, reliability_diagram
 from fulora.io import atomic_open, write_json
-from fulora.runs import RunDir
+from fulora.runs import TRAIN_MANIFEST_NAME, RunDir
 
 logger = logging.getLogger("fulora")
 

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fulora.config import check_process_device, require_device
-from fulora.data.manifest import Manifest
+from fulora.data.manifest import Manifest, check_trained_on
 from fulora.errors import ConfigError
 from fulora.figures import image_grid
 from fulora.io import atomic_open
@@ -66,7 +66,7 @@ from fulora.lora.data import (
 )
 from fulora.lora.formats import DIFFUSERS_WEIGHT_NAME
 from fulora.lora.targets import lora_target_modules
-from fulora.runs import CONFIG_NAME, RunDir, steady_rate
+from fulora.runs import CONFIG_NAME, TRAIN_MANIFEST_NAME, RunDir, steady_rate
 
 logger = logging.getLogger("fulora")
 
@@ -175,7 +175,9 @@ def train_lora(
     require_device(cfg.device)  # before the run folder is made
     out = Path(out)
     existing = RunDir(out)
-    if _finished_here(existing, cfg, resume):
+    finished = _finished_here(existing, cfg, resume)
+    check_trained_on(out, data)
+    if finished:
         logger.info("%s is already trained with this configuration; nothing to do", out)
         return existing.read_done() or {}
     examples = build_examples(data, cfg)  # data errors before any model loading
@@ -188,6 +190,7 @@ def train_lora(
     run = RunDir(out, command="fulora lora train")
     if main:
         run.start(cfg)
+        _training_manifest(data, examples).write(out / TRAIN_MANIFEST_NAME)  # resume checks it
     state = _LoraRun(cfg, run, accelerator, weight_dtype, pipe, examples)
     try:
         record = _train(state, data, resume, progress, on_step)
@@ -512,6 +515,18 @@ def _checkpoint_and_sample(state: _LoraRun) -> None:
         _sample_grid(state)
 
 
+def _training_manifest(data: Manifest, examples: list[Example]) -> Manifest:
+    """The training images with the caption and bucket each was trained with."""
+    return Manifest(
+        data.frame.assign(
+            caption=[e.caption for e in examples],
+            bucket=[f"{e.bucket[0]}x{e.bucket[1]}" for e in examples],
+        ),
+        origin=data.origin,
+        validate=False,
+    )
+
+
 def _finish(
     state: _LoraRun, data: Manifest, seconds: float, trained_steps: int, steady: float | None
 ):
@@ -528,11 +543,6 @@ def _finish(
     )
     _sample_grid(state)
     buckets = [f"{e.bucket[0]}x{e.bucket[1]}" for e in examples]
-    Manifest(
-        data.frame.assign(caption=[e.caption for e in examples], bucket=buckets),
-        origin=data.origin,
-        validate=False,
-    ).write(out / "train_manifest.csv")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return state.run.finish(
         steps=state.step,
