@@ -99,10 +99,19 @@ class Checked:
             planes = check_planes(getattr(self, key))
         except LabelError as err:
             raise ConfigError(f"{key!r}: {err}") from None
-        twice = sorted({p for p in planes if planes.count(p) > 1})
-        if twice:
-            raise ConfigError(f"{key!r} names {', '.join(twice)} twice")
+        self.check_once(key, planes)
         return planes
+
+    def check_once(self, key: str, values: list | None = None) -> None:
+        """Refuse a value named twice in ``key`` (``values``: its canonical form, if any).
+
+        Raises:
+            ConfigError: Naming the repeated values.
+        """
+        values = getattr(self, key) if values is None else values
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ConfigError(f"{key!r} names {', '.join(map(str, twice))} twice")
 
     def check_classes_of(self, key: str) -> list[str]:
         """The canonical planes of ``key``, a classifier's classes when set: two or more.

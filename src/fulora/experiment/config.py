@@ -109,9 +109,7 @@ class ClassifyStage(Checked):
 
     def check(self) -> None:
         """Each seed once (a seed twice was one run, reported as the mean of two)."""
-        twice = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
-        if twice:
-            raise ConfigError(f"'seeds' names {', '.join(map(str, twice))} twice")
+        self.check_once("seeds")
 
 
 @dataclass

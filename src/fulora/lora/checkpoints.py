@@ -159,7 +159,7 @@ def save_final(
         "fulora_base_model_sha256": identity[1],
         "fulora_dataset_sha256": data_hash,
         "fulora_captions": {plane: c.most_common(1)[0][0] for plane, c in captions.items()},
-        "fulora_buckets": sorted({f"{e.bucket[0]}x{e.bucket[1]}" for e in examples}),
+        "fulora_buckets": sorted({e.bucket_name for e in examples}),
         # the most common training bucket: generation's default size
         "fulora_size": "x".join(map(str, Counter(e.bucket for e in examples).most_common(1)[0][0])),
         "fulora_targets": cfg.targets,

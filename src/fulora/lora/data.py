@@ -51,6 +51,11 @@ class Example:
     repeats: int
     resized: tuple[int, int] = (0, 0)  # the size it is resized to before trimming to the bucket
 
+    @property
+    def bucket_name(self) -> str:
+        """The bucket as kohya names it: ``WIDTHxHEIGHT``."""
+        return f"{self.bucket[0]}x{self.bucket[1]}"
+
 
 def captions_for(manifest: Manifest, cfg: LoraTrainConfig) -> list[str]:
     """The caption of every row, per ``cfg.caption_source``; errors name what is missing."""

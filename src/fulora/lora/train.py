@@ -520,7 +520,7 @@ def _training_manifest(data: Manifest, examples: list[Example]) -> Manifest:
     return Manifest(
         data.frame.assign(
             caption=[e.caption for e in examples],
-            bucket=[f"{e.bucket[0]}x{e.bucket[1]}" for e in examples],
+            bucket=[e.bucket_name for e in examples],
         ),
         origin=data.origin,
         validate=False,
@@ -542,7 +542,7 @@ def _finish(
         out, cfg, unet_m, te_m, unet_lora, te_lora, state.step, identity, data_hash, examples
     )
     _sample_grid(state)
-    buckets = [f"{e.bucket[0]}x{e.bucket[1]}" for e in examples]
+    buckets = [e.bucket_name for e in examples]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return state.run.finish(
         steps=state.step,
