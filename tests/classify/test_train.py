@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -211,6 +212,18 @@ def test_bad_inputs(phantom, tmp_path):
         DataError, match=r"\d+ of the 12 test images .* are in the classifier's training set"
     ):
         evaluate_model(tmp_path / "d", source.select(labels=["brain"]), tmp_path / "leak")
+    # ... and one copied under another name into a test set otherwise unseen
+    copied = tmp_path / "copies" / "brain" / "renamed.png"
+    copied.parent.mkdir(parents=True)
+    shutil.copyfile(source.select(labels=["brain"]).paths[1], copied)
+    test = target.select(labels=["brain", "femur"])
+    test = Manifest.concat([test, Manifest.from_records([{"path": copied, "label": "brain"}])])
+    with pytest.raises(
+        DataError, match=r"1 of the \d+ test images .* byte-for-byte copies of images in the cl"
+    ):
+        evaluate_model(tmp_path / "d", test, tmp_path / "copy", progress=False)
+    assert not (tmp_path / "copy").exists()
+    evaluate_model(tmp_path / "d", test.subset(test.frame["path"] != str(copied)), tmp_path / "j")
     # one plane: nothing to tell apart (once a 1-class model at 100% accuracy)
     brain = source.select(labels=["brain"])
     with pytest.raises(DataError, match=r"all of one plane \(brain\) in .*: a classifier needs"):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from fulora.cli import main
+from fulora.data.manifest import Manifest
 from fulora.experiment.config import load_experiment
 
 from .conftest import write_config
@@ -140,6 +143,27 @@ def test_a_target_cohort_of_training_images_is_refused(experiment_config, tmp_pa
     err = capsys.readouterr().err
     assert "'data.targets.again' in" in err and "18 of the 18 test images" in err, err
     assert "are in the experiment's training or LoRA images" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_target_cohort_with_a_copy_of_a_training_image_is_refused(
+    experiment_config, phantom_domains, tmp_path, capsys
+):
+    """A training image under another name in the target cohort: the same bytes, refused."""
+    source = Manifest.read(phantom_domains / "source" / "manifest.csv")
+    copied = tmp_path / "cohort" / "renamed.png"
+    copied.parent.mkdir()
+    shutil.copyfile(source.paths[4], copied)
+    target = Manifest.read(phantom_domains / "target" / "manifest.csv")
+    copy_row = Manifest.from_records([{"path": copied, "label": source.labels[4]}])
+    Manifest.concat([target, copy_row]).write(tmp_path / "cohort" / "manifest.csv")
+    experiment_config["data"]["targets"]["target"] = str(tmp_path / "cohort" / "manifest.csv")
+    path = write_config(tmp_path / "experiment.yaml", experiment_config)
+    assert main(["experiment", "run", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "'data.targets.target' in" in err and "1 of the 19 test images" in err, err
+    assert "byte-for-byte copies of images in the experiment's training or LoRA images" in err
+    assert f"renamed.png, the same bytes as {source.paths[4]}" in err
     assert not (tmp_path / "run").exists()
 
 
