@@ -91,7 +91,13 @@ def experiment_config(tiny_model, phantom_domains):
 
 @pytest.fixture(scope="session")
 def finished_experiment(tiny_model, phantom_domains, tmp_path_factory):
-    """The small experiment run to the end once (folder), shared by read-only tests."""
+    """The small experiment run to the end once (folder), shared by read-only tests.
+
+    On one torch thread, as Ray runs each 1-CPU stage: test_ray compares its Ray run with this
+    one image for image (a thread count changes the summation order of CPU matrix products).
+    """
+    import torch
+
     from fulora.experiment.config import load_experiment
     from fulora.experiment.runner import run_experiment
 
@@ -101,5 +107,10 @@ def finished_experiment(tiny_model, phantom_domains, tmp_path_factory):
     config["classify"]["regimes"]["HB-filtered"] = {"filtered": True}
     config["audit"] = {"settings": {"min_confidence": 0.0, "kid_subsets": 10}}
     path = write_config(root / "experiment.yaml", config)
-    run_experiment(load_experiment(path), root / "run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_experiment(load_experiment(path), root / "run")
+    finally:
+        torch.set_num_threads(threads)
     return root / "run"

@@ -39,6 +39,12 @@ def _stage_runs(out: str) -> list[dict]:
     return pd.read_csv(Path(out) / "stages.csv", keep_default_na=False).to_dict("records")
 
 
+def sharded(config: str, ray_out: str) -> dict:
+    """The experiment by Ray, generation in 2 shards (to compare with a local run of it)."""
+    result = _ray(config, ray_out, ["generate.shards=2"])
+    return {"ray_s": result["seconds"], "stage_runs": _stage_runs(ray_out)}
+
+
 def equal(config: str, local_out: str, ray_out: str) -> dict:
     """The same experiment by the local executor and by Ray (generation in 2 shards)."""
     # One thread in both: a CPU's thread count changes the summation order of matrix products
@@ -46,9 +52,7 @@ def equal(config: str, local_out: str, ray_out: str) -> dict:
     torch.set_num_threads(1)
     started = time.perf_counter()
     runner.run_experiment(load_experiment(config), local_out)
-    local_s = time.perf_counter() - started
-    result = _ray(config, ray_out, ["generate.shards=2"])
-    return {"local_s": local_s, "ray_s": result["seconds"], "stage_runs": _stage_runs(ray_out)}
+    return {"local_s": time.perf_counter() - started, **sharded(config, ray_out)}
 
 
 def _kill_once(action, flag: Path):
@@ -103,7 +107,11 @@ HELD = "classify/HB/tiny_cnn/seed-0"  # the stage the interrupted run is held in
 def _held(action, marker: Path):
     def run():
         marker.write_text("held")  # Ctrl-C comes now, while this stage runs
-        time.sleep(120)
+        # Short sleeps, as a stage's own work is short steps: Ray's cancel raises
+        # KeyboardInterrupt between two of them, and the stage cleans up as after Ctrl-C.
+        # One long sleep would wait out the executor's 15 s grace and be killed instead.
+        for _ in range(1200):
+            time.sleep(0.1)
         return action()
 
     return run
@@ -186,5 +194,6 @@ def run(config: str, out: str, hold: str = "") -> dict:
 
 if __name__ == "__main__":
     name, *args = sys.argv[1:]
-    result = {"equal": equal, "faults": faults, "interrupt": interrupt, "run": run}[name](*args)
+    scenarios = {"equal": equal, "sharded": sharded, "faults": faults, "interrupt": interrupt}
+    result = {**scenarios, "run": run}[name](*args)
     print("RESULT " + json.dumps(result, default=str), flush=True)

@@ -115,6 +115,37 @@ def test_the_summary_says_which_node_ran_what_and_what_failed():
     assert "1 stage(s) not run because they need a failed one" in message
 
 
+def test_ctrl_c_interrupts_every_task_and_kills_only_those_still_running_after_the_grace():
+    """The executor's cancel, against a stand-in for Ray's API (``cancel``, ``wait``): Ray's own
+    Ctrl-C scenario (test_ray.py) has its held stage stop within the grace, so the kill after
+    it is checked here."""
+    from fulora.experiment.ray_executor import _cancel
+
+    class Ray:
+        def __init__(self):
+            self.calls = []
+
+        def cancel(self, ref, force=False):
+            self.calls.append(("cancel", ref, force))
+
+        def wait(self, refs, num_returns, timeout):
+            self.calls.append(("wait", tuple(refs), num_returns, timeout))
+            return [r for r in refs if r != "stuck"], [r for r in refs if r == "stuck"]
+
+    ray = Ray()
+    _cancel(ray, ["a", "stuck", "b"], grace_s=2.0)
+    assert ray.calls == [
+        ("cancel", "a", False),  # KeyboardInterrupt in each task: it cleans up as after Ctrl-C
+        ("cancel", "stuck", False),
+        ("cancel", "b", False),
+        ("wait", ("a", "stuck", "b"), 3, 2.0),
+        ("cancel", "stuck", True),  # still running after the grace: its worker is killed
+    ]
+    ray.calls.clear()
+    _cancel(ray, [])
+    assert ray.calls == []
+
+
 def test_the_critical_path_is_the_longest_chain_of_waiting_stages(finished_experiment):
     plan = plan_experiment(
         load_experiment(finished_experiment / "config.yaml"), finished_experiment

@@ -60,14 +60,11 @@ def ray_config(tiny_model, phantom_domains, tmp_path):
     return write_config(tmp_path / "experiment.yaml", config)
 
 
-def test_ray_runs_the_experiment_as_the_local_executor_does(tiny_model, phantom_domains, tmp_path):
-    config = small_config(tiny_model, phantom_domains)
-    config["classify"]["seeds"] = [0, 1]
-    config["classify"]["regimes"]["HB-filtered"] = {"filtered": True}
-    config["audit"] = {"settings": {"min_confidence": 0.0, "kid_subsets": 10}}
-    path = write_config(tmp_path / "experiment.yaml", config)
-    local, ray = tmp_path / "local", tmp_path / "ray"
-    result = _scenario("equal", str(path), str(local), str(ray))
+def test_ray_runs_the_experiment_as_the_local_executor_does(finished_experiment, tmp_path):
+    # The local run is the shared fixture's (on one thread, as Ray's 1-CPU tasks): its config
+    # file, run again by Ray into another folder.
+    local, ray = finished_experiment, tmp_path / "ray"
+    result = _scenario("sharded", str(local.parent / "experiment.yaml"), str(ray))
 
     # Every stage key equal: a stage done by either executor is done for both.
     plans = [pd.read_csv(run / "plan.csv") for run in (local, ray)]
