@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from fulora.classify import train as train_module
 from fulora.classify.registry import create_model
@@ -173,6 +174,31 @@ def test_resume_reproduces_the_uninterrupted_run(phantom, tmp_path, monkeypatch)
     fewer = source.subset(source.frame["label"] != "femur")
     with pytest.raises(ConfigError, match="trained on other images than these"):
         train_classifier([fewer], tmp_path / "cut", _cfg(tmp_path, augment="da", epochs=3))
+
+
+def test_a_finished_run_does_not_answer_for_images_replaced_in_place(phantom, tmp_path):
+    """The same names, other bytes (a dataset re-exported in place): a rerun once said "nothing
+    to do" and reported the run on the old images. Runs from before the content hashes were
+    recorded are still taken by path and label."""
+    _, source, _ = phantom
+    images = source.with_values()  # the phantom's images, copied: one is replaced below
+    copies = [tmp_path / "data" / f"{k}.png" for k in range(len(source))]
+    (tmp_path / "data").mkdir()
+    for original, copied in zip(source.paths, copies, strict=True):
+        shutil.copyfile(original, copied)
+    images.frame["path"] = [str(c) for c in copies]
+    cfg = _cfg(tmp_path, epochs=1)
+    done = train_classifier([images], tmp_path / "run", cfg, progress=False)
+    assert train_classifier([images], tmp_path / "run", cfg, progress=False) == done
+    trained_on = Manifest.read(tmp_path / "run" / "train_manifest.csv").paths
+    with Image.open(trained_on[0]) as img:
+        flipped = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped.save(trained_on[0])
+    with pytest.raises(ConfigError, match=f"as they were: {trained_on[0]} changed since"):
+        train_classifier([images], tmp_path / "run", cfg, progress=False)
+    saved = pd.read_csv(tmp_path / "run" / "train_manifest.csv", dtype=str)
+    saved.drop(columns="content_hash").to_csv(tmp_path / "run" / "train_manifest.csv", index=False)
+    assert train_classifier([images], tmp_path / "run", cfg, progress=False) == done
 
 
 def test_bad_inputs(phantom, tmp_path):

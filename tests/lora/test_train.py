@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from fulora.config import check_process_device
 from fulora.data.readers import read_any
@@ -127,7 +128,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model, lora_images, tmp_pa
 
 def test_a_finished_lora_is_not_trained_over_with_other_settings(tiny_model, lora_images, tmp_path):
     """A rerun with another setting once retrained in place, and the finished LoRA was lost."""
-    data, run = read_any(lora_images), tmp_path / "run"
+    shutil.copytree(lora_images, tmp_path / "images")  # one image is replaced below
+    data, run = read_any(tmp_path / "images"), tmp_path / "run"
     cfg = _cfg(tiny_model, max_steps=2, checkpoint_every=1)
     train_lora(data, run, cfg, progress=False)
     finished = file_hash(run / "test_lora.safetensors")
@@ -144,6 +146,17 @@ def test_a_finished_lora_is_not_trained_over_with_other_settings(tiny_model, lor
             train_lora(brain, run, cfg, resume=resume, progress=False)
     assert train_lora(data, run, cfg, progress=False)["steps"] == 2  # done: nothing to do
     assert file_hash(run / "test_lora.safetensors") == finished
+    # the same names, other bytes (a dataset re-exported in place): once "nothing to do" too
+    replaced = data.paths[1]
+    original = replaced.read_bytes()
+    with Image.open(replaced) as img:
+        flipped = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped.save(replaced)
+    for resume in (None, "latest"):
+        with pytest.raises(ConfigError, match=f"as they were: {replaced} changed since"):
+            train_lora(data, run, cfg, resume=resume, progress=False)
+    assert file_hash(run / "test_lora.safetensors") == finished
+    replaced.write_bytes(original)  # the images it trained on again
     # a resumed run may train longer: it goes on from the last checkpoint
     longer = _cfg(tiny_model, max_steps=3, checkpoint_every=1)
     assert train_lora(data, run, longer, resume="latest", progress=False)["steps"] == 3

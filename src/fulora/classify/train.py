@@ -44,7 +44,7 @@ from fulora.config import (
 )
 from fulora.data.cache import PreprocessCache, default_cache_dir
 from fulora.data.dataset import ManifestDataset
-from fulora.data.manifest import Manifest, check_trained_on
+from fulora.data.manifest import Manifest, check_trained_on, with_content_hashes
 from fulora.errors import ConfigError, DataError
 from fulora.figures import training_curves
 from fulora.io import atomic_path, write_text
@@ -498,7 +498,7 @@ def _prepare(cfg, built, classes, training, validation, out, device):
     model, info = built
     logger.info("model %s, %s", info.arch, info.weights)
     size = cfg.image_size  # checked against the model's by _build_model
-    training.write(out / TRAIN_MANIFEST_NAME)
+    with_content_hashes(training).write(out / TRAIN_MANIFEST_NAME)  # a rerun checks it
     if validation is not None:
         validation.write(out / "val_manifest.csv")
     cache = PreprocessCache(

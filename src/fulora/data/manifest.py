@@ -439,18 +439,49 @@ def _relative_if_inside(path: str, base: Path) -> str:
         return path
 
 
+#: The column of a run's ``train_manifest.csv`` with each image's content hash when the run
+#: began: a rerun or a resume compares it, so an image replaced in place is noticed.
+CONTENT_COLUMN = "content_hash"
+
+
+def with_content_hashes(images: Manifest) -> Manifest:
+    """``images`` with each file's content hash in :data:`CONTENT_COLUMN`, as a run records it.
+
+    The hashes come from the shared content-hash index, so a dataset hashed once (by an
+    experiment's fingerprints or an earlier run) is not read again.
+    """
+    return images.with_values(**{CONTENT_COLUMN: content_hashes(images.frame["path"])})
+
+
 def check_trained_on(folder: Path, images: Manifest) -> None:
     """The training run in ``folder``, if any, trained (or began to train) on ``images``.
 
     A finished run once answered for any images given with the same settings, and an
-    interrupted one resumed on other images.
+    interrupted one resumed on other images; one on images replaced in place (same names,
+    other bytes) did so too, until the run recorded each image's content hash.
 
     Raises:
-        ConfigError: Its ``train_manifest.csv`` lists other images (paths or labels).
+        ConfigError: Its ``train_manifest.csv`` lists other images (paths or labels), or an
+            image whose bytes changed since.
     """
     saved = Path(folder) / TRAIN_MANIFEST_NAME
-    if saved.is_file() and not Manifest.read(saved).lists_the_images_of(images):
+    if not saved.is_file():
+        return
+    before = Manifest.read(saved)
+    advice = "use a new --out folder or delete that one"
+    if not before.lists_the_images_of(images):
         raise ConfigError(
             f"{folder} holds a run trained on other images than these ({saved} lists them); "
-            "use a new --out folder or delete that one"
+            f"{advice}"
+        )
+    if CONTENT_COLUMN not in before.frame:  # written before runs recorded hashes
+        return
+    paths, recorded = before.frame["path"], before.frame[CONTENT_COLUMN]
+    hashes = zip(paths, recorded, content_hashes(paths), strict=True)
+    changed = [path for path, then, now in hashes if then != now]
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise ConfigError(
+            f"{folder} holds a run trained on these images as they were: {changed[0]}{more} "
+            f"changed since ({saved} records the content hash of each); {advice}"
         )

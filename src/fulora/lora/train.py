@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fulora.config import check_process_device, require_device
-from fulora.data.manifest import Manifest, check_trained_on
+from fulora.data.manifest import Manifest, check_trained_on, with_content_hashes
 from fulora.errors import ConfigError
 from fulora.figures import image_grid
 from fulora.io import atomic_open
@@ -190,7 +190,8 @@ def train_lora(
     run = RunDir(out, command="fulora lora train")
     if main:
         run.start(cfg)
-        _training_manifest(data, examples).write(out / TRAIN_MANIFEST_NAME)  # resume checks it
+        training = with_content_hashes(_training_manifest(data, examples))
+        training.write(out / TRAIN_MANIFEST_NAME)  # a rerun or resume checks it
     state = _LoraRun(cfg, run, accelerator, weight_dtype, pipe, examples)
     try:
         record = _train(state, data, resume, progress, on_step)
