@@ -196,6 +196,12 @@ def test_a_finished_run_does_not_answer_for_images_replaced_in_place(phantom, tm
     flipped.save(trained_on[0])
     with pytest.raises(ConfigError, match=f"as they were: {trained_on[0]} changed since"):
         train_classifier([images], tmp_path / "run", cfg, progress=False)
+    trained_on[1].unlink()
+    with pytest.raises(ConfigError, match=r"changed since \(and 1 more\)"):
+        train_classifier([images], tmp_path / "run", cfg, progress=False)
+    trained_on[0].unlink()
+    with pytest.raises(ConfigError, match=f"{trained_on[0]} is gone since"):
+        train_classifier([images], tmp_path / "run", cfg, progress=False)
     saved = pd.read_csv(tmp_path / "run" / "train_manifest.csv", dtype=str)
     saved.drop(columns="content_hash").to_csv(tmp_path / "run" / "train_manifest.csv", index=False)
     assert train_classifier([images], tmp_path / "run", cfg, progress=False) == done

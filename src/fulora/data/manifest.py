@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fulora.data.hashes import content_hashes
+from fulora.data.hashes import MISSING, content_hashes
 from fulora.errors import ConfigError, DataError
 from fulora.io import atomic_open
 from fulora.planes import PLANES, map_planes
@@ -478,10 +478,12 @@ def check_trained_on(folder: Path, images: Manifest) -> None:
         return
     paths, recorded = before.frame["path"], before.frame[CONTENT_COLUMN]
     hashes = zip(paths, recorded, content_hashes(paths), strict=True)
-    changed = [path for path, then, now in hashes if then != now]
+    changed = [(path, now) for path, then, now in hashes if then != now]
     if changed:
-        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        (path, now), more = changed[0], len(changed) - 1
+        what = "is gone" if now == MISSING else "changed"
         raise ConfigError(
-            f"{folder} holds a run trained on these images as they were: {changed[0]}{more} "
-            f"changed since ({saved} records the content hash of each); {advice}"
+            f"{folder} holds a run trained on these images as they were: {path} {what} since"
+            f"{f' (and {more} more)' if more else ''} ({saved} records the content hash of "
+            f"each); {advice}"
         )
