@@ -221,6 +221,19 @@ def test_bad_inputs(phantom, tmp_path):
             progress=False,
             val=source.subset([False] * len(source)),
         )
+    # a --val of training images picks the epoch that fits them best: at their path, or copied
+    with pytest.raises(DataError, match=r"6 of the 12 validation images in .* are in the train"):
+        brain = [m.select(labels=["brain"]) for m in (source, target)]
+        val = Manifest.concat([m.subset(np.arange(len(m)) < 6) for m in brain])
+        train_classifier([source], tmp_path / "v", _cfg(tmp_path), progress=False, val=val)
+    copied = tmp_path / "val" / "renamed.png"
+    copied.parent.mkdir()
+    shutil.copyfile(source.paths[3], copied)
+    copy_row = Manifest.from_records([{"path": copied, "label": source.labels[3]}])
+    val = Manifest.concat([target, copy_row])
+    with pytest.raises(DataError, match=f"byte-for-byte copies .* same bytes as {source.paths[3]}"):
+        train_classifier([source], tmp_path / "v", _cfg(tmp_path), progress=False, val=val)
+    assert not (tmp_path / "v" / "config.yaml").exists()
     with pytest.raises(DataError, match="all synthetic"):
         train_classifier(
             [source.with_values(source="synthetic")], tmp_path / "c", _cfg(tmp_path), progress=False

@@ -44,7 +44,13 @@ from fulora.config import (
 )
 from fulora.data.cache import PreprocessCache, default_cache_dir
 from fulora.data.dataset import ManifestDataset
-from fulora.data.manifest import Manifest, check_trained_on, with_content_hashes
+from fulora.data.manifest import (
+    Manifest,
+    check_trained_on,
+    describe_seen,
+    images_seen,
+    with_content_hashes,
+)
 from fulora.errors import ConfigError, DataError
 from fulora.figures import training_curves
 from fulora.io import atomic_path, write_text
@@ -223,6 +229,8 @@ def train_classifier(
         seed=cfg.seed,
     )
     training, validation = split_train_val(training, val, cfg.val_fraction, cfg.seed)
+    if val is not None:
+        _check_held_out(validation, training)
     check_trained_on(out, training)
     if changed == [] and run.is_done():
         logger.info("%s is already trained with this configuration; nothing to do", out)
@@ -255,6 +263,21 @@ def _build_model(cfg: ClassifyConfig, num_classes: int) -> tuple[nn.Module, Mode
     )
     check_input_size(info, cfg.image_size)
     return model, info
+
+
+def _check_held_out(validation: Manifest, training: Manifest) -> None:
+    """A ``--val`` set holds none of the training images, at their path or copied.
+
+    Validation picks the checkpoint and stops training early: on training images it picks
+    the epoch that fits them best, and its scores say nothing about other images.
+    """
+    found = images_seen(validation, training.frame["path"])
+    if found[1]:
+        raise DataError(
+            f"{describe_seen(validation, found, 'validation images', 'the training set')}: "
+            "a validation set must be held out; pass a --val of other images, or leave --val "
+            "out to hold out real patients (--val-fraction)"
+        )
 
 
 def _check_validation(validation: Manifest | None, cfg: ClassifyConfig, classes: list[str]) -> None:

@@ -439,6 +439,44 @@ def _relative_if_inside(path: str, base: Path) -> str:
         return path
 
 
+def images_seen(images: Manifest, seen: Iterable[str]) -> tuple[str, list[tuple[int, str]]]:
+    """The rows of ``images`` that are ``seen`` images: at their path, else copied elsewhere.
+
+    The content check finds an image copied under another name (a re-exported dataset, a set
+    assembled by hand); hashes come from the shared content-hash index, so images hashed once
+    are not read again. A copy re-encoded or resized is not the same bytes.
+
+    Returns:
+        ``("path", [(row, path), ...])`` for rows whose path is seen; otherwise
+        ``("content", [(row, the seen image with those bytes), ...])``; ``("", [])`` if none.
+    """
+    seen = list(dict.fromkeys(seen))
+    paths = list(images.frame["path"])
+    known = set(seen)
+    at_path = [(row, path) for row, path in enumerate(paths) if path in known]
+    if at_path:
+        return "path", at_path
+    originals = {h: p for p, h in zip(seen, content_hashes(seen), strict=True) if h != MISSING}
+    copies = [(row, originals[h]) for row, h in enumerate(content_hashes(paths)) if h in originals]
+    return ("content", copies) if copies else ("", [])
+
+
+def describe_seen(
+    images: Manifest, found: tuple[str, list[tuple[int, str]]], noun: str, what: str
+) -> str:
+    """The message for what :func:`images_seen` found: N of the M <noun> ... (first: ...)."""
+    how, rows = found
+    row, seen = rows[0]
+    where = f"{len(rows)} of the {len(images)} {noun} in {images.origin or 'the given set'}"
+    if how == "path":
+        return f"{where} are in {what} (first: row {row}, {seen})"
+    copy = images.frame["path"].iloc[row]
+    return (
+        f"{where} are byte-for-byte copies of images in {what} (first: row {row}, {copy}, "
+        f"the same bytes as {seen})"
+    )
+
+
 #: The column of a run's ``train_manifest.csv`` with each image's content hash when the run
 #: began: a rerun or a resume compares it, so an image replaced in place is noticed.
 CONTENT_COLUMN = "content_hash"

@@ -24,8 +24,7 @@ import torch
 
 from fulora.classify.features import run_classifier
 from fulora.classify.train import load_classifier
-from fulora.data.hashes import MISSING, content_hashes
-from fulora.data.manifest import Manifest
+from fulora.data.manifest import Manifest, describe_seen, images_seen
 from fulora.errors import DataError
 from fulora.evaluate.config import EvaluateConfig
 from fulora.evaluate.metrics import (
@@ -86,32 +85,17 @@ def check_test_labels(manifest: Manifest, classes: list[str]) -> None:
 def check_unseen(test: Manifest, seen: Iterable[str], what: str) -> None:
     """A zero-shot test holds no image the model trained on: by path, then by content.
 
-    The content check finds a training image copied under another name (a re-exported
-    dataset, a test folder assembled by hand); hashes come from the content-hash index that
-    the experiment's fingerprints fill, so images hashed once are not read again. A copy that
-    was re-encoded or resized is not the same bytes: the audit's near-copy search finds those.
+    See :func:`~fulora.data.manifest.images_seen`; the audit's near-copy search finds copies
+    that were re-encoded or resized.
 
     Raises:
         DataError: Naming how many test images are in ``what`` and the first one.
     """
-    seen = list(dict.fromkeys(seen))
-    paths = list(test.frame["path"])
-    where = f"of the {len(test)} test images in {test.origin or 'the test set'}"
-    advice = "a zero-shot test must not see them; test on images that were not trained on"
-    known = set(seen)
-    shared = [row for row, path in enumerate(paths) if path in known]
-    if shared:
+    found = images_seen(test, seen)
+    if found[1]:
         raise DataError(
-            f"{len(shared)} {where} are in {what} (first: row {shared[0]}, "
-            f"{paths[shared[0]]}): {advice}"
-        )
-    originals = {h: p for p, h in zip(seen, content_hashes(seen), strict=True) if h != MISSING}
-    copies = [(row, originals[h]) for row, h in enumerate(content_hashes(paths)) if h in originals]
-    if copies:
-        row, original = copies[0]
-        raise DataError(
-            f"{len(copies)} {where} are byte-for-byte copies of images in {what} (first: row "
-            f"{row}, {paths[row]}, the same bytes as {original}): {advice}"
+            f"{describe_seen(test, found, 'test images', what)}: a zero-shot test must not see "
+            "them; test on images that were not trained on"
         )
 
 
