@@ -443,11 +443,14 @@ def test_training_samples_encode_the_empty_prompt_at_the_training_clip_skip(
         clip_skip=2,
     )
     train_module.train_lora(read_any(lora_images), tmp_path / "run", cfg, progress=False)
-    sampling = [h for h in seen if h.shape[0] == 2]  # CFG calls; training calls have batch 1
+    # The sample grid's calls: both planes in one batch with CFG, [2 negatives, 2 positives];
+    # the training calls have batch 1.
+    sampling = [h for h in seen if h.shape[0] == 4]
     assert sampling
     expected = _clip_reference(tiny_model, [""], 2)[0]
     for hidden in sampling:
-        torch.testing.assert_close(hidden[0], expected, atol=1e-5, rtol=1e-5)
+        for negative in hidden[:2]:
+            torch.testing.assert_close(negative, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_generation_takes_clip_skip_from_the_lora(trained_lora, tiny_model):

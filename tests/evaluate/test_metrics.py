@@ -51,6 +51,33 @@ def test_binary_auc_matches_sklearn_with_ties(seed):
     score = rng.integers(0, 5, 300).astype(float)  # many ties
     assert binary_auc(target, score) == pytest.approx(roc_auc_score(target, score))
     assert np.isnan(binary_auc(np.zeros(5, bool), np.arange(5.0)))
+    assert np.isnan(binary_auc(target, np.where(score > 3, np.nan, score)))  # sklearn raises on NaN
+
+
+@pytest.mark.parametrize("kind", ["continuous", "rounded", "binary"])
+def test_auc_rank_sums_equal_scipys_rankdata_to_the_last_bit(kind):
+    """binary_auc ranks with numpy, and a 0/1 score (the paper's AUC) is counted: both must
+    give what the Mann-Whitney formula on scipy's tie-averaged ranks gives, bit for bit, so
+    that no table moved when scipy's rankdata left the bootstrap (its cost, session 20)."""
+    from scipy.stats import rankdata
+
+    from fulora.evaluate.metrics import _binary_score_auc
+
+    rng = np.random.default_rng(["continuous", "rounded", "binary"].index(kind))
+    for n in rng.integers(2, 300, 200):
+        target = rng.random(n) < rng.random()
+        score = {"continuous": rng.random(n), "rounded": np.round(rng.random(n), 1)}.get(
+            kind, (rng.random(n) < 0.5).astype(float)
+        )
+        n_pos = int(target.sum())
+        if n_pos in (0, n):
+            continue
+        scipy_auc = (rankdata(score)[target].sum() - n_pos * (n_pos + 1) / 2) / (
+            n_pos * (n - n_pos)
+        )
+        assert binary_auc(target, score) == scipy_auc
+        if kind == "binary":
+            assert _binary_score_auc(target, score.astype(bool)) == scipy_auc
 
 
 def test_test_set_without_a_class_the_model_knows():

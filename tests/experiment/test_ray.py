@@ -123,6 +123,7 @@ def test_a_killed_worker_is_retried_and_a_failing_stage_is_reported(ray_config, 
         "evaluate/target/HB/tiny_cnn/seed-0",
     ]
     assert (out / "results" / "results.csv").is_file() and (out / "done.json").is_file()
+    assert result["left_running"], "the executor shut down a Ray instance it had joined"
 
 
 def test_ctrl_c_cancels_and_the_rerun_goes_on_from_what_was_finished(ray_config, tmp_path):

@@ -1,5 +1,6 @@
 """Generation with the tiny in-process model on CPU: determinism, resume, provenance, sharding."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fulora.cli import main
 from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.run import GenerateConfig, generate, image_seed, read_png_provenance
@@ -210,23 +212,33 @@ def test_rgb_option_and_bad_options(tiny_model, tmp_path):
         generate(tmp_path / "d", _cfg(tiny_model, width=81), progress=False)
 
 
-def _cli(args, cwd, env=None, **kw):
+def _cli(args):
     return [sys.executable, "-m", "fulora", "-q", "generate", *args]
 
 
-def _generate_on_one_thread(out, cfg):
-    """``generate`` here, as a CLI run with OMP_NUM_THREADS=1 would (the reference image set
-    of a test that runs the CLI so; a process of its own would cost its imports, ~10 s): the
-    thread count changes the summation order of CPU matrix products."""
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Torch on one thread, as in a CLI run with OMP_NUM_THREADS=1 (the reference image set of a
+    test that runs the CLI so, made here: a process of its own would cost its imports, ~10 s):
+    the thread count changes the summation order of CPU matrix products."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return generate(out, cfg, progress=False)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def test_killed_run_resumes_without_duplicates_or_truncated_files(tiny_model, tmp_path):
+def _generate_on_one_thread(out, cfg):
+    with _one_torch_thread():
+        return generate(out, cfg, progress=False)
+
+
+def test_killed_run_resumes_without_duplicates_or_truncated_files(
+    tiny_model, tmp_path, monkeypatch
+):
+    """SIGKILL midway through a CLI run; the same command again (here, on one thread as the
+    killed process ran) completes it with the images of an uninterrupted run."""
     args = [
         "--base",
         str(tiny_model),
@@ -253,7 +265,7 @@ def test_killed_run_resumes_without_duplicates_or_truncated_files(tiny_model, tm
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        _cli(args, tmp_path),
+        _cli(args),
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -267,10 +279,9 @@ def test_killed_run_resumes_without_duplicates_or_truncated_files(tiny_model, tm
     partial = len(_finished_pngs(tmp_path / "run"))
     assert 8 <= partial < 24, "the run should have been killed midway"
     assert not (tmp_path / "run" / "done.json").exists()
-    result = subprocess.run(
-        _cli(args, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    with _one_torch_thread():
+        assert main(["-q", "generate", *args]) == 0
     pngs = sorted((tmp_path / "run").glob("*/*.png"))  # a leftover .<name>.tmp.png would count
     assert len(pngs) == 24 and not list((tmp_path / "run").rglob("*.tmp*"))
     for path in pngs:

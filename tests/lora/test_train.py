@@ -2,9 +2,8 @@
 
 import json
 import shutil
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from fulora.cli import main
 from fulora.config import check_process_device
 from fulora.data.readers import read_any
 from fulora.errors import ConfigError, DataError, ImageLoadError
@@ -280,66 +280,29 @@ def test_bad_training_data(tiny_model, lora_images, tmp_path):
         read_any(folder)
 
 
-def test_cli_on_the_real_spanish_images(sample_data, tiny_model, tmp_path):
-    """`fulora lora train` as a subprocess on the paper's 100 LoRA images, small resolution."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fulora",
-            "-q",
-            "lora",
-            "train",
-            "--base",
-            str(tiny_model),
-            "--data",
-            str(sample_data / "spain_lora_train"),
-            "--out",
-            "run",
-            "--config",
-            str(__import__("pathlib").Path(__file__).parents[2] / "configs" / "lora-paper.yaml"),
-            "--resolution",
-            "64",
-            "--set",
-            "bucket_step=16",
-            "--rank",
-            "4",
-            "--alpha",
-            "4",
-            "--max-steps",
-            "5",
-            "--set",
-            "sample_steps=2",
-            "--checkpoint-every",
-            "0",
-            "--sample-every",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
+def test_cli_on_the_real_spanish_images(sample_data, tiny_model, tmp_path, capsys, monkeypatch):
+    """`fulora lora train` on the paper's 100 LoRA images, small resolution, then `fulora lora
+    inspect` on its file (through ``main``, in this process: a process of its own would only add
+    its imports, ~10 s on 2 cores; tests/test_cli.py runs the console script itself)."""
+    monkeypatch.chdir(tmp_path)
+    paper = Path(__file__).parents[2] / "configs" / "lora-paper.yaml"
+    code = main(
+        ["-q", "lora", "train", "--base", str(tiny_model), "--data"]
+        + [str(sample_data / "spain_lora_train"), "--out", "run", "--config", str(paper)]
+        + ["--resolution", "64", "--set", "bucket_step=16", "--rank", "4", "--alpha", "4"]
+        + ["--max-steps", "5", "--set", "sample_steps=2", "--checkpoint-every", "0"]
+        + ["--sample-every", "0"]
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert code == 0, capsys.readouterr().err[-3000:]
     done = json.loads((tmp_path / "run" / "done.json").read_text())
     assert done["steps"] == 5 and done["images"] == 100
     assert sum(done["buckets"].values()) == 100
     assert all(int(w) > int(h) for w, h in (b.split("x") for b in done["buckets"]))  # landscape
-    inspect = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fulora",
-            "lora",
-            "inspect",
-            str(tmp_path / "run" / "fetal_ultrasound.safetensors"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert inspect.returncode == 0 and "kohya LoRA" in inspect.stdout
-    assert "rank 4, alpha 4.0" in inspect.stdout and "a photo of fetal ultrasound" in inspect.stdout
+    capsys.readouterr()
+    assert main(["lora", "inspect", str(tmp_path / "run" / "fetal_ultrasound.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert "kohya LoRA" in printed
+    assert "rank 4, alpha 4.0" in printed and "a photo of fetal ultrasound" in printed
 
 
 def test_training_speed_leaves_out_saving_the_lora(tiny_model, lora_images, tmp_path, monkeypatch):

@@ -568,64 +568,30 @@ def _finish(
 
 def _sample_grid(state: _LoraRun) -> None:
     """One fixed-seed image per plane with the LoRA as it is now, as samples/step-N.png."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
     out, step, pipe, accelerator = state.out, state.step, state.pipe, state.accelerator
-    unet, text_encoder, examples = state.unet, state.text_encoder, state.examples
-    cfg, device = state.cfg, state.device
-    unet_m = accelerator.unwrap_model(unet)
-    te_m = accelerator.unwrap_model(text_encoder)
+    cfg, examples = state.cfg, state.examples
+    unet_m = accelerator.unwrap_model(state.unet)
+    te_m = accelerator.unwrap_model(state.text_encoder)
     was_training = unet_m.training
-    pipe.vae.to(device)
-    sampler = StableDiffusionPipeline(
-        vae=pipe.vae,
-        text_encoder=te_m,
-        tokenizer=pipe.tokenizer,
-        unet=unet_m,
-        scheduler=DPMSolverMultistepScheduler.from_config(
-            pipe.scheduler.config, use_karras_sigmas=True
-        ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    sampler.set_progress_bar_config(disable=True)
     width, height = Counter(e.bucket for e in examples).most_common(1)[0][0]
     planes: dict[str, str] = {}
     for e in examples:
         planes.setdefault(e.label, e.caption)
-    images = []
+    pipe.vae.to(state.device)
+    slicing = pipe.vae.use_slicing
+    pipe.vae.enable_slicing()  # one image decoded at a time: the batch adds no decode memory
     unet_m.eval()
     te_m.eval()
-    with torch.no_grad(), accelerator.autocast():
-        for caption in planes.values():
-            # Both halves of classifier-free guidance at the training clip skip, as kohya does.
-            positive, negative = prompt_embeddings(
-                pipe.tokenizer,
-                te_m,
-                caption,
-                "" if cfg.sample_guidance > 1 else None,
-                cfg.clip_skip,
-                device,
-            )
-            generator = torch.Generator().manual_seed(cfg.sample_seed)
-            result = sampler(
-                prompt_embeds=positive,
-                negative_prompt_embeds=negative,
-                height=height,
-                width=width,
-                num_inference_steps=cfg.sample_steps,
-                guidance_scale=cfg.sample_guidance,
-                generator=generator,
-                output_type="np",
-            )
-            images.append((result.images[0] * 255).round().astype(np.uint8))
-    if was_training:
-        unet_m.train()
-        if cfg.train_text_encoder:
-            te_m.train()
-    if cfg.cache_latents:
-        pipe.vae.to("cpu")
+    try:
+        images = _sample_images(state, unet_m, te_m, list(planes.values()), (height, width))
+    finally:
+        pipe.vae.use_slicing = slicing
+        if was_training:
+            unet_m.train()
+            if cfg.train_text_encoder:
+                te_m.train()
+        if cfg.cache_latents:
+            pipe.vae.to("cpu")
     image_grid(
         out / "samples" / f"step-{step:06d}.png",
         [images],
@@ -634,3 +600,49 @@ def _sample_grid(state: _LoraRun) -> None:
     )
     with atomic_open(out / "samples" / "latest.txt", "w") as handle:
         handle.write(f"step-{step:06d}.png\n")
+
+
+def _sample_images(
+    state: _LoraRun, unet, text_encoder, captions: list[str], size: tuple[int, int]
+) -> list[np.ndarray]:
+    """An image per caption (uint8), all in one batch.
+
+    Each image gets the noise of the sample seed, as one call per caption drew it (5 planes: one
+    UNet call per step instead of five).
+    """
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    cfg, pipe = state.cfg, state.pipe
+    sampler = StableDiffusionPipeline(
+        vae=pipe.vae,
+        text_encoder=text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, use_karras_sigmas=True
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    sampler.set_progress_bar_config(disable=True)
+    guided = cfg.sample_guidance > 1
+    with torch.no_grad(), state.accelerator.autocast():
+        # Both halves of classifier-free guidance at the training clip skip, as kohya does.
+        pairs = [
+            prompt_embeddings(
+                pipe.tokenizer, text_encoder, c, "" if guided else None, cfg.clip_skip, state.device
+            )
+            for c in captions
+        ]
+        result = sampler(
+            prompt_embeds=torch.cat([positive for positive, _ in pairs]),
+            negative_prompt_embeds=torch.cat([n for _, n in pairs]) if guided else None,
+            height=size[0],
+            width=size[1],
+            num_inference_steps=cfg.sample_steps,
+            guidance_scale=cfg.sample_guidance,
+            generator=[torch.Generator().manual_seed(cfg.sample_seed) for _ in pairs],
+            output_type="np",
+        )
+    return list((result.images * 255).round().astype(np.uint8))
