@@ -39,5 +39,9 @@ class FolderInUseError(FuloraError):
     """Another fulora process is writing the same run or experiment folder."""
 
 
+class NonFiniteError(FuloraError):
+    """Weights that are no longer finite (NaN or inf): a training that diverged."""
+
+
 class WriteError(FuloraError):
     """A file could not be written: full disk, read-only file system, no permission."""

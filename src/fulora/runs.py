@@ -19,6 +19,7 @@ import platform
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from filelock import FileLock, Timeout
 
 from fulora import __version__
 from fulora.config import save_config, to_dict
-from fulora.errors import FolderInUseError
+from fulora.errors import FolderInUseError, NonFiniteError
 from fulora.io import check_writable_folder, write_json
 
 logger = logging.getLogger("fulora")
@@ -233,3 +234,27 @@ class RunDir:
             self._handler.close()
             self._handler = None
         self._lock.release()
+
+
+def check_finite_weights(named_tensors: Iterable[tuple[str, Any]], what: str, advice: str) -> None:
+    """Refuse weights that are no longer finite, before anything saves or uses them.
+
+    A learning rate too high, or an overflow without a mixed-precision scaler to skip its step,
+    turns the weights into NaN, and every later step keeps them so: the run would go on and
+    save, and everything downstream would score a model that predicts one class.
+
+    Args:
+        named_tensors: ``(name, tensor)`` pairs, e.g. ``model.named_parameters()``.
+        what: What holds them, for the message ("the classifier after epoch 3").
+        advice: What to do instead, for the message.
+
+    Raises:
+        NonFiniteError: Naming the first such tensor and how many there are.
+    """
+    bad = [name for name, tensor in named_tensors if not bool(tensor.isfinite().all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise NonFiniteError(
+            f"{what} has weights that are not finite (NaN or inf: {bad[0]}{more}): the training "
+            f"diverged. {advice}"
+        )

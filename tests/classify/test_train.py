@@ -385,6 +385,32 @@ def test_real_spain_to_african_through_the_cli(sample_data, tmp_path, capsys, mo
     assert set(metrics["per_domain"]) == {"Algeria", "Egypt", "Ghana", "Malawi", "Uganda"}
 
 
+def test_a_diverged_training_stops_and_its_model_is_not_evaluated(phantom, tmp_path):
+    """A learning rate far too high turns the weights into NaN: training stops after that epoch
+    and says what to change, saving nothing of it; a model file with NaN weights is not
+    evaluated (every NaN output would count as a prediction of the first class)."""
+    from fulora.errors import NonFiniteError
+    from fulora.evaluate.run import evaluate_model
+
+    _, source, target = phantom
+    diverged = tmp_path / "diverged"
+    cfg = _cfg(tmp_path, lr=1e30, epochs=2)
+    with pytest.raises(
+        NonFiniteError, match=r"after epoch 1 .* \(lr 1e\+30: --lr with a new --out"
+    ):
+        train_classifier([source], diverged, cfg, progress=False)
+    assert not (diverged / "best.pt").exists() and not (diverged / "done.json").exists()
+
+    train_classifier([source], tmp_path / "run", _cfg(tmp_path, epochs=1), progress=False)
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(NonFiniteError, match=rf"nan.pt has weights .*: {name}\)"):
+        evaluate_model(tmp_path / "nan.pt", target, tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+
+
 def test_preloaded_uint8_training_set(phantom, tmp_path):
     """The device-resident path (used on GPU) runs the same protocol on CPU too."""
     _, source, _ = phantom

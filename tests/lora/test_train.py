@@ -305,6 +305,20 @@ def test_cli_on_the_real_spanish_images(sample_data, tiny_model, tmp_path, capsy
     assert "rank 4, alpha 4.0" in printed and "a photo of fetal ultrasound" in printed
 
 
+def test_a_diverged_lora_stops_and_saves_nothing_from_then_on(tiny_model, lora_images, tmp_path):
+    """Learning rates far too high turn the LoRA's weights into NaN (fp32 on the CPU: no
+    mixed-precision scaler skips the step): training stops at that step and says what to
+    change, and no LoRA file, sample grid or done.json is written."""
+    from fulora.errors import NonFiniteError
+
+    cfg = _cfg(tiny_model, unet_lr=1e30, text_encoder_lr=1e30, checkpoint_every=0)
+    with pytest.raises(NonFiniteError, match=r"LoRA after step \d.*--unet-lr and --text-encoder"):
+        train_lora(read_any(lora_images), tmp_path / "run", cfg, progress=False)
+    assert not list((tmp_path / "run").glob("*.safetensors"))
+    assert not (tmp_path / "run" / "samples").exists()
+    assert not (tmp_path / "run" / "done.json").exists()
+
+
 def test_training_speed_leaves_out_saving_the_lora(tiny_model, lora_images, tmp_path, monkeypatch):
     """The steps/s the GPU suite reports end with the last step: a refactor once let them run
     on through saving the LoRA and the last sample grid, which cut the H200's figure for the

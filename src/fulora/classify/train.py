@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -55,7 +56,7 @@ from fulora.errors import ConfigError, DataError
 from fulora.figures import training_curves
 from fulora.io import atomic_path, write_text
 from fulora.planes import PLANES, check_planes
-from fulora.runs import DONE_NAME, TRAIN_MANIFEST_NAME, RunDir
+from fulora.runs import DONE_NAME, TRAIN_MANIFEST_NAME, RunDir, check_finite_weights
 
 logger = logging.getLogger("fulora")
 
@@ -587,6 +588,8 @@ def _train(
         loss, accuracy, seen = train_epoch(
             fit, epoch_batches, criterion, device, amp, channels_last
         )
+        if not math.isfinite(loss):
+            _check_not_diverged(fit.model, epoch, cfg)
         seconds = time.perf_counter() - started
         scores = (
             _evaluate(fit.model, val_loader, device, amp, channels_last)
@@ -622,6 +625,24 @@ def _train(
         selected=cfg.select,
         train_fingerprint=data_fingerprint,
         device=str(device),
+    )
+
+
+def _check_not_diverged(model: nn.Module, epoch: int, cfg: ClassifyConfig) -> None:
+    """After an epoch whose mean loss is not finite: stop if the weights went with it.
+
+    Mixed precision's scaler skips a step whose loss overflowed, and the weights stay finite;
+    without it (fp32, bf16) that step's NaN gradients reach every weight.
+    """
+    check_finite_weights(
+        model.named_parameters(),
+        f"the classifier after epoch {epoch + 1}",
+        f"Nothing of that epoch was saved. Lower the learning rate (lr {cfg.lr:g}: --lr with a "
+        "new --out folder, or classify.settings.lr in an experiment).",
+    )
+    logger.warning(
+        "epoch %d: the mean loss is not finite; mixed precision skipped the steps that overflowed",
+        epoch + 1,
     )
 
 
@@ -666,6 +687,7 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu"):
     Raises:
         DataError: If the folder holds no trained model, or a run that did not finish (its
             best.pt is from an epoch before the end; once evaluated as if it were the model).
+        NonFiniteError: If its weights are not finite (for evaluate, the audit and t-SNE).
     """
     folder = Path(run_dir)
     path = folder / "best.pt" if folder.is_dir() else folder
@@ -680,6 +702,12 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu"):
             f"epoch {state.get('epoch')}): run its `fulora classify train` command again to "
             f"finish it, or pass {path} itself to use these weights as they are"
         )
+    check_finite_weights(
+        state["model"].items(),
+        f"the classifier {path}",
+        "Retrain it with a lower learning rate: its outputs would be NaN, and each would count "
+        "as a prediction of one class.",
+    )
     model, _ = create_model(state["arch"], len(state["classes"]), pretrained=False, log=False)
     model.load_state_dict(state["model"])
     logger.info(

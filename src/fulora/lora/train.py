@@ -66,7 +66,13 @@ from fulora.lora.data import (
 )
 from fulora.lora.formats import DIFFUSERS_WEIGHT_NAME
 from fulora.lora.targets import lora_target_modules
-from fulora.runs import CONFIG_NAME, TRAIN_MANIFEST_NAME, RunDir, steady_rate
+from fulora.runs import (
+    CONFIG_NAME,
+    TRAIN_MANIFEST_NAME,
+    RunDir,
+    check_finite_weights,
+    steady_rate,
+)
 
 logger = logging.getLogger("fulora")
 
@@ -423,6 +429,8 @@ def _run_steps(state: _LoraRun, progress: bool, on_step) -> tuple[int, float] | 
             if state.step >= state.total_steps:
                 break
             value = _optimise(state, _loss(state, noise_scheduler, batch))
+            if not math.isfinite(value):
+                _check_not_diverged(state)
             state.step += 1
             if state.step - first_step == WARMUP_STEPS:
                 steady_from = (state.step, time.perf_counter())
@@ -435,6 +443,30 @@ def _run_steps(state: _LoraRun, progress: bool, on_step) -> tuple[int, float] | 
                 on_step(state.step)
     bar.close()
     return steady_from
+
+
+def _check_not_diverged(state: _LoraRun) -> None:
+    """After a step whose loss is not finite: stop if the LoRA's weights went with it.
+
+    Mixed precision's scaler (fp16) skips a step whose loss overflowed, and the weights stay
+    finite; without it (fp32, bf16) that step's NaN gradients reach every LoRA weight.
+    """
+    cfg, step = state.cfg, state.step + 1
+    models = [state.unet, state.text_encoder] if cfg.train_text_encoder else [state.unet]
+    trained = (
+        (name, weight)
+        for model in models
+        for name, weight in state.accelerator.unwrap_model(model).named_parameters()
+        if weight.requires_grad
+    )
+    check_finite_weights(
+        trained,
+        f"the LoRA after step {step}",
+        f"Nothing from that step on was saved. Lower the learning rates (unet_lr "
+        f"{cfg.unet_lr:g}, text_encoder_lr {cfg.text_encoder_lr:g}: --unet-lr and "
+        "--text-encoder-lr with a new --out folder, or lora.settings in an experiment).",
+    )
+    logger.warning("step %d: the loss is not finite; mixed precision skipped that update", step)
 
 
 def _loss(state: _LoraRun, noise_scheduler, batch: dict[str, torch.Tensor]) -> torch.Tensor:
