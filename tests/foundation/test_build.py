@@ -89,6 +89,21 @@ def test_a_finished_build_is_kept_and_another_recipe_refused(mini_build):
         build_foundation(out, _mini(unet_steps=7), progress=False)
 
 
+def test_a_diverged_build_stops_before_its_checkpoint_takes_nan_weights(tmp_path):
+    """A learning rate far too high turns the VAE's weights into NaN: the build stops at that
+    step, naming the flag to lower, and its checkpoint keeps only finite weights (it is what a
+    90-minute build resumes from)."""
+    from fulora.errors import NonFiniteError
+
+    out = tmp_path / "model"
+    with pytest.raises(NonFiniteError, match=r"vae stage after step \d.*--vae-lr"):
+        build_foundation(out, _mini(vae_lr=1e30), progress=False)
+    assert not (out / "done.json").exists()
+    for checkpoint in (out / "work").glob("*.pt"):
+        state = torch.load(checkpoint, weights_only=False)["modules"]
+        assert all(t.isfinite().all() for m in state.values() for t in m.values()), checkpoint
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [

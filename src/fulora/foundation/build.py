@@ -43,7 +43,7 @@ from fulora.foundation.corpus import corpus_image
 from fulora.foundation.model import foundation_components
 from fulora.io import atomic_path, write_text
 from fulora.lora.conditioning import token_ids
-from fulora.runs import RunDir
+from fulora.runs import RunDir, check_finite_weights
 
 logger = logging.getLogger("fulora")
 
@@ -141,6 +141,16 @@ class _Trainer:
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 
+    def check_finite(self) -> None:
+        """After a loss that is not finite: stop before NaN weights reach the checkpoint."""
+        flags = "--vae-lr" if self.name == "vae" else "--unet-lr and --text-encoder-lr"
+        check_finite_weights(
+            ((f"{k}.{n}", p) for k, m in self.modules.items() for n, p in m.named_parameters()),
+            f"the foundation build's {self.name} stage after step {self.step + 1}",
+            f"Its checkpoint ({self.path}) keeps the weights before that step. Lower the "
+            f"stage's learning rate ({flags}, or the recipe's) and build into a new --out folder.",
+        )
+
     def run(
         self,
         total: int,
@@ -163,6 +173,8 @@ class _Trainer:
             for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
                 group["lr"] = lr * factor
             loss = step_fn(self.step)
+            if not math.isfinite(loss):
+                self.check_finite()
             self.step += 1
             self.seconds += time.perf_counter() - started
             self.history.append({"stage": self.name, "step": self.step, "loss": loss})
