@@ -188,6 +188,21 @@ def test_compile_settings_need_compile_and_become_torch_options(tiny_model):
         assert hasattr(inductor, key), key
 
 
+def test_a_lora_with_nan_weights_is_refused_before_any_work(trained_lora, tiny_model, tmp_path):
+    """Every image made with it would be NaN, decoded as black."""
+    from safetensors.torch import load_file, save_file
+
+    from fulora.errors import NonFiniteError
+
+    tensors = load_file(trained_lora / "phantom_lora.safetensors")
+    name = sorted(k for k in tensors if "lora_up" in k)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, tmp_path / "nan_lora.safetensors")
+    with pytest.raises(NonFiniteError, match=rf"nan_lora.safetensors has weights .*: {name}\)"):
+        generate(tmp_path / "out", _cfg(tiny_model, tmp_path / "nan_lora.safetensors"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_lora_changes_the_images(full_run, tiny_model, tmp_path):
     generate(tmp_path, _cfg(tiny_model, None), progress=False)
     plain, with_lora = _images(tmp_path), _images(full_run)

@@ -49,7 +49,7 @@ from fulora.lora.base import (
 from fulora.lora.conditioning import prompt_embeddings
 from fulora.lora.formats import load_lora_into, read_lora
 from fulora.planes import PAPER_CAPTIONS, check_planes
-from fulora.runs import CONFIG_NAME, DONE_NAME, RunDir, now_iso, steady_rate
+from fulora.runs import CONFIG_NAME, DONE_NAME, RunDir, check_finite_weights, now_iso, steady_rate
 
 logger = logging.getLogger("fulora")
 
@@ -141,7 +141,14 @@ def plan(cfg: GenerateConfig) -> _Plan:
     lora = _resolve_lora(cfg.lora)
     metadata: dict[str, str] = {}
     if lora is not None:
-        metadata = read_lora(lora).metadata
+        found = read_lora(lora)
+        check_finite_weights(
+            found.tensors.items(),
+            f"the LoRA {found.path}",
+            "Every image made with it would be NaN, decoded as black: use another LoRA, or "
+            "retrain it with lower learning rates (--unet-lr, --text-encoder-lr).",
+        )
+        metadata = found.metadata
     captions = json.loads(metadata.get("fulora_captions", "{}") or "{}")
     given = dict(zip(check_planes(cfg.prompts), cfg.prompts.values(), strict=True))
     prompts = {
