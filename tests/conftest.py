@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fulora.lora.tiny import save_tiny_model
@@ -27,6 +29,25 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU")
+
+
+@contextlib.contextmanager
+def _torch_on_one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def one_torch_thread():
+    """``with one_torch_thread():`` torch on one thread, as a CLI run with OMP_NUM_THREADS=1 or a
+    1-CPU Ray task runs: the thread count changes the summation order of CPU matrix products,
+    so a reference made here on one thread matches such a run image for image (and costs no
+    process of its own, ~10 s of imports on 2 cores)."""
+    return _torch_on_one_thread
 
 
 @pytest.fixture

@@ -90,14 +90,12 @@ def experiment_config(tiny_model, phantom_domains):
 
 
 @pytest.fixture(scope="session")
-def finished_experiment(tiny_model, phantom_domains, tmp_path_factory):
+def finished_experiment(tiny_model, phantom_domains, tmp_path_factory, one_torch_thread):
     """The small experiment run to the end once (folder), shared by read-only tests.
 
     On one torch thread, as Ray runs each 1-CPU stage: test_ray compares its Ray run with this
     one image for image (a thread count changes the summation order of CPU matrix products).
     """
-    import torch
-
     from fulora.experiment.config import load_experiment
     from fulora.experiment.runner import run_experiment
 
@@ -107,10 +105,6 @@ def finished_experiment(tiny_model, phantom_domains, tmp_path_factory):
     config["classify"]["regimes"]["HB-filtered"] = {"filtered": True}
     config["audit"] = {"settings": {"min_confidence": 0.0, "kid_subsets": 10}}
     path = write_config(root / "experiment.yaml", config)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         run_experiment(load_experiment(path), root / "run")
-    finally:
-        torch.set_num_threads(threads)
     return root / "run"

@@ -1,6 +1,5 @@
 """Generation with the tiny in-process model on CPU: determinism, resume, provenance, sharding."""
 
-import contextlib
 import json
 import os
 import shutil
@@ -231,26 +230,8 @@ def _cli(args):
     return [sys.executable, "-m", "fulora", "-q", "generate", *args]
 
 
-@contextlib.contextmanager
-def _one_torch_thread():
-    """Torch on one thread, as in a CLI run with OMP_NUM_THREADS=1 (the reference image set of a
-    test that runs the CLI so, made here: a process of its own would cost its imports, ~10 s):
-    the thread count changes the summation order of CPU matrix products."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _generate_on_one_thread(out, cfg):
-    with _one_torch_thread():
-        return generate(out, cfg, progress=False)
-
-
 def test_killed_run_resumes_without_duplicates_or_truncated_files(
-    tiny_model, tmp_path, monkeypatch
+    tiny_model, tmp_path, monkeypatch, one_torch_thread
 ):
     """SIGKILL midway through a CLI run; the same command again (here, on one thread as the
     killed process ran) completes it with the images of an uninterrupted run."""
@@ -295,7 +276,7 @@ def test_killed_run_resumes_without_duplicates_or_truncated_files(
     assert 8 <= partial < 24, "the run should have been killed midway"
     assert not (tmp_path / "run" / "done.json").exists()
     monkeypatch.chdir(tmp_path)
-    with _one_torch_thread():
+    with one_torch_thread():
         assert main(["-q", "generate", *args]) == 0
     pngs = sorted((tmp_path / "run").glob("*/*.png"))  # a leftover .<name>.tmp.png would count
     assert len(pngs) == 24 and not list((tmp_path / "run").rglob("*.tmp*"))
@@ -306,13 +287,14 @@ def test_killed_run_resumes_without_duplicates_or_truncated_files(
     # and the images equal those of an uninterrupted run
     planes = ["brain", "femur", "thorax"]
     cfg = _cfg(tiny_model, planes=planes, per_class=8, width=40, height=24, batch_size=2, seed=3)
-    _generate_on_one_thread(tmp_path / "clean", cfg)
+    with one_torch_thread():
+        generate(tmp_path / "clean", cfg, progress=False)
     resumed, uninterrupted = _images(tmp_path / "run"), _images(tmp_path / "clean")
     assert len(uninterrupted) == 24
     assert all(np.array_equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def test_two_processes_equal_one(tiny_model, trained_lora, tmp_path):
+def test_two_processes_equal_one(tiny_model, trained_lora, tmp_path, one_torch_thread):
     """torchrun starts two CPU processes over gloo; they split the batches and merge."""
     args = [
         "--base",
@@ -363,7 +345,8 @@ def test_two_processes_equal_one(tiny_model, trained_lora, tmp_path):
     )
     assert two.returncode == 0, two.stderr[-3000:]
     cfg = _cfg(tiny_model, trained_lora, batch_size=2, seed=5, contact_sheet=0)
-    _generate_on_one_thread(tmp_path / "one", cfg)
+    with one_torch_thread():
+        generate(tmp_path / "one", cfg, progress=False)
     done = json.loads((tmp_path / "two" / "done.json").read_text())
     assert done["this_run_processes"] == 2
     a, b = _images(tmp_path / "one"), _images(tmp_path / "two")
