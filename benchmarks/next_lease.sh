@@ -14,8 +14,9 @@
 # part gets 30 s of grace past its deadline; installing the wheels comes first). Results and
 # logs go to $OUT (the lending tool's folder; default benchmarks/results/lease). Wheels in .whl/
 # (the lent machine has no network, and its image lacks diffusers, transformers 4,
-# bitsandbytes) are installed into /tmp/site first. Every row name below is checked against
-# the suite by tests/test_gpu_suite.py.
+# bitsandbytes) are installed into /tmp/site first: `bash benchmarks/lease_wheels.sh` fetches
+# them here, once per checkout, and the lending tool carries them (carry [".whl"]). Every row
+# name below is checked against the suite by tests/test_gpu_suite.py.
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-benchmarks/results/lease}

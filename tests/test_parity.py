@@ -13,6 +13,10 @@
   (hidden state ``n`` layers from the end, then the final layer norm).
 * **diffusers' scheduler overview**, for AUTOMATIC1111 sampler names, and AUTOMATIC1111's
   ``modules/shared_options.py`` for its UniPC defaults.
+* **kohya's** ``precalculate_safetensors_hashes`` (the LoRA file's header hashes) and
+  **AUTOMATIC1111's** ``addnet_hash_safetensors`` and ``parse_generation_parameters`` (the hash
+  it lists a LoRA under; its PNG Info reading a fulora image's settings), run on this
+  project's inputs with the answers recorded below.
 """
 
 from __future__ import annotations
@@ -525,3 +529,122 @@ def test_unknown_sampler_lists_both_kinds_of_names():
 
     with pytest.raises(ConfigError, match=r"euler_a \('Euler a'\)"):
         resolve_sampler("Euler b")
+
+
+# --------------------------------------------------------------------------------------------
+# The hash AUTOMATIC1111 lists a LoRA under, and its PNG Info reading a fulora image. Recorded
+# by running kohya's precalculate_safetensors_hashes (sd-scripts 48d368fa,
+# library/train_util.py) on _hashing_example, and AUTOMATIC1111's addnet_hash_safetensors
+# (modules/hashes.py) and parse_generation_parameters (modules/infotext_utils.py, commit
+# 0365002, its settings at their defaults) on the files and text below.
+# --------------------------------------------------------------------------------------------
+def _hashing_example() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Fixed kohya tensors over 1.1 MB (kohya's legacy hash reads 64 KiB at 1 MiB), metadata."""
+    values = (torch.arange(400 * 1000) % 251 / 251 - 0.5).to(torch.float16)
+    module = "lora_unet_mid_block_attentions_0_proj_in"
+    tensors = {
+        f"{module}.alpha": torch.tensor(8.0),
+        f"{module}.lora_down.weight": values.reshape(400, 1000),
+        f"{module}.lora_up.weight": values.flip(0).reshape(1000, 400),
+    }
+    return tensors, {"ss_network_dim": "400", "ss_clip_skip": "2", "fulora_size": "64x48"}
+
+
+KOHYA_MODEL_HASH = "f7637d3dab64002415e7ed3928835039d63e1177dfd1723d003ab46590017c2a"
+KOHYA_LEGACY_HASH = "9ad5c726"
+# AUTOMATIC1111's addnet_hash_safetensors of the same tensors saved with other metadata
+A1111_ADDNET_HASH = "f7637d3dab64002415e7ed3928835039d63e1177dfd1723d003ab46590017c2a"
+
+
+def test_kohya_file_hashes_are_kohyas(tmp_path):
+    """kohya writes sshs_model_hash and sshs_legacy_hash; AUTOMATIC1111 lists the LoRA under
+    the first, which is also its own hash of the file's bytes after the header."""
+    from fulora.lora.formats import kohya_hashes, read_lora, save_kohya, webui_lora_hash
+
+    tensors, metadata = _hashing_example()
+    assert kohya_hashes(tensors, metadata) == (KOHYA_MODEL_HASH, KOHYA_LEGACY_HASH)
+    path = save_kohya(tmp_path / "fetal.safetensors", tensors, metadata, dtype=None)
+    written = read_lora(path).metadata
+    assert (written["sshs_model_hash"], written["sshs_legacy_hash"]) == (
+        KOHYA_MODEL_HASH,
+        KOHYA_LEGACY_HASH,
+    )
+    assert webui_lora_hash(path, written) == webui_lora_hash(path, {}) == KOHYA_MODEL_HASH
+
+
+def test_a_lora_without_kohyas_hashes_is_hashed_as_automatic1111_does(tmp_path):
+    """A diffusers-layout file has no sshs_model_hash: AUTOMATIC1111 hashes the bytes after
+    the header, so the header's metadata does not change it (the file's sha256 would)."""
+    from safetensors.torch import save_file
+
+    from fulora.io import file_hash
+    from fulora.lora.formats import webui_lora_hash
+
+    tensors, _ = _hashing_example()
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    assert webui_lora_hash(path, {"format": "pt"}) == A1111_ADDNET_HASH
+    assert file_hash(path) != A1111_ADDNET_HASH
+
+
+# What AUTOMATIC1111's parse_generation_parameters returned for A1111_TEXT (its default fields
+# for hires fix, inpainting, RNG and schedules left out). Its "Version" is none A1111 parses,
+# so none of its back-compatibility switches for old versions turns on.
+A1111_TEXT = (
+    "a photo of fetal brain, 2D <lora:fetal,lora v2:0.8>\n"
+    "Negative prompt: blurry, text: none\n"
+    "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 2671683630, Size: 512x384, "
+    'Model hash: e1441589a6, Model: "sd15, pruned: v1-5", Lora hashes: "fetallora v2: '
+    'f7637d3dab64", Clip skip: 2, Version: fulora 0.1.0'
+)
+A1111_READS = {
+    "Prompt": "a photo of fetal brain, 2D <lora:fetal,lora v2:0.8>",
+    "Negative prompt": "blurry, text: none",
+    "Steps": "30",
+    "Sampler": "DPM++ 2M Karras",
+    "CFG scale": "7",
+    "Seed": "2671683630",
+    "Size-1": "512",
+    "Size-2": "384",
+    "Model hash": "e1441589a6",
+    "Model": "sd15, pruned: v1-5",
+    "Lora hashes": "fetallora v2: f7637d3dab64",
+    "Clip skip": "2",
+    "Version": "fulora 0.1.0",
+}
+
+
+def test_automatic1111_reads_back_every_setting_of_a_fulora_image():
+    """The PNG's parameters text, with a model name holding a comma and a colon (A1111 quotes
+    such a value; unquoted, it read back as Model "sd15" and a setting "pruned")."""
+    from fulora.generate.run import GenerateConfig, _a1111_parameters, _Plan
+
+    cfg = GenerateConfig(
+        base="unused", steps=30, guidance=7.0, lora_scale=0.8, negative_prompt="blurry, text: none"
+    )
+    row = {
+        "prompt": "a photo of fetal brain, 2D",
+        "negative_prompt": cfg.negative_prompt,
+        "sampler": "dpmpp_2m_karras",
+        "seed": 2671683630,
+        "width": 512,
+        "height": 384,
+        "base_model": "sd15, pruned: v1-5",
+        "clip_skip": 2,
+        "fulora_version": "0.1.0",
+    }
+    resolved = _Plan(
+        planes=["brain"],
+        prompts={"brain": row["prompt"]},
+        width=512,
+        height=384,
+        lora=Path("/loras/fetal,lora v2.safetensors"),
+        lora_sha256="0" * 64,  # the file's sha256 is not what A1111 lists a LoRA under
+        batch_size=8,
+        lora_webui_hash=KOHYA_MODEL_HASH,
+    )
+    assert _a1111_parameters(row, cfg, "e1441589a6" + "0" * 54, resolved) == A1111_TEXT
+    assert A1111_READS["Model"] == row["base_model"]
+    assert A1111_READS["Lora hashes"] == f"fetallora v2: {KOHYA_MODEL_HASH[:12]}"
+    assert A1111_READS["Prompt"].startswith(row["prompt"])
+    assert A1111_READS["Negative prompt"] == cfg.negative_prompt

@@ -19,6 +19,7 @@ from fulora.cli import main
 from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.run import GenerateConfig, generate, image_seed, read_png_provenance
+from fulora.lora.formats import read_lora
 
 
 def _cfg(tiny_model, lora=None, **kw):
@@ -75,9 +76,13 @@ def test_manifest_and_png_provenance(full_run, trained_lora):
     with Image.open(m.paths[0]) as img:
         assert img.mode == "L" and img.size == (80, 48)
         params = img.text["parameters"]
-    assert params.startswith("a photo of fetal brain <lora:phantom_lora:1>\nNegative prompt:")
+    # no negative prompt: no "Negative prompt:" line, as AUTOMATIC1111 writes it
+    assert params.startswith("a photo of fetal brain <lora:phantom_lora:1>\nSteps: 3, ")
     assert f"Seed: {row['seed']}" in params and "Sampler: DPM++ 2M Karras" in params
     assert "Steps: 3" in params and "Size: 80x48" in params and "Clip skip: 2" in params
+    # AUTOMATIC1111 lists a LoRA under kohya's header hash, not the file's sha256
+    kohya_hash = read_lora(row["lora"]).metadata["sshs_model_hash"]
+    assert f'Lora hashes: "phantom_lora: {kohya_hash[:12]}"' in params
     assert read_png_provenance(m.paths[0])["lora_sha256"] == row["lora_sha256"]
     for name in ("contact_brain.png", "contact_femur.png", "config.yaml", "done.json"):
         assert (full_run / name).is_file()

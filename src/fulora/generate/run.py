@@ -47,7 +47,7 @@ from fulora.lora.base import (
     native_size,
 )
 from fulora.lora.conditioning import prompt_embeddings
-from fulora.lora.formats import load_lora_into, read_lora
+from fulora.lora.formats import load_lora_into, read_lora, webui_lora_hash
 from fulora.planes import PAPER_CAPTIONS, check_planes
 from fulora.runs import CONFIG_NAME, DONE_NAME, RunDir, check_finite_weights, now_iso, steady_rate
 
@@ -131,6 +131,7 @@ class _Plan:
     lora: Path | None
     lora_sha256: str
     batch_size: int
+    lora_webui_hash: str = ""  # what AUTOMATIC1111 lists the LoRA under (webui_lora_hash)
     clip_skip: int = 1
     sampler: str = "dpmpp_2m_karras"  # fulora's canonical name
 
@@ -140,8 +141,10 @@ def plan(cfg: GenerateConfig) -> _Plan:
     planes = check_planes(cfg.planes)
     lora = _resolve_lora(cfg.lora)
     metadata: dict[str, str] = {}
+    webui_hash = ""
     if lora is not None:
         found = read_lora(lora)
+        webui_hash = webui_lora_hash(found.path, found.metadata)
         check_finite_weights(
             found.tensors.items(),
             f"the LoRA {found.path}",
@@ -175,6 +178,7 @@ def plan(cfg: GenerateConfig) -> _Plan:
         cfg.batch_size or 0,
         clip_skip=_clip_skip(cfg.clip_skip, metadata, lora),
         sampler=resolve_sampler(cfg.sampler),
+        lora_webui_hash=webui_hash,
     )
 
 
@@ -245,31 +249,47 @@ def _auto_batch(device: torch.device, width: int, height: int) -> int:
     return int(max(1, min(32, (free / 2**30 - 4.0) / per_image)))
 
 
-def _a1111_parameters(
-    prompt: str,
-    negative: str,
-    row: dict[str, Any],
-    cfg: GenerateConfig,
-    base_hash: str,
-    lora: Path | None,
-) -> str:
-    settings = [
-        f"Steps: {cfg.steps}",
-        f"Sampler: {display_name(row['sampler'])}",
-        f"CFG scale: {cfg.guidance:g}",
-        f"Seed: {row['seed']}",
-        f"Size: {row['width']}x{row['height']}",
-    ]
+# AUTOMATIC1111 takes these out of a LoRA's name in its "Lora hashes" (they separate entries).
+_A1111_NAME_SYMBOLS = str.maketrans("", "", ":,")
+
+
+def _a1111_value(value: Any) -> str:
+    """A setting's value as AUTOMATIC1111 writes it.
+
+    JSON-quoted if it holds a comma, colon or newline, which would otherwise end or split it
+    when the text is read back.
+    """
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, resolved) -> str:
+    """The ``parameters`` text AUTOMATIC1111 writes for such an image (its PNG Info reads it).
+
+    The hashes are those AUTOMATIC1111 lists the files under: the base model file's sha256 (10
+    digits) and the LoRA's :func:`~fulora.lora.formats.webui_lora_hash` (12 digits).
+    """
+    lora = resolved.lora
+    settings: dict[str, Any] = {
+        "Steps": cfg.steps,
+        "Sampler": display_name(row["sampler"]),
+        "CFG scale": f"{cfg.guidance:g}",
+        "Seed": row["seed"],
+        "Size": f"{row['width']}x{row['height']}",
+    }
     if base_hash:
-        settings.append(f"Model hash: {base_hash[:10]}")
-    settings.append(f"Model: {row['base_model']}")
+        settings["Model hash"] = base_hash[:10]
+    settings["Model"] = row["base_model"]
     if lora is not None:
-        settings.append(f'Lora hashes: "{lora.stem}: {row["lora_sha256"][:12]}"')
+        name = lora.stem.translate(_A1111_NAME_SYMBOLS)
+        settings["Lora hashes"] = f"{name}: {resolved.lora_webui_hash[:12]}"
     if row["clip_skip"] > 1:
-        settings.append(f"Clip skip: {row['clip_skip']}")
-    settings.append(f"Version: fulora {row['fulora_version']}")
-    text = prompt + (f" <lora:{lora.stem}:{cfg.lora_scale:g}>" if lora is not None else "")
-    return f"{text}\nNegative prompt: {negative}\n" + ", ".join(settings)
+        settings["Clip skip"] = row["clip_skip"]
+    settings["Version"] = f"fulora {row['fulora_version']}"  # not a version A1111 acts on
+    text = row["prompt"] + (f" <lora:{lora.stem}:{cfg.lora_scale:g}>" if lora is not None else "")
+    if row["negative_prompt"]:
+        text += f"\nNegative prompt: {row['negative_prompt']}"
+    return f"{text}\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in settings.items())
 
 
 def generate(
@@ -748,10 +768,7 @@ def _save_image(out, plane, index, seed, array, cfg, resolved, made: _Made) -> N
     if cfg.color == "L":
         img = img.convert("L")
     info = PngInfo()
-    parameters = _a1111_parameters(
-        resolved.prompts[plane], cfg.negative_prompt, row, cfg, made.base_hash, resolved.lora
-    )
-    info.add_text("parameters", parameters)
+    info.add_text("parameters", _a1111_parameters(row, cfg, made.base_hash, resolved))
     info.add_text("fulora", json.dumps(row))
     with atomic_path(image_path(out, plane, index, seed)) as tmp:
         img.save(tmp, format="PNG", pnginfo=info)

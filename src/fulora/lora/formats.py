@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from fulora.errors import DataError
-from fulora.io import atomic_path
+from fulora.io import atomic_path, file_hash
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # The "down" (A) matrix of a LoRA pair in kohya, PEFT and older diffusers key styles.
@@ -91,9 +92,47 @@ def save_kohya(
         for k, v in tensors.items()
     }
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya_hashes(converted, meta)
     with atomic_path(path) as tmp:
         save_file(converted, str(tmp), metadata=meta)
     return path
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """The ``sshs_model_hash`` and ``sshs_legacy_hash`` kohya writes into a LoRA file's header.
+
+    kohya writes both into the header so that AUTOMATIC1111 and the additional-networks
+    extension need not hash the file; AUTOMATIC1111 lists a LoRA under the model hash. Both
+    are taken, as kohya takes them, over the file serialised with its ``ss_*`` metadata only
+    (other keys may be edited later): the model hash is the sha256 of the tensor bytes after
+    the header, the legacy one the sha256 of 64 KiB at 1 MiB, cut to 8 digits.
+    """
+    from safetensors.torch import save
+
+    training = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    serialised = save(tensors, metadata=training)  # {} too: kohya passes one, so the header has it
+    header = 8 + int.from_bytes(serialised[:8], "little")
+    legacy = hashlib.sha256(serialised[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    return hashlib.sha256(serialised[header:]).hexdigest(), legacy
+
+
+def webui_lora_hash(path: str | Path, metadata: dict[str, str]) -> str:
+    """The sha256 AUTOMATIC1111 lists a LoRA file under (its ``Lora hashes``: 12 digits).
+
+    The header's ``sshs_model_hash`` (kohya's), else for a ``.safetensors`` the sha256 of the
+    bytes after its header, else the sha256 of the whole file.
+    """
+    path = Path(path)
+    if metadata.get("sshs_model_hash"):
+        return metadata["sshs_model_hash"]
+    if path.suffix.lower() != ".safetensors":
+        return file_hash(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(8 + int.from_bytes(handle.read(8), "little"))
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_lora_files(
