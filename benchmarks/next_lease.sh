@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The GPU measurements still to be made (BENCHMARKS.md, "Still to be measured"), as steps that
-# each fit one command of a lent GPU machine (at most 10 minutes), most informative first:
+# The GPU measurements still to be made (BENCHMARKS.md, "Still to be measured"), as steps,
+# most informative first. A lease is 15 minutes of device time, each machine start costs one or
+# two of them, and a command may run 10: so all the steps go in one command, under one deadline
+# (LEASE_S seconds in all; a step gets what its budget asks or what is left, and one that cannot
+# start with enough left is skipped and says so):
 #
-#   bash benchmarks/next_lease.sh tests demo    # about 1 minute, then the demo (at most 300 s)
-#   bash benchmarks/next_lease.sh overlap       # about 5 minutes (its budget: 300 s)
+#   LEASE_S=540 bash benchmarks/next_lease.sh tests demo overlap    # timeout_s 600
+#
+# tests: about 1 minute; demo: at most 300 s; overlap: 300 s (its suite budget) plus 60 s.
 #
 # (Session 15 dropped the step `autotune`, generation's `compile max-autotune` row: on an H100
 # its kernel search was killed after 413 s, still in the UNet's down blocks, and every kernel
@@ -25,7 +29,7 @@ PY=${PYTHON:-python3}
 STEPS="tests demo overlap"  # the cases of step() below
 
 usage() {
-    echo "usage: bash benchmarks/next_lease.sh STEP... (${STEPS// /, })" >&2
+    echo "usage: [LEASE_S=SECONDS] bash benchmarks/next_lease.sh STEP... (${STEPS// /, })" >&2
     exit 2
 }
 
@@ -33,10 +37,24 @@ usage() {
 # leave no log.
 quiet() { grep --line-buffered -v "Flax\|phantom images\|should be kept in float32"; }
 
-# suite NAME BUDGET ARGS...: the GPU suite under BUDGET seconds, its log in OUT/NAME.log
+# Seconds left before LEASE_S (unset: no deadline), and WANT capped to them.
+left() { if [ -n "${LEASE_S:-}" ]; then echo $((LEASE_S - SECONDS)); else echo 100000; fi; }
+cap() { local l; l=$(left); echo $(($1 < l ? $1 : l)); }
+# enough NAME NEED: whether NEED seconds are left for step NAME (else it says so, for the log)
+enough() {
+    [ "$(left)" -ge "$2" ] && return 0
+    echo "== $1 skipped: $(left) s left before LEASE_S=$LEASE_S, it needs $2" | tee -a "$OUT/$1.log"
+    return 1
+}
+
+# suite NAME BUDGET MIN ARGS...: the GPU suite under BUDGET seconds (less if less is left, but
+# at least MIN), its log in OUT/NAME.log
 suite() {
-    local name=$1 budget=$2
-    shift 2
+    local name=$1 budget min=$3
+    budget=$(cap $(($2 + 60)))
+    budget=$((budget - 60))
+    shift 3
+    enough "$name" $((min + 60)) || return 1
     timeout $((budget + 60)) "$PY" benchmarks/gpu_suite.py --out "$OUT" --budget "$budget" "$@" \
         2>&1 | quiet | tee "$OUT/$name.log"
 }
@@ -48,7 +66,8 @@ step() {
         # fixed their difference, the noise drawn in fp16), each model and attention kernel in
         # fp16, the decode overlap's CUDA stream (about 1 minute); the LoRA's: --device cpu
         # beside a GPU trains on the CPU (session 18; the 8-bit one skips without bitsandbytes)
-        timeout 300 "$PY" -m pytest -q -m gpu -rA tests/generate/test_generate.py \
+        enough tests 60 || return 1
+        timeout "$(cap 300)" "$PY" -m pytest -q -m gpu -rA tests/generate/test_generate.py \
             tests/lora/test_train.py \
             2>&1 | quiet | tee "$OUT/gpu-tests.log"
         ;;
@@ -62,7 +81,8 @@ step() {
             'accelerate', 'peft', 'diffusers', 'transformers') if u.find_spec(m) is None])" \
             2>&1 | tee "$OUT/demo.log"
         local rc
-        timeout 300 "$PY" -m fulora demo --device cuda --out /tmp/demo-cuda 2>&1 | quiet \
+        enough demo 120 || return 1
+        timeout "$(cap 300)" "$PY" -m fulora demo --device cuda --out /tmp/demo-cuda 2>&1 | quiet \
             | tee -a "$OUT/demo.log"
         rc=$?
         mkdir -p "$OUT/demo-cuda"
@@ -74,7 +94,7 @@ step() {
         # the VAE decode beside the next batch's denoising with a compiled UNet and VAE (session
         # 14 measured it uncompiled: 1.00x at batch 8 and 32), against the same without it;
         # the pair needs the whole 300 s (session 15 gave it 250: the second row was skipped)
-        suite overlap 300 --parts model generate --only \
+        suite overlap 300 250 --parts model generate --only \
             "fulora batch 32 6 batches compile + fuse_qkv" \
             "fulora batch 32 6 batches compile + fuse_qkv + decode_overlap"
         ;;
@@ -83,6 +103,7 @@ step() {
 }
 
 [ $# -gt 0 ] || usage
+[[ -z ${LEASE_S:-} || $LEASE_S =~ ^[0-9]+$ ]] || usage
 for name in "$@"; do  # every step name checked before any work
     [[ $name != *[[:space:]]* && " $STEPS " == *" $name "* ]] || usage
 done

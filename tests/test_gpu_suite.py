@@ -270,3 +270,25 @@ def test_the_lease_script_parses_and_refuses_an_unknown_step(tmp_path):
     )
     assert done.returncode == 2 and "tests, demo, overlap)" in done.stderr
     assert not out.exists()  # refused before any work
+
+
+def test_the_lease_script_skips_the_steps_its_deadline_leaves_no_time_for(tmp_path):
+    """Under LEASE_S a step that cannot start with the time it needs is skipped and logged, so
+    one command runs every step that fits instead of being killed inside one that does not."""
+    import shutil
+
+    script = tmp_path / "benchmarks" / "next_lease.sh"
+    script.parent.mkdir()
+    shutil.copy(REPO / "benchmarks/next_lease.sh", script)  # a root without .whl: no install
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(script), "tests", "overlap"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"OUT": str(out), "PATH": "/usr/bin:/bin", "LEASE_S": "30"},
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "== tests skipped: " in done.stdout and "it needs 60" in done.stdout
+    assert "== overlap skipped: " in done.stdout and "it needs 310" in done.stdout
+    assert "skipped" in (out / "overlap.log").read_text()
