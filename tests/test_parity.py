@@ -17,18 +17,23 @@
   **AUTOMATIC1111's** ``addnet_hash_safetensors`` and ``parse_generation_parameters`` (the hash
   it lists a LoRA under; its PNG Info reading a fulora image's settings), run on this
   project's inputs with the answers recorded below.
+* **diffusers' single-file loader** (``from_single_file``), reading a checkpoint in the original
+  layout, as AUTOMATIC1111 users hold SD1.5, as the same model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from fulora.config import load_config
@@ -648,3 +653,131 @@ def test_automatic1111_reads_back_every_setting_of_a_fulora_image():
     assert A1111_READS["Lora hashes"] == f"fetallora v2: {KOHYA_MODEL_HASH[:12]}"
     assert A1111_READS["Prompt"].startswith(row["prompt"])
     assert A1111_READS["Negative prompt"] == cfg.negative_prompt
+
+
+# --------------------------------------------------------------------------------------------
+# A single-file checkpoint in the original (LDM) layout, what AUTOMATIC1111 users hold
+# (v1-5-pruned-emaonly.safetensors): diffusers' from_single_file must read it as the same model.
+# The file is written here with the LDM names (CompVis' UNetModel, AutoencoderKL, and
+# FrozenCLIPEmbedder over transformers' CLIP), so the check is diffusers' conversion of them.
+# --------------------------------------------------------------------------------------------
+_LDM_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_LDM_VAE_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
+
+
+def _ldm_unet_key(key: str, config) -> str:
+    """A diffusers UNet key in the LDM layout: input/middle/output blocks in one numbering."""
+    step, layers = config.layers_per_block + 1, config.layers_per_block
+    attention_up = ["CrossAttn" in kind for kind in config.up_block_types]
+    key = re.sub(
+        r"(resnets\.\d+\.)(\w+)\.", lambda m: m[1] + _LDM_RESNET.get(m[2], m[2]) + ".", key
+    )
+    rules = [
+        (r"^time_embedding\.linear_(\d)\.", lambda m: f"time_embed.{2 * int(m[1]) - 2}."),
+        (r"^conv_in\.", lambda m: "input_blocks.0.0."),
+        (r"^conv_norm_out\.", lambda m: "out.0."),
+        (r"^conv_out\.", lambda m: "out.2."),
+        (r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
+         lambda m: f"input_blocks.{step * int(m[1]) + int(m[3]) + 1}.{int(m[2] == 'attentions')}."),
+        (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.",
+         lambda m: f"input_blocks.{step * (int(m[1]) + 1)}.0.op."),
+        (r"^mid_block\.resnets\.(\d+)\.", lambda m: f"middle_block.{2 * int(m[1])}."),
+        (r"^mid_block\.attentions\.0\.", lambda m: "middle_block.1."),
+        (r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
+         lambda m: f"output_blocks.{step * int(m[1]) + int(m[3])}.{int(m[2] == 'attentions')}."),
+        (r"^up_blocks\.(\d+)\.upsamplers\.0\.",
+         lambda m: f"output_blocks.{step * int(m[1]) + layers}.{1 + attention_up[int(m[1])]}."),
+    ]  # fmt: skip
+    for pattern, name in rules:
+        key, found = re.subn(pattern, name, key)
+        if found:
+            return "model.diffusion_model." + key
+    raise KeyError(key)
+
+
+def _ldm_vae_key(key: str, blocks: int) -> str:
+    """A diffusers VAE key in the LDM layout (the decoder's up blocks numbered bottom-up)."""
+    key = re.sub(r"(resnets\.\d+\.)conv_shortcut\.", r"\1nin_shortcut.", key)
+    rules = [
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.", lambda m: f"encoder.down.{m[1]}.block."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.",
+         lambda m: f"encoder.down.{m[1]}.downsample."),
+        (r"^decoder\.up_blocks\.(\d+)\.resnets\.",
+         lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.block."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+         lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.upsample."),
+        (r"^(\w+)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+        (r"^(\w+)\.mid_block\.attentions\.0\.(to_out\.0|\w+)\.",
+         lambda m: f"{m[1]}.mid.attn_1.{_LDM_VAE_ATTENTION[m[2]]}."),
+        (r"^(\w+)\.conv_norm_out\.", lambda m: f"{m[1]}.norm_out."),
+    ]  # fmt: skip
+    for pattern, name in rules:
+        key, found = re.subn(pattern, name, key, count=1)
+        if found:
+            break
+    return "first_stage_model." + key
+
+
+def _ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
+    """The pipeline's weights as one original-layout checkpoint (VAE attention as 1x1 convs)."""
+    blocks = len(pipe.vae.config.block_out_channels)
+    ldm = {_ldm_unet_key(k, pipe.unet.config): v for k, v in pipe.unet.state_dict().items()}
+    for key, value in pipe.vae.state_dict().items():
+        key = _ldm_vae_key(key, blocks)
+        attention = ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2
+        ldm[key] = value[:, :, None, None] if attention else value
+    for key, value in pipe.text_encoder.state_dict().items():
+        ldm[f"cond_stage_model.transformer.{key}"] = value
+    return {k: v.contiguous() for k, v in ldm.items()}
+
+
+def test_a_single_file_checkpoint_is_the_same_model_and_makes_the_same_images(
+    tiny_model, tmp_path, monkeypatch
+):
+    from safetensors.torch import save_file
+
+    from fulora.errors import ConfigError
+    from fulora.generate.run import GenerateConfig, generate
+    from fulora.io import file_hash
+    from fulora.lora.base import load_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline, a single file needs --base-config
+    pipe = _pipe(tiny_model)
+    single = tmp_path / "tiny-pruned.safetensors"
+    save_file(_ldm_checkpoint(pipe), str(single))
+    loaded = load_pipeline(single, config=tiny_model)
+    for part in ("unet", "vae", "text_encoder"):
+        want, got = getattr(pipe, part).state_dict(), getattr(loaded, part).state_dict()
+        assert sorted(got) == sorted(want), part
+        assert all(torch.equal(got[k], want[k]) for k in want), part
+    other = _ldm_checkpoint(pipe)  # a checkpoint of another architecture than the configs'
+    other["first_stage_model.decoder.conv_in.bias"] = torch.zeros(7)
+    save_file(other, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ConfigError, match="the architecture whose configs --base-config"):
+        load_pipeline(tmp_path / "other.safetensors", config=tiny_model)
+    settings = dict(planes=["brain"], per_class=2, steps=2, width=64, height=48, device="cpu")
+    generate(tmp_path / "folder", GenerateConfig(base=str(tiny_model), **settings), progress=False)
+    generate(
+        tmp_path / "file",
+        GenerateConfig(base=str(single), base_config=str(tiny_model), **settings),
+        progress=False,
+    )
+    for folder_png in sorted((tmp_path / "folder" / "brain").glob("*.png")):
+        file_png = tmp_path / "file" / "brain" / folder_png.name
+        with Image.open(folder_png) as a, Image.open(file_png) as b:
+            assert np.array_equal(np.array(a), np.array(b)), folder_png.name
+            # AUTOMATIC1111's checkpoint hash: the file's sha256, 10 digits
+            assert f"Model hash: {file_hash(single)[:10]}," in b.text["parameters"]

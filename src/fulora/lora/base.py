@@ -77,11 +77,15 @@ def load_pipeline(
                 **kwargs,
             )
         except Exception as err:
-            raise ConfigError(
-                f"cannot load the single-file checkpoint {path}: {err}. Offline, a single file "
-                "needs its architecture's configs: pass --base-config PATH (a diffusers SD1.5 "
-                "folder; only its config files are read)"
-            ) from None
+            hint = (
+                f"Is it a checkpoint of the architecture whose configs --base-config {config} "
+                "holds? Pass the diffusers folder of its architecture"
+                if config
+                else "Offline, a single file needs its architecture's configs: pass "
+                "--base-config PATH (a diffusers SD1.5 folder; only its config files are read)"
+            )
+            message = f"cannot load the single-file checkpoint {path}: {err}. {hint}"
+            raise ConfigError(message) from None
     try:
         return StableDiffusionPipeline.from_pretrained(text, local_files_only=True, **kwargs)
     except Exception:
