@@ -779,5 +779,7 @@ def test_a_single_file_checkpoint_is_the_same_model_and_makes_the_same_images(
         file_png = tmp_path / "file" / "brain" / folder_png.name
         with Image.open(folder_png) as a, Image.open(file_png) as b:
             assert np.array_equal(np.array(a), np.array(b)), folder_png.name
-            # AUTOMATIC1111's checkpoint hash: the file's sha256, 10 digits
-            assert f"Model hash: {file_hash(single)[:10]}," in b.text["parameters"]
+            # AUTOMATIC1111's checkpoint hash (the file's sha256, 10 digits) and name (its stem)
+            assert (
+                f"Model hash: {file_hash(single)[:10]}, Model: tiny-pruned," in b.text["parameters"]
+            )

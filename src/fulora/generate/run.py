@@ -279,7 +279,9 @@ def _a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, 
     }
     if base_hash:
         settings["Model hash"] = base_hash[:10]
-    settings["Model"] = row["base_model"]
+    # A1111 names a checkpoint file by its stem (v1-5-pruned-emaonly), as it finds it again
+    model = str(row["base_model"])
+    settings["Model"] = Path(model).stem if model.endswith((".safetensors", ".ckpt")) else model
     if lora is not None:
         name = lora.stem.translate(_A1111_NAME_SYMBOLS)
         settings["Lora hashes"] = f"{name}: {resolved.lora_webui_hash[:12]}"
