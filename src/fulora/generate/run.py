@@ -263,7 +263,9 @@ def _a1111_value(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
-def _a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, resolved) -> str:
+def _a1111_parameters(
+    row: dict[str, Any], cfg: GenerateConfig, base_hash: str, resolved: _Plan
+) -> str:
     """The ``parameters`` text AUTOMATIC1111 writes for such an image (its PNG Info reads it).
 
     The hashes are those AUTOMATIC1111 lists the files under: the base model file's sha256 (10
