@@ -783,3 +783,26 @@ def test_a_single_file_checkpoint_is_the_same_model_and_makes_the_same_images(
             assert (
                 f"Model hash: {file_hash(single)[:10]}, Model: tiny-pruned," in b.text["parameters"]
             )
+
+
+# kohya's BaseDataset.set_tag_frequency (sd-scripts 48d368fa, library/train_util.py) on these
+# captions, one call per folder: its ss_tag_frequency, the tags AUTOMATIC1111 shows for a LoRA.
+KOHYA_CAPTIONS = {
+    "brain": [
+        "a photo of fetal brain",
+        "A photo of fetal brain, transventricular",
+        " , a photo of fetal brain ,Cerebellum, cerebellum",
+    ],
+    "femur": ["a photo of fetal femur"],
+}
+KOHYA_TAG_FREQUENCY = {
+    "brain": {"a photo of fetal brain": 3, "transventricular": 1, "cerebellum": 2},
+    "femur": {"a photo of fetal femur": 1},
+}
+
+
+def test_tag_frequency_is_kohyas():
+    from fulora.lora.checkpoints import tag_frequency
+
+    pairs = [(folder, caption) for folder, caps in KOHYA_CAPTIONS.items() for caption in caps]
+    assert tag_frequency(pairs) == KOHYA_TAG_FREQUENCY

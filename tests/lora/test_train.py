@@ -96,6 +96,11 @@ def test_training_changes_only_the_lora_and_the_loss_falls(tiny_model, lora_imag
     }
     assert meta["fulora_dataset_sha256"] == record["dataset_sha256"]
     assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "60"
+    # 3 images per plane (conftest's lora_images), each captioned with one tag
+    assert json.loads(meta["ss_tag_frequency"]) == {
+        "brain": {"a photo of fetal brain": 3},
+        "femur": {"a photo of fetal femur": 3},
+    }
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_model, lora_images, tmp_path):

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +127,19 @@ def save_checkpoint(
     logger.info("checkpoint %s", final)
 
 
+def tag_frequency(captions: Iterable[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """The ``ss_tag_frequency`` kohya writes for (folder, caption) pairs, one pair per image.
+
+    Per folder, how many captions hold each tag: a caption's comma-separated parts, stripped
+    and lower-cased, empty ones left out (AUTOMATIC1111 shows them as the LoRA's tags).
+    """
+    counts: dict[str, Counter[str]] = {}
+    for folder, caption in captions:
+        tags = (tag.strip().lower() for tag in caption.split(","))
+        counts.setdefault(folder, Counter()).update(tag for tag in tags if tag)
+    return {folder: dict(tags) for folder, tags in counts.items()}
+
+
 def save_final(
     out, cfg, unet, text_encoder, unet_lora, te_lora, steps, identity, data_hash, examples
 ) -> None:
@@ -153,7 +167,7 @@ def save_final(
         "ss_unet_lr": str(cfg.unet_lr),
         "ss_text_encoder_lr": str(cfg.text_encoder_lr),
         "ss_num_train_images": str(len(examples)),
-        "ss_tag_frequency": {plane: dict(c) for plane, c in captions.items()},
+        "ss_tag_frequency": tag_frequency((e.label, e.caption) for e in examples),
         "fulora_version": __version__,
         "fulora_base_model": cfg.base,
         "fulora_base_model_sha256": identity[1],
