@@ -230,6 +230,7 @@ def _cmd_lora_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"{info['path']}: {info['format']} LoRA, {info['tensors']} tensors")
     print(f"  rank {info['rank']}, alpha {info['alpha']}, dtype {info['dtype']}")
+    print(f"  AUTOMATIC1111 hash {info['a1111_hash']}")
     print("  modules  " + ", ".join(f"{k} {v}" for k, v in info["modules"].items()))
     print("  targets  " + ", ".join(f"{k} {v}" for k, v in info["targets"].items()))
     for key, value in info["metadata"].items():

@@ -104,8 +104,10 @@ def test_kohya_names_and_metadata(trained_like):
         "fc2",
     }
     assert info["metadata"]["fulora_test"] == "yes"
+    assert info["a1111_hash"] == info["metadata"]["sshs_model_hash"][:12]  # kohya's, in the header
     diffusers_info = inspect_lora(out)
     assert diffusers_info["format"] == "diffusers" and diffusers_info["alpha"] == 4.0
+    assert len(diffusers_info["a1111_hash"]) == 12  # none in its header: hashed as A1111 does
 
 
 def test_kohya_lora_changes_generation(trained_like, tiny_model):

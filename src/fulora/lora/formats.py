@@ -257,6 +257,8 @@ def inspect_lora(path: str | Path) -> dict[str, Any]:
         "alpha": sorted(alphas) if len(alphas) > 1 else next(iter(alphas), None),
         "targets": dict(sorted(targets.items())),
         "dtype": str(lora.tensors[down[0]].dtype).removeprefix("torch.") if down else None,
+        # what AUTOMATIC1111 (its Lora hashes) and model sites list the file under
+        "a1111_hash": webui_lora_hash(lora.path, lora.metadata)[:12],
         "metadata": {k: _maybe_json(v) for k, v in sorted(lora.metadata.items())},
     }
 
