@@ -177,16 +177,20 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def file_hash(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+def file_hash(
+    path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20, start: int = 0
+) -> str:
     """Hex digest of a file's content, read in chunks.
 
     Args:
         path: The file.
         algorithm: Any :mod:`hashlib` algorithm name (``sha256``, ``md5``, ``blake2b``).
         chunk: Read size in bytes.
+        start: The byte to start at (the bytes before it are left out of the digest).
     """
     digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
+        handle.seek(start)
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()

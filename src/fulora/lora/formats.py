@@ -111,9 +111,13 @@ def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 
     training = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     serialised = save(tensors, metadata=training)  # {} too: kohya passes one, so the header has it
-    header = 8 + int.from_bytes(serialised[:8], "little")
     legacy = hashlib.sha256(serialised[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
-    return hashlib.sha256(serialised[header:]).hexdigest(), legacy
+    return hashlib.sha256(serialised[_tensor_bytes_start(serialised) :]).hexdigest(), legacy
+
+
+def _tensor_bytes_start(first_bytes: bytes) -> int:
+    """Where a safetensors file's tensor bytes start (after its header and that header's size)."""
+    return 8 + int.from_bytes(first_bytes[:8], "little")
 
 
 def webui_lora_hash(path: str | Path, metadata: dict[str, str]) -> str:
@@ -127,12 +131,9 @@ def webui_lora_hash(path: str | Path, metadata: dict[str, str]) -> str:
         return metadata["sshs_model_hash"]
     if path.suffix.lower() != ".safetensors":
         return file_hash(path)
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        handle.seek(8 + int.from_bytes(handle.read(8), "little"))
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        start = _tensor_bytes_start(handle.read(8))
+    return file_hash(path, start=start)
 
 
 def save_lora_files(
