@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,6 +126,20 @@ def test_rerun_skips_change_reruns_and_from(experiment_config, tmp_path, capsys)
     assert fourth["ran"] == 3 and fourth["skipped"] == 4
     dry = run_experiment(changed, out, dry_run=True)
     assert set(dry["stages"].values()) == {"done"}
+
+    # The LoRA folder deleted by hand: it runs again under the same key, and so does every
+    # stage that read it, directly or not (on a GPU the new LoRA's images differ); the
+    # real-only classifier and its evaluation read nothing that changed.
+    shutil.rmtree(out / "lora" / "r4")
+    dry = run_experiment(changed, out, dry_run=True)["stages"]
+    assert {name for name, state in dry.items() if state == "done"} == {
+        "classify/ES/tiny_cnn/seed-0",
+        "evaluate/target/ES/tiny_cnn/seed-0",
+    }
+    fifth = run_experiment(changed, out)
+    assert fifth["ran"] == 5 and fifth["skipped"] == 2
+    ran = pd.read_csv(out / "stages.csv").query("state == 'ran'")["stage"]
+    assert set(ran) == {name for name, state in dry.items() if state != "done"}
 
 
 def test_killed_mid_generation_resumes_without_redoing_work(experiment_config, tmp_path, capsys):

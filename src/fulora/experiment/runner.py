@@ -36,6 +36,7 @@ from fulora.experiment.stages import (
     critical_path,
     failure_message,
     node_summary,
+    rerun_readers,
     run_locally,
     stage_of,
     stage_seconds,
@@ -147,6 +148,7 @@ def _states_at_start(plan: Plan, from_stage: str | None) -> dict[str, str]:
     """Each stage's state (``--from`` forces its kind and every later one), and a count line."""
     forced = set(STAGES[STAGES.index(from_stage) :]) if from_stage else set()
     states = {s.name: ("forced" if s.kind in forced else s.state()) for s in plan.stages}
+    states = rerun_readers(plan.stages, states)
     counts: dict[str, int] = {}
     for state in states.values():
         counts[state] = counts.get(state, 0) + 1

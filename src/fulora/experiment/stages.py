@@ -61,6 +61,25 @@ class Stage:
         return "done" if (self.folder / DONE_NAME).is_file() else "partial"
 
 
+def rerun_readers(stages: list[Stage], states: dict[str, str]) -> dict[str, str]:
+    """``states`` with every done stage that reads a stage that runs again marked ``stale``.
+
+    A stage's key covers the keys of the stages it reads, not their outputs. A stage folder
+    deleted by hand, or with an unreadable ``stage.json``, runs again under the same key, and
+    on a GPU (nondeterministic kernels) writes other weights or images; a done stage that read
+    the old ones would then describe outputs that are no longer there.
+    """
+    states, changed = dict(states), True
+    while changed:  # until the readers of readers are marked too, whatever the stages' order
+        changed = False
+        for stage in stages:
+            rerun = [name for name in stage.after if states.get(name, "done") != "done"]
+            if states[stage.name] == "done" and rerun:
+                states[stage.name], changed = "stale", True
+                logger.info("%s: done, but it reads %s, which runs again", stage.name, rerun[0])
+    return states
+
+
 #: Per stage kind, whether an interrupted stage left work it resumes from.
 _SAVED_WORK: dict[str, Callable[[Path], bool]] = {
     "lora": lambda folder: any((folder / "checkpoints").glob("step-*")),
