@@ -385,6 +385,32 @@ def test_real_spain_to_african_through_the_cli(sample_data, tmp_path, capsys, mo
     assert set(metrics["per_domain"]) == {"Algeria", "Egypt", "Ghana", "Malawi", "Uganda"}
 
 
+def test_a_classifier_whose_every_step_mixed_precision_skips_stops(phantom, tmp_path, monkeypatch):
+    """Weights grown too large for the autocast type stay finite (the loss scaler skips each
+    step whose loss overflowed) but overflow at every step, so the classifier learns nothing
+    more: an epoch whose every step was skipped stops the run, saying what to change. Played
+    on the CPU with torch's CPU loss scaler and weights scaled by 1e37."""
+    from fulora.classify import train as train_module
+    from fulora.errors import NonFiniteError
+
+    start_fit = train_module.start_fit
+
+    def overflowing_fit(model, cfg, amp):
+        fit = start_fit(model, cfg, amp)
+        fit.scaler = torch.amp.GradScaler("cpu")
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.mul_(1e37)
+        return fit
+
+    monkeypatch.setattr(train_module, "start_fit", overflowing_fit)
+    _, source, _ = phantom
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"every one of the \d+ steps of epoch 1.*--lr"):
+        train_classifier([source], out, _cfg(tmp_path, epochs=3), progress=False)
+    assert not (out / "best.pt").exists() and not (out / "done.json").exists()
+
+
 def test_a_diverged_training_stops_and_its_model_is_not_evaluated(phantom, tmp_path):
     """A learning rate far too high turns the weights into NaN: training stops after that epoch
     and says what to change, saving nothing of it; a model file with NaN weights is not

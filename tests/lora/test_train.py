@@ -324,6 +324,39 @@ def test_a_diverged_lora_stops_and_saves_nothing_from_then_on(tiny_model, lora_i
     assert not (tmp_path / "run" / "done.json").exists()
 
 
+@pytest.mark.parametrize("overflowing", [{3, 7}, set(range(2, 30))])
+def test_a_lora_whose_updates_mixed_precision_keeps_skipping_stops(
+    tiny_model, lora_images, tmp_path, monkeypatch, overflowing
+):
+    """fp16's scaler skips a step whose loss overflowed, so the weights stay finite; weights
+    grown too large for fp16 overflow at every step, and the LoRA learns nothing more. An
+    overflow now and then is normal (the run goes on); ten steps in a row stop it, saying what
+    to change, with no LoRA file written. CPU runs in fp32 without a scaler, so the skipped
+    update is played here: no optimiser step, an infinite loss."""
+    from fulora.errors import NonFiniteError
+    from fulora.lora import train as train_module
+
+    optimise = train_module._optimise
+
+    def scaler_skips(state, loss):
+        if state.step not in overflowing:
+            return optimise(state, loss)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.lr_scheduler.step()
+        return float("inf")
+
+    monkeypatch.setattr(train_module, "_optimise", scaler_skips)
+    cfg = _cfg(tiny_model, max_steps=16, checkpoint_every=0)
+    out = tmp_path / "run"
+    if len(overflowing) < train_module.MAX_NONFINITE_IN_A_ROW:
+        train_lora(read_any(lora_images), out, cfg, progress=False)
+        assert (out / "done.json").is_file()
+        return
+    with pytest.raises(NonFiniteError, match=r"last 10 steps \(to step 12\).*--unet-lr"):
+        train_lora(read_any(lora_images), out, cfg, progress=False)
+    assert not list(out.glob("*.safetensors")) and not (out / "done.json").exists()
+
+
 def test_training_speed_leaves_out_saving_the_lora(tiny_model, lora_images, tmp_path, monkeypatch):
     """The steps/s the GPU suite reports end with the last step: a refactor once let them run
     on through saving the LoRA and the last sample grid, which cut the H200's figure for the

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ from fulora.data.manifest import (
     images_seen,
     with_content_hashes,
 )
-from fulora.errors import ConfigError, DataError
+from fulora.errors import ConfigError, DataError, NonFiniteError
 from fulora.figures import training_curves
 from fulora.io import atomic_path, write_text
 from fulora.planes import PLANES, check_planes
@@ -448,6 +448,16 @@ def _batch_source(cfg: ClassifyConfig, dataset: ManifestDataset, transform, devi
     return batches
 
 
+class EpochStats(NamedTuple):
+    """What one training epoch did (:func:`train_epoch`)."""
+
+    loss: float  # mean over the images
+    accuracy: float  # % of the images classified right
+    seen: int  # images
+    batches: int
+    overflowed: int  # batches whose loss was not finite (mixed precision skipped their step)
+
+
 def train_epoch(
     fit: Fit,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -455,11 +465,11 @@ def train_epoch(
     device: torch.device,
     amp: torch.dtype | None,
     channels_last: bool,
-) -> tuple[float, float, int]:
+) -> EpochStats:
     """Train one epoch (``benchmarks/gpu_suite.py`` times this very loop).
 
-    The loss and the hits add up on the device and are read once, at the end: reading them
-    every step would make the CPU wait for the GPU before queueing the next step.
+    The loss, the hits and the overflows add up on the device and are read once, at the end:
+    reading them every step would make the CPU wait for the GPU before queueing the next step.
 
     Args:
         fit: The state from :func:`start_fit`.
@@ -470,12 +480,13 @@ def train_epoch(
         channels_last: Whether images go channels-last, from :func:`speed_settings`.
 
     Returns:
-        (mean loss, accuracy %, images seen)
+        The epoch's :class:`EpochStats`.
     """
     fit.model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
+    overflowed = torch.zeros((), device=device, dtype=torch.int64)
+    seen = batches_run = 0
     for images, target in batches:
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
@@ -490,10 +501,14 @@ def train_epoch(
         fit.scaler.update()
         total_loss += loss.detach().float() * len(target)
         correct += (logits.detach().argmax(1) == target).sum()
+        overflowed += ~loss.detach().isfinite()
         seen += len(target)
+        batches_run += 1
     if fit.scheduler is not None:
         fit.scheduler.step()
-    return float(total_loss) / seen, 100.0 * int(correct) / seen, seen
+    return EpochStats(
+        float(total_loss) / seen, 100.0 * int(correct) / seen, seen, batches_run, int(overflowed)
+    )
 
 
 def _val_loader(cfg, validation, classes, cache, transform, device) -> DataLoader | None:
@@ -585,11 +600,10 @@ def _train(
         torch.manual_seed(epoch_seed)
         started = time.perf_counter()
         epoch_batches = batches(torch.Generator().manual_seed(epoch_seed))
-        loss, accuracy, seen = train_epoch(
-            fit, epoch_batches, criterion, device, amp, channels_last
-        )
+        stats = train_epoch(fit, epoch_batches, criterion, device, amp, channels_last)
+        loss, accuracy, seen = stats.loss, stats.accuracy, stats.seen
         if not math.isfinite(loss):
-            _check_not_diverged(fit.model, epoch, cfg)
+            _check_not_diverged(fit.model, epoch, cfg, stats)
         seconds = time.perf_counter() - started
         scores = (
             _evaluate(fit.model, val_loader, device, amp, channels_last)
@@ -628,18 +642,28 @@ def _train(
     )
 
 
-def _check_not_diverged(model: nn.Module, epoch: int, cfg: ClassifyConfig) -> None:
+def _check_not_diverged(
+    model: nn.Module, epoch: int, cfg: ClassifyConfig, stats: EpochStats
+) -> None:
     """After an epoch whose mean loss is not finite: stop if the weights went with it.
 
     Mixed precision's scaler skips a step whose loss overflowed, and the weights stay finite;
-    without it (fp32, bf16) that step's NaN gradients reach every weight.
+    without it (fp32, bf16) that step's NaN gradients reach every weight. Weights grown too
+    large for fp16 stay finite but overflow at every step: an epoch whose every step was
+    skipped learnt nothing, and the next would not either, so that stops the run too.
     """
-    check_finite_weights(
-        model.named_parameters(),
-        f"the classifier after epoch {epoch + 1}",
+    what = f"the classifier after epoch {epoch + 1}"
+    advice = (
         f"Nothing of that epoch was saved. Lower the learning rate (lr {cfg.lr:g}: --lr with a "
-        "new --out folder, or classify.settings.lr in an experiment).",
+        "new --out folder, or classify.settings.lr in an experiment)."
     )
+    check_finite_weights(model.named_parameters(), what, advice)
+    if stats.overflowed == stats.batches:
+        raise NonFiniteError(
+            f"the loss was not finite at every one of the {stats.batches} steps of epoch "
+            f"{epoch + 1}: mixed precision skipped them all, so the classifier stopped learning "
+            f"(its weights overflow in {cfg.amp_dtype}); the training diverged. {advice}"
+        )
     logger.warning(
         "epoch %d: the mean loss is not finite; mixed precision skipped the steps that overflowed",
         epoch + 1,

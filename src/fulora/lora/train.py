@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from fulora.config import check_process_device, require_device
 from fulora.data.manifest import Manifest, check_trained_on, with_content_hashes
-from fulora.errors import ConfigError
+from fulora.errors import ConfigError, NonFiniteError
 from fulora.figures import image_grid
 from fulora.io import atomic_open
 from fulora.lora.base import base_identity, load_pipeline
@@ -78,6 +78,9 @@ logger = logging.getLogger("fulora")
 
 
 WARMUP_STEPS = 2  # steps left out of ``steady_steps_per_s``
+#: Steps in a row whose loss is not finite, with finite weights, that stop a run as diverged:
+#: one overflow now and then is mixed precision's normal business (the scaler skips it).
+MAX_NONFINITE_IN_A_ROW = 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +279,7 @@ class _LoraRun:
     total_steps: int = 0
     epochs: int = 0
     step: int = 0
+    nonfinite_in_a_row: int = 0  # steps whose loss was not finite, up to this one
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -429,7 +433,8 @@ def _run_steps(state: _LoraRun, progress: bool, on_step) -> tuple[int, float] | 
             if state.step >= state.total_steps:
                 break
             value = _optimise(state, _loss(state, noise_scheduler, batch))
-            if not math.isfinite(value):
+            state.nonfinite_in_a_row = 0 if math.isfinite(value) else state.nonfinite_in_a_row + 1
+            if state.nonfinite_in_a_row:
                 _check_not_diverged(state)
             state.step += 1
             if state.step - first_step == WARMUP_STEPS:
@@ -449,7 +454,9 @@ def _check_not_diverged(state: _LoraRun) -> None:
     """After a step whose loss is not finite: stop if the LoRA's weights went with it.
 
     Mixed precision's scaler (fp16) skips a step whose loss overflowed, and the weights stay
-    finite; without it (fp32, bf16) that step's NaN gradients reach every LoRA weight.
+    finite; without it (fp32, bf16) that step's NaN gradients reach every LoRA weight. With
+    the scaler, weights grown too large for fp16 stay finite but overflow every step: each
+    update is skipped and the LoRA learns nothing more, so that many steps in a row stop it too.
     """
     cfg, step = state.cfg, state.step + 1
     models = [state.unet, state.text_encoder] if cfg.train_text_encoder else [state.unet]
@@ -459,13 +466,21 @@ def _check_not_diverged(state: _LoraRun) -> None:
         for name, weight in state.accelerator.unwrap_model(model).named_parameters()
         if weight.requires_grad
     )
-    check_finite_weights(
-        trained,
-        f"the LoRA after step {step}",
-        f"Nothing from that step on was saved. Lower the learning rates (unet_lr "
-        f"{cfg.unet_lr:g}, text_encoder_lr {cfg.text_encoder_lr:g}: --unet-lr and "
-        "--text-encoder-lr with a new --out folder, or lora.settings in an experiment).",
+    advice = (
+        f"Lower the learning rates (unet_lr {cfg.unet_lr:g}, text_encoder_lr "
+        f"{cfg.text_encoder_lr:g}: --unet-lr and --text-encoder-lr with a new --out folder, or "
+        "lora.settings in an experiment)."
     )
+    check_finite_weights(
+        trained, f"the LoRA after step {step}", f"Nothing from that step on was saved. {advice}"
+    )
+    if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+        raise NonFiniteError(
+            f"the loss was not finite at each of the last {state.nonfinite_in_a_row} steps "
+            f"(to step {step}): mixed precision skipped every update, so the LoRA stopped "
+            f"learning (its weights overflow in {cfg.mixed_precision}); the training diverged. "
+            f"No LoRA file was written. {advice}"
+        )
     logger.warning("step %d: the loss is not finite; mixed precision skipped that update", step)
 
 
