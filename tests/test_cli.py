@@ -44,6 +44,9 @@ def test_inspect_reports_missing_images_of_a_csv(sample_data, capsys):
     assert main(["data", "inspect", str(sample_data / "manifests" / "spain_other_train.csv")]) == 0
     out = capsys.readouterr().out
     assert "230 images" in out and "missing file" in out
+    # Every image missing: the likely cause and the flag for it, not a claim of --no-images.
+    assert "none of the 230 images is where the CSV is" in out and "--images FOLDER" in out
+    assert "--no-images" not in out and "none could be opened" in out
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,8 @@ class InspectReport:
     modes: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     checked: int = 0
+    opened: bool = False  # whether the images were to be opened (not --no-images)
+    hint: str = ""  # what to do about the problems, when one cause explains them
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -58,6 +60,8 @@ class InspectReport:
             out.append(line("modes", dict(sorted(self.modes.items()))))
             if len(self.modes) > 1:
                 out.append("           (mixed colour modes: fulora converts all to one mode)")
+        elif self.opened:
+            out.append("  images   none could be opened (see the problems)")
         else:
             out.append("  images not opened (--no-images)")
         if self.problems:
@@ -67,6 +71,8 @@ class InspectReport:
                 out.append(f"    ... {len(self.problems) - 20} more (see --json)")
         else:
             out.append("  problems none found")
+        if self.hint:
+            out.append(f"  hint     {self.hint}")
         return "\n".join(out)
 
 
@@ -107,6 +113,7 @@ def inspect_manifest(
         report.problems.append(f"missing file (row {row}): {path}")
     if not open_images:
         return report
+    report.opened = True
     present = sorted(set(range(len(manifest))) - {row for row, _ in missing})
     paths = manifest.paths
 
@@ -143,4 +150,14 @@ def inspect_path(
     """Read any layout at ``path`` (missing images are reported, not fatal) and inspect it."""
     layout = detect_layout(path)
     manifest = read_any(path, images_dir=images_dir, on_missing="ignore")
-    return inspect_manifest(manifest, layout=layout, **kwargs)
+    report = inspect_manifest(manifest, layout=layout, **kwargs)
+    missing = sum(problem.startswith("missing file") for problem in report.problems)
+    if layout != "manifest" and report.images and missing == report.images:
+        # A CSV of image names whose images live elsewhere (FETAL_PLANES_DB's, the paper's);
+        # a manifest's paths are its own, and --images does not apply to them.
+        where = f" in {images_dir}" if images_dir is not None else " where the CSV is"
+        report.hint = (
+            f"none of the {report.images} images is{where}: pass the folder that holds them "
+            "with --images FOLDER"
+        )
+    return report
