@@ -806,3 +806,35 @@ def test_tag_frequency_is_kohyas():
 
     pairs = [(folder, caption) for folder, caps in KOHYA_CAPTIONS.items() for caption in caps]
     assert tag_frequency(pairs) == KOHYA_TAG_FREQUENCY
+
+
+# kohya's Min-SNR weights: sd-scripts 48d368fa, library/custom_train_functions.py, its own
+# prepare_scheduler_for_custom_training and apply_snr_weight run (from a scratch script outside
+# the repository) on a loss of ones, with train_network.py's SD1.x DDPMScheduler (scaled-linear
+# betas 0.00085-0.012, 1000 steps), --min_snr_gamma 5, without and with --v_parameterization.
+KOHYA_SNR_TIMESTEPS = [0, 1, 10, 100, 250, 500, 999]
+KOHYA_MIN_SNR_WEIGHTS = {
+    "epsilon": [0.0042537241, 0.0085344305, 0.048305679, 0.59144539, 1.0, 1.0, 1.0],
+    "v_prediction": [
+        0.0042501087,
+        0.0085198879,
+        0.047843456,
+        0.52888417,
+        0.6737923,
+        0.2763325,
+        0.0046600942,
+    ],
+}
+
+
+@pytest.mark.parametrize("prediction", sorted(KOHYA_MIN_SNR_WEIGHTS))
+def test_min_snr_weights_are_kohyas(prediction):
+    from diffusers import DDPMScheduler
+
+    from fulora.lora.tiny import sd15_scheduler
+    from fulora.lora.train import min_snr_weights
+
+    scheduler = DDPMScheduler.from_config(sd15_scheduler().config, prediction_type=prediction)
+    weights = min_snr_weights(scheduler, torch.tensor(KOHYA_SNR_TIMESTEPS), 5.0)
+    expected = torch.tensor(KOHYA_MIN_SNR_WEIGHTS[prediction])
+    torch.testing.assert_close(weights, expected, rtol=1e-6, atol=0)

@@ -486,8 +486,6 @@ def _check_not_diverged(state: _LoraRun) -> None:
 
 def _loss(state: _LoraRun, noise_scheduler, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The denoising loss of one batch; all its randomness comes from (seed, step)."""
-    from diffusers.training_utils import compute_snr
-
     cfg, device, dtype = state.cfg, state.device, state.weight_dtype
     # All randomness of this step comes from (seed, step): resume repeats it exactly.
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)
@@ -510,11 +508,22 @@ def _loss(state: _LoraRun, noise_scheduler, batch: dict[str, torch.Tensor]) -> t
         target = noise
     if not cfg.snr_gamma:
         return F.mse_loss(pred.float(), target.float())
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.clamp(snr, max=cfg.snr_gamma)
-    weights = weights / (snr + 1 if prediction == "v_prediction" else snr)
+    weights = min_snr_weights(noise_scheduler, timesteps, cfg.snr_gamma).to(pred.device)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none")
     return (per_sample.mean(dim=(1, 2, 3)) * weights).mean()
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Each sample's loss weight under Min-SNR-gamma (kohya's ``--min_snr_gamma``).
+
+    min(SNR, gamma) / SNR for an epsilon target, / (SNR + 1) for a v target: the weight of
+    the easy, low-noise timesteps falls, so they no longer dominate the loss.
+    """
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    v_target = noise_scheduler.config.prediction_type == "v_prediction"
+    return torch.clamp(snr, max=gamma) / (snr + 1 if v_target else snr)
 
 
 def _latents(state: _LoraRun, batch: dict[str, torch.Tensor], generator) -> torch.Tensor:
