@@ -592,15 +592,16 @@ def test_a_lora_without_kohyas_hashes_is_hashed_as_automatic1111_does(tmp_path):
     assert file_hash(path) != A1111_ADDNET_HASH
 
 
-# What AUTOMATIC1111's parse_generation_parameters returned for A1111_TEXT (its default fields
-# for hires fix, inpainting, RNG and schedules left out). Its "Version" is none A1111 parses,
-# so none of its back-compatibility switches for old versions turns on.
+# What AUTOMATIC1111's parse_generation_parameters returned for A1111_TEXT (the defaults it
+# fills in for settings a text lacks, hires fix, inpainting and schedules, left out; a missing
+# "RNG" it reads as "GPU"). Its "Version" is none A1111 parses, so none of its
+# back-compatibility switches for old versions turns on.
 A1111_TEXT = (
     "a photo of fetal brain, 2D <lora:fetal,lora v2:0.8>\n"
     "Negative prompt: blurry, text: none\n"
     "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 2671683630, Size: 512x384, "
-    'Model hash: e1441589a6, Model: "sd15, pruned: v1-5", Lora hashes: "fetallora v2: '
-    'f7637d3dab64", Clip skip: 2, Version: fulora 0.1.0'
+    'Model hash: e1441589a6, Model: "sd15, pruned: v1-5", Clip skip: 2, RNG: CPU, '
+    'Lora hashes: "fetallora v2: f7637d3dab64", Version: fulora 0.1.0'
 )
 A1111_READS = {
     "Prompt": "a photo of fetal brain, 2D <lora:fetal,lora v2:0.8>",
@@ -613,8 +614,9 @@ A1111_READS = {
     "Size-2": "384",
     "Model hash": "e1441589a6",
     "Model": "sd15, pruned: v1-5",
-    "Lora hashes": "fetallora v2: f7637d3dab64",
     "Clip skip": "2",
+    "RNG": "CPU",
+    "Lora hashes": "fetallora v2: f7637d3dab64",
     "Version": "fulora 0.1.0",
 }
 
@@ -653,6 +655,31 @@ def test_automatic1111_reads_back_every_setting_of_a_fulora_image():
     assert A1111_READS["Lora hashes"] == f"fetallora v2: {KOHYA_MODEL_HASH[:12]}"
     assert A1111_READS["Prompt"].startswith(row["prompt"])
     assert A1111_READS["Negative prompt"] == cfg.negative_prompt
+    assert A1111_READS["RNG"] == "CPU"  # the noise source of test_initial_noise_is_a1111s_cpu_noise
+
+
+# AUTOMATIC1111 modules/rng.py randn() with its RNG setting "CPU" (what fulora's PNGs say), the
+# noise ImageRNG.first() starts an image from: seed 2671683630, a 512x384 SD1.5 image, latent
+# shape (4, 48, 64). Values at (channel, row, column) and the sum, recorded by running that
+# function (from a scratch script outside the repository) with stubs for its settings.
+A1111_CPU_NOISE = {(0, 0, 0): 0.74126816, (0, 0, 1): 0.7993626, (1, 20, 30): 0.37893444}
+A1111_CPU_NOISE_SUM = 124.0145663
+
+
+def test_initial_noise_is_a1111s_cpu_noise():
+    """An A1111 user who pastes a fulora image's settings starts from the same noise."""
+    from types import SimpleNamespace
+
+    from fulora.generate.run import initial_noise
+
+    sd15 = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(in_channels=4)))
+    sd15.vae_scale_factor = 8
+    other = torch.Generator().manual_seed(1)
+    noise = initial_noise(sd15, [torch.Generator().manual_seed(2671683630), other], 384, 512)
+    assert noise.shape == (2, 4, 48, 64) and noise.dtype == torch.float32
+    for (c, y, x), value in A1111_CPU_NOISE.items():
+        assert noise[0, c, y, x].item() == pytest.approx(value, rel=1e-6)
+    assert noise[0].double().sum().item() == pytest.approx(A1111_CPU_NOISE_SUM, rel=1e-8)
 
 
 # --------------------------------------------------------------------------------------------

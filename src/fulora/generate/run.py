@@ -284,11 +284,14 @@ def _a1111_parameters(
     # A1111 names a checkpoint file by its stem (v1-5-pruned-emaonly), as it finds it again
     model = str(row["base_model"])
     settings["Model"] = Path(model).stem if model.endswith((".safetensors", ".ckpt")) else model
+    if row["clip_skip"] > 1:
+        settings["Clip skip"] = row["clip_skip"]
+    # The initial noise is drawn on the CPU (initial_noise), as A1111 draws it with RNG "CPU";
+    # A1111 reads a missing RNG as its default, "GPU", and would start from other noise.
+    settings["RNG"] = "CPU"
     if lora is not None:
         name = lora.stem.translate(_A1111_NAME_SYMBOLS)
         settings["Lora hashes"] = f"{name}: {resolved.lora_webui_hash[:12]}"
-    if row["clip_skip"] > 1:
-        settings["Clip skip"] = row["clip_skip"]
     settings["Version"] = f"fulora {row['fulora_version']}"  # not a version A1111 acts on
     text = row["prompt"] + (f" <lora:{lora.stem}:{cfg.lora_scale:g}>" if lora is not None else "")
     if row["negative_prompt"]:
