@@ -1040,3 +1040,46 @@ def test_samplers_are_automatic1111s(sampler):
     expected = torch.tensor(KDIFFUSION_X0[sampler], dtype=torch.float64)
     gap = float((x.flatten() - expected).norm() / expected.norm())
     assert gap < SAMPLER_GAP[sampler], f"{sampler}: {gap:.2e} from A1111's (k-diffusion's)"
+
+
+# k-diffusion's sample_euler_ancestral (4601bf0) with AUTOMATIC1111's noise for RNG "CPU"
+# (modules/rng.py ImageRNG: the image's CPU generator, seeded with its seed, draws the initial
+# noise, and each step's noise continues it), in fp32, seed 2671683630, latents (4, 2, 2), the
+# model _toy_eps, 30 steps on SD1.5's schedule; run from the same scratch script.
+KDIFFUSION_EULER_A_SEED = 2671683630
+KDIFFUSION_EULER_A_X0 = [
+    3.1314492,
+    13.022862,
+    4.3497901,
+    4.0729575,
+    4.9666462,
+    4.0621839,
+    3.8217833,
+    4.2866759,
+    3.1778505,
+    -5.7885928,
+    -11.843514,
+    -5.7975416,
+    -8.9886036,
+    3.6069264,
+    -4.9746079,
+    0.54827994,
+]
+
+
+def test_euler_a_draws_automatic1111s_step_noise():
+    """Euler a adds fresh noise at each step: fulora's (diffusers' scheduler, given the image's
+    generator after its initial noise, as generate passes it) is A1111's with RNG "CPU", the
+    setting each PNG names (measured 2.1e-6 relative, fp32 rounding)."""
+    from fulora.generate.samplers import make_scheduler
+    from fulora.lora.tiny import sd15_scheduler
+
+    generator = torch.Generator().manual_seed(KDIFFUSION_EULER_A_SEED)
+    scheduler = make_scheduler("Euler a", sd15_scheduler().config)
+    scheduler.set_timesteps(30)
+    x = torch.randn((1, 4, 2, 2), generator=generator) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = _toy_eps(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(eps, t, x, generator=[generator]).prev_sample
+    expected = torch.tensor(KDIFFUSION_EULER_A_X0)
+    assert float((x.flatten() - expected).norm() / expected.norm()) < 1e-5

@@ -14,7 +14,8 @@ documents for it, configured the way AUTOMATIC1111 runs it:
 ``tests/test_parity.py::test_samplers_are_automatic1111s`` runs each k-diffusion mapping against
 k-diffusion's own sampler (A1111's): Euler, Heun and LMS (Karras too) match to 5e-7; DPM++ 2M
 (Karras) is within 0.2-0.33%, since diffusers' DPM-Solver starts from the noise unscaled and
-rounds timesteps, which no configuration changes.
+rounds timesteps, which no configuration changes. Euler a matches too (2e-6, fp32), with each
+image's step noise drawn from its own generator as ``generate`` passes them.
 
 The FU-LoRA repository's figure of synthetic images shows rows made with Euler and UniPC; the
 paper does not say which sampler made its released 5,000 images.
