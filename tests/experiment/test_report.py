@@ -98,6 +98,25 @@ def test_seed_mean_interval_of_identical_seeds_is_the_single_seed_interval():
     for key in ("accuracy", "f1_macro", "auc_macro"):
         assert both[key] == pytest.approx(single[key])
 
+    # Seeds that disagree: one right on every image, one wrong on every image. The seed mean is
+    # 50% ACC; resampling patients alone would give [50, 50], as if the seeds agreed. Drawing
+    # the seeds too, the interval reaches from all-wrong to all-right draws.
+    right = np.eye(3)[y]
+    wrong = np.eye(3)[np.where(y == 1, 2, 1)]
+    apart = [
+        Evaluation(**{**evaluation.__dict__, "predictions": _with_probabilities(frame, p, classes)})
+        for p in (right, wrong)
+    ]
+    low, high = seed_mean_ci(apart, "all_outputs", 200, seed=1)["accuracy"]
+    assert low == pytest.approx(0.0) and high == pytest.approx(100.0)
+
+
+def _with_probabilities(frame: pd.DataFrame, proba: np.ndarray, classes) -> pd.DataFrame:
+    out = frame.copy()
+    for i, c in enumerate(classes):
+        out[f"p_{c}"] = proba[:, i]
+    return out
+
 
 def test_comparison_with_the_paper_table_matches_cells_by_regime_and_model():
     paper = pd.read_csv(PAPER_TABLE, encoding="utf-8-sig")
