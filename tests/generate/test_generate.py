@@ -19,6 +19,7 @@ from fulora.cli import main
 from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.run import GenerateConfig, generate, image_seed, read_png_provenance
+from fulora.generate.samplers import SAMPLERS
 from fulora.lora.formats import read_lora
 
 
@@ -424,6 +425,30 @@ def test_decoding_equals_the_diffusers_pipelines_own(tiny_model, sampler):
         output_type="np",
     ).images
     assert ours.shape == (2, 48, 64, 3) and np.array_equal(ours, theirs)
+
+
+def test_every_sampler_denoises_to_finite_latents(tiny_model):
+    """Every sampler fulora names runs through the pipeline to finite latents (until session 22,
+    UniPC's last step at sigma zero gave NaN in every image, and generate stopped)."""
+    from types import SimpleNamespace
+
+    from fulora.generate.run import _denoise
+    from fulora.generate.samplers import make_scheduler
+    from fulora.lora.conditioning import prompt_embeddings
+
+    pipe = _tiny_pipe(tiny_model)
+    base_config = pipe.scheduler.config
+    embeddings = prompt_embeddings(
+        pipe.tokenizer, pipe.text_encoder, "a photo of fetal brain", "", 1, torch.device("cpu")
+    )
+    cfg, size = SimpleNamespace(steps=4, guidance=7.0), SimpleNamespace(width=32, height=32)
+    not_finite = []
+    for sampler in SAMPLERS:
+        pipe.scheduler = make_scheduler(sampler, base_config)
+        latents = _denoise(pipe, embeddings, [3], cfg, size)
+        if not bool(torch.isfinite(latents).all()):
+            not_finite.append(sampler)
+    assert not not_finite, f"samplers whose latents are not finite: {not_finite}"
 
 
 def _nan_when(vae, condition):

@@ -702,7 +702,7 @@ def decode_latents(vae, latents: torch.Tensor, seeds: Sequence[int]) -> torch.Te
     if bad_seeds:
         raise DataError(
             f"the denoised latents of seeds {bad_seeds} decode to NaN even in fp32: the UNet "
-            "overflowed (try dtype: fp32, or a smaller lora_scale)"
+            "or the sampler overflowed (try dtype: fp32, a smaller lora_scale, or another sampler)"
         )
     return pixels
 

@@ -7,7 +7,8 @@ documents for it, configured the way AUTOMATIC1111 runs it:
   evenly from 999 to 0 (k-diffusion's ``get_sigmas``), which is diffusers'
   ``timestep_spacing="linspace"``; "Karras" variants use Karras sigmas instead;
 * UniPC runs AUTOMATIC1111's defaults (``uni_pc_variant: bh1``, ``uni_pc_order: 3``,
-  ``uni_pc_skip_type: time_uniform`` in its ``shared_options.py``);
+  ``uni_pc_skip_type: time_uniform`` in its ``shared_options.py``), ending where its sampler
+  ends, at the last training timestep (``final_sigmas_type="sigma_min"``);
 * DDIM and PLMS are the original LDM samplers, whose "uniform" discretisation is diffusers'
   default ``leading`` spacing with SD1.5's ``steps_offset=1``.
 
@@ -15,7 +16,9 @@ documents for it, configured the way AUTOMATIC1111 runs it:
 k-diffusion's own sampler (A1111's): Euler, Heun and LMS (Karras too) match to 5e-7; DPM++ 2M
 (Karras) is within 0.2-0.33%, since diffusers' DPM-Solver starts from the noise unscaled and
 rounds timesteps, which no configuration changes. Euler a matches too (2e-6, fp32), with each
-image's step noise drawn from its own generator as ``generate`` passes them.
+image's step noise drawn from its own generator as ``generate`` passes them, and so does UniPC
+against A1111's own UniPC (6e-5, fp32). Until session 22 UniPC ended at sigma zero, where
+diffusers' bh1 update divides by infinity: every UniPC image was NaN, and ``generate`` stopped.
 
 The FU-LoRA repository's figure of synthetic images shows rows made with Euler and UniPC; the
 paper does not say which sampler made its released 5,000 images.
@@ -50,7 +53,9 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "pndm": ("PNDMScheduler", {}, "PLMS"),
     "unipc": (
         "UniPCMultistepScheduler",
-        {"solver_type": "bh1", "solver_order": 3, **_LINSPACE},
+        # A1111's UniPC stops at the last training timestep (t_0 = 1/N, not denoised to zero).
+        # diffusers' default final sigma, zero, is also a NaN in every image with bh1.
+        {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min", **_LINSPACE},
         "UniPC",
     ),
 }
