@@ -9,8 +9,11 @@ documents for it, configured the way AUTOMATIC1111 runs it:
 * UniPC runs AUTOMATIC1111's defaults (``uni_pc_variant: bh1``, ``uni_pc_order: 3``,
   ``uni_pc_skip_type: time_uniform`` in its ``shared_options.py``), ending where its sampler
   ends, at the last training timestep (``final_sigmas_type="sigma_min"``);
-* DDIM and PLMS are the original LDM samplers, whose "uniform" discretisation is diffusers'
-  default ``leading`` spacing with SD1.5's ``steps_offset=1``.
+* DDIM and PLMS use diffusers' default ``leading`` spacing with SD1.5's ``steps_offset=1``:
+  the original LDM samplers' "uniform" discretisation when the steps divide 1000 (20, 25, 50;
+  for 30, LDM's ``range(0, 1000, 33)`` holds 31 timesteps). AUTOMATIC1111 since v1.6 runs its
+  own DDIM and PLMS (``sd_samplers_timesteps``) on ``range(0, 1000, 1000 // steps) + 1``
+  without evaluating the last, so its DDIM and PLMS images are not these; not compared.
 
 ``tests/test_parity.py::test_samplers_are_automatic1111s`` runs each k-diffusion mapping against
 k-diffusion's own sampler (A1111's): Euler, Heun and LMS (Karras too) match to 5e-7; DPM++ 2M
