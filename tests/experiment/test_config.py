@@ -64,6 +64,16 @@ CASES = [
     ),
     ("no regimes", {"classify.regimes": {}}, ["'classify.regimes'", "empty"]),
     (
+        "unknown baseline",
+        {"classify.regimes": {"ES": {}, "HB": {"synthetic": True, "baseline": "EX"}}},
+        ["'classify.regimes.HB.baseline'", "'EX' is not another regime", "one of ES"],
+    ),
+    (
+        "its own baseline",
+        {"classify.regimes": {"ES": {}, "HB": {"synthetic": True, "baseline": "HB"}}},
+        ["'classify.regimes.HB.baseline'", "'HB' is not another regime"],
+    ),
+    (
         "filtered without real-only",
         {"classify.regimes": {"HB": {"filtered": True}}},
         ["needs a classifier trained on real images"],

@@ -111,6 +111,36 @@ def test_seed_mean_interval_of_identical_seeds_is_the_single_seed_interval():
     assert low == pytest.approx(0.0) and high == pytest.approx(100.0)
 
 
+def test_a_regime_against_its_baseline_is_a_paired_difference():
+    """The difference of seed means, with an interval from the same patients for both."""
+    from fulora.errors import DataError
+    from fulora.experiment.effects import difference_ci
+
+    classes = ["other", "abdomen", "brain"]
+    n = 30
+    labels = np.array(["abdomen", "brain"] * (n // 2))
+    y = np.array([classes.index(v) for v in labels])
+    frame = pd.DataFrame(
+        {"path": [f"img{i}.png" for i in range(n)], "label": labels, "patient": range(n)}
+    )
+
+    def evaluation(proba, paths=None):
+        predictions = _with_probabilities(frame, proba, classes)
+        if paths is not None:
+            predictions["path"] = paths
+        return Evaluation(Path("unused"), classes, ["abdomen", "brain"], n, {}, {}, predictions)
+
+    right, wrong = evaluation(np.eye(3)[y]), evaluation(np.eye(3)[np.where(y == 1, 2, 1)])
+    same, same_ci = difference_ci([wrong, right], [wrong, right], "all_outputs", 100)
+    assert same["accuracy"] == 0.0
+    assert same_ci["accuracy"][0] < 0 < same_ci["accuracy"][1]  # the seeds are drawn apart
+    gain, gain_ci = difference_ci([right], [wrong], "all_outputs", 100)
+    assert gain["accuracy"] == 100.0 and gain_ci["accuracy"] == (100.0, 100.0)
+    elsewhere = evaluation(np.eye(3)[y], paths=[f"other{i}.png" for i in range(n)])
+    with pytest.raises(DataError, match="not tested on the same images"):
+        difference_ci([right], [elsewhere], "all_outputs", 10)
+
+
 def _with_probabilities(frame: pd.DataFrame, proba: np.ndarray, classes) -> pd.DataFrame:
     out = frame.copy()
     for i, c in enumerate(classes):

@@ -66,6 +66,18 @@ def test_outputs_of_a_finished_experiment(finished_experiment):
     assert abs(hb["ACC"] - sum(accs) / 2) < 0.01
     md = (run / "results" / "results.md").read_text()
     assert "| Data | LoRA | Model | # real | # synthetic | ACC |" in md and " ± " in md
+    # Each hybrid regime against the only real-only one (no baseline key in this config).
+    effects = pd.read_csv(run / "results" / "effects.csv", keep_default_na=False)
+    assert set(zip(effects["Data"], effects["baseline"], strict=True)) == {
+        ("HB", "ES"),
+        ("HB-filtered", "ES"),
+    }
+    es = table[(table["Data"] == "ES") & (table["space"] == "all_outputs")].iloc[0]
+    hb_effect = effects[(effects["Data"] == "HB") & (effects["space"] == "all_outputs")].iloc[0]
+    assert abs(hb_effect["ACC diff"] - (hb["ACC"] - es["ACC"])) < 0.02
+    assert hb_effect["ACC diff ci_low"] <= hb_effect["ACC diff"] <= hb_effect["ACC diff ci_high"]
+    assert "against the baseline" in md
+    assert "What each regime does against its baseline" in (run / "report/report.html").read_text()
 
 
 def test_filtered_regime_trains_on_the_audited_images(finished_experiment):

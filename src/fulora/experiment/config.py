@@ -39,7 +39,7 @@ from fulora.generate.config import GenerateConfig
 from fulora.lora.config import DEFAULT_BASE, LoraTrainConfig
 
 #: Regime keys that are not ClassifyConfig keys.
-REGIME_KEYS = ("synthetic", "filtered", "real")
+REGIME_KEYS = ("synthetic", "filtered", "real", "baseline")
 #: LoRA variant keys that are not LoraTrainConfig keys: a released LoRA file (no training) or
 #: a released synthetic image set (neither training nor generation), e.g. the paper's own.
 VARIANT_KEYS = ("file", "images")
@@ -102,7 +102,8 @@ class ClassifyStage(Checked):
     settings: dict[str, Any] = field(default_factory=dict)
     archs: list[str] = field(default_factory=lambda: ["resnet18"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    # name -> {synthetic: bool, filtered: bool, real: [sources], ...ClassifyConfig keys}
+    # name -> {synthetic: bool, filtered: bool, real: [sources], baseline: another regime
+    # (results/effects.csv: the difference from it), ...ClassifyConfig keys}
     regimes: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {"ES": {}, "HB": {"synthetic": True}}
     )
@@ -417,12 +418,36 @@ def regime_parts(cfg: ExperimentConfig, name: str) -> tuple[dict[str, Any], dict
         )
     if options.get("filtered"):
         options["synthetic"] = True
+    baseline = options.get("baseline")
+    if baseline is not None and (baseline == name or baseline not in cfg.classify.regimes):
+        raise ConfigError(
+            f"'classify.regimes.{name}.baseline' in {source}: {baseline!r} is not another "
+            f"regime; expected one of {', '.join(r for r in cfg.classify.regimes if r != name)}"
+        )
     if "real" in options:
         options["real"] = [
             from_dict(DataSource, s, source=source, prefix=f"classify.regimes.{name}.real.")
             for s in options["real"]
         ]
     return options, {k: v for k, v in regime.items() if k not in REGIME_KEYS}
+
+
+def regime_baselines(cfg: ExperimentConfig) -> dict[str, str]:
+    """Each regime's baseline, the regime ``results/effects.csv`` measures it against.
+
+    A regime's ``baseline`` key names it; without one, a regime with synthetic images is
+    measured against the only regime without any, if there is exactly one (the demo's
+    real-only). The paper's grid has two (ES, ES+DA), so its presets name them.
+    """
+    options = {name: regime_parts(cfg, name)[0] for name in cfg.classify.regimes}
+    real_only = [name for name, o in options.items() if not o.get("synthetic")]
+    baselines = {}
+    for name, o in options.items():
+        if o.get("baseline"):
+            baselines[name] = o["baseline"]
+        elif o.get("synthetic") and len(real_only) == 1:
+            baselines[name] = real_only[0]
+    return baselines
 
 
 def classify_config(cfg: ExperimentConfig, regime: str, arch: str, seed: int) -> ClassifyConfig:

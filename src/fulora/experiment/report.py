@@ -32,6 +32,7 @@ from fulora.data.images import thumbnail  # noqa: E402
 from fulora.data.manifest import MANIFEST_NAME, Manifest  # noqa: E402
 from fulora.errors import DataError, FuloraError  # noqa: E402
 from fulora.experiment.config import ExperimentConfig
+from fulora.experiment.effects import display_effects
 from fulora.experiment.layout import STAGE_MARKER, ExperimentLayout
 from fulora.experiment.results import display_table
 from fulora.figures import image_grid, save_figure  # noqa: E402
@@ -474,10 +475,22 @@ def _section_results(e: _Experiment) -> dict[str, Any] | None:
     comparison = e.layout.results / "comparison.csv"
     return {
         "targets": targets,
+        "effects": _effects(e.layout.results / "effects.csv"),
         "protocol": _read_protocol(e.run),
         "comparison": _table(pd.read_csv(comparison).round(2)) if comparison.is_file() else None,
         "per_domain": _per_domain(e.layout.results / "per_domain.csv"),
     }
+
+
+def _effects(path: Path) -> list[dict[str, Any]]:
+    """Each regime against its baseline (``effects.csv``), one table per target, all outputs."""
+    if not path.is_file():
+        return []
+    table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    return [
+        {"target": target, "table": _table(display_effects(table, "all_outputs", target))}
+        for target in dict.fromkeys(table["target"])
+    ]
 
 
 def _per_domain(path: Path) -> list[dict[str, Any]]:

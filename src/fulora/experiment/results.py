@@ -22,9 +22,10 @@ import pandas as pd
 
 from fulora.classify.registry import resolve_arch
 from fulora.errors import ConfigError, DataError
-from fulora.evaluate.metrics import SPACES, bootstrap, metrics
+from fulora.evaluate.metrics import SPACES, bootstrap
 from fulora.evaluate.result import Evaluation
-from fulora.experiment.config import ExperimentConfig, classifier_protocol
+from fulora.experiment.config import ExperimentConfig, classifier_protocol, regime_baselines
+from fulora.experiment.effects import display_effects, effects, seed_mean
 from fulora.experiment.layout import ExperimentLayout
 from fulora.io import atomic_open, write_text
 from fulora.runs import RunDir
@@ -111,12 +112,7 @@ def seed_mean_ci(
     def statistic(idx: np.ndarray) -> dict[str, float]:
         n = len(probas)
         picked = np.bincount(seed_draws.integers(0, n, n), minlength=n)  # times drawn
-        values = {
-            k: metrics(y[idx], probas[k][idx], test_labels, space) for k in picked.nonzero()[0]
-        }
-        return {
-            name: float(sum(picked[k] * v[name] for k, v in values.items()) / n) for name in COLUMNS
-        }
+        return seed_mean(probas, picked, y, idx, test_labels, space, COLUMNS)
 
     return bootstrap(
         statistic,
@@ -285,6 +281,7 @@ def write_results(
                 "patients].\n\n"
             )
             lines.append(markdown_table(display_table(table, space, target)))
+    lines.extend(_write_effects(folder, cfg, cells, read))
     reference = reference_table(cfg.compare)
     if reference is not None:
         comparison = compare_with(table[table["target"] == targets[0]], reference)
@@ -300,6 +297,29 @@ def write_results(
     with atomic_open(folder / "results.md", "w") as handle:
         handle.write("".join(lines))
     return table
+
+
+def _write_effects(folder: Path, cfg: ExperimentConfig, cells, read) -> list[str]:
+    """``effects.csv`` (each regime against its baseline) and its Markdown sections."""
+    table = effects(cells, regime_baselines(cfg), cfg.evaluate.n_bootstrap, cfg.evaluate.seed, read)
+    path = folder / "effects.csv"
+    if table.empty:
+        path.unlink(missing_ok=True)  # an earlier config's, with baselines this one lacks
+        return []
+    table.insert(table.columns.get_loc("arch"), "Model", [model_name(a) for a in table["arch"]])
+    with atomic_open(path, "w", newline="") as handle:
+        table.to_csv(handle, index=False)
+    lines = []
+    for target in dict.fromkeys(table["target"]):
+        for space in SPACES:
+            lines.append(
+                f"\n## {target}, {space.replace('_', ' ')}: against the baseline\n\n"
+                "Difference of seed means, regime minus baseline (ACC, F-score, AUC points), "
+                "[95% bootstrap interval: the same patients for both, each regime's seeds "
+                "drawn apart].\n\n"
+            )
+            lines.append(markdown_table(display_effects(table, space, target)))
+    return lines
 
 
 def reference_table(compare: str | None) -> Path | None:
