@@ -69,6 +69,11 @@ CASES = [
         ["'classify.regimes.HB.baseline'", "'EX' is not another regime", "one of ES"],
     ),
     (
+        "a real-only regime against a hybrid one",
+        {"classify.regimes": {"ES": {"baseline": "HB"}, "HB": {"synthetic": True}}},
+        ["'classify.regimes.ES.baseline'", "name the baseline on HB instead"],
+    ),
+    (
         "its own baseline",
         {"classify.regimes": {"ES": {}, "HB": {"synthetic": True, "baseline": "HB"}}},
         ["'classify.regimes.HB.baseline'", "'HB' is not another regime"],

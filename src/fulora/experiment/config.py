@@ -443,8 +443,15 @@ def regime_baselines(cfg: ExperimentConfig) -> dict[str, str]:
     real_only = [name for name, o in options.items() if not o.get("synthetic")]
     baselines = {}
     for name, o in options.items():
-        if o.get("baseline"):
-            baselines[name] = o["baseline"]
+        base = o.get("baseline")
+        if base and options[base].get("synthetic") and not o.get("synthetic"):
+            source = cfg._source  # type: ignore[attr-defined]
+            raise ConfigError(
+                f"'classify.regimes.{name}.baseline' in {source}: {base} has synthetic images "
+                f"and {name} has none; name the baseline on {base} instead ({name} is its)"
+            )
+        if base:
+            baselines[name] = base
         elif o.get("synthetic") and len(real_only) == 1:
             baselines[name] = real_only[0]
     return baselines

@@ -19,6 +19,7 @@ from fulora.experiment.config import (
     classify_config,
     generate_config,
     lora_configs,
+    regime_baselines,
     regime_parts,
     variant_parts,
 )
@@ -64,6 +65,7 @@ def resolve_configs(cfg: ExperimentConfig, out: Path) -> StageConfigs:
     source = getattr(cfg, "_source", "the experiment config")
     _check_grid(cfg, source)
     regimes = {name: regime_parts(cfg, name) for name in cfg.classify.regimes}
+    regime_baselines(cfg)  # a baseline that cannot be compared is refused now, not at the end
     filtered = any(o.get("filtered") for o, _ in regimes.values())
     synthetic = any(o.get("synthetic") for o, _ in regimes.values())
     if cfg.audit.enabled is False and filtered:
