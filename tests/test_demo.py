@@ -57,6 +57,8 @@ def test_demo_end_to_end_with_report_and_rerun(tmp_path, capsys):
     _check_numbers_against_the_predictions(tmp_path, table)
     out = capsys.readouterr().out
     assert "fulora:phantom-sd" in out and "ACC" in out and "report.html" in out
+    # ... and each hybrid regime against real-only, as results/effects.csv has it
+    assert "Against real-only" in out and (tmp_path / "results" / "effects.csv").is_file()
     lora_done = (tmp_path / "lora" / "r16" / "done.json").stat().st_mtime_ns
     run_demo(tmp_path, per_class=6, synthetic_per_class=4, report=False, lora_steps=20)
     assert (tmp_path / "lora" / "r16" / "done.json").stat().st_mtime_ns == lora_done

@@ -28,6 +28,7 @@ import yaml
 from fulora.config import check_device, require_device
 from fulora.data.phantom import PhantomConfig, generate_phantom
 from fulora.experiment.config import load_experiment
+from fulora.experiment.effects import display_effects
 from fulora.experiment.results import display_table
 from fulora.experiment.runner import run_experiment
 from fulora.io import write_text
@@ -168,6 +169,7 @@ def run_demo(
     shown = display_table(table, "all_outputs", "phantom-target")
     print("\nZero-shot results on the phantom target machine (all outputs, 3 seeds):\n")
     print(shown.to_string(index=False))
+    _print_effects(out / "results" / "effects.csv")
     print(
         f"\nOutputs: {out}/results/results.md, {out}/synthetic/r16/contact_*.png"
         + (f"\nReport:  {record['report']}" if record.get("report") else "")
@@ -176,3 +178,14 @@ def run_demo(
         "--set variables.sd15=PATH_OR_HUB_ID (see the README)."
     )
     return table
+
+
+def _print_effects(path: Path) -> None:
+    """Each hybrid regime against real-only, as ``results/effects.csv`` has it."""
+    if not path.is_file():
+        return
+    effects = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    shown = display_effects(effects, "all_outputs", "phantom-target")
+    print("\nAgainst real-only (difference of seed means, 95% interval; one that holds 0 does not")
+    print("tell the regime from real-only):\n")
+    print(shown.drop(columns=["LoRA", "baseline"], errors="ignore").to_string(index=False))
