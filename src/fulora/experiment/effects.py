@@ -41,6 +41,11 @@ def seed_mean(probas, draws, y, idx, test_labels, space, keys=EFFECT_COLUMNS) ->
     return {key: float(sum(draws[k] * v[key] for k, v in values.items()) / n) for key in keys}
 
 
+def draw_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """How often each of ``n`` seeds is drawn in one bootstrap replicate (n draws, replaced)."""
+    return np.bincount(rng.integers(0, n, n), minlength=n)
+
+
 def difference_ci(
     evals: Sequence[Evaluation],
     base: Sequence[Evaluation],
@@ -70,14 +75,16 @@ def difference_ci(
         return {key: float(a[key] - b[key]) for key in EFFECT_COLUMNS}
 
     seed_draws = np.random.default_rng([seed, 2])  # apart from the patients' draws
-
-    def draw(n: int) -> np.ndarray:
-        return np.bincount(seed_draws.integers(0, n, n), minlength=n)
-
     every = diff(np.arange(len(y)), np.ones(len(ours), int), np.ones(len(theirs), int))
     groups = [str(p) for p in first.predictions["patient"]]
     resampled = bootstrap(
-        lambda idx: diff(idx, draw(len(ours)), draw(len(theirs))), len(y), groups, n_resamples, seed
+        lambda idx: diff(
+            idx, draw_seeds(seed_draws, len(ours)), draw_seeds(seed_draws, len(theirs))
+        ),
+        len(y),
+        groups,
+        n_resamples,
+        seed,
     )
     return every, resampled
 

@@ -25,7 +25,7 @@ from fulora.errors import ConfigError, DataError
 from fulora.evaluate.metrics import SPACES, bootstrap
 from fulora.evaluate.result import Evaluation
 from fulora.experiment.config import ExperimentConfig, classifier_protocol, regime_baselines
-from fulora.experiment.effects import display_effects, effects, seed_mean
+from fulora.experiment.effects import display_effects, draw_seeds, effects, seed_mean
 from fulora.experiment.layout import ExperimentLayout
 from fulora.io import atomic_open, write_text
 from fulora.runs import RunDir
@@ -110,8 +110,7 @@ def seed_mean_ci(
     seed_draws = np.random.default_rng([seed, 1])  # apart from the patients' draws
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
-        n = len(probas)
-        picked = np.bincount(seed_draws.integers(0, n, n), minlength=n)  # times drawn
+        picked = draw_seeds(seed_draws, len(probas))
         return seed_mean(probas, picked, y, idx, test_labels, space, COLUMNS)
 
     return bootstrap(
