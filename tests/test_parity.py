@@ -1036,21 +1036,30 @@ def _toy_eps(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.sin(1.3 * x_in + t.to(x_in.dtype) / 250.0) + 0.2 * x_in
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLER_GAP))
-def test_samplers_are_automatic1111s(sampler):
-    """fulora's scheduler for each A1111 sampler name, stepped as diffusers' pipeline steps it
-    (noise times init_noise_sigma, scale_model_input, step), against A1111's answer."""
+def _sample_as_the_pipeline(sampler: str, noise: torch.Tensor, generator=None) -> torch.Tensor:
+    """30 steps of fulora's scheduler for ``sampler`` on _toy_eps, as diffusers' pipeline takes
+    them: the noise times init_noise_sigma, then scale_model_input and step (with the images'
+    generator, for a sampler that draws noise at each step)."""
     from fulora.generate.samplers import make_scheduler
     from fulora.lora.tiny import sd15_scheduler
 
-    dtype = torch.float32 if sampler == "unipc" else torch.float64
     scheduler = make_scheduler(sampler, sd15_scheduler().config)
     scheduler.set_timesteps(30)
-    x = torch.tensor(KDIFFUSION_NOISE, dtype=dtype).reshape(1, 4, 2, 2)
-    x = x * scheduler.init_noise_sigma
+    step_noise = {} if generator is None else {"generator": [generator]}
+    x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        eps = _toy_eps(scheduler.scale_model_input(x, t), t.to(dtype))
-        x = scheduler.step(eps, t, x).prev_sample
+        eps = _toy_eps(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(eps, t, x, **step_noise).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLER_GAP))
+def test_samplers_are_automatic1111s(sampler):
+    """fulora's scheduler for each A1111 sampler name, stepped as diffusers' pipeline steps it,
+    against A1111's answer."""
+    dtype = torch.float32 if sampler == "unipc" else torch.float64
+    noise = torch.tensor(KDIFFUSION_NOISE, dtype=dtype).reshape(1, 4, 2, 2)
+    x = _sample_as_the_pipeline(sampler, noise)
     expected = torch.tensor(A1111_SAMPLER_X0[sampler], dtype=dtype)
     gap = float((x.flatten() - expected).norm() / expected.norm())
     assert gap < SAMPLER_GAP[sampler], f"{sampler}: {gap:.2e} from A1111's"
@@ -1085,15 +1094,8 @@ def test_euler_a_draws_automatic1111s_step_noise():
     """Euler a adds fresh noise at each step: fulora's (diffusers' scheduler, given the image's
     generator after its initial noise, as generate passes it) is A1111's with RNG "CPU", the
     setting each PNG names (measured 2.1e-6 relative, fp32 rounding)."""
-    from fulora.generate.samplers import make_scheduler
-    from fulora.lora.tiny import sd15_scheduler
-
     generator = torch.Generator().manual_seed(KDIFFUSION_EULER_A_SEED)
-    scheduler = make_scheduler("Euler a", sd15_scheduler().config)
-    scheduler.set_timesteps(30)
-    x = torch.randn((1, 4, 2, 2), generator=generator) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = _toy_eps(scheduler.scale_model_input(x, t), t)
-        x = scheduler.step(eps, t, x, generator=[generator]).prev_sample
+    noise = torch.randn((1, 4, 2, 2), generator=generator)
+    x = _sample_as_the_pipeline("Euler a", noise, generator)
     expected = torch.tensor(KDIFFUSION_EULER_A_X0)
     assert float((x.flatten() - expected).norm() / expected.norm()) < 1e-5
