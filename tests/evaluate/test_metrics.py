@@ -4,7 +4,6 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc
 
 from fulora.evaluate.metrics import (
     binary_auc,
-    bootstrap,
     expected_calibration_error,
     metrics,
     per_class_table,
@@ -120,15 +119,3 @@ def test_expected_calibration_error_hand_case():
     # bin 0.9-1.0: |1 - 0.95| = 0.05, half the items; bin 0.5-0.6: |0.5 - 0.55| = 0.05
     assert ece == pytest.approx(5.0)
     assert sum(b["count"] for b in bins) == 4
-
-
-def test_bootstrap_by_patient():
-    y, proba = _random_case(0, n=100)
-    groups = [f"p{i // 4}" for i in range(100)]
-    stat = lambda idx: {"accuracy": metrics(y[idx], proba[idx], [0, 1, 2, 3, 4])["accuracy"]}  # noqa: E731
-    ci = bootstrap(stat, 100, groups=groups, n_resamples=200, seed=1)
-    point = stat(np.arange(100))["accuracy"]
-    assert ci["accuracy"][0] < point < ci["accuracy"][1]
-    assert bootstrap(stat, 100, groups=groups, n_resamples=200, seed=1) == ci
-    by_image = bootstrap(stat, 100, n_resamples=200, seed=1)
-    assert by_image != ci

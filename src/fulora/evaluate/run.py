@@ -26,10 +26,10 @@ from fulora.classify.features import run_classifier
 from fulora.classify.train import load_classifier
 from fulora.data.manifest import Manifest, describe_seen, images_seen
 from fulora.errors import DataError
+from fulora.evaluate.bootstrap import percentile_intervals, replicate_metrics, resample_counts
 from fulora.evaluate.config import EvaluateConfig
 from fulora.evaluate.metrics import (
     SPACES,
-    bootstrap,
     confusion,
     expected_calibration_error,
     metrics,
@@ -129,21 +129,10 @@ def evaluate_predictions(
         "per_domain": {},
         "per_class": {},
     }
+    counts = resample_counts(len(y), patients, n_bootstrap, seed)  # the same for both spaces
     for space in SPACES:
         overall = metrics(y, proba, test_labels, space)
-        ci = {}
-        if n_bootstrap:
-            ci = bootstrap(
-                lambda idx, s=space: {
-                    k: v
-                    for k, v in metrics(y[idx], proba[idx], test_labels, s).items()
-                    if k in HEADLINE
-                },
-                len(y),
-                groups=patients,
-                n_resamples=n_bootstrap,
-                seed=seed,
-            )
+        ci = percentile_intervals(replicate_metrics(y, proba, test_labels, space, counts, HEADLINE))
         result["spaces"][space] = {
             "metrics": overall,
             "ci95": {k: list(v) for k, v in ci.items()},

@@ -17,33 +17,64 @@ import numpy as np
 import pandas as pd
 
 from fulora.errors import DataError
-from fulora.evaluate.metrics import SPACES, bootstrap, metrics
+from fulora.evaluate.bootstrap import percentile_intervals, replicate_metrics, resample_counts
+from fulora.evaluate.metrics import SPACES
 from fulora.evaluate.result import Evaluation
 
 #: Metric key -> column name of the effects table (the paper's three headline metrics).
 EFFECT_COLUMNS = {"accuracy": "ACC", "f1_macro": "F-score", "auc_macro": "AUC"}
 
 
-def seed_mean(probas, draws, y, idx, test_labels, space, keys=EFFECT_COLUMNS) -> dict[str, float]:
-    """The metrics ``keys`` on test items ``idx``, averaged over the seeds drawn.
+def seed_mean(
+    probas: Sequence[np.ndarray],
+    draws: np.ndarray,
+    y: np.ndarray,
+    counts: np.ndarray,
+    test_labels: list[int],
+    space: str,
+    keys=EFFECT_COLUMNS,
+) -> dict[str, np.ndarray]:
+    """The metrics ``keys`` of each bootstrap replicate, averaged over the seeds it drew.
 
     Args:
         probas: Each seed's class probabilities on the test set.
-        draws: How often each seed was drawn (ones: every seed once).
+        draws: How often each seed is drawn in each replicate, shape (R, seeds)
+            (:func:`draw_seeds`; a row of ones: every seed once).
         y: The test labels (class indices).
-        idx: The test items to score (a bootstrap resample), indexing ``y`` and ``probas``.
+        counts: How often each test item is in each replicate, shape (R, items)
+            (:func:`~fulora.evaluate.bootstrap.resample_counts`).
         test_labels: The classes present in the test set.
         space: The label space (:data:`~fulora.evaluate.metrics.SPACES`).
         keys: The metric keys to average.
+
+    Returns:
+        ``{key: values}``, each of shape (R,).
     """
-    values = {k: metrics(y[idx], probas[k][idx], test_labels, space) for k in draws.nonzero()[0]}
-    n = int(draws.sum())
-    return {key: float(sum(draws[k] * v[key] for k, v in values.items()) / n) for key in keys}
+    per_seed = [replicate_metrics(y, p, test_labels, space, counts, keys) for p in probas]
+    n = draws.sum(axis=1)
+    # A seed drawn 0 times adds nothing, not 0 x NaN where its AUC is undefined.
+    return {
+        key: np.stack(
+            [np.where(draws[:, k] > 0, draws[:, k] * m[key], 0.0) for k, m in enumerate(per_seed)],
+            axis=1,
+        ).sum(axis=1)
+        / n
+        for key in keys
+    }
 
 
-def draw_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
-    """How often each of ``n`` seeds is drawn in one bootstrap replicate (n draws, replaced)."""
-    return np.bincount(rng.integers(0, n, n), minlength=n)
+def draw_seeds(
+    rng: np.random.Generator, n_resamples: int, sizes: Sequence[int]
+) -> list[np.ndarray]:
+    """How often each seed is drawn in each replicate, one (n_resamples, n) array per size.
+
+    Each replicate draws, for each of ``sizes`` in turn, n of n seeds with replacement.
+    """
+    draws = [np.empty((n_resamples, n), dtype=np.int64) for n in sizes]
+    for r in range(n_resamples):
+        for drawn, n in zip(draws, sizes, strict=True):
+            drawn[r] = np.bincount(rng.integers(0, n, n), minlength=n)
+    return draws
 
 
 def difference_ci(
@@ -69,24 +100,18 @@ def difference_ci(
     y, test_labels = first.labels(), first.test_labels()
     ours, theirs = [e.probabilities() for e in evals], [e.probabilities() for e in base]
 
-    def diff(idx: np.ndarray, our_draws: np.ndarray, their_draws: np.ndarray) -> dict:
-        a = seed_mean(ours, our_draws, y, idx, test_labels, space)
-        b = seed_mean(theirs, their_draws, y, idx, test_labels, space)
-        return {key: float(a[key] - b[key]) for key in EFFECT_COLUMNS}
+    def diff(counts: np.ndarray, our_draws: np.ndarray, their_draws: np.ndarray) -> dict:
+        a = seed_mean(ours, our_draws, y, counts, test_labels, space)
+        b = seed_mean(theirs, their_draws, y, counts, test_labels, space)
+        return {key: a[key] - b[key] for key in EFFECT_COLUMNS}
 
-    seed_draws = np.random.default_rng([seed, 2])  # apart from the patients' draws
-    every = diff(np.arange(len(y)), np.ones(len(ours), int), np.ones(len(theirs), int))
+    every = diff(*(np.ones((1, n), int) for n in (len(y), len(ours), len(theirs))))
     groups = [str(p) for p in first.predictions["patient"]]
-    resampled = bootstrap(
-        lambda idx: diff(
-            idx, draw_seeds(seed_draws, len(ours)), draw_seeds(seed_draws, len(theirs))
-        ),
-        len(y),
-        groups,
-        n_resamples,
-        seed,
-    )
-    return every, resampled
+    counts = resample_counts(len(y), groups, n_resamples, seed)
+    # The seeds' draws come from a generator apart from the patients' draws.
+    seed_rng = np.random.default_rng([seed, 2])
+    resampled = diff(counts, *draw_seeds(seed_rng, n_resamples, (len(ours), len(theirs))))
+    return {k: float(v[0]) for k, v in every.items()}, percentile_intervals(resampled)
 
 
 def effects(

@@ -22,7 +22,8 @@ import pandas as pd
 
 from fulora.classify.registry import resolve_arch
 from fulora.errors import ConfigError, DataError
-from fulora.evaluate.metrics import SPACES, bootstrap
+from fulora.evaluate.bootstrap import percentile_intervals, resample_counts
+from fulora.evaluate.metrics import SPACES
 from fulora.evaluate.result import Evaluation
 from fulora.experiment.config import ExperimentConfig, classifier_protocol, regime_baselines
 from fulora.experiment.effects import display_effects, draw_seeds, effects, seed_mean
@@ -107,19 +108,11 @@ def seed_mean_ci(
     first = evals[0]
     y, test_labels = first.labels(), first.test_labels()
     probas = [e.probabilities() for e in evals]
-    seed_draws = np.random.default_rng([seed, 1])  # apart from the patients' draws
-
-    def statistic(idx: np.ndarray) -> dict[str, float]:
-        picked = draw_seeds(seed_draws, len(probas))
-        return seed_mean(probas, picked, y, idx, test_labels, space, COLUMNS)
-
-    return bootstrap(
-        statistic,
-        len(y),
-        groups=[str(p) for p in first.predictions["patient"]],
-        n_resamples=n_resamples,
-        seed=seed,
-    )
+    groups = [str(p) for p in first.predictions["patient"]]
+    counts = resample_counts(len(y), groups, n_resamples, seed)
+    seed_rng = np.random.default_rng([seed, 1])  # apart from the patients' draws
+    (draws,) = draw_seeds(seed_rng, n_resamples, (len(probas),))
+    return percentile_intervals(seed_mean(probas, draws, y, counts, test_labels, space, COLUMNS))
 
 
 def collect(
