@@ -38,6 +38,7 @@ def test_inspect_json_and_problems(tmp_path, make_png, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == 2 and report["labels"] == {"brain": 1, "femur": 1}
     assert len(report["problems"]) == 1 and "cut.png" in report["problems"][0]
+    assert report["missing"] == 0  # unreadable is not missing
 
 
 def test_inspect_reports_missing_images_of_a_csv(sample_data, capsys):
@@ -47,6 +48,9 @@ def test_inspect_reports_missing_images_of_a_csv(sample_data, capsys):
     # Every image missing: the likely cause and the flag for it, not a claim of --no-images.
     assert "none of the 230 images is where the CSV is" in out and "--images FOLDER" in out
     assert "--no-images" not in out and "none could be opened" in out
+    csv = str(sample_data / "manifests" / "spain_other_train.csv")
+    assert main(["data", "inspect", csv, "--json", "--no-images"]) == 0
+    assert json.loads(capsys.readouterr().out)["missing"] == 230
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ class InspectReport:
     modes: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     checked: int = 0
+    missing: int = 0  # rows whose image file does not exist
     opened: bool = False  # whether the images were to be opened (not --no-images)
     hint: str = ""  # what to do about the problems, when one cause explains them
 
@@ -109,6 +110,7 @@ def inspect_manifest(
     for path in duplicates.unique()[:20]:
         report.problems.append(f"listed more than once: {path}")
     missing = manifest.missing_files()
+    report.missing = len(missing)
     for row, path in missing:
         report.problems.append(f"missing file (row {row}): {path}")
     if not open_images:
@@ -151,8 +153,7 @@ def inspect_path(
     layout = detect_layout(path)
     manifest = read_any(path, images_dir=images_dir, on_missing="ignore")
     report = inspect_manifest(manifest, layout=layout, **kwargs)
-    missing = sum(problem.startswith("missing file") for problem in report.problems)
-    if layout != "manifest" and report.images and missing == report.images:
+    if layout != "manifest" and report.images and report.missing == report.images:
         # A CSV of image names whose images live elsewhere (FETAL_PLANES_DB's, the paper's);
         # a manifest's paths are its own, and --images does not apply to them.
         where = f" in {images_dir}" if images_dir is not None else " where the CSV is"
