@@ -186,6 +186,7 @@ def _print_effects(path: Path) -> None:
         return
     effects = pd.read_csv(path, keep_default_na=False, na_values=[""])
     shown = display_effects(effects, "all_outputs", "phantom-target")
-    print("\nAgainst real-only (difference of seed means, 95% interval; one that holds 0 does not")
-    print("tell the regime from real-only):\n")
+    print("\nAgainst real-only (difference of seed means, 95% interval over the test patients and")
+    print("the classifier seeds; one that holds 0 does not tell the regime from real-only, and")
+    print("it leaves out how much another LoRA run and its images would differ):\n")
     print(shown.drop(columns=["LoRA", "baseline"], errors="ignore").to_string(index=False))

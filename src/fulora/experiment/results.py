@@ -308,7 +308,9 @@ def _write_effects(folder: Path, cfg: ExperimentConfig, cells, read) -> list[str
                 f"\n## {target}, {space.replace('_', ' ')}: against the baseline\n\n"
                 "Difference of seed means, regime minus baseline (ACC, F-score, AUC points), "
                 "[95% bootstrap interval: the same patients for both, each regime's seeds "
-                "drawn apart].\n\n"
+                "drawn apart]. The interval leaves out how much another LoRA run and its "
+                "images would differ (one run of each); LoRA variants that differ only by "
+                "`seed` show it.\n\n"
             )
             lines.append(markdown_table(display_effects(table, space, target)))
     return lines
