@@ -1099,3 +1099,19 @@ def test_euler_a_draws_automatic1111s_step_noise():
     x = _sample_as_the_pipeline("Euler a", noise, generator)
     expected = torch.tensor(KDIFFUSION_EULER_A_X0)
     assert float((x.flatten() - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_euler_a_step_noise_in_half_precision_is_a1111s_rounded():
+    """In fp16 (CUDA's default), diffusers draws Euler a's step noise from the image's CPU
+    generator in half precision (``randn_tensor`` with the model output's dtype). On the
+    pinned torch those are the fp32 draws, which A1111 makes, rounded: the same noise up to
+    fp16 rounding. (torch 2.11, the lent GPU machines', drew other numbers in half precision,
+    pytorch/pytorch#179834; the initial noise is drawn in fp32 for that reason.)"""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (1, 4, 48, 64)
+    half = randn_tensor(
+        shape, generator=[torch.Generator().manual_seed(7)], dtype=torch.float16, device="cpu"
+    )
+    full = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(half, full.half())
