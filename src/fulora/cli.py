@@ -348,7 +348,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     synthetic = Manifest.concat(_read_manifests(args.synthetic))
     reference = Manifest.concat(_read_manifests(args.reference))
     train_set = Manifest.concat(_read_manifests(args.train_set)) if args.train_set else None
-    from fulora.audit.run import audit  # torch: after the cheap checks
+    from fulora.audit.run import audit, judged_by  # torch: after the cheap checks
 
     result = audit(
         synthetic, reference, args.out, cfg, train_set=train_set, write_filtered=args.write_filtered
@@ -369,7 +369,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         )
     if "consistency" in result:
         print(
-            f"  classifier agrees with the prompted plane: "
+            f"  agreement with the prompted plane "
+            f"({judged_by(1 + len(result['consistency']['ensemble']))}): "
             f"{result['consistency']['agreement']:.1f}%"
         )
     print(f"  kept by the filter: {result['filtering']['kept']} of {len(synthetic)}")

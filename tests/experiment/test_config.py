@@ -90,6 +90,11 @@ CASES = [
     ),
     ("audit key", {"audit.settings": {"near_copy": 0.9}}, ["'audit.settings.near_copy'"]),
     (
+        "an audit ensemble by path",  # the experiment picks its seeds: audit.classifier REGIME/ARCH
+        {"audit.settings": {"ensemble": ["runs/a"]}},
+        ["'audit.settings.ensemble'", "set 'audit.classifier' instead", "REGIME/ARCH"],
+    ),
+    (
         "no validation images",  # once refused by the first classifier, after the LoRA and images
         {"classify.settings.val_fraction": 0.0, "classify.settings.select": "best"},
         ["'classify.regimes.ES'", "select: best needs validation images", "val_fraction"],

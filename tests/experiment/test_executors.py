@@ -32,7 +32,8 @@ def test_each_stage_waits_for_the_stages_it_reads(finished_experiment):
         "lora/r4": (),
         "generate/r4": ("lora/r4",),
         "classify/ES/tiny_cnn/seed-0": (),
-        "audit/r4": ("generate/r4", "classify/ES/tiny_cnn/seed-0"),
+        # every seed of the real-only classifier labels the images (their mean)
+        "audit/r4": ("generate/r4", "classify/ES/tiny_cnn/seed-0", "classify/ES/tiny_cnn/seed-1"),
         "classify/HB/tiny_cnn/seed-1": ("generate/r4",),
         "classify/HB-filtered/tiny_cnn/seed-0": ("audit/r4",),
         "evaluate/target/HB-filtered/tiny_cnn/seed-1": ("classify/HB-filtered/tiny_cnn/seed-1",),
@@ -156,11 +157,12 @@ def test_the_critical_path_is_the_longest_chain_of_waiting_stages(finished_exper
     # LoRA -> generation -> audit -> a filtered classifier -> its evaluation
     assert chain == 54.0 and names[:3] == ["lora/r4", "generate/r4", "audit/r4"]
     assert names[3].startswith("classify/HB-filtered/") and names[4].startswith("evaluate/")
-    seconds["classify/ES/tiny_cnn/seed-1"] = 100.0  # a real-only classifier with its evaluation
-    assert critical_path(plan.stages, seconds) == (
-        101.0,
-        ["classify/ES/tiny_cnn/seed-1", "evaluate/target/ES/tiny_cnn/seed-1"],
-    )
+    # A slow real-only classifier: the audit waits for it (every real-only seed labels the
+    # synthetic images), and so the filtered classifiers behind the audit do.
+    seconds["classify/ES/tiny_cnn/seed-1"] = 100.0
+    chain, names = critical_path(plan.stages, seconds)
+    assert chain == 103.0 and names[:2] == ["classify/ES/tiny_cnn/seed-1", "audit/r4"]
+    assert names[2].startswith("classify/HB-filtered/") and names[3].startswith("evaluate/")
     # A sharded stage takes its longest shard plus its own merge.
     runs = [
         StageRun("generate/r4 (shard 1/2)", "generate", "ran", seconds=5.0),

@@ -88,7 +88,11 @@ def test_filtered_regime_trains_on_the_audited_images(finished_experiment):
     assert kinds.index("audit") > kinds.index("classify")
     assert plan["stage"][kinds.index("audit") + 1].startswith("classify/HB")
     audit = json.loads((run / "audit/r4/audit.json").read_text())
+    # every seed of the real-only classifier labels the images, their probabilities averaged
     assert audit["consistency"]["classifier"].endswith("classify/ES/tiny_cnn/seed-0")
+    assert [Path(p).parts[-3:] for p in audit["consistency"]["ensemble"]] == [
+        ("ES", "tiny_cnn", "seed-1")
+    ]
     kept = audit["filtering"]["kept"]
     filtered = pd.read_csv(run / "audit/r4/filtered.csv")
     assert len(filtered) == kept and (filtered["agrees"]).all()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from fulora.config import AT_LEAST_0, AT_LEAST_1, FRACTION, SEED, Checked, Range
+from fulora.errors import ConfigError
 
 
 @dataclass
@@ -27,6 +28,9 @@ class AuditConfig(Checked):
 
     extractor: Literal["auto", "classifier", "inception"] = "auto"  # auto: classifier if given
     classifier: str | None = None  # a `fulora classify train` run trained on real images
+    # More `fulora classify train` runs on real images (other seeds): the filter's rules then
+    # use the mean of their and --classifier's probabilities, so one seed does not decide.
+    ensemble: list[str] = field(default_factory=list)
     inception_weights: str | None = None  # torch-fidelity's Inception-v3 .pth, for offline use
     image_size: int = 128  # side of the aligned grayscale images compared by SSIM
     shortlist: int = 8  # SSIM candidates per image (by coarse pixel correlation)
@@ -45,3 +49,11 @@ class AuditConfig(Checked):
     device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
     cache_dir: str | None = None  # preprocessing cache folder
     seed: int = 0
+
+    def check(self) -> None:
+        """An ensemble labels with --classifier's probabilities too, so it needs one."""
+        if self.ensemble and not self.classifier:
+            raise ConfigError(
+                "'ensemble' needs 'classifier' (--classifier RUN_DIR): the ensemble's runs "
+                "are averaged with it"
+            )

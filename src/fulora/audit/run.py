@@ -98,14 +98,15 @@ def audit(
     for name, manifest in (("synthetic", synthetic), ("reference", reference)):
         if len(manifest) == 0:
             raise DataError(f"the {name} manifest {manifest.origin} has no images")
-    extractor = _extractor(cfg)  # fails fast (weights, classifier) before any image is read
+    extractor = _extractor(cfg)  # fails fast (weights, classifiers) before any image is read
     classifier = extractor if cfg.extractor != "inception" and cfg.classifier else None
     if classifier is None and cfg.classifier:
         classifier = ClassifierExtractor(cfg.classifier, cfg.device, cfg.cache_dir)
+    judges = _judges(classifier, cfg)
     run = RunDir(out, command="fulora audit").start(cfg)
     out = run.path
     try:
-        result = _audit(synthetic, reference, out, cfg, train_set, extractor, classifier)
+        result = _audit(synthetic, reference, out, cfg, train_set, extractor, judges)
         frame = result.pop("_rows")
         if write_filtered is not None:
             kept = frame["keep"].to_numpy()
@@ -129,14 +130,41 @@ def audit(
     return result
 
 
-def _audit(synthetic, reference, out, cfg, train_set, extractor, classifier) -> dict[str, Any]:
+def _judges(classifier, cfg: AuditConfig) -> list[ClassifierExtractor]:
+    """The classifiers whose mean probabilities label the synthetic images (none: no labels).
+
+    Raises:
+        ConfigError: An ensemble run knows other planes than ``--classifier``'s.
+    """
+    if classifier is None:
+        return []
+    judges = [classifier]
+    for run_dir in cfg.ensemble:
+        judge = ClassifierExtractor(run_dir, cfg.device, cfg.cache_dir)
+        if judge.classes != classifier.classes:
+            raise ConfigError(
+                f"the ensemble's {run_dir} knows the planes {judge.classes}, --classifier's "
+                f"{classifier.run_dir} {classifier.classes}: average runs trained on the same "
+                "planes"
+            )
+        judges.append(judge)
+    return judges
+
+
+def _audit(synthetic, reference, out, cfg, train_set, extractor, judges) -> dict[str, Any]:
     syn_proba = None
-    if classifier is extractor:
+    if judges and judges[0] is extractor:
         syn_feats, syn_proba = extractor.run(synthetic, "synthetic")
     else:
         syn_feats = extractor.features(synthetic, "synthetic")
-        if classifier is not None:
-            syn_proba = classifier.run(synthetic, "synthetic (classifier)")[1]
+        if judges:
+            syn_proba = judges[0].run(synthetic, "synthetic (classifier)")[1]
+    if len(judges) > 1:  # the mean of every judge's probabilities
+        others = [
+            j.run(synthetic, f"synthetic (ensemble {k})")[1]
+            for k, j in enumerate(judges[1:], start=2)
+        ]
+        syn_proba = np.mean([syn_proba, *others], axis=0)
     ref_feats = extractor.features(reference, "reference")
     labels = np.array(synthetic.labels)
     ref_labels = np.array(reference.labels)
@@ -174,7 +202,7 @@ def _audit(synthetic, reference, out, cfg, train_set, extractor, classifier) -> 
 
     # Class consistency with a classifier trained on real images.
     if syn_proba is not None:
-        summary, agrees, p_label = _consistency(syn_proba, classifier, labels, planes, rows, out)
+        summary, agrees, p_label = _consistency(syn_proba, judges, labels, planes, rows, out)
         result["consistency"] = summary
         if cfg.require_agreement:
             keep &= agrees
@@ -198,13 +226,15 @@ def _audit(synthetic, reference, out, cfg, train_set, extractor, classifier) -> 
     return result
 
 
-def _consistency(syn_proba, classifier, labels, planes, rows, out):
-    """Does a classifier trained on real images see the prompted plane? Adds columns to rows.
+def _consistency(syn_proba, judges, labels, planes, rows, out):
+    """Do the classifiers trained on real images see the prompted plane? Adds columns to rows.
+
+    ``syn_proba`` is their mean probabilities (one classifier: its own).
 
     Returns:
         (summary for ``audit.json``, agreement per image, probability of the prompted plane)
     """
-    classes = classifier.classes
+    classes = judges[0].classes
     predicted = np.array(classes)[syn_proba.argmax(1)]
     p_label = np.array(
         [syn_proba[i, classes.index(y)] if y in classes else 0.0 for i, y in enumerate(labels)]
@@ -221,10 +251,11 @@ def _consistency(syn_proba, classifier, labels, planes, rows, out):
         cm,
         planes,
         classes,
-        title=f"Prompted plane vs classifier ({100 * agrees.mean():.1f}% agree)",
+        title=f"Prompted plane vs {judged_by(len(judges))} ({100 * agrees.mean():.1f}% agree)",
     )
     summary = {
-        "classifier": str(classifier.run_dir),
+        "classifier": str(judges[0].run_dir),
+        "ensemble": [str(j.run_dir) for j in judges[1:]],
         "classes": classes,
         "agreement": 100 * float(agrees.mean()),
         "per_plane": {p: 100 * float(agrees[labels == p].mean()) for p in planes},
@@ -232,6 +263,11 @@ def _consistency(syn_proba, classifier, labels, planes, rows, out):
         "confusion": {"rows": planes, "columns": classes, "counts": cm.tolist()},
     }
     return summary, agrees, p_label
+
+
+def judged_by(n_classifiers: int) -> str:
+    """Who labelled the synthetic images, for titles: one classifier or a mean of several."""
+    return "classifier" if n_classifiers == 1 else f"{n_classifiers} classifiers (mean)"
 
 
 def _per_plane_table(planes, labels, per_plane, overall, rows, keep) -> list[dict[str, Any]]:

@@ -127,7 +127,10 @@ class AuditStage(Checked):
     """The synthetic-data audit of each LoRA variant (needed by ``filtered`` regimes)."""
 
     enabled: bool | None = None  # None: only when a regime is filtered; true: always
-    classifier: str | None = None  # "REGIME/ARCH/seed-N" of a real-only cell, or a run folder
+    # Who labels the synthetic images: "REGIME/ARCH" (every seed of a real-only classifier,
+    # probabilities averaged; default: the first real-only regime and arch), "REGIME/ARCH/
+    # seed-N" (that seed alone, fulora's filter before session 23), or a classifier run folder.
+    classifier: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # AuditConfig keys
 
 
@@ -384,16 +387,22 @@ def generate_config(cfg: ExperimentConfig, lora_dir: str) -> GenerateConfig:
     return _stage_config(GenerateConfig, layers)
 
 
-def audit_config(cfg: ExperimentConfig, classifier: str, cache_dir: str) -> Any:
-    """The resolved audit config, using the classifier run folder ``classifier``."""
+def audit_config(cfg: ExperimentConfig, classifiers: list[str], cache_dir: str) -> Any:
+    """The resolved audit config, labelling with the classifier run folders ``classifiers``.
+
+    The first gives the features too; an empty list (none chosen yet) only checks the keys.
+    """
     source = cfg._source  # type: ignore[attr-defined]
-    if "classifier" in cfg.audit.settings:
-        raise ConfigError(
-            f"'audit.settings.classifier' in {source}: set 'audit.classifier' instead "
-            "(REGIME/ARCH/seed-N of a real-only cell, or a classifier run folder)"
-        )
+    for key in ("classifier", "ensemble"):
+        if key in cfg.audit.settings:
+            raise ConfigError(
+                f"'audit.settings.{key}' in {source}: set 'audit.classifier' instead "
+                "(REGIME/ARCH for every seed of a real-only classifier, REGIME/ARCH/seed-N "
+                "for one, or a classifier run folder)"
+            )
+    chosen = {"classifier": classifiers[0] if classifiers else "", "ensemble": classifiers[1:]}
     layers = [
-        ({"device": cfg.device, "cache_dir": cache_dir, "classifier": classifier}, source, ""),
+        ({"device": cfg.device, "cache_dir": cache_dir, **chosen}, source, ""),
         (cfg.audit.settings, source, "audit.settings."),
     ]
     return _stage_config(AuditConfig, layers)

@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fulora.audit.config import AuditConfig
 from fulora.audit.run import audit
 from fulora.classify.config import validation_needs
 from fulora.classify.registry import ModelInfo, check_input_size, create_model, resolve_arch
@@ -86,6 +87,7 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "fused_optimizer": False,
     },
     EvaluateStage: {"seed": 0},
+    AuditConfig: {"ensemble": []},
 }
 
 
@@ -451,18 +453,26 @@ class _Planner:
         self.plan.stages.append(stage)
 
     def add_audits(self) -> None:
-        """One audit per variant, labelling its images with the chosen real-only classifier."""
-        if self.configs.audit is None or self.configs.audit_classifier is None:
+        """One audit per variant, labelling its images with the chosen real-only classifiers."""
+        if self.configs.audit is None or not self.configs.audit_classifiers:
             return
-        cell, clf_folder = self.configs.audit_classifier
-        clf = self.classifiers.get(cell) if cell else None
+        judges = [
+            (self.classifiers.get(cell) if cell else None, folder)
+            for cell, folder in self.configs.audit_classifiers
+        ]
+        # the classifiers by their keys, not their paths: a moved experiment stays done
+        judged_by = [clf.key if clf else str(folder) for clf, folder in judges]
+        after = tuple(clf.name for clf, _ in judges if clf)
         inputs = self.inputs
         for variant in self.configs.variants:
+            config = {**_config_payload(self.configs.audit), "classifier": None}
+            if "ensemble" in config:  # paths out of the key: the judges' keys are below
+                config["ensemble"] = None
             payload = {
-                # the classifier by its key, not its path: a moved experiment stays done
-                "config": {**_config_payload(self.configs.audit), "classifier": None},
+                "config": config,
                 "synthetic": self.keys[f"generate/{variant}"],
-                "classifier": clf.key if clf else str(clf_folder),
+                # one classifier: as before session 23, so an audit by one seed stays done
+                "classifier": judged_by[0] if len(judged_by) == 1 else judged_by,
                 "reference": self.fingerprint(inputs.train),
                 "train_set": self.fingerprint(inputs.lora_data) if inputs.lora_data else None,
             }
@@ -476,9 +486,14 @@ class _Planner:
                 inputs.lora_data,
                 self.layout.filtered(variant),
             )
-            after = (f"generate/{variant}", clf.name if clf else "")
             self._add(
-                "audit", f"audit/{variant}", folder, stage_key(payload), action, variant, after
+                "audit",
+                f"audit/{variant}",
+                folder,
+                stage_key(payload),
+                action,
+                variant,
+                (f"generate/{variant}", *after),
             )
 
     def add_evaluations(self) -> None:

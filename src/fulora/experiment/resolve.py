@@ -43,7 +43,7 @@ class StageConfigs:
     loras: dict[str, LoraTrainConfig]
     generation: dict[str, GenerateConfig]  # a released image set needs none
     classifiers: dict[Cell, ClassifyConfig]
-    audit_classifier: tuple[Cell | None, Path] | None
+    audit_classifiers: list[tuple[Cell | None, Path]]  # the audit's labellers (none: no audit)
     audit: AuditConfig | None
 
 
@@ -91,9 +91,9 @@ def resolve_configs(cfg: ExperimentConfig, out: Path) -> StageConfigs:
         if "images" not in released[v]
     }
     _check_shards(cfg, generation, source)
-    audit_config(cfg, "", str(cache))  # its keys are checked even when no regime needs it
+    audit_config(cfg, [], str(cache))  # its keys are checked even when no regime needs it
     wanted = synthetic and (cfg.audit.enabled or filtered)
-    chosen = _audit_classifier(cfg, grid, regimes, out) if wanted else None
+    chosen = _audit_classifier(cfg, grid, regimes, out) if wanted else []
     return StageConfigs(
         source=source,
         cache=cache,
@@ -104,8 +104,8 @@ def resolve_configs(cfg: ExperimentConfig, out: Path) -> StageConfigs:
         loras=lora_configs(cfg) if synthetic else {},
         generation=generation,
         classifiers=classifiers,
-        audit_classifier=chosen,
-        audit=audit_config(cfg, str(chosen[1]), str(cache)) if chosen else None,
+        audit_classifiers=chosen,
+        audit=audit_config(cfg, [str(path) for _, path in chosen], str(cache)) if chosen else None,
     )
 
 
@@ -117,8 +117,13 @@ def _check_shards(cfg: ExperimentConfig, generation: dict, source: str) -> None:
         )
 
 
-def _audit_classifier(cfg, grid, regimes, out) -> tuple[Cell | None, Path]:
-    """(grid cell or None, run folder) of the classifier that labels synthetic images."""
+def _audit_classifier(cfg, grid, regimes, out) -> list[tuple[Cell | None, Path]]:
+    """The (grid cell or None, run folder) of each classifier that labels synthetic images.
+
+    ``audit.classifier`` unset or ``REGIME/ARCH``: every seed of that real-only classifier (the
+    first real-only regime and arch by default), whose probabilities the audit averages;
+    ``REGIME/ARCH/seed-N`` or a run folder: that one.
+    """
     source = getattr(cfg, "_source", "the experiment config")
     wanted = cfg.audit.classifier
     real_cells = [c for c in grid if not regimes[c[0]][0].get("synthetic")]
@@ -132,15 +137,16 @@ def _audit_classifier(cfg, grid, regimes, out) -> tuple[Cell | None, Path]:
                 f"the audit in {source} needs a classifier trained on real images: add a "
                 "real-only regime (e.g. ES: {}) or set audit.classifier to a classifier run folder"
             )
-        return real_cells[0], folder(real_cells[0])
-    for cell in real_cells:
-        if wanted == f"{cell[0]}/{cell[2]}/seed-{cell[3]}":
-            return cell, folder(cell)
+        wanted = f"{real_cells[0][0]}/{real_cells[0][2]}"
+    seeds = [c for c in real_cells if wanted == f"{c[0]}/{c[2]}"]
+    seeds += [c for c in real_cells if wanted == f"{c[0]}/{c[2]}/seed-{c[3]}"]
+    if seeds:
+        return [(cell, folder(cell)) for cell in seeds]
     path = Path(wanted).expanduser()
     if (path / "best.pt").is_file():
-        return None, path
+        return [(None, path)]
     names = ", ".join(f"{c[0]}/{c[2]}/seed-{c[3]}" for c in real_cells) or "none"
     raise ConfigError(
-        f"'audit.classifier' in {source}: {wanted!r} is neither a real-only cell ({names}) "
-        "nor a classifier run folder"
+        f"'audit.classifier' in {source}: {wanted!r} is neither a real-only classifier "
+        f"(REGIME/ARCH for all its seeds, or one of {names}) nor a classifier run folder"
     )
