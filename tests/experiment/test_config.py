@@ -225,6 +225,23 @@ def test_every_stage_runs_on_the_experiments_device(experiment_config, tmp_path)
     assert configs.loras["r2"].rank == 2 and {c.epochs for c in configs.classifiers.values()} == {2}
 
 
+def test_lora_variants_that_differ_only_by_seed_are_replicates(experiment_config, tmp_path):
+    """The effects table pools them (another LoRA run's spread in the interval)."""
+    from fulora.experiment.config import lora_replicates
+
+    experiment_config["lora"]["variants"] = {
+        "r4": {"rank": 4, "alpha": 4},
+        "r8": {"rank": 8, "alpha": 8},
+        "r4-seed1": {"rank": 4, "alpha": 4, "seed": 1},
+        "r4-seed2": {"rank": 4, "alpha": 4, "seed": 2},
+        "r4-lr": {"rank": 4, "alpha": 4, "seed": 3, "unet_lr": 1e-3},
+        "released": {"file": str(tmp_path / "x.safetensors")},  # not trained: not a replicate
+    }
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    path = write_config(tmp_path / "experiment.yaml", experiment_config)
+    assert lora_replicates(load_experiment(path)) == [["r4", "r4-seed1", "r4-seed2"]]
+
+
 def test_paper_config_resolves(tmp_path, capsys, sample_data):
     """configs/fu-lora-paper.yaml parses, and its first missing input is named precisely."""
     from pathlib import Path

@@ -114,7 +114,7 @@ def test_seed_mean_interval_of_identical_seeds_is_the_single_seed_interval():
 def test_a_regime_against_its_baseline_is_a_paired_difference():
     """The difference of seed means, with an interval from the same patients for both."""
     from fulora.errors import DataError
-    from fulora.experiment.effects import difference_ci
+    from fulora.experiment.effects import difference_ci, pooled_difference_ci
 
     classes = ["other", "abdomen", "brain"]
     n = 30
@@ -139,6 +139,14 @@ def test_a_regime_against_its_baseline_is_a_paired_difference():
     elsewhere = evaluation(np.eye(3)[y], paths=[f"other{i}.png" for i in range(n)])
     with pytest.raises(DataError, match="not tested on the same images"):
         difference_ci([right], [elsewhere], "all_outputs", 10)
+
+    # LoRA runs pooled (variants that differ only by seed): the mean over runs of their seed
+    # means, and an interval that draws the runs too. Two runs whose seeds agree within each
+    # run, one right and one wrong everywhere: each run alone claims a certain +100 or 0,
+    # pooled the difference is +50 and the interval spans both runs.
+    pooled, pooled_ci = pooled_difference_ci([[right, right], [wrong]], [wrong], "all_outputs", 200)
+    assert pooled["accuracy"] == 50.0
+    assert pooled_ci["accuracy"] == (0.0, 100.0)
 
 
 def _with_probabilities(frame: pd.DataFrame, proba: np.ndarray, classes) -> pd.DataFrame:

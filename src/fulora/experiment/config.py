@@ -32,6 +32,7 @@ from fulora.config import (
     apply_overrides,
     from_dict,
     read_yaml_mapping,
+    to_dict,
 )
 from fulora.errors import ConfigError
 from fulora.evaluate.config import EvaluateSettings
@@ -322,6 +323,20 @@ def lora_configs(cfg: ExperimentConfig) -> dict[str, LoraTrainConfig]:
         for name, variant in cfg.lora.variants.items()
         if not variant_parts(cfg, name)
     }
+
+
+def lora_replicates(cfg: ExperimentConfig) -> list[list[str]]:
+    """Groups of two or more LoRA variants to train that differ only by ``seed``.
+
+    Each is one recipe trained several times: the effects table pools them
+    (:func:`~fulora.experiment.effects.pooled_difference_ci`), so that its interval holds how
+    much another LoRA run and its images would differ. Read from the config; no data.
+    """
+    groups: dict[str, list[str]] = {}
+    for name, lora in lora_configs(cfg).items():
+        recipe = {k: v for k, v in to_dict(lora).items() if k != "seed"}
+        groups.setdefault(repr(sorted(recipe.items())), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def variant_parts(cfg: ExperimentConfig, name: str) -> dict[str, Any]:

@@ -51,11 +51,21 @@ def seed_mean(
         ``{key: values}``, each of shape (R,).
     """
     per_seed = [replicate_metrics(y, p, test_labels, space, counts, keys) for p in probas]
+    return drawn_mean(per_seed, draws, keys)
+
+
+def drawn_mean(
+    values: Sequence[dict[str, np.ndarray]], draws: np.ndarray, keys
+) -> dict[str, np.ndarray]:
+    """Each replicate's mean of ``values``, each member as often as the replicate drew it.
+
+    ``values`` holds one dict of (R,) arrays per member; ``draws`` is (R, members).
+    """
     n = draws.sum(axis=1)
-    # A seed drawn 0 times adds nothing, not 0 x NaN where its AUC is undefined.
+    # A member drawn 0 times adds nothing, not 0 x NaN where its AUC is undefined.
     return {
         key: np.stack(
-            [np.where(draws[:, k] > 0, draws[:, k] * m[key], 0.0) for k, m in enumerate(per_seed)],
+            [np.where(draws[:, k] > 0, draws[:, k] * m[key], 0.0) for k, m in enumerate(values)],
             axis=1,
         ).sum(axis=1)
         / n
@@ -89,29 +99,69 @@ def difference_ci(
     Raises:
         DataError: The two were not tested on the same images in the same order.
     """
+    return pooled_difference_ci([evals], base, space, n_resamples, seed)
+
+
+def pooled_difference_ci(
+    runs: Sequence[Sequence[Evaluation]],
+    base: Sequence[Evaluation],
+    space: str,
+    n_resamples: int,
+    seed: int = 0,
+) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """:func:`difference_ci` of a regime with several LoRA runs (variants differing by seed).
+
+    The difference is the mean over the runs of their seed means, minus the baseline's. Each
+    replicate draws the runs with replacement too, and each run's seeds (once per run:
+    a run drawn twice counts its seeds' draw twice), so the interval holds how much another
+    LoRA run and its images would differ. One run: :func:`difference_ci`, draws and all.
+
+    Raises:
+        DataError: The evaluations were not all made on the same images in the same order.
+    """
+    _check_same_images([*(e for run in runs for e in run), *base])
+    first = runs[0][0]
+    y, test_labels = first.labels(), first.test_labels()
+    ours = [[e.probabilities() for e in run] for run in runs]
+    theirs = [e.probabilities() for e in base]
+
+    def diff(counts, run_draws, seed_draws, their_draws) -> dict:
+        per_run = [
+            seed_mean(p, d, y, counts, test_labels, space)
+            for p, d in zip(ours, seed_draws, strict=True)
+        ]
+        a = drawn_mean(per_run, run_draws, EFFECT_COLUMNS)
+        b = seed_mean(theirs, their_draws, y, counts, test_labels, space)
+        return {key: a[key] - b[key] for key in EFFECT_COLUMNS}
+
+    def ones(n: int, rows: int = 1) -> np.ndarray:
+        return np.ones((rows, n), int)
+
+    every = diff(ones(len(y)), ones(len(runs)), [ones(len(p)) for p in ours], ones(len(theirs)))
+    groups = [str(p) for p in first.predictions["patient"]]
+    counts = resample_counts(len(y), groups, n_resamples, seed)
+    # The seeds' (and runs') draws come from a generator apart from the patients' draws.
+    if len(runs) == 1:
+        rng = np.random.default_rng([seed, 2])
+        our_draws, their_draws = draw_seeds(rng, n_resamples, (len(ours[0]), len(theirs)))
+        run_draws, seed_draws = ones(1, n_resamples), [our_draws]
+    else:
+        rng = np.random.default_rng([seed, 3])
+        sizes = (len(runs), *(len(p) for p in ours), len(theirs))
+        run_draws, *seed_draws, their_draws = draw_seeds(rng, n_resamples, sizes)
+    resampled = diff(counts, run_draws, seed_draws, their_draws)
+    return {k: float(v[0]) for k, v in every.items()}, percentile_intervals(resampled)
+
+
+def _check_same_images(evals: Sequence[Evaluation]) -> None:
     first = evals[0]
     paths = list(first.predictions["path"])
-    for other in (*evals[1:], *base):
+    for other in evals[1:]:
         if list(other.predictions["path"]) != paths:
             raise DataError(
                 f"{other.folder} and {first.folder} were not tested on the same images: "
                 "a regime is compared with its baseline only on one test set"
             )
-    y, test_labels = first.labels(), first.test_labels()
-    ours, theirs = [e.probabilities() for e in evals], [e.probabilities() for e in base]
-
-    def diff(counts: np.ndarray, our_draws: np.ndarray, their_draws: np.ndarray) -> dict:
-        a = seed_mean(ours, our_draws, y, counts, test_labels, space)
-        b = seed_mean(theirs, their_draws, y, counts, test_labels, space)
-        return {key: a[key] - b[key] for key in EFFECT_COLUMNS}
-
-    every = diff(*(np.ones((1, n), int) for n in (len(y), len(ours), len(theirs))))
-    groups = [str(p) for p in first.predictions["patient"]]
-    counts = resample_counts(len(y), groups, n_resamples, seed)
-    # The seeds' draws come from a generator apart from the patients' draws.
-    seed_rng = np.random.default_rng([seed, 2])
-    resampled = diff(counts, *draw_seeds(seed_rng, n_resamples, (len(ours), len(theirs))))
-    return {k: float(v[0]) for k, v in every.items()}, percentile_intervals(resampled)
 
 
 def effects(
@@ -120,6 +170,7 @@ def effects(
     n_bootstrap: int,
     seed: int = 0,
     read: Callable[[Path], Evaluation] = Evaluation.read,
+    replicates: Sequence[Sequence[str]] = (),
 ) -> pd.DataFrame:
     """The effects table: one row per regime with a baseline, LoRA, arch, target and space.
 
@@ -129,38 +180,60 @@ def effects(
         n_bootstrap: Bootstrap replicates of the intervals.
         seed: Of those replicates.
         read: How an evaluation folder is read (the results stage's cached reader).
+        replicates: Groups of LoRA variants that differ only by seed
+            (:func:`~fulora.experiment.config.lora_replicates`): each adds a row per regime
+            with all of them pooled (:func:`pooled_difference_ci`), against a baseline
+            without synthetic images.
     """
     groups: dict[tuple, list] = {}
     for cell in cells:
         groups.setdefault((cell.target, cell.regime, cell.lora, cell.arch), []).append(cell)
-    rows = []
+    rows: list[dict] = []
+
+    def add(key: tuple, runs: list, base: list, label: str) -> None:
+        target, regime, _, arch = key
+        names = {"target": target, "Data": regime, "LoRA": label, "arch": arch}
+        rows.extend(_effect_rows(runs, base, names, baselines[regime], n_bootstrap, seed, read))
+
     for (target, regime, lora, arch), group in groups.items():
         base_regime = baselines.get(regime)
         base = groups.get((target, base_regime, lora, arch)) or groups.get(
             (target, base_regime, None, arch)
         )
-        if not base:
-            continue
-        evals, base_evals = [read(c.folder) for c in group], [read(c.folder) for c in base]
-        for space in SPACES:
-            diff, ci = difference_ci(evals, base_evals, space, n_bootstrap, seed)
-            row = {
-                "target": target,
-                "space": space,
-                "Data": regime,
-                "LoRA": lora or "",
-                "arch": arch,
-                "baseline": base_regime,
-                "seeds": len(evals),
-                "baseline seeds": len(base_evals),
-            }
-            for key, name in EFFECT_COLUMNS.items():
-                low, high = ci.get(key, (float("nan"), float("nan")))  # none: n_bootstrap 0
-                row[f"{name} diff"] = round(diff[key], 2)
-                row[f"{name} diff ci_low"] = round(low, 2)
-                row[f"{name} diff ci_high"] = round(high, 2)
-            rows.append(row)
+        if base:
+            add((target, regime, lora, arch), [group], base, lora or "")
+    for variants in replicates:
+        for target, regime, lora, arch in list(groups):
+            base = groups.get((target, baselines.get(regime), None, arch))
+            runs = [groups.get((target, regime, v, arch)) for v in variants]
+            if lora == variants[0] and base and all(runs):
+                add((target, regime, lora, arch), runs, base, "pooled: " + ", ".join(variants))
     return pd.DataFrame(rows)
+
+
+def _effect_rows(runs, base, names: dict, base_regime: str, n_bootstrap, seed, read) -> list:
+    """The rows (one per label space) of ``runs`` (LoRA runs' cells) against ``base``'s."""
+    evals = [[read(c.folder) for c in run] for run in runs]
+    base_evals = [read(c.folder) for c in base]
+    rows = []
+    for space in SPACES:
+        diff, ci = pooled_difference_ci(evals, base_evals, space, n_bootstrap, seed)
+        row = {
+            "target": names["target"],
+            "space": space,
+            **{k: names[k] for k in ("Data", "LoRA", "arch")},
+            "baseline": base_regime,
+            "LoRA runs": len(evals),
+            "seeds": sum(len(run) for run in evals),
+            "baseline seeds": len(base_evals),
+        }
+        for key, name in EFFECT_COLUMNS.items():
+            low, high = ci.get(key, (float("nan"), float("nan")))  # none: n_bootstrap 0
+            row[f"{name} diff"] = round(diff[key], 2)
+            row[f"{name} diff ci_low"] = round(low, 2)
+            row[f"{name} diff ci_high"] = round(high, 2)
+        rows.append(row)
+    return rows
 
 
 def display_effects(table: pd.DataFrame, space: str, target: str) -> pd.DataFrame:

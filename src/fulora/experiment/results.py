@@ -25,7 +25,12 @@ from fulora.errors import ConfigError, DataError
 from fulora.evaluate.bootstrap import percentile_intervals, resample_counts
 from fulora.evaluate.metrics import SPACES
 from fulora.evaluate.result import Evaluation
-from fulora.experiment.config import ExperimentConfig, classifier_protocol, regime_baselines
+from fulora.experiment.config import (
+    ExperimentConfig,
+    classifier_protocol,
+    lora_replicates,
+    regime_baselines,
+)
 from fulora.experiment.effects import display_effects, draw_seeds, effects, seed_mean
 from fulora.experiment.layout import ExperimentLayout
 from fulora.io import atomic_open, write_text
@@ -293,7 +298,10 @@ def write_results(
 
 def _write_effects(folder: Path, cfg: ExperimentConfig, cells, read) -> list[str]:
     """``effects.csv`` (each regime against its baseline) and its Markdown sections."""
-    table = effects(cells, regime_baselines(cfg), cfg.evaluate.n_bootstrap, cfg.evaluate.seed, read)
+    replicates = lora_replicates(cfg) if any(cell.lora for cell in cells) else []
+    table = effects(
+        cells, regime_baselines(cfg), cfg.evaluate.n_bootstrap, cfg.evaluate.seed, read, replicates
+    )
     path = folder / "effects.csv"
     if table.empty:
         path.unlink(missing_ok=True)  # an earlier config's, with baselines this one lacks
@@ -309,8 +317,8 @@ def _write_effects(folder: Path, cfg: ExperimentConfig, cells, read) -> list[str
                 "Difference of seed means, regime minus baseline (ACC, F-score, AUC points), "
                 "[95% bootstrap interval: the same patients for both, each regime's seeds "
                 "drawn apart]. The interval leaves out how much another LoRA run and its "
-                "images would differ (one run of each); LoRA variants that differ only by "
-                "`seed` show it.\n\n"
+                "images would differ (one run of each), except in a pooled row: LoRA variants "
+                "that differ only by `seed`, their mean, with the runs drawn too.\n\n"
             )
             lines.append(markdown_table(display_effects(table, space, target)))
     return lines
