@@ -234,6 +234,7 @@ def test_lora_variants_that_differ_only_by_seed_are_replicates(experiment_config
         "r8": {"rank": 8, "alpha": 8},
         "r4-seed1": {"rank": 4, "alpha": 4, "seed": 1},
         "r4-seed2": {"rank": 4, "alpha": 4, "seed": 2},
+        "r4-again": {"rank": 4, "alpha": 4},  # r4's seed: the same run again, not pooled
         "r4-lr": {"rank": 4, "alpha": 4, "seed": 3, "unet_lr": 1e-3},
         "released": {"file": str(tmp_path / "x.safetensors")},  # not trained: not a replicate
     }

@@ -332,11 +332,12 @@ def lora_replicates(cfg: ExperimentConfig) -> list[list[str]]:
     (:func:`~fulora.experiment.effects.pooled_difference_ci`), so that its interval holds how
     much another LoRA run and its images would differ. Read from the config; no data.
     """
-    groups: dict[str, list[str]] = {}
+    groups: dict[str, dict[int, str]] = {}
     for name, lora in lora_configs(cfg).items():
         recipe = {k: v for k, v in to_dict(lora).items() if k != "seed"}
-        groups.setdefault(repr(sorted(recipe.items())), []).append(name)
-    return [names for names in groups.values() if len(names) > 1]
+        # a second variant with the same seed is the same run again, not another draw
+        groups.setdefault(repr(sorted(recipe.items())), {}).setdefault(lora.seed, name)
+    return [list(by_seed.values()) for by_seed in groups.values() if len(by_seed) > 1]
 
 
 def variant_parts(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
