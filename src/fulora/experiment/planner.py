@@ -461,7 +461,7 @@ class _Planner:
             for cell, folder in self.configs.audit_classifiers
         ]
         # the classifiers by their keys, not their paths: a moved experiment stays done
-        judged_by = [clf.key if clf else str(folder) for clf, folder in judges]
+        judge_keys = [clf.key if clf else str(folder) for clf, folder in judges]
         after = tuple(clf.name for clf, _ in judges if clf)
         inputs = self.inputs
         for variant in self.configs.variants:
@@ -472,7 +472,7 @@ class _Planner:
                 "config": config,
                 "synthetic": self.keys[f"generate/{variant}"],
                 # one classifier: as before session 23, so an audit by one seed stays done
-                "classifier": judged_by[0] if len(judged_by) == 1 else judged_by,
+                "classifier": judge_keys[0] if len(judge_keys) == 1 else judge_keys,
                 "reference": self.fingerprint(inputs.train),
                 "train_set": self.fingerprint(inputs.lora_data) if inputs.lora_data else None,
             }
