@@ -513,10 +513,13 @@ def test_cached_latents_are_draws_from_the_vae_distribution(tiny_model):
         ("Euler a", "EulerAncestralDiscreteScheduler", {"timestep_spacing": "linspace"}),
         ("Euler", "EulerDiscreteScheduler", {"timestep_spacing": "linspace"}),
         ("UniPC", "UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3}),
-        ("DPM++ 2M Karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-        ("DPM++ 2M", "DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
-        ("DDIM", "DDIMScheduler", {}),
-        ("PLMS", "PNDMScheduler", {}),
+        ("DPM++ 2M Karras", "A1111DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+        ("DPM++ 2M", "A1111DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
+        ("DPM++ 2M Karras (diffusers)", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+        ("DDIM", "A1111DDIMScheduler", {}),
+        ("PLMS", "A1111PLMSScheduler", {}),
+        ("DDIM (diffusers)", "DDIMScheduler", {}),
+        ("PNDM (diffusers)", "PNDMScheduler", {}),
     ],
 )
 def test_a1111_sampler_names(tiny_model, a1111, scheduler, settings):
@@ -656,6 +659,29 @@ def test_automatic1111_reads_back_every_setting_of_a_fulora_image():
     assert A1111_READS["Prompt"].startswith(row["prompt"])
     assert A1111_READS["Negative prompt"] == cfg.negative_prompt
     assert A1111_READS["RNG"] == "CPU"  # the noise source of test_initial_noise_is_a1111s_cpu_noise
+
+
+@pytest.mark.parametrize(
+    ("sampler", "written"),
+    [
+        ("dpmpp_2m", "Sampler: DPM++ 2M, Schedule type: Uniform, "),
+        ("dpmpp_2m_karras", "Sampler: DPM++ 2M Karras, "),  # A1111 v1.9+ splits off "Karras"
+        ("euler", "Sampler: Euler, "),
+    ],
+)
+def test_the_text_names_the_schedule_where_a1111s_default_differs(sampler, written):
+    """AUTOMATIC1111 v1.9+ gives "DPM++ 2M" Karras sigmas by default (sd_samplers_kdiffusion.py:
+    ``('DPM++ 2M', 'sample_dpmpp_2m', ['k_dpmpp_2m'], {'scheduler': 'karras'})``) and reads a
+    text without "Schedule type" as "Automatic", that default (infotext_utils.py). fulora's
+    DPM++ 2M is k-diffusion's ``get_sigmas``, which A1111's sd_schedulers.py calls "Uniform";
+    without the setting, pasting its settings into A1111 made a Karras image."""
+    from fulora.generate.run import GenerateConfig, _a1111_parameters, _Plan
+
+    row = {"prompt": "p", "negative_prompt": "", "sampler": sampler, "seed": 1, "width": 64}
+    row |= {"height": 64, "base_model": "m", "clip_skip": 1, "fulora_version": "0.1.0"}
+    resolved = _Plan(["brain"], {"brain": "p"}, 64, 64, lora=None, lora_sha256="", batch_size=1)
+    text = _a1111_parameters(row, GenerateConfig(base="unused", steps=30), "", resolved)
+    assert f"Steps: 30, {written}CFG scale: 7, " in text
 
 
 # AUTOMATIC1111 modules/rng.py randn() with its RNG setting "CPU" (what fulora's PNGs say), the
@@ -1012,23 +1038,29 @@ A1111_UNIPC_X0 = [
     8.70964241, -10.18138313, 4.233722687, 5.02536726,
 ]  # fmt: skip
 A1111_SAMPLER_X0 = {**KDIFFUSION_X0, "unipc": A1111_UNIPC_X0}
+# diffusers' own DPM-Solver, kept under these names for runs made before session 24
+A1111_SAMPLER_X0 |= {f"{k}_diffusers": KDIFFUSION_X0[k] for k in ("dpmpp_2m", "dpmpp_2m_karras")}
 # Relative L2 gap allowed between fulora's scheduler and A1111's sampler (measured: Euler
 # 2.8e-7, Heun 2.7e-7, LMS 4.5e-7, LMS Karras 3.8e-8: the same sampler, up to diffusers
 # interpolating sigmas linearly between training timesteps where k-diffusion interpolates
-# log sigmas; DPM++ 2M Karras 2.0e-3: diffusers' DPM-Solver starts from the noise times 1 where
-# k-diffusion starts from sigma_max / sqrt(sigma_max^2 + 1) = 0.9977 of it in the same space,
-# and it rounds the model's timesteps to integers; DPM++ 2M 3.3e-3: also another timestep
-# spacing, diffusers' "linspace" for DPM-Solver taking n + 1 rounded points; UniPC 6.3e-5,
-# diffusers rounding the model's timesteps, in float32: diffusers' UniPC mixes dtypes in
-# float64). Before session 22 fulora's UniPC ended at sigma zero, and its last bh1 step gave NaN.
+# log sigmas; DPM++ 2M Karras 2.2e-7 and DPM++ 2M 2.9e-7 (fulora's A1111 DPM-Solver);
+# diffusers' own DPM-Solver, fulora's until session 24, 2.0e-3 (Karras): it starts from the
+# noise times 1 where k-diffusion starts from sigma_max / sqrt(sigma_max^2 + 1) = 0.9977 of it
+# in the same space, and it rounds the model's timesteps to integers; 3.3e-3 (DPM++ 2M): also
+# another timestep spacing, diffusers' "linspace" for DPM-Solver taking n + 1 rounded points;
+# UniPC 6.3e-5, diffusers rounding the model's timesteps, in float32: diffusers' UniPC mixes
+# dtypes in float64). Before session 22 fulora's UniPC ended at sigma zero, and its last bh1
+# step gave NaN.
 SAMPLER_GAP = {
     "unipc": 2e-4,
     "euler": 1e-6,
     "heun": 1e-6,
     "lms": 1e-6,
     "lms_karras": 1e-6,
-    "dpmpp_2m": 5e-3,
-    "dpmpp_2m_karras": 3e-3,
+    "dpmpp_2m": 1e-6,
+    "dpmpp_2m_karras": 1e-6,
+    "dpmpp_2m_diffusers": 5e-3,
+    "dpmpp_2m_karras_diffusers": 3e-3,
 }
 
 
@@ -1036,15 +1068,17 @@ def _toy_eps(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.sin(1.3 * x_in + t.to(x_in.dtype) / 250.0) + 0.2 * x_in
 
 
-def _sample_as_the_pipeline(sampler: str, noise: torch.Tensor, generator=None) -> torch.Tensor:
-    """30 steps of fulora's scheduler for ``sampler`` on _toy_eps, as diffusers' pipeline takes
-    them: the noise times init_noise_sigma, then scale_model_input and step (with the images'
+def _sample_as_the_pipeline(
+    sampler: str, noise: torch.Tensor, generator=None, steps: int = 30
+) -> torch.Tensor:
+    """``steps`` steps of fulora's scheduler for ``sampler`` on _toy_eps, as diffusers' pipeline
+    takes them: the noise times init_noise_sigma, then scale_model_input and step (with the images'
     generator, for a sampler that draws noise at each step)."""
     from fulora.generate.samplers import make_scheduler
     from fulora.lora.tiny import sd15_scheduler
 
     scheduler = make_scheduler(sampler, sd15_scheduler().config)
-    scheduler.set_timesteps(30)
+    scheduler.set_timesteps(steps)
     step_noise = {} if generator is None else {"generator": [generator]}
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
@@ -1063,6 +1097,112 @@ def test_samplers_are_automatic1111s(sampler):
     expected = torch.tensor(A1111_SAMPLER_X0[sampler], dtype=dtype)
     gap = float((x.flatten() - expected).norm() / expected.norm())
     assert gap < SAMPLER_GAP[sampler], f"{sampler}: {gap:.2e} from A1111's"
+
+
+# AUTOMATIC1111's own ddim and plms (modules/sd_samplers_timesteps_impl.py at 2035cbb, run
+# from a scratch script with k-diffusion 4601bf0 and stubs for its unused imports) on the
+# timesteps its get_timesteps (modules/sd_samplers_timesteps.py, 1c77b18) gives at its defaults,
+# from KDIFFUSION_NOISE in float64, the model _toy_eps, on SD1.5's schedule. 20 steps: A1111
+# evaluates the model 19 times; 27: its grid's top, 1000, is clipped to 999.
+A1111_TIMESTEP_X0 = {
+    ("ddim", 20): [
+        -14.34940475, -2.887157669, -7.528795702, 6.723995281, -6.376244919, -8.987798467,
+        -4.981423399, -6.276075477, -9.102742713, 9.186280949, 4.628622028, 10.8730147,
+        7.497985111, -8.689964156, 3.156622918, 4.664013438,
+    ],
+    ("ddim", 27): [
+        -17.91946587, -3.349888906, -9.605870447, 8.588273069, -8.152588146, -10.8991262,
+        -5.783950129, -7.974734074, -11.0282157, 10.44143789, 5.123300081, 13.8613946,
+        9.129283035, -10.60009381, 4.304459915, 5.164332864,
+    ],
+    ("ddim", 30): [
+        -16.94447686, -3.30681556, -9.240271006, 8.226536045, -7.749678575, -10.48024053,
+        -5.631695984, -7.582168829, -10.59079967, 10.11891384, 5.014185367, 13.3560802,
+        8.854072406, -10.21650029, 4.173610841, 5.051612666,
+    ],
+    ("plms", 20): [
+        -13.33945911, -3.030029743, -7.149894432, 6.073515481, -6.160467213, -8.505174426,
+        -4.919100816, -6.074219778, -8.619196848, 8.709443041, 4.549253445, 10.31466843,
+        6.679229026, -8.214164701, 2.890907618, 4.582293776,
+    ],
+    ("plms", 27): [
+        -16.76920932, -3.553160521, -9.319370473, 8.020622476, -7.909474334, -10.50232985,
+        -5.747528704, -7.742978577, -10.60986347, 10.01630616, 5.005592179, 13.39139129,
+        8.709468266, -10.24682317, 4.2365302, 5.039451975,
+    ],
+    ("plms", 30): [
+        -16.04699487, -3.475499107, -8.966476851, 7.660633765, -7.530209421, -10.15656093,
+        -5.597460806, -7.375289269, -10.25471506, 9.800909358, 4.924902206, 12.84410673,
+        8.432286611, -9.916133803, 4.109223143, 4.957377187,
+    ],
+}  # fmt: skip
+# The timesteps A1111's functions ran the model at (recorded from the same runs); PLMS's
+# first step runs it at both ends.
+A1111_DDIM_CALLS = {
+    20: list(range(951, 50, -50)),
+    27: [999, *range(963, 37, -37)],
+    30: list(range(991, 33, -33)),
+}
+
+
+def _plms_calls(steps: int) -> list[int]:
+    ddim = A1111_DDIM_CALLS[steps]
+    return ddim[:2] + ddim[1:]
+
+
+@pytest.mark.parametrize(("sampler", "steps"), sorted(A1111_TIMESTEP_X0))
+def test_ddim_and_plms_are_automatic1111s(sampler, steps):
+    """fulora's DDIM and PLMS, stepped as diffusers' pipeline steps them, against A1111's own
+    (measured: 0.8-2.7e-10 relative in float64, the recorded values' 10 significant digits;
+    diffusers' own DDIM and PNDM, fulora's until session 24, were 15% away at 30 steps)."""
+    noise = torch.tensor(KDIFFUSION_NOISE, dtype=torch.float64).reshape(1, 4, 2, 2)
+    x = _sample_as_the_pipeline(sampler, noise, steps=steps)
+    expected = torch.tensor(A1111_TIMESTEP_X0[(sampler, steps)], dtype=torch.float64)
+    gap = float((x.flatten() - expected).norm() / expected.norm())
+    assert gap < 1e-9, f"{sampler} at {steps} steps: {gap:.2e} from A1111's"
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "plms"])
+def test_ddim_and_plms_take_a_v_prediction_as_a1111_does(sampler):
+    """A v-prediction model (SD2's kind) is turned into a noise estimate the way A1111's
+    CompVisTimestepsVDenoiser does, eps = sqrt(a) v + sqrt(1 - a) x: a model giving the v of
+    _toy_eps makes the same samples as _toy_eps itself."""
+    from fulora.generate.samplers import make_scheduler
+    from fulora.lora.tiny import sd15_scheduler
+
+    config = sd15_scheduler().config
+    ends = []
+    for prediction in ("epsilon", "v_prediction"):
+        scheduler = make_scheduler(sampler, {**config, "prediction_type": prediction})
+        scheduler.set_timesteps(20)
+        x = torch.tensor(KDIFFUSION_NOISE, dtype=torch.float64).reshape(1, 4, 2, 2)
+        for t in scheduler.timesteps:
+            out = _toy_eps(x, t)
+            if prediction == "v_prediction":
+                a = float(scheduler.alphas_cumprod[t])
+                out = (out - (1 - a) ** 0.5 * x) / a**0.5
+            x = scheduler.step(out, t, x).prev_sample
+        ends.append(x)
+    torch.testing.assert_close(ends[1], ends[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", sorted(A1111_DDIM_CALLS))
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
+def test_the_pipeline_runs_the_unet_where_a1111_runs_its_model(tiny_model, sampler, steps):
+    """Through diffusers' own pipeline loop, the UNet runs at A1111's timesteps, no others."""
+    from fulora.generate.samplers import make_scheduler
+
+    pipe = _pipe(tiny_model)
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ran_at = []
+    pipe.unet.register_forward_pre_hook(
+        lambda _, args: ran_at.append(int(args[1])), with_kwargs=False
+    )
+    pipe("a photo of fetal brain", num_inference_steps=steps, guidance_scale=1.0,
+         height=32, width=32, output_type="latent")  # fmt: skip
+    expected = A1111_DDIM_CALLS[steps] if sampler == "DDIM" else _plms_calls(steps)
+    assert ran_at == expected
 
 
 # k-diffusion's sample_euler_ancestral (4601bf0) with AUTOMATIC1111's noise for RNG "CPU"

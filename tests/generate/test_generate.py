@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from fulora.cli import main
@@ -172,6 +174,56 @@ def test_images_of_another_lora_file_at_the_same_path_are_refused(
             (tmp_path / "out" / "done.json").unlink()
         with pytest.raises(ConfigError, match="holds images made with another LoRA file"):
             generate(tmp_path / "out", cfg, progress=False)
+
+
+def _as_made_before_session_24(out: Path, sampler: str, given: str) -> None:
+    """Rewrite a ``<sampler>_diffusers`` run's records as fulora wrote them when ``sampler`` was
+    diffusers' own scheduler: that sampler, no scheduler named, the config saying ``given``."""
+    from PIL.PngImagePlugin import PngInfo
+
+    for png in out.glob("*/*.png"):
+        with Image.open(png) as img:
+            img.load()
+            record = json.loads(img.text["fulora"])
+            parameters = img.text["parameters"]
+        del record["scheduler"]
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+        info.add_text("fulora", json.dumps({**record, "sampler": sampler}))
+        img.save(png, pnginfo=info)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**config, "sampler": given}))
+    done = json.loads((out / "done.json").read_text())
+    del done["scheduler"]
+    (out / "done.json").write_text(json.dumps({**done, "sampler": sampler}))
+
+
+@pytest.mark.parametrize(("sampler", "given"), [("ddim", "DDIM"), ("dpmpp_2m_karras", None)])
+def test_images_of_diffusers_samplers_are_finished_with_them_not_with_a1111s(
+    tiny_model, tmp_path, sampler, given
+):
+    """Until session 24, DDIM and DPM++ 2M Karras (the default) were diffusers' schedulers;
+    they are A1111's now. A run made with the old one, resumed with the same config, would
+    mix two samplers' images."""
+    out = tmp_path / "out"
+    cfg = _cfg(tiny_model, planes=["brain"], per_class=3, batch_size=1, contact_sheet=0)
+    old = f"{sampler}_diffusers"
+    generate(out, replace(cfg, sampler=old), progress=False)
+    given = given or GenerateConfig().sampler
+    _as_made_before_session_24(out, sampler, given)
+    last = sorted(out.glob("brain/*.png"))[-1]
+    before = np.asarray(Image.open(last))
+    for finished in (True, False):
+        if not finished:
+            (out / "done.json").unlink()
+            last.unlink()
+        with pytest.raises(ConfigError, match=rf"sampler '.* \(diffusers\)'.* --sampler {old}"):
+            generate(out, replace(cfg, sampler=given), progress=False)
+    # another name of the sampler that made them finishes the run, with the same pixels
+    record = generate(out, replace(cfg, sampler=old), progress=False)
+    assert record["this_run_generated"] == 1
+    assert np.array_equal(np.asarray(Image.open(last)), before)
+    assert read_png_provenance(last)["scheduler"] == SAMPLERS[old][0]
 
 
 def test_compile_settings_need_compile_and_become_torch_options(tiny_model):

@@ -11,7 +11,7 @@ from typing import Literal
 
 from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, CompileMode, Range
 from fulora.errors import ConfigError
-from fulora.generate.samplers import resolve_sampler
+from fulora.generate.samplers import check_steps
 from fulora.lora.config import DEFAULT_BASE
 from fulora.planes import PAPER_PLANES
 
@@ -41,7 +41,7 @@ class GenerateConfig(Checked):
         Checked here rather than at generation, so that an experiment's dry run catches a
         misspelt sampler before its LoRA trains.
         """
-        resolve_sampler(self.sampler)
+        check_steps(self.sampler, self.steps)  # a known sampler, and steps it can take
         self.check_planes_of("planes")
         self.check_planes_of("prompts")  # its keys: a misspelt plane would fall back silently
         for key in ("width", "height"):

@@ -38,7 +38,13 @@ from fulora.config import check_process_device, require_device, resolve_device
 from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.config import GenerateConfig
-from fulora.generate.samplers import display_name, make_scheduler, resolve_sampler
+from fulora.generate.samplers import (
+    display_name,
+    make_scheduler,
+    resolve_sampler,
+    schedule_type,
+    scheduler_name,
+)
 from fulora.io import atomic_path, file_hash, half_written
 from fulora.lora.base import (
     base_identity,
@@ -275,6 +281,7 @@ def _a1111_parameters(
     settings: dict[str, Any] = {
         "Steps": cfg.steps,
         "Sampler": display_name(row["sampler"]),
+        "Schedule type": schedule_type(row["sampler"]),
         "CFG scale": f"{cfg.guidance:g}",
         "Seed": row["seed"],
         "Size": f"{row['width']}x{row['height']}",
@@ -296,7 +303,8 @@ def _a1111_parameters(
     text = row["prompt"] + (f" <lora:{lora.stem}:{cfg.lora_scale:g}>" if lora is not None else "")
     if row["negative_prompt"]:
         text += f"\nNegative prompt: {row['negative_prompt']}"
-    return f"{text}\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in settings.items())
+    written = {k: v for k, v in settings.items() if v is not None}
+    return f"{text}\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in written.items())
 
 
 def generate(
@@ -333,12 +341,15 @@ def generate(
     # before the folder gets a config.yaml, which would refuse the corrected command
     check_base(cfg.base, cfg.base_config)
     changed = [k for k in RunDir(out).changed_config_keys(cfg) or () if k not in _SPEED_ONLY]
+    made_with = _images_made_with(out, resolved.planes)
+    if made_with and _sampler_that_made(made_with) == resolved.sampler and "sampler" in changed:
+        changed.remove("sampler")  # another name of the same sampler ("DDIM (diffusers)")
     if changed and not only:
         raise ConfigError(
             f"{out} already holds images made with another configuration "
             f"({', '.join(changed)} differ); use another --out folder"
         )
-    _check_same_lora(out, resolved)
+    _check_same_making(out, resolved, made_with)
     require_device(cfg.device)
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     check_process_device(cfg.device, state.num_processes)
@@ -362,31 +373,58 @@ def generate(
         run.close()
 
 
-def _check_same_lora(out: Path, resolved: _Plan) -> None:
-    """Images already in ``out`` come from this very LoRA file.
+def _check_same_making(out: Path, resolved: _Plan, made_with: dict[str, Any] | None) -> None:
+    """Images already in ``out`` come from this very LoRA file and sampler.
 
-    Its path may hold another file now (a LoRA trained again into the same folder): a rerun
-    mixed the two sets, or, finished, recorded the new file for the old images.
+    The LoRA's path may hold another file now (a LoRA trained again into the same folder): a
+    rerun mixed the two sets, or, finished, recorded the new file for the old images. A sampler
+    name may have changed meaning (``DDIM`` and ``DPM++ 2M Karras`` were diffusers' until
+    session 24).
 
     Raises:
-        ConfigError: Naming both files' hashes.
+        ConfigError: Naming both files' hashes, or both samplers and how to finish the run.
     """
-    made_with = _lora_of_images_in(out, resolved.planes)
-    if made_with is not None and made_with != resolved.lora_sha256:
+    if made_with is None:
+        return
+    lora = made_with.get("lora_sha256", "")
+    if lora != resolved.lora_sha256:
         raise ConfigError(
-            f"{out} holds images made with another LoRA file (SHA-256 {made_with[:12] or 'none'}"
+            f"{out} holds images made with another LoRA file (SHA-256 {lora[:12] or 'none'}"
             f"; {resolved.lora or 'no LoRA'} is {resolved.lora_sha256[:12] or 'none'}): use "
             "another --out folder"
         )
+    sampler = _sampler_that_made(made_with)
+    if sampler != resolved.sampler:
+        raise ConfigError(
+            f"{out} holds images made with the sampler {display_name(sampler)!r}, and this run's "
+            f"is {display_name(resolved.sampler)!r}: finish them with --sampler {sampler} "
+            f"(in an experiment, generate.settings.sampler: {sampler}), or use another --out "
+            "folder"
+        )
 
 
-def _lora_of_images_in(out: Path, planes: Sequence[str]) -> str | None:
-    """The LoRA SHA-256 the images in ``out`` were made with ("" for none; None: no images)."""
+# Samplers that were diffusers' own schedulers until session 24 and are A1111's now; the
+# records of that time name no scheduler, and their images are the "_diffusers" samplers'.
+_DIFFUSERS_UNTIL_SESSION_24 = {
+    name: f"{name}_diffusers" for name in ("ddim", "dpmpp_2m", "dpmpp_2m_karras")
+}
+
+
+def _sampler_that_made(record: dict[str, Any]) -> str:
+    """The present name of the sampler that a PNG's or ``done.json``'s record names."""
+    named = resolve_sampler(record.get("sampler", ""))
+    if "scheduler" not in record:
+        return _DIFFUSERS_UNTIL_SESSION_24.get(named, named)
+    return named
+
+
+def _images_made_with(out: Path, planes: Sequence[str]) -> dict[str, Any] | None:
+    """What made the images in ``out``: ``done.json``, else a PNG's record (None: no images)."""
     if (out / DONE_NAME).is_file():
-        return json.loads((out / DONE_NAME).read_text()).get("lora_sha256", "")
+        return json.loads((out / DONE_NAME).read_text())
     for plane in planes:
         for png in sorted((out / plane).glob("[!.]*.png"))[:1]:  # [!.]: not a write under way
-            return read_png_provenance(png).get("lora_sha256", "")
+            return read_png_provenance(png)
     return None
 
 
@@ -463,6 +501,7 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
         lora_scale=cfg.lora_scale,
         clip_skip=resolved.clip_skip,
         sampler=resolved.sampler,
+        scheduler=scheduler_name(resolved.sampler),
         base_model=base_name,
         base_model_sha256=base_hash,
         **{f"this_run_{k}": v for k, v in summary.items()},
@@ -753,6 +792,7 @@ def _save_image(out, plane, index, seed, array, cfg, resolved, made: _Made) -> N
         "negative_prompt": cfg.negative_prompt,
         "seed": seed,
         "sampler": resolved.sampler,
+        "scheduler": scheduler_name(resolved.sampler),
         "clip_skip": resolved.clip_skip,
         "steps": cfg.steps,
         "guidance": cfg.guidance,

@@ -3,25 +3,33 @@
 Each AUTOMATIC1111 sampler maps to the diffusers scheduler that diffusers' scheduler overview
 documents for it, configured the way AUTOMATIC1111 runs it:
 
-* the k-diffusion samplers (Euler, Euler a, Heun, LMS, DPM++ 2M) step through timesteps spaced
-  evenly from 999 to 0 (k-diffusion's ``get_sigmas``), which is diffusers'
+* the k-diffusion samplers (Euler, Euler a, Heun, LMS) step through timesteps spaced evenly
+  from 999 to 0 (k-diffusion's ``get_sigmas``), which is diffusers'
   ``timestep_spacing="linspace"``; "Karras" variants use Karras sigmas instead;
+* DPM++ 2M (Karras) is diffusers' DPM-Solver++ started and timed as k-diffusion's
+  (``fulora.generate.a1111_schedulers``): no configuration of diffusers' own gives its start
+  (the noise times sqrt(1 - alpha_bar) at the top, not times 1), its fractional timesteps, or
+  (without Karras) its spacing;
 * UniPC runs AUTOMATIC1111's defaults (``uni_pc_variant: bh1``, ``uni_pc_order: 3``,
   ``uni_pc_skip_type: time_uniform`` in its ``shared_options.py``), ending where its sampler
   ends, at the last training timestep (``final_sigmas_type="sigma_min"``);
-* DDIM and PLMS use diffusers' default ``leading`` spacing with SD1.5's ``steps_offset=1``:
-  the original LDM samplers' "uniform" discretisation when the steps divide 1000 (20, 25, 50;
-  for 30, LDM's ``range(0, 1000, 33)`` holds 31 timesteps). AUTOMATIC1111 since v1.6 runs its
-  own DDIM and PLMS (``sd_samplers_timesteps``) on ``range(0, 1000, 1000 // steps) + 1``
-  without evaluating the last, so its DDIM and PLMS images are not these; not compared.
+* DDIM and PLMS are AUTOMATIC1111's own (v1.6+), on its timestep grid, which no diffusers
+  configuration gives (``fulora.generate.a1111_schedulers``): 30 steps evaluate the model at
+  991, 958, ..., 34 and end at timestep 1; 20 steps evaluate it 19 times.
 
-``tests/test_parity.py::test_samplers_are_automatic1111s`` runs each k-diffusion mapping against
-k-diffusion's own sampler (A1111's): Euler, Heun and LMS (Karras too) match to 5e-7; DPM++ 2M
-(Karras) is within 0.2-0.33%, since diffusers' DPM-Solver starts from the noise unscaled and
-rounds timesteps, which no configuration changes. Euler a matches too (2e-6, fp32), with each
-image's step noise drawn from its own generator as ``generate`` passes them, and so does UniPC
-against A1111's own UniPC (6e-5, fp32). Until session 22 UniPC ended at sigma zero, where
-diffusers' bh1 update divides by infinity: every UniPC image was NaN, and ``generate`` stopped.
+Until session 24 ``DPM++ 2M Karras`` (the default), ``DPM++ 2M``, ``DDIM`` and ``PLMS`` were
+diffusers' own schedulers, configured as near A1111's as they go; they stay, as
+``dpmpp_2m_karras_diffusers``, ``dpmpp_2m_diffusers``, ``ddim_diffusers`` and ``pndm``, for
+runs made with them (``generate`` refuses to finish such a run with A1111's).
+
+``tests/test_parity.py`` runs each against AUTOMATIC1111's own code on an analytic model
+(relative L2 of the result): Euler, Heun, LMS (Karras too) and DPM++ 2M (Karras too) against
+k-diffusion's samplers, within 5e-7; Euler a too (2e-6, fp32), with each image's step noise
+drawn from its own generator as ``generate`` passes them; UniPC against A1111's own UniPC
+(6e-5, fp32); DDIM and PLMS against A1111's own functions (20, 27 and 30 steps: within 3e-10 in
+float64, the precision of the recorded answers). diffusers' own DPM-Solver is 2.0e-3 (Karras)
+and 3.3e-3 away, its DDIM and PNDM 15% at 30 steps. Until session 22 UniPC ended at sigma
+zero, where diffusers' bh1 update divides by infinity: every UniPC image was NaN.
 
 The FU-LoRA repository's figure of synthetic images shows rows made with Euler and UniPC; the
 paper does not say which sampler made its released 5,000 images.
@@ -38,22 +46,31 @@ _LINSPACE = {"timestep_spacing": "linspace"}
 # name -> (diffusers scheduler class name, extra config, AUTOMATIC1111 display name)
 SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
+        "A1111DPMSolverMultistepScheduler",
         {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"},
         "DPM++ 2M Karras",
     ),
-    "dpmpp_2m": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", **_LINSPACE},
-        "DPM++ 2M",
-    ),
+    "dpmpp_2m": ("A1111DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
     "euler_a": ("EulerAncestralDiscreteScheduler", dict(_LINSPACE), "Euler a"),
     "euler": ("EulerDiscreteScheduler", dict(_LINSPACE), "Euler"),
     "heun": ("HeunDiscreteScheduler", dict(_LINSPACE), "Heun"),
     "lms": ("LMSDiscreteScheduler", dict(_LINSPACE), "LMS"),
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "LMS Karras"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "pndm": ("PNDMScheduler", {}, "PLMS"),
+    "ddim": ("A1111DDIMScheduler", {}, "DDIM"),
+    "plms": ("A1111PLMSScheduler", {}, "PLMS"),
+    # diffusers' own, configured as near A1111's as they go: fulora's until session 24
+    "dpmpp_2m_karras_diffusers": (
+        "DPMSolverMultistepScheduler",
+        {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"},
+        "DPM++ 2M Karras (diffusers)",
+    ),
+    "dpmpp_2m_diffusers": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", **_LINSPACE},
+        "DPM++ 2M (diffusers)",
+    ),
+    "ddim_diffusers": ("DDIMScheduler", {}, "DDIM (diffusers)"),
+    "pndm": ("PNDMScheduler", {}, "PNDM (diffusers)"),
     "unipc": (
         "UniPCMultistepScheduler",
         # A1111's UniPC stops at the last training timestep (t_0 = 1/N, not denoised to zero).
@@ -62,6 +79,13 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
         "UniPC",
     ),
 }
+
+# AUTOMATIC1111 v1.9+ runs "DPM++ 2M" on Karras sigmas unless the text names another "Schedule
+# type" (its sd_samplers_kdiffusion.py gives the sampler the default scheduler "karras", and its
+# parse_generation_parameters reads a missing type as "Automatic", that default). fulora's
+# DPM++ 2M is k-diffusion's get_sigmas, A1111's "Uniform" (sd_schedulers.py); older A1111
+# ignores the setting.
+_SCHEDULE_TYPES = {"dpmpp_2m": "Uniform"}
 
 
 def _key(name: str) -> str:
@@ -84,14 +108,40 @@ def resolve_sampler(name: str) -> str:
     return found
 
 
+def check_steps(name: str, steps: int) -> None:
+    """Steps that sampler ``name`` can take.
+
+    Raises:
+        ConfigError: For DDIM or PLMS at 1 step, where AUTOMATIC1111 runs the model no time.
+    """
+    if resolve_sampler(name) in ("ddim", "plms") and steps < 2:
+        raise ConfigError(
+            f"sampler {display_name(name)!r} needs steps: 2 or more (AUTOMATIC1111 runs the "
+            f"model at each point of its grid but the last; {steps} step leaves the noise)"
+        )
+
+
 def make_scheduler(name: str, base_config: dict[str, Any]):
     """A diffusers scheduler for sampler ``name``, built from the model's scheduler config."""
     import diffusers
 
+    from fulora.generate import a1111_schedulers
+
     cls_name, extra, _ = SAMPLERS[resolve_sampler(name)]
-    return getattr(diffusers, cls_name).from_config(base_config, **extra)
+    cls = getattr(a1111_schedulers, cls_name, None) or getattr(diffusers, cls_name)
+    return cls.from_config(base_config, **extra)
+
+
+def schedule_type(name: str) -> str | None:
+    """AUTOMATIC1111's "Schedule type" to name beside the sampler, where its default differs."""
+    return _SCHEDULE_TYPES.get(resolve_sampler(name))
 
 
 def display_name(name: str) -> str:
     """AUTOMATIC1111's name of a sampler."""
     return SAMPLERS[resolve_sampler(name)][2]
+
+
+def scheduler_name(name: str) -> str:
+    """The class that steps sampler ``name``: diffusers' scheduler, or fulora's A1111 one."""
+    return SAMPLERS[resolve_sampler(name)][0]

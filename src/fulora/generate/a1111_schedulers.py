@@ -1,0 +1,164 @@
+"""AUTOMATIC1111's samplers where no diffusers configuration gives them, as diffusers schedulers.
+
+**DPM++ 2M (Karras)**, k-diffusion's ``sample_dpmpp_2m`` in A1111: diffusers'
+``DPMSolverMultistepScheduler`` takes the same steps with two differences, each measured
+against k-diffusion on ``tests/test_parity.py``'s analytic model (30 steps, relative L2):
+
+* it starts from the noise as it is, where k-diffusion starts from the noise times sigma_max,
+  which in diffusers' (variance-preserving) space is the noise times sqrt(1 - alpha_bar) at the
+  top timestep, 0.9977 of it on SD1.5's schedule (alone: 2.0e-3 of the result);
+* it runs the model at timesteps rounded to integers, where k-diffusion runs it at the exact
+  (fractional) timestep of each sigma (with the start scaled, rounding alone: 5.9e-5).
+  "DPM++ 2M", without Karras, also spaces the steps otherwise: k-diffusion's ``get_sigmas``
+  takes ``steps`` timesteps from the top to 0, log-interpolating sigma.
+
+**DDIM and PLMS**: since v1.6 A1111 runs them itself (``modules/sd_samplers_timesteps.py`` and
+``sd_samplers_timesteps_impl.py``), on timesteps that no diffusers scheduler configuration gives:
+
+* the grid ``T = clip(range(0, N, N // steps) + 1, 0, N - 1)`` (N training timesteps), whose
+  top point is evaluated first and whose bottom point, timestep 1, never is: the model runs at
+  ``T[-1], ..., T[1]``, each step moving to the next point down, the last to ``T[0] = 1``. So
+  20 steps evaluate the model 19 times (50 does 49), 30 steps 30 times (``range`` holds 31
+  points), and 27 steps start at 999, where ``+ 1`` is clipped;
+* the sample ends at timestep 1's noise level; it is decoded as it is.
+
+diffusers' DDIM and PNDM step by ``N // steps`` from their own grid (``leading``: 958 down to 1
+for 30 steps, then to timestep 0). The update is the same: the model's noise estimate moves the
+sample from one timestep's noise level to the next (deterministic DDIM, A1111's default eta 0);
+PLMS combines the last estimates (Adams-Bashforth up to fourth order) after a first step that
+averages two evaluations.
+
+``tests/test_parity.py`` runs each against A1111's own code (k-diffusion for DPM++ 2M).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+# Adams-Bashforth weights of the newest estimate and the earlier ones (newest first), by the
+# number of earlier estimates: PLMS's second to fourth order.
+_ADAMS_BASHFORTH = {1: (3 / 2, -1 / 2), 2: (23 / 12, -16 / 12, 5 / 12)}
+_ADAMS_BASHFORTH[3] = (55 / 24, -59 / 24, 37 / 24, -9 / 24)
+
+
+def a1111_timesteps(steps: int, train_timesteps: int = 1000) -> np.ndarray:
+    """AUTOMATIC1111's grid for DDIM and PLMS at ``steps`` (ascending; ``T[0]`` is not evaluated).
+
+    Raises:
+        ValueError: For steps that leave no step to take (under 2) or no grid (over N).
+    """
+    if not 2 <= steps <= train_timesteps:
+        raise ValueError(
+            f"DDIM and PLMS take 2 to {train_timesteps} steps (AUTOMATIC1111 evaluates the model "
+            f"once less than its grid's points; 1 step returns the noise), got {steps}"
+        )
+    grid = np.arange(0, train_timesteps, train_timesteps // steps) + 1
+    return np.clip(grid, 0, train_timesteps - 1).astype(np.int64)
+
+
+class A1111DPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
+    """k-diffusion's DPM++ 2M as A1111 runs it: its start, its sigmas, fractional timesteps."""
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        """The solver's state as diffusers sets it; k-diffusion's sigmas, start and timesteps."""
+        super().set_timesteps(num_inference_steps, device)  # the solver's state
+        log_sigmas = np.log(((1 - self.alphas_cumprod) / self.alphas_cumprod).numpy() ** 0.5)
+        if self.config.use_karras_sigmas:
+            sigmas = self.sigmas[:-1].numpy()
+        else:  # k-diffusion's get_sigmas: evenly spaced timesteps, sigma interpolated in log
+            spaced = np.linspace(len(log_sigmas) - 1, 0, num_inference_steps)
+            sigmas = np.exp(np.interp(spaced, np.arange(len(log_sigmas)), log_sigmas))
+            self.sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+        times = [float(self._sigma_to_t(sigma, log_sigmas)) for sigma in sigmas]
+        self.timesteps = torch.tensor(times, dtype=torch.float32, device=device)
+        # k-diffusion's first sample is the noise times sigma_max (variance-exploding); here,
+        # variance-preserving, that is the noise times sqrt(1 - alpha_bar) at the top timestep.
+        # The pipeline scales its starting latents by this after set_timesteps.
+        self.init_noise_sigma = float(1 - self.alphas_cumprod[-1]) ** 0.5
+
+
+class A1111DDIMScheduler(DDIMScheduler):
+    """AUTOMATIC1111's DDIM (eta 0): one model evaluation per step of its grid, top down."""
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        """The timesteps the model runs at (the pipeline's loop), and each step's target."""
+        grid = a1111_timesteps(num_inference_steps, self.config.num_train_timesteps)
+        self.num_inference_steps = num_inference_steps
+        # (from, to) per step, top down; a list, since a clipped grid repeats a timestep
+        self._moves = list(zip(grid[:0:-1].tolist(), grid[-2::-1].tolist(), strict=True))
+        self._taken = 0
+        self.timesteps = torch.tensor(self._evaluated(grid), device=device)
+
+    def _evaluated(self, grid: np.ndarray) -> list[int]:
+        return grid[:0:-1].tolist()
+
+    def _epsilon(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        """The noise estimate; a v-prediction converted as A1111's CompVisTimestepsVDenoiser."""
+        if self.config.prediction_type == "epsilon":
+            return model_output
+        if self.config.prediction_type == "v_prediction":
+            a_t = float(self.alphas_cumprod[t])
+            return math.sqrt(a_t) * model_output + math.sqrt(1 - a_t) * sample
+        raise ValueError(f"{type(self).__name__}: prediction_type {self.config.prediction_type}")
+
+    def _move(self, sample: torch.Tensor, eps: torch.Tensor, t: int, to: int) -> torch.Tensor:
+        """The sample at timestep ``t`` moved to ``to`` along ``eps``: its x0 estimate renoised."""
+        a_t, a_to = float(self.alphas_cumprod[t]), float(self.alphas_cumprod[to])
+        pred_x0 = (sample - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        return math.sqrt(a_to) * pred_x0 + math.sqrt(1 - a_to) * eps
+
+    def _next_move(self) -> tuple[int, int]:
+        if self.num_inference_steps is None or self._taken >= len(self._moves):
+            raise ValueError(f"{type(self).__name__}: call set_timesteps before each run's steps")
+        self._taken += 1
+        return self._moves[self._taken - 1]
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True, **unused):
+        """One step down the grid. ``timestep`` is the one the model ran at (as in the loop)."""
+        t, to = self._next_move()
+        moved = self._move(sample, self._epsilon(model_output, t, sample), t, to)
+        return SchedulerOutput(prev_sample=moved) if return_dict else (moved,)
+
+
+class A1111PLMSScheduler(A1111DDIMScheduler):
+    """AUTOMATIC1111's PLMS.
+
+    Its first step averages the estimates at both ends of the step (two evaluations); later
+    steps combine the newest estimate with up to three earlier ones.
+    """
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        """As DDIM's, with the first step's second evaluation (at its end) in the loop."""
+        super().set_timesteps(num_inference_steps, device)
+        self._earlier: list[torch.Tensor] = []  # the estimates of the last steps, oldest first
+        self._first: tuple[torch.Tensor, torch.Tensor] | None = None  # its start and estimate
+
+    def _evaluated(self, grid: np.ndarray) -> list[int]:
+        top_down = grid[:0:-1].tolist()
+        return top_down[:1] + [int(grid[-2])] + top_down[1:]
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True, **unused):
+        """One evaluation's step (the first step takes two)."""
+        if self._first is not None:  # the estimate at the first step's end: step again, averaged
+            start, first_eps = self._first
+            self._first = None
+            t, to = self._moves[0]
+            averaged = (first_eps + self._epsilon(model_output, to, sample)) / 2
+            moved = self._move(start, averaged, t, to)
+            return SchedulerOutput(prev_sample=moved) if return_dict else (moved,)
+        t, to = self._next_move()
+        eps = self._epsilon(model_output, t, sample)
+        if not self._earlier:
+            self._first = (sample, eps)
+            combined = eps  # a provisional end, where the model runs next
+        else:
+            weights = _ADAMS_BASHFORTH[len(self._earlier)]
+            combined = sum(w * e for w, e in zip(weights, [eps, *self._earlier[::-1]], strict=True))
+        self._earlier = [*self._earlier, eps][-3:]
+        moved = self._move(sample, combined, t, to)
+        return SchedulerOutput(prev_sample=moved) if return_dict else (moved,)
