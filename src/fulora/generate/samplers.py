@@ -58,6 +58,13 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "LMS Karras"),
     "ddim": ("A1111DDIMScheduler", {}, "DDIM"),
     "plms": ("A1111PLMSScheduler", {}, "PLMS"),
+    "unipc": (
+        "UniPCMultistepScheduler",
+        # A1111's UniPC stops at the last training timestep (t_0 = 1/N, not denoised to zero).
+        # diffusers' default final sigma, zero, is also a NaN in every image with bh1.
+        {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min", **_LINSPACE},
+        "UniPC",
+    ),
     # diffusers' own, configured as near A1111's as they go: fulora's until session 24
     "dpmpp_2m_karras_diffusers": (
         "DPMSolverMultistepScheduler",
@@ -71,13 +78,6 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     ),
     "ddim_diffusers": ("DDIMScheduler", {}, "DDIM (diffusers)"),
     "pndm": ("PNDMScheduler", {}, "PNDM (diffusers)"),
-    "unipc": (
-        "UniPCMultistepScheduler",
-        # A1111's UniPC stops at the last training timestep (t_0 = 1/N, not denoised to zero).
-        # diffusers' default final sigma, zero, is also a NaN in every image with bh1.
-        {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min", **_LINSPACE},
-        "UniPC",
-    ),
 }
 
 # AUTOMATIC1111 v1.9+ runs "DPM++ 2M" on Karras sigmas unless the text names another "Schedule
