@@ -20,7 +20,13 @@ from PIL import Image
 from fulora.cli import main
 from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
-from fulora.generate.run import GenerateConfig, generate, image_seed, read_png_provenance
+from fulora.generate.run import (
+    GenerateConfig,
+    generate,
+    image_seed,
+    plan,
+    read_png_provenance,
+)
 from fulora.generate.samplers import SAMPLERS
 from fulora.lora.formats import read_lora
 
@@ -224,6 +230,51 @@ def test_images_of_diffusers_samplers_are_finished_with_them_not_with_a1111s(
     assert record["this_run_generated"] == 1
     assert np.array_equal(np.asarray(Image.open(last)), before)
     assert read_png_provenance(last)["scheduler"] == SAMPLERS[old][0]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            {"prompts": {"brain": "fetal (brain:1.3)"}},
+            r"prompts.brain .* holds '\(' \(at character 7\)",
+        ),
+        ({"prompts": {"femur": "[femur:bone:10]"}}, r"prompts.femur .* holds '\['"),
+        ({"negative_prompt": "blurry BREAK text"}, r"negative_prompt .* holds 'BREAK'"),
+        ({"prompts": {"brain": "brain <lora:x:1>"}}, r"holds '<lora:'.*--lora and --lora-scale"),
+    ],
+)
+def test_prompts_that_a1111_reads_as_its_prompt_syntax_are_refused(tiny_model, setting, message):
+    """AUTOMATIC1111 reweights '(word:1.3)', switches '[a:b:10]', ... where fulora (diffusers,
+    kohya) reads plain text; the PNG's settings text would make another image in A1111."""
+    with pytest.raises(ConfigError, match=message):
+        _cfg(tiny_model, **setting)
+    _cfg(tiny_model, prompts={"brain": "fetal brain, 2D: transventricular"})  # plain text
+
+
+def test_a_prompt_over_clips_window_is_refused_before_any_image(tiny_model, tmp_path):
+    """A1111 encodes a long prompt in chunks of 75 tokens; fulora's encoder keeps 75."""
+    long = " ".join(["fetal brain"] * 40)
+    with pytest.raises(ConfigError, match=r"the prompt of brain .* is 80 tokens, over CLIP's 75"):
+        generate(tmp_path / "out", _cfg(tiny_model, prompts={"brain": long}), progress=False)
+    assert not list((tmp_path / "out").glob("*/*.png"))
+
+
+def test_a_lora_caption_in_a1111_syntax_is_refused_with_the_setting_that_overrides_it(
+    tiny_model, trained_lora, tmp_path
+):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = next(Path(trained_lora).glob("*.safetensors"))
+    with safe_open(str(source), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    captions = json.loads(metadata.get("fulora_captions", "{}")) | {"brain": "(fetal brain)"}
+    lora = tmp_path / "captioned.safetensors"
+    save_file(tensors, str(lora), metadata=metadata | {"fulora_captions": json.dumps(captions)})
+    with pytest.raises(ConfigError, match=r"caption for brain \(give prompts.brain\)"):
+        generate(tmp_path / "out", _cfg(tiny_model, lora), progress=False)
+    plan(_cfg(tiny_model, lora, prompts={"brain": "fetal brain"}))  # overridden: fine
 
 
 def test_compile_settings_need_compile_and_become_torch_options(tiny_model):

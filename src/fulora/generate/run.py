@@ -38,6 +38,7 @@ from fulora.config import check_process_device, require_device, resolve_device
 from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.config import GenerateConfig
+from fulora.generate.prompts import check_plain_prompt, check_prompt_length
 from fulora.generate.samplers import (
     display_name,
     make_scheduler,
@@ -163,6 +164,8 @@ def plan(cfg: GenerateConfig) -> _Plan:
     prompts = {
         plane: given.get(plane) or captions.get(plane) or PAPER_CAPTIONS[plane] for plane in planes
     }
+    for plane in sorted(set(captions) & set(planes) - set(given)):  # given: checked in the config
+        check_plain_prompt(prompts[plane], f"the LoRA's caption for {plane} (give prompts.{plane})")
     width, height = cfg.width, cfg.height
     if width is None or height is None:
         # the LoRA's commonest training bucket, else the base model's own size, else SD1.5's
@@ -552,6 +555,9 @@ def _load_generator(cfg, resolved, device, dtype):
     pipe.scheduler = make_scheduler(resolved.sampler, pipe.scheduler.config)
     pipe.to(device)
     apply_speedups(pipe, cfg, device)
+    for plane in resolved.planes:  # before any image: A1111 would read the whole prompt
+        check_prompt_length(pipe.tokenizer, resolved.prompts[plane], f"the prompt of {plane}")
+    check_prompt_length(pipe.tokenizer, cfg.negative_prompt, "negative_prompt")
     embeddings = {  # once per plane; the negative prompt at the same clip skip
         plane: prompt_embeddings(
             pipe.tokenizer,
