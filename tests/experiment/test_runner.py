@@ -318,3 +318,27 @@ def test_settings_added_later_keep_the_stage_keys_of_existing_experiments():
     keyed = ("n_bootstrap", "seed")  # the evaluation key's settings (batch_size changes nothing)
     assert _config_payload(EvaluateStage(n_bootstrap=200), keyed) == {"n_bootstrap": 200}
     assert _config_payload(EvaluateStage(seed=3), keyed) == {"n_bootstrap": 1000, "seed": 3}
+
+
+def test_a_generation_done_with_a_sampler_since_renamed_stays_done_and_is_said(
+    finished_experiment, tmp_path, caplog
+):
+    """Before session 24 the default DPM++ 2M Karras was diffusers' (its done.json names no
+    scheduler): the stage keeps its images, and the run says which sampler made them."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_experiment, out)
+    config = load_experiment(finished_experiment.parent / "experiment.yaml")
+    with caplog.at_level("WARNING", logger="fulora"):
+        run_experiment(config, out, dry_run=True)
+    assert "images from the sampler" not in caplog.text  # made with the sampler it names
+    done = out / "synthetic" / "r4" / "done.json"
+    record = json.loads(done.read_text())
+    assert record.pop("scheduler") == "A1111DPMSolverMultistepScheduler"
+    done.write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="fulora"):
+        states = run_experiment(config, out, dry_run=True)["stages"]
+    assert states["generate/r4"] == "done"
+    assert "generate/r4: done, with images from the sampler 'DPM++ 2M Karras (diffusers)'" in (
+        caplog.text
+    )
+    assert "--from generate" in caplog.text

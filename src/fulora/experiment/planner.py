@@ -46,6 +46,7 @@ from fulora.experiment.resolve import Cell, StageConfigs, resolve_configs
 from fulora.experiment.results import EvaluationCell, reference_table
 from fulora.experiment.stages import Stage
 from fulora.generate.run import GenerateConfig, generate
+from fulora.generate.samplers import resolve_sampler
 from fulora.io import file_hash
 from fulora.lora.base import check_base
 from fulora.lora.data import LORA_COLUMNS
@@ -412,6 +413,7 @@ class _Planner:
             )
             stage.shards = self.cfg.generate.shards
             stage.shard_action = partial(_generate_shard, folder, gcfg)
+            stage.info["sampler"] = resolve_sampler(gcfg.sampler)
 
     def synthetic_loader(self, variant: str):
         """A variant's synthetic set, read when a stage runs: released, or generated."""

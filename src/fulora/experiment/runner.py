@@ -42,6 +42,8 @@ from fulora.experiment.stages import (
     stage_seconds,
     write_stage_runs,
 )
+from fulora.generate.run import sampler_of_run
+from fulora.generate.samplers import display_name
 from fulora.io import atomic_open
 from fulora.runs import RunDir
 
@@ -149,6 +151,7 @@ def _states_at_start(plan: Plan, from_stage: str | None) -> dict[str, str]:
     forced = set(STAGES[STAGES.index(from_stage) :]) if from_stage else set()
     states = {s.name: ("forced" if s.kind in forced else s.state()) for s in plan.stages}
     states = rerun_readers(plan.stages, states)
+    _warn_of_other_samplers(plan, states)
     counts: dict[str, int] = {}
     for state in states.values():
         counts[state] = counts.get(state, 0) + 1
@@ -157,6 +160,28 @@ def _states_at_start(plan: Plan, from_stage: str | None) -> dict[str, str]:
         f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})"
     )
     return states
+
+
+def _warn_of_other_samplers(plan: Plan, states: dict[str, str]) -> None:
+    """A finished generation whose images another sampler made than its config names now.
+
+    Since session 24 ``DPM++ 2M (Karras)`` and ``DDIM`` are A1111's samplers, not diffusers':
+    such a stage stays done under its key, and generations still to run use the new sampler.
+    """
+    for stage in plan.stages:
+        wanted = stage.info.get("sampler")
+        if wanted is None or states[stage.name] != "done":
+            continue
+        made = sampler_of_run(stage.folder)
+        if made not in (None, wanted):
+            logger.warning(
+                "%s: done, with images from the sampler %r; its config's %r is AUTOMATIC1111's "
+                "since session 24, and generations still to run use that. For every variant's "
+                "images from one sampler, run again with --from generate (all are made again)",
+                stage.name,
+                display_name(made),
+                display_name(wanted),
+            )
 
 
 def _print_where_and_how_long(plan: Plan, runs: list[StageRun]) -> None:

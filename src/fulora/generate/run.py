@@ -413,6 +413,12 @@ _DIFFUSERS_UNTIL_SESSION_24 = {
 }
 
 
+def sampler_of_run(out: str | Path) -> str | None:
+    """The sampler (its present name) that made a finished run's images; None: not finished."""
+    done = Path(out) / DONE_NAME
+    return _sampler_that_made(json.loads(done.read_text())) if done.is_file() else None
+
+
 def _sampler_that_made(record: dict[str, Any]) -> str:
     """The present name of the sampler that a PNG's or ``done.json``'s record names."""
     named = resolve_sampler(record.get("sampler", ""))
