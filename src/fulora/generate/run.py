@@ -397,7 +397,7 @@ def _check_same_making(out: Path, resolved: _Plan, made_with: dict[str, Any] | N
             "another --out folder"
         )
     sampler = _sampler_that_made(made_with)
-    if sampler != resolved.sampler:
+    if sampler not in (None, resolved.sampler):
         raise ConfigError(
             f"{out} holds images made with the sampler {display_name(sampler)!r}, and this run's "
             f"is {display_name(resolved.sampler)!r}: finish them with --sampler {sampler} "
@@ -419,9 +419,11 @@ def sampler_of_run(out: str | Path) -> str | None:
     return _sampler_that_made(json.loads(done.read_text())) if done.is_file() else None
 
 
-def _sampler_that_made(record: dict[str, Any]) -> str:
-    """The present name of the sampler that a PNG's or ``done.json``'s record names."""
-    named = resolve_sampler(record.get("sampler", ""))
+def _sampler_that_made(record: dict[str, Any]) -> str | None:
+    """The present name of the sampler that a PNG's or ``done.json``'s record names (if any)."""
+    if "sampler" not in record:  # a folder another command finished
+        return None
+    named = resolve_sampler(record["sampler"])
     if "scheduler" not in record:
         return _DIFFUSERS_UNTIL_SESSION_24.get(named, named)
     return named
