@@ -83,8 +83,9 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
 # AUTOMATIC1111 v1.9+ runs "DPM++ 2M" on Karras sigmas unless the text names another "Schedule
 # type" (its sd_samplers_kdiffusion.py gives the sampler the default scheduler "karras", and its
 # parse_generation_parameters reads a missing type as "Automatic", that default). fulora's
-# DPM++ 2M is k-diffusion's get_sigmas, A1111's "Uniform" (sd_schedulers.py); older A1111
-# ignores the setting.
+# DPM++ 2M is k-diffusion's get_sigmas, A1111's "Uniform" (sd_schedulers.py). A1111 v1.6-1.8
+# read the setting as its k_sched_type, which has no "Uniform": pasting fails there, loudly,
+# rather than make another image; before v1.6 the setting is ignored.
 _SCHEDULE_TYPES = {"dpmpp_2m": "Uniform"}
 
 
