@@ -61,6 +61,11 @@ def a1111_timesteps(steps: int, train_timesteps: int = 1000) -> np.ndarray:
     return np.clip(grid, 0, train_timesteps - 1).astype(np.int64)
 
 
+def _output(moved: torch.Tensor, return_dict: bool) -> SchedulerOutput | tuple[torch.Tensor]:
+    """A step's result as diffusers' schedulers return it."""
+    return SchedulerOutput(prev_sample=moved) if return_dict else (moved,)
+
+
 class A1111DPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
     """k-diffusion's DPM++ 2M as A1111 runs it: its start, its sigmas, fractional timesteps."""
 
@@ -122,7 +127,7 @@ class A1111DDIMScheduler(DDIMScheduler):
         """One step down the grid. ``timestep`` is the one the model ran at (as in the loop)."""
         t, to = self._next_move()
         moved = self._move(sample, self._epsilon(model_output, t, sample), t, to)
-        return SchedulerOutput(prev_sample=moved) if return_dict else (moved,)
+        return _output(moved, return_dict)
 
 
 class A1111PLMSScheduler(A1111DDIMScheduler):
@@ -150,7 +155,7 @@ class A1111PLMSScheduler(A1111DDIMScheduler):
             t, to = self._moves[0]
             averaged = (first_eps + self._epsilon(model_output, to, sample)) / 2
             moved = self._move(start, averaged, t, to)
-            return SchedulerOutput(prev_sample=moved) if return_dict else (moved,)
+            return _output(moved, return_dict)
         t, to = self._next_move()
         eps = self._epsilon(model_output, t, sample)
         if not self._earlier:
@@ -161,4 +166,4 @@ class A1111PLMSScheduler(A1111DDIMScheduler):
             combined = sum(w * e for w, e in zip(weights, [eps, *self._earlier[::-1]], strict=True))
         self._earlier = [*self._earlier, eps][-3:]
         moved = self._move(sample, combined, t, to)
-        return SchedulerOutput(prev_sample=moved) if return_dict else (moved,)
+        return _output(moved, return_dict)

@@ -343,8 +343,9 @@ def generate(
     resolved = plan(cfg)
     # before the folder gets a config.yaml, which would refuse the corrected command
     check_base(cfg.base, cfg.base_config)
-    changed = [k for k in RunDir(out).changed_config_keys(cfg) or () if k not in _SPEED_ONLY]
-    made_with = _images_made_with(out, resolved.planes)
+    folder = RunDir(out)
+    changed = [k for k in folder.changed_config_keys(cfg) or () if k not in _SPEED_ONLY]
+    made_with = _images_made_with(folder, resolved.planes)
     if made_with and _sampler_that_made(made_with) == resolved.sampler and "sampler" in changed:
         changed.remove("sampler")  # another name of the same sampler ("DDIM (diffusers)")
     if changed and not only:
@@ -415,8 +416,8 @@ _DIFFUSERS_UNTIL_SESSION_24 = {
 
 def sampler_of_run(out: str | Path) -> str | None:
     """The sampler (its present name) that made a finished run's images; None: not finished."""
-    done = Path(out) / DONE_NAME
-    return _sampler_that_made(json.loads(done.read_text())) if done.is_file() else None
+    done = RunDir(out).read_done()
+    return _sampler_that_made(done) if done is not None else None
 
 
 def _sampler_that_made(record: dict[str, Any]) -> str | None:
@@ -429,12 +430,13 @@ def _sampler_that_made(record: dict[str, Any]) -> str | None:
     return named
 
 
-def _images_made_with(out: Path, planes: Sequence[str]) -> dict[str, Any] | None:
-    """What made the images in ``out``: ``done.json``, else a PNG's record (None: no images)."""
-    if (out / DONE_NAME).is_file():
-        return json.loads((out / DONE_NAME).read_text())
+def _images_made_with(folder: RunDir, planes: Sequence[str]) -> dict[str, Any] | None:
+    """What made the images in ``folder``: ``done.json``, else a PNG's record (None: none)."""
+    done = folder.read_done()
+    if done is not None:
+        return done
     for plane in planes:
-        for png in sorted((out / plane).glob("[!.]*.png"))[:1]:  # [!.]: not a write under way
+        for png in sorted((folder / plane).glob("[!.]*.png"))[:1]:  # [!.]: not a write under way
             return read_png_provenance(png)
     return None
 
