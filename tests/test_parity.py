@@ -17,6 +17,8 @@
   **AUTOMATIC1111's** ``addnet_hash_safetensors`` and ``parse_generation_parameters`` (the hash
   it lists a LoRA under; its PNG Info reading a fulora image's settings), run on this
   project's inputs with the answers recorded below.
+* **AUTOMATIC1111's** prompt parser, tokenization and default emphasis (``prompt_parser.py``,
+  ``sd_hijack_clip.py``, ``sd_emphasis.py``), run on this project's prompts and shipped model.
 * **diffusers' single-file loader** (``from_single_file``), reading a checkpoint in the original
   layout, as AUTOMATIC1111 users hold SD1.5, as the same model.
 """
@@ -706,6 +708,135 @@ def test_initial_noise_is_a1111s_cpu_noise():
     for (c, y, x), value in A1111_CPU_NOISE.items():
         assert noise[0, c, y, x].item() == pytest.approx(value, rel=1e-6)
     assert noise[0].double().sum().item() == pytest.approx(A1111_CPU_NOISE_SUM, rel=1e-8)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt emphasis, '(word:1.3)' and '[word]', as AUTOMATIC1111 reads it. Recorded by running
+# A1111's own functions (from a scratch script outside the repository, stubs for its settings
+# at their defaults): modules/prompt_parser.py parse_prompt_attention (commit 28bd8e14) for
+# PARSE; modules/sd_hijack_clip.py FrozenCLIPEmbedderWithCustomWords.tokenize_line and forward
+# with sd_emphasis.EmphasisOriginal (commit 00e09382), on fulora:phantom-sd's tokenizer and
+# text encoder (fp32, CPU), for TOKENS and EMBEDDINGS (sum, sum of magnitudes, token 4's first
+# three channels). The same script drew 40,000 random prompts of brackets, colons, numbers,
+# backslashes, AND, BREAK and '|': each one fulora accepts (26,000 positive and negative
+# readings) A1111 reads with one prompt for every step, guidance weight 1, and the same token
+# ids and weights as fulora.
+# --------------------------------------------------------------------------------------------
+A1111_PARSE = {
+    "a photo of fetal brain": [("a photo of fetal brain", 1.0)],
+    "a photo of (fetal brain:1.3)": [("a photo of ", 1.0), ("fetal brain", 1.3)],
+    "[[fetal]] femur, (((ultrasound)))": [
+        ("fetal", 0.8264462809917354),
+        (" femur, ", 1.0),
+        ("ultrasound", 1.3310000000000004),
+    ],
+    "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).": [
+        ("a ", 1.0),
+        ("house", 1.5730000000000004),
+        (" ", 1.1),
+        ("on", 1.0),
+        (" a ", 1.1),
+        ("hill", 0.55),
+        (", sun, ", 1.1),
+        ("sky", 1.4641000000000006),
+        (".", 1.1),
+    ],
+    "(unbalanced": [("unbalanced", 1.1)],
+    "[unbalanced (and:0.8)": [("unbalanced ", 0.9090909090909091), ("and", 0.7272727272727273)],
+    r"\(literal\] \\ slash": [("(literal] \\ slash", 1.0)],
+    "stray ) and ] and :1.2) text": [("stray ) and ] and :1.2) text", 1.0)],
+    "(fetal (brain:-0.5):1.2)": [("fetal ", 1.2), ("brain", -0.6)],
+    "(abdomen:.7)": [("abdomen", 0.7)],
+    "": [("", 1.0)],
+}
+A1111_TOKENS = {  # the chunk's ids and weights up to its end token (then padding, weight 1)
+    "a photo of fetal brain": ([689, 320, 515, 516, 520, 539, 690], [1.0] * 7),
+    "a photo of (fetal brain:1.3)": (
+        [689, 320, 515, 516, 520, 539, 690],
+        [1.0, 1.0, 1.0, 1.0, 1.3, 1.3, 1.0],
+    ),
+    "[fetal] (femur), ((thorax))": (
+        [689, 520, 542, 267, 547, 690],
+        [1.0, 0.9090909090909091, 1.1, 1.0, 1.2100000000000002, 1.0],
+    ),
+    "": ([689, 690], [1.0, 1.0]),
+}
+A1111_EMBEDDINGS = {  # (prompt, clip skip): (sum, sum of |z|, z[token 4, :3])
+    ("a photo of (fetal brain:1.3)", 1): (
+        -5.614494323730469,
+        3484.887939453125,
+        [1.3739407062530518, -1.3651366233825684, -1.701316475868225],
+    ),  # noqa: E501
+    ("[fetal] (femur), ((thorax))", 1): (
+        -5.68212890625,
+        3467.028076171875,
+        [1.3641910552978516, -1.4753479957580566, -1.4470773935317993],
+    ),  # noqa: E501
+    ("a photo of fetal brain", 1): (
+        -5.614463806152344,
+        3456.099609375,
+        [1.0568186044692993, -1.050046682357788, -1.308632254600525],
+    ),  # noqa: E501
+    ("a photo of (fetal brain:1.3)", 2): (
+        -7.227699279785156,
+        3606.199462890625,
+        [0.9712866544723511, -0.6693675518035889, -1.4162774085998535],
+    ),  # noqa: E501
+    ("[fetal] (femur), ((thorax))", 2): (
+        -7.7826080322265625,
+        3566.211181640625,
+        [0.9908648133277893, -0.8552693724632263, -1.141908049583435],
+    ),  # noqa: E501
+    ("a photo of fetal brain", 2): (
+        -7.2276458740234375,
+        3576.67236328125,
+        [0.7471609711647034, -0.514910101890564, -1.0894695520401],
+    ),  # noqa: E501
+}
+
+
+@pytest.mark.parametrize(("prompt", "pieces"), list(A1111_PARSE.items()))
+def test_emphasis_is_parsed_as_automatic1111_parses_it(prompt, pieces):
+    from fulora.generate.prompts import parse_emphasis
+
+    assert parse_emphasis(prompt) == pieces  # exactly: the same products in the same order
+
+
+@pytest.fixture(scope="module")
+def phantom_text():
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from fulora.shipped import PHANTOM_SD, shipped_model
+
+    folder = shipped_model(PHANTOM_SD)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    return tokenizer, CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+
+
+@pytest.mark.parametrize(("prompt", "expected"), list(A1111_TOKENS.items()))
+def test_emphasised_prompts_are_tokenized_as_automatic1111_does(phantom_text, prompt, expected):
+    from fulora.generate.prompts import a1111_token_ids
+
+    ids, weights = a1111_token_ids(phantom_text[0], prompt, "the prompt")
+    end = len(expected[0])
+    assert (ids[:end], weights[:end]) == expected
+    assert len(ids) == len(weights) == 77
+    assert set(ids[end:]) == {phantom_text[0].eos_token_id} and set(weights[end:]) == {1.0}
+
+
+@pytest.mark.parametrize(("prompt", "clip_skip"), list(A1111_EMBEDDINGS))
+def test_emphasised_embeddings_are_automatic1111s(phantom_text, prompt, clip_skip):
+    """Weighted per token, then rescaled to the unweighted mean (A1111's "Original")."""
+    from fulora.generate.prompts import a1111_token_ids
+    from fulora.lora.conditioning import weighted_embeddings
+
+    tokenizer, text_encoder = phantom_text
+    ids, weights = a1111_token_ids(tokenizer, prompt, "the prompt")
+    z = weighted_embeddings(text_encoder, [ids], [weights], clip_skip, "cpu")
+    total, magnitude, values = A1111_EMBEDDINGS[(prompt, clip_skip)]
+    assert z.sum().item() == pytest.approx(total, rel=1e-5)
+    assert z.abs().sum().item() == pytest.approx(magnitude, rel=1e-6)
+    assert z[0, 4, :3].tolist() == pytest.approx(values, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

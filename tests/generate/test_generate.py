@@ -235,21 +235,66 @@ def test_images_of_diffusers_samplers_are_finished_with_them_not_with_a1111s(
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        (
-            {"prompts": {"brain": "fetal (brain:1.3)"}},
-            r"prompts.brain .* holds '\(' \(at character 7\)",
-        ),
-        ({"prompts": {"femur": "[femur:bone:10]"}}, r"prompts.femur .* holds '\['"),
+        ({"prompts": {"femur": "[femur:bone:10]"}}, r"prompts.femur .* holds ':' .*switching"),
+        ({"prompts": {"femur": "[femur|bone]"}}, r"holds '\|' \(at character 7\).*alternating"),
         ({"negative_prompt": "blurry BREAK text"}, r"negative_prompt .* holds 'BREAK'"),
         ({"prompts": {"brain": "brain <lora:x:1>"}}, r"holds '<lora:'.*--lora and --lora-scale"),
+        ({"prompts": {"brain": "fetal AND brain"}}, r"holds 'AND'.*composing"),
+        ({"prompts": {"brain": "fetal brain:1.5"}}, r"holds ':1.5'.*weight in the guidance"),
+        ({"prompts": {"brain": "fetal (brain: 1.3)"}}, r"holds ': 1.3\)'.*newer versions"),
+        ({"prompts": {"brain": "fetal (brain:1.3.1)"}}, r"holds ':1.3.1\)'.*not a number"),
+        ({"prompts": {"brain": "fetal\\brain"}}, r"holds '\\\\b'.*backslash"),
     ],
 )
-def test_prompts_that_a1111_reads_as_its_prompt_syntax_are_refused(tiny_model, setting, message):
-    """AUTOMATIC1111 reweights '(word:1.3)', switches '[a:b:10]', ... where fulora (diffusers,
-    kohya) reads plain text; the PNG's settings text would make another image in A1111."""
+def test_prompt_syntax_that_fulora_cannot_run_as_a1111_does_is_refused(
+    tiny_model, setting, message
+):
+    """AUTOMATIC1111 switches '[a:b:10]', alternates '[a|b]', composes 'AND', ... where diffusers'
+    pipeline has one prompt; the PNG's settings text would make another image in A1111."""
     with pytest.raises(ConfigError, match=message):
         _cfg(tiny_model, **setting)
-    _cfg(tiny_model, prompts={"brain": "fetal brain, 2D: transventricular"})  # plain text
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"prompts": {"brain": "fetal brain, 2D: transventricular"}},  # plain text
+        {"prompts": {"brain": "fetal (brain:1.3), [noise], \\(2D\\)"}},  # emphasis, escapes
+        {"negative_prompt": "blurry AND noisy:1.5"},  # words in A1111's negative prompt
+    ],
+)
+def test_prompts_a1111_reads_alike_are_accepted(tiny_model, setting):
+    _cfg(tiny_model, **setting)
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_a_plain_prompt_is_encoded_as_before_emphasis_was_read(tiny_model, clip_skip):
+    """Images made before session 25 keep their pixels: a prompt without emphasis goes through
+    A1111's layout to the same embeddings, bit for bit, as through the tokenizer's own call."""
+    from types import SimpleNamespace
+
+    from fulora.generate.run import _plane_embeddings
+    from fulora.lora.conditioning import prompt_embeddings
+
+    pipe = _tiny_pipe(tiny_model)
+    prompt, negative = "a photo of fetal brain", "blurry, text"
+    resolved = SimpleNamespace(prompts={"brain": prompt}, clip_skip=clip_skip)
+    cfg = SimpleNamespace(guidance=7.0, negative_prompt=negative)
+    now = _plane_embeddings(pipe, "brain", cfg, resolved, "cpu")
+    encoder = pipe.text_encoder
+    before = prompt_embeddings(pipe.tokenizer, encoder, prompt, negative, clip_skip, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(now, before, strict=True))
+
+
+def test_emphasis_makes_its_own_images_and_is_in_their_settings(tiny_model, tmp_path):
+    cfg = _cfg(tiny_model, planes=["brain"], per_class=1, batch_size=1, contact_sheet=0)
+    images = {}
+    for name, prompt in (("plain", "fetal brain"), ("emphasised", "fetal (brain:1.5)")):
+        generate(tmp_path / name, replace(cfg, prompts={"brain": prompt}), progress=False)
+        png = next((tmp_path / name / "brain").glob("*.png"))
+        assert Image.open(png).text["parameters"].startswith(prompt + "\n")
+        images[name] = np.asarray(Image.open(png), dtype=np.int16)
+    assert np.abs(images["plain"] - images["emphasised"]).mean() > 0.5
 
 
 def test_a_prompt_over_clips_window_is_refused_before_any_image(tiny_model, tmp_path):
@@ -269,7 +314,7 @@ def test_a_lora_caption_in_a1111_syntax_is_refused_with_the_setting_that_overrid
     source = next(Path(trained_lora).glob("*.safetensors"))
     with safe_open(str(source), "pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    captions = json.loads(metadata.get("fulora_captions", "{}")) | {"brain": "(fetal brain)"}
+    captions = json.loads(metadata.get("fulora_captions", "{}")) | {"brain": "[fetal|brain]"}
     lora = tmp_path / "captioned.safetensors"
     save_file(tensors, str(lora), metadata=metadata | {"fulora_captions": json.dumps(captions)})
     with pytest.raises(ConfigError, match=r"caption for brain \(give prompts.brain\)"):

@@ -11,7 +11,7 @@ from typing import Literal
 
 from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, CompileMode, Range
 from fulora.errors import ConfigError
-from fulora.generate.prompts import check_plain_prompt
+from fulora.generate.prompts import check_prompt_syntax
 from fulora.generate.samplers import check_steps
 from fulora.lora.config import DEFAULT_BASE
 from fulora.planes import PAPER_PLANES
@@ -37,7 +37,7 @@ class GenerateConfig(Checked):
     }
 
     def check(self) -> None:
-        """Known sampler and planes; plain prompts; sides multiples of 8; fused QKV on a fused LoRA.
+        """Known sampler and planes; prompts A1111 reads alike; sides multiples of 8; fused QKV.
 
         Checked here rather than at generation, so that an experiment's dry run catches a
         misspelt sampler before its LoRA trains.
@@ -46,8 +46,8 @@ class GenerateConfig(Checked):
         self.check_planes_of("planes")
         self.check_planes_of("prompts")  # its keys: a misspelt plane would fall back silently
         for plane, prompt in self.prompts.items():
-            check_plain_prompt(prompt, f"prompts.{plane}")
-        check_plain_prompt(self.negative_prompt, "negative_prompt")
+            check_prompt_syntax(prompt, f"prompts.{plane}")
+        check_prompt_syntax(self.negative_prompt, "negative_prompt", negative=True)
         for key in ("width", "height"):
             value = getattr(self, key)
             if value is not None and value % 8:

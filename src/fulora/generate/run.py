@@ -38,7 +38,7 @@ from fulora.config import check_process_device, require_device, resolve_device
 from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.config import GenerateConfig
-from fulora.generate.prompts import check_plain_prompt, check_prompt_length
+from fulora.generate.prompts import a1111_token_ids, check_prompt_syntax
 from fulora.generate.samplers import (
     display_name,
     make_scheduler,
@@ -53,7 +53,7 @@ from fulora.lora.base import (
     load_pipeline,
     native_size,
 )
-from fulora.lora.conditioning import prompt_embeddings
+from fulora.lora.conditioning import weighted_embeddings
 from fulora.lora.formats import load_lora_into, read_lora, webui_lora_hash
 from fulora.planes import PAPER_CAPTIONS, check_planes
 from fulora.runs import CONFIG_NAME, DONE_NAME, RunDir, check_finite_weights, now_iso, steady_rate
@@ -165,7 +165,8 @@ def plan(cfg: GenerateConfig) -> _Plan:
         plane: given.get(plane) or captions.get(plane) or PAPER_CAPTIONS[plane] for plane in planes
     }
     for plane in sorted(set(captions) & set(planes) - set(given)):  # given: checked in the config
-        check_plain_prompt(prompts[plane], f"the LoRA's caption for {plane} (give prompts.{plane})")
+        what = f"the LoRA's caption for {plane} (give prompts.{plane})"
+        check_prompt_syntax(prompts[plane], what)
     width, height = cfg.width, cfg.height
     if width is None or height is None:
         # the LoRA's commonest training bucket, else the base model's own size, else SD1.5's
@@ -565,21 +566,22 @@ def _load_generator(cfg, resolved, device, dtype):
     pipe.scheduler = make_scheduler(resolved.sampler, pipe.scheduler.config)
     pipe.to(device)
     apply_speedups(pipe, cfg, device)
-    for plane in resolved.planes:  # before any image: A1111 would read the whole prompt
-        check_prompt_length(pipe.tokenizer, resolved.prompts[plane], f"the prompt of {plane}")
-    check_prompt_length(pipe.tokenizer, cfg.negative_prompt, "negative_prompt")
     embeddings = {  # once per plane; the negative prompt at the same clip skip
-        plane: prompt_embeddings(
-            pipe.tokenizer,
-            pipe.text_encoder,
-            resolved.prompts[plane],
-            cfg.negative_prompt if cfg.guidance > 1.0 else None,
-            resolved.clip_skip,
-            device,
-        )
-        for plane in resolved.planes
+        plane: _plane_embeddings(pipe, plane, cfg, resolved, device)
+        for plane in resolved.planes  # each prompt checked before any image is made
     }
     return pipe, embeddings
+
+
+def _plane_embeddings(pipe, plane: str, cfg, resolved, device):
+    """(positive, negative or None) embeddings of a plane's prompt, with A1111's emphasis."""
+    prompt = resolved.prompts[plane]
+    layouts = [a1111_token_ids(pipe.tokenizer, prompt, f"the prompt of {plane}")]
+    if cfg.guidance > 1.0:
+        layouts.append(a1111_token_ids(pipe.tokenizer, cfg.negative_prompt, "negative_prompt"))
+    ids, weights = zip(*layouts, strict=True)
+    hidden = weighted_embeddings(pipe.text_encoder, ids, weights, resolved.clip_skip, device)
+    return hidden[:1], (hidden[1:] if len(layouts) > 1 else None)
 
 
 def initial_noise(

@@ -6,6 +6,10 @@ kohya's sampler and AUTOMATIC1111 encode the negative (unconditional) prompt the
 positive one. diffusers' ``StableDiffusionPipeline.encode_prompt(clip_skip=...)`` applies the
 skip to the positive prompt only, which would mix two embedding spaces under classifier-free
 guidance, so fulora encodes both here and hands the pipeline the embeddings.
+
+A generation prompt's emphasis (AUTOMATIC1111's ``(word:1.3)``) arrives as a weight per token
+(``fulora.generate.prompts``) and is applied to the embeddings as A1111 applies it
+(:func:`emphasise`).
 """
 
 from __future__ import annotations
@@ -71,3 +75,51 @@ def prompt_embeddings(
         hidden = encode_prompt(text_encoder, token_ids(tokenizer, texts).to(device), clip_skip)
     positive = hidden[:1]
     return positive, (hidden[1:] if negative_prompt is not None else None)
+
+
+def emphasise(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """AUTOMATIC1111's default ("Original") emphasis: weight each token, keep the prompt's mean.
+
+    Per prompt (row): the embeddings times each token's weight, then times (mean before / mean
+    after), in fp32 as A1111 computes it with its fp32 weights, returned in ``hidden``'s dtype.
+    A row of weights 1 is left as it is (A1111's result is the same numbers). Checked against
+    A1111's ``sd_hijack_clip`` and ``sd_emphasis`` in ``tests/test_parity.py``.
+
+    Args:
+        hidden: Text embeddings (prompts, tokens, channels).
+        weights: Each token's weight (prompts, tokens).
+    """
+    rows = []
+    for row, row_weights in zip(hidden, weights.to(hidden.device, torch.float32), strict=True):
+        if bool((row_weights == 1).all()):
+            rows.append(row)
+            continue
+        plain = row.float()
+        weighted = plain * row_weights[:, None]
+        rows.append((weighted * (plain.mean() / weighted.mean())).to(hidden.dtype))
+    return torch.stack(rows)
+
+
+def weighted_embeddings(
+    text_encoder,
+    token_rows: list[list[int]],
+    weight_rows: list[list[float]],
+    clip_skip: int,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """Embeddings of prompts given as token ids and per-token emphasis weights.
+
+    Args:
+        text_encoder: The pipeline's CLIP text model.
+        token_rows: Each prompt's token ids, padded to the tokenizer's length.
+        weight_rows: Each prompt's weight per token (1 for plain text).
+        clip_skip: kohya/A1111 clip skip (1 = the last layer).
+        device: Where the text encoder runs.
+
+    Returns:
+        A tensor (prompts, tokens, hidden).
+    """
+    ids = torch.tensor(token_rows, device=device)
+    with torch.no_grad():
+        hidden = encode_prompt(text_encoder, ids, clip_skip)
+    return emphasise(hidden, torch.tensor(weight_rows, dtype=torch.float32))
