@@ -839,6 +839,20 @@ def test_emphasised_embeddings_are_automatic1111s(phantom_text, prompt, clip_ski
     assert z[0, 4, :3].tolist() == pytest.approx(values, rel=1e-5)
 
 
+def test_emphasis_on_half_precision_embeddings_is_computed_in_fp32():
+    """On a GPU the text encoder runs in fp16; A1111's fp32 weights promote its product to fp32,
+    which the UNet then takes in fp16: the fp32 result rounded once."""
+    from fulora.lora.conditioning import emphasise
+
+    hidden = torch.randn(2, 77, 16, generator=torch.Generator().manual_seed(0))
+    weights = torch.ones(2, 77)
+    weights[0, 3:6] = 1.3
+    half = emphasise(hidden.half(), weights)
+    assert half.dtype == torch.float16
+    assert torch.equal(half, emphasise(hidden.half().float(), weights).half())
+    assert torch.equal(half[1], hidden.half()[1])  # a row without emphasis is left as it is
+
+
 # --------------------------------------------------------------------------------------------
 # A single-file checkpoint in the original (LDM) layout, what AUTOMATIC1111 users hold
 # (v1-5-pruned-emaonly.safetensors): diffusers' from_single_file must read it as the same model.

@@ -51,44 +51,63 @@ def check_prompt_syntax(text: str, what: str, *, negative: bool = False) -> None
     found = _first_unread(text, negative)
     if found is None:
         return
-    at, piece, meaning = found
+    at, piece, kind = found
+    meaning, fix = _UNREAD_KINDS[kind]
     raise ConfigError(
         f"{what} {text!r} holds {piece!r} (at character {at + 1}), which AUTOMATIC1111 reads "
         f"as {meaning}; fulora reads A1111's emphasis ('(word)', '[word]', '(word:1.3)') as "
         "A1111 does, but not this, so the two would make different images from the same "
-        "settings: write it without (a LoRA goes in lora and lora_scale, --lora and "
-        "--lora-scale; a literal bracket is written \\( \\) \\[ \\])"
+        f"settings: {fix}"
     )
 
 
-_MEANINGS = {
-    "AND": "composing prompts",
-    "BREAK": "a new 75-token chunk",
-    "|": "alternating prompts ('[a|b]')",
+_ONE_PROMPT = "write the prompt without it"
+_UNREAD_KINDS = {  # kind: (what A1111 reads it as, what to do)
+    "AND": ("composing prompts", _ONE_PROMPT),
+    "BREAK": ("a new 75-token chunk", _ONE_PROMPT),
+    "|": ("alternating prompts ('[a|b]')", _ONE_PROMPT),
+    "switch": ("switching prompts during sampling ('[a:b:10]')", _ONE_PROMPT),
+    "network": (
+        "loading a network ('<lora:name:0.8>')",
+        "give a LoRA in lora and lora_scale (--lora, --lora-scale)",
+    ),
+    "guidance": (
+        "the prompt's weight in the guidance",
+        "set the guidance (--guidance) instead, or write the number without the ':'",
+    ),
+    "spaced": (
+        "a weight in newer versions and as text in older ones",
+        "write the weight without spaces, '(word:1.3)'",
+    ),
+    "nan": ("an emphasis weight that is not a number (an error)", "write '(word:1.3)'"),
+    "backslash": (
+        "nothing (it drops a backslash before anything but ( ) [ ] \\)",
+        "write \\( \\) \\[ \\] \\\\ for those characters, or no backslash",
+    ),
 }
 
 
 def _first_unread(text: str, negative: bool) -> tuple[int, str, str] | None:
-    """(position, piece, what A1111 reads it as) of the first syntax fulora does not read."""
+    """(position, piece, kind) of the first syntax fulora does not read (kinds: _UNREAD_KINDS)."""
     found = [
-        (match.start(), match.group(), _MEANINGS.get(match.group(), "loading a network"))
+        (match.start(), match.group(), match.group() if match.group()[0] != "<" else "network")
         for match in _UNREAD.finditer(text)
         if not (negative and match.group() == "AND")  # a word in A1111's negative prompt
     ]
     found += [
-        (match.start(), match.group(), "a weight in newer versions, as text in older ones")
+        (match.start(), match.group(), "spaced")
         for match in _SPACED_WEIGHT.finditer(text)
         if not _WEIGHT.fullmatch(match.group())
     ]
     found += [
-        (match.start(), match.group(), "an emphasis weight that is not a number (an error)")
+        (match.start(), match.group(), "nan")
         for match in _WEIGHT.finditer(text)
         if not _is_number(match.group(1))
     ]
     found += _switches_and_escapes(text)
     weight = None if negative else _GUIDANCE_WEIGHT.search(text)
     if weight is not None:
-        found.append((weight.start(), weight.group(), "the prompt's weight in the guidance"))
+        found.append((weight.start(), weight.group(), "guidance"))
     return min(found) if found else None
 
 
@@ -99,12 +118,12 @@ def _switches_and_escapes(text: str) -> list[tuple[int, str, str]]:
         char = text[at]
         if char == "\\":
             if text[at + 1 : at + 2] not in _ESCAPABLE or at + 1 == len(text):
-                return [(at, text[at : at + 2], "dropping a backslash before anything but ()[]\\")]
+                return [(at, text[at : at + 2], "backslash")]
             at += 2
             continue
         depth += (char == "[") - (char == "]" and depth > 0)
         if char == ":" and depth:
-            return [(at, char, "switching prompts during sampling ('[a:b:10]')")]
+            return [(at, char, "switch")]
         at += 1
     return []
 
