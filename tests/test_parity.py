@@ -6,7 +6,8 @@
   ``library/model_util.py`` ``make_bucket_resolutions`` for the bucket tables, and
   ``networks/lora.py`` ``create_network(1.0, 128, 128, None, text_encoder, unet)`` on kohya's own
   SD1.5 UNet (``library/original_unet.py``) and the CLIP ViT-L/14 text encoder, built on the meta
-  device, for the module names and parameter count. None of kohya's code is in this repository.
+  device, for the module names and parameter count; ``trim_and_resize_if_required`` for the
+  training images' pixels. None of kohya's code is in this repository.
 * **plain diffusers** (``StableDiffusionPipeline.load_lora_weights`` / ``set_adapters`` /
   ``fuse_lora``), loading the files fulora writes.
 * **transformers** CLIP hidden states, for clip skip as kohya and AUTOMATIC1111 define it
@@ -171,6 +172,55 @@ def test_paper_images_land_in_kohyas_buckets(sample_data):
     assert Counter(e.bucket for e in examples) == KOHYA_PAPER_BUCKETS
     # the generation default follows: the most common training bucket
     assert Counter(e.bucket for e in examples).most_common(1)[0][0] == (576, 384)
+
+
+# --------------------------------------------------------------------------------------------
+# Shrinking a training image to its bucket: kohya's trim_and_resize_if_required (sd-scripts
+# 48d368fa, library/train_util.py, with library/utils.py resize_image: OpenCV's INTER_AREA when
+# shrinking), run from a scratch script with opencv-python-headless 5.0.0.93 on images loaded
+# as kohya loads them (PIL, RGB). SHA-256 (first 16 hex) of its output array's bytes.
+# --------------------------------------------------------------------------------------------
+KOHYA_RESIZED_PAPER = {  # (bucket, resized) from the bucket table above
+    "abdomen/Patient00305_Plane2_1_of_2.png": ((576, 384), (576, 399), "81c6d973ee75d3ad"),
+    "brain/Patient00216_Plane3_5_of_5.png": ((576, 384), (576, 397), "751ebcc2a98d9150"),
+    "femur/Patient00305_Plane5_1_of_1.png": ((576, 384), (576, 399), "b810b93393be1ab0"),
+}
+# uniform noise, numpy.random.default_rng(h * 10000 + w).integers(0, 256, (h, w, 3), uint8):
+# fractional factors, whole factors (OpenCV's integer path: 2x2 and 3x3), and the paper's
+# largest image size
+KOHYA_RESIZED_NOISE = {
+    ((200, 288), (64, 44), (64, 40)): "65c51d4b4b96fe13",
+    ((96, 128), (64, 48), (64, 48)): "4c3ee3c1ce4a09ae",
+    ((99, 99), (33, 33), (32, 32)): "eaf73d9d176e37c3",
+    ((787, 1495), (640, 337), (640, 320)): "f6297bbbcce85cb9",
+}
+
+
+def _hash16(image) -> str:
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(image)).tobytes()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize(("shape", "resized", "bucket"), list(KOHYA_RESIZED_NOISE))
+def test_images_shrink_to_their_bucket_as_kohya_shrinks_them(shape, resized, bucket):
+    """The same bytes as kohya's (OpenCV's INTER_AREA); PIL's BOX filter (fulora's until
+    session 25, still ``resize: box``) gives others."""
+    from fulora.lora.buckets import BucketChoice, fit_to_bucket
+
+    h, w = shape
+    noise = np.random.default_rng(h * 10000 + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    choice = BucketChoice(bucket, resized)
+    img, kohyas = Image.fromarray(noise), KOHYA_RESIZED_NOISE[(shape, resized, bucket)]
+    assert _hash16(fit_to_bucket(img, choice)) == kohyas
+    assert _hash16(fit_to_bucket(img, choice, "box")) != kohyas
+
+
+def test_paper_images_shrink_to_their_bucket_as_kohya_shrinks_them(sample_data):
+    from fulora.lora.buckets import BucketChoice, fit_to_bucket
+
+    for name, (bucket, resized, expected) in KOHYA_RESIZED_PAPER.items():
+        img = Image.open(sample_data / "spain_lora_train" / name).convert("RGB")
+        assert select_bucket(img.size) == BucketChoice(bucket, resized)
+        assert _hash16(fit_to_bucket(img, BucketChoice(bucket, resized))) == expected, name
 
 
 # --------------------------------------------------------------------------------------------

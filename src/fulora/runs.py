@@ -126,14 +126,19 @@ def steady_rate(mark: tuple[int, float] | None, count: int, ended: float) -> flo
 
 
 def _field_defaults(config: Any) -> dict[str, Any]:
-    """The default of each field of a config dataclass that has a plain (non-factory) one."""
+    """What a saved config without a key meant, per field.
+
+    The field's plain (non-factory) default; or, for a key added with a new default, the
+    behaviour before it, which the config class's ``ABSENT_MEANS`` names.
+    """
     if not dataclasses.is_dataclass(config):
         return {}
-    return {
+    defaults = {
         f.name: f.default
         for f in dataclasses.fields(config)
         if f.default is not dataclasses.MISSING
     }
+    return defaults | getattr(type(config), "ABSENT_MEANS", {})
 
 
 class RunDir:
@@ -178,11 +183,25 @@ class RunDir:
         if not path.is_file():
             return None
 
+        return sorted(self.config_differences(config))
+
+    def config_differences(self, config: Any) -> dict[str, tuple[Any, Any]]:
+        """``{key: (value in the config.yaml here, value in config)}`` for each key that differs.
+
+        A key the file lacks was added since: it means its default, or what the config class's
+        ``ABSENT_MEANS`` says the behaviour was before. Empty without a config.yaml.
+        """
+        path = self.path / CONFIG_NAME
+        if not path.is_file():
+            return {}
         old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         new = to_dict(config)
-        # a key the older file lacks was added since, with a default that keeps the old behaviour
         defaults = _field_defaults(config)
-        return sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k))
+        return {
+            k: (old.get(k, defaults.get(k)), new.get(k))
+            for k in sorted(set(old) | set(new))
+            if old.get(k, defaults.get(k)) != new.get(k)
+        }
 
     def lock(self) -> RunDir:
         """Take the folder's exclusive lock (:class:`FolderLock`) until :meth:`close`.

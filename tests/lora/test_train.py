@@ -3,6 +3,7 @@
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from fulora.errors import ConfigError, DataError, ImageLoadError
 from fulora.io import file_hash
 from fulora.lora import base as base_module
 from fulora.lora.formats import read_lora
-from fulora.lora.train import LoraTrainConfig, add_lora_adapters, train_lora
+from fulora.lora.train import LoraTrainConfig, add_lora_adapters, resize_of_run, train_lora
 
 
 def _cfg(tiny_model, **kw):
@@ -131,6 +132,27 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model, lora_images, tmp_pa
     )
 
 
+def test_a_lora_trained_before_kohyas_resize_is_finished_with_box_not_retrained(
+    tiny_model, lora_images, tmp_path
+):
+    """Until session 25 fulora shrank images with PIL's BOX filter; a run folder saved then has
+    no 'resize' in its config.yaml, which means that, not the new default."""
+    import yaml
+
+    data, run = read_any(lora_images), tmp_path / "run"
+    cfg = _cfg(tiny_model, max_steps=1, resize="box")
+    train_lora(data, run, cfg, progress=False)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["resize"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    finished = file_hash(run / "test_lora.safetensors")
+    with pytest.raises(ConfigError, match=r"\(resize: 'box' there, 'area' here\)"):
+        train_lora(data, run, replace(cfg, resize="area"), progress=False)
+    assert train_lora(data, run, cfg, progress=False)["steps"] == 1  # done: nothing to do
+    assert file_hash(run / "test_lora.safetensors") == finished
+    assert resize_of_run(run) == "box"
+
+
 def test_a_finished_lora_is_not_trained_over_with_other_settings(tiny_model, lora_images, tmp_path):
     """A rerun with another setting once retrained in place, and the finished LoRA was lost."""
     shutil.copytree(lora_images, tmp_path / "images")  # one image is replaced below
@@ -139,9 +161,9 @@ def test_a_finished_lora_is_not_trained_over_with_other_settings(tiny_model, lor
     train_lora(data, run, cfg, progress=False)
     finished = file_hash(run / "test_lora.safetensors")
     other = _cfg(tiny_model, max_steps=2, checkpoint_every=1, rank=8)
-    with pytest.raises(ConfigError, match=r"\(rank differ\); use a new --out folder"):
+    with pytest.raises(ConfigError, match=r"\(rank: \d+ there, 8 here\); give its values to use"):
         train_lora(data, run, other, progress=False)
-    with pytest.raises(ConfigError, match=r"--resume: .*\(rank differ\).*--config .*config.yaml"):
+    with pytest.raises(ConfigError, match=r"--resume: .*\(rank: \d+ there, 8 here\).*--config"):
         train_lora(data, run, other, resume="latest", progress=False)
     assert file_hash(run / "test_lora.safetensors") == finished
     # other images, same settings: once "nothing to do" (finished) or resumed on them

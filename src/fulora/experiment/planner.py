@@ -49,6 +49,7 @@ from fulora.generate.run import GenerateConfig, generate
 from fulora.generate.samplers import resolve_sampler
 from fulora.io import file_hash
 from fulora.lora.base import check_base
+from fulora.lora.config import LoraTrainConfig
 from fulora.lora.data import LORA_COLUMNS
 from fulora.lora.train import train_lora
 from fulora.planes import PLANES, check_planes
@@ -89,6 +90,9 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
     },
     EvaluateStage: {"seed": 0},
     AuditConfig: {"ensemble": []},
+    # Not the earlier behaviour: a LoRA finished before session 25 shrank its images with PIL's
+    # BOX filter. It stays done under its key, and the runner says so (``--from lora``).
+    LoraTrainConfig: {"resize": "area"},
 }
 
 
@@ -386,7 +390,9 @@ class _Planner:
             }
             folder = self.layout.lora(variant)
             action = partial(train_lora, data, folder, lcfg, resume="latest")
-            self._add("lora", f"lora/{variant}", folder, stage_key(payload), action, variant)
+            key = stage_key(payload)
+            stage = self._add("lora", f"lora/{variant}", folder, key, action, variant)
+            stage.info["resize"] = lcfg.resize  # for the runner's word on older LoRAs
         for variant, parts in self.configs.released.items():
             if "file" in parts:
                 self.keys[f"lora/{variant}"] = "file:" + file_hash(parts["file"])

@@ -45,6 +45,7 @@ from fulora.experiment.stages import (
 from fulora.generate.run import sampler_of_run
 from fulora.generate.samplers import display_name
 from fulora.io import atomic_open
+from fulora.lora.train import resize_of_run
 from fulora.runs import RunDir
 
 logger = logging.getLogger("fulora")
@@ -151,7 +152,7 @@ def _states_at_start(plan: Plan, from_stage: str | None) -> dict[str, str]:
     forced = set(STAGES[STAGES.index(from_stage) :]) if from_stage else set()
     states = {s.name: ("forced" if s.kind in forced else s.state()) for s in plan.stages}
     states = rerun_readers(plan.stages, states)
-    _warn_of_other_samplers(plan, states)
+    _warn_of_older_makings(plan, states)
     counts: dict[str, int] = {}
     for state in states.values():
         counts[state] = counts.get(state, 0) + 1
@@ -162,26 +163,41 @@ def _states_at_start(plan: Plan, from_stage: str | None) -> dict[str, str]:
     return states
 
 
-def _warn_of_other_samplers(plan: Plan, states: dict[str, str]) -> None:
-    """A finished generation whose images another sampler made than its config names now.
+def _warn_of_older_makings(plan: Plan, states: dict[str, str]) -> None:
+    """Finished stages whose outputs were made otherwise than their config now says.
 
-    Since session 24 ``DPM++ 2M (Karras)`` and ``DDIM`` are A1111's samplers, not diffusers':
-    such a stage stays done under its key, and generations still to run use the new sampler.
+    Since session 24 ``DPM++ 2M (Karras)`` and ``DDIM`` are A1111's samplers, not diffusers';
+    since session 25 a LoRA shrinks its images as kohya does (OpenCV's INTER_AREA), not with
+    PIL's BOX filter. Such a stage stays done under its key; stages still to run use the new way.
     """
     for stage in plan.stages:
-        wanted = stage.info.get("sampler")
-        if wanted is None or states[stage.name] != "done":
+        if states[stage.name] != "done":
             continue
-        made = sampler_of_run(stage.folder)
-        if made not in (None, wanted):
-            logger.warning(
-                "%s: done, with images from the sampler %r; its config's %r is AUTOMATIC1111's "
-                "since session 24, and generations still to run use that. For every variant's "
-                "images from one sampler, run again with --from generate (all are made again)",
-                stage.name,
-                display_name(made),
-                display_name(wanted),
-            )
+        if "sampler" in stage.info:
+            made = sampler_of_run(stage.folder)
+            if made not in (None, stage.info["sampler"]):
+                logger.warning(
+                    "%s: done, with images from the sampler %r; its config's %r is "
+                    "AUTOMATIC1111's since session 24, and generations still to run use that. "
+                    "For every variant's images from one sampler, run again with --from "
+                    "generate (all are made again)",
+                    stage.name,
+                    display_name(made),
+                    display_name(stage.info["sampler"]),
+                )
+        if "resize" in stage.info:
+            shrunk = resize_of_run(stage.folder)
+            if shrunk not in (None, stage.info["resize"]):
+                logger.warning(
+                    "%s: done, trained on images shrunk with %r; its config's resize is %r "
+                    "(kohya's, since session 25), which LoRAs still to train use. For LoRAs "
+                    "trained alike, run again with --from lora (all are trained again), or set "
+                    "lora.settings.resize: %s",
+                    stage.name,
+                    shrunk,
+                    stage.info["resize"],
+                    shrunk,
+                )
 
 
 def _print_where_and_how_long(plan: Plan, runs: list[StageRun]) -> None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from fulora.lora.resize import area_resize
+
 
 @dataclass(frozen=True)
 class BucketChoice:
@@ -122,18 +124,22 @@ def select_bucket(
     return BucketChoice(bucket, resized)
 
 
-def fit_to_bucket(img: Image.Image, choice: BucketChoice) -> Image.Image:
+def fit_to_bucket(img: Image.Image, choice: BucketChoice, resize: str = "area") -> Image.Image:
     """Resize ``img`` to ``choice.resized`` and trim the overflow evenly to the bucket.
 
-    Shrinking uses area averaging (PIL's BOX filter; kohya uses OpenCV's INTER_AREA) and
-    enlarging Lanczos, as kohya does.
+    Shrinking uses OpenCV's INTER_AREA (``resize="area"``, kohya's default,
+    :func:`fulora.lora.resize.area_resize`) or PIL's BOX filter (``"box"``, fulora's until
+    session 25, kohya's ``--resize_interpolation box``); enlarging uses Lanczos, as kohya does.
     """
     bw, bh = choice.bucket
     rw, rh = max(bw, choice.resized[0]), max(bh, choice.resized[1])
     if (rw, rh) != img.size:
-        shrinking = rw <= img.width and rh <= img.height
-        method = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
-        img = img.resize((rw, rh), method)
+        if rw > img.width or rh > img.height:
+            img = img.resize((rw, rh), Image.Resampling.LANCZOS)
+        elif resize == "area":
+            img = area_resize(img, (rw, rh))
+        else:
+            img = img.resize((rw, rh), Image.Resampling.BOX)
     left, top = (rw - bw) // 2, (rh - bh) // 2
     return img.crop((left, top, left + bw, top + bh))
 

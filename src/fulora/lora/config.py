@@ -48,6 +48,9 @@ class LoraTrainConfig(Checked):
         "sample_seed": SEED,
     }
 
+    # A run folder's config.yaml without this key was written before it existed: it means this.
+    ABSENT_MEANS = {"resize": "box"}
+
     def check(self) -> None:
         """Caption keys are planes; bucket steps divide the resolution (kohya: multiples of 8)."""
         self.check_planes_of("captions")
@@ -89,6 +92,10 @@ class LoraTrainConfig(Checked):
     bucket_step: int = 64
     bucket_upscale: bool = False
     center_crop: bool = False  # square centre crop instead of buckets
+    # shrinking an image to its bucket: area: OpenCV's INTER_AREA, as kohya resizes (its
+    # default); box: PIL's BOX filter (fulora's until session 25; kohya's
+    # --resize_interpolation box). Enlarging is Lanczos either way, as in kohya.
+    resize: Literal["area", "box"] = "area"
     clip_skip: int = 2  # kohya semantics: 2 = the penultimate CLIP layer
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # on CUDA; CPU runs in fp32
     # auto (the GPU when there is one), cpu, cuda, cuda:N or mps; under accelerate launch,

@@ -144,10 +144,18 @@ def _bucket_for(size: tuple[int, int], cfg: LoraTrainConfig, path: Path) -> Buck
 class ImageCaptions(Dataset):
     """Pixels (3, H, W) in [-1, 1] at each example's bucket, and token ids of its caption."""
 
-    def __init__(self, examples: list[Example], tokenizer, center_crop: bool, resolution: int):
+    def __init__(
+        self,
+        examples: list[Example],
+        tokenizer,
+        center_crop: bool,
+        resolution: int,
+        resize: str = "area",
+    ):
         self.examples = examples
         self.center_crop = center_crop
         self.resolution = resolution
+        self.resize = resize  # how a bucket shrinks an image: "area" (kohya's) or "box"
         self.ids = token_ids(tokenizer, [e.caption for e in examples])
         self.latents: list[torch.Tensor] | None = None
 
@@ -161,7 +169,7 @@ class ImageCaptions(Dataset):
         img = (
             center_square(img, self.resolution)
             if self.center_crop
-            else fit_to_bucket(img, BucketChoice(example.bucket, example.resized))
+            else fit_to_bucket(img, BucketChoice(example.bucket, example.resized), self.resize)
         )
         array = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1)
         return array / 127.5 - 1.0

@@ -239,16 +239,35 @@ def _finished_here(existing: RunDir, cfg: LoraTrainConfig, resume: str | None) -
         if others:
             raise ConfigError(
                 f"--resume: {existing.path} holds a run with other settings "
-                f"({', '.join(others)} differ); resume with its own (--config "
-                f"{existing.path / CONFIG_NAME}) or train into a new --out folder"
+                f"({_differences(existing, cfg, others)}); resume with its own (--config "
+                f"{existing.path / CONFIG_NAME}, and those values) or train into a new --out "
+                "folder"
             )
         return False
     if changed:
         raise ConfigError(
             f"{existing.path} already holds a LoRA run with other settings "
-            f"({', '.join(changed)} differ); use a new --out folder, or delete that one"
+            f"({_differences(existing, cfg, changed)}); give its values to use it, or use a "
+            "new --out folder"
         )
     return changed == [] and existing.is_done()
+
+
+def resize_of_run(folder: str | Path) -> str | None:
+    """How a finished LoRA run shrank its images ("area", "box"); None: not a finished run."""
+    run = RunDir(folder)
+    if run.read_done() is None or not (run / CONFIG_NAME).is_file():
+        return None
+    differences = run.config_differences(LoraTrainConfig())
+    return differences["resize"][0] if "resize" in differences else LoraTrainConfig.resize
+
+
+def _differences(existing: RunDir, cfg: LoraTrainConfig, keys: list[str]) -> str:
+    """``key: 'there' there, 'here' here`` for each of ``keys``."""
+    differences = existing.config_differences(cfg)
+    return "; ".join(
+        f"{key}: {differences[key][0]!r} there, {differences[key][1]!r} here" for key in keys
+    )
 
 
 @dataclass
@@ -342,7 +361,9 @@ def _setup_optimisation(state: _LoraRun, progress: bool) -> None:
     from diffusers.optimization import get_scheduler
 
     cfg, vae = state.cfg, state.pipe.vae
-    dataset = ImageCaptions(state.examples, state.pipe.tokenizer, cfg.center_crop, cfg.resolution)
+    dataset = ImageCaptions(
+        state.examples, state.pipe.tokenizer, cfg.center_crop, cfg.resolution, cfg.resize
+    )
     if cfg.cache_latents:
         main = state.accelerator.is_main_process
         dataset.latents = cache_latents(vae, dataset, cfg, state.device, progress and main)
