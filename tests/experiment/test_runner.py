@@ -320,6 +320,31 @@ def test_settings_added_later_keep_the_stage_keys_of_existing_experiments():
     assert _config_payload(EvaluateStage(seed=3), keyed) == {"n_bootstrap": 1000, "seed": 3}
 
 
+def test_a_lora_done_with_the_former_resize_stays_done_and_is_said(
+    finished_experiment, tmp_path, caplog
+):
+    """Before session 25 a LoRA shrank its images with PIL's BOX filter (its config.yaml names
+    no resize): the stage keeps its LoRA, and the run says how it was trained."""
+    import yaml
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_experiment, out)
+    config = load_experiment(finished_experiment.parent / "experiment.yaml")
+    with caplog.at_level("WARNING", logger="fulora"):
+        run_experiment(config, out, dry_run=True)
+    assert "images shrunk with" not in caplog.text
+    saved = next(out.glob("lora/*/config.yaml"))
+    settings = yaml.safe_load(saved.read_text())
+    assert settings.pop("resize") == "area"
+    saved.write_text(yaml.safe_dump(settings))
+    with caplog.at_level("WARNING", logger="fulora"):
+        states = run_experiment(config, out, dry_run=True)["stages"]
+    name = f"lora/{saved.parent.name}"
+    assert states[name] == "done"
+    assert f"{name}: done, trained on images shrunk with 'box'" in caplog.text
+    assert "--from lora" in caplog.text and "lora.settings.resize: box" in caplog.text
+
+
 def test_a_generation_done_with_a_sampler_since_renamed_stays_done_and_is_said(
     finished_experiment, tmp_path, caplog
 ):
