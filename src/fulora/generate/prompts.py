@@ -34,7 +34,8 @@ _UNREAD = re.compile(r"\bAND\b|\bBREAK\b|<\w+:|\|")
 # A1111 splits the positive prompt at AND and reads a trailing ':number' of each part as its
 # weight in the guidance (prompt_parser.re_weight), also when there is no AND
 _GUIDANCE_WEIGHT = re.compile(r":\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
-_ROUND, _SQUARE = 1.1, 1 / 1.1
+# a closing bracket: its opening one and its factor; a weight ':1.3)' closes '(' with 1.3
+_CLOSES = {")": ("(", 1.1), "]": ("[", 1 / 1.1)}
 
 
 def check_prompt_syntax(text: str, what: str, *, negative: bool = False) -> None:
@@ -164,14 +165,14 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
             opened[value].append(len(pieces))
         elif kind == "weight" and opened["("]:
             weigh(opened["("].pop(), float(value[1:-1]))
-        elif kind == "close" and opened["(" if value == ")" else "["]:
-            weigh(opened["(" if value == ")" else "["].pop(), _ROUND if value == ")" else _SQUARE)
-        else:
+        elif kind == "close" and opened[_CLOSES[value][0]]:
+            weigh(opened[_CLOSES[value][0]].pop(), _CLOSES[value][1])
+        else:  # text, and a closing bracket or weight with no bracket open
             pieces.append([value, 1.0])
-    for start in opened["("]:
-        weigh(start, _ROUND)
-    for start in opened["["]:
-        weigh(start, _SQUARE)
+    for closing in ")]":  # brackets left open apply to the end: round ones first
+        opening, factor = _CLOSES[closing]
+        for start in opened[opening]:
+            weigh(start, factor)
     return _joined(pieces or [["", 1.0]])
 
 
