@@ -171,33 +171,31 @@ def _warn_of_older_makings(plan: Plan, states: dict[str, str]) -> None:
     PIL's BOX filter. Such a stage stays done under its key; stages still to run use the new way.
     """
     for stage in plan.stages:
-        if states[stage.name] != "done":
-            continue
-        if "sampler" in stage.info:
-            made = sampler_of_run(stage.folder)
-            if made not in (None, stage.info["sampler"]):
-                logger.warning(
-                    "%s: done, with images from the sampler %r; its config's %r is "
-                    "AUTOMATIC1111's since session 24, and generations still to run use that. "
-                    "For every variant's images from one sampler, run again with --from "
-                    "generate (all are made again)",
-                    stage.name,
-                    display_name(made),
-                    display_name(stage.info["sampler"]),
-                )
-        if "resize" in stage.info:
-            shrunk = resize_of_run(stage.folder)
-            if shrunk not in (None, stage.info["resize"]):
-                logger.warning(
-                    "%s: done, trained on images shrunk with %r; its config's resize is %r "
-                    "(kohya's, since session 25), which LoRAs still to train use. For LoRAs "
-                    "trained alike, run again with --from lora (all are trained again), or set "
-                    "lora.settings.resize: %s",
-                    stage.name,
-                    shrunk,
-                    stage.info["resize"],
-                    shrunk,
-                )
+        if states[stage.name] == "done" and (older := _older_making(stage)):
+            logger.warning("%s: done, %s", stage.name, older)
+
+
+def _older_making(stage) -> str | None:
+    """How a finished stage's outputs were made, where its config now says otherwise."""
+    if "sampler" in stage.info:
+        made, wanted = sampler_of_run(stage.folder), stage.info["sampler"]
+        if made not in (None, wanted):
+            return (
+                f"with images from the sampler {display_name(made)!r}; its config's "
+                f"{display_name(wanted)!r} is AUTOMATIC1111's since session 24, and "
+                "generations still to run use that. For every variant's images from one "
+                "sampler, run again with --from generate (all are made again)"
+            )
+    if "resize" in stage.info:
+        shrunk, wanted = resize_of_run(stage.folder), stage.info["resize"]
+        if shrunk not in (None, wanted):
+            return (
+                f"trained on images shrunk with {shrunk!r}; its config's resize is {wanted!r} "
+                "(kohya's, since session 25), which LoRAs still to train use. For LoRAs "
+                "trained alike, run again with --from lora (all are trained again), or set "
+                f"lora.settings.resize: {shrunk}"
+            )
+    return None
 
 
 def _print_where_and_how_long(plan: Plan, runs: list[StageRun]) -> None:
