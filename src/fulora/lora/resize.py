@@ -32,7 +32,7 @@ def area_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
         size: The (width, height) to shrink it to.
 
     Returns:
-        The shrunk image, in ``img``'s mode.
+        The shrunk image (RGB from RGB, L from L: numpy's array shape decides the mode).
     """
     width, height = size
     if not (0 < width <= img.width and 0 < height <= img.height):
@@ -83,8 +83,8 @@ def _weighted_sums(
     """Sums over taps along ``axis`` of (H, W, C) float32 ``values``, tap by tap as OpenCV adds."""
     shape = [1, 1, 1]
     shape[axis] = indices.shape[0]
-    total = np.zeros(values.shape[:axis] + (indices.shape[0],) + values.shape[axis + 1 :])
-    total = total.astype(np.float32)
+    out_shape = values.shape[:axis] + (indices.shape[0],) + values.shape[axis + 1 :]
+    total = np.zeros(out_shape, np.float32)
     for k in range(indices.shape[1]):
         total += np.take(values, indices[:, k], axis=axis) * weights[:, k].reshape(shape)
     return total

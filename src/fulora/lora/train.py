@@ -233,13 +233,14 @@ def _finished_here(existing: RunDir, cfg: LoraTrainConfig, resume: str | None) -
         ConfigError: The folder holds a run with other settings (with ``resume``: other
             settings than :data:`_RESUMABLE_CHANGES`).
     """
-    changed = existing.changed_config_keys(cfg)
+    differences = existing.config_differences(cfg)  # read once; empty without a config.yaml
+    changed = sorted(differences)
     if resume:
-        others = sorted(set(changed or ()) - _RESUMABLE_CHANGES)
+        others = [key for key in changed if key not in _RESUMABLE_CHANGES]
         if others:
             raise ConfigError(
                 f"--resume: {existing.path} holds a run with other settings "
-                f"({_differences(existing, cfg, others)}); resume with its own (--config "
+                f"({_described(differences, others)}); resume with its own (--config "
                 f"{existing.path / CONFIG_NAME}, and those values) or train into a new --out "
                 "folder"
             )
@@ -247,24 +248,23 @@ def _finished_here(existing: RunDir, cfg: LoraTrainConfig, resume: str | None) -
     if changed:
         raise ConfigError(
             f"{existing.path} already holds a LoRA run with other settings "
-            f"({_differences(existing, cfg, changed)}); give its values to use it, or use a "
+            f"({_described(differences, changed)}); give its values to use it, or use a "
             "new --out folder"
         )
-    return changed == [] and existing.is_done()
+    return (existing / CONFIG_NAME).is_file() and existing.is_done()
 
 
 def resize_of_run(folder: str | Path) -> str | None:
     """How a finished LoRA run shrank its images ("area", "box"); None: not a finished run."""
     run = RunDir(folder)
-    if run.read_done() is None or not (run / CONFIG_NAME).is_file():
+    if not run.is_done() or not (run / CONFIG_NAME).is_file():
         return None
     differences = run.config_differences(LoraTrainConfig())
     return differences["resize"][0] if "resize" in differences else LoraTrainConfig.resize
 
 
-def _differences(existing: RunDir, cfg: LoraTrainConfig, keys: list[str]) -> str:
-    """``key: 'there' there, 'here' here`` for each of ``keys``."""
-    differences = existing.config_differences(cfg)
+def _described(differences: dict[str, tuple[Any, Any]], keys: list[str]) -> str:
+    """``key: 'there' there, 'here' here`` for each of ``keys`` (``RunDir.config_differences``)."""
     return "; ".join(
         f"{key}: {differences[key][0]!r} there, {differences[key][1]!r} here" for key in keys
     )
