@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -770,7 +771,12 @@ def test_initial_noise_is_a1111s_cpu_noise():
 # three channels). The same script drew 40,000 random prompts of brackets, colons, numbers,
 # backslashes, AND, BREAK and '|': each one fulora accepts (26,000 positive and negative
 # readings) A1111 reads with one prompt for every step, guidance weight 1, and the same token
-# ids and weights as fulora.
+# ids and weights as fulora. Session 26 (BREAK and chunks): parse_prompt_attention read at
+# commit 0674fabd (its BREAK split is the same function), tokenize_line and forward as above with
+# comma_padding_backtrack 20; a scratch run of both on 20,000 random prompts of words, commas,
+# brackets, weights, escapes and BREAK (11,653 accepted, 4,452 of them over one chunk) found the
+# same pieces, chunks, ids and weights; on 20,000 more, each BREAK fulora refuses inside
+# brackets (3,166) A1111 reads as a word, and in the other 16,834 each BREAK as a break.
 # --------------------------------------------------------------------------------------------
 A1111_PARSE = {
     "a photo of fetal brain": [("a photo of fetal brain", 1.0)],
@@ -798,6 +804,22 @@ A1111_PARSE = {
     "(fetal (brain:-0.5):1.2)": [("fetal ", 1.2), ("brain", -0.6)],
     "(abdomen:.7)": [("abdomen", 0.7)],
     "": [("", 1.0)],
+    # BREAK's marker is ("BREAK", -1) in A1111 (an int; equal to fulora's -1.0)
+    "fetal BREAK brain": [("fetal", 1.0), ("BREAK", -1.0), ("brain", 1.0)],
+    "BREAK fetal": [("", 1.0), ("BREAK", -1.0), ("fetal", 1.0)],
+    "(fetal) BREAK [brain]": [
+        ("fetal", 1.1),
+        ("", 1.0),
+        ("BREAK", -1.0),
+        ("", 1.0),
+        ("brain", 0.9090909090909091),
+    ],
+    "[(a BREAK b)] c": [("a", 1.0), ("BREAK", -1.0), ("b c", 1.0)],
+    "fetalBREAK brain,BREAK,femur": [
+        ("fetalBREAK brain,", 1.0),
+        ("BREAK", -1.0),
+        (",femur", 1.0),
+    ],
 }
 A1111_TOKENS = {  # the chunk's ids and weights up to its end token (then padding, weight 1)
     "a photo of fetal brain": ([689, 320, 515, 516, 520, 539, 690], [1.0] * 7),
@@ -845,6 +867,57 @@ A1111_EMBEDDINGS = {  # (prompt, clip skip): (sum, sum of |z|, z[token 4, :3])
 }
 
 
+# A1111's tokenize_line on prompts of more than one chunk: the prompt's tokens in each chunk,
+# and the SHA-256 of json.dumps([[ids, weights] for each chunk]) (its PromptChunk tokens and
+# multipliers). "comma" fills its first chunk with a comma 2 tokens before the end: the word
+# after the comma opens the second chunk (comma_padding_backtrack 20, the default).
+A1111_CHUNKS = {
+    "fetal brain, " * 40: (
+        [75, 45],
+        "ef051069714a1049399df74f94875a4ea875137e26ffcbf812fba00e5d18da0b",
+    ),
+    "a photo of fetal brain " * 14 + ", fetal (femur:1.2) " * 8: (
+        [74, 20],
+        "ebe376df7f4145be15125c88cb4ea2767c60f70198ec44a1695f2a552799d0e9",
+    ),
+    "fetal brain " * 50: (
+        [75, 25],
+        "c03983d2a9a5e5d2dff5c8562fa96a3caeaf7793f2f57e67ccb626a222c334ff",
+    ),
+    "a photo of (fetal brain:1.3) BREAK [thorax], abdomen BREAK": (
+        [5, 3],
+        "66abeb21339707d27ec40694a7cc080c0bad7ae09eb13cd0e667f4ada0ab809f",
+    ),
+    "BREAK fetal femur": (
+        [0, 2],
+        "cf4fc3af32d030659972e56e9eeae104925ba5af2788a00f85ce97d454978212",
+    ),
+}
+# A1111's forward on two of them: (sum, sum of |z|, z[token 80, :3]), z of shape (1, 154, 64)
+A1111_CHUNK_EMBEDDINGS = {
+    ("fetal brain, " * 40, 1): (
+        0.089599609375,
+        6957.0869140625,
+        [1.1115907430648804, -1.2279820442199707, -1.2274590730667114],
+    ),
+    ("fetal brain, " * 40, 2): (
+        3.5220947265625,
+        7133.3994140625,
+        [0.767295241355896, -0.7087908983230591, -0.9572928547859192],
+    ),
+    ("a photo of (fetal brain:1.3) BREAK [thorax], abdomen BREAK", 1): (
+        -11.801025390625,
+        6945.4111328125,
+        [1.3520560264587402, -1.333821415901184, -1.4252630472183228],
+    ),
+    ("a photo of (fetal brain:1.3) BREAK [thorax], abdomen BREAK", 2): (
+        -15.275909423828125,
+        7182.6796875,
+        [1.1149320602416992, -0.8852027654647827, -1.19800865650177],
+    ),
+}
+
+
 @pytest.mark.parametrize(("prompt", "pieces"), list(A1111_PARSE.items()))
 def test_emphasis_is_parsed_as_automatic1111_parses_it(prompt, pieces):
     from fulora.generate.prompts import parse_emphasis
@@ -865,28 +938,55 @@ def phantom_text():
 
 @pytest.mark.parametrize(("prompt", "expected"), list(A1111_TOKENS.items()))
 def test_emphasised_prompts_are_tokenized_as_automatic1111_does(phantom_text, prompt, expected):
-    from fulora.generate.prompts import a1111_token_ids
+    from fulora.generate.prompts import a1111_chunks
 
-    ids, weights = a1111_token_ids(phantom_text[0], prompt, "the prompt")
+    [(ids, weights)] = a1111_chunks(phantom_text[0], prompt)
     end = len(expected[0])
     assert (ids[:end], weights[:end]) == expected
     assert len(ids) == len(weights) == 77
     assert set(ids[end:]) == {phantom_text[0].eos_token_id} and set(weights[end:]) == {1.0}
 
 
+@pytest.mark.parametrize(("prompt", "expected"), list(A1111_CHUNKS.items()))
+def test_long_and_break_prompts_are_chunked_as_automatic1111_does(phantom_text, prompt, expected):
+    from fulora.generate.prompts import a1111_chunks
+
+    tokenizer = phantom_text[0]
+    chunks = a1111_chunks(tokenizer, prompt)
+    words = [ids.index(tokenizer.eos_token_id) - 1 for ids, _ in chunks]
+    digest = hashlib.sha256(json.dumps([list(chunk) for chunk in chunks]).encode()).hexdigest()
+    assert (words, digest) == expected
+
+
+def _a1111_embedding(text, text_prompt, clip_skip):
+    from fulora.generate.prompts import a1111_chunks
+    from fulora.lora.conditioning import chunked_embeddings
+
+    tokenizer, text_encoder = text
+    return chunked_embeddings(
+        text_encoder, [a1111_chunks(tokenizer, text_prompt)], clip_skip, "cpu"
+    )[0]
+
+
 @pytest.mark.parametrize(("prompt", "clip_skip"), list(A1111_EMBEDDINGS))
 def test_emphasised_embeddings_are_automatic1111s(phantom_text, prompt, clip_skip):
     """Weighted per token, then rescaled to the unweighted mean (A1111's "Original")."""
-    from fulora.generate.prompts import a1111_token_ids
-    from fulora.lora.conditioning import weighted_embeddings
-
-    tokenizer, text_encoder = phantom_text
-    ids, weights = a1111_token_ids(tokenizer, prompt, "the prompt")
-    z = weighted_embeddings(text_encoder, [ids], [weights], clip_skip, "cpu")
+    z = _a1111_embedding(phantom_text, prompt, clip_skip)
     total, magnitude, values = A1111_EMBEDDINGS[(prompt, clip_skip)]
     assert z.sum().item() == pytest.approx(total, rel=1e-5)
     assert z.abs().sum().item() == pytest.approx(magnitude, rel=1e-6)
     assert z[0, 4, :3].tolist() == pytest.approx(values, rel=1e-5)
+
+
+@pytest.mark.parametrize(("prompt", "clip_skip"), list(A1111_CHUNK_EMBEDDINGS))
+def test_chunked_embeddings_are_automatic1111s(phantom_text, prompt, clip_skip):
+    """Each chunk encoded and emphasised on its own, the chunks one after the other."""
+    z = _a1111_embedding(phantom_text, prompt, clip_skip)
+    total, magnitude, values = A1111_CHUNK_EMBEDDINGS[(prompt, clip_skip)]
+    assert z.shape == (1, 154, 64)
+    assert z.sum().item() == pytest.approx(total, abs=1e-3)  # a sum of 9,856 values near 0
+    assert z.abs().sum().item() == pytest.approx(magnitude, rel=1e-6)
+    assert z[0, 80, :3].tolist() == pytest.approx(values, rel=1e-5)
 
 
 def test_emphasis_on_half_precision_embeddings_is_computed_in_fp32():

@@ -237,7 +237,8 @@ def test_images_of_diffusers_samplers_are_finished_with_them_not_with_a1111s(
     [
         ({"prompts": {"femur": "[femur:bone:10]"}}, r"prompts.femur .* holds ':' .*switching"),
         ({"prompts": {"femur": "[femur|bone]"}}, r"holds '\|' \(at character 7\).*alternating"),
-        ({"negative_prompt": "blurry BREAK text"}, r"negative_prompt .* holds 'BREAK'"),
+        ({"prompts": {"brain": "(fetal BREAK brain)"}}, r"'BREAK' \(at character 8\).*a negative"),
+        ({"negative_prompt": "[blurry BREAK"}, r"negative_prompt .* holds 'BREAK'.*brackets"),
         ({"prompts": {"brain": "brain <lora:x:1>"}}, r"holds '<lora:'.*--lora, --lora-scale"),
         ({"prompts": {"brain": "fetal AND brain"}}, r"holds 'AND'.*composing"),
         ({"prompts": {"brain": "fetal brain:1.5"}}, r"':1.5'.*in the guidance.*--guidance"),
@@ -261,6 +262,9 @@ def test_prompt_syntax_that_fulora_cannot_run_as_a1111_does_is_refused(
         {"prompts": {"brain": "fetal brain, 2D: transventricular"}},  # plain text
         {"prompts": {"brain": "fetal (brain:1.3), [noise], \\(2D\\)"}},  # emphasis, escapes
         {"negative_prompt": "blurry AND noisy:1.5"},  # words in A1111's negative prompt
+        {"negative_prompt": "blurry BREAK (text) BREAK"},  # chunks
+        {"prompts": {"brain": "(fetal:1.2) BREAK brain, " * 30}},  # long, with BREAK
+        {"prompts": {"brain": "[(a BREAK b)] c"}},  # the weights cancel: A1111 breaks there
     ],
 )
 def test_prompts_a1111_reads_alike_are_accepted(tiny_model, setting):
@@ -297,12 +301,33 @@ def test_emphasis_makes_its_own_images_and_is_in_their_settings(tiny_model, tmp_
     assert np.abs(images["plain"] - images["emphasised"]).mean() > 0.5
 
 
-def test_a_prompt_over_clips_window_is_refused_before_any_image(tiny_model, tmp_path):
-    """A1111 encodes a long prompt in chunks of 75 tokens; fulora's encoder keeps 75."""
-    long = " ".join(["fetal brain"] * 40)
-    with pytest.raises(ConfigError, match=r"the prompt of brain .* is 80 tokens, over CLIP's 75"):
-        generate(tmp_path / "out", _cfg(tiny_model, prompts={"brain": long}), progress=False)
-    assert not list((tmp_path / "out").glob("*/*.png"))
+def test_a_long_prompt_and_a_short_negative_each_attend_to_their_own_chunks(tiny_model, tmp_path):
+    """A1111 encodes a prompt over 75 tokens in chunks and guides a prompt and a negative prompt
+    of different chunk counts with a UNet pass each; fulora masks the shorter side's padding."""
+    from unittest import mock
+
+    from diffusers import UNet2DConditionModel
+
+    from fulora.generate.run import _load_generator
+
+    long = "fetal brain, " * 40  # 120 tokens: two chunks, the first ending at a comma
+    cfg = _cfg(tiny_model, planes=["brain"], per_class=2, batch_size=2, contact_sheet=0)
+    cfg = replace(cfg, prompts={"brain": long}, negative_prompt="blurry")
+    _, embeddings = _load_generator(cfg, plan(cfg), "cpu", torch.float32)
+    assert [side.shape[1] for side in embeddings["brain"]] == [154, 77]
+    masks = []
+    unet = UNet2DConditionModel.forward
+
+    def spy(self, *args, **kwargs):
+        masks.append(kwargs.get("encoder_attention_mask"))
+        return unet(self, *args, **kwargs)
+
+    with mock.patch.object(UNet2DConditionModel, "forward", spy):
+        generate(tmp_path / "out", cfg, progress=False)
+    keep = torch.tensor([[True] * 77 + [False] * 77] * 2 + [[True] * 154] * 2)
+    assert masks and all(torch.equal(mask, keep) for mask in masks)  # negatives first
+    png = next((tmp_path / "out" / "brain").glob("*.png"))
+    assert Image.open(png).text["parameters"].startswith(long + "\nNegative prompt: blurry\n")
 
 
 def test_a_lora_caption_in_a1111_syntax_is_refused_with_the_setting_that_overrides_it(

@@ -1,17 +1,21 @@
 r"""AUTOMATIC1111's prompt language, read as A1111 reads it, or refused.
 
 Each PNG carries its prompt in AUTOMATIC1111's settings text, so a prompt must make the same
-image in both. A1111 reads a prompt language in the text; fulora reads its emphasis as A1111
-does (:func:`parse_emphasis`, :func:`a1111_token_ids`) and refuses the rest, which diffusers'
-pipeline cannot run as A1111 runs it (:func:`check_prompt_syntax`):
+image in both. A1111 reads a prompt language in the text; fulora reads its emphasis and
+chunks as A1111 does (:func:`parse_emphasis`, :func:`a1111_chunks`) and refuses the rest,
+which diffusers' pipeline cannot run as A1111 runs it (:func:`check_prompt_syntax`):
 
 - emphasis, read alike: ``(word)`` multiplies the word's embeddings by 1.1, ``[word]`` divides
   them by 1.1, ``(word:1.3)`` multiplies them by 1.3; ``\(`` ``\)`` ``\[`` ``\]`` ``\\``
   are the characters themselves. A1111's default emphasis ("Original") then rescales the weighted
   embeddings to the unweighted ones' mean (``fulora.lora.conditioning.emphasise``).
+- chunks, read alike: a prompt over CLIP's 75 tokens is encoded in chunks of 75, split at a
+  comma within the last 20 tokens, and ``BREAK`` starts a new chunk (:func:`a1111_chunks`); a
+  prompt and a negative prompt of different chunk counts are guided as A1111 guides them,
+  each on its own (``fulora.generate.guidance``).
 - refused: ``[a:b:10]`` switches prompts during sampling, ``[a|b]`` alternates them, ``AND``
   composes prompts, a positive prompt ending in ``:1.5`` scales its guidance (A1111 reads it as
-  a one-prompt ``AND``), ``BREAK`` and a prompt over 75 tokens are encoded in chunks, and
+  a one-prompt ``AND``), ``BREAK`` inside brackets is the word with a negative weight, and
   ``<lora:name:0.8>`` loads a network. A weight with spaces, ``(word: 1.3)``, is refused too:
   A1111's versions differ (newer ones read a weight, older ones text).
 
@@ -30,7 +34,10 @@ _ESCAPABLE = "()[]\\"
 _WEIGHT = re.compile(r":([+-]?[.\d]+)\)")
 _SPACED_WEIGHT = re.compile(r":\s*[+-]?[.\d]+\s*\)")
 _TEXT_RUN = re.compile(r"[^\\()\[\]:]+")
-_UNREAD = re.compile(r"\bAND\b|\bBREAK\b|<\w+:|\|")
+_UNREAD = re.compile(r"\bAND\b|<\w+:|\|")
+# A1111 splits each text run at BREAK (prompt_parser.re_break), leaving this marker piece
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+BREAK_MARK = ("BREAK", -1.0)
 # A1111 splits the positive prompt at AND and reads a trailing ':number' of each part as its
 # weight in the guidance (prompt_parser.re_weight), also when there is no AND
 _GUIDANCE_WEIGHT = re.compile(r":\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
@@ -65,7 +72,10 @@ def check_prompt_syntax(text: str, what: str, *, negative: bool = False) -> None
 _ONE_PROMPT = "write the prompt without it"
 _UNREAD_KINDS = {  # kind: (what A1111 reads it as, what to do)
     "AND": ("composing prompts", _ONE_PROMPT),
-    "BREAK": ("a new 75-token chunk", _ONE_PROMPT),
+    "bracketed BREAK": (
+        "the word 'BREAK' with a negative weight inside brackets, not a new chunk",
+        "close the brackets before BREAK and open them again after it",
+    ),
     "|": ("alternating prompts ('[a|b]')", _ONE_PROMPT),
     "switch": ("switching prompts during sampling ('[a:b:10]')", _ONE_PROMPT),
     "network": (
@@ -106,6 +116,8 @@ def _first_unread(text: str, negative: bool) -> tuple[int, str, str] | None:
         if not _is_number(match.group(1))
     ]
     found += _switches_and_escapes(text)
+    if not any(kind == "nan" for *_, kind in found):  # A1111's parse needs numbers
+        found += _bracketed_breaks(text)
     weight = None if negative else _GUIDANCE_WEIGHT.search(text)
     if weight is not None:
         found.append((weight.start(), weight.group(), "guidance"))
@@ -129,6 +141,12 @@ def _switches_and_escapes(text: str) -> list[tuple[int, str, str]]:
     return []
 
 
+def _bracketed_breaks(text: str) -> list[tuple[int, str, str]]:
+    """A ``BREAK`` whose marker brackets weighted: A1111 then reads it as a word, not a break."""
+    pieces, marks = _parsed(text)
+    return [(at, "BREAK", "bracketed BREAK") for index, at in marks if pieces[index][1] != -1.0]
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -142,25 +160,30 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
 
     A1111's ``prompt_parser.parse_prompt_attention`` (its default emphasis): a bracket applies
     to everything parsed since it opened, an unclosed one to the end, a closing bracket with
-    none open is text, and neighbouring pieces of the same weight are joined. Checked against
-    A1111's own function in ``tests/test_parity.py``.
+    none open is text, ``BREAK`` is a :data:`BREAK_MARK` piece, and neighbouring pieces of the
+    same weight are joined. Checked against A1111's own function in ``tests/test_parity.py``.
 
     Args:
-        text: A prompt that :func:`check_prompt_syntax` accepts (``BREAK`` is refused here).
+        text: A prompt that :func:`check_prompt_syntax` accepts.
 
     Returns:
         ``(text, weight)`` pieces, at least one.
     """
-    if re.search(r"\bBREAK\b", text):
-        raise ValueError(f"{text!r}: BREAK starts a new chunk, which fulora does not encode")
+    pieces, _ = _parsed(text)
+    return _joined(pieces or [["", 1.0]])
+
+
+def _parsed(text: str) -> tuple[list[list], list[tuple[int, int]]]:
+    """The weighted pieces before joining, and each BREAK marker's (piece index, position)."""
     pieces: list[list] = []
+    marks: list[tuple[int, int]] = []
     opened: dict[str, list[int]] = {"(": [], "[": []}
 
     def weigh(start: int, factor: float) -> None:
         for piece in pieces[start:]:
             piece[1] *= factor
 
-    for kind, value in _lexemes(text):
+    for kind, value, at in _lexemes(text):
         if kind == "open":
             opened[value].append(len(pieces))
         elif kind == "weight" and opened["("]:
@@ -168,36 +191,42 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
         elif kind == "close" and opened[_CLOSES[value][0]]:
             weigh(opened[_CLOSES[value][0]].pop(), _CLOSES[value][1])
         else:  # text, and a closing bracket or weight with no bracket open
-            pieces.append([value, 1.0])
+            start = 0
+            for match in _BREAK.finditer(value):  # the text around each BREAK (A1111's split)
+                pieces.append([value[start : match.start()], 1.0])
+                marks.append((len(pieces), at + match.group().index("B") + match.start()))
+                pieces.append(list(BREAK_MARK))
+                start = match.end()
+            pieces.append([value[start:], 1.0])
     for closing in ")]":  # brackets left open apply to the end: round ones first
         opening, factor = _CLOSES[closing]
         for start in opened[opening]:
             weigh(start, factor)
-    return _joined(pieces or [["", 1.0]])
+    return pieces, marks
 
 
 def _lexemes(text: str):
-    """``(kind, value)`` of the prompt's tokens: text, open, close, or weight (``':1.3)'``)."""
+    """``(kind, value, at)`` of the prompt's tokens: text, open, close, or weight (``':1.3)'``)."""
     at = 0
     while at < len(text):
         char = text[at]
         if char == "\\":  # an escaped character is text; a lone backslash is dropped
             escaped = text[at + 1 : at + 2]
             step = 2 if escaped and escaped in _ESCAPABLE else 1
-            yield "text", text[at + 1 : at + step]
+            yield "text", text[at + 1 : at + step], at
         elif char in "([":
             step = 1
-            yield "open", char
+            yield "open", char, at
         elif char in ")]":
             step = 1
-            yield "close", char
+            yield "close", char, at
         elif char == ":" and (weight := _WEIGHT.match(text, at)):
             step = weight.end() - at
-            yield "weight", weight.group()
+            yield "weight", weight.group(), at
         else:
             run = _TEXT_RUN.match(text, at)
             step = run.end() - at if run else 1
-            yield "text", text[at : at + step]
+            yield "text", text[at : at + step], at
         at += step
 
 
@@ -212,39 +241,90 @@ def _joined(pieces: list[list]) -> list[tuple[str, float]]:
     return [(text, weight) for text, weight in joined]
 
 
-def a1111_token_ids(tokenizer, text: str, what: str) -> tuple[list[int], list[float]]:
-    """A prompt's token ids and per-token weights, laid out as AUTOMATIC1111 lays out one chunk.
+# A1111's comma_padding_backtrack setting (default 20): a chunk that fills up with a comma
+# among its last 20 tokens ends at that comma, and the words after it open the next chunk
+COMMA_BACKTRACK = 20
 
-    Each emphasis piece is tokenized on its own, then: the start token, the pieces' tokens, the
-    end token, padding to the tokenizer's length (77). For a plain prompt these are the ids
-    diffusers' and kohya's tokenizer call gives.
+
+def a1111_chunks(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
+    """A prompt's token ids and per-token weights, in chunks, as AUTOMATIC1111 lays them out.
+
+    A1111's ``tokenize_line``: each emphasis piece is tokenized on its own; the tokens fill
+    chunks of the tokenizer's window less its start and end tokens (75); a full chunk with a
+    comma among its last :data:`COMMA_BACKTRACK` tokens ends after that comma; ``BREAK`` ends
+    a chunk. Each chunk is laid out as the start token, its tokens, the end token and padding
+    to the tokenizer's length (77). A prompt within one chunk has the ids diffusers' and
+    kohya's tokenizer call gives. Checked against A1111's own function in
+    ``tests/test_parity.py``.
 
     Args:
         tokenizer: The pipeline's CLIP tokenizer.
-        text: The prompt.
-        what: Which prompt, for the message.
+        text: A prompt that :func:`check_prompt_syntax` accepts.
 
     Returns:
-        (ids, weights), each of the tokenizer's length; weight 1 outside the prompt's words.
-
-    Raises:
-        ConfigError: If the prompt is over the tokenizer's window (75 tokens for CLIP), which
-            A1111 encodes in chunks.
+        One ``(ids, weights)`` per chunk, each of the tokenizer's length; weight 1 outside the
+        prompt's words.
     """
     pieces = parse_emphasis(text)
-    ids: list[int] = []
-    weights: list[float] = []
     tokens = tokenizer([piece for piece, _ in pieces], add_special_tokens=False).input_ids
-    for piece_ids, (_, weight) in zip(tokens, pieces, strict=True):
-        ids += piece_ids
-        weights += [weight] * len(piece_ids)
-    window = tokenizer.model_max_length - 2  # the start and end tokens
-    if len(ids) > window:
-        raise ConfigError(
-            f"{what} {text!r} is {len(ids)} tokens, over CLIP's {window}: AUTOMATIC1111 encodes "
-            f"a longer prompt in chunks of {window}, which fulora does not, so the two would "
-            "make different images: shorten it"
-        )
-    padding = [tokenizer.pad_token_id] * (window - len(ids))
-    ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id, *padding]
-    return ids, [1.0, *weights, *[1.0] * (1 + len(padding))]
+    chunks = _Chunks(tokenizer.model_max_length - 2, tokenizer.get_vocab().get(",</w>"))
+    for piece_ids, piece in zip(tokens, pieces, strict=True):
+        if piece == BREAK_MARK:
+            chunks.close()
+            continue
+        for token in piece_ids:
+            chunks.add(token, piece[1])
+    return [_laid_out(ids, weights, tokenizer, chunks.window) for ids, weights in chunks.finished()]
+
+
+def _laid_out(ids: list[int], weights: list[float], tokenizer, window: int):
+    """A chunk as CLIP reads it: start token, ids, end token, padding (A1111's SD1: the end)."""
+    padding = window - len(ids)
+    ids = [
+        tokenizer.bos_token_id,
+        *ids,
+        tokenizer.eos_token_id,
+        *[tokenizer.pad_token_id] * padding,
+    ]
+    return ids, [1.0, *weights, *[1.0] * (1 + padding)]
+
+
+class _Chunks:
+    """A prompt's tokens filling chunks of ``window`` tokens (A1111's ``tokenize_line``)."""
+
+    def __init__(self, window: int, comma: int | None) -> None:
+        self.window, self.comma = window, comma
+        self.done: list[tuple[list[int], list[float]]] = []
+        self.ids: list[int] = []
+        self.weights: list[float] = []
+        self.last_comma = -1  # where the open chunk's last comma is, -1 for none
+
+    def add(self, token: int, weight: float) -> None:
+        if token == self.comma:
+            self.last_comma = len(self.ids)
+        elif self._full() and self.last_comma != -1 and self._since_comma() <= COMMA_BACKTRACK:
+            cut = self.last_comma + 1  # the words after the comma move to the next chunk
+            moved = self.ids[cut:], self.weights[cut:]
+            del self.ids[cut:], self.weights[cut:]
+            self.close()
+            self.ids, self.weights = list(moved[0]), list(moved[1])
+        if self._full():
+            self.close()
+        self.ids.append(token)
+        self.weights.append(weight)
+
+    def _full(self) -> bool:
+        return len(self.ids) == self.window
+
+    def _since_comma(self) -> int:
+        return len(self.ids) - self.last_comma
+
+    def close(self) -> None:
+        self.done.append((self.ids, self.weights))
+        self.ids, self.weights, self.last_comma = [], [], -1
+
+    def finished(self) -> list[tuple[list[int], list[float]]]:
+        """The chunks, the open one last unless it is empty and follows others."""
+        if self.ids or not self.done:
+            self.close()
+        return self.done

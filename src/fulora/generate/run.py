@@ -38,7 +38,8 @@ from fulora.config import check_process_device, require_device, resolve_device
 from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import ConfigError, DataError
 from fulora.generate.config import GenerateConfig
-from fulora.generate.prompts import a1111_token_ids, check_prompt_syntax
+from fulora.generate.guidance import cross_attention_mask, padded_sides
+from fulora.generate.prompts import a1111_chunks, check_prompt_syntax
 from fulora.generate.samplers import (
     display_name,
     make_scheduler,
@@ -53,7 +54,7 @@ from fulora.lora.base import (
     load_pipeline,
     native_size,
 )
-from fulora.lora.conditioning import weighted_embeddings
+from fulora.lora.conditioning import chunked_embeddings
 from fulora.lora.formats import load_lora_into, read_lora, webui_lora_hash
 from fulora.planes import PAPER_CAPTIONS, check_planes
 from fulora.runs import CONFIG_NAME, DONE_NAME, RunDir, check_finite_weights, now_iso, steady_rate
@@ -574,14 +575,16 @@ def _load_generator(cfg, resolved, device, dtype):
 
 
 def _plane_embeddings(pipe, plane: str, cfg, resolved, device):
-    """(positive, negative or None) embeddings of a plane's prompt, with A1111's emphasis."""
-    prompt = resolved.prompts[plane]
-    layouts = [a1111_token_ids(pipe.tokenizer, prompt, f"the prompt of {plane}")]
+    """(positive, negative or None) embeddings of a plane's prompt, as A1111 encodes them.
+
+    Each side is its chunks' embeddings, one after the other (1, 77 x chunks, channels).
+    """
+    prompts = [resolved.prompts[plane]]
     if cfg.guidance > 1.0:
-        layouts.append(a1111_token_ids(pipe.tokenizer, cfg.negative_prompt, "negative_prompt"))
-    ids, weights = zip(*layouts, strict=True)
-    hidden = weighted_embeddings(pipe.text_encoder, ids, weights, resolved.clip_skip, device)
-    return hidden[:1], (hidden[1:] if len(layouts) > 1 else None)
+        prompts.append(cfg.negative_prompt)
+    chunks = [a1111_chunks(pipe.tokenizer, prompt) for prompt in prompts]
+    sides = chunked_embeddings(pipe.text_encoder, chunks, resolved.clip_skip, device)
+    return sides[0], (sides[1] if len(sides) > 1 else None)
 
 
 def initial_noise(
@@ -613,10 +616,13 @@ def initial_noise(
 def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> torch.Tensor:
     """One batch's denoised latents; each image's noise from its own seed."""
     positive, negative = embeddings
+    keep = None
+    if negative is not None:  # sides of different chunk counts: each attends to its own
+        positive, negative, keep = padded_sides(positive, negative)
     n = len(seeds)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     noise = initial_noise(pipe, generators, resolved.height, resolved.width)
-    with torch.no_grad():
+    with torch.no_grad(), cross_attention_mask(pipe.unet, _per_image(keep, n)):
         return pipe(
             latents=noise.to(positive.device, positive.dtype),  # as diffusers types them
             prompt_embeds=positive.repeat(n, 1, 1),
@@ -628,6 +634,11 @@ def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> torch.Tensor:
             generator=generators,  # where the starting noise left them, for Euler a's noise
             output_type="latent",
         ).images
+
+
+def _per_image(keep: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Each side's token mask for every image of a batch: n negative rows, then n positive."""
+    return None if keep is None else keep.repeat_interleave(n, dim=0)
 
 
 def to_images(pipe, latents: torch.Tensor, seeds: Sequence[int]) -> np.ndarray:

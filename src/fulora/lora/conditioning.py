@@ -123,3 +123,30 @@ def weighted_embeddings(
     with torch.no_grad():
         hidden = encode_prompt(text_encoder, ids, clip_skip)
     return emphasise(hidden, torch.tensor(weight_rows, dtype=torch.float32))
+
+
+def chunked_embeddings(
+    text_encoder,
+    prompts: list[list[tuple[list[int], list[float]]]],
+    clip_skip: int,
+    device: torch.device | str,
+) -> list[torch.Tensor]:
+    """Embeddings of prompts given in AUTOMATIC1111's 77-token chunks, as A1111 encodes them.
+
+    Every chunk is encoded on its own (in one batch) and emphasised on its own, and a prompt's
+    chunks follow one another: A1111's ``FrozenCLIPEmbedderWithCustomWords.forward``.
+
+    Args:
+        text_encoder: The pipeline's CLIP text model.
+        prompts: Each prompt's chunks, ``(ids, weights)`` each
+            (``fulora.generate.prompts.a1111_chunks``).
+        clip_skip: kohya/A1111 clip skip (1 = the last layer).
+        device: Where the text encoder runs.
+
+    Returns:
+        One tensor (1, 77 x chunks, hidden) per prompt.
+    """
+    ids, weights = zip(*[chunk for chunks in prompts for chunk in chunks], strict=True)
+    hidden = weighted_embeddings(text_encoder, list(ids), list(weights), clip_skip, device)
+    sides = hidden.split([len(chunks) for chunks in prompts])
+    return [side.reshape(1, -1, side.shape[-1]) for side in sides]

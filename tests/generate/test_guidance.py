@@ -1,0 +1,57 @@
+"""Guidance between a prompt and a negative prompt of different chunk counts.
+
+Reference: AUTOMATIC1111's ``CFGDenoiser.forward`` (modules/sd_samplers_cfg_denoiser.py, its
+default "Pad prompt/negative prompt" off) runs the UNet on each side alone when their lengths
+differ; here the alone passes are diffusers' UNet on each side's own tokens.
+"""
+
+import pytest
+import torch
+
+from fulora.generate.guidance import cross_attention_mask, padded_sides
+from fulora.lora.tiny import tiny_components
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_components(seed=0)["unet"].eval()
+
+
+def _text(unet, tokens: int, seed: int) -> torch.Tensor:
+    width = unet.config.cross_attention_dim
+    return torch.randn(1, tokens, width, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("positive", "negative"), [(154, 77), (77, 231)])
+def test_a_masked_batch_equals_each_side_alone(unet, positive, negative):
+    size = unet.config.sample_size
+    latents = torch.randn(2, unet.config.in_channels, size, size, generator=torch.Generator())
+    sides = _text(unet, positive, 1), _text(unet, negative, 2)
+    with torch.no_grad():
+        alone = [unet(latents[i : i + 1], 500, side).sample for i, side in enumerate(sides[::-1])]
+        padded_positive, padded_negative, keep = padded_sides(*sides)
+        assert (
+            padded_positive.shape
+            == padded_negative.shape
+            == (1, max(positive, negative), sides[0].shape[2])
+        )
+        with cross_attention_mask(unet, keep):
+            batch = unet(latents, 500, torch.cat([padded_negative, padded_positive])).sample
+    torch.testing.assert_close(batch, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # unmasked, the padding changes the shorter side's result
+        unmasked = unet(latents, 500, torch.cat([padded_negative, padded_positive])).sample
+    assert not torch.allclose(unmasked, torch.cat(alone), atol=1e-3)
+
+
+def test_sides_of_one_length_are_left_as_they_are(unet):
+    positive, negative = _text(unet, 77, 1), _text(unet, 77, 2)
+    same = padded_sides(positive, negative)
+    assert same[0] is positive and same[1] is negative and same[2] is None
+
+
+def test_the_mask_is_gone_after_the_block_an_error_included(unet):
+    keep = torch.ones(1, 77, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="stop"), cross_attention_mask(unet, keep):
+        assert len(unet._forward_pre_hooks) == 1
+        raise RuntimeError("stop")
+    assert not unet._forward_pre_hooks
