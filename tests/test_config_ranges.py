@@ -282,8 +282,8 @@ def test_cuda_on_a_machine_without_it_is_refused(tmp_path):
         ("generate: {settings: {sampler: DPM++ 2M Karass}}", "unknown sampler 'DPM++ 2M Karass'"),
         # A1111's DDIM at 1 step runs the model no time: every image would be its noise
         ("generate: {settings: {sampler: DDIM, steps: 1}}", "'DDIM' needs steps: 2 or more"),
-        # A1111 reads BREAK as a new 75-token chunk, fulora as a word: another image
-        ('generate: {settings: {negative_prompt: "blurry BREAK text"}}', "holds 'BREAK'"),
+        # A1111 reads a BREAK inside brackets as a word with a negative weight, not a chunk
+        ('generate: {settings: {negative_prompt: "[blurry BREAK text]"}}', "holds 'BREAK'"),
         # a prompt for a misspelt plane was ignored: that plane got the LoRA's caption instead
         ("generate: {settings: {prompts: {brian: a brain}}}", "'generate.settings.prompts': unkn"),
         ("lora: {settings: {captions: {brian: a brain}}}", "'lora.settings.captions': unknown"),
