@@ -63,9 +63,9 @@ def check_prompt_syntax(text: str, what: str, *, negative: bool = False) -> None
     meaning, fix = _UNREAD_KINDS[kind]
     raise ConfigError(
         f"{what} {text!r} holds {piece!r} (at character {at + 1}), which AUTOMATIC1111 reads "
-        f"as {meaning}; fulora reads A1111's emphasis ('(word)', '[word]', '(word:1.3)') as "
-        "A1111 does, but not this, so the two would make different images from the same "
-        f"settings: {fix}"
+        f"as {meaning}; fulora reads A1111's emphasis ('(word)', '[word]', '(word:1.3)'), "
+        "long prompts and BREAK as A1111 does, but not this, so the two would make different "
+        f"images from the same settings: {fix}"
     )
 
 
