@@ -149,6 +149,56 @@ def test_a_regime_against_its_baseline_is_a_paired_difference():
     assert pooled_ci["accuracy"] == (0.0, 100.0)
 
 
+def test_lora_runs_that_differ_only_by_seed_are_pooled_in_the_results_table(tmp_path):
+    """A pooled row: the mean of the runs' seed means, the std over all their seeds, and an
+    interval that draws the runs too; each run's own row stays as it was."""
+    from fulora.evaluate.metrics import SPACES
+    from fulora.evaluate.result import SpaceScores
+    from fulora.experiment.results import COLUMNS, EvaluationCell, collect, pooled_mean_ci
+
+    classes = ["other", "abdomen", "brain"]
+    n = 30
+    labels = np.array(["abdomen", "brain"] * (n // 2))
+    y = np.array([classes.index(v) for v in labels])
+    frame = pd.DataFrame(
+        {"path": [f"img{i}.png" for i in range(n)], "label": labels, "patient": range(n)}
+    )
+
+    def evaluation(proba, accuracy):
+        scores = SpaceScores(
+            metrics=dict.fromkeys(COLUMNS, accuracy), ci95={}, resamples=0, unit=""
+        )
+        predictions = _with_probabilities(frame, proba, classes)
+        spaces = dict.fromkeys(SPACES, scores)
+        return Evaluation(Path("unused"), classes, ["abdomen", "brain"], n, spaces, {}, predictions)
+
+    right = evaluation(np.eye(3)[y], 100.0)
+    wrong = evaluation(np.eye(3)[np.where(y == 1, 2, 1)], 0.0)
+    # one run right with both seeds, one wrong with its one seed: each alone is certain
+    low, high = pooled_mean_ci([[right, right], [wrong]], "all_outputs", 200)["accuracy"]
+    assert (low, high) == (0.0, 100.0)
+
+    runs = {"r4": [right, right], "r4-seed1": [wrong]}
+    read, cells = {}, []
+    for lora, evals in runs.items():
+        classifier = tmp_path / lora
+        classifier.mkdir()
+        (classifier / "done.json").write_text('{"train_images": 120, "train_synthetic": 100}')
+        for seed, e in enumerate(evals):
+            folder = tmp_path / f"{lora}-eval-{seed}"
+            read[folder] = e
+            cells.append(EvaluationCell("t", "hybrid", lora, "resnet18", seed, classifier, folder))
+    table = collect(cells, 200, read=read.__getitem__, replicates=[["r4", "r4-seed1"]])
+    table = table[table["space"] == "all_outputs"].set_index("LoRA")
+    assert list(table.index) == ["r4", "r4-seed1", "pooled: r4, r4-seed1"]
+    pooled = table.loc["pooled: r4, r4-seed1"]
+    assert pooled["ACC"] == 50.0  # the runs' mean, not the seeds' (66.67)
+    assert pooled["ACC std"] == pytest.approx(57.74, abs=0.01)  # over the three seeds
+    assert (pooled["ACC ci_low"], pooled["ACC ci_high"]) == (0.0, 100.0)
+    assert (pooled["seeds"], pooled["# real"], pooled["# synthetic"]) == (3, 20, 100)
+    assert table.loc["r4", "ACC"] == 100.0 and table.loc["r4", "seeds"] == 2
+
+
 def _with_probabilities(frame: pd.DataFrame, proba: np.ndarray, classes) -> pd.DataFrame:
     out = frame.copy()
     for i, c in enumerate(classes):

@@ -119,7 +119,7 @@ def pooled_difference_ci(
     Raises:
         DataError: The evaluations were not all made on the same images in the same order.
     """
-    _check_same_images([*(e for run in runs for e in run), *base])
+    check_same_images([*(e for run in runs for e in run), *base])
     first = runs[0][0]
     y, test_labels = first.labels(), first.test_labels()
     ours = [[e.probabilities() for e in run] for run in runs]
@@ -153,7 +153,8 @@ def pooled_difference_ci(
     return {k: float(v[0]) for k, v in every.items()}, percentile_intervals(resampled)
 
 
-def _check_same_images(evals: Sequence[Evaluation]) -> None:
+def check_same_images(evals: Sequence[Evaluation]) -> None:
+    """Refuse evaluations that were not made on the same images in the same order."""
     first = evals[0]
     paths = list(first.predictions["path"])
     for other in evals[1:]:

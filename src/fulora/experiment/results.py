@@ -7,6 +7,11 @@ metric that resamples the seeds and the test patients (every drawn seed's predic
 same resampled patients), so it holds the training's variation as well as the test set's. With
 ``compare: paper`` it also lines our numbers up against the FU-LoRA paper's table
 (``paper_results.csv``, Wang et al. 2024, Table 2: zero-shot on the African test split).
+
+LoRA variants that differ only by ``seed`` (one recipe trained several times) add a pooled row
+per regime and architecture: the mean over the LoRA runs of their seed means, the standard
+deviation over all their seeds, and an interval that draws the runs too, so that it holds how
+much another LoRA run and its images would differ (as the effects table's pooled rows do).
 """
 
 from __future__ import annotations
@@ -31,7 +36,14 @@ from fulora.experiment.config import (
     lora_replicates,
     regime_baselines,
 )
-from fulora.experiment.effects import display_effects, draw_seeds, effects, seed_mean
+from fulora.experiment.effects import (
+    check_same_images,
+    display_effects,
+    draw_seeds,
+    drawn_mean,
+    effects,
+    seed_mean,
+)
 from fulora.experiment.layout import ExperimentLayout
 from fulora.io import atomic_open, write_text
 from fulora.runs import RunDir
@@ -120,11 +132,41 @@ def seed_mean_ci(
     return percentile_intervals(seed_mean(probas, draws, y, counts, test_labels, space, COLUMNS))
 
 
+def pooled_mean_ci(
+    runs: list[list[Evaluation]], space: str, n_resamples: int, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95% intervals of the mean over LoRA runs of their seed means, drawing the runs too.
+
+    Each replicate draws the test patients (the same for every run and seed), the runs with
+    replacement, and each run's seeds apart, as
+    :func:`~fulora.experiment.effects.pooled_difference_ci` does for a difference.
+
+    Raises:
+        DataError: The runs were not all tested on the same images in the same order.
+    """
+    check_same_images([e for run in runs for e in run])
+    first = runs[0][0]
+    y, test_labels = first.labels(), first.test_labels()
+    probas = [[e.probabilities() for e in run] for run in runs]
+    counts = resample_counts(
+        len(y), [str(p) for p in first.predictions["patient"]], n_resamples, seed
+    )
+    rng = np.random.default_rng([seed, 3])  # apart from the patients' draws
+    sizes = (len(runs), *(len(p) for p in probas))
+    run_draws, *seed_draws = draw_seeds(rng, n_resamples, sizes)
+    per_run = [
+        seed_mean(p, d, y, counts, test_labels, space, COLUMNS)
+        for p, d in zip(probas, seed_draws, strict=True)
+    ]
+    return percentile_intervals(drawn_mean(per_run, run_draws, COLUMNS))
+
+
 def collect(
     cells: list[EvaluationCell],
     n_bootstrap: int,
     seed: int = 0,
     read: Callable[[Path], Evaluation] = Evaluation.read,
+    replicates: list[list[str]] | tuple = (),
 ) -> pd.DataFrame:
     """The tidy results table (one row per target, space, regime, LoRA, arch).
 
@@ -133,41 +175,65 @@ def collect(
         n_bootstrap: Resamples of the seed-averaged intervals (a single seed keeps its own).
         seed: Of those resamples.
         read: How an evaluation folder is read (a cached reader when several tables are made).
+        replicates: Groups of LoRA variants that differ only by seed
+            (:func:`~fulora.experiment.config.lora_replicates`): each adds a pooled row per
+            target, regime and architecture that has all of them.
     """
-    rows = []
     groups: dict[tuple, list[EvaluationCell]] = {}
     for cell in cells:
         groups.setdefault((cell.target, cell.regime, cell.lora, cell.arch), []).append(cell)
-    for (target, regime, lora, arch), group in groups.items():
-        evals = [read(c.folder) for c in group]
-        real, synthetic = _training_counts(group[0].classifier)
-        for space in SPACES:
-            scores = [e.spaces[space] for e in evals]
-            if len(evals) > 1:
-                ci = seed_mean_ci(evals, space, n_bootstrap, seed)
-            else:
-                ci = scores[0].ci95
-            row: dict[str, Any] = {
-                "target": target,
-                "space": space,
-                "Data": regime,
-                "LoRA": lora or "",
-                "Model": model_name(arch),
-                "arch": resolve_arch(arch),
-                "# real": real,
-                "# synthetic": synthetic,
-                "# test": evals[0].images,
-                "seeds": len(evals),
-            }
-            for key, name in COLUMNS.items():
-                values = np.array([s.metrics[key] for s in scores], dtype=float)
-                row[name] = round(float(values.mean()), 2)
-                row[f"{name} std"] = round(float(values.std(ddof=1)), 2) if len(values) > 1 else 0.0
-                low, high = ci.get(key, (float("nan"), float("nan")))
-                row[f"{name} ci_low"] = round(float(low), 2)
-                row[f"{name} ci_high"] = round(float(high), 2)
-            rows.append(row)
+    rows = []
+    for key, group in groups.items():
+        rows += _rows(key, [group], key[2] or "", n_bootstrap, seed, read)
+    for variants in replicates:
+        for target, regime, lora, arch in list(groups):
+            runs = [groups.get((target, regime, v, arch)) for v in variants]
+            if lora == variants[0] and all(runs):
+                label = "pooled: " + ", ".join(variants)
+                rows += _rows((target, regime, lora, arch), runs, label, n_bootstrap, seed, read)
     return pd.DataFrame(rows)
+
+
+def _rows(key: tuple, runs: list, label: str, n_bootstrap: int, seed: int, read) -> list[dict]:
+    """The rows (one per label space) of one regime's LoRA runs, each a list of seeds' cells."""
+    target, regime, _, arch = key
+    evals = [[read(c.folder) for c in run] for run in runs]
+    counts = np.array([_training_counts(run[0].classifier) for run in runs])
+    real, synthetic = (int(round(v)) for v in counts.mean(axis=0))  # pooled: the runs' mean
+    rows = []
+    for space in SPACES:
+        row: dict[str, Any] = {
+            "target": target,
+            "space": space,
+            "Data": regime,
+            "LoRA": label,
+            "Model": model_name(arch),
+            "arch": resolve_arch(arch),
+            "# real": real,
+            "# synthetic": synthetic,
+            "# test": evals[0][0].images,
+            "seeds": sum(len(run) for run in evals),
+        }
+        ci = _interval(evals, space, n_bootstrap, seed)
+        for metric, name in COLUMNS.items():
+            per_run = [[e.spaces[space].metrics[metric] for e in run] for run in evals]
+            values = np.array([v for run in per_run for v in run], dtype=float)
+            row[name] = round(float(np.mean([np.mean(run) for run in per_run])), 2)
+            row[f"{name} std"] = round(float(values.std(ddof=1)), 2) if len(values) > 1 else 0.0
+            low, high = ci.get(metric, (float("nan"), float("nan")))
+            row[f"{name} ci_low"] = round(float(low), 2)
+            row[f"{name} ci_high"] = round(float(high), 2)
+        rows.append(row)
+    return rows
+
+
+def _interval(evals: list[list[Evaluation]], space: str, n_bootstrap: int, seed: int) -> dict:
+    """The 95% intervals of a row: one seed's own, the seeds', or the pooled runs'."""
+    if len(evals) > 1:
+        return pooled_mean_ci(evals, space, n_bootstrap, seed)
+    if len(evals[0]) > 1:
+        return seed_mean_ci(evals[0], space, n_bootstrap, seed)
+    return evals[0][0].spaces[space].ci95
 
 
 def per_domain(
@@ -258,7 +324,8 @@ def write_results(
     folder = layout.results
     folder.mkdir(parents=True, exist_ok=True)
     read = functools.cache(Evaluation.read)  # each evaluation once for both tables
-    table = collect(cells, cfg.evaluate.n_bootstrap, cfg.evaluate.seed, read)
+    replicates = lora_replicates(cfg) if any(cell.lora for cell in cells) else []
+    table = collect(cells, cfg.evaluate.n_bootstrap, cfg.evaluate.seed, read, replicates)
     with atomic_open(folder / "results.csv", "w", newline="") as handle:
         table.to_csv(handle, index=False)
     domains = per_domain(cells, read)
@@ -275,10 +342,10 @@ def write_results(
                 f"\n## {target}, {space.replace('_', ' ')} "
                 f"({int(table[table['target'] == target]['# test'].iloc[0])} test images)\n\n"
                 "Mean ± std over seeds [95% bootstrap interval of the mean, resampling seeds and "
-                "patients].\n\n"
+                "patients]." + (_POOLED_NOTE if replicates else "") + "\n\n"
             )
             lines.append(markdown_table(display_table(table, space, target)))
-    lines.extend(_write_effects(folder, cfg, cells, read))
+    lines.extend(_write_effects(folder, cfg, cells, read, replicates))
     reference = reference_table(cfg.compare)
     if reference is not None:
         comparison = compare_with(table[table["target"] == targets[0]], reference)
@@ -296,9 +363,14 @@ def write_results(
     return table
 
 
-def _write_effects(folder: Path, cfg: ExperimentConfig, cells, read) -> list[str]:
+_POOLED_NOTE = (
+    " A pooled row: LoRA variants that differ only by `seed`, the mean of their seed means, the "
+    "std over all their seeds, and an interval that draws the LoRA runs too."
+)
+
+
+def _write_effects(folder: Path, cfg: ExperimentConfig, cells, read, replicates) -> list[str]:
     """``effects.csv`` (each regime against its baseline) and its Markdown sections."""
-    replicates = lora_replicates(cfg) if any(cell.lora for cell in cells) else []
     table = effects(
         cells, regime_baselines(cfg), cfg.evaluate.n_bootstrap, cfg.evaluate.seed, read, replicates
     )
