@@ -165,7 +165,9 @@ def _bars(path: Path, table: pd.DataFrame, target: str) -> Path | None:
     )
     groups = list(dict.fromkeys(part["group"]))
     models = list(dict.fromkeys(part["Model"]))
-    fig, axes = plt.subplots(1, 3, figsize=(max(9, 2.2 * len(models) * 1.5), 3.4), sharey=True)
+    legend_rows = -(-len(groups) // 4)  # below the panels, 4 groups a row: never over a bar
+    height = 3.4 + 0.22 * legend_rows
+    fig, axes = plt.subplots(1, 3, figsize=(max(9, 2.2 * len(models) * 1.5), height), sharey=True)
     width = 0.8 / len(groups)
     for ax, metric in zip(axes, ("ACC", "F-score", "AUC"), strict=True):
         for g, group in enumerate(groups):
@@ -183,9 +185,10 @@ def _bars(path: Path, table: pd.DataFrame, target: str) -> Path | None:
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("% (mean over seeds, ± std)")
-    axes[-1].legend(fontsize=7, loc="lower right")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(groups), 4), fontsize=7)
     fig.suptitle(f"Zero-shot on {target} (all outputs)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, (0.1 + 0.22 * legend_rows) / height, 1, 1))
     return save_figure(fig, path)
 
 
