@@ -68,6 +68,7 @@ step() {
         # beside a GPU trains on the CPU (session 18; the 8-bit one skips without bitsandbytes)
         enough tests 60 || return 1
         timeout "$(cap 300)" "$PY" -m pytest -q -m gpu -rA tests/generate/test_generate.py \
+            tests/generate/test_guidance.py \
             tests/lora/test_train.py \
             2>&1 | quiet | tee "$OUT/gpu-tests.log"
         ;;

@@ -55,3 +55,26 @@ def test_the_mask_is_gone_after_the_block_an_error_included(unet):
         assert len(unet._forward_pre_hooks) == 1
         raise RuntimeError("stop")
     assert not unet._forward_pre_hooks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["MATH", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"])
+def test_the_masked_batch_equals_each_side_alone_in_fp16_on_cuda(unet, kernel):
+    """On a GPU the UNet runs in fp16 and SDPA picks a kernel; a mask rules out flash
+    attention, and each kernel that takes one must still give each side its own result."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    half = tiny_components(seed=0)["unet"].eval().to("cuda", torch.float16)
+    size = half.config.sample_size
+    latents = torch.randn(2, half.config.in_channels, size, size, generator=torch.Generator())
+    latents = latents.to("cuda", torch.float16)
+    sides = [
+        _text(unet, tokens, seed).to("cuda", torch.float16) for tokens, seed in ((154, 1), (77, 2))
+    ]
+    with torch.no_grad(), sdpa_kernel([getattr(SDPBackend, kernel), SDPBackend.MATH]):
+        alone = [half(latents[i : i + 1], 500, side).sample for i, side in enumerate(sides[::-1])]
+        positive, negative, keep = padded_sides(*sides)
+        with cross_attention_mask(half, keep):
+            batch = half(latents, 500, torch.cat([negative, positive])).sample
+    # fp16 rounding: the CPU in fp16 gave them 1.7e-3 apart at most (outputs up to 1.3)
+    torch.testing.assert_close(batch, torch.cat(alone), atol=5e-3, rtol=5e-3)
