@@ -301,7 +301,9 @@ def test_emphasis_makes_its_own_images_and_is_in_their_settings(tiny_model, tmp_
     assert np.abs(images["plain"] - images["emphasised"]).mean() > 0.5
 
 
-def test_a_long_prompt_and_a_short_negative_each_attend_to_their_own_chunks(tiny_model, tmp_path):
+def test_a_long_prompt_and_a_short_negative_each_attend_to_their_own_chunks(
+    tiny_model, tmp_path, caplog
+):
     """A1111 encodes a prompt over 75 tokens in chunks and guides a prompt and a negative prompt
     of different chunk counts with a UNet pass each; fulora masks the shorter side's padding."""
     from unittest import mock
@@ -322,8 +324,11 @@ def test_a_long_prompt_and_a_short_negative_each_attend_to_their_own_chunks(tiny
         masks.append(kwargs.get("encoder_attention_mask"))
         return unet(self, *args, **kwargs)
 
-    with mock.patch.object(UNet2DConditionModel, "forward", spy):
+    with mock.patch.object(UNet2DConditionModel, "forward", spy), caplog.at_level("INFO"):
         generate(tmp_path / "out", cfg, progress=False)
+    assert "brain: chunks of 75 tokens, as A1111 encodes them: prompt 2, negative prompt 1" in (
+        caplog.text
+    )
     keep = torch.tensor([[True] * 77 + [False] * 77] * 2 + [[True] * 154] * 2)
     assert masks and all(torch.equal(mask, keep) for mask in masks)  # negatives first
     png = next((tmp_path / "out" / "brain").glob("*.png"))

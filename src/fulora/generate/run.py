@@ -583,6 +583,10 @@ def _plane_embeddings(pipe, plane: str, cfg, resolved, device):
     if cfg.guidance > 1.0:
         prompts.append(cfg.negative_prompt)
     chunks = [a1111_chunks(pipe.tokenizer, prompt) for prompt in prompts]
+    if any(len(side) > 1 for side in chunks):  # A1111 shows the count as "90/150" tokens
+        names = ["prompt", "negative prompt"][: len(chunks)]
+        counts = [f"{name} {len(side)}" for name, side in zip(names, chunks, strict=True)]
+        logger.info("%s: chunks of 75 tokens, as A1111 encodes them: %s", plane, ", ".join(counts))
     sides = chunked_embeddings(pipe.text_encoder, chunks, resolved.clip_skip, device)
     return sides[0], (sides[1] if len(sides) > 1 else None)
 
