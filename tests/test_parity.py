@@ -680,7 +680,8 @@ A1111_READS = {
 def test_automatic1111_reads_back_every_setting_of_a_fulora_image():
     """The PNG's parameters text, with a model name holding a comma and a colon (A1111 quotes
     such a value; unquoted, it read back as Model "sd15" and a setting "pruned")."""
-    from fulora.generate.run import GenerateConfig, _a1111_parameters, _Plan
+    from fulora.generate.output import a1111_parameters
+    from fulora.generate.run import GenerateConfig, _Plan
 
     cfg = GenerateConfig(
         base="unused", steps=30, guidance=7.0, lora_scale=0.8, negative_prompt="blurry, text: none"
@@ -706,7 +707,7 @@ def test_automatic1111_reads_back_every_setting_of_a_fulora_image():
         batch_size=8,
         lora_webui_hash=KOHYA_MODEL_HASH,
     )
-    assert _a1111_parameters(row, cfg, "e1441589a6" + "0" * 54, resolved) == A1111_TEXT
+    assert a1111_parameters(row, cfg, "e1441589a6" + "0" * 54, resolved) == A1111_TEXT
     assert A1111_READS["Model"] == row["base_model"]
     assert A1111_READS["Lora hashes"] == f"fetallora v2: {KOHYA_MODEL_HASH[:12]}"
     assert A1111_READS["Prompt"].startswith(row["prompt"])
@@ -728,12 +729,13 @@ def test_the_text_names_the_schedule_where_a1111s_default_differs(sampler, writt
     text without "Schedule type" as "Automatic", that default (infotext_utils.py). fulora's
     DPM++ 2M is k-diffusion's ``get_sigmas``, which A1111's sd_schedulers.py calls "Uniform";
     without the setting, pasting its settings into A1111 made a Karras image."""
-    from fulora.generate.run import GenerateConfig, _a1111_parameters, _Plan
+    from fulora.generate.output import a1111_parameters
+    from fulora.generate.run import GenerateConfig, _Plan
 
     row = {"prompt": "p", "negative_prompt": "", "sampler": sampler, "seed": 1, "width": 64}
     row |= {"height": 64, "base_model": "m", "clip_skip": 1, "fulora_version": "0.1.0"}
     resolved = _Plan(["brain"], {"brain": "p"}, 64, 64, lora=None, lora_sha256="", batch_size=1)
-    text = _a1111_parameters(row, GenerateConfig(base="unused", steps=30), "", resolved)
+    text = a1111_parameters(row, GenerateConfig(base="unused", steps=30), "", resolved)
     assert f"Steps: 30, {written}CFG scale: 7, " in text
 
 

@@ -581,7 +581,8 @@ def test_decoding_equals_the_diffusers_pipelines_own(tiny_model, sampler):
     (``output_type="np"``); fulora asks it for latents and decodes them with its NaN guard."""
     from types import SimpleNamespace
 
-    from fulora.generate.run import _denoise, to_images
+    from fulora.generate.decode import to_images
+    from fulora.generate.run import _denoise
     from fulora.lora.conditioning import prompt_embeddings
 
     pipe = _tiny_pipe(tiny_model, sampler)
@@ -644,7 +645,7 @@ def _nan_when(vae, condition):
 def test_nan_guard_redecodes_only_the_broken_images_in_fp32(tiny_model):
     import copy
 
-    from fulora.generate.run import decode_latents
+    from fulora.generate.decode import decode_latents
 
     vae = _tiny_pipe(tiny_model).vae.to(torch.bfloat16)
     latents = torch.randn(3, 4, 6, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
@@ -663,7 +664,7 @@ def test_nan_guard_redecodes_only_the_broken_images_in_fp32(tiny_model):
 
 def test_nan_even_in_fp32_names_the_seeds(tiny_model):
 
-    from fulora.generate.run import decode_latents
+    from fulora.generate.decode import decode_latents
 
     vae = _tiny_pipe(tiny_model).vae
     _nan_when(vae, lambda dtype: True)
@@ -695,22 +696,22 @@ def test_speed_only_settings_change_no_byte(full_run, tiny_model, trained_lora, 
 def test_a_failed_write_stops_the_run_and_keeps_what_was_written(
     tiny_model, tmp_path, monkeypatch, threads
 ):
-    import fulora.generate.run as run
+    import fulora.generate.output as output
 
-    real = run._save_image
+    real = output.save_image
 
     def save(out, plane, index, *rest):
         if plane == "brain" and index == 5:  # the second batch (indices 4-5)
             raise OSError("disk full")
         real(out, plane, index, *rest)
 
-    monkeypatch.setattr(run, "_save_image", save)
+    monkeypatch.setattr(output, "save_image", save)
     with pytest.raises(OSError, match="disk full"):
         generate(tmp_path, _cfg(tiny_model, write_threads=threads), progress=False)
     written = sorted(p.name.split("-")[0] for p in tmp_path.glob("brain/*.png"))
     assert written[:4] == ["00000", "00001", "00002", "00003"] and "00005" not in written
     assert not (tmp_path / "done.json").exists() and not list(tmp_path.rglob("*.tmp*"))
-    monkeypatch.setattr(run, "_save_image", real)  # the rerun makes only what is missing
+    monkeypatch.setattr(output, "save_image", real)  # the rerun makes only what is missing
     record = generate(tmp_path, _cfg(tiny_model, write_threads=threads), progress=False)
     assert record["this_run_generated"] == 12 - len(written) and record["images"] == 12
 
@@ -721,9 +722,10 @@ def test_decode_overlap_decodes_a_batch_while_the_next_denoises(tiny_model, tmp_
     decode thread."""
     import threading
 
+    import fulora.generate.decode as decoding
     import fulora.generate.run as run
 
-    real_denoise, real_decode = run._denoise, run.decode_latents
+    real_denoise, real_decode = run._denoise, decoding.decode_latents
     began = [threading.Event() for _ in range(4)]  # denoise of batch k has begun
     seen: list[tuple[str, bool | None]] = []  # (thread, has the next batch begun denoising)
 
@@ -738,7 +740,7 @@ def test_decode_overlap_decodes_a_batch_while_the_next_denoises(tiny_model, tmp_
         return real_decode(vae, latents, seeds)
 
     monkeypatch.setattr(run, "_denoise", denoise)
-    monkeypatch.setattr(run, "decode_latents", decode)
+    monkeypatch.setattr(decoding, "decode_latents", decode)
     generate(tmp_path, _cfg(tiny_model, decode_overlap=True), progress=False)
     assert [next_began for _, next_began in seen] == [False, True, True, None]
     assert all(name.startswith("fulora-decode") for name, _ in seen)
@@ -748,9 +750,9 @@ def test_decode_overlap_decodes_a_batch_while_the_next_denoises(tiny_model, tmp_
 def test_a_failed_decode_stops_the_run_and_keeps_the_batches_before(
     tiny_model, tmp_path, monkeypatch, overlap
 ):
-    import fulora.generate.run as run
+    import fulora.generate.decode as decoding
 
-    real = run.decode_latents
+    real = decoding.decode_latents
     broken = image_seed(7, "brain", 4)  # the second batch of brain (indices 4-5)
 
     def decode(vae, latents, seeds):
@@ -758,13 +760,13 @@ def test_a_failed_decode_stops_the_run_and_keeps_the_batches_before(
             raise DataError(f"the denoised latents of seeds [{broken}] decode to NaN")
         return real(vae, latents, seeds)
 
-    monkeypatch.setattr(run, "decode_latents", decode)
+    monkeypatch.setattr(decoding, "decode_latents", decode)
     cfg = _cfg(tiny_model, decode_overlap=overlap, contact_sheet=0)
     with pytest.raises(DataError, match=str(broken)):
         generate(tmp_path, cfg, progress=False)
     written = sorted(p.name.split("-")[0] for p in tmp_path.glob("*/*.png"))
     assert written == ["00000", "00001", "00002", "00003"]  # the first batch, nothing after
-    monkeypatch.setattr(run, "decode_latents", real)
+    monkeypatch.setattr(decoding, "decode_latents", real)
     assert generate(tmp_path, cfg, progress=False)["this_run_generated"] == 8
 
 

@@ -10,7 +10,8 @@ few pixels by one grey level; nothing else changes.
 
 Each PNG carries its provenance in AUTOMATIC1111's ``parameters`` text chunk and in a
 ``fulora`` JSON chunk; ``manifest.csv`` has one row per image (prompt, negative prompt, seed,
-sampler, steps, guidance, size, LoRA file and hash, LoRA scale, base model, time).
+sampler, steps, guidance, size, LoRA file and hash, LoRA scale, base model, time). Those files
+are :mod:`fulora.generate.output`'s; the decode is :mod:`fulora.generate.decode`'s.
 """
 
 from __future__ import annotations
@@ -20,34 +21,38 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
-from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from fulora import __version__
 from fulora.config import check_process_device, require_device, resolve_device
-from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
+from fulora.data.manifest import MANIFEST_NAME
 from fulora.errors import ConfigError, DataError
 from fulora.generate.config import GenerateConfig
+from fulora.generate.decode import Decoder
 from fulora.generate.guidance import cross_attention_mask, padded_sides
+from fulora.generate.output import (
+    ImageWriter,
+    Made,
+    build_manifest,
+    contact_sheet,
+    image_path,
+    queue_writes,
+    read_png_provenance,
+)
 from fulora.generate.prompts import a1111_chunks, check_prompt_syntax
 from fulora.generate.samplers import (
     display_name,
     make_scheduler,
     resolve_sampler,
-    schedule_type,
     scheduler_name,
 )
-from fulora.io import atomic_path, file_hash, half_written
+from fulora.io import file_hash, half_written
 from fulora.lora.base import (
     base_identity,
     check_base,
@@ -57,7 +62,7 @@ from fulora.lora.base import (
 from fulora.lora.conditioning import chunked_embeddings
 from fulora.lora.formats import load_lora_into, read_lora, webui_lora_hash
 from fulora.planes import PAPER_CAPTIONS, check_planes
-from fulora.runs import CONFIG_NAME, DONE_NAME, RunDir, check_finite_weights, now_iso, steady_rate
+from fulora.runs import CONFIG_NAME, DONE_NAME, RunDir, check_finite_weights
 
 logger = logging.getLogger("fulora")
 
@@ -71,11 +76,6 @@ def image_seed(run_seed: int, plane: str, index: int) -> int:
     """The 32-bit seed of image ``index`` of ``plane`` in a run seeded ``run_seed``."""
     digest = hashlib.sha256(f"fulora:{run_seed}:{plane}:{index}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
-
-
-def image_path(out: Path, plane: str, index: int, seed: int) -> Path:
-    """``OUT/<plane>/<index>-<seed>.png``: AUTOMATIC1111's naming, one folder per plane."""
-    return out / plane / f"{index:05d}-{seed}.png"
 
 
 def parse_only(items: Sequence[str], planes: Sequence[str]) -> list[tuple[str, int]]:
@@ -260,58 +260,6 @@ def _auto_batch(device: torch.device, width: int, height: int) -> int:
     return int(max(1, min(32, (free / 2**30 - 4.0) / per_image)))
 
 
-# AUTOMATIC1111 takes these out of a LoRA's name in its "Lora hashes" (they separate entries).
-_A1111_NAME_SYMBOLS = str.maketrans("", "", ":,")
-
-
-def _a1111_value(value: Any) -> str:
-    """A setting's value as AUTOMATIC1111 writes it.
-
-    JSON-quoted if it holds a comma, colon or newline, which would otherwise end or split it
-    when the text is read back.
-    """
-    text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
-
-
-def _a1111_parameters(
-    row: dict[str, Any], cfg: GenerateConfig, base_hash: str, resolved: _Plan
-) -> str:
-    """The ``parameters`` text AUTOMATIC1111 writes for such an image (its PNG Info reads it).
-
-    The hashes are those AUTOMATIC1111 lists the files under: the base model file's sha256 (10
-    digits) and the LoRA's :func:`~fulora.lora.formats.webui_lora_hash` (12 digits).
-    """
-    lora = resolved.lora
-    settings: dict[str, Any] = {
-        "Steps": cfg.steps,
-        "Sampler": display_name(row["sampler"]),
-        "Schedule type": schedule_type(row["sampler"]),
-        "CFG scale": f"{cfg.guidance:g}",
-        "Seed": row["seed"],
-        "Size": f"{row['width']}x{row['height']}",
-    }
-    if base_hash:
-        settings["Model hash"] = base_hash[:10]
-    # A1111 names a checkpoint file by its stem (v1-5-pruned-emaonly), as it finds it again
-    model = str(row["base_model"])
-    settings["Model"] = Path(model).stem if model.endswith((".safetensors", ".ckpt")) else model
-    if row["clip_skip"] > 1:
-        settings["Clip skip"] = row["clip_skip"]
-    # The initial noise is drawn on the CPU (initial_noise), as A1111 draws it with RNG "CPU";
-    # A1111 reads a missing RNG as its default, "GPU", and would start from other noise.
-    settings["RNG"] = "CPU"
-    if lora is not None:
-        name = lora.stem.translate(_A1111_NAME_SYMBOLS)
-        settings["Lora hashes"] = f"{name}: {resolved.lora_webui_hash[:12]}"
-    settings["Version"] = f"fulora {row['fulora_version']}"  # not a version A1111 acts on
-    text = row["prompt"] + (f" <lora:{lora.stem}:{cfg.lora_scale:g}>" if lora is not None else "")
-    if row["negative_prompt"]:
-        text += f"\nNegative prompt: {row['negative_prompt']}"
-    written = {k: v for k, v in settings.items() if v is not None}
-    return f"{text}\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in written.items())
-
-
 def generate(
     out: str | Path,
     cfg: GenerateConfig,
@@ -471,7 +419,7 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
         if any((plane, i) in targets for i in indices)
     ]
     base_name, base_hash = base_identity(cfg.base)
-    made = _Made(base_name=base_name, base_hash=base_hash, batch=batch, device=device, dtype=dtype)
+    made = Made(base_name=base_name, base_hash=base_hash, batch=batch, device=device, dtype=dtype)
     if mine:
         pipe, embeddings = _load_generator(cfg, resolved, device, dtype)
         made.started = time.perf_counter()  # images/s measures generation, not model loading
@@ -482,14 +430,14 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
             disable=not progress,
         )
         with (
-            _ImageWriter(cfg.write_threads, made, bar) as writer,
-            _Decoder(pipe, device, cfg.decode_overlap) as decoder,
+            ImageWriter(cfg.write_threads, made, bar) as writer,
+            Decoder(pipe, device, cfg.decode_overlap) as decoder,
         ):
             for plane, indices in mine:
                 plane_seeds = [seeds[(plane, i)] for i in indices]
                 latents = _denoise(pipe, embeddings[plane], plane_seeds, cfg, resolved)
                 write = (writer, made, out, plane, indices, plane_seeds, targets, cfg, resolved)
-                decoder.decode(latents, plane_seeds, then=partial(_queue_writes, *write))
+                decoder.decode(latents, plane_seeds, then=partial(queue_writes, *write))
         bar.close()
     summary = made.summary(part.count)
     if part.processes is not None:
@@ -643,314 +591,3 @@ def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> torch.Tensor:
 def _per_image(keep: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """Each side's token mask for every image of a batch: n negative rows, then n positive."""
     return None if keep is None else keep.repeat_interleave(n, dim=0)
-
-
-def to_images(pipe, latents: torch.Tensor, seeds: Sequence[int]) -> np.ndarray:
-    """A batch of latents as images (N, H, W, 3) in [0, 1], post-processed as diffusers does."""
-    with torch.no_grad():
-        pixels = decode_latents(pipe.vae, latents, seeds)
-    denormalize = [True] * len(seeds)
-    return pipe.image_processor.postprocess(pixels, output_type="np", do_denormalize=denormalize)
-
-
-def _queue_writes(writer, made, out, plane, indices, seeds, targets, cfg, resolved, images) -> None:
-    """Hand one decoded batch's wanted images to the PNG writer."""
-    jobs = [
-        partial(_save_image, out, plane, index, seed, array, cfg, resolved, made)
-        for index, seed, array in zip(indices, seeds, images, strict=True)
-        if (plane, index) in targets
-    ]
-    writer.write(jobs)
-    if made.first_batch is None:  # compilation, autotuning and allocation happen here
-        made.first_batch = (len(jobs), time.perf_counter())
-
-
-class _Decoder:
-    """Decodes each batch's latents; with ``overlap``, while the next batch denoises.
-
-    The overlapped decode runs on a thread and, on CUDA, a stream of its own: diffusers'
-    pipeline waits for the GPU at the start of each call (it copies the timesteps to the device
-    and DPM++ reads a step index with ``.item()``), but such waits cover only the work queued on
-    the caller's stream, so the decode is not waited for. The first batch is decoded before the
-    next one starts (it compiles, autotunes and allocates; the steady rate counts from its end)
-    and at most one batch decodes at a time, so memory grows by one batch's latents and one
-    decode. A decode's failure raises at the next batch or when the block ends; a batch being
-    decoded when the run stops with an error is still written. Without ``overlap`` each batch
-    is decoded in the loop, on the caller's thread and stream.
-    """
-
-    def __init__(self, pipe, device: torch.device, overlap: bool) -> None:
-        self.pipe = pipe
-        self.pool = ThreadPoolExecutor(1, "fulora-decode") if overlap else None
-        self.stream = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
-        self.pending: tuple[Future, Callable[[np.ndarray], None]] | None = None
-        self.first = True
-
-    def decode(self, latents: torch.Tensor, seeds: Sequence[int], then: Callable) -> None:
-        """Decode a batch and call ``then(images)`` with its images, on the caller's thread.
-
-        The previous batch's ``then`` runs first (after its decode ends), so batches are
-        handed on in order.
-        """
-        self.finish()
-        if self.pool is None:
-            then(to_images(self.pipe, latents, seeds))
-            return
-        ready = None
-        if self.stream is not None:  # the decode's stream waits for the latents, not the CPU
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(latents.device))
-            latents.record_stream(self.stream)  # the allocator must not reuse them meanwhile
-        self.pending = (self.pool.submit(self._decode_aside, latents, seeds, ready), then)
-        if self.first:
-            self.first = False
-            self.finish()
-
-    def finish(self) -> None:
-        """Wait for the batch being decoded and hand its images on; its failure raises here."""
-        if self.pending is None:
-            return
-        future, then = self.pending
-        try:
-            images = future.result()
-        finally:
-            if future.done():  # a wait cut short (Ctrl-C) leaves the batch to __exit__
-                self.pending = None
-        then(images)
-
-    def _decode_aside(self, latents, seeds, ready) -> np.ndarray:
-        if self.stream is None:
-            return to_images(self.pipe, latents, seeds)
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(ready)
-            return to_images(self.pipe, latents, seeds)  # its copy to the CPU waits for it
-
-    def __enter__(self) -> _Decoder:
-        return self
-
-    def __exit__(self, kind, error, trace) -> None:
-        try:
-            if kind is None:
-                self.finish()
-            elif self.pending is not None:  # denoised work reaches the disk on an error too
-                try:
-                    self.finish()
-                except Exception:
-                    logger.exception("the batch being decoded when the run stopped failed too")
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
-
-
-def decode_latents(vae, latents: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-    """The VAE decode of a batch (in [-1, 1]), as diffusers' pipeline does it, with a NaN guard.
-
-    A half-precision VAE can overflow to NaN on some latents; AUTOMATIC1111 then decodes again
-    in fp32 (what its no-half-VAE option does for every image). Here only the images that came
-    out NaN are decoded again in fp32, alone, so that every other image keeps its
-    half-precision bytes and a resumed run its determinism.
-
-    Raises:
-        DataError: An image is NaN even from an fp32 VAE (the latents themselves are broken:
-            the UNet overflowed, e.g. with too large a LoRA scale), naming its seeds.
-    """
-    pixels = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-    broken = torch.isnan(pixels).flatten(1).any(dim=1)
-    if not bool(broken.any()):
-        return pixels
-    rows = broken.nonzero().flatten()
-    bad_seeds = [seeds[i] for i in rows.tolist()]
-    half = vae.dtype
-    if half != torch.float32:
-        logger.warning("VAE gave NaN in %s for seeds %s: decoding them in fp32", half, bad_seeds)
-        vae.to(torch.float32)
-        try:
-            again = vae.decode(latents[rows].float() / vae.config.scaling_factor)[0]
-        finally:
-            vae.to(half)
-        pixels[rows] = again.to(pixels.dtype)
-        still = torch.isnan(again).flatten(1).any(dim=1)
-        bad_seeds = [seeds[i] for i in rows[still].tolist()]
-    if bad_seeds:
-        raise DataError(
-            f"the denoised latents of seeds {bad_seeds} decode to NaN even in fp32: the UNet "
-            "or the sampler overflowed (try dtype: fp32, a smaller lora_scale, or another sampler)"
-        )
-    return pixels
-
-
-@dataclass
-class _Made:
-    """What a process generated, and when (for images/s)."""
-
-    base_name: str
-    base_hash: str
-    batch: int
-    device: torch.device
-    dtype: torch.dtype
-    generated: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    first_batch: tuple[int, float] | None = None  # (images, time) when the first batch was done
-
-    def summary(self, processes: int) -> dict[str, Any]:
-        """The share of this process: images, seconds, images/s (all; after the first batch)."""
-        ended = time.perf_counter()
-        seconds = ended - self.started
-        return {
-            "generated": self.generated,
-            "seconds": round(seconds, 2),
-            "images_per_s": round(self.generated / seconds, 3)
-            if self.generated and seconds
-            else None,
-            "first_batch_s": round(self.first_batch[1] - self.started, 2)
-            if self.first_batch
-            else None,
-            "steady_images_per_s": steady_rate(self.first_batch, self.generated, ended),
-            "batch_size": self.batch,
-            "device": str(self.device),
-            "processes": processes,
-        }
-
-
-def _save_image(out, plane, index, seed, array, cfg, resolved, made: _Made) -> None:
-    """One PNG, atomically, with its provenance (A1111 ``parameters`` + a ``fulora`` chunk)."""
-    row = {
-        "path": f"{plane}/{index:05d}-{seed}.png",
-        "label": plane,
-        "split": "train",
-        "source": "synthetic",
-        "domain": "synthetic",
-        "patient": "",
-        "prompt": resolved.prompts[plane],
-        "negative_prompt": cfg.negative_prompt,
-        "seed": seed,
-        "sampler": resolved.sampler,
-        "scheduler": scheduler_name(resolved.sampler),
-        "clip_skip": resolved.clip_skip,
-        "steps": cfg.steps,
-        "guidance": cfg.guidance,
-        "width": resolved.width,
-        "height": resolved.height,
-        "lora": str(resolved.lora.resolve()) if resolved.lora else "",
-        "lora_sha256": resolved.lora_sha256,
-        "lora_scale": cfg.lora_scale,
-        "base_model": made.base_name,
-        "created": now_iso(),
-        "index": index,
-        "run_seed": cfg.seed,
-        "batch_size": made.batch,
-        "device": made.device.type,
-        "dtype": str(made.dtype).removeprefix("torch."),
-        "fulora_version": __version__,
-    }
-    pixels = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
-    img = Image.fromarray(pixels, "RGB")
-    if cfg.color == "L":
-        img = img.convert("L")
-    info = PngInfo()
-    info.add_text("parameters", _a1111_parameters(row, cfg, made.base_hash, resolved))
-    info.add_text("fulora", json.dumps(row))
-    with atomic_path(image_path(out, plane, index, seed)) as tmp:
-        img.save(tmp, format="PNG", pnginfo=info)
-
-
-class _ImageWriter:
-    """Writes one batch's PNGs on threads while the next batch denoises (0 threads: at once).
-
-    PNG encoding and the fsync of each file are CPU work that would otherwise leave the GPU idle
-    between batches. At most one batch waits to be written (memory stays bounded), a failed write
-    raises at the next batch, and leaving the block waits for every queued image, so work that
-    was denoised is on disk even when the run stops with an error.
-    """
-
-    def __init__(self, threads: int, made: _Made, bar) -> None:
-        self.made, self.bar = made, bar
-        self.pool = ThreadPoolExecutor(threads, "fulora-png") if threads else None
-        self.pending: list[Future] = []
-
-    def write(self, jobs: list[Callable[[], None]]) -> None:
-        """Queue one batch's image writes, once the previous batch's are on disk."""
-        self.drain()
-        if self.pool is None:
-            for job in jobs:
-                job()
-                self._count()
-        else:
-            self.pending = [self.pool.submit(job) for job in jobs]
-
-    def drain(self) -> None:
-        """Wait for the queued writes; the first failure raises."""
-        pending, self.pending = self.pending, []
-        for future in pending:
-            future.result()
-            self._count()
-
-    def _count(self) -> None:
-        self.made.generated += 1
-        self.bar.update(1)
-
-    def __enter__(self) -> _ImageWriter:
-        return self
-
-    def __exit__(self, kind, error, trace) -> None:
-        if self.pool is None:
-            return
-        if kind is None:
-            self.drain()
-        self.pool.shutdown(wait=True)  # on an error too: what was denoised reaches the disk
-
-
-def read_png_provenance(path: str | Path) -> dict[str, Any]:
-    """The ``fulora`` JSON chunk of a generated PNG.
-
-    Raises:
-        DataError: If the file is not a fulora image or cannot be read.
-    """
-    try:
-        with Image.open(path) as img:
-            text = img.text.get("fulora")  # type: ignore[attr-defined]
-    except (OSError, AttributeError) as err:
-        raise DataError(f"cannot read provenance of {path}: {err}") from None
-    if not text:
-        raise DataError(f"{path} has no fulora provenance chunk")
-    return json.loads(text)
-
-
-def build_manifest(
-    out: Path, planes: Sequence[str], per_class: int, seeds: dict[tuple[str, int], int]
-) -> Manifest:
-    """The run's manifest, from the provenance each PNG carries (so every process's work counts)."""
-    records = []
-    for plane in planes:
-        for index in range(per_class):
-            path = image_path(out, plane, index, seeds[(plane, index)])
-            if not path.is_file():
-                raise DataError(f"image {path} is missing; run the same command again to finish")
-            row = read_png_provenance(path)
-            row["path"] = str(path.resolve())
-            records.append(row)
-    ordered = list(COLUMNS) + list(SYNTHETIC_COLUMNS)
-    manifest = Manifest.from_records(records, origin=str(out / MANIFEST_NAME))
-    extras = [c for c in manifest.frame.columns if c not in ordered]
-    manifest.frame = manifest.frame[ordered + extras]
-    return manifest
-
-
-def contact_sheet(
-    path: Path, images: Sequence[Path], *, side: int = 8, title: str = "", thumb: int = 96
-) -> Path:
-    """A ``side`` x ``side`` grid of thumbnails, as one PNG."""
-    chosen = list(images)[: side * side]
-    rows = math.ceil(len(chosen) / side) if chosen else 1
-    sheet = Image.new("L", (side * thumb, rows * thumb + (16 if title else 0)), 0)
-    for k, image_file in enumerate(chosen):
-        with Image.open(image_file) as img:
-            img = img.convert("L")
-            img.thumbnail((thumb, thumb))
-            x, y = (k % side) * thumb, (k // side) * thumb + (16 if title else 0)
-            sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
-    if title:
-        ImageDraw.Draw(sheet).text((4, 2), title[:120], fill=230)
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
-    return path

@@ -1,0 +1,282 @@
+"""A generation run's files: each PNG with its provenance, the manifest, the contact sheets.
+
+Each PNG carries its provenance twice: AUTOMATIC1111's ``parameters`` text (its PNG Info reads
+it back, :func:`a1111_parameters`) and a ``fulora`` JSON chunk (:func:`read_png_provenance`),
+from which :func:`build_manifest` makes the run's manifest, so every process's images count.
+:class:`ImageWriter` writes a batch's PNGs on threads while the next batch denoises.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
+
+from fulora import __version__
+from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
+from fulora.errors import DataError
+from fulora.generate.config import GenerateConfig
+from fulora.generate.samplers import display_name, schedule_type, scheduler_name
+from fulora.io import atomic_path
+from fulora.runs import now_iso, steady_rate
+
+
+def image_path(out: Path, plane: str, index: int, seed: int) -> Path:
+    """``OUT/<plane>/<index>-<seed>.png``: AUTOMATIC1111's naming, one folder per plane."""
+    return out / plane / f"{index:05d}-{seed}.png"
+
+
+# AUTOMATIC1111 takes these out of a LoRA's name in its "Lora hashes" (they separate entries).
+_A1111_NAME_SYMBOLS = str.maketrans("", "", ":,")
+
+
+def _a1111_value(value: Any) -> str:
+    """A setting's value as AUTOMATIC1111 writes it.
+
+    JSON-quoted if it holds a comma, colon or newline, which would otherwise end or split it
+    when the text is read back.
+    """
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, resolved) -> str:
+    """The ``parameters`` text AUTOMATIC1111 writes for such an image (its PNG Info reads it).
+
+    The hashes are those AUTOMATIC1111 lists the files under: the base model file's sha256 (10
+    digits) and the LoRA's :func:`~fulora.lora.formats.webui_lora_hash` (12 digits).
+
+    Args:
+        row: The image's provenance (:func:`save_image`'s row).
+        cfg: The run's settings.
+        base_hash: The base model's sha256 ("" when unknown: no ``Model hash``).
+        resolved: The run's plan (``fulora.generate.run.plan``: the LoRA, its A1111 hash).
+    """
+    lora = resolved.lora
+    settings: dict[str, Any] = {
+        "Steps": cfg.steps,
+        "Sampler": display_name(row["sampler"]),
+        "Schedule type": schedule_type(row["sampler"]),
+        "CFG scale": f"{cfg.guidance:g}",
+        "Seed": row["seed"],
+        "Size": f"{row['width']}x{row['height']}",
+    }
+    if base_hash:
+        settings["Model hash"] = base_hash[:10]
+    # A1111 names a checkpoint file by its stem (v1-5-pruned-emaonly), as it finds it again
+    model = str(row["base_model"])
+    settings["Model"] = Path(model).stem if model.endswith((".safetensors", ".ckpt")) else model
+    if row["clip_skip"] > 1:
+        settings["Clip skip"] = row["clip_skip"]
+    # The initial noise is drawn on the CPU (initial_noise), as A1111 draws it with RNG "CPU";
+    # A1111 reads a missing RNG as its default, "GPU", and would start from other noise.
+    settings["RNG"] = "CPU"
+    if lora is not None:
+        name = lora.stem.translate(_A1111_NAME_SYMBOLS)
+        settings["Lora hashes"] = f"{name}: {resolved.lora_webui_hash[:12]}"
+    settings["Version"] = f"fulora {row['fulora_version']}"  # not a version A1111 acts on
+    text = row["prompt"] + (f" <lora:{lora.stem}:{cfg.lora_scale:g}>" if lora is not None else "")
+    if row["negative_prompt"]:
+        text += f"\nNegative prompt: {row['negative_prompt']}"
+    written = {k: v for k, v in settings.items() if v is not None}
+    return f"{text}\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in written.items())
+
+
+def queue_writes(writer, made, out, plane, indices, seeds, targets, cfg, resolved, images) -> None:
+    """Hand one decoded batch's wanted images to the PNG writer."""
+    jobs = [
+        partial(save_image, out, plane, index, seed, array, cfg, resolved, made)
+        for index, seed, array in zip(indices, seeds, images, strict=True)
+        if (plane, index) in targets
+    ]
+    writer.write(jobs)
+    if made.first_batch is None:  # compilation, autotuning and allocation happen here
+        made.first_batch = (len(jobs), time.perf_counter())
+
+
+@dataclass
+class Made:
+    """What a process generated, and when (for images/s)."""
+
+    base_name: str
+    base_hash: str
+    batch: int
+    device: torch.device
+    dtype: torch.dtype
+    generated: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    first_batch: tuple[int, float] | None = None  # (images, time) when the first batch was done
+
+    def summary(self, processes: int) -> dict[str, Any]:
+        """The share of this process: images, seconds, images/s (all; after the first batch)."""
+        ended = time.perf_counter()
+        seconds = ended - self.started
+        return {
+            "generated": self.generated,
+            "seconds": round(seconds, 2),
+            "images_per_s": round(self.generated / seconds, 3)
+            if self.generated and seconds
+            else None,
+            "first_batch_s": round(self.first_batch[1] - self.started, 2)
+            if self.first_batch
+            else None,
+            "steady_images_per_s": steady_rate(self.first_batch, self.generated, ended),
+            "batch_size": self.batch,
+            "device": str(self.device),
+            "processes": processes,
+        }
+
+
+def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> None:
+    """One PNG, atomically, with its provenance (A1111 ``parameters`` + a ``fulora`` chunk)."""
+    row = {
+        "path": f"{plane}/{index:05d}-{seed}.png",
+        "label": plane,
+        "split": "train",
+        "source": "synthetic",
+        "domain": "synthetic",
+        "patient": "",
+        "prompt": resolved.prompts[plane],
+        "negative_prompt": cfg.negative_prompt,
+        "seed": seed,
+        "sampler": resolved.sampler,
+        "scheduler": scheduler_name(resolved.sampler),
+        "clip_skip": resolved.clip_skip,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "width": resolved.width,
+        "height": resolved.height,
+        "lora": str(resolved.lora.resolve()) if resolved.lora else "",
+        "lora_sha256": resolved.lora_sha256,
+        "lora_scale": cfg.lora_scale,
+        "base_model": made.base_name,
+        "created": now_iso(),
+        "index": index,
+        "run_seed": cfg.seed,
+        "batch_size": made.batch,
+        "device": made.device.type,
+        "dtype": str(made.dtype).removeprefix("torch."),
+        "fulora_version": __version__,
+    }
+    pixels = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    img = Image.fromarray(pixels, "RGB")
+    if cfg.color == "L":
+        img = img.convert("L")
+    info = PngInfo()
+    info.add_text("parameters", a1111_parameters(row, cfg, made.base_hash, resolved))
+    info.add_text("fulora", json.dumps(row))
+    with atomic_path(image_path(out, plane, index, seed)) as tmp:
+        img.save(tmp, format="PNG", pnginfo=info)
+
+
+class ImageWriter:
+    """Writes one batch's PNGs on threads while the next batch denoises (0 threads: at once).
+
+    PNG encoding and the fsync of each file are CPU work that would otherwise leave the GPU idle
+    between batches. At most one batch waits to be written (memory stays bounded), a failed write
+    raises at the next batch, and leaving the block waits for every queued image, so work that
+    was denoised is on disk even when the run stops with an error.
+    """
+
+    def __init__(self, threads: int, made: Made, bar) -> None:
+        self.made, self.bar = made, bar
+        self.pool = ThreadPoolExecutor(threads, "fulora-png") if threads else None
+        self.pending: list[Future] = []
+
+    def write(self, jobs: list[Callable[[], None]]) -> None:
+        """Queue one batch's image writes, once the previous batch's are on disk."""
+        self.drain()
+        if self.pool is None:
+            for job in jobs:
+                job()
+                self._count()
+        else:
+            self.pending = [self.pool.submit(job) for job in jobs]
+
+    def drain(self) -> None:
+        """Wait for the queued writes; the first failure raises."""
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()
+            self._count()
+
+    def _count(self) -> None:
+        self.made.generated += 1
+        self.bar.update(1)
+
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.pool is None:
+            return
+        if kind is None:
+            self.drain()
+        self.pool.shutdown(wait=True)  # on an error too: what was denoised reaches the disk
+
+
+def read_png_provenance(path: str | Path) -> dict[str, Any]:
+    """The ``fulora`` JSON chunk of a generated PNG.
+
+    Raises:
+        DataError: If the file is not a fulora image or cannot be read.
+    """
+    try:
+        with Image.open(path) as img:
+            text = img.text.get("fulora")  # type: ignore[attr-defined]
+    except (OSError, AttributeError) as err:
+        raise DataError(f"cannot read provenance of {path}: {err}") from None
+    if not text:
+        raise DataError(f"{path} has no fulora provenance chunk")
+    return json.loads(text)
+
+
+def build_manifest(
+    out: Path, planes: Sequence[str], per_class: int, seeds: dict[tuple[str, int], int]
+) -> Manifest:
+    """The run's manifest, from the provenance each PNG carries (so every process's work counts)."""
+    records = []
+    for plane in planes:
+        for index in range(per_class):
+            path = image_path(out, plane, index, seeds[(plane, index)])
+            if not path.is_file():
+                raise DataError(f"image {path} is missing; run the same command again to finish")
+            row = read_png_provenance(path)
+            row["path"] = str(path.resolve())
+            records.append(row)
+    ordered = list(COLUMNS) + list(SYNTHETIC_COLUMNS)
+    manifest = Manifest.from_records(records, origin=str(out / MANIFEST_NAME))
+    extras = [c for c in manifest.frame.columns if c not in ordered]
+    manifest.frame = manifest.frame[ordered + extras]
+    return manifest
+
+
+def contact_sheet(
+    path: Path, images: Sequence[Path], *, side: int = 8, title: str = "", thumb: int = 96
+) -> Path:
+    """A ``side`` x ``side`` grid of thumbnails, as one PNG."""
+    chosen = list(images)[: side * side]
+    rows = math.ceil(len(chosen) / side) if chosen else 1
+    sheet = Image.new("L", (side * thumb, rows * thumb + (16 if title else 0)), 0)
+    for k, image_file in enumerate(chosen):
+        with Image.open(image_file) as img:
+            img = img.convert("L")
+            img.thumbnail((thumb, thumb))
+            x, y = (k % side) * thumb, (k // side) * thumb + (16 if title else 0)
+            sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
+    if title:
+        ImageDraw.Draw(sheet).text((4, 2), title[:120], fill=230)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return path
