@@ -161,7 +161,8 @@ def check_same_images(evals: Sequence[Evaluation]) -> None:
         if list(other.predictions["path"]) != paths:
             raise DataError(
                 f"{other.folder} and {first.folder} were not tested on the same images: "
-                "a regime is compared with its baseline only on one test set"
+                "seeds, LoRA runs and a regime's baseline are drawn together only on one test "
+                "set (evaluate them again on the same manifest)"
             )
 
 
