@@ -111,18 +111,24 @@ def test_seed_mean_interval_of_identical_seeds_is_the_single_seed_interval():
     assert low == pytest.approx(0.0) and high == pytest.approx(100.0)
 
 
-def test_a_regime_against_its_baseline_is_a_paired_difference():
-    """The difference of seed means, with an interval from the same patients for both."""
-    from fulora.errors import DataError
-    from fulora.experiment.effects import difference_ci, pooled_difference_ci
-
+def _two_planes_test_set(n: int = 30):
+    """A model's classes, and n test images of two planes, one patient each: (classes, y, frame)."""
     classes = ["other", "abdomen", "brain"]
-    n = 30
     labels = np.array(["abdomen", "brain"] * (n // 2))
     y = np.array([classes.index(v) for v in labels])
     frame = pd.DataFrame(
         {"path": [f"img{i}.png" for i in range(n)], "label": labels, "patient": range(n)}
     )
+    return classes, y, frame
+
+
+def test_a_regime_against_its_baseline_is_a_paired_difference():
+    """The difference of seed means, with an interval from the same patients for both."""
+    from fulora.errors import DataError
+    from fulora.experiment.effects import difference_ci, pooled_difference_ci
+
+    classes, y, frame = _two_planes_test_set()
+    n = len(y)
 
     def evaluation(proba, paths=None):
         predictions = _with_probabilities(frame, proba, classes)
@@ -156,13 +162,8 @@ def test_lora_runs_that_differ_only_by_seed_are_pooled_in_the_results_table(tmp_
     from fulora.evaluate.result import SpaceScores
     from fulora.experiment.results import COLUMNS, EvaluationCell, collect, pooled_mean_ci
 
-    classes = ["other", "abdomen", "brain"]
-    n = 30
-    labels = np.array(["abdomen", "brain"] * (n // 2))
-    y = np.array([classes.index(v) for v in labels])
-    frame = pd.DataFrame(
-        {"path": [f"img{i}.png" for i in range(n)], "label": labels, "patient": range(n)}
-    )
+    classes, y, frame = _two_planes_test_set()
+    n = len(y)
 
     def evaluation(proba, accuracy):
         scores = SpaceScores(
