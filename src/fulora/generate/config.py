@@ -66,8 +66,9 @@ class GenerateConfig(Checked):
     fuse_lora: bool = True  # merge the LoRA into the weights: faster, same images
     planes: list[str] = field(default_factory=lambda: list(PAPER_PLANES))
     per_class: int = 1000
-    prompts: dict[str, str] = field(default_factory=dict)  # default: the LoRA's captions
-    negative_prompt: str = ""
+    # plane -> prompt, read as AUTOMATIC1111 reads it; default: the LoRA's captions
+    prompts: dict[str, str] = field(default_factory=dict)
+    negative_prompt: str = ""  # as AUTOMATIC1111 reads it: (word:1.2), BREAK, over 75 tokens
     # kohya/AUTOMATIC1111 clip skip (1 = CLIP's last layer), for the prompt and the negative
     # prompt alike. None: the LoRA's training clip skip (ss_clip_skip), else 1.
     clip_skip: int | None = None
