@@ -141,6 +141,15 @@ def pooled_mean_ci(
     replacement, and each run's seeds apart, as
     :func:`~fulora.experiment.effects.pooled_difference_ci` does for a difference.
 
+    Args:
+        runs: Each LoRA run's evaluations, one per classifier seed.
+        space: The label space (:data:`~fulora.evaluate.metrics.SPACES`).
+        n_resamples: Bootstrap replicates (0: no interval, an empty dict).
+        seed: Of the replicates.
+
+    Returns:
+        ``{metric: (low, high)}`` for each of :data:`COLUMNS`.
+
     Raises:
         DataError: The runs were not all tested on the same images in the same order.
     """
