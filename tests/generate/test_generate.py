@@ -301,6 +301,19 @@ def test_emphasis_makes_its_own_images_and_is_in_their_settings(tiny_model, tmp_
     assert np.abs(images["plain"] - images["emphasised"]).mean() > 0.5
 
 
+def test_chunks_are_77_tokens_whatever_the_tokenizer_says_its_length_is(tiny_model):
+    """A tokenizer saved without model_max_length reports a huge placeholder; A1111's chunks
+    are 75 tokens plus the start and end tokens whatever it says."""
+    from fulora.generate.prompts import a1111_chunks
+
+    tokenizer = _tiny_pipe(tiny_model).tokenizer
+    long = "fetal brain, " * 40
+    expected = a1111_chunks(tokenizer, long)
+    tokenizer.model_max_length = int(1e30)
+    assert a1111_chunks(tokenizer, long) == expected
+    assert [len(ids) for ids, _ in expected] == [77, 77]
+
+
 def test_a_long_prompt_and_a_short_negative_each_attend_to_their_own_chunks(
     tiny_model, tmp_path, caplog
 ):

@@ -244,30 +244,31 @@ def _joined(pieces: list[list]) -> list[tuple[str, float]]:
 # A1111's comma_padding_backtrack setting (default 20): a chunk that fills up with a comma
 # among its last 20 tokens ends at that comma, and the words after it open the next chunk
 COMMA_BACKTRACK = 20
+# A1111's chunk_length: CLIP's 77 positions less the start and end tokens (not read from the
+# tokenizer, whose model_max_length is a huge placeholder when its config does not set it)
+CHUNK_TOKENS = 75
 
 
 def a1111_chunks(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
     """A prompt's token ids and per-token weights, in chunks, as AUTOMATIC1111 lays them out.
 
     A1111's ``tokenize_line``: each emphasis piece is tokenized on its own; the tokens fill
-    chunks of the tokenizer's window less its start and end tokens (75); a full chunk with a
-    comma among its last :data:`COMMA_BACKTRACK` tokens ends after that comma; ``BREAK`` ends
-    a chunk. Each chunk is laid out as the start token, its tokens, the end token and padding
-    to the tokenizer's length (77). A prompt within one chunk has the ids diffusers' and
-    kohya's tokenizer call gives. Checked against A1111's own function in
-    ``tests/test_parity.py``.
+    chunks of :data:`CHUNK_TOKENS` (75); a full chunk with a comma among its last
+    :data:`COMMA_BACKTRACK` tokens ends after that comma; ``BREAK`` ends a chunk. Each chunk is
+    laid out as the start token, its tokens, the end token and padding to 77 tokens. A prompt
+    within one chunk has the ids diffusers' and kohya's tokenizer call gives. Checked against
+    A1111's own function in ``tests/test_parity.py``.
 
     Args:
         tokenizer: The pipeline's CLIP tokenizer.
         text: A prompt that :func:`check_prompt_syntax` accepts.
 
     Returns:
-        One ``(ids, weights)`` per chunk, each of the tokenizer's length; weight 1 outside the
-        prompt's words.
+        One ``(ids, weights)`` per chunk, each of 77; weight 1 outside the prompt's words.
     """
     pieces = parse_emphasis(text)
     tokens = tokenizer([piece for piece, _ in pieces], add_special_tokens=False).input_ids
-    chunks = _Chunks(tokenizer.model_max_length - 2, tokenizer.get_vocab().get(",</w>"))
+    chunks = _Chunks(CHUNK_TOKENS, tokenizer.get_vocab().get(",</w>"))
     for piece_ids, piece in zip(tokens, pieces, strict=True):
         if piece == BREAK_MARK:
             chunks.close()
