@@ -374,7 +374,8 @@ def write_results(
 
 _POOLED_NOTE = (
     " A pooled row: LoRA variants that differ only by `seed`, the mean of their seed means, the "
-    "std over all their seeds, and an interval that draws the LoRA runs too."
+    "std over all their seeds, and an interval that draws the LoRA runs too; its image counts "
+    "are the runs' mean (an audit keeps another number of each run's images)."
 )
 
 
