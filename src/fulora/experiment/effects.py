@@ -73,6 +73,34 @@ def drawn_mean(
     }
 
 
+def runs_mean(
+    probas: Sequence[Sequence[np.ndarray]],
+    run_draws: np.ndarray,
+    seed_draws: Sequence[np.ndarray],
+    y: np.ndarray,
+    counts: np.ndarray,
+    test_labels: list[int],
+    space: str,
+    keys=EFFECT_COLUMNS,
+) -> dict[str, np.ndarray]:
+    """Each replicate's mean over the LoRA runs it drew of their seed means (:func:`seed_mean`).
+
+    ``probas`` holds each run's seeds' probabilities, ``run_draws`` is (R, runs) and
+    ``seed_draws`` one (R, seeds) array per run.
+    """
+    per_run = [
+        seed_mean(p, d, y, counts, test_labels, space, keys)
+        for p, d in zip(probas, seed_draws, strict=True)
+    ]
+    return drawn_mean(per_run, run_draws, keys)
+
+
+def patient_counts(first: Evaluation, n_resamples: int, seed: int) -> np.ndarray:
+    """How often each test image is in each replicate, its patients drawn with replacement."""
+    groups = [str(p) for p in first.predictions["patient"]]
+    return resample_counts(len(groups), groups, n_resamples, seed)
+
+
 def draw_seeds(
     rng: np.random.Generator, n_resamples: int, sizes: Sequence[int]
 ) -> list[np.ndarray]:
@@ -126,11 +154,7 @@ def pooled_difference_ci(
     theirs = [e.probabilities() for e in base]
 
     def diff(counts, run_draws, seed_draws, their_draws) -> dict:
-        per_run = [
-            seed_mean(p, d, y, counts, test_labels, space)
-            for p, d in zip(ours, seed_draws, strict=True)
-        ]
-        a = drawn_mean(per_run, run_draws, EFFECT_COLUMNS)
+        a = runs_mean(ours, run_draws, seed_draws, y, counts, test_labels, space)
         b = seed_mean(theirs, their_draws, y, counts, test_labels, space)
         return {key: a[key] - b[key] for key in EFFECT_COLUMNS}
 
@@ -138,8 +162,7 @@ def pooled_difference_ci(
         return np.ones((rows, n), int)
 
     every = diff(ones(len(y)), ones(len(runs)), [ones(len(p)) for p in ours], ones(len(theirs)))
-    groups = [str(p) for p in first.predictions["patient"]]
-    counts = resample_counts(len(y), groups, n_resamples, seed)
+    counts = patient_counts(first, n_resamples, seed)
     # The seeds' (and runs') draws come from a generator apart from the patients' draws.
     if len(runs) == 1:
         rng = np.random.default_rng([seed, 2])
@@ -166,6 +189,27 @@ def check_same_images(evals: Sequence[Evaluation]) -> None:
             )
 
 
+def group_cells(cells: Sequence) -> dict[tuple, list]:
+    """The grid's evaluation cells by (target, regime, LoRA, arch): each group its seeds."""
+    groups: dict[tuple, list] = {}
+    for cell in cells:
+        groups.setdefault((cell.target, cell.regime, cell.lora, cell.arch), []).append(cell)
+    return groups
+
+
+def pooled_runs(groups: dict[tuple, list], replicates: Sequence[Sequence[str]]):
+    """``(key, runs, label)`` of each group of LoRA replicates that a (target, regime, arch) has.
+
+    ``key`` is the first variant's group key; ``runs`` holds each variant's cells, in the
+    order of ``replicates``; ``label`` is the pooled row's LoRA name.
+    """
+    for variants in replicates:
+        for target, regime, lora, arch in list(groups):
+            runs = [groups.get((target, regime, v, arch)) for v in variants]
+            if lora == variants[0] and all(runs):
+                yield (target, regime, lora, arch), runs, "pooled: " + ", ".join(variants)
+
+
 def effects(
     cells: Sequence,
     baselines: dict[str, str],
@@ -187,9 +231,7 @@ def effects(
             with all of them pooled (:func:`pooled_difference_ci`), against a baseline
             without synthetic images.
     """
-    groups: dict[tuple, list] = {}
-    for cell in cells:
-        groups.setdefault((cell.target, cell.regime, cell.lora, cell.arch), []).append(cell)
+    groups = group_cells(cells)
     rows: list[dict] = []
 
     def add(key: tuple, runs: list, base: list, label: str) -> None:
@@ -204,12 +246,10 @@ def effects(
         )
         if base:
             add((target, regime, lora, arch), [group], base, lora or "")
-    for variants in replicates:
-        for target, regime, lora, arch in list(groups):
-            base = groups.get((target, baselines.get(regime), None, arch))
-            runs = [groups.get((target, regime, v, arch)) for v in variants]
-            if lora == variants[0] and base and all(runs):
-                add((target, regime, lora, arch), runs, base, "pooled: " + ", ".join(variants))
+    for (target, regime, lora, arch), runs, label in pooled_runs(groups, replicates):
+        base = groups.get((target, baselines.get(regime), None, arch))
+        if base:
+            add((target, regime, lora, arch), runs, base, label)
     return pd.DataFrame(rows)
 
 

@@ -27,7 +27,7 @@ import pandas as pd
 
 from fulora.classify.registry import resolve_arch
 from fulora.errors import ConfigError, DataError
-from fulora.evaluate.bootstrap import percentile_intervals, resample_counts
+from fulora.evaluate.bootstrap import percentile_intervals
 from fulora.evaluate.metrics import SPACES
 from fulora.evaluate.result import Evaluation
 from fulora.experiment.config import (
@@ -40,8 +40,11 @@ from fulora.experiment.effects import (
     check_same_images,
     display_effects,
     draw_seeds,
-    drawn_mean,
     effects,
+    group_cells,
+    patient_counts,
+    pooled_runs,
+    runs_mean,
     seed_mean,
 )
 from fulora.experiment.layout import ExperimentLayout
@@ -125,8 +128,7 @@ def seed_mean_ci(
     first = evals[0]
     y, test_labels = first.labels(), first.test_labels()
     probas = [e.probabilities() for e in evals]
-    groups = [str(p) for p in first.predictions["patient"]]
-    counts = resample_counts(len(y), groups, n_resamples, seed)
+    counts = patient_counts(first, n_resamples, seed)
     seed_rng = np.random.default_rng([seed, 1])  # apart from the patients' draws
     (draws,) = draw_seeds(seed_rng, n_resamples, (len(probas),))
     return percentile_intervals(seed_mean(probas, draws, y, counts, test_labels, space, COLUMNS))
@@ -157,17 +159,12 @@ def pooled_mean_ci(
     first = runs[0][0]
     y, test_labels = first.labels(), first.test_labels()
     probas = [[e.probabilities() for e in run] for run in runs]
-    counts = resample_counts(
-        len(y), [str(p) for p in first.predictions["patient"]], n_resamples, seed
-    )
+    counts = patient_counts(first, n_resamples, seed)
     rng = np.random.default_rng([seed, 3])  # apart from the patients' draws
     sizes = (len(runs), *(len(p) for p in probas))
     run_draws, *seed_draws = draw_seeds(rng, n_resamples, sizes)
-    per_run = [
-        seed_mean(p, d, y, counts, test_labels, space, COLUMNS)
-        for p, d in zip(probas, seed_draws, strict=True)
-    ]
-    return percentile_intervals(drawn_mean(per_run, run_draws, COLUMNS))
+    drawn = runs_mean(probas, run_draws, seed_draws, y, counts, test_labels, space, COLUMNS)
+    return percentile_intervals(drawn)
 
 
 def collect(
@@ -188,18 +185,12 @@ def collect(
             (:func:`~fulora.experiment.config.lora_replicates`): each adds a pooled row per
             target, regime and architecture that has all of them.
     """
-    groups: dict[tuple, list[EvaluationCell]] = {}
-    for cell in cells:
-        groups.setdefault((cell.target, cell.regime, cell.lora, cell.arch), []).append(cell)
+    groups = group_cells(cells)
     rows = []
     for key, group in groups.items():
         rows += _rows(key, [group], key[2] or "", n_bootstrap, seed, read)
-    for variants in replicates:
-        for target, regime, lora, arch in list(groups):
-            runs = [groups.get((target, regime, v, arch)) for v in variants]
-            if lora == variants[0] and all(runs):
-                label = "pooled: " + ", ".join(variants)
-                rows += _rows((target, regime, lora, arch), runs, label, n_bootstrap, seed, read)
+    for key, runs, label in pooled_runs(groups, replicates):
+        rows += _rows(key, runs, label, n_bootstrap, seed, read)
     return pd.DataFrame(rows)
 
 
