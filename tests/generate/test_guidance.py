@@ -22,25 +22,32 @@ def _text(unet, tokens: int, seed: int) -> torch.Tensor:
     return torch.randn(1, tokens, width, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize(("positive", "negative"), [(154, 77), (77, 231)])
-def test_a_masked_batch_equals_each_side_alone(unet, positive, negative):
+def _alone_and_masked(unet, sides, dtype=torch.float32):
+    """(each side alone, both in one masked batch, both padded): the UNet at one timestep."""
+    device = next(unet.parameters()).device
     size = unet.config.sample_size
     latents = torch.randn(2, unet.config.in_channels, size, size, generator=torch.Generator())
-    sides = _text(unet, positive, 1), _text(unet, negative, 2)
+    latents = latents.to(device, dtype)
+    sides = [side.to(device, dtype) for side in sides]
     with torch.no_grad():
         alone = [unet(latents[i : i + 1], 500, side).sample for i, side in enumerate(sides[::-1])]
-        padded_positive, padded_negative, keep = padded_sides(*sides)
-        assert (
-            padded_positive.shape
-            == padded_negative.shape
-            == (1, max(positive, negative), sides[0].shape[2])
-        )
+        positive, negative, keep = padded_sides(*sides)
+        assert positive.shape == negative.shape
+        assert positive.shape == (1, max(s.shape[1] for s in sides), sides[0].shape[2])
         with cross_attention_mask(unet, keep):
-            batch = unet(latents, 500, torch.cat([padded_negative, padded_positive])).sample
-    torch.testing.assert_close(batch, torch.cat(alone), atol=1e-5, rtol=1e-5)
-    with torch.no_grad():  # unmasked, the padding changes the shorter side's result
-        unmasked = unet(latents, 500, torch.cat([padded_negative, padded_positive])).sample
-    assert not torch.allclose(unmasked, torch.cat(alone), atol=1e-3)
+            batch = unet(latents, 500, torch.cat([negative, positive])).sample
+        unmasked = unet(latents, 500, torch.cat([negative, positive])).sample
+    return torch.cat(alone), batch, unmasked
+
+
+@pytest.mark.parametrize(("positive", "negative"), [(154, 77), (77, 231)])
+def test_a_masked_batch_equals_each_side_alone(unet, positive, negative):
+    alone, batch, unmasked = _alone_and_masked(
+        unet, [_text(unet, positive, 1), _text(unet, negative, 2)]
+    )
+    torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
+    # unmasked, the padding changes the shorter side's result
+    assert not torch.allclose(unmasked, alone, atol=1e-3)
 
 
 def test_sides_of_one_length_are_left_as_they_are(unet):
@@ -65,16 +72,8 @@ def test_the_masked_batch_equals_each_side_alone_in_fp16_on_cuda(unet, kernel):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     half = tiny_components(seed=0)["unet"].eval().to("cuda", torch.float16)
-    size = half.config.sample_size
-    latents = torch.randn(2, half.config.in_channels, size, size, generator=torch.Generator())
-    latents = latents.to("cuda", torch.float16)
-    sides = [
-        _text(unet, tokens, seed).to("cuda", torch.float16) for tokens, seed in ((154, 1), (77, 2))
-    ]
-    with torch.no_grad(), sdpa_kernel([getattr(SDPBackend, kernel), SDPBackend.MATH]):
-        alone = [half(latents[i : i + 1], 500, side).sample for i, side in enumerate(sides[::-1])]
-        positive, negative, keep = padded_sides(*sides)
-        with cross_attention_mask(half, keep):
-            batch = half(latents, 500, torch.cat([negative, positive])).sample
+    sides = [_text(unet, 154, 1), _text(unet, 77, 2)]
+    with sdpa_kernel([getattr(SDPBackend, kernel), SDPBackend.MATH]):
+        alone, batch, _ = _alone_and_masked(half, sides, torch.float16)
     # fp16 rounding: the CPU in fp16 gave them 1.7e-3 apart at most (outputs up to 1.3)
-    torch.testing.assert_close(batch, torch.cat(alone), atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(batch, alone, atol=5e-3, rtol=5e-3)
