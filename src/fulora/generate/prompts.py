@@ -268,19 +268,19 @@ def a1111_chunks(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
     """
     pieces = parse_emphasis(text)
     tokens = tokenizer([piece for piece, _ in pieces], add_special_tokens=False).input_ids
-    chunks = _Chunks(CHUNK_TOKENS, tokenizer.get_vocab().get(",</w>"))
+    chunks = _Chunks(tokenizer.get_vocab().get(",</w>"))
     for piece_ids, piece in zip(tokens, pieces, strict=True):
         if piece == BREAK_MARK:
             chunks.close()
             continue
         for token in piece_ids:
             chunks.add(token, piece[1])
-    return [_laid_out(ids, weights, tokenizer, chunks.window) for ids, weights in chunks.finished()]
+    return [_laid_out(ids, weights, tokenizer) for ids, weights in chunks.finished()]
 
 
-def _laid_out(ids: list[int], weights: list[float], tokenizer, window: int):
+def _laid_out(ids: list[int], weights: list[float], tokenizer):
     """A chunk as CLIP reads it: start token, ids, end token, padding (A1111's SD1: the end)."""
-    padding = window - len(ids)
+    padding = CHUNK_TOKENS - len(ids)
     ids = [
         tokenizer.bos_token_id,
         *ids,
@@ -291,10 +291,10 @@ def _laid_out(ids: list[int], weights: list[float], tokenizer, window: int):
 
 
 class _Chunks:
-    """A prompt's tokens filling chunks of ``window`` tokens (A1111's ``tokenize_line``)."""
+    """A prompt's tokens filling chunks of :data:`CHUNK_TOKENS` (A1111's ``tokenize_line``)."""
 
-    def __init__(self, window: int, comma: int | None) -> None:
-        self.window, self.comma = window, comma
+    def __init__(self, comma: int | None) -> None:
+        self.comma = comma
         self.done: list[tuple[list[int], list[float]]] = []
         self.ids: list[int] = []
         self.weights: list[float] = []
@@ -315,7 +315,7 @@ class _Chunks:
         self.weights.append(weight)
 
     def _full(self) -> bool:
-        return len(self.ids) == self.window
+        return len(self.ids) == CHUNK_TOKENS
 
     def _since_comma(self) -> int:
         return len(self.ids) - self.last_comma
