@@ -966,7 +966,7 @@ def _a1111_embedding(text, text_prompt, clip_skip):
 
     tokenizer, text_encoder = text
     return chunked_embeddings(
-        text_encoder, [a1111_chunks(tokenizer, text_prompt)], clip_skip, "cpu"
+        text_encoder, [[a1111_chunks(tokenizer, text_prompt)]], clip_skip, "cpu"
     )[0]
 
 
@@ -989,6 +989,136 @@ def test_chunked_embeddings_are_automatic1111s(phantom_text, prompt, clip_skip):
     assert z.sum().item() == pytest.approx(total, abs=1e-3)  # a sum of 9,856 values near 0
     assert z.abs().sum().item() == pytest.approx(magnitude, rel=1e-6)
     assert z[0, 80, :3].tolist() == pytest.approx(values, rel=1e-5)
+
+
+# AUTOMATIC1111's prompt editing, alternation and AND: its prompt_parser.py (the current
+# scheduling, as in v1.8+: get_multicond_prompt_list, then
+# get_learned_conditioning_prompt_schedules on each part), run on these prompts and steps in a
+# scratch script with A1111's own lark grammar; (weight, [(last step, text)]) per AND part.
+# The first rows include A1111's own doctests.
+A1111_SCHEDULES = {
+    ("fetal brain", 30): [(1.0, [(30, "fetal brain")])],
+    ("a [fetal:3] brain", 10): [(1.0, [(3, "a  brain"), (10, "a fetal brain")])],
+    ("a [[[b]]:2]", 10): [(1.0, [(2, "a "), (10, "a [[b]]")])],
+    ("a[b:[c:d:2]:1]e", 10): [(1.0, [(1, "abe"), (2, "ace"), (10, "ade")])],
+    ("a [b:.5] c", 10): [(1.0, [(5, "a  c"), (10, "a b c")])],
+    ("a [b:c:1.0] d", 10): [(1.0, [(10, "a b d")])],
+    ("[fe|||]male", 6): [
+        (1.0, [(1, "female"), (2, "male"), (3, "male"), (4, "male"), (5, "female"), (6, "male")])
+    ],
+    ("[fetal|(brain:1.1)]", 4): [
+        (1.0, [(1, "fetal"), (2, "(brain:1.1)"), (3, "fetal"), (4, "(brain:1.1)")])
+    ],
+    ("x | y [a:b:3]", 10): [(1.0, [(10, "x | y [a:b:3]")])],  # its grammar fails: as written
+    ("[a:b:0]", 10): [(1.0, [(10, "b")])],
+    ("[femur:bone:15]", 10): [(1.0, [(10, "femur")])],
+    ("[a: 2 ]", 4): [(1.0, [(2, ""), (4, "a")])],
+    ("fetal brain :1.5", 20): [(1.5, [(20, "fetal brain")])],
+    ("fetal AND brain:0.5 AND femur : -1", 20): [
+        (1.0, [(20, "fetal")]),
+        (0.5, [(20, " brain")]),
+        (-1.0, [(20, " femur")]),
+    ],
+    ("[fetal:femur:0.25] AND [a|b]:2", 4): [
+        (1.0, [(1, "fetal"), (4, "femur")]),
+        (2.0, [(1, " a"), (2, " b"), (3, " a"), (4, " b")]),
+    ],
+    ("[blurry::0.5], text", 20): [(1.0, [(10, "blurry, text"), (20, ", text")])],
+}
+# A1111's reconstruct_cond_batch: the entry it conditions each model call on (counted from 0),
+# for schedules ending at these steps, over two calls more than the last step
+A1111_PICKS = {
+    (2, 4): [0, 0, 0, 1, 1, 0],
+    (1, 2, 3, 4): [0, 0, 1, 2, 3, 0],
+    (3, 10): [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0],
+}
+# A1111's forward on each prompt's texts at once (its get_learned_conditioning), fulora:phantom-sd:
+# (shape, sum, sum of |z|, z[1, 4, :3], z[0, 4, :3]). The emphasis of a batch is rescaled to the
+# mean of all its texts; the second prompt's short text gets an empty chunk.
+_LONG_EDIT = "[" + "(fetal:1.2) brain, " * 30 + ":femur:2]"
+A1111_SCHEDULE_EMBEDDINGS = {
+    ("[(fetal:1.3) brain:femur, (bone:0.8):2]", 1): (
+        (2, 77, 64),
+        -11.826080322265625,
+        6925.92138671875,
+        [0.8728325366973877, -0.8328564763069153, -0.909977912902832],
+        [0.9993168711662292, -1.121131420135498, -1.3017675876617432],
+    ),
+    ("[(fetal:1.3) brain:femur, (bone:0.8):2]", 2): (
+        (2, 77, 64),
+        -16.481689453125,
+        7181.2373046875,
+        [0.6470110416412354, -0.39217299222946167, -0.6736288666725159],
+        [0.6536659598350525, -0.5700706839561462, -1.0622295141220093],
+    ),
+    (_LONG_EDIT, 1): (
+        (2, 154, 64),
+        -16.848388671875,
+        14156.05078125,
+        [1.232183575630188, -1.0311291217803955, -1.3229938745498657],
+        [1.2887181043624878, -1.39822518825531, -1.4877012968063354],
+    ),
+    (_LONG_EDIT, 2): (
+        (2, 154, 64),
+        -19.6217041015625,
+        14672.2578125,
+        [1.0224205255508423, -0.46348363161087036, -1.0623353719711304],
+        [0.8982545733451843, -0.7437309622764587, -1.212974190711975],
+    ),
+}
+
+
+@pytest.mark.parametrize(("prompt", "steps"), list(A1111_SCHEDULES))
+def test_prompts_are_edited_alternated_and_split_as_automatic1111_does(prompt, steps):
+    from fulora.generate.schedules import read_prompt
+
+    parts = read_prompt(prompt, steps)
+    assert [(part.weight, list(part.schedule)) for part in parts] == A1111_SCHEDULES[prompt, steps]
+
+
+def test_a_negative_prompt_is_edited_but_not_split_nor_weighted():
+    """A1111 reads a negative prompt's schedule (get_learned_conditioning) but not its AND."""
+    from fulora.generate.schedules import read_prompt
+
+    [part] = read_prompt("[blurry::0.5] AND text:2", 20, negative=True)
+    assert part.weight == 1.0
+    assert list(part.schedule) == [(10, "blurry AND text:2"), (20, " AND text:2")]
+
+
+@pytest.mark.parametrize("ends", list(A1111_PICKS))
+def test_each_model_call_uses_the_entry_automatic1111_uses(ends):
+    """Counted from 0, so '[a:b:2]' conditions three calls on 'a' as A1111 does."""
+    from fulora.generate.guidance import Scheduled
+
+    entries = torch.arange(len(ends), dtype=torch.float32)[:, None, None]
+    scheduled = Scheduled(ends, entries)
+    assert [int(scheduled.at(call)) for call in range(max(ends) + 2)] == A1111_PICKS[ends]
+
+
+@pytest.mark.parametrize(("prompt", "clip_skip"), list(A1111_SCHEDULE_EMBEDDINGS))
+def test_a_prompts_texts_are_embedded_together_as_automatic1111_embeds_them(
+    phantom_text, prompt, clip_skip
+):
+    from fulora.generate.prompts import a1111_chunks
+    from fulora.generate.schedules import read_prompt
+    from fulora.lora.conditioning import chunked_embeddings
+
+    tokenizer, text_encoder = phantom_text
+    [part] = read_prompt(prompt, 4)
+    texts = [a1111_chunks(tokenizer, text) for text in part.texts]
+    count = max(len(chunks) for chunks in texts)
+    texts = [chunks + a1111_chunks(tokenizer, "") * (count - len(chunks)) for chunks in texts]
+    [z] = chunked_embeddings(text_encoder, [texts], clip_skip, "cpu")
+    shape, total, magnitude, second, first = A1111_SCHEDULE_EMBEDDINGS[(prompt, clip_skip)]
+    assert tuple(z.shape) == shape
+    assert z.sum().item() == pytest.approx(total, abs=1e-3)
+    # A1111 encodes each chunk position apart, fulora every chunk at once: rounding (1.2e-6)
+    assert z.abs().sum().item() == pytest.approx(magnitude, rel=1e-5)
+    assert z[1, 4, :3].tolist() == pytest.approx(second, rel=1e-5)
+    assert z[0, 4, :3].tolist() == pytest.approx(first, rel=1e-5)
+    # each text alone would be rescaled to its own mean: other numbers than A1111's
+    [alone] = chunked_embeddings(text_encoder, [texts[:1]], clip_skip, "cpu")
+    assert not torch.allclose(alone[0], z[0], rtol=1e-4)
 
 
 def test_emphasis_on_half_precision_embeddings_is_computed_in_fp32():

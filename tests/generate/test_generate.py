@@ -235,23 +235,24 @@ def test_images_of_diffusers_samplers_are_finished_with_them_not_with_a1111s(
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ({"prompts": {"femur": "[femur:bone:10]"}}, r"prompts.femur .* holds ':' .*switching"),
-        ({"prompts": {"femur": "[femur|bone]"}}, r"holds '\|' \(at character 7\).*alternating"),
         ({"prompts": {"brain": "(fetal BREAK brain)"}}, r"'BREAK' \(at character 8\).*a negative"),
         ({"negative_prompt": "[blurry BREAK"}, r"negative_prompt .* holds 'BREAK'.*brackets"),
         ({"prompts": {"brain": "brain <lora:x:1>"}}, r"holds '<lora:'.*--lora, --lora-scale"),
-        ({"prompts": {"brain": "fetal AND brain"}}, r"holds 'AND'.*composing"),
-        ({"prompts": {"brain": "fetal brain:1.5"}}, r"':1.5'.*in the guidance.*--guidance"),
         ({"prompts": {"brain": "fetal (brain: 1.3)"}}, r"holds ': 1.3\)'.*newer versions"),
         ({"prompts": {"brain": "fetal (brain:1.3.1)"}}, r"holds ':1.3.1\)'.*not a number"),
         ({"prompts": {"brain": "fetal\\brain"}}, r"holds '\\\\b'.*backslash"),
+        # a text the prompt takes at a later step, named with the step
+        ({"prompts": {"brain": "[fetal:(brain: 1.3):2]"}}, r"at step 3 read as '\(brain: 1.3\)'"),
+        # AND and a part's weight combine with the negative prompt's prediction
+        ({"prompts": {"brain": "fetal AND brain"}, "guidance": 1.0}, r"AND.*guidance.* above 1"),
+        ({"prompts": {"brain": "fetal brain:1.5"}, "guidance": 0.0}, r"AND.*guidance.* above 1"),
     ],
 )
 def test_prompt_syntax_that_fulora_cannot_run_as_a1111_does_is_refused(
     tiny_model, setting, message
 ):
-    """AUTOMATIC1111 switches '[a:b:10]', alternates '[a|b]', composes 'AND', ... where diffusers'
-    pipeline has one prompt; the PNG's settings text would make another image in A1111."""
+    """A bracketed BREAK, a network, a spaced weight, ...: the PNG's settings text would make
+    another image in A1111, so fulora refuses them before any work."""
     with pytest.raises(ConfigError, match=message):
         _cfg(tiny_model, **setting)
 
@@ -265,6 +266,10 @@ def test_prompt_syntax_that_fulora_cannot_run_as_a1111_does_is_refused(
         {"negative_prompt": "blurry BREAK (text) BREAK"},  # chunks
         {"prompts": {"brain": "(fetal:1.2) BREAK brain, " * 30}},  # long, with BREAK
         {"prompts": {"brain": "[(a BREAK b)] c"}},  # the weights cancel: A1111 breaks there
+        {"prompts": {"femur": "[femur:bone:2]"}, "negative_prompt": "[blurry::0.5]"},  # edits
+        {"prompts": {"femur": "[femur|bone]"}},  # alternation
+        {"prompts": {"brain": "fetal AND (brain:1.2) :0.5"}},  # AND, a part's weight
+        {"prompts": {"brain": "fetal | [brain:2]"}},  # A1111's grammar fails: read as text
     ],
 )
 def test_prompts_a1111_reads_alike_are_accepted(tiny_model, setting):
@@ -282,9 +287,9 @@ def test_a_plain_prompt_is_encoded_as_before_emphasis_was_read(tiny_model, clip_
 
     pipe = _tiny_pipe(tiny_model)
     prompt, negative = "a photo of fetal brain", "blurry, text"
-    resolved = SimpleNamespace(prompts={"brain": prompt}, clip_skip=clip_skip)
-    cfg = SimpleNamespace(guidance=7.0, negative_prompt=negative)
-    now = _plane_embeddings(pipe, "brain", cfg, resolved, "cpu")
+    resolved = SimpleNamespace(prompts={"brain": prompt}, clip_skip=clip_skip, sampler="euler")
+    cfg = SimpleNamespace(guidance=7.0, negative_prompt=negative, steps=3)
+    now = _plane_embeddings(pipe, "brain", cfg, resolved, "cpu").first()
     encoder = pipe.text_encoder
     before = prompt_embeddings(pipe.tokenizer, encoder, prompt, negative, clip_skip, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(now, before, strict=True))
@@ -299,6 +304,30 @@ def test_emphasis_makes_its_own_images_and_is_in_their_settings(tiny_model, tmp_
         assert Image.open(png).text["parameters"].startswith(prompt + "\n")
         images[name] = np.asarray(Image.open(png), dtype=np.int16)
     assert np.abs(images["plain"] - images["emphasised"]).mean() > 0.5
+
+
+def test_edited_and_composed_prompts_run_through_the_same_guidance(tiny_model, tmp_path, caplog):
+    """An alternation of one text and an AND part of weight 0 take the edited path (hooks on the
+    UNet, a row per part) to the plain prompt's image; an edit makes another image."""
+    cfg = _cfg(tiny_model, planes=["brain"], per_class=1, batch_size=1, contact_sheet=0)
+    prompts = {
+        "plain": "fetal brain",
+        "alternated": "[fetal brain|fetal brain]",
+        "composed": "fetal brain AND femur:0",
+        "edited": "[femur:fetal brain:1]",
+    }
+    images = {}
+    with caplog.at_level("INFO"):
+        for name, prompt in prompts.items():
+            generate(tmp_path / name, replace(cfg, prompts={"brain": prompt}), progress=False)
+            png = next((tmp_path / name / "brain").glob("*.png"))
+            assert Image.open(png).text["parameters"].startswith(prompt + "\n")
+            images[name] = np.asarray(Image.open(png), dtype=np.int16)
+    for name in ("alternated", "composed"):
+        assert np.abs(images[name] - images["plain"]).max() <= 1  # fp32 rounding at most
+    assert np.abs(images["edited"] - images["plain"]).mean() > 0.5
+    assert "brain: edited during sampling as A1111 edits it: prompt 3 steps, 1 texts" in caplog.text
+    assert "brain: prompt parts guided with weights 1, 0, as A1111's AND" in caplog.text
 
 
 def test_chunks_are_77_tokens_whatever_the_tokenizer_says_its_length_is(tiny_model):
@@ -329,7 +358,7 @@ def test_a_long_prompt_and_a_short_negative_each_attend_to_their_own_chunks(
     cfg = _cfg(tiny_model, planes=["brain"], per_class=2, batch_size=2, contact_sheet=0)
     cfg = replace(cfg, prompts={"brain": long}, negative_prompt="blurry")
     _, embeddings = _load_generator(cfg, plan(cfg), "cpu", torch.float32)
-    assert [side.shape[1] for side in embeddings["brain"]] == [154, 77]
+    assert [side.shape[1] for side in embeddings["brain"].first()] == [154, 77]
     masks = []
     unet = UNet2DConditionModel.forward
 
@@ -357,7 +386,7 @@ def test_a_lora_caption_in_a1111_syntax_is_refused_with_the_setting_that_overrid
     source = next(Path(trained_lora).glob("*.safetensors"))
     with safe_open(str(source), "pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    captions = json.loads(metadata.get("fulora_captions", "{}")) | {"brain": "[fetal|brain]"}
+    captions = json.loads(metadata.get("fulora_captions", "{}")) | {"brain": "(fetal: 1.2)"}
     lora = tmp_path / "captioned.safetensors"
     save_file(tensors, str(lora), metadata=metadata | {"fulora_captions": json.dumps(captions)})
     with pytest.raises(ConfigError, match=r"caption for brain \(give prompts.brain\)"):

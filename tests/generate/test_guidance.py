@@ -77,3 +77,91 @@ def test_the_masked_batch_equals_each_side_alone_in_fp16_on_cuda(unet, kernel):
         alone, batch, _ = _alone_and_masked(half, sides, torch.float16)
     # fp16 rounding: the CPU in fp16 gave them 1.7e-3 apart at most (outputs up to 1.3)
     torch.testing.assert_close(batch, alone, atol=5e-3, rtol=5e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt editing and AND. Reference: A1111's CFGDenoiser.forward and combine_denoised: at its
+# call counted c, each AND part's and the negative prompt's conditioning for c
+# (reconstruct_multicond_batch, reconstruct_cond_batch), and the guided prediction
+# uncond + g * sum(weight * (part - uncond)); here each part's and the negative's prediction is
+# the UNet on its own tokens alone.
+
+
+def _scheduled(unet, tokens: int, seeds: list[int], ends: list[int]):
+    from fulora.generate.guidance import Scheduled
+
+    return Scheduled(tuple(ends), torch.cat([_text(unet, tokens, seed) for seed in seeds]))
+
+
+def _pipeline_call(unet, conditioning, images: int, calls: int):
+    """The UNet called as diffusers' pipeline calls it under guidance, ``calls`` times."""
+    from fulora.generate.guidance import guided
+
+    size = unet.config.sample_size
+    x = torch.randn(images, unet.config.in_channels, size, size, generator=torch.Generator())
+    positive, negative = conditioning.first()
+    positive, negative, _ = padded_sides(positive, negative)
+    hidden = torch.cat([negative.repeat(images, 1, 1), positive.repeat(images, 1, 1)])
+    outputs = []
+    with torch.no_grad(), guided(unet, conditioning, images):
+        for _ in range(calls):
+            outputs.append(unet(torch.cat([x, x]), 500, encoder_hidden_states=hidden).sample)
+    return x, outputs
+
+
+def test_and_parts_are_guided_as_automatic1111_combines_them(unet):
+    from fulora.generate.guidance import Conditioning, stacked_parts
+
+    parts = [(1.0, _scheduled(unet, 154, [1], [3])), (-0.5, _scheduled(unet, 77, [2], [3]))]
+    conditioning = Conditioning(stacked_parts(parts), _scheduled(unet, 77, [3], [3]))
+    x, [out] = _pipeline_call(unet, conditioning, images=2, calls=1)
+    with torch.no_grad():
+
+        def alone(hidden):
+            return unet(x, 500, encoder_hidden_states=hidden.repeat(2, 1, 1)).sample
+
+        uncond = alone(conditioning.negative.at(0))
+        # A1111 repeats a shorter part's last embedding (stack_conds): real tokens, not masked
+        short = parts[1][1].at(0)
+        padded = torch.cat([short, short[:, -1:].expand(-1, 77, -1)], dim=1)
+        expected = uncond + (alone(parts[0][1].at(0)) - uncond) - 0.5 * (alone(padded) - uncond)
+    torch.testing.assert_close(out, torch.cat([uncond, expected]), atol=1e-5, rtol=1e-5)
+
+
+def test_each_call_is_conditioned_on_its_step_of_the_schedule(unet):
+    """Edited prompt '[a:b:1]' and negative '[c|d]' over 3 steps: A1111's calls 0, 1, 2 use
+    a, a, b and c, c, d."""
+    from fulora.generate.guidance import Conditioning
+
+    prompt = _scheduled(unet, 77, [1, 2], [1, 3])
+    negative = _scheduled(unet, 77, [3, 4, 3], [1, 2, 3])
+    conditioning = Conditioning(((1.0, prompt),), negative)
+    assert not conditioning.plain
+    x, outputs = _pipeline_call(unet, conditioning, images=1, calls=3)
+    for call, (entry, negative_entry) in enumerate([(0, 0), (0, 0), (1, 1)]):
+        with torch.no_grad():
+            hidden = torch.cat(
+                [
+                    negative.embeddings[negative_entry : negative_entry + 1],
+                    prompt.embeddings[entry : entry + 1],
+                ]
+            )
+            expected = unet(torch.cat([x, x]), 500, encoder_hidden_states=hidden)
+        torch.testing.assert_close(outputs[call], expected.sample, atol=1e-5, rtol=1e-5)
+    assert not unet._forward_pre_hooks and not unet._forward_hooks
+
+
+def test_without_guidance_an_edited_prompt_is_the_only_row(unet):
+    from fulora.generate.guidance import Conditioning, guided
+
+    prompt = _scheduled(unet, 77, [1, 2], [1, 3])
+    size = unet.config.sample_size
+    x = torch.randn(2, unet.config.in_channels, size, size, generator=torch.Generator())
+    with torch.no_grad():
+        with guided(unet, Conditioning(((1.0, prompt),), None), images=2):
+            outputs = [unet(x, 500, prompt.at(0).repeat(2, 1, 1)).sample for _ in range(3)]
+        expected = [
+            unet(x, 500, prompt.embeddings[i : i + 1].repeat(2, 1, 1)).sample for i in (0, 0, 1)
+        ]
+    for out, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)

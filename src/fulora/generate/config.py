@@ -12,7 +12,8 @@ from typing import Literal
 from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, CompileMode, Range
 from fulora.errors import ConfigError
 from fulora.generate.prompts import check_prompt_syntax
-from fulora.generate.samplers import check_steps
+from fulora.generate.samplers import check_steps, resolve_sampler
+from fulora.generate.schedules import schedule_steps
 from fulora.lora.config import DEFAULT_BASE
 from fulora.planes import PAPER_PLANES
 
@@ -45,9 +46,10 @@ class GenerateConfig(Checked):
         check_steps(self.sampler, self.steps)  # a known sampler, and steps it can take
         self.check_planes_of("planes")
         self.check_planes_of("prompts")  # its keys: a misspelt plane would fall back silently
+        steps, guided = schedule_steps(resolve_sampler(self.sampler), self.steps), self.guidance > 1
         for plane, prompt in self.prompts.items():
-            check_prompt_syntax(prompt, f"prompts.{plane}")
-        check_prompt_syntax(self.negative_prompt, "negative_prompt", negative=True)
+            check_prompt_syntax(prompt, f"prompts.{plane}", steps, guided=guided)
+        check_prompt_syntax(self.negative_prompt, "negative_prompt", steps, negative=True)
         for key in ("width", "height"):
             value = getattr(self, key)
             if value is not None and value % 8:
@@ -66,9 +68,10 @@ class GenerateConfig(Checked):
     fuse_lora: bool = True  # merge the LoRA into the weights: faster, same images
     planes: list[str] = field(default_factory=lambda: list(PAPER_PLANES))
     per_class: int = 1000
-    # plane -> prompt, read as AUTOMATIC1111 reads it; default: the LoRA's captions
+    # plane -> prompt, read as AUTOMATIC1111 reads it ((word:1.2), BREAK, [a:b:10], [a|b],
+    # AND); default: the LoRA's captions
     prompts: dict[str, str] = field(default_factory=dict)
-    negative_prompt: str = ""  # as AUTOMATIC1111 reads it: (word:1.2), BREAK, over 75 tokens
+    negative_prompt: str = ""  # as AUTOMATIC1111 reads it: (word:1.2), BREAK, [a:b:10], [a|b]
     # kohya/AUTOMATIC1111 clip skip (1 = CLIP's last layer), for the prompt and the negative
     # prompt alike. None: the LoRA's training clip skip (ss_clip_skip), else 1.
     clip_skip: int | None = None

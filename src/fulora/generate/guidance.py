@@ -7,12 +7,17 @@ prompt/negative prompt" setting off). Diffusers' pipeline runs both in one batch
 the same shape, so fulora pads the shorter one and masks the padding out of the UNet's
 cross-attention: each then attends to its own tokens only, as alone (the masked keys' weights are
 exactly 0; tested against separate passes in ``tests/generate/test_guidance.py``).
+
+A prompt with editing, alternation or ``AND`` (``fulora.generate.schedules``) conditions each
+UNet call on that call's entries, and guides each ``AND`` part with its weight, as A1111's
+``CFGDenoiser`` does (:func:`guided`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -67,3 +72,166 @@ def cross_attention_mask(unet: torch.nn.Module, keep: torch.Tensor | None) -> It
         yield
     finally:
         handle.remove()
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """One prompt's embeddings step by step (A1111's ``ScheduledPromptConditioning`` list).
+
+    Attributes:
+        ends: Each entry's last step (``fulora.generate.schedules.PromptPart.schedule``).
+        embeddings: Each entry's embeddings (entries, tokens, channels).
+    """
+
+    ends: tuple[int, ...]
+    embeddings: torch.Tensor
+
+    def at(self, call: int) -> torch.Tensor:
+        """The embeddings (1, tokens, channels) for the model call counted ``call`` (from 0).
+
+        A1111's ``reconstruct_cond_batch``: the first entry whose last step is at least
+        ``call``, and the first entry if none is (a sampler calling the model more often).
+        """
+        index = next((i for i, end in enumerate(self.ends) if call <= end), 0)
+        return self.embeddings[index : index + 1]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a plane's images are conditioned on: the prompt's weighted parts and the negative.
+
+    Attributes:
+        parts: ``(weight, Scheduled)`` per ``AND`` part of the prompt, all of one length
+            (A1111's ``stack_conds`` repeats a shorter part's last embedding).
+        negative: The negative prompt's, or None without classifier-free guidance.
+    """
+
+    parts: tuple[tuple[float, Scheduled], ...]
+    negative: Scheduled | None
+
+    @property
+    def plain(self) -> bool:
+        """One prompt of weight 1 and one text on each side: diffusers' own guidance is A1111's."""
+        sides = [scheduled for _, scheduled in self.parts] + [self.negative] * bool(self.negative)
+        return (
+            len(self.parts) == 1
+            and self.parts[0][0] == 1.0
+            and all(len(side.ends) == 1 for side in sides)
+        )
+
+    def first(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first call's (prompt, negative) embeddings: what the pipeline is handed."""
+        negative = self.negative.at(0) if self.negative is not None else None
+        return self.parts[0][1].at(0), negative
+
+
+def stacked_parts(
+    parts: list[tuple[float, Scheduled]],
+) -> tuple[tuple[float, Scheduled], ...]:
+    """``AND`` parts at one length: a shorter part's last embedding repeated, as A1111 does."""
+    length = max(scheduled.embeddings.shape[1] for _, scheduled in parts)
+    stacked = []
+    for weight, scheduled in parts:
+        hidden = scheduled.embeddings
+        repeats = length - hidden.shape[1]
+        if repeats:
+            hidden = torch.cat([hidden, hidden[:, -1:].expand(-1, repeats, -1)], dim=1)
+        stacked.append((weight, Scheduled(scheduled.ends, hidden)))
+    return tuple(stacked)
+
+
+@contextmanager
+def guided(unet: torch.nn.Module, conditioning: Conditioning, images: int) -> Iterator[None]:
+    """Every UNet call inside the block conditioned as A1111 conditions it, call by call.
+
+    A plain conditioning changes nothing but masking a shorter side's padding
+    (:func:`cross_attention_mask`). Otherwise hooks count the UNet's calls as A1111 counts its
+    steps and, at each, give every image each part's and the negative prompt's embeddings for
+    that call; with guidance they run one row per part and return, as the prompt's prediction,
+    the negative's plus each part's difference from it times its weight, so diffusers'
+    guidance ``u + g (p - u)`` is A1111's ``u + g sum(w (c - u))`` (``combine_denoised``).
+
+    Args:
+        unet: The pipeline's UNet (compiled or not).
+        conditioning: The plane's conditioning (:class:`Conditioning`).
+        images: The images of the batch (the pipeline's rows per side).
+    """
+    if conditioning.plain:
+        positive, negative = conditioning.first()
+        keep = None if negative is None else padded_sides(positive, negative)[2]
+        with cross_attention_mask(unet, _per_image(keep, images)):
+            yield
+        return
+    hooks = _StepHooks(conditioning, images)
+    handles = [
+        unet.register_forward_pre_hook(hooks.before, with_kwargs=True),
+        unet.register_forward_hook(hooks.after, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _per_image(keep: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Each side's token mask for every image of a batch: n negative rows, then n positive."""
+    return None if keep is None else keep.repeat_interleave(n, dim=0)
+
+
+class _StepHooks:
+    """The UNet's inputs and output at each call of a scheduled or ``AND`` conditioning."""
+
+    def __init__(self, conditioning: Conditioning, images: int) -> None:
+        self.conditioning = conditioning
+        self.images = images
+        self.call = 0  # A1111's CFGDenoiser.step
+
+    def before(self, module, args, kwargs):
+        sample, timestep, *rest = args  # diffusers' pipelines: (sample, t, encoder_hidden_states=)
+        rows = [scheduled.at(self.call) for _, scheduled in self.conditioning.parts]
+        if self.conditioning.negative is not None:  # rows: the negative, then each part
+            rows.insert(0, self.conditioning.negative.at(self.call))
+            sample, timestep = (_rows_for(t, self.images, len(rows)) for t in (sample, timestep))
+        hidden, keep = _one_length(rows)
+        hidden = hidden.repeat_interleave(self.images, 0)
+        if rest:  # given by position
+            rest[0] = hidden
+        else:
+            kwargs = {**kwargs, "encoder_hidden_states": hidden}
+        if keep is not None:
+            kwargs = {**kwargs, "encoder_attention_mask": keep.repeat_interleave(self.images, 0)}
+        return (sample, timestep, *rest), kwargs
+
+    def after(self, module, args, kwargs, output):
+        self.call += 1
+        if self.conditioning.negative is None:
+            return output
+        predicted = output[0]
+        uncond, *parts = predicted.split(self.images)
+        prompt = uncond.clone()
+        for (weight, _), part in zip(self.conditioning.parts, parts, strict=True):
+            prompt += (part - uncond) * weight
+        combined = torch.cat([uncond, prompt])
+        if isinstance(output, tuple):
+            return (combined, *output[1:])
+        output[next(iter(output.keys()))] = combined  # diffusers' output dataclass (.sample)
+        return output
+
+
+def _rows_for(value, images: int, sides: int):
+    """One image's input (the pipeline's second half) repeated for every side."""
+    if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] != 2 * images:
+        return value
+    return value[images:].repeat(sides, *[1] * (value.ndim - 1))
+
+
+def _one_length(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows (1, tokens, channels) padded to one length, and which tokens are real (or None)."""
+    length = max(row.shape[1] for row in rows)
+    if all(row.shape[1] == length for row in rows):
+        return torch.cat(rows), None
+    keep = torch.zeros(len(rows), length, dtype=torch.bool, device=rows[0].device)
+    for index, row in enumerate(rows):
+        keep[index, : row.shape[1]] = True
+    return torch.cat([_padded(row, length) for row in rows]), keep

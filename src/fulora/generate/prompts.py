@@ -2,8 +2,8 @@ r"""AUTOMATIC1111's prompt language, read as A1111 reads it, or refused.
 
 Each PNG carries its prompt in AUTOMATIC1111's settings text, so a prompt must make the same
 image in both. A1111 reads a prompt language in the text; fulora reads its emphasis and
-chunks as A1111 does (:func:`parse_emphasis`, :func:`a1111_chunks`) and refuses the rest,
-which diffusers' pipeline cannot run as A1111 runs it (:func:`check_prompt_syntax`):
+chunks as A1111 does (:func:`parse_emphasis`, :func:`a1111_chunks`) and refuses what it does
+not read as A1111 reads it (:func:`check_prompt_syntax`):
 
 - emphasis, read alike: ``(word)`` multiplies the word's embeddings by 1.1, ``[word]`` divides
   them by 1.1, ``(word:1.3)`` multiplies them by 1.3; ``\(`` ``\)`` ``\[`` ``\]`` ``\\``
@@ -13,9 +13,11 @@ which diffusers' pipeline cannot run as A1111 runs it (:func:`check_prompt_synta
   comma within the last 20 tokens, and ``BREAK`` starts a new chunk (:func:`a1111_chunks`); a
   prompt and a negative prompt of different chunk counts are guided as A1111 guides them,
   each on its own (``fulora.generate.guidance``).
-- refused: ``[a:b:10]`` switches prompts during sampling, ``[a|b]`` alternates them, ``AND``
-  composes prompts, a positive prompt ending in ``:1.5`` scales its guidance (A1111 reads it as
-  a one-prompt ``AND``), ``BREAK`` inside brackets is the word with a negative weight, and
+- prompt editing ``[a:b:10]``, alternation ``[a|b]`` and ``AND`` (with a part's weight,
+  ``a cat :1.2``), read alike: each text the prompt takes during sampling is read as above
+  (``fulora.generate.schedules``), and each part guided as A1111 guides it
+  (``fulora.generate.guidance.guided``).
+- refused: ``BREAK`` inside brackets is the word with a negative weight, and
   ``<lora:name:0.8>`` loads a network. A weight with spaces, ``(word: 1.3)``, is refused too:
   A1111's versions differ (newer ones read a weight, older ones text).
 
@@ -28,63 +30,77 @@ from __future__ import annotations
 import re
 
 from fulora.errors import ConfigError
+from fulora.generate.schedules import read_prompt
 
 _ESCAPABLE = "()[]\\"
 # A1111's emphasis weight: ':' number ')', with no space (older versions allowed none)
 _WEIGHT = re.compile(r":([+-]?[.\d]+)\)")
 _SPACED_WEIGHT = re.compile(r":\s*[+-]?[.\d]+\s*\)")
 _TEXT_RUN = re.compile(r"[^\\()\[\]:]+")
-_UNREAD = re.compile(r"\bAND\b|<\w+:|\|")
+_NETWORK = re.compile(r"<\w+:")  # A1111 takes extra networks out of the prompt first
 # A1111 splits each text run at BREAK (prompt_parser.re_break), leaving this marker piece
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 BREAK_MARK = ("BREAK", -1.0)
-# A1111 splits the positive prompt at AND and reads a trailing ':number' of each part as its
-# weight in the guidance (prompt_parser.re_weight), also when there is no AND
-_GUIDANCE_WEIGHT = re.compile(r":\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
 # a closing bracket: its opening one and its factor; a weight ':1.3)' closes '(' with 1.3
 _CLOSES = {")": ("(", 1.1), "]": ("[", 1 / 1.1)}
 
 
-def check_prompt_syntax(text: str, what: str, *, negative: bool = False) -> None:
+def check_prompt_syntax(
+    text: str, what: str, steps: int, *, negative: bool = False, guided: bool = True
+) -> None:
     """Refuse a prompt that AUTOMATIC1111 would read otherwise than fulora.
+
+    Each text the prompt takes during sampling (``fulora.generate.schedules``) is checked.
 
     Args:
         text: The prompt.
         what: Which prompt, for the message ("the prompt of brain", "negative_prompt").
+        steps: The steps A1111 schedules it over (``schedules.schedule_steps``).
         negative: A negative prompt, which A1111 does not split at ``AND`` nor weight.
+        guided: Whether the run uses classifier-free guidance (guidance above 1).
 
     Raises:
         ConfigError: Naming the piece of syntax, where it is and what to do.
     """
-    found = _first_unread(text, negative)
-    if found is None:
-        return
+    network = _NETWORK.search(text)
+    if network is not None:
+        _refuse(what, repr(text), (network.start(), network.group(), "network"))
+    parts = read_prompt(text, steps, negative=negative)
+    if not guided and (len(parts) > 1 or parts[0].weight != 1.0):
+        raise ConfigError(
+            f"{what} {text!r} has parts joined by AND or a weight after ':', which A1111 "
+            "combines with the negative prompt's prediction in classifier-free guidance; "
+            "set guidance (--guidance) above 1, or write the prompt without them"
+        )
+    for part in parts:
+        for end, step_text in part.schedule:
+            found = _first_unread(step_text)
+            if found is not None:
+                shown = repr(text)
+                if step_text != text:  # the text A1111 conditions on at that step
+                    shown += f", at step {end} read as {step_text!r},"
+                _refuse(what, shown, found)
+
+
+def _refuse(what: str, shown: str, found: tuple[int, str, str]) -> None:
     at, piece, kind = found
     meaning, fix = _UNREAD_KINDS[kind]
     raise ConfigError(
-        f"{what} {text!r} holds {piece!r} (at character {at + 1}), which AUTOMATIC1111 reads "
-        f"as {meaning}; fulora reads A1111's emphasis ('(word)', '[word]', '(word:1.3)'), "
-        "long prompts and BREAK as A1111 does, but not this, so the two would make different "
+        f"{what} {shown} holds {piece!r} (at character {at + 1}), which AUTOMATIC1111 reads "
+        f"as {meaning}; fulora reads A1111's emphasis, long prompts, BREAK, prompt editing, "
+        "alternation and AND as A1111 does, but not this, so the two would make different "
         f"images from the same settings: {fix}"
     )
 
 
-_ONE_PROMPT = "write the prompt without it"
 _UNREAD_KINDS = {  # kind: (what A1111 reads it as, what to do)
-    "AND": ("composing prompts", _ONE_PROMPT),
     "bracketed BREAK": (
         "the word 'BREAK' with a negative weight inside brackets, not a new chunk",
         "close the brackets before BREAK and open them again after it",
     ),
-    "|": ("alternating prompts ('[a|b]')", _ONE_PROMPT),
-    "switch": ("switching prompts during sampling ('[a:b:10]')", _ONE_PROMPT),
     "network": (
         "loading a network ('<lora:name:0.8>')",
         "give a LoRA in lora and lora_scale (--lora, --lora-scale)",
-    ),
-    "guidance": (
-        "the prompt's weight in the guidance",
-        "set the guidance (--guidance) instead, or write the number without the ':'",
     ),
     "spaced": (
         "a weight in newer versions and as text in older ones",
@@ -98,14 +114,9 @@ _UNREAD_KINDS = {  # kind: (what A1111 reads it as, what to do)
 }
 
 
-def _first_unread(text: str, negative: bool) -> tuple[int, str, str] | None:
-    """(position, piece, kind) of the first syntax fulora does not read (kinds: _UNREAD_KINDS)."""
+def _first_unread(text: str) -> tuple[int, str, str] | None:
+    """(position, piece, kind) of the first syntax of one text fulora does not read."""
     found = [
-        (match.start(), match.group(), match.group() if match.group()[0] != "<" else "network")
-        for match in _UNREAD.finditer(text)
-        if not (negative and match.group() == "AND")  # a word in A1111's negative prompt
-    ]
-    found += [
         (match.start(), match.group(), "spaced")
         for match in _SPACED_WEIGHT.finditer(text)
         if not _WEIGHT.fullmatch(match.group())
@@ -115,28 +126,20 @@ def _first_unread(text: str, negative: bool) -> tuple[int, str, str] | None:
         for match in _WEIGHT.finditer(text)
         if not _is_number(match.group(1))
     ]
-    found += _switches_and_escapes(text)
+    found += _stray_backslashes(text)
     if not any(kind == "nan" for *_, kind in found):  # A1111's parse needs numbers
         found += _bracketed_breaks(text)
-    weight = None if negative else _GUIDANCE_WEIGHT.search(text)
-    if weight is not None:
-        found.append((weight.start(), weight.group(), "guidance"))
     return min(found) if found else None
 
 
-def _switches_and_escapes(text: str) -> list[tuple[int, str, str]]:
-    """A ':' inside square brackets (prompt switching), and a backslash before another character."""
-    depth, at = 0, 0
+def _stray_backslashes(text: str) -> list[tuple[int, str, str]]:
+    """The first backslash before a character A1111 does not escape (it drops the backslash)."""
+    at = 0
     while at < len(text):
-        char = text[at]
-        if char == "\\":
+        if text[at] == "\\":
             if text[at + 1 : at + 2] not in _ESCAPABLE or at + 1 == len(text):
                 return [(at, text[at : at + 2], "backslash")]
-            at += 2
-            continue
-        depth += (char == "[") - (char == "]" and depth > 0)
-        if char == ":" and depth:
-            return [(at, char, "switch")]
+            at += 1
         at += 1
     return []
 

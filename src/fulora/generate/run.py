@@ -35,7 +35,13 @@ from fulora.data.manifest import MANIFEST_NAME
 from fulora.errors import ConfigError, DataError
 from fulora.generate.config import GenerateConfig
 from fulora.generate.decode import Decoder
-from fulora.generate.guidance import cross_attention_mask, padded_sides
+from fulora.generate.guidance import (
+    Conditioning,
+    Scheduled,
+    guided,
+    padded_sides,
+    stacked_parts,
+)
 from fulora.generate.output import (
     ImageWriter,
     Made,
@@ -52,6 +58,7 @@ from fulora.generate.samplers import (
     resolve_sampler,
     scheduler_name,
 )
+from fulora.generate.schedules import read_prompt, schedule_steps
 from fulora.io import file_hash, half_written
 from fulora.lora.base import (
     base_identity,
@@ -167,7 +174,8 @@ def plan(cfg: GenerateConfig) -> _Plan:
     }
     for plane in sorted(set(captions) & set(planes) - set(given)):  # given: checked in the config
         what = f"the LoRA's caption for {plane} (give prompts.{plane})"
-        check_prompt_syntax(prompts[plane], what)
+        steps = schedule_steps(resolve_sampler(cfg.sampler), cfg.steps)
+        check_prompt_syntax(prompts[plane], what, steps, guided=cfg.guidance > 1)
     width, height = cfg.width, cfg.height
     if width is None or height is None:
         # the LoRA's commonest training bucket, else the base model's own size, else SD1.5's
@@ -522,21 +530,56 @@ def _load_generator(cfg, resolved, device, dtype):
     return pipe, embeddings
 
 
-def _plane_embeddings(pipe, plane: str, cfg, resolved, device):
-    """(positive, negative or None) embeddings of a plane's prompt, as A1111 encodes them.
+def _plane_embeddings(pipe, plane: str, cfg, resolved, device) -> Conditioning:
+    """A plane's prompt and negative prompt, embedded step by step as A1111 embeds them.
 
-    Each side is its chunks' embeddings, one after the other (1, 77 x chunks, channels).
+    Each ``AND`` part of the prompt, and the negative prompt, is a batch of its texts, one per
+    entry of its schedule (one text without editing or alternation), each text its chunks one
+    after the other, a batch's shorter texts filled with empty chunks as A1111 fills them.
     """
-    prompts = [resolved.prompts[plane]]
-    if cfg.guidance > 1.0:
-        prompts.append(cfg.negative_prompt)
-    chunks = [a1111_chunks(pipe.tokenizer, prompt) for prompt in prompts]
-    if any(len(side) > 1 for side in chunks):  # A1111 shows the count as "90/150" tokens
-        names = ["prompt", "negative prompt"][: len(chunks)]
-        counts = [f"{name} {len(side)}" for name, side in zip(names, chunks, strict=True)]
-        logger.info("%s: chunks of 75 tokens, as A1111 encodes them: %s", plane, ", ".join(counts))
-    sides = chunked_embeddings(pipe.text_encoder, chunks, resolved.clip_skip, device)
-    return sides[0], (sides[1] if len(sides) > 1 else None)
+    steps = schedule_steps(resolved.sampler, cfg.steps)
+    parts = read_prompt(resolved.prompts[plane], steps)
+    negative = read_prompt(cfg.negative_prompt, steps, negative=True) if cfg.guidance > 1 else []
+    empty = a1111_chunks(pipe.tokenizer, "")[0]
+    batches = []
+    for part in parts + negative:
+        texts = [a1111_chunks(pipe.tokenizer, text) for text in part.texts]
+        count = max(len(chunks) for chunks in texts)
+        batches.append([chunks + [empty] * (count - len(chunks)) for chunks in texts])
+    _log_reading(plane, parts + negative, [len(texts[0]) for texts in batches], len(parts))
+    embedded = chunked_embeddings(pipe.text_encoder, batches, resolved.clip_skip, device)
+    sides = [
+        (part.weight, Scheduled(tuple(end for end, _ in part.schedule), hidden))
+        for part, hidden in zip(parts + negative, embedded, strict=True)
+    ]
+    return Conditioning(stacked_parts(sides[: len(parts)]), sides[-1][1] if negative else None)
+
+
+def _log_reading(plane: str, sides: list, chunk_counts: list[int], prompt_parts: int) -> None:
+    """Say what A1111's prompt language made of a plane's prompts, where it is more than text.
+
+    Args:
+        plane: The plane.
+        sides: The prompt's parts, then the negative prompt's, if guided (``PromptPart``).
+        chunk_counts: Each side's chunks.
+        prompt_parts: How many of ``sides`` are the prompt's.
+    """
+    names = ["prompt"] if prompt_parts == 1 else [f"part {i + 1}" for i in range(prompt_parts)]
+    names += ["negative prompt"] * (len(sides) - prompt_parts)
+    if max(chunk_counts) > 1:  # A1111 shows the count as "90/150" tokens
+        counts = ", ".join(f"{n} {c}" for n, c in zip(names, chunk_counts, strict=True))
+        logger.info("%s: chunks of 75 tokens, as A1111 encodes them: %s", plane, counts)
+    edited = [
+        f"{name} {len(side.schedule)} steps, {len(set(side.texts))} texts"
+        for name, side in zip(names, sides, strict=True)
+        if len(side.schedule) > 1
+    ]
+    if edited:
+        logger.info("%s: edited during sampling as A1111 edits it: %s", plane, ", ".join(edited))
+    weights = [side.weight for side in sides[:prompt_parts]]
+    if weights != [1.0]:
+        shown = ", ".join(f"{weight:g}" for weight in weights)
+        logger.info("%s: prompt parts guided with weights %s, as A1111's AND", plane, shown)
 
 
 def initial_noise(
@@ -565,16 +608,15 @@ def initial_noise(
     return torch.cat([torch.randn(shape, generator=generator) for generator in generators])
 
 
-def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> torch.Tensor:
+def _denoise(pipe, conditioning: Conditioning, seeds: list[int], cfg, resolved) -> torch.Tensor:
     """One batch's denoised latents; each image's noise from its own seed."""
-    positive, negative = embeddings
-    keep = None
-    if negative is not None:  # sides of different chunk counts: each attends to its own
-        positive, negative, keep = padded_sides(positive, negative)
+    positive, negative = conditioning.first()
+    if negative is not None:  # one shape for diffusers' batch; ``guided`` masks the padding
+        positive, negative, _ = padded_sides(positive, negative)
     n = len(seeds)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     noise = initial_noise(pipe, generators, resolved.height, resolved.width)
-    with torch.no_grad(), cross_attention_mask(pipe.unet, _per_image(keep, n)):
+    with torch.no_grad(), guided(pipe.unet, conditioning, n):
         return pipe(
             latents=noise.to(positive.device, positive.dtype),  # as diffusers types them
             prompt_embeds=positive.repeat(n, 1, 1),
@@ -586,8 +628,3 @@ def _denoise(pipe, embeddings, seeds: list[int], cfg, resolved) -> torch.Tensor:
             generator=generators,  # where the starting noise left them, for Euler a's noise
             output_type="latent",
         ).images
-
-
-def _per_image(keep: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """Each side's token mask for every image of a batch: n negative rows, then n positive."""
-    return None if keep is None else keep.repeat_interleave(n, dim=0)

@@ -78,75 +78,76 @@ def prompt_embeddings(
 
 
 def emphasise(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """AUTOMATIC1111's default ("Original") emphasis: weight each token, keep the prompt's mean.
-
-    Per prompt (row): the embeddings times each token's weight, then times (mean before / mean
-    after), in fp32 as A1111 computes it with its fp32 weights, returned in ``hidden``'s dtype.
-    A row of weights 1 is left as it is (A1111's result is the same numbers). Checked against
-    A1111's ``sd_hijack_clip`` and ``sd_emphasis`` in ``tests/test_parity.py``.
+    """AUTOMATIC1111's default ("Original") emphasis of each prompt (row) on its own.
 
     Args:
         hidden: Text embeddings (prompts, tokens, channels).
         weights: Each token's weight (prompts, tokens).
     """
-    rows = []
-    for row, row_weights in zip(hidden, weights.to(hidden.device, torch.float32), strict=True):
-        if bool((row_weights == 1).all()):
-            rows.append(row)
-            continue
-        plain = row.float()
-        weighted = plain * row_weights[:, None]
-        rows.append((weighted * (plain.mean() / weighted.mean())).to(hidden.dtype))
-    return torch.stack(rows)
+    rows = zip(hidden, weights, strict=True)
+    return torch.cat([emphasise_together(row[None], weight[None]) for row, weight in rows])
 
 
-def weighted_embeddings(
-    text_encoder,
-    token_rows: list[list[int]],
-    weight_rows: list[list[float]],
-    clip_skip: int,
-    device: torch.device | str,
-) -> torch.Tensor:
-    """Embeddings of prompts given as token ids and per-token emphasis weights.
+def emphasise_together(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """AUTOMATIC1111's default ("Original") emphasis of texts that A1111 encodes in one batch.
+
+    The embeddings times each token's weight, then times (mean before / mean after), the means
+    taken over the whole batch as A1111's ``EmphasisOriginal`` takes them, in fp32 as A1111
+    computes it with its fp32 weights, returned in ``hidden``'s dtype. Weights all 1 leave the
+    embeddings as they are (A1111's result is the same numbers). Checked against A1111's
+    ``sd_hijack_clip`` and ``sd_emphasis`` in ``tests/test_parity.py``.
 
     Args:
-        text_encoder: The pipeline's CLIP text model.
-        token_rows: Each prompt's token ids, padded to the tokenizer's length.
-        weight_rows: Each prompt's weight per token (1 for plain text).
-        clip_skip: kohya/A1111 clip skip (1 = the last layer).
-        device: Where the text encoder runs.
-
-    Returns:
-        A tensor (prompts, tokens, hidden).
+        hidden: Text embeddings (texts, tokens, channels).
+        weights: Each token's weight (texts, tokens).
     """
-    ids = torch.tensor(token_rows, device=device)
-    with torch.no_grad():
-        hidden = encode_prompt(text_encoder, ids, clip_skip)
-    return emphasise(hidden, torch.tensor(weight_rows, dtype=torch.float32))
+    weights = weights.to(hidden.device, torch.float32)
+    if bool((weights == 1).all()):
+        return hidden
+    plain = hidden.float()
+    weighted = plain * weights[..., None]
+    return (weighted * (plain.mean() / weighted.mean())).to(hidden.dtype)
 
 
 def chunked_embeddings(
     text_encoder,
-    prompts: list[list[tuple[list[int], list[float]]]],
+    batches: list[list[list[tuple[list[int], list[float]]]]],
     clip_skip: int,
     device: torch.device | str,
 ) -> list[torch.Tensor]:
-    """Embeddings of prompts given in AUTOMATIC1111's 77-token chunks, as A1111 encodes them.
+    """Embeddings of texts given in AUTOMATIC1111's 77-token chunks, as A1111 encodes them.
 
-    Every chunk is encoded on its own (in one batch) and emphasised on its own, and a prompt's
-    chunks follow one another: A1111's ``FrozenCLIPEmbedderWithCustomWords.forward``.
+    A1111's ``FrozenCLIPEmbedderWithCustomWords.forward`` on each batch of texts: every chunk
+    is encoded on its own, the emphasis of the texts' chunks at one position is applied
+    together (:func:`emphasise_together`), and a text's chunks follow one another. Every chunk
+    of every batch goes through the text encoder in one call.
 
     Args:
         text_encoder: The pipeline's CLIP text model.
-        prompts: Each prompt's chunks, ``(ids, weights)`` each
-            (``fulora.generate.prompts.a1111_chunks``).
+        batches: Texts that A1111 encodes together (a prompt's texts step by step), each as
+            its chunks ``(ids, weights)`` (``fulora.generate.prompts.a1111_chunks``); the
+            texts of a batch have as many chunks (A1111 adds empty ones).
         clip_skip: kohya/A1111 clip skip (1 = the last layer).
         device: Where the text encoder runs.
 
     Returns:
-        One tensor (1, 77 x chunks, hidden) per prompt.
+        One tensor (texts, 77 x chunks, hidden) per batch.
     """
-    ids, weights = zip(*[chunk for chunks in prompts for chunk in chunks], strict=True)
-    hidden = weighted_embeddings(text_encoder, list(ids), list(weights), clip_skip, device)
-    sides = hidden.split([len(chunks) for chunks in prompts])
-    return [side.reshape(1, -1, side.shape[-1]) for side in sides]
+    flat = [chunk for texts in batches for chunks in texts for chunk in chunks]
+    ids = torch.tensor([chunk_ids for chunk_ids, _ in flat], device=device)
+    weights = torch.tensor([chunk_weights for _, chunk_weights in flat], dtype=torch.float32)
+    with torch.no_grad():
+        hidden = encode_prompt(text_encoder, ids, clip_skip)
+    sizes = [len(texts) * len(texts[0]) for texts in batches]
+    embedded = []
+    for texts, rows, row_weights in zip(
+        batches, hidden.split(sizes), weights.split(sizes), strict=True
+    ):
+        count = len(texts[0])
+        if any(len(chunks) != count for chunks in texts):
+            raise ValueError("the texts of a batch must have as many chunks (add empty ones)")
+        rows = rows.unflatten(0, (len(texts), count))  # (texts, chunks, 77, hidden)
+        row_weights = row_weights.unflatten(0, (len(texts), count))
+        chunks = [emphasise_together(rows[:, i], row_weights[:, i]) for i in range(count)]
+        embedded.append(torch.cat(chunks, dim=1))
+    return embedded

@@ -1,0 +1,150 @@
+r"""Prompt editing, alternation and ``AND``, scheduled as AUTOMATIC1111 schedules them.
+
+A1111 reads three things in a prompt that change what the UNet is conditioned on, and when:
+
+- ``[from:to:when]`` edits the prompt during sampling: ``from`` until step ``when``, then
+  ``to`` (``[to:when]`` adds, ``[from::when]`` removes). A whole number is a step, a number
+  with a point a fraction of the steps (``0.25``: a quarter);
+- ``[a|b|c]`` alternates the words at every step;
+- ``AND`` splits the (positive) prompt into parts, each with its own prediction, combined in
+  the guidance with the weight after its last ``:`` (``a cat :1.2 AND a dog :0.8``); a
+  prompt without ``AND`` may carry such a weight too.
+
+:func:`read_prompt` gives each part's weight and its text at each step (A1111's
+``get_multicond_prompt_list`` and ``get_learned_conditioning_prompt_schedules``, with its
+current scheduling and without hires fix); each text is then read for emphasis and chunks by
+``fulora.generate.prompts``. A1111 counts a "step" each time its sampler calls the model,
+over ``steps`` calls, or ``2 x steps`` for a second-order sampler (Heun): :func:`schedule_steps`.
+So ``[a:b:10]`` at 20 Heun steps changes after the 10th model call, at the 5th step, as in A1111.
+A prompt A1111's grammar cannot parse is not scheduled at all: it is read as written, brackets
+and all (``a | b [c:d:5]``, whose ``|`` is outside brackets, is one text).
+
+Checked against A1111's own functions on 20,000 random prompts and a table of recorded
+answers (``tests/test_parity.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+
+import lark
+
+# A1111's prompt-editing grammar (prompt_parser.schedule_parser), the language itself: its
+# parse decides what is an edit, so fulora parses with the same rules and the same parser
+# (lark's Earley). Brackets and ':' that fit no rule are text (the bracket runs of `start`).
+_GRAMMAR = r"""
+!start: (text | /[][():]/+)*
+text: (emphasis | edit | alternation | words | SPACE)*
+!emphasis: "(" text ")"
+        | "(" text ":" text ")"
+        | "[" text "]"
+edit: "[" [text ":"] text ":" [SPACE] NUMBER [SPACE] "]"
+alternation: "[" text ("|" [text])+ "]"
+SPACE: /\s+/
+words: /([^\\\[\]():|]|\\.)+/
+%import common.SIGNED_NUMBER -> NUMBER
+"""
+
+# A1111 splits the positive prompt at AND (prompt_parser.re_AND) and reads a part's trailing
+# ':number' as its weight (re_weight); whitespace around both is dropped, not the text's own
+_AND = re.compile(r"\bAND\b")
+_PART_WEIGHT = re.compile(r"(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*", re.S)
+
+# A1111's second-order samplers call the model twice a step, and it counts both calls
+SECOND_ORDER = frozenset({"heun"})
+
+
+@dataclass(frozen=True)
+class PromptPart:
+    """One ``AND`` part of a prompt: its weight in the guidance and its text step by step.
+
+    Attributes:
+        weight: The part's guidance weight (1 without a trailing ``:number``).
+        schedule: ``(last step, text)`` pairs, A1111's ``(end_at_step, text)``: a model call
+            counted ``c`` (from 0) uses the first pair whose last step is at least ``c``.
+    """
+
+    weight: float
+    schedule: tuple[tuple[int, str], ...]
+
+    @property
+    def texts(self) -> list[str]:
+        """The part's texts in the order of the schedule."""
+        return [text for _, text in self.schedule]
+
+
+def schedule_steps(sampler: str, steps: int) -> int:
+    """The steps A1111 schedules a prompt over: its model calls, two a step for Heun.
+
+    Args:
+        sampler: fulora's sampler name (``fulora.generate.samplers.resolve_sampler``).
+        steps: The sampling steps.
+    """
+    return steps * 2 if sampler in SECOND_ORDER else steps
+
+
+def read_prompt(text: str, steps: int, *, negative: bool = False) -> list[PromptPart]:
+    """A prompt's ``AND`` parts, each with its weight and its text at every step.
+
+    Args:
+        text: The prompt as written.
+        steps: The steps it is scheduled over (:func:`schedule_steps`).
+        negative: A negative prompt, which A1111 does not split at ``AND`` nor weight.
+
+    Returns:
+        One part for a negative prompt or a prompt without ``AND``.
+    """
+    if negative:
+        return [PromptPart(1.0, scheduled(text, steps))]
+    parts = []
+    for part in _AND.split(text):
+        words, weight = _PART_WEIGHT.fullmatch(part).groups()
+        parts.append(PromptPart(float(weight) if weight else 1.0, scheduled(words, steps)))
+    return parts
+
+
+def scheduled(text: str, steps: int) -> tuple[tuple[int, str], ...]:
+    """A prompt's ``(last step, text)`` pairs as A1111 edits and alternates it; one if neither."""
+    tree = _parse(text)
+    if tree is None:  # A1111 reads what its grammar cannot parse as written
+        return ((steps, text),)
+    whens = {id(edit): _edit_step(edit, steps) for edit in tree.find_data("edit")}
+    ends = {steps, *(when for when in whens.values() if when >= 1)}
+    if any(True for _ in tree.find_data("alternation")):
+        ends.update(range(1, steps + 1))  # every step has its own text
+    return tuple((end, _text_at(tree, end, whens)) for end in sorted(ends))
+
+
+@cache
+def _parser() -> lark.Lark:
+    return lark.Lark(_GRAMMAR)
+
+
+def _parse(text: str) -> lark.Tree | None:
+    try:
+        return _parser().parse(text)
+    except lark.exceptions.LarkError:
+        return None
+
+
+def _edit_step(edit: lark.Tree, steps: int) -> int:
+    """The last step of an edit's ``from`` text: a whole number, or a fraction of the steps."""
+    number = str(edit.children[-2])
+    when = float(number) * steps if "." in number else float(number)
+    return min(steps, int(when))
+
+
+def _text_at(node: lark.Tree | lark.Token | None, step: int, whens: dict[int, int]) -> str:
+    """The prompt's text at ``step``: each edit and alternation resolved, the rest as written."""
+    if node is None:  # an edit without 'from', or an empty alternative
+        return ""
+    if isinstance(node, lark.Token):
+        return str(node)
+    if node.data == "edit":
+        before, after = node.children[:2]
+        return _text_at(before if step <= whens[id(node)] else after, step, whens)
+    if node.data == "alternation":
+        return _text_at(node.children[(step - 1) % len(node.children)], step, whens)
+    return "".join(_text_at(child, step, whens) for child in node.children)
