@@ -1526,6 +1526,113 @@ def test_samplers_are_automatic1111s(sampler):
     assert gap < SAMPLER_GAP[sampler], f"{sampler}: {gap:.2e} from A1111's"
 
 
+# AUTOMATIC1111's guidance of edited, alternated and AND prompts, end to end: its CFGDenoiser
+# (reconstruct_multicond_batch, reconstruct_cond_batch, combine_denoised and its step counter,
+# modules/sd_samplers_cfg_denoiser.py) with its prompt_parser's schedules over its total_steps
+# (2 x steps for Heun), around k-diffusion's sample_euler / sample_heun and
+# DiscreteEpsDDPMDenoiser, transcribed into a scratch script, guidance 7, from KDIFFUSION_NOISE.
+# The model is _toy_eps with the conditioning added to its sine's angle, one number per text (_text_value), so the
+# result depends on which text conditions which call. (model calls, x0), float64, 10 digits.
+A1111_GUIDED_X0 = {
+    ("euler", 10, "[fetal:brain:3]", "[blurry|noisy]"): (
+        10,
+        [0.9434526636, -3.88964364, -18.76582845, 15.32329187, -18.90825552, -18.9207902,
+         -17.21175525, -18.92796466, -18.9412618, 20.13076488, 0.9431161168, 29.39569029,
+         5.938562321, -18.87414926, 0.9391402086, 0.943360812],
+    ),
+    ("heun", 10, "fetal AND brain:0.5 AND [femur:bone:0.5] :-0.3", "[text::4]"): (
+        19,
+        [-2.449288946, -1.129860607, -1.552451778, 10.02448437, -1.37754581, -1.841304651,
+         -1.231550771, -1.364934278, -1.864653562, 9.602540513, -1.185350279, 11.60692112,
+         9.818486211, -1.778767609, -1.22325718, -1.172851367],
+    ),
+    ("euler", 10, "[fetal|brain|femur] :1.5", ""): (
+        10,
+        [-29.4380365, 4.051678898, -9.662177636, 4.051714134, -5.308484848, -17.75443977,
+         4.05272254, -4.792138879, -18.00522267, 4.051698578, 4.05169743, 4.051696986,
+         4.05170905, -16.08889772, 4.051702163, 4.051697739],
+    ),
+}  # fmt: skip
+
+
+def _text_value(text: str) -> float:
+    return (sum(map(ord, text)) % 101) / 50 - 1
+
+
+class _ToyConditionalUNet(torch.nn.Module):
+    """_toy_eps, each row's conditioning added to the sine's angle, called as a pipeline's UNet."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict=False, **kwargs):
+        self.calls += 1
+        shift = encoder_hidden_states[:, 0, 0].reshape(-1, 1, 1, 1)
+        angle = 1.3 * sample + timestep.to(sample.dtype) / 250.0 + shift
+        return (0.5 * torch.sin(angle) + 0.2 * sample,)
+
+
+def _toy_conditioning(prompt: str, negative: str, steps: int, late: int = 0):
+    """The toy's conditioning of each part and the negative; ``late``: each text's last step
+    that many calls later, as a counter from 1 would have it."""
+    from fulora.generate.guidance import Conditioning, Scheduled, stacked_parts
+    from fulora.generate.schedules import read_prompt
+
+    def scheduled(part):
+        values = [[[_text_value(text)]] for text in part.texts]
+        ends = tuple(end + late for end, _ in part.schedule)
+        return Scheduled(ends, torch.tensor(values, dtype=torch.float64))
+
+    parts = [(part.weight, scheduled(part)) for part in read_prompt(prompt, steps)]
+    [negative_part] = read_prompt(negative, steps, negative=True)
+    return Conditioning(stacked_parts(parts), scheduled(negative_part))
+
+
+def _toy_guided_x0(sampler: str, steps: int, conditioning) -> tuple[int, torch.Tensor]:
+    """(UNet calls, x0): ``steps`` of fulora's scheduler, the toy guided by fulora's hooks with
+    guidance 7, stepped as diffusers' pipeline steps."""
+    from fulora.generate.guidance import guided
+    from fulora.generate.samplers import make_scheduler
+    from fulora.lora.tiny import sd15_scheduler
+
+    unet = _ToyConditionalUNet()
+    scheduler = make_scheduler(sampler, sd15_scheduler().config)
+    scheduler.set_timesteps(steps)
+    x = torch.tensor(KDIFFUSION_NOISE, dtype=torch.float64).reshape(1, 4, 2, 2)
+    x = x * scheduler.init_noise_sigma
+    first_prompt, first_negative = conditioning.first()
+    hidden = torch.cat([first_negative, first_prompt])  # what generate hands the pipeline
+    with guided(unet, conditioning, images=1):
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([x, x]), t)
+            uncond, prompted = unet(model_input, t, encoder_hidden_states=hidden)[0].chunk(2)
+            x = scheduler.step(uncond + 7.0 * (prompted - uncond), t, x).prev_sample
+    return unet.calls, x.flatten()
+
+
+@pytest.mark.parametrize(("sampler", "steps", "prompt", "negative"), list(A1111_GUIDED_X0))
+def test_edited_and_and_prompts_are_guided_as_automatic1111_guides_them(
+    sampler, steps, prompt, negative
+):
+    """Which text each UNet call gets and each part's weight, against A1111's CFGDenoiser around
+    k-diffusion. The gap allowed is the samplers' own: diffusers interpolates sigmas linearly
+    where k-diffusion interpolates log sigmas, which guidance 7 amplifies (a plain prompt with
+    Heun gave 5.1e-6 at 5 steps, 1.5e-6 at 10)."""
+    from fulora.generate.schedules import schedule_steps
+
+    total = schedule_steps(sampler, steps)
+    calls, x0 = _toy_guided_x0(sampler, steps, _toy_conditioning(prompt, negative, total))
+    expected_calls, expected = A1111_GUIDED_X0[(sampler, steps, prompt, negative)]
+    expected = torch.tensor(expected, dtype=torch.float64)
+    assert calls == expected_calls
+    gap = float((x0 - expected).norm() / expected.norm())
+    assert gap < 5e-6, f"{gap:.2e} from A1111's"
+    # one call late, as a step counter from 1 would be, is far from A1111's
+    _, late = _toy_guided_x0(sampler, steps, _toy_conditioning(prompt, negative, total, late=1))
+    assert float((late - expected).norm() / expected.norm()) > 1e-3
+
+
 # k-diffusion's sample_dpmpp_2m (4601bf0) at 10 steps, as KDIFFUSION_X0 (from the same scratch
 # script): a short schedule, where diffusers' DPM-Solver has its own lower-order rules.
 KDIFFUSION_X0_10_STEPS = {

@@ -326,7 +326,7 @@ def test_edited_and_composed_prompts_run_through_the_same_guidance(tiny_model, t
     for name in ("alternated", "composed"):
         assert np.abs(images[name] - images["plain"]).max() <= 1  # fp32 rounding at most
     assert np.abs(images["edited"] - images["plain"]).mean() > 0.5
-    assert "brain: edited during sampling as A1111 edits it: prompt 3 steps, 1 texts" in caplog.text
+    assert "edited during sampling as A1111 edits it: prompt 2 texts over 2 spans" in caplog.text
     assert "brain: prompt parts guided with weights 1, 0, as A1111's AND" in caplog.text
 
 

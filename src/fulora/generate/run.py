@@ -570,7 +570,7 @@ def _log_reading(plane: str, sides: list, chunk_counts: list[int], prompt_parts:
         counts = ", ".join(f"{n} {c}" for n, c in zip(names, chunk_counts, strict=True))
         logger.info("%s: chunks of 75 tokens, as A1111 encodes them: %s", plane, counts)
     edited = [
-        f"{name} {len(side.schedule)} steps, {len(set(side.texts))} texts"
+        f"{name} {len(set(side.texts))} texts over {len(side.schedule)} spans of steps"
         for name, side in zip(names, sides, strict=True)
         if len(side.schedule) > 1
     ]
