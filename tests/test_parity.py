@@ -1531,8 +1531,9 @@ def test_samplers_are_automatic1111s(sampler):
 # modules/sd_samplers_cfg_denoiser.py) with its prompt_parser's schedules over its total_steps
 # (2 x steps for Heun), around k-diffusion's sample_euler / sample_heun and
 # DiscreteEpsDDPMDenoiser, transcribed into a scratch script, guidance 7, from KDIFFUSION_NOISE.
-# The model is _toy_eps with the conditioning added to its sine's angle, one number per text (_text_value), so the
-# result depends on which text conditions which call. (model calls, x0), float64, 10 digits.
+# The model is _toy_eps with the conditioning added to its sine's angle, one number per text
+# (_text_value), so the result depends on which text conditions which call. (model calls, x0),
+# float64, 10 digits.
 A1111_GUIDED_X0 = {
     ("euler", 10, "[fetal:brain:3]", "[blurry|noisy]"): (
         10,
