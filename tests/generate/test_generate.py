@@ -326,7 +326,9 @@ def test_edited_and_composed_prompts_run_through_the_same_guidance(tiny_model, t
     for name in ("alternated", "composed"):
         assert np.abs(images[name] - images["plain"]).max() <= 1  # fp32 rounding at most
     assert np.abs(images["edited"] - images["plain"]).mean() > 0.5
-    assert "edited during sampling as A1111 edits it: prompt 2 texts over 2 spans" in caplog.text
+    assert "brain: edited during sampling as A1111 edits it: prompt: 2 texts, 1 change" in (
+        caplog.text
+    )
     assert "brain: prompt parts guided with weights 1, 0, as A1111's AND" in caplog.text
 
 
@@ -624,6 +626,7 @@ def test_decoding_equals_the_diffusers_pipelines_own(tiny_model, sampler):
     from types import SimpleNamespace
 
     from fulora.generate.decode import to_images
+    from fulora.generate.guidance import Conditioning
     from fulora.generate.run import _denoise
     from fulora.lora.conditioning import prompt_embeddings
 
@@ -633,7 +636,8 @@ def test_decoding_equals_the_diffusers_pipelines_own(tiny_model, sampler):
     )
     seeds = [3, 11]
     cfg = SimpleNamespace(steps=3, guidance=7.0)
-    latents = _denoise(pipe, embeddings, seeds, cfg, SimpleNamespace(width=64, height=48))
+    conditioning = Conditioning.fixed(*embeddings)
+    latents = _denoise(pipe, conditioning, seeds, cfg, SimpleNamespace(width=64, height=48))
     ours = to_images(pipe, latents, seeds)
     theirs = pipe(
         prompt_embeds=embeddings[0].repeat(2, 1, 1),
@@ -653,6 +657,7 @@ def test_every_sampler_denoises_to_finite_latents(tiny_model):
     UniPC's last step at sigma zero gave NaN in every image, and generate stopped)."""
     from types import SimpleNamespace
 
+    from fulora.generate.guidance import Conditioning
     from fulora.generate.run import _denoise
     from fulora.generate.samplers import make_scheduler
     from fulora.lora.conditioning import prompt_embeddings
@@ -666,7 +671,7 @@ def test_every_sampler_denoises_to_finite_latents(tiny_model):
     not_finite = []
     for sampler in SAMPLERS:
         pipe.scheduler = make_scheduler(sampler, base_config)
-        latents = _denoise(pipe, embeddings, [3], cfg, size)
+        latents = _denoise(pipe, Conditioning.fixed(*embeddings), [3], cfg, size)
         if not bool(torch.isfinite(latents).all()):
             not_finite.append(sampler)
     assert not not_finite, f"samplers whose latents are not finite: {not_finite}"

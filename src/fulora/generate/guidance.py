@@ -109,6 +109,17 @@ class Conditioning:
     parts: tuple[tuple[float, Scheduled], ...]
     negative: Scheduled | None
 
+    @classmethod
+    def fixed(cls, positive: torch.Tensor, negative: torch.Tensor | None) -> Conditioning:
+        """One prompt of weight 1 and one negative (or None), the same at every step.
+
+        Args:
+            positive: The prompt's embeddings (1, tokens, channels).
+            negative: The negative prompt's, or None without classifier-free guidance.
+        """
+        negative_side = Scheduled((0,), negative) if negative is not None else None
+        return cls(((1.0, Scheduled((0,), positive)),), negative_side)
+
     @property
     def plain(self) -> bool:
         """One prompt of weight 1 and one text on each side: diffusers' own guidance is A1111's."""

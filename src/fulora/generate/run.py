@@ -35,13 +35,8 @@ from fulora.data.manifest import MANIFEST_NAME
 from fulora.errors import ConfigError, DataError
 from fulora.generate.config import GenerateConfig
 from fulora.generate.decode import Decoder
-from fulora.generate.guidance import (
-    Conditioning,
-    Scheduled,
-    guided,
-    padded_sides,
-    stacked_parts,
-)
+from fulora.generate.encode import encode_prompts, unet_rows
+from fulora.generate.guidance import Conditioning, guided, padded_sides
 from fulora.generate.output import (
     ImageWriter,
     Made,
@@ -51,14 +46,14 @@ from fulora.generate.output import (
     queue_writes,
     read_png_provenance,
 )
-from fulora.generate.prompts import a1111_chunks, check_prompt_syntax
+from fulora.generate.prompts import check_prompt_syntax
 from fulora.generate.samplers import (
     display_name,
     make_scheduler,
     resolve_sampler,
     scheduler_name,
 )
-from fulora.generate.schedules import read_prompt, schedule_steps
+from fulora.generate.schedules import schedule_steps
 from fulora.io import file_hash, half_written
 from fulora.lora.base import (
     base_identity,
@@ -66,7 +61,6 @@ from fulora.lora.base import (
     load_pipeline,
     native_size,
 )
-from fulora.lora.conditioning import chunked_embeddings
 from fulora.lora.formats import load_lora_into, read_lora, webui_lora_hash
 from fulora.planes import PAPER_CAPTIONS, check_planes
 from fulora.runs import CONFIG_NAME, DONE_NAME, RunDir, check_finite_weights
@@ -259,12 +253,14 @@ def compile_options(cfg: GenerateConfig) -> dict[str, bool]:
     return options
 
 
-def _auto_batch(device: torch.device, width: int, height: int) -> int:
+def _auto_batch(device: torch.device, width: int, height: int, rows: int = 2) -> int:
+    """Images per batch that fit the GPU's free memory; ``rows``: UNet rows per image."""
     if device.type != "cuda":
         return 4
     free, _ = torch.cuda.mem_get_info(device)
-    # ~0.6 GB per 512x512 image in fp16 with SDPA (UNet activations under CFG), 4 GB headroom
-    per_image = 0.6 * (width * height) / (512 * 512)
+    # ~0.6 GB per 512x512 image in fp16 with SDPA (UNet activations under CFG: 2 rows), 4 GB
+    # headroom; an AND prompt runs a row per part besides the negative's
+    per_image = 0.6 * (width * height) / (512 * 512) * rows / 2
     return int(max(1, min(32, (free / 2**30 - 4.0) / per_image)))
 
 
@@ -321,7 +317,10 @@ def generate(
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
         cfg.dtype, torch.float16 if device.type == "cuda" else torch.float32
     )
-    batch = resolved.batch_size or _auto_batch(device, resolved.width, resolved.height)
+    steps = schedule_steps(resolved.sampler, cfg.steps)
+    prompts = [resolved.prompts[plane] for plane in resolved.planes]
+    rows = unet_rows(prompts, steps, guided=cfg.guidance > 1)
+    batch = resolved.batch_size or _auto_batch(device, resolved.width, resolved.height, rows)
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise ConfigError(f"shard {shard}: expected (k, n) with 0 <= k < n")
     index, count = shard or (state.process_index, state.num_processes)
@@ -531,55 +530,11 @@ def _load_generator(cfg, resolved, device, dtype):
 
 
 def _plane_embeddings(pipe, plane: str, cfg, resolved, device) -> Conditioning:
-    """A plane's prompt and negative prompt, embedded step by step as A1111 embeds them.
-
-    Each ``AND`` part of the prompt, and the negative prompt, is a batch of its texts, one per
-    entry of its schedule (one text without editing or alternation), each text its chunks one
-    after the other, a batch's shorter texts filled with empty chunks as A1111 fills them.
-    """
+    """A plane's prompt and negative prompt (under guidance), as A1111 conditions on them."""
+    negative = cfg.negative_prompt if cfg.guidance > 1 else None
     steps = schedule_steps(resolved.sampler, cfg.steps)
-    parts = read_prompt(resolved.prompts[plane], steps)
-    negative = read_prompt(cfg.negative_prompt, steps, negative=True) if cfg.guidance > 1 else []
-    empty = a1111_chunks(pipe.tokenizer, "")[0]
-    batches = []
-    for part in parts + negative:
-        texts = [a1111_chunks(pipe.tokenizer, text) for text in part.texts]
-        count = max(len(chunks) for chunks in texts)
-        batches.append([chunks + [empty] * (count - len(chunks)) for chunks in texts])
-    _log_reading(plane, parts + negative, [len(texts[0]) for texts in batches], len(parts))
-    embedded = chunked_embeddings(pipe.text_encoder, batches, resolved.clip_skip, device)
-    sides = [
-        (part.weight, Scheduled(tuple(end for end, _ in part.schedule), hidden))
-        for part, hidden in zip(parts + negative, embedded, strict=True)
-    ]
-    return Conditioning(stacked_parts(sides[: len(parts)]), sides[-1][1] if negative else None)
-
-
-def _log_reading(plane: str, sides: list, chunk_counts: list[int], prompt_parts: int) -> None:
-    """Say what A1111's prompt language made of a plane's prompts, where it is more than text.
-
-    Args:
-        plane: The plane.
-        sides: The prompt's parts, then the negative prompt's, if guided (``PromptPart``).
-        chunk_counts: Each side's chunks.
-        prompt_parts: How many of ``sides`` are the prompt's.
-    """
-    names = ["prompt"] if prompt_parts == 1 else [f"part {i + 1}" for i in range(prompt_parts)]
-    names += ["negative prompt"] * (len(sides) - prompt_parts)
-    if max(chunk_counts) > 1:  # A1111 shows the count as "90/150" tokens
-        counts = ", ".join(f"{n} {c}" for n, c in zip(names, chunk_counts, strict=True))
-        logger.info("%s: chunks of 75 tokens, as A1111 encodes them: %s", plane, counts)
-    edited = [
-        f"{name} {len(set(side.texts))} texts over {len(side.schedule)} spans of steps"
-        for name, side in zip(names, sides, strict=True)
-        if len(side.schedule) > 1
-    ]
-    if edited:
-        logger.info("%s: edited during sampling as A1111 edits it: %s", plane, ", ".join(edited))
-    weights = [side.weight for side in sides[:prompt_parts]]
-    if weights != [1.0]:
-        shown = ", ".join(f"{weight:g}" for weight in weights)
-        logger.info("%s: prompt parts guided with weights %s, as A1111's AND", plane, shown)
+    prompt = resolved.prompts[plane]
+    return encode_prompts(pipe, prompt, negative, steps, resolved.clip_skip, device, plane)
 
 
 def initial_noise(
