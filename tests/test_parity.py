@@ -1085,6 +1085,21 @@ def test_a_negative_prompt_is_edited_but_not_split_nor_weighted():
     assert list(part.schedule) == [(10, "blurry AND text:2"), (20, " AND text:2")]
 
 
+def test_a_prompt_without_square_brackets_is_its_own_text_unparsed(monkeypatch):
+    """Edits and alternations open with '['; without one A1111's parse gives the text as
+    written, so fulora skips the parse (seconds for a long prompt with brackets)."""
+    from fulora.generate import schedules
+
+    def no_parse(text):
+        raise AssertionError(f"parsed {text!r}")
+
+    monkeypatch.setattr(schedules, "_parse", no_parse)
+    long = "masterpiece, (best quality:1.2), a | b: c " * 40
+    assert schedules.scheduled(long, 30) == ((30, long),)
+    with pytest.raises(AssertionError, match="parsed"):
+        schedules.scheduled("[a|b] read by this test alone", 31)  # not cached before
+
+
 @pytest.mark.parametrize("ends", list(A1111_PICKS))
 def test_each_model_call_uses_the_entry_automatic1111_uses(ends):
     """Counted from 0, so '[a:b:2]' conditions three calls on 'a' as A1111 does."""
