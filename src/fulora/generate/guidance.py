@@ -111,7 +111,7 @@ class Conditioning:
 
     @classmethod
     def fixed(cls, positive: torch.Tensor, negative: torch.Tensor | None) -> Conditioning:
-        """One prompt of weight 1 and one negative (or None), the same at every step.
+        """One prompt of weight 1 and one negative (or None), the same at every call.
 
         Args:
             positive: The prompt's embeddings (1, tokens, channels).
@@ -123,7 +123,8 @@ class Conditioning:
     @property
     def plain(self) -> bool:
         """One prompt of weight 1 and one text on each side: diffusers' own guidance is A1111's."""
-        sides = [scheduled for _, scheduled in self.parts] + [self.negative] * bool(self.negative)
+        sides = [scheduled for _, scheduled in self.parts]
+        sides += [self.negative] if self.negative is not None else []
         return (
             len(self.parts) == 1
             and self.parts[0][0] == 1.0
