@@ -1649,6 +1649,60 @@ def test_edited_and_and_prompts_are_guided_as_automatic1111_guides_them(
     assert float((late - expected).norm() / expected.norm()) > 1e-3
 
 
+# The same end to end on fulora:phantom-sd, fp32 CPU: A1111's conditioning (prompt_parser's
+# schedules and AND, FrozenCLIPEmbedderWithCustomWords.forward on each schedule's texts) and its
+# CFGDenoiser (a pass of its own for a negative prompt of another chunk count) around
+# k-diffusion's sample_euler and DiscreteEpsDDPMDenoiser, on the model's text encoder and UNet,
+# transcribed into a scratch script; 10 steps, guidance 7, the noise of the seed drawn on the CPU
+# (A1111's RNG "CPU"). The first prompt's negative is two chunks long. (seed, steps, prompt,
+# negative): (sum of x0, sum of |x0|, its first 6 values), x0 of shape (1, 4, 12, 16).
+A1111_PHANTOM_X0 = {
+    (
+        7,
+        10,
+        "a photo of [fetal:(fetal ultrasound:1.2):3] brain AND femur, bone :0.4",
+        "[blurry|noisy], " + "text, " * 40,
+    ): (
+        -218.03231811523438,
+        999.7175903320312,
+        [0.077721633, 0.72866553, 0.61277801, -0.59339041, -0.002947897, 0.29218838],
+    ),
+    (11, 10, "[thorax|abdomen] :1.3", ""): (
+        250.5037841796875,
+        474.1033935546875,
+        [0.16351494, 0.38092974, 0.15577109, 0.15057434, 0.082049243, 0.3263014],
+    ),
+}
+
+
+@pytest.mark.parametrize(("seed", "steps", "prompt", "negative"), list(A1111_PHANTOM_X0))
+def test_generate_conditions_and_guides_as_automatic1111_on_a_real_model(
+    seed, steps, prompt, negative
+):
+    """fulora's whole path (encode_prompts, the hooks, diffusers' pipeline with Euler) against
+    A1111's: measured 1e-6 apart in the sum, 2e-6 in any value shown. Each call conditioned one
+    call late moves the sums by 3.8 and 10, the negative's padding left unmasked by 0.5."""
+    from types import SimpleNamespace
+
+    from fulora.generate.encode import encode_prompts
+    from fulora.generate.run import _denoise
+    from fulora.generate.samplers import make_scheduler
+    from fulora.lora.base import load_pipeline
+    from fulora.shipped import PHANTOM_SD, shipped_model
+
+    pipe = load_pipeline(str(shipped_model(PHANTOM_SD)), dtype=torch.float32)
+    pipe.scheduler = make_scheduler("euler", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    conditioning = encode_prompts(pipe, prompt, negative, steps, 1, "cpu")
+    cfg, size = SimpleNamespace(steps=steps, guidance=7.0), SimpleNamespace(height=48, width=64)
+    x0 = _denoise(pipe, conditioning, [seed], cfg, size)
+    total, magnitude, first = A1111_PHANTOM_X0[(seed, steps, prompt, negative)]
+    assert x0.shape == (1, 4, 12, 16)
+    assert x0.sum().item() == pytest.approx(total, abs=2e-3)
+    assert x0.abs().sum().item() == pytest.approx(magnitude, rel=1e-5)
+    assert x0.flatten()[:6].tolist() == pytest.approx(first, abs=2e-5)
+
+
 # k-diffusion's sample_dpmpp_2m (4601bf0) at 10 steps, as KDIFFUSION_X0 (from the same scratch
 # script): a short schedule, where diffusers' DPM-Solver has its own lower-order rules.
 KDIFFUSION_X0_10_STEPS = {
