@@ -48,7 +48,7 @@ words: /([^\\\[\]():|]|\\.)+/
 """
 
 # A1111 splits the positive prompt at AND (prompt_parser.re_AND) and reads a part's trailing
-# ':number' as its weight (re_weight); whitespace around both is dropped, not the text's own
+# ':number' as its weight (re_weight); the part's trailing whitespace goes, its leading stays
 _AND = re.compile(r"\bAND\b")
 _PART_WEIGHT = re.compile(r"(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*", re.S)
 
