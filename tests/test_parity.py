@@ -1698,9 +1698,11 @@ def test_generate_conditions_and_guides_as_automatic1111_on_a_real_model(
     x0 = _denoise(pipe, conditioning, [seed], cfg, size)
     total, magnitude, first = A1111_PHANTOM_X0[(seed, steps, prompt, negative)]
     assert x0.shape == (1, 4, 12, 16)
-    assert x0.sum().item() == pytest.approx(total, abs=2e-3)
-    assert x0.abs().sum().item() == pytest.approx(magnitude, rel=1e-5)
-    assert x0.flatten()[:6].tolist() == pytest.approx(first, abs=2e-5)
+    # bounds 10-50x the gap measured here, for other CPUs' fp32 rounding through 10 guided
+    # steps; far below what a wrong call or mask moves (3.8 and 0.5 in the sum)
+    assert x0.sum().item() == pytest.approx(total, abs=1e-2)
+    assert x0.abs().sum().item() == pytest.approx(magnitude, rel=5e-5)
+    assert x0.flatten()[:6].tolist() == pytest.approx(first, abs=1e-4)
 
 
 # k-diffusion's sample_dpmpp_2m (4601bf0) at 10 steps, as KDIFFUSION_X0 (from the same scratch
