@@ -1139,7 +1139,11 @@ def test_a_prompts_texts_are_embedded_together_as_automatic1111_embeds_them(
 def test_emphasis_on_half_precision_embeddings_is_computed_in_fp32():
     """On a GPU the text encoder runs in fp16; A1111's fp32 weights promote its product to fp32,
     which the UNet then takes in fp16: the fp32 result rounded once."""
-    from fulora.lora.conditioning import emphasise
+    from fulora.lora.conditioning import emphasise_together
+
+    def emphasise(hidden, weights):  # each row a prompt of its own, as A1111 encodes it
+        rows = zip(hidden, weights, strict=True)
+        return torch.cat([emphasise_together(row[None], weight[None]) for row, weight in rows])
 
     hidden = torch.randn(2, 77, 16, generator=torch.Generator().manual_seed(0))
     weights = torch.ones(2, 77)

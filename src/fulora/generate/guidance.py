@@ -36,13 +36,10 @@ def padded_sides(
         tokens), True on real tokens, rows in diffusers' batch order (negative, then
         positive); None when the lengths are already equal.
     """
-    length = max(positive.shape[1], negative.shape[1])
     if positive.shape[1] == negative.shape[1]:
         return positive, negative, None
-    keep = torch.zeros(2, length, dtype=torch.bool, device=positive.device)
-    keep[0, : negative.shape[1]] = True
-    keep[1, : positive.shape[1]] = True
-    return _padded(positive, length), _padded(negative, length), keep
+    both, keep = _one_length([negative, positive])
+    return both[1:], both[:1], keep
 
 
 def _padded(hidden: torch.Tensor, length: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ not read as A1111 reads it (:func:`check_prompt_syntax`):
 - emphasis, read alike: ``(word)`` multiplies the word's embeddings by 1.1, ``[word]`` divides
   them by 1.1, ``(word:1.3)`` multiplies them by 1.3; ``\(`` ``\)`` ``\[`` ``\]`` ``\\``
   are the characters themselves. A1111's default emphasis ("Original") then rescales the weighted
-  embeddings to the unweighted ones' mean (``fulora.lora.conditioning.emphasise``).
+  embeddings to the unweighted ones' mean (``fulora.lora.conditioning.emphasise_together``).
 - chunks, read alike: a prompt over CLIP's 75 tokens is encoded in chunks of 75, split at a
   comma within the last 20 tokens, and ``BREAK`` starts a new chunk (:func:`a1111_chunks`); a
   prompt and a negative prompt of different chunk counts are guided as A1111 guides them,

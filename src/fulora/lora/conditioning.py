@@ -9,7 +9,7 @@ guidance, so fulora encodes both here and hands the pipeline the embeddings.
 
 A generation prompt's emphasis (AUTOMATIC1111's ``(word:1.3)``) arrives as a weight per token
 (``fulora.generate.prompts``) and is applied to the embeddings as A1111 applies it
-(:func:`emphasise`).
+(:func:`emphasise_together`).
 """
 
 from __future__ import annotations
@@ -77,17 +77,6 @@ def prompt_embeddings(
     return positive, (hidden[1:] if negative_prompt is not None else None)
 
 
-def emphasise(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """AUTOMATIC1111's default ("Original") emphasis of each prompt (row) on its own.
-
-    Args:
-        hidden: Text embeddings (prompts, tokens, channels).
-        weights: Each token's weight (prompts, tokens).
-    """
-    rows = zip(hidden, weights, strict=True)
-    return torch.cat([emphasise_together(row[None], weight[None]) for row, weight in rows])
-
-
 def emphasise_together(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """AUTOMATIC1111's default ("Original") emphasis of texts that A1111 encodes in one batch.
 
@@ -133,6 +122,9 @@ def chunked_embeddings(
     Returns:
         One tensor (texts, 77 x chunks, hidden) per batch.
     """
+    for texts in batches:
+        if any(len(chunks) != len(texts[0]) for chunks in texts):
+            raise ValueError("the texts of a batch must have as many chunks (add empty ones)")
     flat = [chunk for texts in batches for chunks in texts for chunk in chunks]
     ids = torch.tensor([chunk_ids for chunk_ids, _ in flat], device=device)
     weights = torch.tensor([chunk_weights for _, chunk_weights in flat], dtype=torch.float32)
@@ -144,8 +136,6 @@ def chunked_embeddings(
         batches, hidden.split(sizes), weights.split(sizes), strict=True
     ):
         count = len(texts[0])
-        if any(len(chunks) != count for chunks in texts):
-            raise ValueError("the texts of a batch must have as many chunks (add empty ones)")
         rows = rows.unflatten(0, (len(texts), count))  # (texts, chunks, 77, hidden)
         row_weights = row_weights.unflatten(0, (len(texts), count))
         chunks = [emphasise_together(rows[:, i], row_weights[:, i]) for i in range(count)]
