@@ -166,9 +166,9 @@ def plan(cfg: GenerateConfig) -> _Plan:
     prompts = {
         plane: given.get(plane) or captions.get(plane) or PAPER_CAPTIONS[plane] for plane in planes
     }
+    steps = schedule_steps(resolve_sampler(cfg.sampler), cfg.steps)
     for plane in sorted(set(captions) & set(planes) - set(given)):  # given: checked in the config
         what = f"the LoRA's caption for {plane} (give prompts.{plane})"
-        steps = schedule_steps(resolve_sampler(cfg.sampler), cfg.steps)
         check_prompt_syntax(prompts[plane], what, steps, guided=cfg.guidance > 1)
     width, height = cfg.width, cfg.height
     if width is None or height is None:
