@@ -119,6 +119,11 @@ CASES = [
     ("regime device", {"classify.regimes": {"ES": {"device": "cpu"}}}, ["'classify.regimes.ES."]),
     ("lora device", {"lora.settings.device": "cuda"}, ["'lora.settings.device'", "top-level"]),
     ("generate device", {"generate.settings.device": "cpu"}, ["'generate.settings.device'"]),
+    (  # the LoRA's file name is its output_name: known before it trains
+        "a prompt's tag names another LoRA",
+        {"generate.settings.prompts": {"brain": "fetal brain <lora:other:0.8>"}},
+        ["generate.settings in", "for the LoRA of variant", "other than the run's"],
+    ),
     (
         "generation owns lora",
         {"generate.settings.lora": "x.safetensors"},

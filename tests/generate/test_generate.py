@@ -237,7 +237,12 @@ def test_images_of_diffusers_samplers_are_finished_with_them_not_with_a1111s(
     [
         ({"prompts": {"brain": "(fetal BREAK brain)"}}, r"'BREAK' \(at character 8\).*a negative"),
         ({"negative_prompt": "[blurry BREAK"}, r"negative_prompt .* holds 'BREAK'.*brackets"),
-        ({"prompts": {"brain": "brain <lora:x:1>"}}, r"holds '<lora:'.*--lora, --lora-scale"),
+        # A1111 reads a negative prompt's tag as text
+        ({"negative_prompt": "blurry <lora:x:1>"}, r"holds '<lora:'.*in a negative prompt"),
+        ({"prompts": {"brain": "brain <lora:x:1"}}, r"holds '<lora:'.*without its closing"),
+        ({"lora": "x.safetensors", "prompts": {"brain": "<lora:x:1:0.5:8>"}}, "dynamic rank"),
+        ({"lora": "x.safetensors", "prompts": {"brain": "<lora:x:1:tee=2>"}}, r"ignores \(tee\)"),
+        ({"prompts": {"brain": "fetal brain # the HC plane"}}, r"holds '#'.*a comment"),
         ({"prompts": {"brain": "fetal (brain: 1.3)"}}, r"holds ': 1.3\)'.*newer versions"),
         ({"prompts": {"brain": "fetal (brain:1.3.1)"}}, r"holds ':1.3.1\)'.*not a number"),
         ({"prompts": {"brain": "fetal\\brain"}}, r"holds '\\\\b'.*backslash"),
@@ -270,6 +275,8 @@ def test_prompt_syntax_that_fulora_cannot_run_as_a1111_does_is_refused(
         {"prompts": {"femur": "[femur|bone]"}},  # alternation
         {"prompts": {"brain": "fetal AND (brain:1.2) :0.5"}},  # AND, a part's weight
         {"prompts": {"brain": "fetal | [brain:2]"}},  # A1111's grammar fails: read as text
+        # the LoRA's file is read in the plan: here, the tags alone
+        {"lora": "x.safetensors", "prompts": {"brain": "fetal [brain:<lora:x:0.5:te=1>:2]"}},
     ],
 )
 def test_prompts_a1111_reads_alike_are_accepted(tiny_model, setting):
@@ -359,7 +366,7 @@ def test_a_long_prompt_and_a_short_negative_each_attend_to_their_own_chunks(
     long = "fetal brain, " * 40  # 120 tokens: two chunks, the first ending at a comma
     cfg = _cfg(tiny_model, planes=["brain"], per_class=2, batch_size=2, contact_sheet=0)
     cfg = replace(cfg, prompts={"brain": long}, negative_prompt="blurry")
-    _, embeddings = _load_generator(cfg, plan(cfg), "cpu", torch.float32)
+    _, embeddings, _ = _load_generator(cfg, plan(cfg), "cpu", torch.float32)
     assert [side.shape[1] for side in embeddings["brain"].first()] == [154, 77]
     masks = []
     unet = UNet2DConditionModel.forward
@@ -427,6 +434,84 @@ def test_a_lora_with_nan_weights_is_refused_before_any_work(trained_lora, tiny_m
     save_file(tensors, tmp_path / "nan_lora.safetensors")
     with pytest.raises(NonFiniteError, match=rf"nan_lora.safetensors has weights .*: {name}\)"):
         generate(tmp_path / "out", _cfg(tiny_model, tmp_path / "nan_lora.safetensors"))
+    assert not (tmp_path / "out").exists()
+
+
+def _parameters(folder, plane):
+    with Image.open(next((folder / plane).glob("*.png"))) as img:
+        return img.text["parameters"]
+
+
+def test_a_prompts_lora_tag_is_the_lora_at_its_weight(tiny_model, trained_lora, tmp_path):
+    """'<lora:phantom_lora:0.5>' in a prompt makes lora_scale 0.5's images, as A1111 takes the
+    tag out and applies the LoRA at 0.5; the PNG's text holds the tag once."""
+    kw = dict(planes=["brain"], per_class=2, batch_size=2, contact_sheet=0)
+    prompt = "a photo of fetal brain <lora:phantom_lora:0.5>"
+    tagged = generate(
+        tmp_path / "t", _cfg(tiny_model, trained_lora, prompts={"brain": prompt}, **kw)
+    )
+    scaled = generate(tmp_path / "s", _cfg(tiny_model, trained_lora, lora_scale=0.5, **kw))
+    assert {k: tuple(v) for k, v in tagged["lora_weights"].items()} == {"brain": (0.5, 0.5)}
+    a, b = _images(tmp_path / "t"), _images(tmp_path / "s")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert _parameters(tmp_path / "t", "brain").startswith(f"{prompt}\nSteps: 3, ")
+    assert _parameters(tmp_path / "s", "brain").startswith(f"{prompt}\nSteps: 3, ")
+    assert scaled["this_run_generated"] == 2
+
+
+def test_planes_whose_tags_differ_each_get_their_lora_weights(
+    tiny_model, trained_lora, tmp_path, caplog
+):
+    """Per-plane weights leave the LoRA unfused and set it per plane: each plane's images are
+    those of a run of that plane alone, where the LoRA is fused (within rounding). A tag may
+    name the file or its alias (ss_output_name), as A1111 finds it."""
+    renamed = tmp_path / "renamed.safetensors"
+    shutil.copy(trained_lora / "phantom_lora.safetensors", renamed)
+    prompts = {
+        "brain": "a photo of fetal brain <lora:phantom_lora:0.5>",  # the alias
+        "femur": "a photo of fetal femur <lora:renamed:1.5:0.2>",  # the file's name
+    }
+    kw = dict(per_class=2, batch_size=2, contact_sheet=0)
+    with caplog.at_level("INFO", logger="fulora"):
+        record = generate(tmp_path / "both", _cfg(tiny_model, renamed, prompts=prompts, **kw))
+    assert "LoRA left unfused" in caplog.text
+    assert {k: tuple(v) for k, v in record["lora_weights"].items()} == {
+        "brain": (0.5, 0.5),
+        "femur": (1.5, 0.2),
+    }
+    both = _images(tmp_path / "both")
+    for plane, prompt in prompts.items():
+        alone = tmp_path / plane
+        generate(alone, _cfg(tiny_model, renamed, planes=[plane], prompts={plane: prompt}, **kw))
+        for key, pixels in _images(alone).items():
+            assert np.abs(both[key].astype(int) - pixels.astype(int)).max() <= 1
+    # A1111 lists the LoRA under the name the tag gives
+    assert '"phantom_lora: ' in _parameters(tmp_path / "both", "brain")
+    assert '"renamed: ' in _parameters(tmp_path / "both", "femur")
+    femur = Manifest.read(tmp_path / "both" / "manifest.csv").select(labels=["femur"])
+    assert set(femur.frame["lora_scale"].astype(float)) == {0.2}  # the UNet's multiplier
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"prompts": {"brain": "brain <lora:other:1>"}}, r"other than the run's.*'phantom_lora'"),
+        (  # a LoRA tag needs the LoRA's file
+            {"prompts": {"brain": "brain <lora:x:1>"}, "lora": None},
+            r"'<lora:x:1>' names a LoRA, and the run has none.*\(--lora\)",
+        ),
+        (
+            {"prompts": {"brain": "brain <lora:phantom_lora:0.5>"}, "fuse_qkv": True},
+            r"fuse_qkv needs the LoRA fused at one weight.*brain 0.5/0.5, femur 1/1",
+        ),
+    ],
+)
+def test_lora_tags_the_run_cannot_apply_are_refused_before_any_work(
+    tiny_model, trained_lora, tmp_path, setting, message
+):
+    setting = {"lora": trained_lora, **setting}
+    with pytest.raises(ConfigError, match=message):
+        generate(tmp_path / "out", _cfg(tiny_model, **setting))
     assert not (tmp_path / "out").exists()
 
 

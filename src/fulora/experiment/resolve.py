@@ -91,6 +91,10 @@ def resolve_configs(cfg: ExperimentConfig, out: Path) -> StageConfigs:
         if "images" not in released[v]
     }
     _check_shards(cfg, generation, source)
+    loras = lora_configs(cfg) if synthetic else {}
+    for variant, gcfg in generation.items():  # a prompt's <lora:...>, before the LoRA trains
+        if variant in loras:  # kohya's file and its ss_output_name: output_name
+            _check_lora_tags(gcfg, loras[variant].output_name, variant, source)
     audit_config(cfg, [], str(cache))  # its keys are checked even when no regime needs it
     wanted = synthetic and (cfg.audit.enabled or filtered)
     chosen = _audit_classifier(cfg, grid, regimes, out) if wanted else []
@@ -101,12 +105,23 @@ def resolve_configs(cfg: ExperimentConfig, out: Path) -> StageConfigs:
         regimes=regimes,
         variants=variants,
         released=released,
-        loras=lora_configs(cfg) if synthetic else {},
+        loras=loras,
         generation=generation,
         classifiers=classifiers,
         audit_classifiers=chosen,
         audit=audit_config(cfg, [str(path) for _, path in chosen], str(cache)) if chosen else None,
     )
+
+
+def _check_lora_tags(gcfg: GenerateConfig, output_name: str, variant: str, source: str) -> None:
+    prompts = {plane: gcfg.prompts.get(plane, "") for plane in gcfg.planes}
+    try:
+        gcfg.lora_weights(prompts, (output_name,))
+    except ConfigError as err:
+        raise ConfigError(
+            f"generate.settings in {source}, for the LoRA of variant {variant!r} (its "
+            f"output_name {output_name!r}): {err}"
+        ) from None
 
 
 def _check_shards(cfg: ExperimentConfig, generation: dict, source: str) -> None:

@@ -11,6 +11,7 @@ from typing import Literal
 
 from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, CompileMode, Range
 from fulora.errors import ConfigError
+from fulora.generate.networks import plane_lora_weights
 from fulora.generate.prompts import check_prompt_syntax
 from fulora.generate.samplers import check_steps, resolve_sampler
 from fulora.generate.schedules import schedule_steps
@@ -61,15 +62,45 @@ class GenerateConfig(Checked):
                 "projections that fuse_qkv replaces)"
             )
 
+    def lora_weights(
+        self, prompts: dict[str, str], names: tuple[str, ...] | None
+    ) -> dict[str, tuple[float, float]]:
+        """Each plane's LoRA multipliers (text encoder, UNet), checked before any work.
+
+        A plane's prompt's ``<lora:...>`` gives them, else ``lora_scale``; each tag must name
+        the run's LoRA, and fuse_qkv needs one weight for every plane.
+
+        Args:
+            prompts: Plane -> its prompt as written.
+            names: The names A1111 finds the run's LoRA by (file name, alias); None: the
+                run has no LoRA, and a tag is refused.
+
+        Raises:
+            ConfigError: A tag names another LoRA or none is given; or fuse_qkv with planes
+                of other weights.
+        """
+        weights = {
+            plane: plane_lora_weights(prompt, f"prompts.{plane}", self.lora_scale, names)
+            for plane, prompt in prompts.items()
+        }
+        if self.fuse_qkv and len(set(weights.values())) > 1:
+            given = ", ".join(f"{plane} {te:g}/{unet:g}" for plane, (te, unet) in weights.items())
+            raise ConfigError(
+                "fuse_qkv needs the LoRA fused at one weight, and the prompts' <lora:...> tags "
+                f"give the planes different weights (text encoder/UNet: {given}): generate "
+                "those planes in runs of their own (--planes), or set fuse_qkv: false"
+            )
+        return weights
+
     base: str = DEFAULT_BASE  # hub id, diffusers folder or .safetensors/.ckpt file
     base_config: str | None = None
     lora: str | None = None  # kohya .safetensors, diffusers LoRA folder, or a LoRA run folder
-    lora_scale: float = 1.0
+    lora_scale: float = 1.0  # a prompt's <lora:name:w> gives its plane's weight instead
     fuse_lora: bool = True  # merge the LoRA into the weights: faster, same images
     planes: list[str] = field(default_factory=lambda: list(PAPER_PLANES))
     per_class: int = 1000
     # plane -> prompt, read as AUTOMATIC1111 reads it ((word:1.2), BREAK, [a:b:10], [a|b],
-    # AND); default: the LoRA's captions
+    # AND, <lora:name:0.8> naming the lora file); default: the LoRA's captions
     prompts: dict[str, str] = field(default_factory=dict)
     negative_prompt: str = ""  # as AUTOMATIC1111 reads it: (word:1.2), BREAK, [a:b:10], [a|b]
     # kohya/AUTOMATIC1111 clip skip (1 = CLIP's last layer), for the prompt and the negative

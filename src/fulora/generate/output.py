@@ -27,6 +27,7 @@ from fulora import __version__
 from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import DataError
 from fulora.generate.config import GenerateConfig
+from fulora.generate.networks import lora_tags
 from fulora.generate.samplers import display_name, schedule_type, scheduler_name
 from fulora.io import atomic_path
 from fulora.runs import now_iso, steady_rate
@@ -82,11 +83,17 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     # The initial noise is drawn on the CPU (initial_noise), as A1111 draws it with RNG "CPU";
     # A1111 reads a missing RNG as its default, "GPU", and would start from other noise.
     settings["RNG"] = "CPU"
+    # A prompt's own <lora:...> applies the LoRA in A1111 as written; one without gets the
+    # tag of lora_scale. A1111 lists the LoRA under the name the tag gives.
+    tags = lora_tags(row["prompt"], "the prompt")
+    text = row["prompt"]
     if lora is not None:
-        name = lora.stem.translate(_A1111_NAME_SYMBOLS)
-        settings["Lora hashes"] = f"{name}: {resolved.lora_webui_hash[:12]}"
+        name = tags[0].name if tags else lora.stem
+        settings["Lora hashes"] = (
+            f"{name.translate(_A1111_NAME_SYMBOLS)}: {resolved.lora_webui_hash[:12]}"
+        )
+        text += "" if tags else f" <lora:{lora.stem}:{cfg.lora_scale:g}>"
     settings["Version"] = f"fulora {row['fulora_version']}"  # not a version A1111 acts on
-    text = row["prompt"] + (f" <lora:{lora.stem}:{cfg.lora_scale:g}>" if lora is not None else "")
     if row["negative_prompt"]:
         text += f"\nNegative prompt: {row['negative_prompt']}"
     written = {k: v for k, v in settings.items() if v is not None}
@@ -159,7 +166,8 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "height": resolved.height,
         "lora": str(resolved.lora.resolve()) if resolved.lora else "",
         "lora_sha256": resolved.lora_sha256,
-        "lora_scale": cfg.lora_scale,
+        # the UNet's multiplier; a prompt's <lora:name:te:unet> holds the text encoder's
+        "lora_scale": resolved.lora_weights[plane][1] if resolved.lora else cfg.lora_scale,
         "base_model": made.base_name,
         "created": now_iso(),
         "index": index,

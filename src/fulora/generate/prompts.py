@@ -17,9 +17,12 @@ not read as A1111 reads it (:func:`check_prompt_syntax`):
   ``a cat :1.2``), read alike: each text the prompt takes during sampling is read as above
   (``fulora.generate.schedules``), and each part guided as A1111 guides it
   (``fulora.generate.guidance.guided``).
-- refused: ``BREAK`` inside brackets is the word with a negative weight, and
-  ``<lora:name:0.8>`` loads a network. A weight with spaces, ``(word: 1.3)``, is refused too:
-  A1111's versions differ (newer ones read a weight, older ones text).
+- ``<lora:name:0.8>``, read alike: taken out of the prompt before anything else, and the
+  run's LoRA applied at its weights (``fulora.generate.networks``).
+- refused: ``BREAK`` inside brackets is the word with a negative weight; a network in the
+  negative prompt is text to A1111; ``<lora:`` without its ``>`` is text too. A weight with
+  spaces, ``(word: 1.3)``, and ``#`` are refused too: A1111's versions differ (newer ones read
+  a weight and a comment, older ones text).
 
 Kohya's training (without ``--weighted_captions``) reads its captions as plain text; a
 caption becomes a generation prompt read as A1111 reads it.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import re
 
 from fulora.errors import ConfigError
+from fulora.generate.networks import lora_tags, network_spans
 from fulora.generate.schedules import read_prompt
 
 _ESCAPABLE = "()[]\\"
@@ -37,7 +41,7 @@ _ESCAPABLE = "()[]\\"
 _WEIGHT = re.compile(r":([+-]?[.\d]+)\)")
 _SPACED_WEIGHT = re.compile(r":\s*[+-]?[.\d]+\s*\)")
 _TEXT_RUN = re.compile(r"[^\\()\[\]:]+")
-_NETWORK = re.compile(r"<\w+:")  # A1111 takes extra networks out of the prompt first
+_NETWORK = re.compile(r"<\w+:")  # the start of an extra network, '<lora:'
 # A1111 splits each text run at BREAK (prompt_parser.re_break), leaving this marker piece
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 BREAK_MARK = ("BREAK", -1.0)
@@ -62,9 +66,11 @@ def check_prompt_syntax(
     Raises:
         ConfigError: Naming the piece of syntax, where it is and what to do.
     """
-    network = _NETWORK.search(text)
-    if network is not None:
-        _refuse(what, repr(text), (network.start(), network.group(), "network"))
+    if not negative:
+        lora_tags(text, what)  # A1111 takes them out before it reads the rest
+    found = _first_network_or_comment(text, negative)
+    if found is not None:
+        _refuse(what, repr(text), found)
     parts = read_prompt(text, steps, negative=negative)
     if not guided and (len(parts) > 1 or parts[0].weight != 1.0):
         raise ConfigError(
@@ -82,14 +88,27 @@ def check_prompt_syntax(
                 _refuse(what, shown, found)
 
 
+def _first_network_or_comment(text: str, negative: bool) -> tuple[int, str, str] | None:
+    """(position, piece, kind) of a network A1111 reads as text, or of the first ``#``."""
+    closed = network_spans(text)
+    found = [
+        (match.start(), match.group(), "negative network" if negative else "unclosed network")
+        for match in _NETWORK.finditer(text)
+        if negative or not any(start <= match.start() < end for start, end in closed)
+    ]
+    if "#" in text:
+        found.append((text.index("#"), "#", "comment"))
+    return min(found) if found else None
+
+
 def _refuse(what: str, shown: str, found: tuple[int, str, str]) -> None:
     at, piece, kind = found
     meaning, fix = _UNREAD_KINDS[kind]
     raise ConfigError(
         f"{what} {shown} holds {piece!r} (at character {at + 1}), which AUTOMATIC1111 reads "
         f"as {meaning}; fulora reads A1111's emphasis, long prompts, BREAK, prompt editing, "
-        "alternation and AND as A1111 does, but not this, so the two would make different "
-        f"images from the same settings: {fix}"
+        "alternation, AND and <lora:...> as A1111 does, but not this, so the two would make "
+        f"different images from the same settings: {fix}"
     )
 
 
@@ -98,9 +117,18 @@ _UNREAD_KINDS = {  # kind: (what A1111 reads it as, what to do)
         "the word 'BREAK' with a negative weight inside brackets, not a new chunk",
         "close the brackets before BREAK and open them again after it",
     ),
-    "network": (
-        "loading a network ('<lora:name:0.8>')",
-        "give a LoRA in lora and lora_scale (--lora, --lora-scale)",
+    "negative network": (
+        "text in a negative prompt (it loads networks from the prompt only)",
+        "write the tag in the prompt, or give the LoRA's weight in lora_scale (--lora-scale)",
+    ),
+    "unclosed network": (
+        "text (a network without its closing '>')",
+        "close the tag, '<lora:name:0.8>', or remove it",
+    ),
+    "comment": (
+        "the start of a comment to the end of the line in newer versions (their default "
+        "setting 'Enable comments') and as text in older ones",
+        "remove the '#'",
     ),
     "spaced": (
         "a weight in newer versions and as text in older ones",

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ from fulora.lora.base import (
     load_pipeline,
     native_size,
 )
-from fulora.lora.formats import load_lora_into, read_lora, webui_lora_hash
+from fulora.lora.formats import load_lora_into, read_lora, set_lora_scales, webui_lora_hash
 from fulora.planes import PAPER_CAPTIONS, check_planes
 from fulora.runs import CONFIG_NAME, DONE_NAME, RunDir, check_finite_weights
 
@@ -143,6 +143,9 @@ class _Plan:
     lora_webui_hash: str = ""  # what AUTOMATIC1111 lists the LoRA under (webui_lora_hash)
     clip_skip: int = 1
     sampler: str = "dpmpp_2m_karras"  # fulora's canonical name
+    # plane -> the LoRA's (text encoder, UNet) multipliers: its prompt's <lora:...>, else
+    # lora_scale for both
+    lora_weights: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def plan(cfg: GenerateConfig) -> _Plan:
@@ -150,10 +153,11 @@ def plan(cfg: GenerateConfig) -> _Plan:
     planes = check_planes(cfg.planes)
     lora = _resolve_lora(cfg.lora)
     metadata: dict[str, str] = {}
-    webui_hash = ""
+    webui_hash, names = "", None
     if lora is not None:
         found = read_lora(lora)
         webui_hash = webui_lora_hash(found.path, found.metadata)
+        names = _a1111_names(found.path, found.metadata)
         check_finite_weights(
             found.tensors.items(),
             f"the LoRA {found.path}",
@@ -170,6 +174,7 @@ def plan(cfg: GenerateConfig) -> _Plan:
     for plane in sorted(set(captions) & set(planes) - set(given)):  # given: checked in the config
         what = f"the LoRA's caption for {plane} (give prompts.{plane})"
         check_prompt_syntax(prompts[plane], what, steps, guided=cfg.guidance > 1)
+    lora_weights = cfg.lora_weights(prompts, names)
     width, height = cfg.width, cfg.height
     if width is None or height is None:
         # the LoRA's commonest training bucket, else the base model's own size, else SD1.5's
@@ -192,7 +197,14 @@ def plan(cfg: GenerateConfig) -> _Plan:
         clip_skip=_clip_skip(cfg.clip_skip, metadata, lora),
         sampler=resolve_sampler(cfg.sampler),
         lora_webui_hash=webui_hash,
+        lora_weights=lora_weights,
     )
+
+
+def _a1111_names(path: Path, metadata: dict[str, str]) -> tuple[str, ...]:
+    """The names A1111 finds a LoRA file by in ``<lora:name>``: its stem and its alias."""
+    alias = metadata.get("ss_output_name") or path.stem
+    return (path.stem,) if alias == path.stem else (path.stem, alias)
 
 
 def _clip_skip(given: int | None, metadata: dict[str, str], lora: Path | None) -> int:
@@ -428,7 +440,7 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
     base_name, base_hash = base_identity(cfg.base)
     made = Made(base_name=base_name, base_hash=base_hash, batch=batch, device=device, dtype=dtype)
     if mine:
-        pipe, embeddings = _load_generator(cfg, resolved, device, dtype)
+        pipe, embeddings, lora = _load_generator(cfg, resolved, device, dtype)
         made.started = time.perf_counter()  # images/s measures generation, not model loading
         bar = tqdm(
             total=sum(sum((p, i) in targets for i in idx) for p, idx in mine),
@@ -442,6 +454,7 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
         ):
             for plane, indices in mine:
                 plane_seeds = [seeds[(plane, i)] for i in indices]
+                lora.use(plane)
                 latents = _denoise(pipe, embeddings[plane], plane_seeds, cfg, resolved)
                 write = (writer, made, out, plane, indices, plane_seeds, targets, cfg, resolved)
                 decoder.decode(latents, plane_seeds, then=partial(queue_writes, *write))
@@ -469,6 +482,7 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
         lora=str(resolved.lora or ""),
         lora_sha256=resolved.lora_sha256,
         lora_scale=cfg.lora_scale,
+        lora_weights=resolved.lora_weights,
         clip_skip=resolved.clip_skip,
         sampler=resolved.sampler,
         scheduler=scheduler_name(resolved.sampler),
@@ -517,16 +531,43 @@ def _load_generator(cfg, resolved, device, dtype):
     """The pipeline (LoRA loaded, sampler set, speed options on) and each plane's embeddings."""
     pipe = load_pipeline(cfg.base, dtype=dtype, config=cfg.base_config)
     pipe.set_progress_bar_config(disable=True)
-    if resolved.lora is not None:
-        load_lora_into(pipe, resolved.lora, scale=cfg.lora_scale, fuse=cfg.fuse_lora)
+    lora = _PlaneLora(pipe, cfg, resolved)
     pipe.scheduler = make_scheduler(resolved.sampler, pipe.scheduler.config)
     pipe.to(device)
     apply_speedups(pipe, cfg, device)
-    embeddings = {  # once per plane; the negative prompt at the same clip skip
-        plane: _plane_embeddings(pipe, plane, cfg, resolved, device)
-        for plane in resolved.planes  # each prompt checked before any image is made
-    }
-    return pipe, embeddings
+    embeddings = {}
+    for plane in resolved.planes:  # once per plane; the negative prompt at the same clip skip
+        lora.use(plane)  # the text encoder's multiplier too
+        embeddings[plane] = _plane_embeddings(pipe, plane, cfg, resolved, device)
+    return pipe, embeddings, lora
+
+
+class _PlaneLora:
+    """The run's LoRA at each plane's weights (A1111 applies a prompt's ``<lora:...>``).
+
+    Fused into the weights when every plane has the same weights; else left on its adapter
+    layers and set before each plane.
+    """
+
+    def __init__(self, pipe, cfg, resolved) -> None:
+        self.pipe, self.weights = pipe, resolved.lora_weights
+        self.now: tuple[float, float] | None = None  # None: fused, or no LoRA
+        if resolved.lora is None:
+            return
+        distinct = set(self.weights.values())
+        text_encoder, unet = self.weights[resolved.planes[0]]
+        fuse = cfg.fuse_lora and len(distinct) == 1
+        if cfg.fuse_lora and not fuse:
+            logger.info("LoRA left unfused: the prompts' <lora:...> give planes other weights")
+        load_lora_into(pipe, resolved.lora, scale=unet, text_encoder_scale=text_encoder, fuse=fuse)
+        self.now = None if fuse else (text_encoder, unet)
+
+    def use(self, plane: str) -> None:
+        """Set the adapter layers to ``plane``'s weights (nothing to do when fused)."""
+        wanted = self.weights[plane] if self.now is not None else None
+        if wanted is not None and wanted != self.now:
+            set_lora_scales(self.pipe, wanted[1], text_encoder_scale=wanted[0])
+            self.now = wanted
 
 
 def _plane_embeddings(pipe, plane: str, cfg, resolved, device) -> Conditioning:

@@ -31,6 +31,8 @@ from functools import cache, lru_cache
 
 import lark
 
+from fulora.generate.networks import without_networks
+
 # A1111's prompt-editing grammar (prompt_parser.schedule_parser), the language itself: its
 # parse decides what is an edit, so fulora parses with the same rules and the same parser
 # (lark's Earley). Brackets and ':' that fit no rule are text (the bracket runs of `start`).
@@ -88,6 +90,9 @@ def schedule_steps(sampler: str, steps: int) -> int:
 def read_prompt(text: str, steps: int, *, negative: bool = False) -> list[PromptPart]:
     """A prompt's ``AND`` parts, each with its weight and its text at every step.
 
+    A prompt's ``<lora:...>`` tags are taken out first, as A1111 takes them out
+    (``fulora.generate.networks``); a negative prompt's are text to A1111.
+
     Args:
         text: The prompt as written.
         steps: The steps it is scheduled over (:func:`schedule_steps`).
@@ -99,7 +104,7 @@ def read_prompt(text: str, steps: int, *, negative: bool = False) -> list[Prompt
     if negative:
         return [PromptPart(1.0, scheduled(text, steps))]
     parts = []
-    for part in _AND.split(text):
+    for part in _AND.split(without_networks(text)):
         words, weight = _PART_WEIGHT.fullmatch(part).groups()
         parts.append(PromptPart(float(weight) if weight else 1.0, scheduled(words, steps)))
     return parts

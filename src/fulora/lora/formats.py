@@ -292,6 +292,7 @@ def load_lora_into(
     *,
     adapter_name: str = "fulora",
     scale: float = 1.0,
+    text_encoder_scale: float | None = None,
     fuse: bool = False,
 ) -> LoraFile:
     """Load a kohya or diffusers LoRA into a pipeline at ``scale``, applied exactly once.
@@ -303,7 +304,10 @@ def load_lora_into(
         pipe: A StableDiffusionPipeline.
         path: kohya ``.safetensors``, diffusers LoRA file or folder.
         adapter_name: peft adapter name.
-        scale: The LoRA multiplier.
+        scale: The LoRA multiplier (of the UNet's layers, and the text encoder's if
+            ``text_encoder_scale`` is None).
+        text_encoder_scale: The text encoder's multiplier, as A1111's
+            ``<lora:name:te:unet>`` sets it apart; None: ``scale``.
         fuse: Merge ``W + scale * (alpha / rank) * up @ down`` into the weights and drop the
             adapter layers (faster; the same function).
 
@@ -322,9 +326,29 @@ def load_lora_into(
             f"cannot load LoRA {lora.path} ({lora.format} format) into the base model: {err}. "
             "Is it a LoRA for Stable Diffusion 1.x?"
         ) from None
-    pipe.set_adapters([adapter_name], adapter_weights=[scale])
+    set_lora_scales(pipe, scale, text_encoder_scale, adapter_name)
     if fuse:
         # set_adapters already holds the scale: fusing at lora_scale=scale would apply it twice.
         pipe.fuse_lora(lora_scale=1.0, adapter_names=[adapter_name])
         pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
     return lora
+
+
+def set_lora_scales(
+    pipe, scale: float, text_encoder_scale: float | None = None, adapter_name: str = "fulora"
+) -> None:
+    """Set a loaded, unfused LoRA's multipliers: the UNet's and the text encoder's.
+
+    Args:
+        pipe: A StableDiffusionPipeline holding the adapter ``adapter_name``.
+        scale: The UNet's multiplier (and the text encoder's if ``text_encoder_scale`` is None).
+        text_encoder_scale: The text encoder's multiplier; None: ``scale``.
+        adapter_name: The peft adapter.
+    """
+    scales = {
+        "unet": scale,
+        "text_encoder": scale if text_encoder_scale is None else text_encoder_scale,
+    }
+    holding = pipe.get_list_adapters()  # only the parts the file has layers for
+    weights = {part: w for part, w in scales.items() if adapter_name in holding.get(part, ())}
+    pipe.set_adapters([adapter_name], adapter_weights=[weights])
