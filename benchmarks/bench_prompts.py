@@ -8,6 +8,11 @@ steps, guidance and size; the ratio is images/s (variant) / images/s (plain), be
 prompt encoding left out).
 
     python benchmarks/bench_prompts.py                       # CPU, fulora:phantom-sd
+    python benchmarks/bench_prompts.py --lora demo-run/lora/r16/demo_lora.safetensors
+
+With ``--lora``, two more rows: the LoRA's ``<lora:name:0.6>`` in the prompt (fused into the
+weights, as when every plane has the same weights) against the same run unfused (the LoRA on
+its adapter layers, as when planes' tags give it different weights).
     python benchmarks/bench_prompts.py --device cuda --base /models/sd15 --width 512 \\
         --height 512 --steps 30 --per-class 32
 """
@@ -43,23 +48,31 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=16, help="images per measurement")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lora", help="a LoRA file for the <lora:...> rows")
     args = parser.parse_args()
     logging.getLogger("fulora").setLevel(logging.WARNING)
+    variants = {name: (prompt, {}) for name, prompt in PROMPTS.items()}
+    if args.lora:
+        tag = f"a photo of fetal brain <lora:{Path(args.lora).stem}:0.6>"
+        variants["<lora:name:0.6>, fused (planes of one weight)"] = (tag, {})
+        variants["<lora:name:0.6>, unfused (planes of other weights)"] = (tag, {"fuse_lora": False})
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, prompt in PROMPTS.items():
-            rates[name] = _images_per_s(Path(tmp) / str(len(rates)), prompt, args)
+        for name, (prompt, settings) in variants.items():
+            folder = Path(tmp) / str(len(rates))
+            rates[name] = _images_per_s(folder, prompt, args, **settings)
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.device}, {args.base}, "
-        f"{args.width}x{args.height}, {args.steps} steps, batch {args.batch_size}"
+        f"{args.width}x{args.height}, {args.steps} steps, batch {args.batch_size}, "
+        f"LoRA {args.lora or 'none'}"
     )
     print("| prompt | images/s | vs plain |\n|---|---:|---:|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.2f} | {rate / rates['plain']:.2f}x |")
 
 
-def _images_per_s(folder: Path, prompt: str, args) -> float:
+def _images_per_s(folder: Path, prompt: str, args, **settings) -> float:
     """The best images/s of ``--repeats`` fresh runs (each its own folder) after a warm-up:
     ``generate``'s own count and time of the images it made (the denoising and the writing)."""
     best = 0.0
@@ -76,6 +89,8 @@ def _images_per_s(folder: Path, prompt: str, args) -> float:
             device=args.device,
             contact_sheet=0,
             sampler="euler",
+            lora=args.lora,
+            **settings,
         )
         record = generate(folder / str(run), cfg, progress=False)
         if run:  # the first run warms up; each run's own timing leaves out loading the model
