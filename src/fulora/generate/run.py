@@ -174,7 +174,7 @@ def plan(cfg: GenerateConfig) -> _Plan:
     for plane in sorted(set(captions) & set(planes) - set(given)):  # given: checked in the config
         what = f"the LoRA's caption for {plane} (give prompts.{plane})"
         check_prompt_syntax(prompts[plane], what, steps, guided=cfg.guidance > 1)
-    lora_weights = cfg.lora_weights(prompts, names)
+    lora_weights = cfg.lora_weights(prompts, names)  # without a LoRA: a tag is refused
     width, height = cfg.width, cfg.height
     if width is None or height is None:
         # the LoRA's commonest training bucket, else the base model's own size, else SD1.5's
@@ -197,7 +197,7 @@ def plan(cfg: GenerateConfig) -> _Plan:
         clip_skip=_clip_skip(cfg.clip_skip, metadata, lora),
         sampler=resolve_sampler(cfg.sampler),
         lora_webui_hash=webui_hash,
-        lora_weights=lora_weights,
+        lora_weights=lora_weights if lora is not None else {},
     )
 
 
