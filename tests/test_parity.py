@@ -757,7 +757,7 @@ def test_initial_noise_is_a1111s_cpu_noise():
     """An A1111 user who pastes a fulora image's settings starts from the same noise."""
     from types import SimpleNamespace
 
-    from fulora.generate.run import initial_noise
+    from fulora.generate.noise import initial_noise
 
     sd15 = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(in_channels=4)))
     sd15.vae_scale_factor = 8
@@ -767,6 +767,57 @@ def test_initial_noise_is_a1111s_cpu_noise():
     for (c, y, x), value in A1111_CPU_NOISE.items():
         assert noise[0, c, y, x].item() == pytest.approx(value, rel=1e-6)
     assert noise[0].double().sum().item() == pytest.approx(A1111_CPU_NOISE_SUM, rel=1e-8)
+
+
+# AUTOMATIC1111's "NV" source (modules/rng_philox.py, Generator.randn), run from a scratch
+# transcription outside the repository: an image's first draw (its starting noise) and its
+# second (Euler a's first step noise in A1111), latent shape (4, 48, 64), for a 32-bit and a
+# 64-bit seed: (first: values at (0,0,0), (0,0,1), (1,20,30), sum; second: values at (0,0,0),
+# (3,47,63), sum). The same scratch run compared 900 draws (300 random seeds, 64-bit ones too,
+# 1 to 20,000 numbers, offsets 0 to 2) bit for bit.
+A1111_NV_NOISE = {
+    2671683630: (
+        [-0.21825094521045685, 1.3307585716247559, -0.24024789035320282],
+        -115.89240284892367,
+        [0.42577195167541504, 0.5074195265769958],
+        -161.86931195044235,
+    ),
+    2**40 + 12345: (
+        [0.8861610293388367, 0.12506484985351562, -0.06736759841442108],
+        -103.51523653020922,
+        [-1.047513484954834, -0.022443778812885284],
+        -22.21576896993065,
+    ),
+}
+# CUDA's torch.randn((3, 4)) after torch.manual_seed(0), as A1111's rng_philox.py records it
+# (the numbers its NV source imitates)
+CUDA_RANDN_SEED_0 = [
+    [-0.92466259, -0.42534415, -2.6438457, 0.14518388],
+    [-0.12086647, -0.57972564, -0.62285122, -0.32838709],
+    [-1.07454231, -0.36314407, -1.67105067, 2.26550497],
+]
+
+
+@pytest.mark.parametrize("seed", list(A1111_NV_NOISE))
+def test_nv_noise_is_automatic1111s_bit_for_bit(seed):
+    from fulora.generate.noise import philox_randn
+
+    first_values, first_sum, second_values, second_sum = A1111_NV_NOISE[seed]
+    first = philox_randn(seed, 4 * 48 * 64).reshape(4, 48, 64)
+    second = philox_randn(seed, 4 * 48 * 64, offset=1).reshape(4, 48, 64)
+    assert [first[0, 0, 0].item(), first[0, 0, 1].item(), first[1, 20, 30].item()] == first_values
+    assert first.double().sum().item() == pytest.approx(first_sum, rel=1e-12)
+    assert [second[0, 0, 0].item(), second[3, 47, 63].item()] == second_values
+    assert second.double().sum().item() == pytest.approx(second_sum, rel=1e-12)
+
+
+def test_nv_noise_is_cudas_randn():
+    """The numbers A1111 records for CUDA's torch.randn at seed 0 (a GPU test compares with
+    CUDA itself): A1111's default source, GPU, on a machine without one."""
+    from fulora.generate.noise import philox_randn
+
+    got = philox_randn(0, 12).reshape(3, 4)
+    torch.testing.assert_close(got, torch.tensor(CUDA_RANDN_SEED_0), rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1773,7 +1824,10 @@ def test_generate_conditions_and_guides_as_automatic1111_on_a_real_model(
     pipe.scheduler = make_scheduler("euler", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     conditioning = encode_prompts(pipe, prompt, negative, steps, 1, "cpu")
-    cfg, size = SimpleNamespace(steps=steps, guidance=7.0), SimpleNamespace(height=48, width=64)
+    cfg, size = (
+        SimpleNamespace(steps=steps, guidance=7.0, rng="cpu"),
+        SimpleNamespace(height=48, width=64),
+    )
     x0 = _denoise(pipe, conditioning, [seed], cfg, size)
     total, magnitude, first = A1111_PHANTOM_X0[(seed, steps, prompt, negative)]
     assert x0.shape == (1, 4, 12, 16)

@@ -720,7 +720,7 @@ def test_decoding_equals_the_diffusers_pipelines_own(tiny_model, sampler):
         pipe.tokenizer, pipe.text_encoder, "a photo of fetal brain", "", 1, torch.device("cpu")
     )
     seeds = [3, 11]
-    cfg = SimpleNamespace(steps=3, guidance=7.0)
+    cfg = SimpleNamespace(steps=3, guidance=7.0, rng="cpu")
     conditioning = Conditioning.fixed(*embeddings)
     latents = _denoise(pipe, conditioning, seeds, cfg, SimpleNamespace(width=64, height=48))
     ours = to_images(pipe, latents, seeds)
@@ -752,7 +752,10 @@ def test_every_sampler_denoises_to_finite_latents(tiny_model):
     embeddings = prompt_embeddings(
         pipe.tokenizer, pipe.text_encoder, "a photo of fetal brain", "", 1, torch.device("cpu")
     )
-    cfg, size = SimpleNamespace(steps=4, guidance=7.0), SimpleNamespace(width=32, height=32)
+    cfg, size = (
+        SimpleNamespace(steps=4, guidance=7.0, rng="cpu"),
+        SimpleNamespace(width=32, height=32),
+    )
     not_finite = []
     for sampler in SAMPLERS:
         pipe.scheduler = make_scheduler(sampler, base_config)
@@ -962,7 +965,7 @@ def test_initial_noise_is_diffusers_fp32_noise_whatever_the_run_dtype(tiny_model
     the pipeline draws itself in an fp32 run (so fp32 images are unchanged)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    from fulora.generate.run import initial_noise
+    from fulora.generate.noise import initial_noise
 
     pipe = _tiny_pipe(tiny_model)
     seeds = [3, 4075171317]
@@ -1010,6 +1013,88 @@ def cuda_fp32_run(tiny_model, trained_lora, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "cuda-fp32"
     cfg = _cfg(tiny_model, trained_lora, device="cuda", dtype="fp32")
     return out, generate(out, cfg, progress=False)
+
+
+def test_nv_noise_makes_its_own_images_and_names_its_source(tiny_model, trained_lora, tmp_path):
+    """rng nv: each image starts from A1111's NV noise for its seed, the PNG text says "RNG:
+    NV", and --only remakes an image bit for bit; cpu's text says "RNG: CPU"."""
+    from fulora.generate.noise import nv_noise, philox_randn
+
+    kw = dict(planes=["brain"], per_class=2, batch_size=2, contact_sheet=0)
+    cfg = _cfg(tiny_model, trained_lora, rng="nv", **kw)
+    generate(tmp_path / "nv", cfg, progress=False)
+    generate(tmp_path / "cpu", _cfg(tiny_model, trained_lora, **kw), progress=False)
+    nv, cpu = _images(tmp_path / "nv"), _images(tmp_path / "cpu")
+    assert all(np.abs(nv[k].astype(int) - cpu[k].astype(int)).mean() > 1 for k in nv)
+    assert ", RNG: NV, " in _parameters(tmp_path / "nv", "brain")
+    assert ", RNG: CPU, " in _parameters(tmp_path / "cpu", "brain")
+    generate(tmp_path / "one", cfg, only=["brain:1"], progress=False)
+    [(key, pixels)] = _images(tmp_path / "one").items()
+    assert np.array_equal(pixels, nv[key])
+    pipe = _tiny_pipe(tiny_model)
+    noise = nv_noise(pipe, [image_seed(7, "brain", 0)], 48, 80)
+    scale = pipe.vae_scale_factor
+    assert noise.shape == (1, 4, 48 // scale, 80 // scale) and noise.dtype == torch.float32
+    assert torch.equal(noise.flatten(), philox_randn(image_seed(7, "brain", 0), noise.numel()))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"rng": "nv", "sampler": "Euler a"}, r"rng: nv draws each image's starting noise only"),
+        ({"rng": "gpu", "device": "cpu"}, r"rng: gpu draws the noise on the GPU.*rng: nv"),
+        ({"rng": "GPU"}, r"rng"),
+    ],
+)
+def test_noise_sources_the_run_cannot_draw_are_refused(tiny_model, setting, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(tiny_model, **setting)
+
+
+def test_gpu_noise_without_a_gpu_is_refused_before_any_work(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"rng: gpu .* this run is on cpu"):
+        generate(tmp_path / "out", _cfg(tiny_model, rng="gpu", device="auto"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_noise_is_cudas_randn_and_nv_imitates_it(tiny_model, trained_lora, tmp_path):
+    """rng gpu draws each image's noise with a CUDA generator seeded with its seed, as A1111's
+    default source does; nv gives the same numbers on the CPU (within float rounding); the
+    two runs' images agree within rounding, and Euler a's fp16 step noise on CUDA is the fp32
+    draw rounded."""
+    from fulora.generate.noise import image_generators, initial_noise, philox_randn
+
+    pipe = _tiny_pipe(tiny_model)
+    seeds = [image_seed(7, "brain", 0), 2**40 + 12345]
+    generators = image_generators("gpu", seeds, torch.device("cuda"))
+    noise = initial_noise(pipe, generators, 48, 80).cpu()
+    for row, seed in zip(noise, seeds, strict=True):
+        cuda = torch.randn(
+            row.shape, generator=torch.Generator("cuda").manual_seed(seed), device="cuda"
+        )
+        assert torch.equal(row, cuda.cpu())
+        torch.testing.assert_close(
+            row.flatten(), philox_randn(seed, row.numel()), rtol=1e-5, atol=1e-6
+        )
+    kw = dict(
+        planes=["brain"], per_class=2, batch_size=2, contact_sheet=0, device="cuda", dtype="fp32"
+    )
+    generate(tmp_path / "gpu", _cfg(tiny_model, trained_lora, rng="gpu", **kw), progress=False)
+    generate(tmp_path / "nv", _cfg(tiny_model, trained_lora, rng="nv", **kw), progress=False)
+    _assert_close_images(_images(tmp_path / "gpu"), _images(tmp_path / "nv"), mean_below=0.5)
+    assert ", RNG:" not in _parameters(tmp_path / "gpu", "brain")  # A1111's default
+    half = torch.randn(
+        (1, 4, 48, 64),
+        generator=torch.Generator("cuda").manual_seed(7),
+        device="cuda",
+        dtype=torch.float16,
+    )
+    full = torch.randn(
+        (1, 4, 48, 64), generator=torch.Generator("cuda").manual_seed(7), device="cuda"
+    )
+    assert torch.equal(half, full.half())
 
 
 @pytest.mark.gpu

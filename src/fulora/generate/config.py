@@ -13,7 +13,7 @@ from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, CompileMode, Ra
 from fulora.errors import ConfigError
 from fulora.generate.networks import plane_lora_weights
 from fulora.generate.prompts import check_prompt_syntax
-from fulora.generate.samplers import check_steps, resolve_sampler
+from fulora.generate.samplers import STEP_NOISE, check_steps, display_name, resolve_sampler
 from fulora.generate.schedules import schedule_steps
 from fulora.lora.config import DEFAULT_BASE
 from fulora.planes import PAPER_PLANES
@@ -55,11 +55,26 @@ class GenerateConfig(Checked):
             value = getattr(self, key)
             if value is not None and value % 8:
                 raise ConfigError(f"{key!r} must be a multiple of 8, got {value}")
+        self._check_rng()
         self.needs_switch("compile", ("compile_mode", "inductor_tuning"), "torch.compile")
         if self.fuse_qkv and self.lora and not self.fuse_lora:
             raise ConfigError(
                 "fuse_qkv needs fuse_lora: true (an unfused LoRA sits on the separate q, k, v "
                 "projections that fuse_qkv replaces)"
+            )
+
+    def _check_rng(self) -> None:
+        """``nv`` draws the starting noise only; ``gpu`` needs a GPU (auto: checked later)."""
+        if self.rng == "nv" and resolve_sampler(self.sampler) in STEP_NOISE:
+            raise ConfigError(
+                f"rng: nv draws each image's starting noise only, and the sampler "
+                f"{display_name(self.sampler)!r} draws noise at every step too: use rng: gpu on "
+                "an NVIDIA GPU (A1111's default source), rng: cpu, or another sampler"
+            )
+        if self.rng == "gpu" and self.device == "cpu":
+            raise ConfigError(
+                "rng: gpu draws the noise on the GPU, as A1111's default source does, and this "
+                "run's device is cpu: use rng: nv, A1111's CPU imitation of the same numbers"
             )
 
     def lora_weights(
@@ -112,6 +127,10 @@ class GenerateConfig(Checked):
     width: int | None = None  # default: the LoRA's training size, else 512
     height: int | None = None
     seed: int = 0
+    # where each image's noise is drawn, as A1111's "Random number generator source": cpu (the
+    # same images on every machine), gpu (A1111's default; CUDA only), nv (A1111's imitation of
+    # gpu's numbers on the CPU; not with Euler a)
+    rng: Literal["cpu", "gpu", "nv"] = "cpu"
     batch_size: int | None = None  # None: sized to the GPU memory (4 on CPU)
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     # channels-last UNet and VAE on CUDA: off, as measured (BENCHMARKS.md, H200, SD1.5 fp16 at

@@ -28,6 +28,7 @@ from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Mani
 from fulora.errors import DataError
 from fulora.generate.config import GenerateConfig
 from fulora.generate.networks import lora_tags
+from fulora.generate.noise import A1111_RNG_NAMES
 from fulora.generate.samplers import display_name, schedule_type, scheduler_name
 from fulora.io import atomic_path
 from fulora.runs import now_iso, steady_rate
@@ -80,9 +81,9 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     settings["Model"] = Path(model).stem if model.endswith((".safetensors", ".ckpt")) else model
     if row["clip_skip"] > 1:
         settings["Clip skip"] = row["clip_skip"]
-    # The initial noise is drawn on the CPU (initial_noise), as A1111 draws it with RNG "CPU";
-    # A1111 reads a missing RNG as its default, "GPU", and would start from other noise.
-    settings["RNG"] = "CPU"
+    # The noise source (fulora.generate.noise) by A1111's name; its default, GPU, is unwritten
+    # (A1111 reads a missing RNG as GPU, and would start the CPU's images from other noise).
+    settings["RNG"] = A1111_RNG_NAMES[cfg.rng]
     # A prompt's own <lora:...> applies the LoRA in A1111 as written; one without gets the
     # tag of lora_scale. A1111 lists the LoRA under the name the tag gives.
     tags = lora_tags(row["prompt"], "the prompt")
@@ -172,6 +173,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "created": now_iso(),
         "index": index,
         "run_seed": cfg.seed,
+        "rng": cfg.rng,
         "batch_size": made.batch,
         "device": made.device.type,
         "dtype": str(made.dtype).removeprefix("torch."),

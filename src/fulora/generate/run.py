@@ -37,6 +37,7 @@ from fulora.generate.config import GenerateConfig
 from fulora.generate.decode import Decoder
 from fulora.generate.encode import encode_prompts, unet_rows
 from fulora.generate.guidance import Conditioning, guided, padded_sides
+from fulora.generate.noise import image_generators, initial_noise, nv_noise
 from fulora.generate.output import (
     ImageWriter,
     Made,
@@ -309,6 +310,11 @@ def generate(
     resolved = plan(cfg)
     # before the folder gets a config.yaml, which would refuse the corrected command
     check_base(cfg.base, cfg.base_config)
+    if cfg.rng == "gpu" and (on := resolve_device(cfg.device)).type != "cuda":
+        raise ConfigError(
+            f"rng: gpu draws the noise on the GPU, as A1111's default source does, and this "
+            f"run is on {on}: use rng: nv, A1111's CPU imitation of the same numbers"
+        )
     folder = RunDir(out)
     changed = [k for k in folder.changed_config_keys(cfg) or () if k not in _SPEED_ONLY]
     made_with = _images_made_with(folder, resolved.planes)
@@ -578,40 +584,17 @@ def _plane_embeddings(pipe, plane: str, cfg, resolved, device) -> Conditioning:
     return encode_prompts(pipe, prompt, negative, steps, resolved.clip_skip, device, plane)
 
 
-def initial_noise(
-    pipe, generators: Sequence[torch.Generator], height: int, width: int
-) -> torch.Tensor:
-    """Each image's starting latents, drawn in fp32 on the CPU whatever the run's device and dtype.
-
-    The values diffusers draws from the same CPU generators in fp32 (``randn_tensor``), and
-    each generator is left where diffusers would leave it, so fp32 images are unchanged, a
-    sampler's later noise (Euler a) included. Drawn in the run's dtype instead, a seed's fp16
-    image was another image on torch 2.11, whose CPU ``randn`` gives other numbers in half
-    precision than in fp32 (2.14.1 gives the same; pytorch/pytorch#179834 changed that kernel).
-    AUTOMATIC1111 likewise draws its noise in fp32.
-
-    Args:
-        pipe: The pipeline (its UNet's latent channels and its VAE's scale factor).
-        generators: One CPU generator per image, seeded with the image's seed.
-        height: The images' height in pixels.
-        width: The images' width in pixels.
-
-    Returns:
-        fp32 CPU latents (len(generators), channels, height / scale, width / scale).
-    """
-    shape = (1, pipe.unet.config.in_channels)
-    shape += (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    return torch.cat([torch.randn(shape, generator=generator) for generator in generators])
-
-
 def _denoise(pipe, conditioning: Conditioning, seeds: list[int], cfg, resolved) -> torch.Tensor:
     """One batch's denoised latents; each image's noise from its own seed."""
     positive, negative = conditioning.first()
     if negative is not None:  # one shape for diffusers' batch; ``guided`` masks the padding
         positive, negative, _ = padded_sides(positive, negative)
     n = len(seeds)
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    noise = initial_noise(pipe, generators, resolved.height, resolved.width)
+    generators = image_generators(cfg.rng, seeds, positive.device)  # as A1111's RNG setting
+    if generators is None:
+        noise = nv_noise(pipe, seeds, resolved.height, resolved.width)
+    else:
+        noise = initial_noise(pipe, generators, resolved.height, resolved.width)
     with torch.no_grad(), guided(pipe.unet, conditioning, n):
         return pipe(
             latents=noise.to(positive.device, positive.dtype),  # as diffusers types them

@@ -80,6 +80,9 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "pndm": ("PNDMScheduler", {}, "PNDM (diffusers)"),
 }
 
+# Samplers that draw fresh noise at each step, from each image's generator
+STEP_NOISE = ("euler_a",)
+
 # AUTOMATIC1111 v1.9+ runs "DPM++ 2M" on Karras sigmas unless the text names another "Schedule
 # type" (its sd_samplers_kdiffusion.py gives the sampler the default scheduler "karras", and its
 # parse_generation_parameters reads a missing type as "Automatic", that default). fulora's
