@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import NoReturn
 
 from fulora.errors import ConfigError
 
@@ -113,7 +114,7 @@ def _weight(value: str | None, what: str, written: str, default: float = 1.0) ->
     return weight
 
 
-def _refuse(what: str, written: str, why: str):
+def _refuse(what: str, written: str, why: str) -> NoReturn:
     raise ConfigError(f"{what}: the tag {written!r} {why}")
 
 
