@@ -304,6 +304,9 @@ def test_settings_added_later_keep_the_stage_keys_of_existing_experiments():
     tuned = _config_payload(GenerateConfig(compile=True, compile_mode="max-autotune"))
     assert tuned["compile_mode"] == "max-autotune"  # set otherwise: keyed (it can move pixels)
     assert _config_payload(GenerateConfig(rng="nv"))["rng"] == "nv"  # session 28's noise sources
+    assert (
+        _config_payload(GenerateConfig(seed_scheme="consecutive"))["seed_scheme"] == "consecutive"
+    )
     from fulora.classify.train import ClassifyConfig
 
     payload = _config_payload(ClassifyConfig())

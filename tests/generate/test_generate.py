@@ -1015,6 +1015,27 @@ def cuda_fp32_run(tiny_model, trained_lora, tmp_path_factory):
     return out, generate(out, cfg, progress=False)
 
 
+def test_consecutive_seeds_are_automatic1111s_batch_seeds(tiny_model, trained_lora, tmp_path):
+    """seed_scheme consecutive: image i of every plane has seed + i, as A1111 numbers a batch
+    (and names its files index-seed); with the same seed each image is the one a run of that
+    seed alone makes (A1111's batch of one), also from another batch."""
+    kw = dict(planes=["brain", "femur"], per_class=3, contact_sheet=0, seed_scheme="consecutive")
+    generate(tmp_path / "batch", _cfg(tiny_model, trained_lora, seed=100, batch_size=3, **kw))
+    manifest = Manifest.read(tmp_path / "batch" / "manifest.csv")
+    assert sorted(manifest.paths) == [
+        tmp_path / "batch" / plane / f"{i:05d}-{100 + i}.png"
+        for plane in ("brain", "femur")
+        for i in range(3)
+    ]
+    one = _cfg(tiny_model, trained_lora, seed=102, batch_size=1, **(kw | {"per_class": 1}))
+    generate(tmp_path / "one", one)
+    batch, alone = _images(tmp_path / "batch"), _images(tmp_path / "one")
+    for plane in ("brain", "femur"):
+        pixels = alone[Path(plane) / "00000-102.png"].astype(int)
+        assert np.abs(batch[Path(plane) / "00002-102.png"].astype(int) - pixels).max() <= 1
+    assert "Seed: 102," in _parameters(tmp_path / "one", "brain")
+
+
 def test_nv_noise_makes_its_own_images_and_names_its_source(tiny_model, trained_lora, tmp_path):
     """rng nv: each image starts from A1111's NV noise for its seed, the PNG text says "RNG:
     NV", and --only remakes an image bit for bit; cpu's text says "RNG: CPU"."""
@@ -1044,6 +1065,7 @@ def test_nv_noise_makes_its_own_images_and_names_its_source(tiny_model, trained_
         ({"rng": "nv", "sampler": "Euler a"}, r"rng: nv draws each image's starting noise only"),
         ({"rng": "gpu", "device": "cpu"}, r"rng: gpu draws the noise on the GPU.*rng: nv"),
         ({"rng": "GPU"}, r"rng"),
+        ({"seed_scheme": "consecutive", "seed": 2**63 - 3}, r"seed_scheme: consecutive.*seed"),
     ],
 )
 def test_noise_sources_the_run_cannot_draw_are_refused(tiny_model, setting, message):

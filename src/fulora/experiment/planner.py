@@ -81,7 +81,12 @@ def stage_key(payload: dict[str, Any]) -> str:
 # the earlier behaviour: in a stage's key only when set otherwise, so that upgrading fulora
 # re-runs nothing. Per config class: a name may be old in one class and new in another.
 _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
-    GenerateConfig: {"compile_mode": "default", "inductor_tuning": False, "rng": "cpu"},
+    GenerateConfig: {
+        "compile_mode": "default",
+        "inductor_tuning": False,
+        "rng": "cpu",
+        "seed_scheme": "hashed",
+    },
     ClassifyConfig: {
         "amp_dtype": "fp16",
         "compile": False,

@@ -56,6 +56,12 @@ class GenerateConfig(Checked):
             if value is not None and value % 8:
                 raise ConfigError(f"{key!r} must be a multiple of 8, got {value}")
         self._check_rng()
+        if self.seed_scheme == "consecutive" and self.seed + self.per_class - 1 > SEED.high:
+            raise ConfigError(
+                f"seed_scheme: consecutive gives image {self.per_class - 1} the seed "
+                f"{self.seed} + {self.per_class - 1}, past the largest seed torch takes "
+                f"({SEED.high}): give a smaller seed"
+            )
         self.needs_switch("compile", ("compile_mode", "inductor_tuning"), "torch.compile")
         if self.fuse_qkv and self.lora and not self.fuse_lora:
             raise ConfigError(
@@ -131,6 +137,10 @@ class GenerateConfig(Checked):
     # same images on every machine), gpu (A1111's default; CUDA only), nv (A1111's imitation of
     # gpu's numbers on the CPU; not with Euler a)
     rng: Literal["cpu", "gpu", "nv"] = "cpu"
+    # each image's seed: hashed (fulora's, from the run seed, plane and index: other seeds in
+    # every plane and run), or consecutive (seed + index, as A1111 numbers a batch's images:
+    # the same in every plane, as one A1111 run per plane with this seed)
+    seed_scheme: Literal["hashed", "consecutive"] = "hashed"
     batch_size: int | None = None  # None: sized to the GPU memory (4 on CPU)
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     # channels-last UNet and VAE on CUDA: off, as measured (BENCHMARKS.md, H200, SD1.5 fp16 at

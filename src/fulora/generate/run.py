@@ -74,8 +74,15 @@ logger = logging.getLogger("fulora")
 _SPEED_ONLY = {"write_threads", "decode_overlap"}
 
 
-def image_seed(run_seed: int, plane: str, index: int) -> int:
-    """The 32-bit seed of image ``index`` of ``plane`` in a run seeded ``run_seed``."""
+def image_seed(run_seed: int, plane: str, index: int, scheme: str = "hashed") -> int:
+    """The seed of image ``index`` of ``plane`` in a run seeded ``run_seed``.
+
+    ``hashed`` (fulora's): 32 bits of a hash of all three, so planes and runs differ.
+    ``consecutive``: ``run_seed + index``, as AUTOMATIC1111 numbers a batch's images (the same
+    seeds in every plane, as one A1111 run per plane with that seed would give).
+    """
+    if scheme == "consecutive":
+        return run_seed + index
     digest = hashlib.sha256(f"fulora:{run_seed}:{plane}:{index}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
 
@@ -522,7 +529,7 @@ def _work(cfg, resolved, batch, only, out):
         for plane in resolved.planes
         for k in range(math.ceil(cfg.per_class / batch))
     ]
-    seeds = {(p, i): image_seed(cfg.seed, p, i) for p, idx in batches for i in idx}
+    seeds = {(p, i): image_seed(cfg.seed, p, i, cfg.seed_scheme) for p, idx in batches for i in idx}
     if not only:
         missing = {k for k in seeds if not image_path(out, k[0], k[1], seeds[k]).is_file()}
         return batches, seeds, missing
