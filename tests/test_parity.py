@@ -721,6 +721,60 @@ def test_automatic1111_reads_back_every_setting_of_a_fulora_image():
     assert A1111_READS["RNG"] == "CPU"  # the noise source of test_initial_noise_is_a1111s_cpu_noise
 
 
+# AUTOMATIC1111's infotext_utils.parse_generation_parameters (its reading: the prompt, the
+# negative prompt and the settings line; the defaults it fills in left out), run from a
+# scratch transcription outside the repository on each text. Two scratch runs on 20,000 random
+# texts each (prompts, "Negative prompt:", keys, quotes, escapes, sizes, newlines) read every
+# one alike.
+A1111_PARSED = [
+    (
+        "a photo of fetal brain\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 965400086, "
+        "Size: 512x512, Model hash: 45dee52b",
+        {"Prompt": "a photo of fetal brain", "Negative prompt": "", "Steps": "20"}
+        | {"Sampler": "Euler a", "CFG scale": "7", "Seed": "965400086", "Size-1": "512"}
+        | {"Size-2": "512", "Model hash": "45dee52b"},
+    ),
+    (
+        "fetal brain,\n(skull:1.2)\nNegative prompt: blurry\ntext, watermark\nSteps: 30, "
+        "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1, Size: 768x512, "
+        "Clip skip: 2",
+        {"Prompt": "fetal brain,\n(skull:1.2)", "Negative prompt": "blurry\ntext, watermark"}
+        | {"Steps": "30", "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "6.5"}
+        | {"Seed": "1", "Size-1": "768", "Size-2": "512", "Clip skip": "2"},
+    ),
+    (
+        "\n\nfetal femur\nNegative prompt:\nSteps: 20, Sampler: UniPC, CFG scale: 7",
+        {"Prompt": "fetal femur", "Negative prompt": "", "Steps": "20", "Sampler": "UniPC"}
+        | {"CFG scale": "7"},
+    ),
+    (
+        "just a prompt, with: a colon",
+        {"Prompt": "just a prompt, with: a colon"} | {"Negative prompt": ""},
+    ),
+    (
+        'p\nSteps: 20, Sampler: "Euler a", CFG scale: 7, Key: , Hires upscale: 2, '
+        'Hires resize: 1024x768, Note: "say \\"hi\\", ok"',
+        {"Prompt": "p", "Negative prompt": "", "Steps": "20", "Sampler": "Euler a"}
+        | {"CFG scale": "7", "Hires upscale": "2", "Hires resize-1": "1024"}
+        | {"Hires resize-2": "768", "Note": 'say "hi", ok'},
+    ),
+    (
+        "p\nNegative prompt: a\nNegative prompt: b\nSteps: 20, Seed: 3, Size: 64x48",
+        {"Prompt": "p", "Negative prompt": "a\nb", "Steps": "20", "Seed": "3", "Size-1": "64"}
+        | {"Size-2": "48"},
+    ),
+    (A1111_TEXT, A1111_READS),  # fulora's own text, as A1111 reads it
+]
+
+
+@pytest.mark.parametrize(("text", "parsed"), A1111_PARSED)
+def test_a1111_settings_text_is_read_as_automatic1111_reads_it(text, parsed):
+    from fulora.generate.infotext import read_a1111_parameters
+
+    read = read_a1111_parameters(text)
+    assert {"Prompt": read.prompt, "Negative prompt": read.negative_prompt} | read.fields == parsed
+
+
 @pytest.mark.parametrize(
     ("sampler", "written"),
     [

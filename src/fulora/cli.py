@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fulora.errors import FuloraError
+from fulora.errors import ConfigError, FuloraError
 from fulora.flags import add_config_flags, config_values
 
 logger = logging.getLogger("fulora")
@@ -271,6 +271,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     values = config_values(args, args.config_fields)
     cfg = load_config(GenerateConfig, args.config, args.set, values=values)
+    if args.a1111:  # an A1111 image's settings, under the flags and --set
+        layer = _a1111_layer(args.a1111, cfg.planes)
+        cfg = load_config(GenerateConfig, args.config, args.set, values=values, layer=layer)
     from fulora.generate.run import generate  # torch, diffusers: after the config's checks
 
     result = generate(args.out, cfg, only=args.only or ())
@@ -293,6 +296,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
         print(f"  manifest: {Path(args.out) / 'manifest.csv'}")
     return 0
+
+
+def _a1111_layer(path: str, planes: list[str]) -> dict:
+    """The generation settings of an A1111 image (PNG or text), for the one plane it shows."""
+    from fulora.generate.infotext import (
+        generate_settings,
+        read_a1111_parameters,
+        read_parameters_file,
+    )
+
+    if len(planes) != 1:
+        raise ConfigError(
+            f"--a1111 {path}: an image's settings hold one prompt; name the plane it shows "
+            "with --planes (for example --planes brain)"
+        )
+    params = read_a1111_parameters(read_parameters_file(path))
+    layer = generate_settings(params, planes[0])
+    model = params.fields.get("Model", "?")
+    logger.info(
+        "settings of %s: %s; it was made with the model %s (hash %s) and, if its prompt has "
+        "<lora:...>, that LoRA: fulora uses --base and --lora",
+        path,
+        ", ".join(f"{k} {v}" for k, v in layer.items() if k not in ("planes", "prompts")),
+        model,
+        params.fields.get("Model hash", "?"),
+    )
+    return layer
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -544,6 +574,13 @@ def _add_generate_parser(p: argparse.ArgumentParser) -> None:
     from fulora.generate.samplers import SAMPLERS
 
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--a1111",
+        metavar="PNG_OR_TEXT",
+        help="the settings of an AUTOMATIC1111 image (its PNG, or a text file of them): prompt, "
+        "negative prompt, steps, sampler, CFG scale, seed, size, clip skip and RNG, for the "
+        "one plane --planes names; flags and --set override them",
+    )
     p.add_argument(
         "--only",
         nargs="+",

@@ -420,14 +420,16 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     values: dict[str, Any] | None = None,
+    layer: dict[str, Any] | None = None,
 ) -> T:
-    """Load a stage config: defaults, then a YAML file, then explicit values, then overrides.
+    """Load a stage config: defaults, a YAML file, a layer, explicit values, then overrides.
 
     Args:
         cls: The config dataclass.
         path: Optional YAML file.
         overrides: ``key=value`` strings (``--set`` on the CLI); nested keys use dots.
         values: Mapping of already-typed values (from dedicated CLI flags); None values ignored.
+        layer: Settings over the file's and under the flags' (an A1111 image's settings).
 
     Returns:
         The resolved config.
@@ -442,6 +444,7 @@ def load_config(
         source = str(path)
         data = read_yaml_mapping(path)
         from_dict(cls, data, source=source)  # report file errors against the file
+    data.update(layer or {})
     for key, value in (values or {}).items():
         if value is not None:
             data[key] = to_dict(value)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1034,6 +1035,97 @@ def test_consecutive_seeds_are_automatic1111s_batch_seeds(tiny_model, trained_lo
         pixels = alone[Path(plane) / "00000-102.png"].astype(int)
         assert np.abs(batch[Path(plane) / "00002-102.png"].astype(int) - pixels).max() <= 1
     assert "Seed: 102," in _parameters(tmp_path / "one", "brain")
+
+
+def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, capsys):
+    """--a1111 PNG: the image's prompt (a <lora:...> with its own text-encoder weight), negative
+    prompt, sampler, steps, CFG scale, seed, size, clip skip and RNG make it again, one
+    image of the plane --planes names; a flag overrides a setting of the text."""
+    prompts = {
+        "brain": "a photo of fetal brain",
+        "femur": "fetal femur <lora:phantom_lora:1.5:0.4>",
+    }
+    made = _cfg(
+        tiny_model,
+        trained_lora,
+        prompts=prompts,
+        negative_prompt="blurry, text: none",
+        sampler="Euler a",
+        guidance=5.5,
+        seed=11,
+        per_class=3,
+        batch_size=3,
+        contact_sheet=0,
+        clip_skip=1,
+    )
+    generate(tmp_path / "made", made, progress=False)
+    [png] = (tmp_path / "made" / "femur").glob("00002-*.png")
+    common = [
+        "generate",
+        "--base",
+        str(tiny_model),
+        "--lora",
+        str(trained_lora / "phantom_lora.safetensors"),
+    ]
+    common += ["--a1111", str(png), "--planes", "femur", "--device", "cpu", "--contact-sheet", "0"]
+    assert main(["-q", *common, "--out", str(tmp_path / "again")]) == 0
+    [again] = (tmp_path / "again" / "femur").glob("*.png")
+    assert again.name == f"00000-{png.name.split('-')[1]}"  # the image's seed, as index 0
+    assert np.abs(_pixels(again).astype(int) - _pixels(png).astype(int)).max() <= 1
+    record = json.loads((tmp_path / "again" / "done.json").read_text())
+    assert record["prompts"] == {"femur": prompts["femur"]} and record["sampler"] == "euler_a"
+    assert main(["-q", *common, "--steps", "2", "--out", str(tmp_path / "two")]) == 0
+    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["steps"] == 2
+
+
+_A1111_SETTINGS = "p\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x48"
+
+
+@pytest.mark.parametrize(
+    ("text", "planes", "message"),
+    [
+        (_A1111_SETTINGS, ["brain", "femur"], "name the plane"),
+        (
+            f"{_A1111_SETTINGS}, Hires upscale: 2, Denoising strength: 0.5",
+            ["brain"],
+            r"hold Denoising strength: 0.5, Hires upscale: 2, which fulora does not run",
+        ),
+        (_A1111_SETTINGS.replace("Seed: 1, ", ""), ["brain"], "name no Seed"),
+        (
+            f"{_A1111_SETTINGS}, Schedule type: Exponential",
+            ["brain"],
+            "schedule type 'Exponential' is not one fulora runs",
+        ),
+        (f"{_A1111_SETTINGS}, RNG: XPU", ["brain"], "RNG 'XPU'"),
+    ],
+)
+def test_a1111_settings_fulora_cannot_run_are_refused(
+    tiny_model, tmp_path, capsys, text, planes, message
+):
+    (tmp_path / "settings.txt").write_text(text)
+    args = ["generate", "--base", str(tiny_model), "--a1111", str(tmp_path / "settings.txt")]
+    assert main([*args, "--planes", *planes, "--out", str(tmp_path / "out")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("fields", "sampler"),
+    [
+        ({"Sampler": "DPM++ 2M Karras"}, "dpmpp_2m_karras"),  # before v1.9's Schedule type
+        ({"Sampler": "DPM++ 2M", "Version": "v1.8.0"}, "dpmpp_2m"),  # uniform before v1.9
+        ({"Sampler": "DPM++ 2M", "Version": "v1.10.1"}, "dpmpp_2m_karras"),  # its Automatic
+        ({"Sampler": "DPM++ 2M", "Schedule type": "Uniform"}, "dpmpp_2m"),  # fulora's own text
+        ({"Sampler": "DPM++ 2M", "Schedule type": "Karras"}, "dpmpp_2m_karras"),
+        ({"Sampler": "LMS", "Schedule type": "Karras"}, "lms_karras"),
+        ({"Sampler": "Euler a", "Schedule type": "Automatic"}, "euler_a"),
+        ({"Sampler": "Euler", "Schedule type": "Uniform"}, "euler"),
+    ],
+)
+def test_a1111s_sampler_and_schedule_type_name_fuloras_sampler(fields, sampler):
+    from fulora.generate.infotext import a1111_sampler
+
+    assert a1111_sampler(fields) == sampler
 
 
 def test_nv_noise_makes_its_own_images_and_names_its_source(tiny_model, trained_lora, tmp_path):

@@ -1,0 +1,204 @@
+"""AUTOMATIC1111's settings text (a PNG's ``parameters``), read into ``generate``'s settings.
+
+An A1111 image's text holds its prompt, its negative prompt after ``Negative prompt:``, and a
+last line of ``Key: value`` settings (a value with a comma, colon or newline JSON-quoted).
+:func:`read_a1111_parameters` reads it as A1111's ``parse_generation_parameters`` does, and
+:func:`generate_settings` turns it into the settings that make the same image with fulora:
+prompt, negative prompt, steps, sampler and its schedule type, CFG scale, seed (image ``i`` of
+the run takes ``seed + i``, as in A1111's batches), size, clip skip (1 when the text names
+none, as A1111 reads it) and RNG (``GPU`` when it names none, A1111's default). The model and
+the LoRA are the run's own (``base``, ``lora``); a setting that fulora does not run (hires
+fix, a variation seed, another schedule type, ...) is refused, naming it, since A1111 would
+make another image with it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from fulora.errors import ConfigError, DataError
+from fulora.generate.samplers import resolve_sampler
+
+# One "Key: value" of the settings line: a key starts with a word character and holds words,
+# spaces, '-' and '/'; a value is JSON-quoted (escapes allowed) or runs to the next comma.
+_FIELD = re.compile(
+    r"""\s*(\w[\w \-/]+):\s*     # the key
+    ("(?:\\.|[^\\"])+"|[^,]*)    # the value: quoted, or up to a comma
+    (?:,|$)""",
+    re.X,
+)
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_NEGATIVE = "Negative prompt:"
+_RNGS = {"CPU": "cpu", "GPU": "gpu", "NV": "nv"}
+# Fields that name what made the image rather than how: the run's base and LoRA stand for them
+_PROVENANCE = ("Model", "Model hash", "Lora hashes", "Version")
+_SETTINGS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2")
+_SETTINGS += ("Clip skip", "RNG")
+
+
+@dataclass
+class A1111Parameters:
+    """An A1111 settings text, read: prompt, negative prompt and the settings line's fields."""
+
+    prompt: str
+    negative_prompt: str
+    fields: dict[str, str] = field(default_factory=dict)  # "Size" as "Size-1" and "Size-2"
+
+
+def read_a1111_parameters(text: str) -> A1111Parameters:
+    """Read A1111's settings text as its ``parse_generation_parameters`` reads it.
+
+    The last line is the settings line if it holds three ``Key: value`` fields or more; the
+    lines before it are the prompt, then the negative prompt from ``Negative prompt:`` on.
+    A quoted value is JSON; one that is not valid JSON stays as written; ``WxH`` values are
+    split into ``Key-1`` and ``Key-2``. Checked against A1111's own function in
+    ``tests/test_parity.py``.
+    """
+    *lines, last = text.strip().split("\n")
+    if len(_FIELD.findall(last)) < 3:
+        lines, last = [*lines, last], ""
+    prompt = negative = ""
+    in_negative = False
+    for line in (line.strip() for line in lines):
+        if line.startswith(_NEGATIVE):  # from here on (each such line loses the words)
+            in_negative = True
+            line = line[len(_NEGATIVE) :].strip()
+        if in_negative:
+            negative = _then(negative, line)
+        else:
+            prompt = _then(prompt, line)
+    fields: dict[str, str] = {}
+    for key, value in _FIELD.findall(last):
+        if not value:  # A1111 fails on an empty value and skips the field
+            continue
+        if value[0] == value[-1] == '"':
+            value = _unquoted(value)
+        size = _SIZE.match(value)
+        if size:
+            fields[f"{key}-1"], fields[f"{key}-2"] = size.groups()
+        else:
+            fields[key] = value
+    return A1111Parameters(prompt, negative, fields)
+
+
+def _then(text: str, line: str) -> str:
+    """A1111's joining: a newline between lines, none before the first non-empty text."""
+    return f"{text}\n{line}" if text else line
+
+
+def _unquoted(value: str) -> str:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def read_parameters_file(path: str | Path) -> str:
+    """The settings text of an A1111 PNG (its ``parameters`` chunk) or of a text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (give an A1111 PNG or a text file of its settings)")
+    try:
+        if path.suffix.lower() != ".png":
+            return path.read_text(encoding="utf-8")
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get("parameters")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(
+            f"{path}: cannot read it ({err}); give an A1111 PNG or a text file"
+        ) from None
+    if not text:
+        raise DataError(
+            f"{path} holds no AUTOMATIC1111 settings (no 'parameters' text in the PNG): give an "
+            "image A1111 or fulora saved with its settings, or a text file of them"
+        )
+    return text
+
+
+def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
+    """The ``generate`` settings that make the image of ``params`` (one per plane; seed + i).
+
+    Args:
+        params: The text, read (:func:`read_a1111_parameters`).
+        plane: The plane the image shows (its prompt becomes that plane's).
+
+    Raises:
+        ConfigError: A setting fulora does not run, or a value it cannot read.
+    """
+    fields = params.fields
+    others = sorted(k for k in fields if k not in _SETTINGS + _PROVENANCE)
+    if others:
+        shown = ", ".join(f"{k}: {fields[k]}" for k in others)
+        raise ConfigError(
+            f"the A1111 settings hold {shown}, which fulora does not run (A1111 would make "
+            "another image with them): remove them from the text, or give the settings "
+            "without --a1111"
+        )
+    for key in ("Steps", "Sampler", "CFG scale", "Seed", "Size-1"):
+        if key not in fields:
+            raise ConfigError(f"the A1111 settings name no {key.split('-')[0]}: give the full text")
+    rng = fields.get("RNG", "GPU")
+    if rng not in _RNGS:
+        raise ConfigError(f"the A1111 settings' RNG {rng!r} is none of {', '.join(_RNGS)}")
+    return {
+        "planes": [plane],
+        "prompts": {plane: params.prompt},
+        "negative_prompt": params.negative_prompt,
+        "steps": _number(fields, "Steps", int),
+        "sampler": a1111_sampler(fields),
+        "guidance": _number(fields, "CFG scale", float),
+        "seed": _number(fields, "Seed", int),
+        "seed_scheme": "consecutive",  # image i: seed + i, as A1111's batch
+        "width": _number(fields, "Size-1", int),
+        "height": _number(fields, "Size-2", int),
+        "clip_skip": _number(fields, "Clip skip", int) if "Clip skip" in fields else 1,
+        "rng": _RNGS[rng],
+        "per_class": 1,
+    }
+
+
+def _number(fields: dict[str, str], key: str, kind: type):
+    try:
+        return kind(fields[key])
+    except ValueError:
+        raise ConfigError(f"the A1111 settings' {key} {fields[key]!r} is not a number") from None
+
+
+def a1111_sampler(fields: dict[str, str]) -> str:
+    """The sampler for A1111's ``Sampler`` and ``Schedule type`` (v1.9+ split them).
+
+    A missing type is A1111's "Automatic": the sampler's own schedule (Karras for DPM++ 2M
+    since v1.9, uniform before it and for the others).
+    """
+    sampler = resolve_sampler(fields["Sampler"])
+    kind = fields.get("Schedule type", "Automatic")
+    karras = {"dpmpp_2m": "dpmpp_2m_karras", "lms": "lms_karras"}
+    if kind == "Automatic":
+        if sampler == "dpmpp_2m" and _version(fields.get("Version", "")) >= (1, 9):
+            return "dpmpp_2m_karras"
+        return sampler
+    if kind == "Karras" and sampler in karras.values():
+        return sampler
+    if kind == "Karras" and sampler in karras:
+        return karras[sampler]
+    if kind == "Uniform" and sampler not in karras.values():
+        return sampler
+    raise ConfigError(
+        f"the A1111 settings' sampler {fields['Sampler']!r} with schedule type {kind!r} is "
+        "not one fulora runs (it runs each sampler's Uniform schedule, and Karras for DPM++ 2M "
+        "and LMS): give the settings without --a1111"
+    )
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """A1111's version from its ``Version`` field ("v1.10.1"); another program's: the newest."""
+    found = re.fullmatch(r"v(\d+)\.(\d+)(?:\.(\d+))?.*", text.strip())
+    if not found:
+        return (999,)
+    return tuple(int(part) for part in found.groups() if part is not None)
