@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from fulora.cli import main
 from fulora.data.manifest import COLUMNS, SYNTHETIC_COLUMNS, Manifest
@@ -1076,6 +1077,15 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
     assert record["prompts"] == {"femur": prompts["femur"]} and record["sampler"] == "euler_a"
     assert main(["-q", *common, "--steps", "2", "--out", str(tmp_path / "two")]) == 0
     assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["steps"] == 2
+    # its "Lora hashes": another LoRA file, even under the same name, is refused before any work
+    other = tmp_path / "other" / "phantom_lora.safetensors"
+    other.parent.mkdir()
+    tensors = {k: v * 2 if "lora_up" in k else v for k, v in load_file(common[4]).items()}
+    save_file(tensors, other, metadata={"ss_output_name": "phantom_lora"})
+    common[4] = str(other)
+    assert main(["-q", *common, "--out", str(tmp_path / "wrong")]) == 2
+    assert "and lora_hash asks for" in capsys.readouterr().err
+    assert not (tmp_path / "wrong").exists()
 
 
 _A1111_SETTINGS = "p\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x48"

@@ -67,6 +67,7 @@ _NOT_IN_KEY = {
     "base",
     "base_config",
     "lora",
+    "lora_hash",  # a check of the LoRA file, not a setting of its images
     "progress",
 }
 

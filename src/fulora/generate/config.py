@@ -6,6 +6,7 @@ those load.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -56,6 +57,11 @@ class GenerateConfig(Checked):
             if value is not None and value % 8:
                 raise ConfigError(f"{key!r} must be a multiple of 8, got {value}")
         self._check_rng()
+        if self.lora_hash is not None and not re.fullmatch(r"[0-9a-fA-F]{8,64}", self.lora_hash):
+            raise ConfigError(
+                f"lora_hash {self.lora_hash!r} is not a hash: give the hex digits A1111 lists "
+                "under 'Lora hashes' (12 of them)"
+            )
         if self.seed_scheme == "consecutive" and self.seed + self.per_class - 1 > SEED.high:
             raise ConfigError(
                 f"seed_scheme: consecutive gives image {self.per_class - 1} the seed "
@@ -117,6 +123,8 @@ class GenerateConfig(Checked):
     base_config: str | None = None
     lora: str | None = None  # kohya .safetensors, diffusers LoRA folder, or a LoRA run folder
     lora_scale: float = 1.0  # a prompt's <lora:name:w> gives its plane's weight instead
+    # the LoRA's AUTOMATIC1111 short hash (an image's "Lora hashes"): another file is refused
+    lora_hash: str | None = None
     fuse_lora: bool = True  # merge the LoRA into the weights: faster, same images
     planes: list[str] = field(default_factory=lambda: list(PAPER_PLANES))
     per_class: int = 1000

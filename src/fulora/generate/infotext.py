@@ -147,6 +147,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
     if rng not in _RNGS:
         raise ConfigError(f"the A1111 settings' RNG {rng!r} is none of {', '.join(_RNGS)}")
     return {
+        **_lora_hash(fields),
         "planes": [plane],
         "prompts": {plane: params.prompt},
         "negative_prompt": params.negative_prompt,
@@ -161,6 +162,17 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "rng": _RNGS[rng],
         "per_class": 1,
     }
+
+
+def _lora_hash(fields: dict[str, str]) -> dict[str, str]:
+    """``lora_hash`` from A1111's ``Lora hashes`` ("name: hash"; fulora runs one LoRA)."""
+    listed = [item for item in fields.get("Lora hashes", "").split(",") if item.strip()]
+    if len(listed) > 1:
+        raise ConfigError(
+            f"the A1111 settings name {len(listed)} LoRAs ({fields['Lora hashes']}); fulora "
+            "runs one: give the settings without --a1111"
+        )
+    return {"lora_hash": listed[0].rpartition(":")[2].strip()} if listed else {}
 
 
 def _number(fields: dict[str, str], key: str, kind: type):

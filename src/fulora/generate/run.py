@@ -71,7 +71,7 @@ logger = logging.getLogger("fulora")
 
 # settings that change how fast images are written, never their bytes: a run may resume with
 # another value (and an older run folder's config.yaml may not have the key at all)
-_SPEED_ONLY = {"write_threads", "decode_overlap"}
+_SPEED_ONLY = {"write_threads", "decode_overlap", "lora_hash"}  # lora_hash: a check only
 
 
 def image_seed(run_seed: int, plane: str, index: int, scheme: str = "hashed") -> int:
@@ -166,6 +166,7 @@ def plan(cfg: GenerateConfig) -> _Plan:
         found = read_lora(lora)
         webui_hash = webui_lora_hash(found.path, found.metadata)
         names = _a1111_names(found.path, found.metadata)
+        _check_lora_hash(cfg.lora_hash, webui_hash, found.path)
         check_finite_weights(
             found.tensors.items(),
             f"the LoRA {found.path}",
@@ -173,6 +174,11 @@ def plan(cfg: GenerateConfig) -> _Plan:
             "retrain it with lower learning rates (--unet-lr, --text-encoder-lr).",
         )
         metadata = found.metadata
+    if lora is None and cfg.lora_hash is not None:
+        raise ConfigError(
+            f"lora_hash {cfg.lora_hash} names the LoRA an image was made with, and the run has "
+            "none: give its file in lora (--lora)"
+        )
     captions = json.loads(metadata.get("fulora_captions", "{}") or "{}")
     given = dict(zip(check_planes(cfg.prompts), cfg.prompts.values(), strict=True))
     prompts = {
@@ -207,6 +213,16 @@ def plan(cfg: GenerateConfig) -> _Plan:
         lora_webui_hash=webui_hash,
         lora_weights=lora_weights if lora is not None else {},
     )
+
+
+def _check_lora_hash(wanted: str | None, webui_hash: str, path: Path) -> None:
+    """The LoRA must be the file an A1111 image names (its "Lora hashes"), when one is given."""
+    if wanted is not None and not webui_hash.lower().startswith(wanted.lower()):
+        raise ConfigError(
+            f"the LoRA {path} has the A1111 hash {webui_hash[:12]}, and lora_hash asks for "
+            f"{wanted} (the image's 'Lora hashes'): give the LoRA the image was made with "
+            "(--lora), or leave lora_hash out"
+        )
 
 
 def _a1111_names(path: Path, metadata: dict[str, str]) -> tuple[str, ...]:
