@@ -1138,6 +1138,27 @@ def test_a1111s_sampler_and_schedule_type_name_fuloras_sampler(fields, sampler):
     assert a1111_sampler(fields) == sampler
 
 
+def test_model_hash_is_checked_as_automatic1111_hashes_a_checkpoint(tmp_path, caplog):
+    """model_hash (an image's "Model hash"): A1111's sha256[:10] of the file, or its old hash
+    (8 digits of a sha256 of the 64 KiB at 1 MiB); another file is refused; a diffusers folder,
+    which A1111 does not hash, is not checked (the log says so)."""
+    import hashlib
+
+    from fulora.lora.base import check_model_hash
+
+    checkpoint = tmp_path / "sd.safetensors"
+    data = bytes(range(256)) * 8192  # 2 MiB
+    checkpoint.write_bytes(data)
+    check_model_hash(checkpoint, hashlib.sha256(data).hexdigest()[:10])
+    check_model_hash(checkpoint, hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8])
+    with pytest.raises(ConfigError, match=r"has the A1111 hash .*model_hash asks for 0123456789"):
+        check_model_hash(checkpoint, "0123456789")
+    (tmp_path / "folder").mkdir()
+    with caplog.at_level("WARNING", logger="fulora"):
+        check_model_hash(tmp_path / "folder", "0123456789")
+    assert "not a checkpoint file" in caplog.text
+
+
 def test_nv_noise_makes_its_own_images_and_names_its_source(tiny_model, trained_lora, tmp_path):
     """rng nv: each image starts from A1111's NV noise for its seed, the PNG text says "RNG:
     NV", and --only remakes an image bit for bit; cpu's text says "RNG: CPU"."""

@@ -67,7 +67,8 @@ _NOT_IN_KEY = {
     "base",
     "base_config",
     "lora",
-    "lora_hash",  # a check of the LoRA file, not a setting of its images
+    "lora_hash",  # checks of the files, not settings of the images
+    "model_hash",
     "progress",
 }
 

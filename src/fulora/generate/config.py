@@ -57,11 +57,13 @@ class GenerateConfig(Checked):
             if value is not None and value % 8:
                 raise ConfigError(f"{key!r} must be a multiple of 8, got {value}")
         self._check_rng()
-        if self.lora_hash is not None and not re.fullmatch(r"[0-9a-fA-F]{8,64}", self.lora_hash):
-            raise ConfigError(
-                f"lora_hash {self.lora_hash!r} is not a hash: give the hex digits A1111 lists "
-                "under 'Lora hashes' (12 of them)"
-            )
+        for key, listed in (("lora_hash", "Lora hashes"), ("model_hash", "Model hash")):
+            value = getattr(self, key)
+            if value is not None and not re.fullmatch(r"[0-9a-fA-F]{8,64}", value):
+                raise ConfigError(
+                    f"{key} {value!r} is not a hash: give the hex digits of an A1111 image's "
+                    f"'{listed}'"
+                )
         if self.seed_scheme == "consecutive" and self.seed + self.per_class - 1 > SEED.high:
             raise ConfigError(
                 f"seed_scheme: consecutive gives image {self.per_class - 1} the seed "
@@ -120,6 +122,8 @@ class GenerateConfig(Checked):
         return weights
 
     base: str = DEFAULT_BASE  # hub id, diffusers folder or .safetensors/.ckpt file
+    # the base checkpoint's AUTOMATIC1111 hash (an image's "Model hash"): another is refused
+    model_hash: str | None = None
     base_config: str | None = None
     lora: str | None = None  # kohya .safetensors, diffusers LoRA folder, or a LoRA run folder
     lora_scale: float = 1.0  # a prompt's <lora:name:w> gives its plane's weight instead

@@ -146,8 +146,10 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
     rng = fields.get("RNG", "GPU")
     if rng not in _RNGS:
         raise ConfigError(f"the A1111 settings' RNG {rng!r} is none of {', '.join(_RNGS)}")
+    hashes = {"model_hash": fields["Model hash"]} if "Model hash" in fields else {}
     return {
         **_lora_hash(fields),
+        **hashes,
         "planes": [plane],
         "prompts": {plane: params.prompt},
         "negative_prompt": params.negative_prompt,

@@ -59,6 +59,7 @@ from fulora.io import file_hash, half_written
 from fulora.lora.base import (
     base_identity,
     check_base,
+    check_model_hash,
     load_pipeline,
     native_size,
 )
@@ -71,7 +72,8 @@ logger = logging.getLogger("fulora")
 
 # settings that change how fast images are written, never their bytes: a run may resume with
 # another value (and an older run folder's config.yaml may not have the key at all)
-_SPEED_ONLY = {"write_threads", "decode_overlap", "lora_hash"}  # lora_hash: a check only
+# settings that change no pixel: speed, and the checks of the files an image names
+_SPEED_ONLY = {"write_threads", "decode_overlap", "lora_hash", "model_hash"}
 
 
 def image_seed(run_seed: int, plane: str, index: int, scheme: str = "hashed") -> int:
@@ -333,6 +335,8 @@ def generate(
     resolved = plan(cfg)
     # before the folder gets a config.yaml, which would refuse the corrected command
     check_base(cfg.base, cfg.base_config)
+    if cfg.model_hash is not None:  # hashed once: base_identity takes it from the cache
+        check_model_hash(cfg.base, cfg.model_hash)
     if cfg.rng == "gpu" and (on := resolve_device(cfg.device)).type != "cuda":
         raise ConfigError(
             f"rng: gpu draws the noise on the GPU, as A1111's default source does, and this "

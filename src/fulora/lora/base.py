@@ -6,10 +6,12 @@ it never waits on a download that cannot happen.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import socket
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -210,5 +212,50 @@ def base_identity(base: str | Path) -> tuple[str, str]:
                 candidates = [Path(found)]
         except Exception:  # an id the cache does not know
             candidates = []
-    digest = file_hash(candidates[0]) if candidates else ""
+    digest = _file_sha256(candidates[0]) if candidates else ""
     return (path.name if path.exists() else text), digest
+
+
+def _file_sha256(path: Path) -> str:
+    """A file's sha256, computed once per process for the same size and modification time."""
+    stat = path.stat()
+    return _hashed(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _hashed(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: the cache's key
+    return file_hash(path)
+
+
+def check_model_hash(base: str | Path, wanted: str) -> None:
+    """The base must be the checkpoint an A1111 image names by its ``Model hash``.
+
+    A1111 names a checkpoint file by the first 10 hex digits of its sha256, or (before late
+    2022) by 8 of a sha256 of the 64 KiB at 1 MiB into the file. A diffusers folder or hub
+    id has no such hash: it is not checked, and the log says so.
+
+    Raises:
+        ConfigError: The base file has another hash.
+    """
+    path = Path(resolve_base(base)).expanduser()
+    if not path.is_file():
+        logger.warning(
+            "the image names the model hash %s; the base %s is not a checkpoint file, whose "
+            "hash A1111 lists, so it is not checked",
+            wanted,
+            base,
+        )
+        return
+    wanted = wanted.lower()
+    if len(wanted) == 8:  # A1111's old hash
+        with open(path, "rb") as handle:
+            handle.seek(0x100000)
+            found = hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
+    else:
+        found = _file_sha256(path)[: len(wanted)]
+    if found != wanted:
+        raise ConfigError(
+            f"the base model {path} has the A1111 hash {found}, and model_hash asks for "
+            f"{wanted} (the image's 'Model hash'): give the checkpoint the image was made with "
+            "(--base), or leave model_hash out"
+        )
