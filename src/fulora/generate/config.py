@@ -20,6 +20,19 @@ from fulora.lora.config import DEFAULT_BASE
 from fulora.planes import PAPER_PLANES
 
 
+def check_rng_device(rng: str, device: str) -> None:
+    """``rng: gpu`` draws the noise on a CUDA device, as A1111's default source does.
+
+    Raises:
+        ConfigError: Another device ("cpu"), naming ``nv``, the same numbers on the CPU.
+    """
+    if rng == "gpu" and not device.startswith("cuda"):
+        raise ConfigError(
+            f"rng: gpu draws the noise on the GPU, as A1111's default source does, and this "
+            f"run is on {device}: use rng: nv, A1111's CPU imitation of the same numbers"
+        )
+
+
 @dataclass
 class GenerateConfig(Checked):
     """Configuration of ``fulora generate``."""
@@ -85,11 +98,8 @@ class GenerateConfig(Checked):
                 f"{display_name(self.sampler)!r} draws noise at every step too: use rng: gpu on "
                 "an NVIDIA GPU (A1111's default source), rng: cpu, or another sampler"
             )
-        if self.rng == "gpu" and self.device == "cpu":
-            raise ConfigError(
-                "rng: gpu draws the noise on the GPU, as A1111's default source does, and this "
-                "run's device is cpu: use rng: nv, A1111's CPU imitation of the same numbers"
-            )
+        if self.device != "auto":  # auto: checked when generate resolves it
+            check_rng_device(self.rng, self.device)
 
     def lora_weights(
         self, prompts: dict[str, str], names: tuple[str, ...] | None

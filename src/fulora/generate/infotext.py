@@ -35,8 +35,13 @@ _FIELD = re.compile(
 )
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _NEGATIVE = "Negative prompt:"
-_RNGS = {"CPU": "cpu", "GPU": "gpu", "NV": "nv"}
-# Fields that name what made the image rather than how: the run's base and LoRA stand for them
+# fulora's rng -> A1111's "RNG" (its setting "Random number generator source"); A1111 leaves
+# its default, GPU, out of the text and reads a text without one as GPU
+A1111_RNG_NAMES = {"cpu": "CPU", "gpu": "GPU", "nv": "NV"}
+A1111_DEFAULT_RNG = "gpu"
+_RNGS = {name: rng for rng, name in A1111_RNG_NAMES.items()}
+# Fields that name what made the image rather than how: the run's base and LoRA stand for
+# them; their hashes become model_hash and lora_hash, which check the files given
 _PROVENANCE = ("Model", "Model hash", "Lora hashes", "Version")
 _SETTINGS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2")
 _SETTINGS += ("Clip skip", "RNG")
@@ -143,7 +148,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
     for key in ("Steps", "Sampler", "CFG scale", "Seed", "Size-1"):
         if key not in fields:
             raise ConfigError(f"the A1111 settings name no {key.split('-')[0]}: give the full text")
-    rng = fields.get("RNG", "GPU")
+    rng = fields.get("RNG", A1111_RNG_NAMES[A1111_DEFAULT_RNG])
     if rng not in _RNGS:
         raise ConfigError(f"the A1111 settings' RNG {rng!r} is none of {', '.join(_RNGS)}")
     hashes = {"model_hash": fields["Model hash"]} if "Model hash" in fields else {}

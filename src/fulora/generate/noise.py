@@ -24,10 +24,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-RNGS = ("cpu", "gpu", "nv")
-# the PNG text's "RNG", as A1111 writes it: nothing for its default, GPU
-A1111_RNG_NAMES = {"cpu": "CPU", "gpu": None, "nv": "NV"}
-
 # Philox 4x32-10 (Salmon et al., SC'11; Random123, cuRAND's PHILOX4_32_10): round multipliers
 # and the key's increments (the golden ratio and sqrt(3) - 1, as 32-bit fractions)
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)

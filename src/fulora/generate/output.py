@@ -27,8 +27,8 @@ from fulora import __version__
 from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import DataError
 from fulora.generate.config import GenerateConfig
+from fulora.generate.infotext import A1111_DEFAULT_RNG, A1111_RNG_NAMES
 from fulora.generate.networks import lora_tags
-from fulora.generate.noise import A1111_RNG_NAMES
 from fulora.generate.samplers import display_name, schedule_type, scheduler_name
 from fulora.io import atomic_path
 from fulora.runs import now_iso, steady_rate
@@ -83,7 +83,7 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
         settings["Clip skip"] = row["clip_skip"]
     # The noise source (fulora.generate.noise) by A1111's name; its default, GPU, is unwritten
     # (A1111 reads a missing RNG as GPU, and would start the CPU's images from other noise).
-    settings["RNG"] = A1111_RNG_NAMES[cfg.rng]
+    settings["RNG"] = A1111_RNG_NAMES[cfg.rng] if cfg.rng != A1111_DEFAULT_RNG else None
     # A prompt's own <lora:...> applies the LoRA in A1111 as written; one without gets the
     # tag of lora_scale. A1111 lists the LoRA under the name the tag gives.
     tags = lora_tags(row["prompt"], "the prompt")

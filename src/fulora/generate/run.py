@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from fulora.config import check_process_device, require_device, resolve_device
 from fulora.data.manifest import MANIFEST_NAME
 from fulora.errors import ConfigError, DataError
-from fulora.generate.config import GenerateConfig
+from fulora.generate.config import GenerateConfig, check_rng_device
 from fulora.generate.decode import Decoder
 from fulora.generate.encode import encode_prompts, unet_rows
 from fulora.generate.guidance import Conditioning, guided, padded_sides
@@ -168,7 +168,6 @@ def plan(cfg: GenerateConfig) -> _Plan:
         found = read_lora(lora)
         webui_hash = webui_lora_hash(found.path, found.metadata)
         names = _a1111_names(found.path, found.metadata)
-        _check_lora_hash(cfg.lora_hash, webui_hash, found.path)
         check_finite_weights(
             found.tensors.items(),
             f"the LoRA {found.path}",
@@ -176,11 +175,7 @@ def plan(cfg: GenerateConfig) -> _Plan:
             "retrain it with lower learning rates (--unet-lr, --text-encoder-lr).",
         )
         metadata = found.metadata
-    if lora is None and cfg.lora_hash is not None:
-        raise ConfigError(
-            f"lora_hash {cfg.lora_hash} names the LoRA an image was made with, and the run has "
-            "none: give its file in lora (--lora)"
-        )
+    _check_lora_hash(cfg.lora_hash, lora, webui_hash)
     captions = json.loads(metadata.get("fulora_captions", "{}") or "{}")
     given = dict(zip(check_planes(cfg.prompts), cfg.prompts.values(), strict=True))
     prompts = {
@@ -217,11 +212,18 @@ def plan(cfg: GenerateConfig) -> _Plan:
     )
 
 
-def _check_lora_hash(wanted: str | None, webui_hash: str, path: Path) -> None:
+def _check_lora_hash(wanted: str | None, lora: Path | None, webui_hash: str) -> None:
     """The LoRA must be the file an A1111 image names (its "Lora hashes"), when one is given."""
-    if wanted is not None and not webui_hash.lower().startswith(wanted.lower()):
+    if wanted is None:
+        return
+    if lora is None:
         raise ConfigError(
-            f"the LoRA {path} has the A1111 hash {webui_hash[:12]}, and lora_hash asks for "
+            f"lora_hash {wanted} names the LoRA an image was made with, and the run has none: "
+            "give its file in lora (--lora)"
+        )
+    if not webui_hash.lower().startswith(wanted.lower()):
+        raise ConfigError(
+            f"the LoRA {lora} has the A1111 hash {webui_hash[:12]}, and lora_hash asks for "
             f"{wanted} (the image's 'Lora hashes'): give the LoRA the image was made with "
             "(--lora), or leave lora_hash out"
         )
@@ -337,11 +339,7 @@ def generate(
     check_base(cfg.base, cfg.base_config)
     if cfg.model_hash is not None:  # hashed once: base_identity takes it from the cache
         check_model_hash(cfg.base, cfg.model_hash)
-    if cfg.rng == "gpu" and (on := resolve_device(cfg.device)).type != "cuda":
-        raise ConfigError(
-            f"rng: gpu draws the noise on the GPU, as A1111's default source does, and this "
-            f"run is on {on}: use rng: nv, A1111's CPU imitation of the same numbers"
-        )
+    check_rng_device(cfg.rng, str(resolve_device(cfg.device)))
     folder = RunDir(out)
     changed = [k for k in folder.changed_config_keys(cfg) or () if k not in _SPEED_ONLY]
     made_with = _images_made_with(folder, resolved.planes)
