@@ -722,7 +722,7 @@ def test_decoding_equals_the_diffusers_pipelines_own(tiny_model, sampler):
         pipe.tokenizer, pipe.text_encoder, "a photo of fetal brain", "", 1, torch.device("cpu")
     )
     seeds = [3, 11]
-    cfg = SimpleNamespace(steps=3, guidance=7.0, rng="cpu")
+    cfg = SimpleNamespace(steps=3, guidance=7.0, rng="cpu", eta_noise_seed_delta=0)
     conditioning = Conditioning.fixed(*embeddings)
     latents = _denoise(pipe, conditioning, seeds, cfg, SimpleNamespace(width=64, height=48))
     ours = to_images(pipe, latents, seeds)
@@ -755,7 +755,7 @@ def test_every_sampler_denoises_to_finite_latents(tiny_model):
         pipe.tokenizer, pipe.text_encoder, "a photo of fetal brain", "", 1, torch.device("cpu")
     )
     cfg, size = (
-        SimpleNamespace(steps=4, guidance=7.0, rng="cpu"),
+        SimpleNamespace(steps=4, guidance=7.0, rng="cpu", eta_noise_seed_delta=0),
         SimpleNamespace(width=32, height=32),
     )
     not_finite = []
@@ -967,7 +967,7 @@ def test_initial_noise_is_diffusers_fp32_noise_whatever_the_run_dtype(tiny_model
     the pipeline draws itself in an fp32 run (so fp32 images are unchanged)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    from fulora.generate.noise import initial_noise
+    from fulora.generate.noise import ImageNoise, latent_shape
 
     pipe = _tiny_pipe(tiny_model)
     seeds = [3, 4075171317]
@@ -975,11 +975,11 @@ def test_initial_noise_is_diffusers_fp32_noise_whatever_the_run_dtype(tiny_model
     shape = (2, pipe.unet.config.in_channels, 48 // scale, 64 // scale)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     expected = randn_tensor(shape, generator=generators, dtype=torch.float32)
-    ours = [torch.Generator().manual_seed(s) for s in seeds]
-    got = initial_noise(pipe, ours, height=48, width=64)
+    noise = ImageNoise("cpu", seeds, latent_shape(pipe, 48, 64), torch.device("cpu"))
+    got = noise.first()
     assert got.dtype == torch.float32 and torch.equal(got, expected)
     # each generator left where diffusers leaves it (a sampler's later noise comes from there)
-    states = zip(ours, generators, strict=True)
+    states = zip(noise.generators, generators, strict=True)
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in states)
 
 
@@ -1040,7 +1040,7 @@ def test_consecutive_seeds_are_automatic1111s_batch_seeds(tiny_model, trained_lo
 
 def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, capsys):
     """--a1111 PNG: the image's prompt (a <lora:...> with its own text-encoder weight), negative
-    prompt, sampler, steps, CFG scale, seed, size, clip skip and RNG make it again, one
+    prompt, sampler, steps, CFG scale, seed, size, clip skip, RNG and ENSD make it again, one
     image of the plane --planes names; a flag overrides a setting of the text."""
     prompts = {
         "brain": "a photo of fetal brain",
@@ -1051,13 +1051,14 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
         trained_lora,
         prompts=prompts,
         negative_prompt="blurry, text: none",
-        sampler="Euler a",
         guidance=5.5,
         seed=11,
         per_class=3,
         batch_size=3,
         contact_sheet=0,
         clip_skip=1,
+        rng="nv",
+        **_EULER_A_ENSD,
     )
     generate(tmp_path / "made", made, progress=False)
     [png] = (tmp_path / "made" / "femur").glob("00002-*.png")
@@ -1076,7 +1077,9 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
     record = json.loads((tmp_path / "again" / "done.json").read_text())
     assert record["prompts"] == {"femur": prompts["femur"]} and record["sampler"] == "euler_a"
     assert main(["-q", *common, "--steps", "2", "--out", str(tmp_path / "two")]) == 0
-    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["steps"] == 2
+    written = yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())
+    assert written["steps"] == 2 and written["rng"] == "nv"
+    assert written["eta_noise_seed_delta"] == 31337
     # its "Lora hashes": another LoRA file, even under the same name, is refused before any work
     other = tmp_path / "other" / "phantom_lora.safetensors"
     other.parent.mkdir()
@@ -1107,6 +1110,8 @@ _A1111_SETTINGS = "p\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64
             "schedule type 'Exponential' is not one fulora runs",
         ),
         (f"{_A1111_SETTINGS}, RNG: XPU", ["brain"], "RNG 'XPU'"),
+        (f"{_A1111_SETTINGS}, ENSD: 31337", ["brain"], "'Euler' adds none"),
+        (f"{_A1111_SETTINGS}, ENSD: x", ["brain"], "ENSD 'x' is not a number"),
     ],
 )
 def test_a1111_settings_fulora_cannot_run_are_refused(
@@ -1159,10 +1164,13 @@ def test_model_hash_is_checked_as_automatic1111_hashes_a_checkpoint(tmp_path, ca
     assert "not a checkpoint file" in caplog.text
 
 
+_EULER_A_ENSD = {"sampler": "Euler a", "eta_noise_seed_delta": 31337}
+
+
 def test_nv_noise_makes_its_own_images_and_names_its_source(tiny_model, trained_lora, tmp_path):
     """rng nv: each image starts from A1111's NV noise for its seed, the PNG text says "RNG:
     NV", and --only remakes an image bit for bit; cpu's text says "RNG: CPU"."""
-    from fulora.generate.noise import nv_noise, philox_randn
+    from fulora.generate.noise import ImageNoise, latent_shape, philox_randn
 
     kw = dict(planes=["brain"], per_class=2, batch_size=2, contact_sheet=0)
     cfg = _cfg(tiny_model, trained_lora, rng="nv", **kw)
@@ -1176,16 +1184,46 @@ def test_nv_noise_makes_its_own_images_and_names_its_source(tiny_model, trained_
     [(key, pixels)] = _images(tmp_path / "one").items()
     assert np.array_equal(pixels, nv[key])
     pipe = _tiny_pipe(tiny_model)
-    noise = nv_noise(pipe, [image_seed(7, "brain", 0)], 48, 80)
+    shape = latent_shape(pipe, 48, 80)
+    noise = ImageNoise("nv", [image_seed(7, "brain", 0)], shape, torch.device("cpu")).first()
     scale = pipe.vae_scale_factor
     assert noise.shape == (1, 4, 48 // scale, 80 // scale) and noise.dtype == torch.float32
     assert torch.equal(noise.flatten(), philox_randn(image_seed(7, "brain", 0), noise.numel()))
 
 
+def test_euler_a_takes_its_step_noise_from_the_nv_source_and_ensd(
+    tiny_model, trained_lora, tmp_path
+):
+    """rng nv with Euler a: each step's noise is A1111's NV draw too (test_parity compares with
+    A1111's sampler), so --only remakes an image bit for bit, as it does with ENSD, which
+    makes other images and is written as A1111 writes it ("ENSD: 31337")."""
+    kw = dict(planes=["brain"], per_class=2, batch_size=2, contact_sheet=0)
+    runs = {
+        "nv": {"rng": "nv", "sampler": "Euler a"},
+        "ensd": {"rng": "nv", **_EULER_A_ENSD},
+        "cpu": {"rng": "cpu", **_EULER_A_ENSD},
+    }
+    for name, setting in runs.items():
+        cfg = _cfg(tiny_model, trained_lora, **kw, **setting)
+        generate(tmp_path / name, cfg, progress=False)
+        generate(tmp_path / f"{name}-one", cfg, only=["brain:1"], progress=False)
+        [(key, pixels)] = _images(tmp_path / f"{name}-one").items()
+        assert np.array_equal(pixels, _images(tmp_path / name)[key]), name
+    images = {name: _images(tmp_path / name) for name in runs}
+    for a, b in (("nv", "ensd"), ("ensd", "cpu")):
+        assert all(np.abs(images[a][k].astype(int) - images[b][k].astype(int)).mean() > 1
+                   for k in images[a])  # fmt: skip
+    assert "ENSD" not in _parameters(tmp_path / "nv", "brain")
+    text = _parameters(tmp_path / "ensd", "brain")
+    assert ", ENSD: 31337, RNG: NV, " in text and "Sampler: Euler a, " in text
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ({"rng": "nv", "sampler": "Euler a"}, r"rng: nv draws each image's starting noise only"),
+        ({"eta_noise_seed_delta": 31337}, r"eta_noise_seed_delta 31337 changes only the noise"),
+        ({**_EULER_A_ENSD, "eta_noise_seed_delta": -1}, r"eta_noise_seed_delta"),
+        ({**_EULER_A_ENSD, "seed": 2**63 - 9, "seed_scheme": "consecutive"}, r"\+ 31337, past"),
         ({"rng": "gpu", "device": "cpu"}, r"rng: gpu draws the noise on the GPU.*rng: nv"),
         ({"rng": "GPU"}, r"rng"),
         ({"seed_scheme": "consecutive", "seed": 2**63 - 3}, r"seed_scheme: consecutive.*seed"),
@@ -1207,14 +1245,14 @@ def test_gpu_noise_without_a_gpu_is_refused_before_any_work(tiny_model, tmp_path
 def test_gpu_noise_is_cudas_randn_and_nv_imitates_it(tiny_model, trained_lora, tmp_path):
     """rng gpu draws each image's noise with a CUDA generator seeded with its seed, as A1111's
     default source does; nv gives the same numbers on the CPU (within float rounding); the
-    two runs' images agree within rounding, and Euler a's fp16 step noise on CUDA is the fp32
-    draw rounded."""
-    from fulora.generate.noise import image_generators, initial_noise, philox_randn
+    two runs' images agree within rounding, with Euler a (and ENSD) too, and Euler a's fp16
+    step noise on CUDA is the fp32 draw rounded."""
+    from fulora.generate.noise import ImageNoise, latent_shape, philox_randn
 
     pipe = _tiny_pipe(tiny_model)
     seeds = [image_seed(7, "brain", 0), 2**40 + 12345]
-    generators = image_generators("gpu", seeds, torch.device("cuda"))
-    noise = initial_noise(pipe, generators, 48, 80).cpu()
+    shape = latent_shape(pipe, 48, 80)
+    noise = ImageNoise("gpu", seeds, shape, torch.device("cuda")).first().cpu()
     for row, seed in zip(noise, seeds, strict=True):
         cuda = torch.randn(
             row.shape, generator=torch.Generator("cuda").manual_seed(seed), device="cuda"
@@ -1226,10 +1264,13 @@ def test_gpu_noise_is_cudas_randn_and_nv_imitates_it(tiny_model, trained_lora, t
     kw = dict(
         planes=["brain"], per_class=2, batch_size=2, contact_sheet=0, device="cuda", dtype="fp32"
     )
-    generate(tmp_path / "gpu", _cfg(tiny_model, trained_lora, rng="gpu", **kw), progress=False)
-    generate(tmp_path / "nv", _cfg(tiny_model, trained_lora, rng="nv", **kw), progress=False)
-    _assert_close_images(_images(tmp_path / "gpu"), _images(tmp_path / "nv"), mean_below=0.5)
-    assert ", RNG:" not in _parameters(tmp_path / "gpu", "brain")  # A1111's default
+    # Euler a: the step noise too, from each image's generator or with ENSD a new one's
+    for i, sampler in enumerate([{}, {"sampler": "Euler a"}, _EULER_A_ENSD]):
+        gpu, nv = tmp_path / f"gpu{i}", tmp_path / f"nv{i}"
+        generate(gpu, _cfg(tiny_model, trained_lora, rng="gpu", **sampler, **kw), progress=False)
+        generate(nv, _cfg(tiny_model, trained_lora, rng="nv", **sampler, **kw), progress=False)
+        _assert_close_images(_images(gpu), _images(nv), mean_below=0.5)
+        assert ", RNG:" not in _parameters(gpu, "brain")  # A1111's default
     half = torch.randn(
         (1, 4, 48, 64),
         generator=torch.Generator("cuda").manual_seed(7),

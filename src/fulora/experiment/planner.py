@@ -88,6 +88,7 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "inductor_tuning": False,
         "rng": "cpu",
         "seed_scheme": "hashed",
+        "eta_noise_seed_delta": 0,
     },
     ClassifyConfig: {
         "amp_dtype": "fp16",

@@ -28,7 +28,13 @@ sample from one timestep's noise level to the next (deterministic DDIM, A1111's 
 PLMS combines the last estimates (Adams-Bashforth up to fourth order) after a first step that
 averages two evaluations.
 
-``tests/test_parity.py`` runs each against A1111's own code (k-diffusion for DPM++ 2M).
+**Euler a** is diffusers' ``EulerAncestralDiscreteScheduler``, whose steps are k-diffusion's
+``sample_euler_ancestral`` (eta 1), with one addition: each step's noise can come from a
+function instead of diffusers' generators (:attr:`A1111EulerAncestralScheduler.step_noise`), so
+that A1111's "NV" source, which is not a torch generator, gives it.
+
+``tests/test_parity.py`` runs each against A1111's own code (k-diffusion for DPM++ 2M and
+Euler a).
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ import math
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
+    EulerAncestralDiscreteSchedulerOutput,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 # Adams-Bashforth weights of the newest estimate and the earlier ones (newest first), by the
@@ -167,3 +176,47 @@ class A1111PLMSScheduler(A1111DDIMScheduler):
         self._earlier = [*self._earlier, eps][-3:]
         moved = self._move(sample, combined, t, to)
         return _output(moved, return_dict)
+
+
+class A1111EulerAncestralScheduler(EulerAncestralDiscreteScheduler):
+    """diffusers' Euler a, which can take each step's noise from :attr:`step_noise`.
+
+    With ``step_noise`` None (fulora's ``rng`` cpu and gpu) it is diffusers' scheduler as it is,
+    drawing the noise from the pipeline's generators. Set (``rng: nv``), step ``i``'s noise is
+    ``step_noise(i)``, fp32 as A1111's, and the update is k-diffusion's ``sample_euler_ancestral``
+    (the same formulas as diffusers'), which draws no noise for the last step (to sigma 0).
+    """
+
+    #: step index -> the batch's noise for that step (fp32, the latents' shape); None: diffusers'
+    step_noise = None
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
+        """One step, its noise from :attr:`step_noise` when set, else from ``generator``."""
+        if self.step_noise is None:
+            return super().step(model_output, timestep, sample, generator, return_dict)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+        x = sample.to(torch.float32)
+        denoised = self._denoised(model_output, sigma, x)
+        # k-diffusion's get_ancestral_step at eta 1: up to sigma_down, then noise of sigma_up
+        sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        if sigma_to > 0:
+            x = x + self.step_noise(self.step_index).to(x.device) * sigma_up
+        self._step_index += 1
+        moved = x.to(model_output.dtype)
+        if not return_dict:
+            return moved, denoised
+        return EulerAncestralDiscreteSchedulerOutput(
+            prev_sample=moved, pred_original_sample=denoised
+        )
+
+    def _denoised(self, model_output, sigma, sample: torch.Tensor) -> torch.Tensor:
+        """The model's estimate of the clean sample, as diffusers' step computes it."""
+        if self.config.prediction_type == "epsilon":
+            return sample - sigma * model_output
+        if self.config.prediction_type == "v_prediction":
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        raise ValueError(f"{type(self).__name__}: prediction_type {self.config.prediction_type}")

@@ -47,6 +47,7 @@ class GenerateConfig(Checked):
         "width": Range(8),
         "height": Range(8),
         "seed": SEED,
+        "eta_noise_seed_delta": Range(0, 2**32 - 1),
         "batch_size": AT_LEAST_1,
         "contact_sheet": AT_LEAST_0,
         "write_threads": Range(0, 32),
@@ -77,12 +78,6 @@ class GenerateConfig(Checked):
                     f"{key} {value!r} is not a hash: give the hex digits of an A1111 image's "
                     f"'{listed}'"
                 )
-        if self.seed_scheme == "consecutive" and self.seed + self.per_class - 1 > SEED.high:
-            raise ConfigError(
-                f"seed_scheme: consecutive gives image {self.per_class - 1} the seed "
-                f"{self.seed} + {self.per_class - 1}, past the largest seed torch takes "
-                f"({SEED.high}): give a smaller seed"
-            )
         self.needs_switch("compile", ("compile_mode", "inductor_tuning"), "torch.compile")
         if self.fuse_qkv and self.lora and not self.fuse_lora:
             raise ConfigError(
@@ -91,12 +86,26 @@ class GenerateConfig(Checked):
             )
 
     def _check_rng(self) -> None:
-        """``nv`` draws the starting noise only; ``gpu`` needs a GPU (auto: checked later)."""
-        if self.rng == "nv" and resolve_sampler(self.sampler) in STEP_NOISE:
+        """Seeds torch takes; ENSD only where a sampler draws step noise; ``gpu`` needs a GPU."""
+        delta = self.eta_noise_seed_delta
+        if delta and resolve_sampler(self.sampler) not in STEP_NOISE:
             raise ConfigError(
-                f"rng: nv draws each image's starting noise only, and the sampler "
-                f"{display_name(self.sampler)!r} draws noise at every step too: use rng: gpu on "
-                "an NVIDIA GPU (A1111's default source), rng: cpu, or another sampler"
+                f"eta_noise_seed_delta {delta} changes only the noise that a sampler adds at "
+                f"each step (Euler a), and {display_name(self.sampler)!r} adds none, so it would "
+                "change no image (A1111 ignores it there too): set eta_noise_seed_delta: 0"
+            )
+        if self.seed_scheme == "consecutive" and self.seed + self.per_class - 1 > SEED.high:
+            raise ConfigError(
+                f"seed_scheme: consecutive gives image {self.per_class - 1} the seed "
+                f"{self.seed} + {self.per_class - 1}, past the largest seed torch takes "
+                f"({SEED.high}): give a smaller seed"
+            )
+        last = self.seed + self.per_class - 1 if self.seed_scheme == "consecutive" else 2**32 - 1
+        if last + delta > SEED.high:
+            raise ConfigError(
+                f"eta_noise_seed_delta {delta} seeds the step noise of the image seeded {last} "
+                f"with {last} + {delta}, past the largest seed torch takes ({SEED.high}): give "
+                "a smaller seed or delta"
             )
         if self.device != "auto":  # auto: checked when generate resolves it
             check_rng_device(self.rng, self.device)
@@ -157,8 +166,12 @@ class GenerateConfig(Checked):
     seed: int = 0
     # where each image's noise is drawn, as A1111's "Random number generator source": cpu (the
     # same images on every machine), gpu (A1111's default; CUDA only), nv (A1111's imitation of
-    # gpu's numbers on the CPU; not with Euler a)
+    # gpu's numbers on the CPU)
     rng: Literal["cpu", "gpu", "nv"] = "cpu"
+    # A1111's "Eta noise seed delta" (ENSD; 31337 in many A1111 set-ups): Euler a's step noise
+    # comes from generators seeded with each image's seed plus it; 0: from the image's own
+    # generator, after its starting noise (A1111's default)
+    eta_noise_seed_delta: int = 0
     # each image's seed: hashed (fulora's, from the run seed, plane and index: other seeds in
     # every plane and run), or consecutive (seed + index, as A1111 numbers a batch's images:
     # the same in every plane, as one A1111 run per plane with this seed)

@@ -6,7 +6,8 @@ last line of ``Key: value`` settings (a value with a comma, colon or newline JSO
 :func:`generate_settings` turns it into the settings that make the same image with fulora:
 prompt, negative prompt, steps, sampler and its schedule type, CFG scale, seed (image ``i`` of
 the run takes ``seed + i``, as in A1111's batches), size, clip skip (1 when the text names
-none, as A1111 reads it) and RNG (``GPU`` when it names none, A1111's default). The model and
+none, as A1111 reads it), RNG (``GPU`` when it names none, A1111's default) and ENSD (0 when
+it names none: A1111 writes it where the sampler uses it, Euler a). The model and
 the LoRA are the run's own (``base``, ``lora``); a setting that fulora does not run (hires
 fix, a variation seed, another schedule type, ...) is refused, naming it, since A1111 would
 make another image with it.
@@ -44,7 +45,7 @@ _RNGS = {name: rng for rng, name in A1111_RNG_NAMES.items()}
 # them; their hashes become model_hash and lora_hash, which check the files given
 _PROVENANCE = ("Model", "Model hash", "Lora hashes", "Version")
 _SETTINGS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2")
-_SETTINGS += ("Clip skip", "RNG")
+_SETTINGS += ("Clip skip", "ENSD", "RNG")
 
 
 @dataclass
@@ -167,6 +168,8 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "height": _number(fields, "Size-2", int),
         "clip_skip": _number(fields, "Clip skip", int) if "Clip skip" in fields else 1,
         "rng": _RNGS[rng],
+        # A1111 writes its ENSD only where the sampler uses it, and a text without one ran at 0
+        "eta_noise_seed_delta": _number(fields, "ENSD", int) if "ENSD" in fields else 0,
         "per_class": 1,
     }
 

@@ -1,17 +1,19 @@
-"""Each image's starting noise, drawn as AUTOMATIC1111 draws it with its RNG setting.
+"""Each image's noise, drawn as AUTOMATIC1111 draws it with its RNG settings.
 
 A1111 (``modules/rng.py``, ``ImageRNG``) seeds one generator per image with the image's seed
-and draws the image's noise from it, in fp32, and with Euler a each step's noise after it. Its
-setting "Random number generator source" (``randn_source``, the PNG text's ``RNG``) picks the
-generator, and ``rng`` picks the same one here:
+and draws the image's starting noise from it, in fp32; a sampler that adds noise at each step
+(Euler a) draws each step's noise after it from the same generator, or, with the setting "Eta
+noise seed delta" (ENSD, ``eta_noise_seed_delta`` here), from a new one seeded with the seed
+plus the delta. Its setting "Random number generator source" (``randn_source``, the PNG text's
+``RNG``) picks the generator, and ``rng`` picks the same one here:
 
 - ``cpu``: torch's CPU generator. fulora's default, and its only source until session 28: the
   same images on every machine, GPU or not.
 - ``gpu``: A1111's default, torch's generator on the GPU (CUDA's Philox 4x32-10): other numbers
   than the CPU's. On a CUDA device only.
 - ``nv``: A1111's imitation of CUDA's numbers on the CPU (:func:`philox_randn`), for machines
-  without an NVIDIA GPU. It draws the starting noise only: a sampler that draws noise at each
-  step (Euler a) is refused with it.
+  without an NVIDIA GPU. Not a torch generator: the scheduler takes Euler a's step noise from
+  :meth:`ImageNoise.step_noise` instead (``A1111EulerAncestralScheduler.step_noise``).
 
 A1111's images made at its defaults (no ``RNG`` in their text) start from the ``gpu`` noise;
 ``nv`` gives the same numbers within CUDA's float rounding.
@@ -80,50 +82,75 @@ def _philox_round(counter: np.ndarray, key: list[np.uint64]) -> np.ndarray:
     )
 
 
-def image_generators(rng: str, seeds: Sequence[int], device: torch.device):
-    """Each image's generator, seeded with its seed, where ``rng`` draws (None for ``nv``).
-
-    The pipeline draws Euler a's step noise from them after the starting noise, as A1111
-    draws it from each image's generator.
-    """
-    if rng == "nv":
-        return None
-    where = torch.device(device) if rng == "gpu" else torch.device("cpu")
-    return [torch.Generator(where).manual_seed(seed) for seed in seeds]
-
-
-def initial_noise(
-    pipe, generators: Sequence[torch.Generator], height: int, width: int
-) -> torch.Tensor:
-    """Each image's starting latents, drawn in fp32 where its generator is.
-
-    The values diffusers draws from the same generators in fp32 (``randn_tensor``), and each
-    generator is left where diffusers would leave it, so fp32 images are unchanged, a sampler's
-    later noise (Euler a) included. Drawn in the run's dtype instead, a seed's fp16 image was
-    another image on torch 2.11, whose CPU ``randn`` gives other numbers in half precision than
-    in fp32 (2.14.1 gives the same; pytorch/pytorch#179834 changed that kernel). AUTOMATIC1111
-    likewise draws its noise in fp32.
+class ImageNoise:
+    """A batch's noise as A1111's ``ImageRNG`` draws it: the starting latents, then each step's.
 
     Args:
-        pipe: The pipeline (its UNet's latent channels and its VAE's scale factor).
-        generators: One generator per image, seeded with the image's seed (CPU or CUDA).
-        height: The images' height in pixels.
-        width: The images' width in pixels.
-
-    Returns:
-        fp32 latents (len(generators), channels, height / scale, width / scale), on the
-        generators' device.
+        rng: ``cpu``, ``gpu`` or ``nv`` (see the module).
+        seeds: Each image's seed.
+        shape: One image's latent shape (:func:`latent_shape`).
+        device: The run's device (``gpu`` draws there).
+        eta_noise_seed_delta: A1111's ENSD: the step noise is drawn from generators seeded with
+            each seed plus it (0: from the starting noise's generators, after it).
     """
-    shape = latent_shape(pipe, height, width)
-    return torch.cat(
-        [torch.randn(shape, generator=g, device=g.device) for g in generators]  # fp32
-    )
+
+    def __init__(
+        self,
+        rng: str,
+        seeds: Sequence[int],
+        shape: torch.Size,
+        device: torch.device,
+        eta_noise_seed_delta: int = 0,
+    ) -> None:
+        self.rng, self.seeds, self.shape, self.device = rng, list(seeds), shape, device
+        self.delta = eta_noise_seed_delta
+        #: where diffusers draws Euler a's step noise (None for ``nv``: see :meth:`step_noise`)
+        self.generators: list[torch.Generator] | None = None
+
+    def first(self) -> torch.Tensor:
+        """Each image's starting latents, fp32 where they are drawn; sets :attr:`generators`.
+
+        For ``cpu`` and ``gpu``, the values diffusers draws from the same generators in fp32
+        (``randn_tensor``), each generator left where diffusers would leave it, so fp32 images
+        are unchanged, Euler a's later noise included. Drawn in the run's dtype instead, a
+        seed's fp16 image was another image on torch 2.11, whose CPU ``randn`` gives other
+        numbers in half precision than in fp32 (2.14.1 gives the same; pytorch/pytorch#179834
+        changed that kernel). A1111 likewise draws its noise in fp32.
+
+        Returns:
+            (len(seeds), channels, height / scale, width / scale).
+        """
+        if self.rng == "nv":
+            return torch.stack([self._philox(seed, 0) for seed in self.seeds])
+        generators = image_generators(self.rng, self.seeds, self.device)
+        noise = torch.cat(
+            [torch.randn(self.shape, generator=g, device=g.device) for g in generators]
+        )
+        if self.delta:  # A1111 seeds new generators for the step noise
+            generators = image_generators(self.rng, self._step_seeds(), self.device)
+        self.generators = generators
+        return noise
+
+    def step_noise(self, step: int) -> torch.Tensor:
+        """``nv``: the batch's noise for sampler step ``step`` (0: the first), fp32 on the CPU.
+
+        A1111's NV generator takes its next draw for each step: draw ``step + 1`` of the
+        image's seed (draw 0 was the starting noise), or with ENSD draw ``step`` of seed + ENSD.
+        """
+        first_draw = 0 if self.delta else 1
+        return torch.stack([self._philox(s, first_draw + step) for s in self._step_seeds()])
+
+    def _step_seeds(self) -> list[int]:
+        return [seed + self.delta for seed in self.seeds]
+
+    def _philox(self, seed: int, draw: int) -> torch.Tensor:
+        return philox_randn(seed, self.shape.numel(), offset=draw).reshape(self.shape[1:])
 
 
-def nv_noise(pipe, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
-    """Each image's starting latents from A1111's "NV" source (:func:`philox_randn`), fp32 CPU."""
-    shape = latent_shape(pipe, height, width)
-    return torch.stack([philox_randn(seed, shape.numel()).reshape(shape[1:]) for seed in seeds])
+def image_generators(rng: str, seeds: Sequence[int], device: torch.device):
+    """Each image's torch generator, seeded with its seed, where ``rng`` (cpu or gpu) draws."""
+    where = torch.device(device) if rng == "gpu" else torch.device("cpu")
+    return [torch.Generator(where).manual_seed(seed) for seed in seeds]
 
 
 def latent_shape(pipe, height: int, width: int) -> torch.Size:

@@ -81,6 +81,8 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     settings["Model"] = Path(model).stem if model.endswith((".safetensors", ".ckpt")) else model
     if row["clip_skip"] > 1:
         settings["Clip skip"] = row["clip_skip"]
+    # A1111 writes its ENSD where the sampler draws step noise (the config refuses it elsewhere)
+    settings["ENSD"] = cfg.eta_noise_seed_delta or None
     # The noise source (fulora.generate.noise) by A1111's name; its default, GPU, is unwritten
     # (A1111 reads a missing RNG as GPU, and would start the CPU's images from other noise).
     settings["RNG"] = A1111_RNG_NAMES[cfg.rng] if cfg.rng != A1111_DEFAULT_RNG else None
@@ -174,6 +176,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "index": index,
         "run_seed": cfg.seed,
         "rng": cfg.rng,
+        "eta_noise_seed_delta": cfg.eta_noise_seed_delta,
         "batch_size": made.batch,
         "device": made.device.type,
         "dtype": str(made.dtype).removeprefix("torch."),

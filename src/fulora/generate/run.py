@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,7 +38,7 @@ from fulora.generate.config import GenerateConfig, check_rng_device
 from fulora.generate.decode import Decoder
 from fulora.generate.encode import encode_prompts, unet_rows
 from fulora.generate.guidance import Conditioning, guided, padded_sides
-from fulora.generate.noise import image_generators, initial_noise, nv_noise
+from fulora.generate.noise import ImageNoise, latent_shape
 from fulora.generate.output import (
     ImageWriter,
     Made,
@@ -615,20 +616,35 @@ def _denoise(pipe, conditioning: Conditioning, seeds: list[int], cfg, resolved) 
     if negative is not None:  # one shape for diffusers' batch; ``guided`` masks the padding
         positive, negative, _ = padded_sides(positive, negative)
     n = len(seeds)
-    generators = image_generators(cfg.rng, seeds, positive.device)  # as A1111's RNG setting
-    if generators is None:
-        noise = nv_noise(pipe, seeds, resolved.height, resolved.width)
-    else:
-        noise = initial_noise(pipe, generators, resolved.height, resolved.width)
-    with torch.no_grad(), guided(pipe.unet, conditioning, n):
+    shape = latent_shape(pipe, resolved.height, resolved.width)
+    noise = ImageNoise(cfg.rng, seeds, shape, positive.device, cfg.eta_noise_seed_delta)
+    latents = noise.first()  # as A1111's RNG setting draws it
+    with torch.no_grad(), guided(pipe.unet, conditioning, n), _step_noise(pipe, noise):
         return pipe(
-            latents=noise.to(positive.device, positive.dtype),  # as diffusers types them
+            latents=latents.to(positive.device, positive.dtype),  # as diffusers types them
             prompt_embeds=positive.repeat(n, 1, 1),
             negative_prompt_embeds=negative.repeat(n, 1, 1) if negative is not None else None,
             height=resolved.height,
             width=resolved.width,
             num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance,
-            generator=generators,  # where the starting noise left them, for Euler a's noise
+            generator=noise.generators,  # Euler a's step noise (cpu, gpu)
             output_type="latent",
         ).images
+
+
+@contextmanager
+def _step_noise(pipe, noise: ImageNoise):
+    """Euler a's step noise from ``noise`` where no torch generator draws it (``rng: nv``).
+
+    fulora's Euler a (``a1111_schedulers.A1111EulerAncestralScheduler``) takes it from its
+    ``step_noise``; the other samplers draw no step noise.
+    """
+    if noise.generators is not None or not hasattr(pipe.scheduler, "step_noise"):
+        yield
+        return
+    pipe.scheduler.step_noise = noise.step_noise
+    try:
+        yield
+    finally:
+        pipe.scheduler.step_noise = None

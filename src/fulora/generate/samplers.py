@@ -51,7 +51,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
         "DPM++ 2M Karras",
     ),
     "dpmpp_2m": ("A1111DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", dict(_LINSPACE), "Euler a"),
+    "euler_a": ("A1111EulerAncestralScheduler", dict(_LINSPACE), "Euler a"),
     "euler": ("EulerDiscreteScheduler", dict(_LINSPACE), "Euler"),
     "heun": ("HeunDiscreteScheduler", dict(_LINSPACE), "Heun"),
     "lms": ("LMSDiscreteScheduler", dict(_LINSPACE), "LMS"),
