@@ -1067,14 +1067,15 @@ def test_long_and_break_prompts_are_chunked_as_automatic1111_does(phantom_text, 
     assert (words, digest) == expected
 
 
-def _a1111_embedding(text, text_prompt, clip_skip):
+def _a1111_embedding(text, text_prompt, clip_skip, emphasis="original"):
+    """The prompt's embeddings as ``encode_prompts`` makes them in that emphasis mode."""
     from fulora.generate.prompts import a1111_chunks
     from fulora.lora.conditioning import chunked_embeddings
 
     tokenizer, text_encoder = text
-    return chunked_embeddings(
-        text_encoder, [[a1111_chunks(tokenizer, text_prompt)]], clip_skip, "cpu"
-    )[0]
+    chunks = a1111_chunks(tokenizer, text_prompt, emphasis)
+    normalise = emphasis != "no_norm"
+    return chunked_embeddings(text_encoder, [[chunks]], clip_skip, "cpu", normalise)[0]
 
 
 @pytest.mark.parametrize(("prompt", "clip_skip"), list(A1111_EMBEDDINGS))
@@ -1096,6 +1097,106 @@ def test_chunked_embeddings_are_automatic1111s(phantom_text, prompt, clip_skip):
     assert z.sum().item() == pytest.approx(total, abs=1e-3)  # a sum of 9,856 values near 0
     assert z.abs().sum().item() == pytest.approx(magnitude, rel=1e-6)
     assert z[0, 80, :3].tolist() == pytest.approx(values, rel=1e-5)
+
+
+# AUTOMATIC1111's other settings of "Emphasis" (modules/sd_emphasis.py, v1.8+): "None" (its
+# tokenize_line does not parse the prompt: brackets, backslashes and BREAK are text), "Ignore"
+# (parsed; the multipliers go unused) and "No norm" (weighted, no rescaling), and the default
+# "Original", from a second scratch transcription (sd_hijack_clip @00e09382 with each mode's
+# after_transformers) on fulora:phantom-sd's text encoder at clip skip 1. Its "Original" rows
+# are A1111_EMBEDDINGS' numbers.
+# (mode, prompt): (ids per chunk to its end token, sum, sum of |z|, z[0, 4, :3])
+A1111_EMPHASIS_MODES = {
+    ("none", "a photo of (fetal brain:1.3)"): (
+        [[689, 320, 515, 516, 263, 520, 539, 281, 272, 269, 274, 264, 690]],
+        -5.7397918701171875,
+        3486.940673828125,
+        [1.1243951320648193, -1.024610996246338, -1.2655229568481445],
+    ),
+    ("none", "[fetal] (femur), ((thorax)) BREAK abdomen"): (
+        [[689, 314, 520, 316, 263, 542, 8, 267, 7, 263, 547, 8, 264, 536, 68, 64, 330, 535, 690]],
+        -4.140476226806641,
+        3501.405517578125,
+        [0.9113884568214417, -1.02098548412323, -1.173697829246521],
+    ),
+    ("none", "fe(tal) brain"): (
+        [[689, 69, 324, 263, 83, 64, 331, 264, 539, 690]],
+        -5.891868591308594,
+        3485.6103515625,
+        [0.9794164896011353, -1.0834596157073975, -1.0813976526260376],
+    ),
+    ("ignore", "a photo of (fetal brain:1.3)"): (
+        [[689, 320, 515, 516, 520, 539, 690]],
+        -5.614463806152344,
+        3456.099609375,
+        [1.0568186044692993, -1.050046682357788, -1.308632254600525],
+    ),
+    ("ignore", "[fetal] (femur), ((thorax)) BREAK abdomen"): (
+        [[689, 520, 542, 267, 547, 690], [689, 535, 690]],
+        -12.38458251953125,
+        6938.5,
+        [1.1270158290863037, -1.2188472747802734, -1.1954917907714844],
+    ),
+    ("ignore", "fe(tal) brain"): (
+        [[689, 69, 324, 83, 64, 331, 539, 690]],
+        -5.612457275390625,
+        3472.055908203125,
+        [0.9705544114112854, -1.075868010520935, -1.1371428966522217],
+    ),
+    ("original", "a photo of (fetal brain:1.3)"): (
+        [[689, 320, 515, 516, 520, 539, 690]],
+        -5.614494323730469,
+        3484.887939453125,
+        [1.3739407062530518, -1.3651366233825684, -1.701316475868225],
+    ),
+    ("original", "[fetal] (femur), ((thorax)) BREAK abdomen"): (
+        [[689, 520, 542, 267, 547, 690], [689, 535, 690]],
+        -12.384521484375,
+        6950.11767578125,
+        [1.3641910552978516, -1.4753479957580566, -1.4470773935317993],
+    ),
+    ("original", "fe(tal) brain"): (
+        [[689, 69, 324, 83, 64, 331, 539, 690]],
+        -5.61248779296875,
+        3485.93505859375,
+        [1.0675779581069946, -1.1834194660186768, -1.2508198022842407],
+    ),
+    ("no_norm", "a photo of (fetal brain:1.3)"): (
+        [[689, 320, 515, 516, 520, 539, 690]],
+        -5.6141510009765625,
+        3484.694091796875,
+        [1.3738641738891602, -1.3650606870651245, -1.7012218236923218],
+    ),
+    ("no_norm", "[fetal] (femur), ((thorax)) BREAK abdomen"): (
+        [[689, 520, 542, 267, 547, 690], [689, 535, 690]],
+        -12.38250732421875,
+        6948.8427734375,
+        [1.3636891841888428, -1.474805235862732, -1.446545124053955],
+    ),
+    ("no_norm", "fe(tal) brain"): (
+        [[689, 69, 324, 83, 64, 331, 539, 690]],
+        -5.6126251220703125,
+        3486.039306640625,
+        [1.0676099061965942, -1.1834548711776733, -1.2508572340011597],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("mode", "prompt"), list(A1111_EMPHASIS_MODES))
+def test_emphasis_modes_are_automatic1111s(phantom_text, mode, prompt):
+    """Each mode's token ids and embeddings as A1111's (measured: the same to the last digit
+    printed; on this model "No norm" is 5.6e-5 of the magnitude from "Original", and "Ignore"
+    0.8%, both told apart by the 1e-6 bound)."""
+    from fulora.generate.prompts import a1111_chunks
+
+    ids, total, magnitude, values = A1111_EMPHASIS_MODES[(mode, prompt)]
+    chunks = a1111_chunks(phantom_text[0], prompt, mode)
+    end = phantom_text[0].eos_token_id
+    assert [chunk_ids[: chunk_ids.index(end) + 1] for chunk_ids, _ in chunks] == ids
+    z = _a1111_embedding(phantom_text, prompt, 1, mode)
+    assert z.sum().item() == pytest.approx(total, rel=1e-5, abs=1e-3)
+    assert z.abs().sum().item() == pytest.approx(magnitude, rel=1e-6)
+    assert z[0, 4, :3].tolist() == pytest.approx(values, rel=1e-5)
 
 
 # AUTOMATIC1111's prompt editing, alternation and AND: its prompt_parser.py (the current

@@ -307,7 +307,8 @@ def test_settings_added_later_keep_the_stage_keys_of_existing_experiments():
     assert (
         _config_payload(GenerateConfig(seed_scheme="consecutive"))["seed_scheme"] == "consecutive"
     )
-    assert "eta_noise_seed_delta" not in payload
+    assert "eta_noise_seed_delta" not in payload and "emphasis" not in payload
+    assert _config_payload(GenerateConfig(emphasis="none"))["emphasis"] == "none"
     ensd = GenerateConfig(sampler="Euler a", eta_noise_seed_delta=31337)
     assert _config_payload(ensd)["eta_noise_seed_delta"] == 31337
     from fulora.classify.train import ClassifyConfig

@@ -253,6 +253,9 @@ def test_images_of_diffusers_samplers_are_finished_with_them_not_with_a1111s(
         # AND and a part's weight combine with the negative prompt's prediction
         ({"prompts": {"brain": "fetal AND brain"}, "guidance": 1.0}, r"AND.*guidance.* above 1"),
         ({"prompts": {"brain": "fetal brain:1.5"}, "guidance": 0.0}, r"AND.*guidance.* above 1"),
+        # read as text in emphasis none, but newer A1111 still strips comments
+        ({"prompts": {"brain": "(fetal) # brain"}, "emphasis": "none"}, r"holds '#'"),
+        ({"emphasis": "No norm"}, r"emphasis"),
     ],
 )
 def test_prompt_syntax_that_fulora_cannot_run_as_a1111_does_is_refused(
@@ -277,12 +280,36 @@ def test_prompt_syntax_that_fulora_cannot_run_as_a1111_does_is_refused(
         {"prompts": {"femur": "[femur|bone]"}},  # alternation
         {"prompts": {"brain": "fetal AND (brain:1.2) :0.5"}},  # AND, a part's weight
         {"prompts": {"brain": "fetal | [brain:2]"}},  # A1111's grammar fails: read as text
+        # emphasis none: brackets, backslashes and BREAK are text to A1111
+        {"prompts": {"brain": "(fetal BREAK brain: 1.3)\\x"}, "emphasis": "none"},
         # the LoRA's file is read in the plan: here, the tags alone
         {"lora": "x.safetensors", "prompts": {"brain": "fetal [brain:<lora:x:0.5:te=1>:2]"}},
     ],
 )
 def test_prompts_a1111_reads_alike_are_accepted(tiny_model, setting):
     _cfg(tiny_model, **setting)
+
+
+def test_the_emphasis_mode_reaches_the_prompts_encoding_and_the_png_text(tiny_model, tmp_path):
+    """emphasis none reads '(fetal brain:1.3)' as its characters, as 'original' reads the
+    escaped text: the same pixels, and another image than its weighted reading; the PNG text
+    names the mode where the prompt has brackets, as A1111 writes it."""
+    kw = dict(planes=["brain"], per_class=1, batch_size=1, contact_sheet=0)
+    runs = {
+        "none": ("(fetal brain:1.3)", "none"),
+        "escaped": ("\\(fetal brain:1.3\\)", "original"),
+        "weighted": ("(fetal brain:1.3)", "original"),
+        "plain": ("fetal brain", "none"),
+    }
+    for name, (prompt, emphasis) in runs.items():
+        cfg = _cfg(tiny_model, prompts={"brain": prompt}, emphasis=emphasis, **kw)
+        generate(tmp_path / name, cfg, progress=False)
+    images = {name: next(iter(_images(tmp_path / name).values())) for name in runs}
+    assert np.array_equal(images["none"], images["escaped"])
+    assert np.abs(images["none"].astype(int) - images["weighted"].astype(int)).max() > 0
+    assert ", Emphasis: None, " in _parameters(tmp_path / "none", "brain")
+    for name in ("escaped", "weighted", "plain"):  # the default; a prompt without brackets
+        assert "Emphasis" not in _parameters(tmp_path / name, "brain")
 
 
 @pytest.mark.parametrize("clip_skip", [1, 2])
@@ -297,7 +324,7 @@ def test_a_plain_prompt_is_encoded_as_before_emphasis_was_read(tiny_model, clip_
     pipe = _tiny_pipe(tiny_model)
     prompt, negative = "a photo of fetal brain", "blurry, text"
     resolved = SimpleNamespace(prompts={"brain": prompt}, clip_skip=clip_skip, sampler="euler")
-    cfg = SimpleNamespace(guidance=7.0, negative_prompt=negative, steps=3)
+    cfg = SimpleNamespace(guidance=7.0, negative_prompt=negative, steps=3, emphasis="original")
     now = _plane_embeddings(pipe, "brain", cfg, resolved, "cpu").first()
     encoder = pipe.text_encoder
     before = prompt_embeddings(pipe.tokenizer, encoder, prompt, negative, clip_skip, "cpu")
@@ -1040,11 +1067,12 @@ def test_consecutive_seeds_are_automatic1111s_batch_seeds(tiny_model, trained_lo
 
 def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, capsys):
     """--a1111 PNG: the image's prompt (a <lora:...> with its own text-encoder weight), negative
-    prompt, sampler, steps, CFG scale, seed, size, clip skip, RNG and ENSD make it again, one
+    prompt, sampler, steps, CFG scale, seed, size, clip skip, RNG, ENSD and emphasis make it
+    again, one
     image of the plane --planes names; a flag overrides a setting of the text."""
     prompts = {
         "brain": "a photo of fetal brain",
-        "femur": "fetal femur <lora:phantom_lora:1.5:0.4>",
+        "femur": "(fetal femur:1.2) <lora:phantom_lora:1.5:0.4>",
     }
     made = _cfg(
         tiny_model,
@@ -1058,6 +1086,7 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
         contact_sheet=0,
         clip_skip=1,
         rng="nv",
+        emphasis="no_norm",
         **_EULER_A_ENSD,
     )
     generate(tmp_path / "made", made, progress=False)
@@ -1079,7 +1108,7 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
     assert main(["-q", *common, "--steps", "2", "--out", str(tmp_path / "two")]) == 0
     written = yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())
     assert written["steps"] == 2 and written["rng"] == "nv"
-    assert written["eta_noise_seed_delta"] == 31337
+    assert written["eta_noise_seed_delta"] == 31337 and written["emphasis"] == "no_norm"
     # its "Lora hashes": another LoRA file, even under the same name, is refused before any work
     other = tmp_path / "other" / "phantom_lora.safetensors"
     other.parent.mkdir()
@@ -1112,6 +1141,7 @@ _A1111_SETTINGS = "p\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64
         (f"{_A1111_SETTINGS}, RNG: XPU", ["brain"], "RNG 'XPU'"),
         (f"{_A1111_SETTINGS}, ENSD: 31337", ["brain"], "'Euler' adds none"),
         (f"{_A1111_SETTINGS}, ENSD: x", ["brain"], "ENSD 'x' is not a number"),
+        (f"{_A1111_SETTINGS}, Emphasis: Loud", ["brain"], "Emphasis 'Loud' is none of"),
     ],
 )
 def test_a1111_settings_fulora_cannot_run_are_refused(

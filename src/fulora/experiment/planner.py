@@ -89,6 +89,7 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "rng": "cpu",
         "seed_scheme": "hashed",
         "eta_noise_seed_delta": 0,
+        "emphasis": "original",
     },
     ClassifyConfig: {
         "amp_dtype": "fp16",

@@ -63,9 +63,12 @@ class GenerateConfig(Checked):
         self.check_planes_of("planes")
         self.check_planes_of("prompts")  # its keys: a misspelt plane would fall back silently
         steps, guided = schedule_steps(resolve_sampler(self.sampler), self.steps), self.guidance > 1
+        emphasis = self.emphasis
         for plane, prompt in self.prompts.items():
-            check_prompt_syntax(prompt, f"prompts.{plane}", steps, guided=guided)
-        check_prompt_syntax(self.negative_prompt, "negative_prompt", steps, negative=True)
+            what = f"prompts.{plane}"
+            check_prompt_syntax(prompt, what, steps, guided=guided, emphasis=emphasis)
+        negative = self.negative_prompt
+        check_prompt_syntax(negative, "negative_prompt", steps, negative=True, emphasis=emphasis)
         for key in ("width", "height"):
             value = getattr(self, key)
             if value is not None and value % 8:
@@ -155,6 +158,10 @@ class GenerateConfig(Checked):
     # AND, <lora:name:0.8> naming the lora file); default: the LoRA's captions
     prompts: dict[str, str] = field(default_factory=dict)
     negative_prompt: str = ""  # as AUTOMATIC1111 reads it: (word:1.2), BREAK, [a:b:10], [a|b]
+    # A1111's setting "Emphasis": original (its default: weighted, then rescaled to the mean),
+    # no_norm (weighted only), ignore (brackets read, no weights), none (brackets, backslashes
+    # and BREAK are plain text)
+    emphasis: Literal["original", "no_norm", "ignore", "none"] = "original"
     # kohya/AUTOMATIC1111 clip skip (1 = CLIP's last layer), for the prompt and the negative
     # prompt alike. None: the LoRA's training clip skip (ss_clip_skip), else 1.
     clip_skip: int | None = None

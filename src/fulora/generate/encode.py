@@ -29,6 +29,7 @@ def encode_prompts(
     clip_skip: int,
     device: torch.device | str,
     plane: str = "",
+    emphasis: str = "original",
 ) -> Conditioning:
     """A prompt and negative prompt, embedded step by step as A1111 embeds them.
 
@@ -44,17 +45,19 @@ def encode_prompts(
         clip_skip: kohya/A1111 clip skip (1 = the last layer).
         device: Where the text encoder runs.
         plane: The plane, for the log lines that say how the prompts were read.
+        emphasis: A1111's emphasis mode (``fulora.generate.prompts.EMPHASIS_MODES``).
     """
     parts = read_prompt(prompt, steps)
     sides = parts + ([] if negative is None else read_prompt(negative, steps, negative=True))
     empty = a1111_chunks(pipe.tokenizer, "")[0]
     batches = []
     for side in sides:
-        texts = [a1111_chunks(pipe.tokenizer, text) for text in side.texts]
+        texts = [a1111_chunks(pipe.tokenizer, text, emphasis) for text in side.texts]
         count = max(len(chunks) for chunks in texts)
         batches.append([chunks + [empty] * (count - len(chunks)) for chunks in texts])
     _log_reading(plane, sides, [len(texts[0]) for texts in batches], len(parts))
-    embedded = chunked_embeddings(pipe.text_encoder, batches, clip_skip, device)
+    normalise = emphasis != "no_norm"
+    embedded = chunked_embeddings(pipe.text_encoder, batches, clip_skip, device, normalise)
     scheduled = [
         (side.weight, Scheduled(tuple(end for end, _ in side.schedule), hidden))
         for side, hidden in zip(sides, embedded, strict=True)

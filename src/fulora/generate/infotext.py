@@ -7,7 +7,8 @@ last line of ``Key: value`` settings (a value with a comma, colon or newline JSO
 prompt, negative prompt, steps, sampler and its schedule type, CFG scale, seed (image ``i`` of
 the run takes ``seed + i``, as in A1111's batches), size, clip skip (1 when the text names
 none, as A1111 reads it), RNG (``GPU`` when it names none, A1111's default) and ENSD (0 when
-it names none: A1111 writes it where the sampler uses it, Euler a). The model and
+it names none: A1111 writes it where the sampler uses it, Euler a) and Emphasis ("Original"
+when it names none). The model and
 the LoRA are the run's own (``base``, ``lora``); a setting that fulora does not run (hires
 fix, a variation seed, another schedule type, ...) is refused, naming it, since A1111 would
 make another image with it.
@@ -24,6 +25,7 @@ from typing import Any
 from PIL import Image
 
 from fulora.errors import ConfigError, DataError
+from fulora.generate.prompts import EMPHASIS_MODES
 from fulora.generate.samplers import resolve_sampler
 
 # One "Key: value" of the settings line: a key starts with a word character and holds words,
@@ -45,7 +47,8 @@ _RNGS = {name: rng for rng, name in A1111_RNG_NAMES.items()}
 # them; their hashes become model_hash and lora_hash, which check the files given
 _PROVENANCE = ("Model", "Model hash", "Lora hashes", "Version")
 _SETTINGS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2")
-_SETTINGS += ("Clip skip", "ENSD", "RNG")
+_SETTINGS += ("Clip skip", "ENSD", "RNG", "Emphasis")
+_EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
 @dataclass
@@ -153,6 +156,11 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
     if rng not in _RNGS:
         raise ConfigError(f"the A1111 settings' RNG {rng!r} is none of {', '.join(_RNGS)}")
     hashes = {"model_hash": fields["Model hash"]} if "Model hash" in fields else {}
+    # A1111 names its emphasis where it is not "Original" and the prompt has brackets
+    emphasis = fields.get("Emphasis", EMPHASIS_MODES["original"])
+    if emphasis not in _EMPHASES:
+        shown = ", ".join(_EMPHASES)
+        raise ConfigError(f"the A1111 settings' Emphasis {emphasis!r} is none of {shown}")
     return {
         **_lora_hash(fields),
         **hashes,
@@ -170,6 +178,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "rng": _RNGS[rng],
         # A1111 writes its ENSD only where the sampler uses it, and a text without one ran at 0
         "eta_noise_seed_delta": _number(fields, "ENSD", int) if "ENSD" in fields else 0,
+        "emphasis": _EMPHASES[emphasis],
         "per_class": 1,
     }
 

@@ -29,7 +29,9 @@ from fulora.errors import DataError
 from fulora.generate.config import GenerateConfig
 from fulora.generate.infotext import A1111_DEFAULT_RNG, A1111_RNG_NAMES
 from fulora.generate.networks import lora_tags
+from fulora.generate.prompts import EMPHASIS_MODES
 from fulora.generate.samplers import display_name, schedule_type, scheduler_name
+from fulora.generate.schedules import read_prompt, schedule_steps
 from fulora.io import atomic_path
 from fulora.runs import now_iso, steady_rate
 
@@ -96,11 +98,28 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
             f"{name.translate(_A1111_NAME_SYMBOLS)}: {resolved.lora_webui_hash[:12]}"
         )
         text += "" if tags else f" <lora:{lora.stem}:{cfg.lora_scale:g}>"
+    settings["Emphasis"] = _a1111_emphasis(row, cfg)
     settings["Version"] = f"fulora {row['fulora_version']}"  # not a version A1111 acts on
     if row["negative_prompt"]:
         text += f"\nNegative prompt: {row['negative_prompt']}"
     written = {k: v for k, v in settings.items() if v is not None}
     return f"{text}\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in written.items())
+
+
+def _a1111_emphasis(row: dict[str, Any], cfg: GenerateConfig) -> str | None:
+    """A1111's "Emphasis" field, where A1111 writes one.
+
+    Its mode, where it is not the default and a text that A1111 encodes (each step's text of
+    the prompt and of the negative prompt) holds a bracket (A1111's ``sd_hijack_clip``).
+    """
+    if cfg.emphasis == "original":
+        return None
+    steps = schedule_steps(row["sampler"], cfg.steps)
+    sides = read_prompt(row["prompt"], steps) + read_prompt(
+        row["negative_prompt"], steps, negative=True
+    )
+    texts = [text for side in sides for text in side.texts]
+    return EMPHASIS_MODES[cfg.emphasis] if any("(" in t or "[" in t for t in texts) else None
 
 
 def queue_writes(writer, made, out, plane, indices, seeds, targets, cfg, resolved, images) -> None:
@@ -177,6 +196,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "run_seed": cfg.seed,
         "rng": cfg.rng,
         "eta_noise_seed_delta": cfg.eta_noise_seed_delta,
+        "emphasis": cfg.emphasis,
         "batch_size": made.batch,
         "device": made.device.type,
         "dtype": str(made.dtype).removeprefix("torch."),

@@ -9,6 +9,9 @@ not read as A1111 reads it (:func:`check_prompt_syntax`):
   them by 1.1, ``(word:1.3)`` multiplies them by 1.3; ``\(`` ``\)`` ``\[`` ``\]`` ``\\``
   are the characters themselves. A1111's default emphasis ("Original") then rescales the weighted
   embeddings to the unweighted ones' mean (``fulora.lora.conditioning.emphasise_together``).
+  Its setting "Emphasis" (``emphasis`` here, :data:`EMPHASIS_MODES`) has three more modes:
+  "No norm" weights without rescaling, "Ignore" reads the brackets but weights nothing, and
+  "None" reads the prompt as plain text, brackets, backslashes and ``BREAK`` included.
 - chunks, read alike: a prompt over CLIP's 75 tokens is encoded in chunks of 75, split at a
   comma within the last 20 tokens, and ``BREAK`` starts a new chunk (:func:`a1111_chunks`); a
   prompt and a negative prompt of different chunk counts are guided as A1111 guides them,
@@ -47,10 +50,19 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 BREAK_MARK = ("BREAK", -1.0)
 # a closing bracket: its opening one and its factor; a weight ':1.3)' closes '(' with 1.3
 _CLOSES = {")": ("(", 1.1), "]": ("[", 1 / 1.1)}
+# fulora's emphasis -> A1111's setting "Emphasis" (modules/sd_emphasis.py, v1.8+; before it,
+# "Original" only), which its PNG text names unless it is the default
+EMPHASIS_MODES = {"original": "Original", "no_norm": "No norm", "ignore": "Ignore", "none": "None"}
 
 
 def check_prompt_syntax(
-    text: str, what: str, steps: int, *, negative: bool = False, guided: bool = True
+    text: str,
+    what: str,
+    steps: int,
+    *,
+    negative: bool = False,
+    guided: bool = True,
+    emphasis: str = "original",
 ) -> None:
     """Refuse a prompt that AUTOMATIC1111 would read otherwise than fulora.
 
@@ -62,6 +74,8 @@ def check_prompt_syntax(
         steps: The steps A1111 schedules it over (``schedules.schedule_steps``).
         negative: A negative prompt, which A1111 does not split at ``AND`` nor weight.
         guided: Whether the run uses classifier-free guidance (guidance above 1).
+        emphasis: The emphasis mode (:data:`EMPHASIS_MODES`); with ``none`` each text is read
+            as plain text, so only networks, comments and ``AND`` are checked.
 
     Raises:
         ConfigError: Naming the piece of syntax, where it is and what to do.
@@ -78,6 +92,8 @@ def check_prompt_syntax(
             "combines with the negative prompt's prediction in classifier-free guidance; "
             "set guidance (--guidance) above 1, or write the prompt without them"
         )
+    if emphasis == "none":  # A1111 tokenizes each text as it is
+        return
     for part in parts:
         for end, step_text in part.schedule:
             found = _first_unread(step_text)
@@ -280,24 +296,29 @@ COMMA_BACKTRACK = 20
 CHUNK_TOKENS = 75
 
 
-def a1111_chunks(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
+def a1111_chunks(
+    tokenizer, text: str, emphasis: str = "original"
+) -> list[tuple[list[int], list[float]]]:
     """A prompt's token ids and per-token weights, in chunks, as AUTOMATIC1111 lays them out.
 
     A1111's ``tokenize_line``: each emphasis piece is tokenized on its own; the tokens fill
     chunks of :data:`CHUNK_TOKENS` (75); a full chunk with a comma among its last
     :data:`COMMA_BACKTRACK` tokens ends after that comma; ``BREAK`` ends a chunk. Each chunk is
     laid out as the start token, its tokens, the end token and padding to 77 tokens. A prompt
-    within one chunk has the ids diffusers' and kohya's tokenizer call gives. Checked against
-    A1111's own function in ``tests/test_parity.py``.
+    within one chunk has the ids diffusers' and kohya's tokenizer call gives. With emphasis
+    ``none`` the whole text is one piece of weight 1 (A1111 does not parse it); with
+    ``ignore`` the pieces are parsed and every weight is 1 (A1111's multipliers go unused).
+    Checked against A1111's own function in ``tests/test_parity.py``.
 
     Args:
         tokenizer: The pipeline's CLIP tokenizer.
         text: A prompt that :func:`check_prompt_syntax` accepts.
+        emphasis: The emphasis mode (:data:`EMPHASIS_MODES`).
 
     Returns:
         One ``(ids, weights)`` per chunk, each of 77; weight 1 outside the prompt's words.
     """
-    pieces = parse_emphasis(text)
+    pieces = [(text, 1.0)] if emphasis == "none" else parse_emphasis(text)
     tokens = tokenizer([piece for piece, _ in pieces], add_special_tokens=False).input_ids
     chunks = _Chunks(tokenizer.get_vocab().get(",</w>"))
     for piece_ids, piece in zip(tokens, pieces, strict=True):
@@ -305,7 +326,7 @@ def a1111_chunks(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
             chunks.close()
             continue
         for token in piece_ids:
-            chunks.add(token, piece[1])
+            chunks.add(token, 1.0 if emphasis == "ignore" else piece[1])
     return [_laid_out(ids, weights, tokenizer) for ids, weights in chunks.finished()]
 
 

@@ -185,7 +185,8 @@ def plan(cfg: GenerateConfig) -> _Plan:
     steps = schedule_steps(resolve_sampler(cfg.sampler), cfg.steps)
     for plane in sorted(set(captions) & set(planes) - set(given)):  # given: checked in the config
         what = f"the LoRA's caption for {plane} (give prompts.{plane})"
-        check_prompt_syntax(prompts[plane], what, steps, guided=cfg.guidance > 1)
+        guided = cfg.guidance > 1
+        check_prompt_syntax(prompts[plane], what, steps, guided=guided, emphasis=cfg.emphasis)
     lora_weights = cfg.lora_weights(prompts, names)  # without a LoRA: a tag is refused
     width, height = cfg.width, cfg.height
     if width is None or height is None:
@@ -606,8 +607,8 @@ def _plane_embeddings(pipe, plane: str, cfg, resolved, device) -> Conditioning:
     """A plane's prompt and negative prompt (under guidance), as A1111 conditions on them."""
     negative = cfg.negative_prompt if cfg.guidance > 1 else None
     steps = schedule_steps(resolved.sampler, cfg.steps)
-    prompt = resolved.prompts[plane]
-    return encode_prompts(pipe, prompt, negative, steps, resolved.clip_skip, device, plane)
+    prompt, clip_skip = resolved.prompts[plane], resolved.clip_skip
+    return encode_prompts(pipe, prompt, negative, steps, clip_skip, device, plane, cfg.emphasis)
 
 
 def _denoise(pipe, conditioning: Conditioning, seeds: list[int], cfg, resolved) -> torch.Tensor:

@@ -77,11 +77,14 @@ def prompt_embeddings(
     return positive, (hidden[1:] if negative_prompt is not None else None)
 
 
-def emphasise_together(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """AUTOMATIC1111's default ("Original") emphasis of texts that A1111 encodes in one batch.
+def emphasise_together(
+    hidden: torch.Tensor, weights: torch.Tensor, normalise: bool = True
+) -> torch.Tensor:
+    """AUTOMATIC1111's emphasis of texts that A1111 encodes in one batch.
 
-    The embeddings times each token's weight, then times (mean before / mean after), the means
-    taken over the whole batch as A1111's ``EmphasisOriginal`` takes them, in fp32 as A1111
+    The embeddings times each token's weight, then (``normalise``, A1111's default
+    "Original") times (mean before / mean after), the means taken over the whole batch as
+    A1111's ``EmphasisOriginal`` takes them; without, A1111's "No norm". In fp32, as A1111
     computes it with its fp32 weights, returned in ``hidden``'s dtype. Weights all 1 leave the
     embeddings as they are (A1111's result is the same numbers). Checked against A1111's
     ``sd_hijack_clip`` and ``sd_emphasis`` in ``tests/test_parity.py``.
@@ -89,13 +92,16 @@ def emphasise_together(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Ten
     Args:
         hidden: Text embeddings (texts, tokens, channels).
         weights: Each token's weight (texts, tokens).
+        normalise: Rescale to the unweighted embeddings' mean.
     """
     weights = weights.to(hidden.device, torch.float32)
     if bool((weights == 1).all()):
         return hidden
     plain = hidden.float()
     weighted = plain * weights[..., None]
-    return (weighted * (plain.mean() / weighted.mean())).to(hidden.dtype)
+    if normalise:
+        weighted = weighted * (plain.mean() / weighted.mean())
+    return weighted.to(hidden.dtype)
 
 
 def chunked_embeddings(
@@ -103,6 +109,7 @@ def chunked_embeddings(
     batches: list[list[list[tuple[list[int], list[float]]]]],
     clip_skip: int,
     device: torch.device | str,
+    normalise: bool = True,
 ) -> list[torch.Tensor]:
     """Embeddings of texts given in AUTOMATIC1111's 77-token chunks, as A1111 encodes them.
 
@@ -118,6 +125,7 @@ def chunked_embeddings(
             texts of a batch have as many chunks (A1111 adds empty ones).
         clip_skip: kohya/A1111 clip skip (1 = the last layer).
         device: Where the text encoder runs.
+        normalise: The emphasis restores the mean (A1111's "Original"; False: "No norm").
 
     Returns:
         One tensor (texts, 77 x chunks, hidden) per batch.
@@ -138,6 +146,8 @@ def chunked_embeddings(
         count = len(texts[0])
         rows = rows.unflatten(0, (len(texts), count))  # (texts, chunks, 77, hidden)
         row_weights = row_weights.unflatten(0, (len(texts), count))
-        chunks = [emphasise_together(rows[:, i], row_weights[:, i]) for i in range(count)]
+        chunks = [
+            emphasise_together(rows[:, i], row_weights[:, i], normalise) for i in range(count)
+        ]
         embedded.append(torch.cat(chunks, dim=1))
     return embedded
