@@ -702,6 +702,7 @@ def test_automatic1111_reads_back_every_setting_of_a_fulora_image():
         "base_model": "sd15, pruned: v1-5",
         "clip_skip": 2,
         "fulora_version": "0.1.0",
+        "variation_seed": None,
     }
     resolved = _Plan(
         planes=["brain"],
@@ -794,6 +795,7 @@ def test_the_text_names_the_schedule_where_a1111s_default_differs(sampler, writt
 
     row = {"prompt": "p", "negative_prompt": "", "sampler": sampler, "seed": 1, "width": 64}
     row |= {"height": 64, "base_model": "m", "clip_skip": 1, "fulora_version": "0.1.0"}
+    row["variation_seed"] = None
     resolved = _Plan(["brain"], {"brain": "p"}, 64, 64, lora=None, lora_sha256="", batch_size=1)
     text = a1111_parameters(row, GenerateConfig(base="unused", steps=30), "", resolved)
     assert f"Steps: 30, {written}CFG scale: 7, " in text
@@ -1965,6 +1967,7 @@ def test_generate_conditions_and_guides_as_automatic1111_on_a_real_model(
     call late moves the sums by 3.8 and 10, the negative's padding left unmasked by 0.5."""
     from types import SimpleNamespace
 
+    from fulora.generate.config import GenerateConfig
     from fulora.generate.encode import encode_prompts
     from fulora.generate.run import _denoise
     from fulora.generate.samplers import make_scheduler
@@ -1975,10 +1978,7 @@ def test_generate_conditions_and_guides_as_automatic1111_on_a_real_model(
     pipe.scheduler = make_scheduler("euler", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     conditioning = encode_prompts(pipe, prompt, negative, steps, 1, "cpu")
-    cfg, size = (
-        SimpleNamespace(steps=steps, guidance=7.0, rng="cpu", eta_noise_seed_delta=0),
-        SimpleNamespace(height=48, width=64),
-    )
+    cfg, size = GenerateConfig(steps=steps, guidance=7.0), SimpleNamespace(height=48, width=64)
     x0 = _denoise(pipe, conditioning, [seed], cfg, size)
     total, magnitude, first = A1111_PHANTOM_X0[(seed, steps, prompt, negative)]
     assert x0.shape == (1, 4, 12, 16)
@@ -2205,6 +2205,81 @@ def test_euler_a_draws_a1111s_step_noise_from_nv_and_with_ensd(rng, seed, delta)
         eps = _toy_eps(scheduler.scale_model_input(x, t), t)
         x = scheduler.step(eps, t, x, generator=noise.generators).prev_sample
     expected = torch.tensor(A1111_EULER_A_X0[(rng, seed, delta)])
+    assert float((x.flatten() - expected).norm() / expected.norm()) < 1e-5
+
+
+# A1111's variation seed (modules/rng.py ImageRNG.first with subseeds, @0d5dc9a6): the image's
+# first draw moved towards its variation seed's first draw by the strength with A1111's slerp
+# (its columns along dim 1; a linear mix the other way round where they are near parallel, as
+# for a variation seed equal to the seed), from a third scratch transcription, latents (4, 48,
+# 64): (rng, seed, variation seed, strength): (values at (0,0,0), (1,20,30), (3,47,63), sum,
+# sum of |x|); and Euler a (as A1111_EULER_A_X0) with NV noise, variation seed 99 at 0.4, whose
+# step noise stays the seed's.
+A1111_VARIATION_NOISE = {
+    ("cpu", 2671683630, 1234, 0.3): (
+        [0.5766032338142395, 0.5119286775588989, 0.11014324426651001],
+        98.7329995026812,
+        9864.800122483633,
+    ),
+    ("nv", 2671683630, 1234, 0.3): (
+        [-1.0065158605575562, -0.3486816883087158, -1.3032243251800537],
+        -65.91561012808233,
+        9890.276065486483,
+    ),
+    ("cpu", 7, 7, 0.5): (
+        [-0.8201345205307007, -1.5538134574890137, 1.1369215250015259],
+        145.41300351802784,
+        9783.318571700409,
+    ),
+    ("cpu", 2671683630, 1234, 1.0): (
+        [-0.1117185652256012, 0.32595184445381165, -0.9013316035270691],
+        3.81323727677227,
+        9880.494473873725,
+    ),
+    ("nv", 2**40 + 12345, 2**33 + 5, 0.05): (
+        [0.8243058919906616, -0.013355735689401627, 1.5171003341674805],
+        -119.98905791540165,
+        9878.834992103395,
+    ),
+}
+A1111_EULER_A_VARIATION_X0 = [
+    -1.0394346, -1.3275671, -8.3175144, -11.158835, 3.1227322, 6.6502542, -6.5299501, 9.250102,
+    -6.1464286, 9.1603498, 8.9149542, -1.4640503, -1.2175864, -5.742672, -10.544387, -5.9234934,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("rng", "seed", "variation", "strength"), list(A1111_VARIATION_NOISE))
+def test_a_variation_seed_moves_the_noise_as_automatic1111s(rng, seed, variation, strength):
+    """Bit for bit (the values) and to float64 summation (the sums), both branches of A1111's
+    slerp; strength 1 is the variation seed's own noise."""
+    from fulora.generate.noise import ImageNoise
+
+    values, total, magnitude = A1111_VARIATION_NOISE[(rng, seed, variation, strength)]
+    shape, cpu = torch.Size((1, 4, 48, 64)), torch.device("cpu")
+    noise = ImageNoise(rng, [seed], shape, cpu, variation_seeds=[variation],
+                       variation_strength=strength).first()[0]  # fmt: skip
+    assert [noise[0, 0, 0].item(), noise[1, 20, 30].item(), noise[3, 47, 63].item()] == values
+    assert noise.double().sum().item() == pytest.approx(total, rel=1e-12)
+    assert noise.double().abs().sum().item() == pytest.approx(magnitude, rel=1e-12)
+    if strength == 1:
+        assert torch.equal(noise, ImageNoise(rng, [variation], shape, cpu).first()[0])
+
+
+def test_euler_a_with_a_variation_seed_keeps_the_seeds_step_noise():
+    """A1111's variation seed changes the starting noise only (measured 4.2e-6 relative)."""
+    from fulora.generate.noise import ImageNoise
+    from fulora.generate.samplers import make_scheduler
+    from fulora.lora.tiny import sd15_scheduler
+
+    noise = ImageNoise("nv", [2671683630], torch.Size((1, 4, 2, 2)), torch.device("cpu"),
+                       variation_seeds=[99], variation_strength=0.4)  # fmt: skip
+    scheduler = make_scheduler("Euler a", sd15_scheduler().config)
+    scheduler.set_timesteps(30)
+    scheduler.step_noise = noise.step_noise
+    x = noise.first() * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    expected = torch.tensor(A1111_EULER_A_VARIATION_X0)
     assert float((x.flatten() - expected).norm() / expected.norm()) < 1e-5
 
 

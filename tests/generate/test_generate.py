@@ -749,7 +749,7 @@ def test_decoding_equals_the_diffusers_pipelines_own(tiny_model, sampler):
         pipe.tokenizer, pipe.text_encoder, "a photo of fetal brain", "", 1, torch.device("cpu")
     )
     seeds = [3, 11]
-    cfg = SimpleNamespace(steps=3, guidance=7.0, rng="cpu", eta_noise_seed_delta=0)
+    cfg = GenerateConfig(steps=3, guidance=7.0)
     conditioning = Conditioning.fixed(*embeddings)
     latents = _denoise(pipe, conditioning, seeds, cfg, SimpleNamespace(width=64, height=48))
     ours = to_images(pipe, latents, seeds)
@@ -782,7 +782,7 @@ def test_every_sampler_denoises_to_finite_latents(tiny_model):
         pipe.tokenizer, pipe.text_encoder, "a photo of fetal brain", "", 1, torch.device("cpu")
     )
     cfg, size = (
-        SimpleNamespace(steps=4, guidance=7.0, rng="cpu", eta_noise_seed_delta=0),
+        GenerateConfig(steps=4, guidance=7.0),
         SimpleNamespace(width=32, height=32),
     )
     not_finite = []
@@ -1067,8 +1067,8 @@ def test_consecutive_seeds_are_automatic1111s_batch_seeds(tiny_model, trained_lo
 
 def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, capsys):
     """--a1111 PNG: the image's prompt (a <lora:...> with its own text-encoder weight), negative
-    prompt, sampler, steps, CFG scale, seed, size, clip skip, RNG, ENSD and emphasis make it
-    again, one
+    prompt, sampler, steps, CFG scale, seed, size, clip skip, RNG, ENSD, emphasis and
+    variation seed make it again, one
     image of the plane --planes names; a flag overrides a setting of the text."""
     prompts = {
         "brain": "a photo of fetal brain",
@@ -1087,6 +1087,9 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
         clip_skip=1,
         rng="nv",
         emphasis="no_norm",
+        seed_scheme="consecutive",
+        variation_seed=40,
+        variation_strength=0.25,
         **_EULER_A_ENSD,
     )
     generate(tmp_path / "made", made, progress=False)
@@ -1109,6 +1112,7 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
     written = yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())
     assert written["steps"] == 2 and written["rng"] == "nv"
     assert written["eta_noise_seed_delta"] == 31337 and written["emphasis"] == "no_norm"
+    assert (written["variation_seed"], written["variation_strength"]) == (42, 0.25)  # image 2's
     # its "Lora hashes": another LoRA file, even under the same name, is refused before any work
     other = tmp_path / "other" / "phantom_lora.safetensors"
     other.parent.mkdir()
@@ -1142,6 +1146,7 @@ _A1111_SETTINGS = "p\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64
         (f"{_A1111_SETTINGS}, ENSD: 31337", ["brain"], "'Euler' adds none"),
         (f"{_A1111_SETTINGS}, ENSD: x", ["brain"], "ENSD 'x' is not a number"),
         (f"{_A1111_SETTINGS}, Emphasis: Loud", ["brain"], "Emphasis 'Loud' is none of"),
+        (f"{_A1111_SETTINGS}, Variation seed: 4", ["brain"], "name no Variation seed strength"),
     ],
 )
 def test_a1111_settings_fulora_cannot_run_are_refused(
@@ -1248,12 +1253,41 @@ def test_euler_a_takes_its_step_noise_from_the_nv_source_and_ensd(
     assert ", ENSD: 31337, RNG: NV, " in text and "Sampler: Euler a, " in text
 
 
+def test_a_variation_seed_varies_one_seeds_image_as_automatic1111_does(tiny_model, tmp_path):
+    """Every image keeps the run's seed and image i takes the variation seed + i (A1111's
+    batch, named in the PNG text); at strength 1 each image is its variation seed's own (the
+    default sampler draws no step noise), and at 0.3 another image than either."""
+    kw = dict(planes=["brain"], per_class=3, batch_size=3, contact_sheet=0)
+    consecutive = dict(seed_scheme="consecutive", **kw)
+    runs = {
+        "varied": dict(seed=11, variation_seed=40, variation_strength=0.3),
+        "all the way": dict(seed=11, variation_seed=40, variation_strength=1.0),
+        "seed 40": dict(seed=40),
+        "seed 11": dict(seed=11),
+    }
+    for name, setting in runs.items():
+        generate(tmp_path / name, _cfg(tiny_model, **consecutive, **setting), progress=False)
+    images = {name: _images(tmp_path / name) for name in runs}
+    assert sorted(str(k) for k in images["varied"]) == [f"brain/0000{i}-11.png" for i in range(3)]
+    ordered = {name: [found[k] for k in sorted(found)] for name, found in images.items()}
+    assert all(map(np.array_equal, ordered["all the way"], ordered["seed 40"]))
+    for other in ("seed 40", "seed 11"):
+        for a, b in zip(ordered["varied"], ordered[other], strict=True):
+            assert np.abs(a.astype(int) - b.astype(int)).mean() > 1
+    text = (tmp_path / "varied" / "brain" / "00001-11.png").read_bytes()
+    assert b"Variation seed: 41, Variation seed strength: 0.3" in text
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
         ({"eta_noise_seed_delta": 31337}, r"eta_noise_seed_delta 31337 changes only the noise"),
         ({**_EULER_A_ENSD, "eta_noise_seed_delta": -1}, r"eta_noise_seed_delta"),
         ({**_EULER_A_ENSD, "seed": 2**63 - 9, "seed_scheme": "consecutive"}, r"\+ 31337, past"),
+        ({"variation_seed": 5}, r"variation_seed 5 with variation_strength 0: .* needs both"),
+        ({"variation_strength": 0.3}, r"variation_seed None .* needs both"),
+        ({"variation_seed": 5, "variation_strength": 0.3}, r"set seed_scheme: consecutive"),
+        ({"variation_seed": 5, "variation_strength": 1.5}, r"variation_strength"),
         ({"rng": "gpu", "device": "cpu"}, r"rng: gpu draws the noise on the GPU.*rng: nv"),
         ({"rng": "GPU"}, r"rng"),
         ({"seed_scheme": "consecutive", "seed": 2**63 - 3}, r"seed_scheme: consecutive.*seed"),

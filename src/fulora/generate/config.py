@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fulora.config import AT_LEAST_0, AT_LEAST_1, SEED, Checked, CompileMode, Range
+from fulora.config import AT_LEAST_0, AT_LEAST_1, FRACTION, SEED, Checked, CompileMode, Range
 from fulora.errors import ConfigError
 from fulora.generate.networks import plane_lora_weights
 from fulora.generate.prompts import check_prompt_syntax
@@ -48,6 +48,8 @@ class GenerateConfig(Checked):
         "height": Range(8),
         "seed": SEED,
         "eta_noise_seed_delta": Range(0, 2**32 - 1),
+        "variation_seed": SEED,
+        "variation_strength": FRACTION,
         "batch_size": AT_LEAST_1,
         "contact_sheet": AT_LEAST_0,
         "write_threads": Range(0, 32),
@@ -110,8 +112,31 @@ class GenerateConfig(Checked):
                 f"with {last} + {delta}, past the largest seed torch takes ({SEED.high}): give "
                 "a smaller seed or delta"
             )
+        self._check_variation()
         if self.device != "auto":  # auto: checked when generate resolves it
             check_rng_device(self.rng, self.device)
+
+    def _check_variation(self) -> None:
+        """A variation seed with a strength, on A1111's batch numbering, within torch's seeds."""
+        seed, strength = self.variation_seed, self.variation_strength
+        if (seed is None) != (strength == 0):
+            raise ConfigError(
+                f"variation_seed {seed} with variation_strength {strength:g}: a variation needs "
+                "both (A1111's 'Variation seed' and 'Variation seed strength'), a seed and a "
+                "strength above 0; set neither for none"
+            )
+        if seed is None:
+            return
+        if self.seed_scheme != "consecutive":
+            raise ConfigError(
+                "a variation seed follows A1111's batch numbering (every image the seed, image "
+                "i the variation seed + i): set seed_scheme: consecutive"
+            )
+        if seed + self.per_class - 1 > SEED.high:
+            raise ConfigError(
+                f"variation_seed {seed} + {self.per_class - 1} (image {self.per_class - 1}'s) "
+                f"is past the largest seed torch takes ({SEED.high}): give a smaller one"
+            )
 
     def lora_weights(
         self, prompts: dict[str, str], names: tuple[str, ...] | None
@@ -183,6 +208,13 @@ class GenerateConfig(Checked):
     # every plane and run), or consecutive (seed + index, as A1111 numbers a batch's images:
     # the same in every plane, as one A1111 run per plane with this seed)
     seed_scheme: Literal["hashed", "consecutive"] = "hashed"
+    # A1111's variation seed ("subseed"): image i's starting noise moved towards the noise of
+    # variation_seed + i, every image keeping the run's seed, as A1111's batch does; needs
+    # seed_scheme: consecutive and a variation_strength
+    variation_seed: int | None = None
+    # how far it moves, A1111's "Variation seed strength" (its slerp): 0 not at all, 1 all the
+    # way to the variation seed's noise
+    variation_strength: float = 0.0
     batch_size: int | None = None  # None: sized to the GPU memory (4 on CPU)
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     # channels-last UNet and VAE on CUDA: off, as measured (BENCHMARKS.md, H200, SD1.5 fp16 at

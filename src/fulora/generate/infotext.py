@@ -7,10 +7,10 @@ last line of ``Key: value`` settings (a value with a comma, colon or newline JSO
 prompt, negative prompt, steps, sampler and its schedule type, CFG scale, seed (image ``i`` of
 the run takes ``seed + i``, as in A1111's batches), size, clip skip (1 when the text names
 none, as A1111 reads it), RNG (``GPU`` when it names none, A1111's default) and ENSD (0 when
-it names none: A1111 writes it where the sampler uses it, Euler a) and Emphasis ("Original"
-when it names none). The model and
+it names none: A1111 writes it where the sampler uses it, Euler a), Emphasis ("Original"
+when it names none) and the variation seed and its strength. The model and
 the LoRA are the run's own (``base``, ``lora``); a setting that fulora does not run (hires
-fix, a variation seed, another schedule type, ...) is refused, naming it, since A1111 would
+fix, "Seed resize from", another schedule type, ...) is refused, naming it, since A1111 would
 make another image with it.
 """
 
@@ -47,7 +47,7 @@ _RNGS = {name: rng for rng, name in A1111_RNG_NAMES.items()}
 # them; their hashes become model_hash and lora_hash, which check the files given
 _PROVENANCE = ("Model", "Model hash", "Lora hashes", "Version")
 _SETTINGS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2")
-_SETTINGS += ("Clip skip", "ENSD", "RNG", "Emphasis")
+_SETTINGS += ("Clip skip", "ENSD", "RNG", "Emphasis", "Variation seed", "Variation seed strength")
 _EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
@@ -164,6 +164,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
     return {
         **_lora_hash(fields),
         **hashes,
+        **_variation(fields),
         "planes": [plane],
         "prompts": {plane: params.prompt},
         "negative_prompt": params.negative_prompt,
@@ -183,6 +184,16 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
     }
 
 
+def _variation(fields: dict[str, str]) -> dict[str, Any]:
+    """``variation_seed`` and ``variation_strength`` from A1111's fields (written together)."""
+    if "Variation seed" not in fields and "Variation seed strength" not in fields:
+        return {}
+    return {
+        "variation_seed": _number(fields, "Variation seed", int),
+        "variation_strength": _number(fields, "Variation seed strength", float),
+    }
+
+
 def _lora_hash(fields: dict[str, str]) -> dict[str, str]:
     """``lora_hash`` from A1111's ``Lora hashes`` ("name: hash"; fulora runs one LoRA)."""
     listed = [item for item in fields.get("Lora hashes", "").split(",") if item.strip()]
@@ -195,6 +206,8 @@ def _lora_hash(fields: dict[str, str]) -> dict[str, str]:
 
 
 def _number(fields: dict[str, str], key: str, kind: type):
+    if key not in fields:
+        raise ConfigError(f"the A1111 settings name no {key}: give the full text")
     try:
         return kind(fields[key])
     except ValueError:

@@ -92,6 +92,9 @@ class ImageNoise:
         device: The run's device (``gpu`` draws there).
         eta_noise_seed_delta: A1111's ENSD: the step noise is drawn from generators seeded with
             each seed plus it (0: from the starting noise's generators, after it).
+        variation_seeds: A1111's variation seed of each image (its "subseed"), or None.
+        variation_strength: How far each image's starting noise moves towards its variation
+            seed's (A1111's :func:`slerp`; 0: not at all, 1: all the way).
     """
 
     def __init__(
@@ -101,9 +104,13 @@ class ImageNoise:
         shape: torch.Size,
         device: torch.device,
         eta_noise_seed_delta: int = 0,
+        variation_seeds: Sequence[int] | None = None,
+        variation_strength: float = 0.0,
     ) -> None:
         self.rng, self.seeds, self.shape, self.device = rng, list(seeds), shape, device
         self.delta = eta_noise_seed_delta
+        self.variation_seeds = list(variation_seeds or [])
+        self.variation_strength = variation_strength
         #: where diffusers draws Euler a's step noise (None for ``nv``: see :meth:`step_noise`)
         self.generators: list[torch.Generator] | None = None
 
@@ -117,19 +124,31 @@ class ImageNoise:
         numbers in half precision than in fp32 (2.14.1 gives the same; pytorch/pytorch#179834
         changed that kernel). A1111 likewise draws its noise in fp32.
 
+        With a variation strength, each image's noise is A1111's :func:`slerp` from it to the
+        first draw of its variation seed (drawn by the same source).
+
         Returns:
             (len(seeds), channels, height / scale, width / scale).
         """
+        noise = self._first_draws(self.seeds)
+        if self.delta and self.generators is not None:  # new generators for the step noise
+            self.generators = image_generators(self.rng, self._step_seeds(), self.device)
+        if not self.variation_strength:
+            return noise
+        varied = self._first_draws(self.variation_seeds)
+        strength = self.variation_strength
+        return torch.stack([slerp(strength, a, b) for a, b in zip(noise, varied, strict=True)])
+
+    def _first_draws(self, seeds: list[int]) -> torch.Tensor:
+        """Each seed's first draw; for the image seeds, the generators stay for the step noise."""
         if self.rng == "nv":
-            return torch.stack([self._philox(seed, 0) for seed in self.seeds])
-        generators = image_generators(self.rng, self.seeds, self.device)
-        noise = torch.cat(
+            return torch.stack([self._philox(seed, 0) for seed in seeds])
+        generators = image_generators(self.rng, seeds, self.device)
+        if self.generators is None:
+            self.generators = generators
+        return torch.cat(
             [torch.randn(self.shape, generator=g, device=g.device) for g in generators]
         )
-        if self.delta:  # A1111 seeds new generators for the step noise
-            generators = image_generators(self.rng, self._step_seeds(), self.device)
-        self.generators = generators
-        return noise
 
     def step_noise(self, step: int) -> torch.Tensor:
         """``nv``: the batch's noise for sampler step ``step`` (0: the first), fp32 on the CPU.
@@ -145,6 +164,26 @@ class ImageNoise:
 
     def _philox(self, seed: int, draw: int) -> torch.Tensor:
         return philox_randn(seed, self.shape.numel(), offset=draw).reshape(self.shape[1:])
+
+
+def slerp(strength: float, noise: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """One image's noise moved towards ``other`` by ``strength``, as A1111's ``rng.slerp``.
+
+    Spherical interpolation as A1111 computes it on an image's (channels, height, width) noise:
+    the angle is taken between the columns along dimension 1 (height), one per channel and
+    x, and where the columns are on average nearly parallel (mean cosine above 0.9995) A1111
+    mixes linearly with the weights the other way round (``noise * strength + other * (1 -
+    strength)``); both kept, so that a variation seed makes A1111's image.
+    """
+    unit, other_unit = (t / torch.norm(t, dim=1, keepdim=True) for t in (noise, other))
+    cosine = (unit * other_unit).sum(1)
+    if cosine.mean() > 0.9995:
+        return noise * strength + other * (1 - strength)
+    angle = torch.acos(cosine)
+    sine = torch.sin(angle)
+    near = (torch.sin((1.0 - strength) * angle) / sine).unsqueeze(1)
+    far = (torch.sin(strength * angle) / sine).unsqueeze(1)
+    return near * noise + far * other
 
 
 def image_generators(rng: str, seeds: Sequence[int], device: torch.device):

@@ -76,6 +76,9 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
         "Seed": row["seed"],
         "Size": f"{row['width']}x{row['height']}",
     }
+    if row["variation_seed"] is not None:  # A1111 writes them where the strength is not 0
+        settings["Variation seed"] = row["variation_seed"]
+        settings["Variation seed strength"] = f"{cfg.variation_strength:g}"
     if base_hash:
         settings["Model hash"] = base_hash[:10]
     # A1111 names a checkpoint file by its stem (v1-5-pruned-emaonly), as it finds it again
@@ -196,6 +199,8 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "run_seed": cfg.seed,
         "rng": cfg.rng,
         "eta_noise_seed_delta": cfg.eta_noise_seed_delta,
+        "variation_seed": cfg.variation_seed + index if cfg.variation_strength else None,
+        "variation_strength": cfg.variation_strength,
         "emphasis": cfg.emphasis,
         "batch_size": made.batch,
         "device": made.device.type,

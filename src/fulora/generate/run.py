@@ -488,7 +488,7 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
             for plane, indices in mine:
                 plane_seeds = [seeds[(plane, i)] for i in indices]
                 lora.use(plane)
-                latents = _denoise(pipe, embeddings[plane], plane_seeds, cfg, resolved)
+                latents = _denoise(pipe, embeddings[plane], plane_seeds, cfg, resolved, indices)
                 write = (writer, made, out, plane, indices, plane_seeds, targets, cfg, resolved)
                 decoder.decode(latents, plane_seeds, then=partial(queue_writes, *write))
         bar.close()
@@ -549,7 +549,13 @@ def _work(cfg, resolved, batch, only, out):
         for plane in resolved.planes
         for k in range(math.ceil(cfg.per_class / batch))
     ]
-    seeds = {(p, i): image_seed(cfg.seed, p, i, cfg.seed_scheme) for p, idx in batches for i in idx}
+    # with a variation A1111 gives each image of a batch the same seed (and its own variation seed)
+    fixed = cfg.variation_strength > 0
+    seeds = {
+        (p, i): image_seed(cfg.seed, p, 0 if fixed else i, cfg.seed_scheme)
+        for p, idx in batches
+        for i in idx
+    }
     if not only:
         missing = {k for k in seeds if not image_path(out, k[0], k[1], seeds[k]).is_file()}
         return batches, seeds, missing
@@ -611,15 +617,30 @@ def _plane_embeddings(pipe, plane: str, cfg, resolved, device) -> Conditioning:
     return encode_prompts(pipe, prompt, negative, steps, clip_skip, device, plane, cfg.emphasis)
 
 
-def _denoise(pipe, conditioning: Conditioning, seeds: list[int], cfg, resolved) -> torch.Tensor:
-    """One batch's denoised latents; each image's noise from its own seed."""
+def _denoise(
+    pipe, conditioning: Conditioning, seeds: list[int], cfg, resolved, indices=None
+) -> torch.Tensor:
+    """One batch's denoised latents; each image's noise from its own seed.
+
+    With a variation, image ``index`` of ``indices`` also takes the variation seed
+    ``variation_seed + index``, as A1111 numbers a batch's.
+    """
     positive, negative = conditioning.first()
     if negative is not None:  # one shape for diffusers' batch; ``guided`` masks the padding
         positive, negative, _ = padded_sides(positive, negative)
     n = len(seeds)
     shape = latent_shape(pipe, resolved.height, resolved.width)
-    noise = ImageNoise(cfg.rng, seeds, shape, positive.device, cfg.eta_noise_seed_delta)
-    latents = noise.first()  # as A1111's RNG setting draws it
+    varied = [cfg.variation_seed + i for i in indices] if cfg.variation_strength else None
+    noise = ImageNoise(
+        cfg.rng,
+        seeds,
+        shape,
+        positive.device,
+        cfg.eta_noise_seed_delta,
+        variation_seeds=varied,
+        variation_strength=cfg.variation_strength,
+    )
+    latents = noise.first()  # as A1111's RNG settings draw it
     with torch.no_grad(), guided(pipe.unet, conditioning, n), _step_noise(pipe, noise):
         return pipe(
             latents=latents.to(positive.device, positive.dtype),  # as diffusers types them
