@@ -2265,6 +2265,65 @@ def test_a_variation_seed_moves_the_noise_as_automatic1111s(rng, seed, variation
         assert torch.equal(noise, ImageNoise(rng, [variation], shape, cpu).first()[0])
 
 
+# A1111's "Seed resize from" (the same ImageRNG.first, transcribed with it): the seed's noise
+# drawn at that size (latents: pixels // 8) in the middle of its full-size first draw, cropped
+# where larger (600x450 into 64x48 latents: one column short, the full draw's kept there), with
+# a variation too; (rng, seed, variation seed, strength, (width, height)): (values at
+# (0,0,0), (1,20,30), (3,47,63), (2,10,63), sum, sum of |x|). And the CPU generator's next draw
+# after a resized start at (4, 2, 2) (Euler a's first step noise), seed 5, from 8x24.
+A1111_SEED_RESIZE_NOISE = {
+    ("cpu", 2671683630, 0, 0.0, (320, 256)): (
+        [0.7412681579589844, -1.1316673755645752, 0.5718385577201843, 1.4286195039749146],
+        148.16416127275443,
+        9771.869261618063,
+    ),
+    ("nv", 2671683630, 0, 0.0, (600, 450)): (
+        [-2.546379804611206, 1.9173742532730103, -1.8111436367034912, -1.5820589065551758],
+        -23.62847200419128,
+        9846.30050551944,
+    ),
+    ("cpu", 2671683630, 1234, 0.3, (600, 450)): (
+        [2.2589097023010254, 0.6245213150978088, 0.5718385577201843, 1.4286195039749146],
+        163.05255720531568,
+        9874.317554661538,
+    ),
+    ("nv", 2**40 + 12345, 77, 0.6, (320, 256)): (
+        [0.8861610293388367, -0.5408254265785217, 1.516371726989746, 0.8451470136642456],
+        -179.45674437899652,
+        9792.61098473366,
+    ),
+}
+A1111_STEP_AFTER_RESIZE = [
+    2.779863119125366, 1.2220252752304077, -0.33644935488700867, -0.9650601744651794,
+    -0.1296626776456833, -0.6017656326293945, 0.14499856531620026, -0.14982716739177704,
+    -0.43739840388298035, 0.7792337536811829, -0.05833946168422699, -2.0304951667785645,
+    1.4829323291778564, 0.49403807520866394, 0.24921877682209015, 1.7470314502716064,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(A1111_SEED_RESIZE_NOISE))
+def test_seed_resize_from_draws_the_noise_as_automatic1111s(case):
+    """Bit for bit; a resize to the image's own size is no resize, as in A1111."""
+    from fulora.generate.noise import ImageNoise
+
+    rng, seed, variation, strength, (width, height) = case
+    values, total, magnitude = A1111_SEED_RESIZE_NOISE[case]
+    shape, cpu = torch.Size((1, 4, 48, 64)), torch.device("cpu")
+    varied = dict(variation_seeds=[variation], variation_strength=strength) if strength else {}
+    noise = ImageNoise(rng, [seed], shape, cpu, resize_from=(height // 8, width // 8), **varied)
+    x = noise.first()[0]
+    found = [x[0, 0, 0].item(), x[1, 20, 30].item(), x[3, 47, 63].item(), x[2, 10, 63].item()]
+    assert found == values
+    assert x.double().sum().item() == pytest.approx(total, rel=1e-12)
+    assert x.double().abs().sum().item() == pytest.approx(magnitude, rel=1e-12)
+    same = ImageNoise(rng, [seed], shape, cpu, resize_from=(48, 64), **varied).first()
+    assert torch.equal(same, ImageNoise(rng, [seed], shape, cpu, **varied).first())
+    small = ImageNoise("cpu", [5], torch.Size((1, 4, 2, 2)), cpu, resize_from=(3, 1))
+    small.first()
+    step = torch.randn((1, 4, 2, 2), generator=small.generators[0])
+    assert step.flatten().tolist() == A1111_STEP_AFTER_RESIZE
+
+
 def test_euler_a_with_a_variation_seed_keeps_the_seeds_step_noise():
     """A1111's variation seed changes the starting noise only (measured 4.2e-6 relative)."""
     from fulora.generate.noise import ImageNoise

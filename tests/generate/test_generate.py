@@ -1067,8 +1067,8 @@ def test_consecutive_seeds_are_automatic1111s_batch_seeds(tiny_model, trained_lo
 
 def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, capsys):
     """--a1111 PNG: the image's prompt (a <lora:...> with its own text-encoder weight), negative
-    prompt, sampler, steps, CFG scale, seed, size, clip skip, RNG, ENSD, emphasis and
-    variation seed make it again, one
+    prompt, sampler, steps, CFG scale, seed, size, clip skip, RNG, ENSD, emphasis, variation
+    seed and seed resize make it again, one
     image of the plane --planes names; a flag overrides a setting of the text."""
     prompts = {
         "brain": "a photo of fetal brain",
@@ -1090,6 +1090,8 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
         seed_scheme="consecutive",
         variation_seed=40,
         variation_strength=0.25,
+        seed_resize_from_width=64,
+        seed_resize_from_height=40,
         **_EULER_A_ENSD,
     )
     generate(tmp_path / "made", made, progress=False)
@@ -1113,6 +1115,7 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
     assert written["steps"] == 2 and written["rng"] == "nv"
     assert written["eta_noise_seed_delta"] == 31337 and written["emphasis"] == "no_norm"
     assert (written["variation_seed"], written["variation_strength"]) == (42, 0.25)  # image 2's
+    assert (written["seed_resize_from_width"], written["seed_resize_from_height"]) == (64, 40)
     # its "Lora hashes": another LoRA file, even under the same name, is refused before any work
     other = tmp_path / "other" / "phantom_lora.safetensors"
     other.parent.mkdir()
@@ -1288,6 +1291,8 @@ def test_a_variation_seed_varies_one_seeds_image_as_automatic1111_does(tiny_mode
         ({"variation_strength": 0.3}, r"variation_seed None .* needs both"),
         ({"variation_seed": 5, "variation_strength": 0.3}, r"set seed_scheme: consecutive"),
         ({"variation_seed": 5, "variation_strength": 1.5}, r"variation_strength"),
+        ({"seed_resize_from_width": 64}, r"seed_resize_from_width 64 .* give both"),
+        ({"seed_resize_from_width": 4, "seed_resize_from_height": 64}, r"seed_resize_from_width"),
         ({"rng": "gpu", "device": "cpu"}, r"rng: gpu draws the noise on the GPU.*rng: nv"),
         ({"rng": "GPU"}, r"rng"),
         ({"seed_scheme": "consecutive", "seed": 2**63 - 3}, r"seed_scheme: consecutive.*seed"),

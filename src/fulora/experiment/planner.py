@@ -92,6 +92,8 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "emphasis": "original",
         "variation_seed": None,
         "variation_strength": 0.0,
+        "seed_resize_from_width": None,
+        "seed_resize_from_height": None,
     },
     ClassifyConfig: {
         "amp_dtype": "fp16",

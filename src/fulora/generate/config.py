@@ -50,6 +50,8 @@ class GenerateConfig(Checked):
         "eta_noise_seed_delta": Range(0, 2**32 - 1),
         "variation_seed": SEED,
         "variation_strength": FRACTION,
+        "seed_resize_from_width": Range(8),
+        "seed_resize_from_height": Range(8),
         "batch_size": AT_LEAST_1,
         "contact_sheet": AT_LEAST_0,
         "write_threads": Range(0, 32),
@@ -117,7 +119,13 @@ class GenerateConfig(Checked):
             check_rng_device(self.rng, self.device)
 
     def _check_variation(self) -> None:
-        """A variation seed with a strength, on A1111's batch numbering, within torch's seeds."""
+        """Both sides of a seed resize; a variation seed with its strength, on A1111's batch."""
+        sides = (self.seed_resize_from_width, self.seed_resize_from_height)
+        if (sides[0] is None) != (sides[1] is None):
+            raise ConfigError(
+                f"seed_resize_from_width {sides[0]} and seed_resize_from_height {sides[1]}: "
+                "give both (A1111's 'Seed resize from', width x height) or neither"
+            )
         seed, strength = self.variation_seed, self.variation_strength
         if (seed is None) != (strength == 0):
             raise ConfigError(
@@ -215,6 +223,10 @@ class GenerateConfig(Checked):
     # how far it moves, A1111's "Variation seed strength" (its slerp): 0 not at all, 1 all the
     # way to the variation seed's noise
     variation_strength: float = 0.0
+    # A1111's "Seed resize from" (width, height): each image's noise drawn at that size in the
+    # middle of its own, so a seed keeps its look at another size; None: off
+    seed_resize_from_width: int | None = None
+    seed_resize_from_height: int | None = None
     batch_size: int | None = None  # None: sized to the GPU memory (4 on CPU)
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     # channels-last UNet and VAE on CUDA: off, as measured (BENCHMARKS.md, H200, SD1.5 fp16 at

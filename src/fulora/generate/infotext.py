@@ -8,10 +8,10 @@ prompt, negative prompt, steps, sampler and its schedule type, CFG scale, seed (
 the run takes ``seed + i``, as in A1111's batches), size, clip skip (1 when the text names
 none, as A1111 reads it), RNG (``GPU`` when it names none, A1111's default) and ENSD (0 when
 it names none: A1111 writes it where the sampler uses it, Euler a), Emphasis ("Original"
-when it names none) and the variation seed and its strength. The model and
-the LoRA are the run's own (``base``, ``lora``); a setting that fulora does not run (hires
-fix, "Seed resize from", another schedule type, ...) is refused, naming it, since A1111 would
-make another image with it.
+when it names none), the variation seed and its strength, and "Seed resize from". The model
+and the LoRA are the run's own (``base``, ``lora``); a setting that fulora does not run (hires
+fix, another schedule type, ...) is refused, naming it, since A1111 would make another image
+with it.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ _RNGS = {name: rng for rng, name in A1111_RNG_NAMES.items()}
 _PROVENANCE = ("Model", "Model hash", "Lora hashes", "Version")
 _SETTINGS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2")
 _SETTINGS += ("Clip skip", "ENSD", "RNG", "Emphasis", "Variation seed", "Variation seed strength")
+_SETTINGS += ("Seed resize from-1", "Seed resize from-2")
 _EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
@@ -185,13 +186,15 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
 
 
 def _variation(fields: dict[str, str]) -> dict[str, Any]:
-    """``variation_seed`` and ``variation_strength`` from A1111's fields (written together)."""
-    if "Variation seed" not in fields and "Variation seed strength" not in fields:
-        return {}
-    return {
-        "variation_seed": _number(fields, "Variation seed", int),
-        "variation_strength": _number(fields, "Variation seed strength", float),
-    }
+    """The variation seed and strength (written together) and "Seed resize from", if named."""
+    varied = {}
+    if "Variation seed" in fields or "Variation seed strength" in fields:
+        varied["variation_seed"] = _number(fields, "Variation seed", int)
+        varied["variation_strength"] = _number(fields, "Variation seed strength", float)
+    if "Seed resize from-1" in fields:  # "WxH", read as a size
+        varied["seed_resize_from_width"] = _number(fields, "Seed resize from-1", int)
+        varied["seed_resize_from_height"] = _number(fields, "Seed resize from-2", int)
+    return varied
 
 
 def _lora_hash(fields: dict[str, str]) -> dict[str, str]:

@@ -95,6 +95,8 @@ class ImageNoise:
         variation_seeds: A1111's variation seed of each image (its "subseed"), or None.
         variation_strength: How far each image's starting noise moves towards its variation
             seed's (A1111's :func:`slerp`; 0: not at all, 1: all the way).
+        resize_from: A1111's "Seed resize from", the (height, width) in latents whose noise
+            the starting noise takes in its middle (:func:`centred`), or None.
     """
 
     def __init__(
@@ -106,11 +108,14 @@ class ImageNoise:
         eta_noise_seed_delta: int = 0,
         variation_seeds: Sequence[int] | None = None,
         variation_strength: float = 0.0,
+        resize_from: tuple[int, int] | None = None,
     ) -> None:
         self.rng, self.seeds, self.shape, self.device = rng, list(seeds), shape, device
         self.delta = eta_noise_seed_delta
         self.variation_seeds = list(variation_seeds or [])
         self.variation_strength = variation_strength
+        resized = None if resize_from is None else torch.Size((*shape[:2], *resize_from))
+        self.resized = resized if resized != shape else None  # A1111: the same size is none
         #: where diffusers draws Euler a's step noise (None for ``nv``: see :meth:`step_noise`)
         self.generators: list[torch.Generator] | None = None
 
@@ -125,30 +130,32 @@ class ImageNoise:
         changed that kernel). A1111 likewise draws its noise in fp32.
 
         With a variation strength, each image's noise is A1111's :func:`slerp` from it to the
-        first draw of its variation seed (drawn by the same source).
+        first draw of its variation seed (drawn by the same source). With ``resize_from``,
+        both are drawn at that size and put in the middle of the image's first draw
+        (:func:`centred`), as A1111's "Seed resize from" does.
 
         Returns:
             (len(seeds), channels, height / scale, width / scale).
         """
-        noise = self._first_draws(self.seeds)
+        noise = self._first_draws(self.seeds, self.shape)
         if self.delta and self.generators is not None:  # new generators for the step noise
             self.generators = image_generators(self.rng, self._step_seeds(), self.device)
-        if not self.variation_strength:
-            return noise
-        varied = self._first_draws(self.variation_seeds)
-        strength = self.variation_strength
-        return torch.stack([slerp(strength, a, b) for a, b in zip(noise, varied, strict=True)])
+        shape = self.resized or self.shape
+        base = noise if self.resized is None else self._first_draws(self.seeds, shape)
+        if self.variation_strength:
+            varied = self._first_draws(self.variation_seeds, shape)
+            strength = self.variation_strength
+            base = torch.stack([slerp(strength, a, b) for a, b in zip(base, varied, strict=True)])
+        return base if self.resized is None else centred(noise, base)
 
-    def _first_draws(self, seeds: list[int]) -> torch.Tensor:
-        """Each seed's first draw; for the image seeds, the generators stay for the step noise."""
+    def _first_draws(self, seeds: list[int], shape: torch.Size) -> torch.Tensor:
+        """Each seed's first draw; the image seeds' generators stay for the step noise."""
         if self.rng == "nv":
-            return torch.stack([self._philox(seed, 0) for seed in seeds])
+            return torch.stack([self._philox(seed, 0, shape) for seed in seeds])
         generators = image_generators(self.rng, seeds, self.device)
         if self.generators is None:
             self.generators = generators
-        return torch.cat(
-            [torch.randn(self.shape, generator=g, device=g.device) for g in generators]
-        )
+        return torch.cat([torch.randn(shape, generator=g, device=g.device) for g in generators])
 
     def step_noise(self, step: int) -> torch.Tensor:
         """``nv``: the batch's noise for sampler step ``step`` (0: the first), fp32 on the CPU.
@@ -162,8 +169,26 @@ class ImageNoise:
     def _step_seeds(self) -> list[int]:
         return [seed + self.delta for seed in self.seeds]
 
-    def _philox(self, seed: int, draw: int) -> torch.Tensor:
-        return philox_randn(seed, self.shape.numel(), offset=draw).reshape(self.shape[1:])
+    def _philox(self, seed: int, draw: int, shape: torch.Size | None = None) -> torch.Tensor:
+        shape = shape or self.shape
+        return philox_randn(seed, shape.numel(), offset=draw).reshape(shape[1:])
+
+
+def centred(noise: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``other`` put in the middle of ``noise`` (cropped to its middle where larger), as A1111.
+
+    A1111's ``ImageRNG.first`` for "Seed resize from": the offsets are floor-halved size
+    differences, and where ``other`` is larger by an odd number the copied part is one row or
+    column short of ``noise``'s size, which keeps ``noise`` there; kept, for A1111's images.
+    """
+    x = noise.clone()
+    (height, width), (other_height, other_width) = noise.shape[-2:], other.shape[-2:]
+    dy, dx = (height - other_height) // 2, (width - other_width) // 2
+    h = other_height if dy >= 0 else other_height + 2 * dy
+    w = other_width if dx >= 0 else other_width + 2 * dx
+    ty, tx, sy, sx = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
+    x[..., ty : ty + h, tx : tx + w] = other[..., sy : sy + h, sx : sx + w]
+    return x
 
 
 def slerp(strength: float, noise: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

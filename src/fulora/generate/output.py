@@ -79,6 +79,8 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     if row["variation_seed"] is not None:  # A1111 writes them where the strength is not 0
         settings["Variation seed"] = row["variation_seed"]
         settings["Variation seed strength"] = f"{cfg.variation_strength:g}"
+    if cfg.seed_resize_from_width is not None:
+        settings["Seed resize from"] = f"{cfg.seed_resize_from_width}x{cfg.seed_resize_from_height}"
     if base_hash:
         settings["Model hash"] = base_hash[:10]
     # A1111 names a checkpoint file by its stem (v1-5-pruned-emaonly), as it finds it again

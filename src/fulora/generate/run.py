@@ -631,6 +631,10 @@ def _denoise(
     n = len(seeds)
     shape = latent_shape(pipe, resolved.height, resolved.width)
     varied = [cfg.variation_seed + i for i in indices] if cfg.variation_strength else None
+    resize_from = None
+    if cfg.seed_resize_from_width is not None:  # A1111's latent size: pixels // 8
+        scale = pipe.vae_scale_factor
+        resize_from = (cfg.seed_resize_from_height // scale, cfg.seed_resize_from_width // scale)
     noise = ImageNoise(
         cfg.rng,
         seeds,
@@ -639,6 +643,7 @@ def _denoise(
         cfg.eta_noise_seed_delta,
         variation_seeds=varied,
         variation_strength=cfg.variation_strength,
+        resize_from=resize_from,
     )
     latents = noise.first()  # as A1111's RNG settings draw it
     with torch.no_grad(), guided(pipe.unet, conditioning, n), _step_noise(pipe, noise):
