@@ -703,6 +703,7 @@ def test_automatic1111_reads_back_every_setting_of_a_fulora_image():
         "clip_skip": 2,
         "fulora_version": "0.1.0",
         "variation_seed": None,
+        "seed_resize_from": "",
     }
     resolved = _Plan(
         planes=["brain"],
@@ -795,7 +796,7 @@ def test_the_text_names_the_schedule_where_a1111s_default_differs(sampler, writt
 
     row = {"prompt": "p", "negative_prompt": "", "sampler": sampler, "seed": 1, "width": 64}
     row |= {"height": 64, "base_model": "m", "clip_skip": 1, "fulora_version": "0.1.0"}
-    row["variation_seed"] = None
+    row |= {"variation_seed": None, "seed_resize_from": ""}
     resolved = _Plan(["brain"], {"brain": "p"}, 64, 64, lora=None, lora_sha256="", batch_size=1)
     text = a1111_parameters(row, GenerateConfig(base="unused", steps=30), "", resolved)
     assert f"Steps: 30, {written}CFG scale: 7, " in text

@@ -1096,6 +1096,8 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
     )
     generate(tmp_path / "made", made, progress=False)
     [png] = (tmp_path / "made" / "femur").glob("00002-*.png")
+    settings = b"Variation seed: 42, Variation seed strength: 0.25, Seed resize from: 64x40"
+    assert settings in png.read_bytes()
     common = [
         "generate",
         "--base",

@@ -79,8 +79,7 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     if row["variation_seed"] is not None:  # A1111 writes them where the strength is not 0
         settings["Variation seed"] = row["variation_seed"]
         settings["Variation seed strength"] = f"{cfg.variation_strength:g}"
-    if cfg.seed_resize_from_width is not None:
-        settings["Seed resize from"] = f"{cfg.seed_resize_from_width}x{cfg.seed_resize_from_height}"
+    settings["Seed resize from"] = row["seed_resize_from"] or None
     if base_hash:
         settings["Model hash"] = base_hash[:10]
     # A1111 names a checkpoint file by its stem (v1-5-pruned-emaonly), as it finds it again
@@ -125,6 +124,13 @@ def _a1111_emphasis(row: dict[str, Any], cfg: GenerateConfig) -> str | None:
     )
     texts = [text for side in sides for text in side.texts]
     return EMPHASIS_MODES[cfg.emphasis] if any("(" in t or "[" in t for t in texts) else None
+
+
+def _resize_from(cfg: GenerateConfig) -> str:
+    """A1111's "Seed resize from", width x height ("" when off)."""
+    if cfg.seed_resize_from_width is None:
+        return ""
+    return f"{cfg.seed_resize_from_width}x{cfg.seed_resize_from_height}"
 
 
 def queue_writes(writer, made, out, plane, indices, seeds, targets, cfg, resolved, images) -> None:
@@ -203,6 +209,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "eta_noise_seed_delta": cfg.eta_noise_seed_delta,
         "variation_seed": cfg.variation_seed + index if cfg.variation_strength else None,
         "variation_strength": cfg.variation_strength,
+        "seed_resize_from": _resize_from(cfg),
         "emphasis": cfg.emphasis,
         "batch_size": made.batch,
         "device": made.device.type,
