@@ -2343,6 +2343,48 @@ def test_euler_a_with_a_variation_seed_keeps_the_seeds_step_noise():
     assert float((x.flatten() - expected).norm() / expected.norm()) < 1e-5
 
 
+# Euler a at A1111's other "Eta" (its setting eta_ancestral; k-diffusion's get_ancestral_step:
+# sigma_up = min(sigma_to, eta x its eta-1 value); eta 0 adds none, though A1111 still draws),
+# from the same scratch transcription: (rng, seed, ENSD, eta): x0 as A1111_EULER_A_X0's.
+A1111_EULER_A_ETA_X0 = {
+    ("cpu", 2671683630, 0, 0.5): [
+        4.5181527, 11.321563, 4.7024326, 4.242331, 8.7529478, 4.4997735, 4.3083458, 5.0090017,
+        -1.2561127, -6.0956197, -18.031391, -5.2441363, -11.029571, 4.1702304, -6.2292132,
+        -1.4613633,
+    ],
+    ("nv", 2671683630, 31337, 0.67): [
+        -5.0916557, 6.1747518, -0.45792678, -9.7438707, 6.0557084, 7.1187587, -10.669137,
+        9.4406719, -4.9949136, 2.927104, 0.84031481, 4.1922679, -3.1170366, -6.8912387,
+        -11.310651, -1.2291998,
+    ],
+    ("cpu", 2671683630, 0, 0.0): [
+        6.8958483, 7.2991643, 3.8716552, 4.1895704, 9.4289713, 4.8723001, 4.7941074, 5.2381454,
+        -3.986726, -4.4971042, -19.693949, 4.1499743, -10.970866, -2.1651535, -6.6938601,
+        -5.4665532,
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("rng", "seed", "delta", "eta"), list(A1111_EULER_A_ETA_X0))
+def test_euler_a_at_another_eta_is_automatic1111s(rng, seed, delta, eta):
+    """The step noise fed to the scheduler for every source, as generate feeds it at an eta
+    other than 1 (measured 5.7e-7 to 5.0e-6 relative; at eta 1 the same images are 0.1 and
+    more away)."""
+    from fulora.generate.noise import ImageNoise
+    from fulora.generate.samplers import make_scheduler
+    from fulora.lora.tiny import sd15_scheduler
+
+    noise = ImageNoise(rng, [seed], torch.Size((1, 4, 2, 2)), torch.device("cpu"), delta)
+    scheduler = make_scheduler("Euler a", sd15_scheduler().config)
+    scheduler.set_timesteps(30)
+    x = noise.first() * scheduler.init_noise_sigma
+    scheduler.step_noise, scheduler.eta = noise.step_noise, eta
+    for t in scheduler.timesteps:
+        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    expected = torch.tensor(A1111_EULER_A_ETA_X0[(rng, seed, delta, eta)])
+    assert float((x.flatten() - expected).norm() / expected.norm()) < 1e-5
+
+
 def test_euler_a_step_noise_in_half_precision_is_a1111s_rounded():
     """In fp16 (CUDA's default), diffusers draws Euler a's step noise from the image's CPU
     generator in half precision (``randn_tensor`` with the model output's dtype). On the

@@ -1067,8 +1067,8 @@ def test_consecutive_seeds_are_automatic1111s_batch_seeds(tiny_model, trained_lo
 
 def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, capsys):
     """--a1111 PNG: the image's prompt (a <lora:...> with its own text-encoder weight), negative
-    prompt, sampler, steps, CFG scale, seed, size, clip skip, RNG, ENSD, emphasis, variation
-    seed and seed resize make it again, one
+    prompt, sampler, steps, CFG scale, seed, size, clip skip, RNG, ENSD, eta, emphasis,
+    variation seed and seed resize make it again, one
     image of the plane --planes names; a flag overrides a setting of the text."""
     prompts = {
         "brain": "a photo of fetal brain",
@@ -1092,10 +1092,12 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
         variation_strength=0.25,
         seed_resize_from_width=64,
         seed_resize_from_height=40,
+        eta_ancestral=0.8,
         **_EULER_A_ENSD,
     )
     generate(tmp_path / "made", made, progress=False)
     [png] = (tmp_path / "made" / "femur").glob("00002-*.png")
+    assert b", ENSD: 31337, Eta: 0.8, RNG: NV, " in png.read_bytes()
     settings = b"Variation seed: 42, Variation seed strength: 0.25, Seed resize from: 64x40"
     assert settings in png.read_bytes()
     common = [
@@ -1118,6 +1120,7 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
     assert written["eta_noise_seed_delta"] == 31337 and written["emphasis"] == "no_norm"
     assert (written["variation_seed"], written["variation_strength"]) == (42, 0.25)  # image 2's
     assert (written["seed_resize_from_width"], written["seed_resize_from_height"]) == (64, 40)
+    assert written["eta_ancestral"] == 0.8
     # its "Lora hashes": another LoRA file, even under the same name, is refused before any work
     other = tmp_path / "other" / "phantom_lora.safetensors"
     other.parent.mkdir()
@@ -1236,12 +1239,14 @@ def test_euler_a_takes_its_step_noise_from_the_nv_source_and_ensd(
 ):
     """rng nv with Euler a: each step's noise is A1111's NV draw too (test_parity compares with
     A1111's sampler), so --only remakes an image bit for bit, as it does with ENSD, which
-    makes other images and is written as A1111 writes it ("ENSD: 31337")."""
+    makes other images and is written as A1111 writes it ("ENSD: 31337"), and with another
+    eta, whose step noise the scheduler also takes from the images' generators."""
     kw = dict(planes=["brain"], per_class=2, batch_size=2, contact_sheet=0)
     runs = {
         "nv": {"rng": "nv", "sampler": "Euler a"},
         "ensd": {"rng": "nv", **_EULER_A_ENSD},
         "cpu": {"rng": "cpu", **_EULER_A_ENSD},
+        "eta": {"rng": "cpu", **_EULER_A_ENSD, "eta_ancestral": 0.5},
     }
     for name, setting in runs.items():
         cfg = _cfg(tiny_model, trained_lora, **kw, **setting)
@@ -1250,7 +1255,7 @@ def test_euler_a_takes_its_step_noise_from_the_nv_source_and_ensd(
         [(key, pixels)] = _images(tmp_path / f"{name}-one").items()
         assert np.array_equal(pixels, _images(tmp_path / name)[key]), name
     images = {name: _images(tmp_path / name) for name in runs}
-    for a, b in (("nv", "ensd"), ("ensd", "cpu")):
+    for a, b in (("nv", "ensd"), ("ensd", "cpu"), ("cpu", "eta")):
         assert all(np.abs(images[a][k].astype(int) - images[b][k].astype(int)).mean() > 1
                    for k in images[a])  # fmt: skip
     assert "ENSD" not in _parameters(tmp_path / "nv", "brain")
@@ -1294,6 +1299,8 @@ def test_a_variation_seed_varies_one_seeds_image_as_automatic1111_does(tiny_mode
         ({"variation_seed": 5, "variation_strength": 0.3}, r"set seed_scheme: consecutive"),
         ({"variation_seed": 5, "variation_strength": 1.5}, r"variation_strength"),
         ({"seed_resize_from_width": 64}, r"seed_resize_from_width 64 .* give both"),
+        ({"eta_ancestral": 0.5}, r"eta_ancestral 0.5 changes only .* set eta_ancestral: 1"),
+        ({**_EULER_A_ENSD, "eta_ancestral": 0}, r"eta_noise_seed_delta .* eta_ancestral 0 adds"),
         ({"seed_resize_from_width": 4, "seed_resize_from_height": 64}, r"seed_resize_from_width"),
         ({"rng": "gpu", "device": "cpu"}, r"rng: gpu draws the noise on the GPU.*rng: nv"),
         ({"rng": "GPU"}, r"rng"),

@@ -189,19 +189,22 @@ class A1111EulerAncestralScheduler(EulerAncestralDiscreteScheduler):
 
     #: step index -> the batch's noise for that step (fp32, the latents' shape); None: diffusers'
     step_noise = None
+    #: how much of each step's noise is added (A1111's "Eta", its setting eta_ancestral; 1: all,
+    #: diffusers' own; another eta needs :attr:`step_noise`)
+    eta = 1.0
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
         """One step, its noise from :attr:`step_noise` when set, else from ``generator``."""
         if self.step_noise is None:
+            if self.eta != 1:
+                raise ValueError(f"{type(self).__name__}: eta {self.eta} needs step_noise")
             return super().step(model_output, timestep, sample, generator, return_dict)
         if self.step_index is None:
             self._init_step_index(timestep)
         sigma, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
         x = sample.to(torch.float32)
         denoised = self._denoised(model_output, sigma, x)
-        # k-diffusion's get_ancestral_step at eta 1: up to sigma_down, then noise of sigma_up
-        sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        sigma_down, sigma_up = _ancestral_step(sigma, sigma_to, self.eta)
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
         if sigma_to > 0:
             x = x + self.step_noise(self.step_index).to(x.device) * sigma_up
@@ -220,3 +223,11 @@ class A1111EulerAncestralScheduler(EulerAncestralDiscreteScheduler):
         if self.config.prediction_type == "v_prediction":
             return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
         raise ValueError(f"{type(self).__name__}: prediction_type {self.config.prediction_type}")
+
+
+def _ancestral_step(sigma, sigma_to, eta: float):
+    """k-diffusion's ``get_ancestral_step``: the sigma to step down to, and the noise's sigma."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5)
+    return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up

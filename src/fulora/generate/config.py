@@ -48,6 +48,7 @@ class GenerateConfig(Checked):
         "height": Range(8),
         "seed": SEED,
         "eta_noise_seed_delta": Range(0, 2**32 - 1),
+        "eta_ancestral": AT_LEAST_0,
         "variation_seed": SEED,
         "variation_strength": FRACTION,
         "seed_resize_from_width": Range(8),
@@ -93,14 +94,16 @@ class GenerateConfig(Checked):
             )
 
     def _check_rng(self) -> None:
-        """Seeds torch takes; ENSD only where a sampler draws step noise; ``gpu`` needs a GPU."""
-        delta = self.eta_noise_seed_delta
-        if delta and resolve_sampler(self.sampler) not in STEP_NOISE:
+        """Seeds torch takes; eta and ENSD where step noise uses them; ``gpu`` needs a GPU."""
+        unused = self._unused_step_noise_setting()
+        if unused is not None:
+            key, default, why = unused
             raise ConfigError(
-                f"eta_noise_seed_delta {delta} changes only the noise that a sampler adds at "
-                f"each step (Euler a), and {display_name(self.sampler)!r} adds none, so it would "
-                "change no image (A1111 ignores it there too): set eta_noise_seed_delta: 0"
+                f"{key} {getattr(self, key):g} changes only the noise that a sampler adds at "
+                f"each step (Euler a), and {why}, so it would change no image (A1111 ignores "
+                f"it there too): set {key}: {default}"
             )
+        delta = self.eta_noise_seed_delta
         if self.seed_scheme == "consecutive" and self.seed + self.per_class - 1 > SEED.high:
             raise ConfigError(
                 f"seed_scheme: consecutive gives image {self.per_class - 1} the seed "
@@ -117,6 +120,17 @@ class GenerateConfig(Checked):
         self._check_variation()
         if self.device != "auto":  # auto: checked when generate resolves it
             check_rng_device(self.rng, self.device)
+
+    def _unused_step_noise_setting(self) -> tuple[str, float, str] | None:
+        """(key, default, why) of an eta or ENSD that no step noise of this run would use."""
+        if resolve_sampler(self.sampler) not in STEP_NOISE:
+            why = f"{display_name(self.sampler)!r} adds none"
+            if self.eta_ancestral != 1:
+                return "eta_ancestral", 1, why
+            return ("eta_noise_seed_delta", 0, why) if self.eta_noise_seed_delta else None
+        if self.eta_noise_seed_delta and self.eta_ancestral == 0:
+            return "eta_noise_seed_delta", 0, "eta_ancestral 0 adds none"
+        return None
 
     def _check_variation(self) -> None:
         """Both sides of a seed resize; a variation seed with its strength, on A1111's batch."""
@@ -212,6 +226,9 @@ class GenerateConfig(Checked):
     # comes from generators seeded with each image's seed plus it; 0: from the image's own
     # generator, after its starting noise (A1111's default)
     eta_noise_seed_delta: int = 0
+    # A1111's "Eta" for Euler a (its setting eta_ancestral): how much noise each step adds
+    # back (1: all, A1111's default; 0: none, Euler's path with Euler a's smaller steps)
+    eta_ancestral: float = 1.0
     # each image's seed: hashed (fulora's, from the run seed, plane and index: other seeds in
     # every plane and run), or consecutive (seed + index, as A1111 numbers a batch's images:
     # the same in every plane, as one A1111 run per plane with this seed)

@@ -158,11 +158,17 @@ class ImageNoise:
         return torch.cat([torch.randn(shape, generator=g, device=g.device) for g in generators])
 
     def step_noise(self, step: int) -> torch.Tensor:
-        """``nv``: the batch's noise for sampler step ``step`` (0: the first), fp32 on the CPU.
+        """The batch's noise for sampler step ``step`` (0: the first), fp32, as A1111 draws it.
 
-        A1111's NV generator takes its next draw for each step: draw ``step + 1`` of the
-        image's seed (draw 0 was the starting noise), or with ENSD draw ``step`` of seed + ENSD.
+        Each image's generator takes its next draw for each step. For ``nv``, draw ``step +
+        1`` of the image's seed (draw 0 was the starting noise), or with ENSD draw ``step`` of
+        seed + ENSD, on the CPU. For ``cpu`` and ``gpu``, the next draw of :attr:`generators`
+        (so each step must be asked for once, in order), where they draw.
         """
+        if self.generators is not None:
+            return torch.cat(
+                [torch.randn(self.shape, generator=g, device=g.device) for g in self.generators]
+            )
         first_draw = 0 if self.delta else 1
         return torch.stack([self._philox(s, first_draw + step) for s in self._step_seeds()])
 

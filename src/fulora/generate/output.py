@@ -89,6 +89,7 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
         settings["Clip skip"] = row["clip_skip"]
     # A1111 writes its ENSD where the sampler draws step noise (the config refuses it elsewhere)
     settings["ENSD"] = cfg.eta_noise_seed_delta or None
+    settings["Eta"] = f"{cfg.eta_ancestral:g}" if cfg.eta_ancestral != 1 else None
     # The noise source (fulora.generate.noise) by A1111's name; its default, GPU, is unwritten
     # (A1111 reads a missing RNG as GPU, and would start the CPU's images from other noise).
     settings["RNG"] = A1111_RNG_NAMES[cfg.rng] if cfg.rng != A1111_DEFAULT_RNG else None
@@ -207,6 +208,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "run_seed": cfg.seed,
         "rng": cfg.rng,
         "eta_noise_seed_delta": cfg.eta_noise_seed_delta,
+        "eta_ancestral": cfg.eta_ancestral,
         "variation_seed": cfg.variation_seed + index if cfg.variation_strength else None,
         "variation_strength": cfg.variation_strength,
         "seed_resize_from": _resize_from(cfg),

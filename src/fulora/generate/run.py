@@ -646,7 +646,11 @@ def _denoise(
         resize_from=resize_from,
     )
     latents = noise.first()  # as A1111's RNG settings draw it
-    with torch.no_grad(), guided(pipe.unet, conditioning, n), _step_noise(pipe, noise):
+    with (
+        torch.no_grad(),
+        guided(pipe.unet, conditioning, n),
+        _step_noise(pipe, noise, cfg.eta_ancestral),
+    ):
         return pipe(
             latents=latents.to(positive.device, positive.dtype),  # as diffusers types them
             prompt_embeds=positive.repeat(n, 1, 1),
@@ -661,17 +665,19 @@ def _denoise(
 
 
 @contextmanager
-def _step_noise(pipe, noise: ImageNoise):
-    """Euler a's step noise from ``noise`` where no torch generator draws it (``rng: nv``).
+def _step_noise(pipe, noise: ImageNoise, eta: float):
+    """Euler a's step noise from ``noise`` where diffusers' scheduler cannot draw it.
 
     fulora's Euler a (``a1111_schedulers.A1111EulerAncestralScheduler``) takes it from its
-    ``step_noise``; the other samplers draw no step noise.
+    ``step_noise`` for ``rng: nv``, which is no torch generator, and for an eta other than 1,
+    which diffusers' step does not take; the other samplers draw no step noise.
     """
-    if noise.generators is not None or not hasattr(pipe.scheduler, "step_noise"):
+    fed = noise.generators is None or eta != 1
+    if not fed or not hasattr(pipe.scheduler, "step_noise"):
         yield
         return
-    pipe.scheduler.step_noise = noise.step_noise
+    pipe.scheduler.step_noise, pipe.scheduler.eta = noise.step_noise, eta
     try:
         yield
     finally:
-        pipe.scheduler.step_noise = None
+        pipe.scheduler.step_noise, pipe.scheduler.eta = None, 1.0
