@@ -2385,6 +2385,60 @@ def test_euler_a_at_another_eta_is_automatic1111s(rng, seed, delta, eta):
     assert float((x.flatten() - expected).norm() / expected.norm()) < 1e-5
 
 
+# A1111's DDIM at its other "Eta DDIM" (sd_samplers_timesteps_impl.ddim @2035cbbd: at each
+# step, sigma = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)), the direction shortened
+# to sqrt(1 - a_prev - sigma^2) and sigma times the image's next draw added), transcribed with
+# ImageRNG in a scratch script, 20 steps on SD1.5's alphas from the same noise, the model
+# _toy_eps: (rng, seed, ENSD, eta): x.
+A1111_DDIM_ETA_X = {
+    ("cpu", 2671683630, 0, 0.5): [
+        4.3552761, 9.5643978, 4.3503513, 2.3021464, 7.6062946, 4.2299695, 3.7068145, 4.6134524,
+        -1.584673, -4.4498582, -14.956039, -4.3858166, -8.7367449, 3.9562616, -5.4646149,
+        -3.2571266,
+    ],
+    ("nv", 2671683630, 31337, 1.0): [
+        -3.7452629, 3.9843667, -0.14388713, -5.2968884, 4.5517731, 4.5824218, -8.0391645,
+        7.1785617, -3.1388075, 0.76906192, -0.86101723, 4.4037914, -4.5755858, -5.2295141,
+        -10.815071, -1.3790132,
+    ],
+    ("cpu", 2671683630, 0, 0.0): [
+        5.6418848, 5.8344688, 1.5910174, 2.8107417, 8.1711874, 4.4254622, 4.3269444, 4.773984,
+        -3.3788099, -3.8370006, -15.84059, 2.650681, -9.1861172, -2.098444, -5.6391654,
+        -4.777492,
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("rng", "seed", "delta", "eta"), list(A1111_DDIM_ETA_X))
+def test_ddim_at_another_eta_is_automatic1111s(rng, seed, delta, eta):
+    """Measured 2.9e-7 to 5.1e-7 relative (fp32 noise); eta 0 is the deterministic DDIM."""
+    from fulora.generate.noise import ImageNoise
+    from fulora.generate.samplers import make_scheduler
+    from fulora.lora.tiny import sd15_scheduler
+
+    noise = ImageNoise(rng, [seed], torch.Size((1, 4, 2, 2)), torch.device("cpu"), delta)
+    scheduler = make_scheduler("DDIM", sd15_scheduler().config)
+    scheduler.set_timesteps(20)
+    x = noise.first().double()
+    scheduler.step_noise, scheduler.eta = noise.step_noise, eta
+    for t in scheduler.timesteps:
+        x = scheduler.step(_toy_eps(x, t), t, x).prev_sample
+    expected = torch.tensor(A1111_DDIM_ETA_X[(rng, seed, delta, eta)], dtype=torch.float64)
+    assert float((x.flatten() - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_each_step_noise_setting_is_its_schedulers():
+    """The config's table of step-noise settings (torch-free) names each scheduler's own."""
+    from fulora.generate.samplers import SAMPLERS, STEP_NOISE, make_scheduler
+    from fulora.lora.tiny import sd15_scheduler
+
+    for sampler in SAMPLERS:
+        scheduler = make_scheduler(sampler, sd15_scheduler().config)
+        key = getattr(scheduler, "eta_setting", None)
+        expected = STEP_NOISE.get(sampler)
+        assert (key, type(scheduler).eta if key else None) == (expected or (None, None))
+
+
 def test_euler_a_step_noise_in_half_precision_is_a1111s_rounded():
     """In fp16 (CUDA's default), diffusers draws Euler a's step noise from the image's CPU
     generator in half precision (``randn_tensor`` with the model output's dtype). On the

@@ -578,7 +578,7 @@ def _add_generate_parser(p: argparse.ArgumentParser) -> None:
         "--a1111",
         metavar="PNG_OR_TEXT",
         help="the settings of an AUTOMATIC1111 image (its PNG, or a text file of them): prompt, "
-        "negative prompt, steps, sampler, CFG scale, seed, size, clip skip, RNG, ENSD, eta, "
+        "negative prompt, steps, sampler, CFG scale, seed, size, clip skip, RNG, ENSD, etas, "
         "emphasis, variation seed and seed resize, for the one plane --planes names; flags and "
         "--set override them",
     )

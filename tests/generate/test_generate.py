@@ -1239,14 +1239,17 @@ def test_euler_a_takes_its_step_noise_from_the_nv_source_and_ensd(
 ):
     """rng nv with Euler a: each step's noise is A1111's NV draw too (test_parity compares with
     A1111's sampler), so --only remakes an image bit for bit, as it does with ENSD, which
-    makes other images and is written as A1111 writes it ("ENSD: 31337"), and with another
-    eta, whose step noise the scheduler also takes from the images' generators."""
+    makes other images and is written as A1111 writes it ("ENSD: 31337"), with another eta,
+    whose step noise the scheduler also takes from the images' generators, and with DDIM at
+    an eta above 0 ("Eta DDIM")."""
     kw = dict(planes=["brain"], per_class=2, batch_size=2, contact_sheet=0)
     runs = {
         "nv": {"rng": "nv", "sampler": "Euler a"},
         "ensd": {"rng": "nv", **_EULER_A_ENSD},
         "cpu": {"rng": "cpu", **_EULER_A_ENSD},
         "eta": {"rng": "cpu", **_EULER_A_ENSD, "eta_ancestral": 0.5},
+        "ddim": {"rng": "cpu", "sampler": "DDIM"},
+        "ddim eta": {"rng": "nv", "sampler": "DDIM", "eta_ddim": 0.5, "eta_noise_seed_delta": 7},
     }
     for name, setting in runs.items():
         cfg = _cfg(tiny_model, trained_lora, **kw, **setting)
@@ -1255,12 +1258,13 @@ def test_euler_a_takes_its_step_noise_from_the_nv_source_and_ensd(
         [(key, pixels)] = _images(tmp_path / f"{name}-one").items()
         assert np.array_equal(pixels, _images(tmp_path / name)[key]), name
     images = {name: _images(tmp_path / name) for name in runs}
-    for a, b in (("nv", "ensd"), ("ensd", "cpu"), ("cpu", "eta")):
+    for a, b in (("nv", "ensd"), ("ensd", "cpu"), ("cpu", "eta"), ("ddim", "ddim eta")):
         assert all(np.abs(images[a][k].astype(int) - images[b][k].astype(int)).mean() > 1
                    for k in images[a])  # fmt: skip
     assert "ENSD" not in _parameters(tmp_path / "nv", "brain")
     text = _parameters(tmp_path / "ensd", "brain")
     assert ", ENSD: 31337, RNG: NV, " in text and "Sampler: Euler a, " in text
+    assert ", ENSD: 7, Eta DDIM: 0.5, RNG: NV, " in _parameters(tmp_path / "ddim eta", "brain")
 
 
 def test_a_variation_seed_varies_one_seeds_image_as_automatic1111_does(tiny_model, tmp_path):
@@ -1300,6 +1304,8 @@ def test_a_variation_seed_varies_one_seeds_image_as_automatic1111_does(tiny_mode
         ({"variation_seed": 5, "variation_strength": 1.5}, r"variation_strength"),
         ({"seed_resize_from_width": 64}, r"seed_resize_from_width 64 .* give both"),
         ({"eta_ancestral": 0.5}, r"eta_ancestral 0.5 changes only .* set eta_ancestral: 1"),
+        ({"eta_ddim": 0.5, "sampler": "Euler a"}, r"it is for 'DDIM', not 'Euler a'"),
+        ({"eta_noise_seed_delta": 3, "sampler": "DDIM"}, r"eta_ddim 0 adds none"),
         ({**_EULER_A_ENSD, "eta_ancestral": 0}, r"eta_noise_seed_delta .* eta_ancestral 0 adds"),
         ({"seed_resize_from_width": 4, "seed_resize_from_height": 64}, r"seed_resize_from_width"),
         ({"rng": "gpu", "device": "cpu"}, r"rng: gpu draws the noise on the GPU.*rng: nv"),

@@ -90,6 +90,7 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "seed_scheme": "hashed",
         "eta_noise_seed_delta": 0,
         "eta_ancestral": 1.0,
+        "eta_ddim": 0.0,
         "emphasis": "original",
         "variation_seed": None,
         "variation_strength": 0.0,

@@ -97,7 +97,17 @@ class A1111DPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
 
 
 class A1111DDIMScheduler(DDIMScheduler):
-    """AUTOMATIC1111's DDIM (eta 0): one model evaluation per step of its grid, top down."""
+    """AUTOMATIC1111's DDIM: one model evaluation per step of its grid, top down.
+
+    At A1111's default eta 0 it is deterministic. At another :attr:`eta` (A1111's "Eta DDIM")
+    each step adds noise of ``eta`` times DDIM's sigma, taken from :attr:`step_noise`, as
+    A1111's ``ddim`` takes it from each image's generator at every step.
+    """
+
+    #: step index -> the batch's noise for that step (needed at an eta above 0)
+    step_noise = None
+    eta = 0.0
+    eta_setting: str | None = "eta_ddim"  # the generate setting that gives eta
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """The timesteps the model runs at (the pipeline's loop), and each step's target."""
@@ -126,6 +136,14 @@ class A1111DDIMScheduler(DDIMScheduler):
         pred_x0 = (sample - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
         return math.sqrt(a_to) * pred_x0 + math.sqrt(1 - a_to) * eps
 
+    def _move_with_noise(self, sample, eps, t: int, to: int, noise: torch.Tensor):
+        """DDIM's step at eta (A1111's ``ddim``): part of the direction replaced by noise."""
+        a_t, a_to = float(self.alphas_cumprod[t]), float(self.alphas_cumprod[to])
+        sigma = self.eta * math.sqrt((1 - a_to) / (1 - a_t) * (1 - a_t / a_to))
+        pred_x0 = (sample - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        direction = math.sqrt(1 - a_to - sigma**2) * eps
+        return math.sqrt(a_to) * pred_x0 + direction + sigma * noise.to(sample.device)
+
     def _next_move(self) -> tuple[int, int]:
         if self.num_inference_steps is None or self._taken >= len(self._moves):
             raise ValueError(f"{type(self).__name__}: call set_timesteps before each run's steps")
@@ -135,8 +153,13 @@ class A1111DDIMScheduler(DDIMScheduler):
     def step(self, model_output, timestep, sample, return_dict: bool = True, **unused):
         """One step down the grid. ``timestep`` is the one the model ran at (as in the loop)."""
         t, to = self._next_move()
-        moved = self._move(sample, self._epsilon(model_output, t, sample), t, to)
-        return _output(moved, return_dict)
+        eps = self._epsilon(model_output, t, sample)
+        if not self.eta:
+            return _output(self._move(sample, eps, t, to), return_dict)
+        if self.step_noise is None:
+            raise ValueError(f"{type(self).__name__}: eta {self.eta} needs step_noise")
+        noise = self.step_noise(self._taken - 1)
+        return _output(self._move_with_noise(sample, eps, t, to, noise), return_dict)
 
 
 class A1111PLMSScheduler(A1111DDIMScheduler):
@@ -145,6 +168,8 @@ class A1111PLMSScheduler(A1111DDIMScheduler):
     Its first step averages the estimates at both ends of the step (two evaluations); later
     steps combine the newest estimate with up to three earlier ones.
     """
+
+    eta_setting = None  # deterministic: A1111's PLMS takes no eta
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """As DDIM's, with the first step's second evaluation (at its end) in the loop."""
@@ -192,6 +217,7 @@ class A1111EulerAncestralScheduler(EulerAncestralDiscreteScheduler):
     #: how much of each step's noise is added (A1111's "Eta", its setting eta_ancestral; 1: all,
     #: diffusers' own; another eta needs :attr:`step_noise`)
     eta = 1.0
+    eta_setting = "eta_ancestral"  # the generate setting that gives eta
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
         """One step, its noise from :attr:`step_noise` when set, else from ``generator``."""

@@ -49,6 +49,7 @@ class GenerateConfig(Checked):
         "seed": SEED,
         "eta_noise_seed_delta": Range(0, 2**32 - 1),
         "eta_ancestral": AT_LEAST_0,
+        "eta_ddim": AT_LEAST_0,
         "variation_seed": SEED,
         "variation_strength": FRACTION,
         "seed_resize_from_width": Range(8),
@@ -100,8 +101,8 @@ class GenerateConfig(Checked):
             key, default, why = unused
             raise ConfigError(
                 f"{key} {getattr(self, key):g} changes only the noise that a sampler adds at "
-                f"each step (Euler a), and {why}, so it would change no image (A1111 ignores "
-                f"it there too): set {key}: {default}"
+                f"each step (Euler a; DDIM at an eta_ddim above 0), and {why}, so it would "
+                f"change no image (A1111 ignores it there too): set {key}: {default:g}"
             )
         delta = self.eta_noise_seed_delta
         if self.seed_scheme == "consecutive" and self.seed + self.per_class - 1 > SEED.high:
@@ -123,13 +124,15 @@ class GenerateConfig(Checked):
 
     def _unused_step_noise_setting(self) -> tuple[str, float, str] | None:
         """(key, default, why) of an eta or ENSD that no step noise of this run would use."""
-        if resolve_sampler(self.sampler) not in STEP_NOISE:
-            why = f"{display_name(self.sampler)!r} adds none"
-            if self.eta_ancestral != 1:
-                return "eta_ancestral", 1, why
-            return ("eta_noise_seed_delta", 0, why) if self.eta_noise_seed_delta else None
-        if self.eta_noise_seed_delta and self.eta_ancestral == 0:
-            return "eta_noise_seed_delta", 0, "eta_ancestral 0 adds none"
+        sampler = resolve_sampler(self.sampler)
+        for owner, (key, default) in STEP_NOISE.items():
+            if getattr(self, key) != default and owner != sampler:
+                why = f"it is for {display_name(owner)!r}, not {display_name(sampler)!r}"
+                return key, default, why
+        own = STEP_NOISE.get(sampler)
+        if self.eta_noise_seed_delta and not (own and getattr(self, own[0])):
+            why = f"{own[0]} 0 adds none" if own else f"{display_name(sampler)!r} adds none"
+            return "eta_noise_seed_delta", 0, why
         return None
 
     def _check_variation(self) -> None:
@@ -229,6 +232,9 @@ class GenerateConfig(Checked):
     # A1111's "Eta" for Euler a (its setting eta_ancestral): how much noise each step adds
     # back (1: all, A1111's default; 0: none, Euler's path with Euler a's smaller steps)
     eta_ancestral: float = 1.0
+    # A1111's "Eta DDIM" (its setting eta_ddim): at 0, its default, DDIM is deterministic; above,
+    # each step replaces part of its direction with noise from the image's generator
+    eta_ddim: float = 0.0
     # each image's seed: hashed (fulora's, from the run seed, plane and index: other seeds in
     # every plane and run), or consecutive (seed + index, as A1111 numbers a batch's images:
     # the same in every plane, as one A1111 run per plane with this seed)

@@ -6,13 +6,12 @@ last line of ``Key: value`` settings (a value with a comma, colon or newline JSO
 :func:`generate_settings` turns it into the settings that make the same image with fulora:
 prompt, negative prompt, steps, sampler and its schedule type, CFG scale, seed (image ``i`` of
 the run takes ``seed + i``, as in A1111's batches), size, clip skip (1 when the text names
-none, as A1111 reads it), RNG (``GPU`` when it names none, A1111's default) and ENSD (0 when
-it names none: A1111 writes it where the sampler uses it, Euler a), Emphasis ("Original"
-when it names none), Eta (1 when it names none), the variation seed and its strength, and
-"Seed resize from". The model
-and the LoRA are the run's own (``base``, ``lora``); a setting that fulora does not run (hires
-fix, another schedule type, ...) is refused, naming it, since A1111 would make another image
-with it.
+none, as A1111 reads it), RNG (``GPU`` when it names none, A1111's default), ENSD (0 when it
+names none: A1111 writes it where the sampler uses it), Eta and Eta DDIM (1 and 0 when it
+names none), Emphasis ("Original" when it names none), the variation seed and its strength,
+and "Seed resize from". The model and the LoRA are the run's own (``base``, ``lora``); a
+setting that fulora does not run (hires fix, another schedule type, ...) is refused, naming
+it, since A1111 would make another image with it.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ _RNGS = {name: rng for rng, name in A1111_RNG_NAMES.items()}
 _PROVENANCE = ("Model", "Model hash", "Lora hashes", "Version")
 _SETTINGS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2")
 _SETTINGS += ("Clip skip", "ENSD", "RNG", "Emphasis", "Variation seed", "Variation seed strength")
-_SETTINGS += ("Seed resize from-1", "Seed resize from-2", "Eta")
+_SETTINGS += ("Seed resize from-1", "Seed resize from-2", "Eta", "Eta DDIM")
 _EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
@@ -183,6 +182,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "eta_noise_seed_delta": _number(fields, "ENSD", int) if "ENSD" in fields else 0,
         # A1111 writes its Eta where it is not 1 (for fulora's samplers, Euler a's)
         "eta_ancestral": _number(fields, "Eta", float) if "Eta" in fields else 1.0,
+        "eta_ddim": _number(fields, "Eta DDIM", float) if "Eta DDIM" in fields else 0.0,
         "emphasis": _EMPHASES[emphasis],
         "per_class": 1,
     }

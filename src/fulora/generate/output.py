@@ -90,6 +90,7 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     # A1111 writes its ENSD where the sampler draws step noise (the config refuses it elsewhere)
     settings["ENSD"] = cfg.eta_noise_seed_delta or None
     settings["Eta"] = f"{cfg.eta_ancestral:g}" if cfg.eta_ancestral != 1 else None
+    settings["Eta DDIM"] = f"{cfg.eta_ddim:g}" if cfg.eta_ddim else None
     # The noise source (fulora.generate.noise) by A1111's name; its default, GPU, is unwritten
     # (A1111 reads a missing RNG as GPU, and would start the CPU's images from other noise).
     settings["RNG"] = A1111_RNG_NAMES[cfg.rng] if cfg.rng != A1111_DEFAULT_RNG else None
@@ -209,6 +210,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "rng": cfg.rng,
         "eta_noise_seed_delta": cfg.eta_noise_seed_delta,
         "eta_ancestral": cfg.eta_ancestral,
+        "eta_ddim": cfg.eta_ddim,
         "variation_seed": cfg.variation_seed + index if cfg.variation_strength else None,
         "variation_strength": cfg.variation_strength,
         "seed_resize_from": _resize_from(cfg),

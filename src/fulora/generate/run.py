@@ -649,7 +649,7 @@ def _denoise(
     with (
         torch.no_grad(),
         guided(pipe.unet, conditioning, n),
-        _step_noise(pipe, noise, cfg.eta_ancestral),
+        _step_noise(pipe, noise, cfg),
     ):
         return pipe(
             latents=latents.to(positive.device, positive.dtype),  # as diffusers types them
@@ -665,19 +665,22 @@ def _denoise(
 
 
 @contextmanager
-def _step_noise(pipe, noise: ImageNoise, eta: float):
-    """Euler a's step noise from ``noise`` where diffusers' scheduler cannot draw it.
+def _step_noise(pipe, noise: ImageNoise, cfg):
+    """The step noise of Euler a and DDIM from ``noise``, at the run's eta for the sampler.
 
     fulora's Euler a (``a1111_schedulers.A1111EulerAncestralScheduler``) takes it from its
     ``step_noise`` for ``rng: nv``, which is no torch generator, and for an eta other than 1,
-    which diffusers' step does not take; the other samplers draw no step noise.
+    which diffusers' step does not take; fulora's DDIM at an eta above 0. The scheduler names
+    its eta setting (``eta_setting``); the other samplers draw no step noise.
     """
-    fed = noise.generators is None or eta != 1
-    if not fed or not hasattr(pipe.scheduler, "step_noise"):
-        yield
+    scheduler = pipe.scheduler
+    key = getattr(scheduler, "eta_setting", None)
+    default = type(scheduler).eta if key else None
+    if key is None or (noise.generators is not None and getattr(cfg, key) == default):
+        yield  # none, or diffusers' own draw from the generators (Euler a at eta 1)
         return
-    pipe.scheduler.step_noise, pipe.scheduler.eta = noise.step_noise, eta
+    scheduler.step_noise, scheduler.eta = noise.step_noise, getattr(cfg, key)
     try:
         yield
     finally:
-        pipe.scheduler.step_noise, pipe.scheduler.eta = None, 1.0
+        scheduler.step_noise, scheduler.eta = None, default

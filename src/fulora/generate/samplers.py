@@ -17,6 +17,9 @@ documents for it, configured the way AUTOMATIC1111 runs it:
   configuration gives (``fulora.generate.a1111_schedulers``): 30 steps evaluate the model at
   991, 958, ..., 34 and end at timestep 1; 20 steps evaluate it 19 times.
 
+Euler a adds noise at each step, and so does DDIM at an eta above 0 (:data:`STEP_NOISE`, with
+the ``generate`` setting of each one's eta): A1111's "Eta" and "Eta DDIM", and its ENSD.
+
 Until session 24 ``DPM++ 2M Karras`` (the default), ``DPM++ 2M``, ``DDIM`` and ``PLMS`` were
 diffusers' own schedulers, configured as near A1111's as they go; they stay, as
 ``dpmpp_2m_karras_diffusers``, ``dpmpp_2m_diffusers``, ``ddim_diffusers`` and ``pndm``, for
@@ -25,9 +28,11 @@ runs made with them (``generate`` refuses to finish such a run with A1111's).
 ``tests/test_parity.py`` runs each against AUTOMATIC1111's own code on an analytic model
 (relative L2 of the result): Euler, Heun, LMS (Karras too) and DPM++ 2M (Karras too) against
 k-diffusion's samplers, within 5e-7; Euler a too (2e-6, fp32), with each image's step noise
-drawn from its own generator as ``generate`` passes them; UniPC against A1111's own UniPC
+drawn from its own generator as ``generate`` passes them (and with NV noise, ENSD and other
+etas, fed to the scheduler); UniPC against A1111's own UniPC
 (6e-5, fp32); DDIM and PLMS against A1111's own functions (20, 27 and 30 steps: within 3e-10 in
-float64, the precision of the recorded answers). diffusers' own DPM-Solver is 2.0e-3 (Karras)
+float64, the precision of the recorded answers; DDIM at eta 0.5 and 1 within 5.1e-7). diffusers'
+own DPM-Solver is 2.0e-3 (Karras)
 and 3.3e-3 away, its DDIM and PNDM 15% at 30 steps. Until session 22 UniPC ended at sigma
 zero, where diffusers' bh1 update divides by infinity: every UniPC image was NaN.
 
@@ -80,8 +85,9 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "pndm": ("PNDMScheduler", {}, "PNDM (diffusers)"),
 }
 
-# Samplers that draw fresh noise at each step, from each image's generator
-STEP_NOISE = ("euler_a",)
+# Samplers that draw fresh noise at each step, from each image's generator: the setting of how
+# much (A1111's "Eta" for Euler a, "Eta DDIM" for DDIM) and its A1111 default (DDIM: none)
+STEP_NOISE = {"euler_a": ("eta_ancestral", 1.0), "ddim": ("eta_ddim", 0.0)}
 
 # AUTOMATIC1111 v1.9+ runs "DPM++ 2M" on Karras sigmas unless the text names another "Schedule
 # type" (its sd_samplers_kdiffusion.py gives the sampler the default scheduler "karras", and its
