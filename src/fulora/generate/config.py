@@ -104,21 +104,22 @@ class GenerateConfig(Checked):
                 f"each step (Euler a; DDIM at an eta_ddim above 0), and {why}, so it would "
                 f"change no image (A1111 ignores it there too): set {key}: {default:g}"
             )
-        delta = self.eta_noise_seed_delta
-        if self.seed_scheme == "consecutive" and self.seed + self.per_class - 1 > SEED.high:
+        consecutive = self.seed_scheme == "consecutive"
+        last = self.seed + self.per_class - 1 if consecutive else 2**32 - 1  # the largest seed
+        if consecutive and last > SEED.high:
             raise ConfigError(
                 f"seed_scheme: consecutive gives image {self.per_class - 1} the seed "
                 f"{self.seed} + {self.per_class - 1}, past the largest seed torch takes "
                 f"({SEED.high}): give a smaller seed"
             )
-        last = self.seed + self.per_class - 1 if self.seed_scheme == "consecutive" else 2**32 - 1
+        delta = self.eta_noise_seed_delta
         if last + delta > SEED.high:
             raise ConfigError(
                 f"eta_noise_seed_delta {delta} seeds the step noise of the image seeded {last} "
                 f"with {last} + {delta}, past the largest seed torch takes ({SEED.high}): give "
                 "a smaller seed or delta"
             )
-        self._check_variation()
+        self._check_variation_and_resize()
         if self.device != "auto":  # auto: checked when generate resolves it
             check_rng_device(self.rng, self.device)
 
@@ -135,7 +136,11 @@ class GenerateConfig(Checked):
             return "eta_noise_seed_delta", 0, why
         return None
 
-    def _check_variation(self) -> None:
+    def variation_seed_of(self, index: int) -> int | None:
+        """Image ``index``'s variation seed, as A1111 numbers a batch's (None: no variation)."""
+        return self.variation_seed + index if self.variation_strength else None
+
+    def _check_variation_and_resize(self) -> None:
         """Both sides of a seed resize; a variation seed with its strength, on A1111's batch."""
         sides = (self.seed_resize_from_width, self.seed_resize_from_height)
         if (sides[0] is None) != (sides[1] is None):

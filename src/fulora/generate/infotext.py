@@ -165,7 +165,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
     return {
         **_lora_hash(fields),
         **hashes,
-        **_variation(fields),
+        **_seed_extras(fields),
         "planes": [plane],
         "prompts": {plane: params.prompt},
         "negative_prompt": params.negative_prompt,
@@ -188,7 +188,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
     }
 
 
-def _variation(fields: dict[str, str]) -> dict[str, Any]:
+def _seed_extras(fields: dict[str, str]) -> dict[str, Any]:
     """The variation seed and strength (written together) and "Seed resize from", if named."""
     varied = {}
     if "Variation seed" in fields or "Variation seed strength" in fields:

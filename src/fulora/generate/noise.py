@@ -137,25 +137,24 @@ class ImageNoise:
         Returns:
             (len(seeds), channels, height / scale, width / scale).
         """
-        noise = self._first_draws(self.seeds, self.shape)
+        noise, self.generators = self._first_draws(self.seeds, self.shape)
         if self.delta and self.generators is not None:  # new generators for the step noise
             self.generators = image_generators(self.rng, self._step_seeds(), self.device)
         shape = self.resized or self.shape
-        base = noise if self.resized is None else self._first_draws(self.seeds, shape)
+        base = noise if self.resized is None else self._first_draws(self.seeds, shape)[0]
         if self.variation_strength:
-            varied = self._first_draws(self.variation_seeds, shape)
+            varied, _ = self._first_draws(self.variation_seeds, shape)
             strength = self.variation_strength
             base = torch.stack([slerp(strength, a, b) for a, b in zip(base, varied, strict=True)])
         return base if self.resized is None else centred(noise, base)
 
-    def _first_draws(self, seeds: list[int], shape: torch.Size) -> torch.Tensor:
-        """Each seed's first draw; the image seeds' generators stay for the step noise."""
+    def _first_draws(self, seeds: list[int], shape: torch.Size):
+        """Each seed's first draw, and the generators that drew it (None for ``nv``)."""
         if self.rng == "nv":
-            return torch.stack([self._philox(seed, 0, shape) for seed in seeds])
+            return torch.stack([self._philox(seed, 0, shape) for seed in seeds]), None
         generators = image_generators(self.rng, seeds, self.device)
-        if self.generators is None:
-            self.generators = generators
-        return torch.cat([torch.randn(shape, generator=g, device=g.device) for g in generators])
+        draws = [torch.randn(shape, generator=g, device=g.device) for g in generators]
+        return torch.cat(draws), generators
 
     def step_noise(self, step: int) -> torch.Tensor:
         """The batch's noise for sampler step ``step`` (0: the first), fp32, as A1111 draws it.

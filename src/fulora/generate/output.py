@@ -211,7 +211,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "eta_noise_seed_delta": cfg.eta_noise_seed_delta,
         "eta_ancestral": cfg.eta_ancestral,
         "eta_ddim": cfg.eta_ddim,
-        "variation_seed": cfg.variation_seed + index if cfg.variation_strength else None,
+        "variation_seed": cfg.variation_seed_of(index),
         "variation_strength": cfg.variation_strength,
         "seed_resize_from": _resize_from(cfg),
         "emphasis": cfg.emphasis,

@@ -630,7 +630,7 @@ def _denoise(
         positive, negative, _ = padded_sides(positive, negative)
     n = len(seeds)
     shape = latent_shape(pipe, resolved.height, resolved.width)
-    varied = [cfg.variation_seed + i for i in indices] if cfg.variation_strength else None
+    varied = [cfg.variation_seed_of(i) for i in indices] if cfg.variation_strength else None
     resize_from = None
     if cfg.seed_resize_from_width is not None:  # A1111's latent size: pixels // 8
         scale = pipe.vae_scale_factor
