@@ -31,10 +31,10 @@ k-diffusion's samplers, within 5e-7; Euler a too (2e-6, fp32), with each image's
 drawn from its own generator as ``generate`` passes them (and with NV noise, ENSD and other
 etas, fed to the scheduler); UniPC against A1111's own UniPC
 (6e-5, fp32); DDIM and PLMS against A1111's own functions (20, 27 and 30 steps: within 3e-10 in
-float64, the precision of the recorded answers; DDIM at eta 0.5 and 1 within 5.1e-7). diffusers'
-own DPM-Solver is 2.0e-3 (Karras)
-and 3.3e-3 away, its DDIM and PNDM 15% at 30 steps. Until session 22 UniPC ended at sigma
-zero, where diffusers' bh1 update divides by infinity: every UniPC image was NaN.
+float64, the precision of the recorded answers; DDIM at eta 0.5 and 1, 5.1e-7 and 2.9e-7
+away). diffusers' own DPM-Solver is 2.0e-3 (Karras) and 3.3e-3 away, its DDIM and PNDM 15%
+at 30 steps. Until session 22 UniPC ended at sigma zero, where diffusers' bh1 update divides
+by infinity: every UniPC image was NaN.
 
 The FU-LoRA repository's figure of synthetic images shows rows made with Euler and UniPC; the
 paper does not say which sampler made its released 5,000 images.
