@@ -2453,3 +2453,78 @@ def test_euler_a_step_noise_in_half_precision_is_a1111s_rounded():
     )
     full = torch.randn(shape, generator=torch.Generator().manual_seed(7))
     assert torch.equal(half, full.half())
+
+
+# AUTOMATIC1111's schedule types (v1.9+ "Schedule type") and k-diffusion's samplers on them:
+# recorded from A1111's own sd_schedulers.py and k-diffusion's own samplers (the file's "source"
+# says how), at 30, 11 and 7 steps.
+_SCHEDULE_TYPES_RECORDED = json.loads(
+    (Path(__file__).parent / "reference" / "a1111_schedule_types.json").read_text()
+)
+
+
+def _steps_of(key: str) -> tuple[str, int]:
+    *names, steps = key.split("/")
+    return "/".join(names), int(steps)
+
+
+@pytest.mark.parametrize("key", sorted(_SCHEDULE_TYPES_RECORDED["sigmas"]))
+def test_schedule_types_are_automatic1111s(key):
+    """Each type's sigmas, bit for bit (float32): among them "KL Optimal", which ends at the
+    smallest sigma rather than 0, and "DDIM", which takes 31 steps for 30."""
+    from fulora.generate.samplers import resolve_schedule_type
+    from fulora.generate.sigmas import a1111_sigmas
+    from fulora.lora.tiny import sd15_scheduler
+
+    label, steps = _steps_of(key)
+    sigmas = a1111_sigmas(resolve_schedule_type(label), steps, sd15_scheduler().alphas_cumprod)
+    expected = torch.tensor(_SCHEDULE_TYPES_RECORDED["sigmas"][key], dtype=torch.float32)
+    assert torch.equal(sigmas, expected), key
+
+
+def _sample_on_schedule_type(sampler, label, steps, noise, generator=None) -> torch.Tensor:
+    """``_sample_as_the_pipeline`` with the scheduler that ``generate`` makes for the type."""
+    from fulora.generate.samplers import make_scheduler
+    from fulora.lora.tiny import sd15_scheduler
+
+    scheduler = make_scheduler(sampler, sd15_scheduler().config, label)
+    scheduler.set_timesteps(steps)
+    step_noise = {} if generator is None else {"generator": [generator]}
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = _toy_eps(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(eps, t, x, **step_noise).prev_sample
+    return x
+
+
+# Relative L2 allowed from k-diffusion's result. On a type's sigmas (measured at most 5.3e-7,
+# DPM++ 2M, which diffusers steps in variance-preserving space); "Uniform" is each sampler's
+# own schedule, diffusers' (sigma interpolated linearly between training timesteps where
+# k-diffusion interpolates its log: 4.5e-7 at 30 steps, 2.1e-6 at 7).
+_ON_TYPE_GAP, _UNIFORM_GAP = 1e-6, 3e-6
+
+
+@pytest.mark.parametrize("key", sorted(_SCHEDULE_TYPES_RECORDED["x0"]))
+def test_samplers_on_each_schedule_type_are_k_diffusions(key):
+    """Euler, Heun, LMS and DPM++ 2M on each type's sigmas, against k-diffusion's samplers:
+    Heun's last step to a sigma above 0 ("KL Optimal") is a Heun step, and DPM++ 2M's is
+    second order and ends in k-diffusion's space, not diffusers' (alone: 4.3e-4 away)."""
+    names, steps = _steps_of(key)
+    sampler, label = names.split("/")
+    noise = torch.tensor(KDIFFUSION_NOISE, dtype=torch.float64).reshape(1, 4, 2, 2)
+    x = _sample_on_schedule_type(sampler, label, steps, noise)
+    expected = torch.tensor(_SCHEDULE_TYPES_RECORDED["x0"][key], dtype=torch.float64)
+    gap = float((x.flatten() - expected).norm() / expected.norm())
+    assert gap < (_UNIFORM_GAP if label == "Uniform" else _ON_TYPE_GAP), f"{key}: {gap:.2e}"
+
+
+@pytest.mark.parametrize("key", sorted(_SCHEDULE_TYPES_RECORDED["euler_a_x0"]))
+def test_euler_a_on_each_schedule_type_is_k_diffusions(key):
+    """Euler a on each type's sigmas, its noise from the image's CPU generator as A1111's RNG
+    "CPU" (fp32; measured at most 2.1e-6)."""
+    label, steps = _steps_of(key)
+    generator = torch.Generator().manual_seed(KDIFFUSION_EULER_A_SEED)
+    noise = torch.randn((1, 4, 2, 2), generator=generator)
+    x = _sample_on_schedule_type("euler_a", label, steps, noise, generator)
+    expected = torch.tensor(_SCHEDULE_TYPES_RECORDED["euler_a_x0"][key])
+    assert float((x.flatten() - expected).norm() / expected.norm()) < 1e-5, key

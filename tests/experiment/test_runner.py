@@ -310,7 +310,10 @@ def test_settings_added_later_keep_the_stage_keys_of_existing_experiments():
     assert "eta_noise_seed_delta" not in payload and "emphasis" not in payload
     assert _config_payload(GenerateConfig(emphasis="none"))["emphasis"] == "none"
     later = {"variation_seed", "variation_strength", "seed_resize_from_width", "eta_ancestral"}
+    later |= {"schedule_type", "beta_schedule_alpha", "beta_schedule_beta"}
     assert not (later | {"seed_resize_from_height", "eta_ddim"}) & set(payload)
+    typed = _config_payload(GenerateConfig(sampler="Euler", schedule_type="exponential"))
+    assert typed["schedule_type"] == "exponential"
     varied = GenerateConfig(seed_scheme="consecutive", variation_seed=3, variation_strength=0.5)
     assert _config_payload(varied)["variation_seed"] == 3
     ensd = GenerateConfig(sampler="Euler a", eta_noise_seed_delta=31337)

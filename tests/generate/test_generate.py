@@ -1067,8 +1067,8 @@ def test_consecutive_seeds_are_automatic1111s_batch_seeds(tiny_model, trained_lo
 
 def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, capsys):
     """--a1111 PNG: the image's prompt (a <lora:...> with its own text-encoder weight), negative
-    prompt, sampler, steps, CFG scale, seed, size, clip skip, RNG, ENSD, eta, emphasis,
-    variation seed and seed resize make it again, one
+    prompt, sampler, schedule type, steps, CFG scale, seed, size, clip skip, RNG, ENSD, eta,
+    emphasis, variation seed and seed resize make it again, one
     image of the plane --planes names; a flag overrides a setting of the text."""
     prompts = {
         "brain": "a photo of fetal brain",
@@ -1093,11 +1093,13 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
         seed_resize_from_width=64,
         seed_resize_from_height=40,
         eta_ancestral=0.8,
+        schedule_type="SGM Uniform",
         **_EULER_A_ENSD,
     )
     generate(tmp_path / "made", made, progress=False)
     [png] = (tmp_path / "made" / "femur").glob("00002-*.png")
     assert b", ENSD: 31337, Eta: 0.8, RNG: NV, " in png.read_bytes()
+    assert b"Sampler: Euler a, Schedule type: SGM Uniform, " in png.read_bytes()
     settings = b"Variation seed: 42, Variation seed strength: 0.25, Seed resize from: 64x40"
     assert settings in png.read_bytes()
     common = [
@@ -1120,7 +1122,7 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
     assert written["eta_noise_seed_delta"] == 31337 and written["emphasis"] == "no_norm"
     assert (written["variation_seed"], written["variation_strength"]) == (42, 0.25)  # image 2's
     assert (written["seed_resize_from_width"], written["seed_resize_from_height"]) == (64, 40)
-    assert written["eta_ancestral"] == 0.8
+    assert written["eta_ancestral"] == 0.8 and written["schedule_type"] == "sgm_uniform"
     # its "Lora hashes": another LoRA file, even under the same name, is refused before any work
     other = tmp_path / "other" / "phantom_lora.safetensors"
     other.parent.mkdir()
@@ -1146,9 +1148,14 @@ _A1111_SETTINGS = "p\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64
         ),
         (_A1111_SETTINGS.replace("Seed: 1, ", ""), ["brain"], "name no Seed"),
         (
-            f"{_A1111_SETTINGS}, Schedule type: Exponential",
+            f"{_A1111_SETTINGS}, Schedule type: Karras Exponential",
             ["brain"],
-            "schedule type 'Exponential' is not one fulora runs",
+            "unknown schedule_type 'Karras Exponential'; choose one of automatic",
+        ),
+        (
+            f"{_A1111_SETTINGS}, Schedule type: Karras, Schedule rho: 5",
+            ["brain"],
+            "hold Schedule rho: 5, which fulora does not run",
         ),
         (f"{_A1111_SETTINGS}, RNG: XPU", ["brain"], "RNG 'XPU'"),
         (f"{_A1111_SETTINGS}, ENSD: 31337", ["brain"], "'Euler' adds none"),
@@ -1170,20 +1177,72 @@ def test_a1111_settings_fulora_cannot_run_are_refused(
 @pytest.mark.parametrize(
     ("fields", "sampler"),
     [
-        ({"Sampler": "DPM++ 2M Karras"}, "dpmpp_2m_karras"),  # before v1.9's Schedule type
-        ({"Sampler": "DPM++ 2M", "Version": "v1.8.0"}, "dpmpp_2m"),  # uniform before v1.9
-        ({"Sampler": "DPM++ 2M", "Version": "v1.10.1"}, "dpmpp_2m_karras"),  # its Automatic
-        ({"Sampler": "DPM++ 2M", "Schedule type": "Uniform"}, "dpmpp_2m"),  # fulora's own text
-        ({"Sampler": "DPM++ 2M", "Schedule type": "Karras"}, "dpmpp_2m_karras"),
-        ({"Sampler": "LMS", "Schedule type": "Karras"}, "lms_karras"),
-        ({"Sampler": "Euler a", "Schedule type": "Automatic"}, "euler_a"),
-        ({"Sampler": "Euler", "Schedule type": "Uniform"}, "euler"),
+        ({"Sampler": "DPM++ 2M Karras"}, ("dpmpp_2m_karras", "automatic")),  # before v1.9
+        ({"Sampler": "DPM++ 2M", "Version": "v1.8.0"}, ("dpmpp_2m", "automatic")),  # uniform
+        ({"Sampler": "DPM++ 2M", "Version": "v1.10.1"}, ("dpmpp_2m_karras", "automatic")),
+        ({"Sampler": "DPM++ 2M", "Schedule type": "Uniform"}, ("dpmpp_2m", "uniform")),
+        ({"Sampler": "DPM++ 2M", "Schedule type": "Karras"}, ("dpmpp_2m_karras", "automatic")),
+        ({"Sampler": "LMS", "Schedule type": "Karras"}, ("lms_karras", "automatic")),
+        ({"Sampler": "Euler a", "Schedule type": "Automatic"}, ("euler_a", "automatic")),
+        ({"Sampler": "Euler", "Schedule type": "Uniform"}, ("euler", "uniform")),
+        # since session 30: A1111's other schedule types, by its labels
+        ({"Sampler": "Euler a", "Schedule type": "Exponential"}, ("euler_a", "exponential")),
+        ({"Sampler": "Heun", "Schedule type": "SGM Uniform"}, ("heun", "sgm_uniform")),
+        ({"Sampler": "Euler", "Schedule type": "Align Your Steps"}, ("euler", "align_your_steps")),
+        ({"Sampler": "LMS", "Schedule type": "KL Optimal"}, ("lms", "kl_optimal")),
+        # A1111 reads a sampler named after a schedule as on it, and DDIM ignores the type
+        ({"Sampler": "LMS Karras", "Schedule type": "Beta"}, ("lms_karras", "automatic")),
+        ({"Sampler": "DDIM", "Schedule type": "Karras"}, ("ddim", "automatic")),
     ],
-)
+)  # fmt: skip
 def test_a1111s_sampler_and_schedule_type_name_fuloras_sampler(fields, sampler):
     from fulora.generate.infotext import a1111_sampler
 
     assert a1111_sampler(fields) == sampler
+
+
+def test_a_schedule_type_makes_its_images_and_is_written_as_a1111_writes_it(
+    tiny_model, trained_lora, tmp_path
+):
+    """schedule_type: other images than the sampler's own schedule, --only remakes one bit
+    for bit, the PNG text names it by A1111's label ("Beta" with its shape, as A1111 writes
+    it), the row records it, and --a1111 reads it back (test_parity compares the sigmas and
+    the samplers on them with A1111's and k-diffusion's)."""
+    kw = dict(planes=["brain"], per_class=2, batch_size=2, contact_sheet=0, sampler="Euler")
+    runs = {
+        "own": {},
+        "exponential": {"schedule_type": "exponential"},
+        "beta": {"schedule_type": "Beta", "beta_schedule_alpha": 0.5},
+        "kl": {"schedule_type": "kl_optimal", "sampler": "DPM++ 2M"},
+    }
+    for name, setting in runs.items():
+        cfg = _cfg(tiny_model, trained_lora, **(kw | setting))
+        generate(tmp_path / name, cfg, progress=False)
+    images = {name: _images(tmp_path / name) for name in runs}
+    for name in ("exponential", "beta"):  # measured 0.87 and 2.1 grey levels on average
+        assert all(np.abs(images["own"][k].astype(int) - images[name][k].astype(int)).mean() > 0.5
+                   for k in images["own"])  # fmt: skip
+    cfg = _cfg(tiny_model, trained_lora, **(kw | runs["exponential"]))
+    generate(tmp_path / "one", cfg, only=["brain:1"], progress=False)
+    [(key, pixels)] = _images(tmp_path / "one").items()
+    assert np.array_equal(pixels, images["exponential"][key])
+    assert "Schedule type" not in _parameters(tmp_path / "own", "brain")
+    assert "Sampler: Euler, Schedule type: Exponential, " in _parameters(
+        tmp_path / "exponential", "brain"
+    )
+    text = _parameters(tmp_path / "beta", "brain")
+    assert "Schedule type: Beta, " in text
+    assert "Beta schedule alpha: 0.5, Beta schedule beta: 0.6" in text
+    from fulora.generate.infotext import generate_settings, read_a1111_parameters
+
+    read = generate_settings(read_a1111_parameters(text), "brain")
+    assert (read["sampler"], read["schedule_type"]) == ("euler", "beta")
+    assert (read["beta_schedule_alpha"], read["beta_schedule_beta"]) == (0.5, 0.6)
+    kl = _parameters(tmp_path / "kl", "brain")
+    assert "Sampler: DPM++ 2M, Schedule type: KL Optimal, " in kl
+    [png] = (tmp_path / "exponential" / "brain").glob("00000-*.png")
+    with Image.open(png) as image:
+        assert json.loads(image.text["fulora"])["schedule_type"] == "exponential"
 
 
 def test_model_hash_is_checked_as_automatic1111_hashes_a_checkpoint(tmp_path, caplog):
@@ -1310,6 +1369,11 @@ def test_a_variation_seed_varies_one_seeds_image_as_automatic1111_does(tiny_mode
         ({"seed_resize_from_width": 4, "seed_resize_from_height": 64}, r"seed_resize_from_width"),
         ({"rng": "gpu", "device": "cpu"}, r"rng: gpu draws the noise on the GPU.*rng: nv"),
         ({"rng": "GPU"}, r"rng"),
+        ({"schedule_type": "Karras", "sampler": "DDIM"}, r"'DDIM' steps on timesteps of its own"),
+        ({"schedule_type": "exponential"}, r"'DPM\+\+ 2M Karras' is 'DPM\+\+ 2M' on the Karras"),
+        ({"schedule_type": "cosine"}, r"unknown schedule_type 'cosine'; choose one of"),
+        ({"beta_schedule_beta": 0.7}, r"beta_schedule_beta 0.7 shapes only schedule_type beta"),
+        ({"schedule_type": "beta", "beta_schedule_alpha": 0, "sampler": "Euler"}, r"alpha"),
         ({"seed_scheme": "consecutive", "seed": 2**63 - 3}, r"seed_scheme: consecutive.*seed"),
     ],
 )

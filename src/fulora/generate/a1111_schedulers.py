@@ -33,8 +33,14 @@ averages two evaluations.
 function instead of diffusers' generators (:attr:`A1111EulerAncestralScheduler.step_noise`), so
 that A1111's "NV" source, which is not a torch generator, gives it.
 
-``tests/test_parity.py`` runs each against A1111's own code (k-diffusion for DPM++ 2M and
-Euler a).
+**Schedule types** (A1111 v1.9+): each k-diffusion sampler here (Euler, Euler a, Heun, LMS,
+DPM++ 2M) can step through the sigmas of one of A1111's schedule types
+(:mod:`fulora.generate.sigmas`) instead of its own: set :attr:`ScheduleTypeSigmas.schedule_type`
+(:func:`fulora.generate.samplers.make_scheduler` does). The model then runs at each sigma's
+fractional timestep, as k-diffusion runs it.
+
+``tests/test_parity.py`` runs each against A1111's own code (k-diffusion for DPM++ 2M, Euler a
+and the schedule types).
 """
 
 from __future__ import annotations
@@ -43,11 +49,20 @@ import math
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+)
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
     EulerAncestralDiscreteSchedulerOutput,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from fulora.generate.sigmas import DiscreteSigmas, a1111_sigmas
 
 # Adams-Bashforth weights of the newest estimate and the earlier ones (newest first), by the
 # number of earlier estimates: PLMS's second to fourth order.
@@ -75,12 +90,78 @@ def _output(moved: torch.Tensor, return_dict: bool) -> SchedulerOutput | tuple[t
     return SchedulerOutput(prev_sample=moved) if return_dict else (moved,)
 
 
-class A1111DPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
+class ScheduleTypeSigmas:
+    """A k-diffusion sampler's scheduler on the sigmas of one of A1111's schedule types.
+
+    With :attr:`schedule_type` None the scheduler is as it is. Set, ``set_timesteps`` sets the
+    scheduler's state as it would, then replaces its sigmas with the type's and its timesteps
+    with theirs (k-diffusion's fractional timestep of each sigma).
+    """
+
+    #: fulora's name of the type (``fulora.generate.samplers.SCHEDULE_TYPES``); None: own
+    schedule_type: str | None = None
+    #: "Beta"'s (alpha, beta), A1111's settings beta_dist_alpha and beta_dist_beta
+    beta_shape: tuple[float, float] = (0.6, 0.6)
+
+    def set_timesteps(self, num_inference_steps: int, device=None, *args, **kwargs):
+        """The scheduler's own state, then the schedule type's sigmas (when one is set)."""
+        super().set_timesteps(num_inference_steps, device, *args, **kwargs)
+        if self.schedule_type is None:
+            return
+        sigmas = a1111_sigmas(
+            self.schedule_type, num_inference_steps, self.alphas_cumprod, *self.beta_shape
+        )
+        self._take_sigmas(sigmas, device)
+
+    def _model_times(self, sigmas: torch.Tensor, device) -> torch.Tensor:
+        """The fractional timestep the model runs at for each sigma (k-diffusion's)."""
+        return DiscreteSigmas(self.alphas_cumprod).sigma_to_t(sigmas).to(device)
+
+    def _take_sigmas(self, sigmas: torch.Tensor, device) -> None:
+        """One model call per sigma but the last (Euler, Euler a, LMS): each step to the next."""
+        self.sigmas = sigmas
+        self.timesteps = self._model_times(sigmas[:-1], device)
+        self.num_inference_steps = len(self.timesteps)  # A1111's "DDIM" type may take more
+
+
+class A1111EulerScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
+    """diffusers' Euler (k-diffusion's ``sample_euler``), on a schedule type's sigmas."""
+
+
+class A1111LMSScheduler(ScheduleTypeSigmas, LMSDiscreteScheduler):
+    """diffusers' LMS (k-diffusion's ``sample_lms``), on a schedule type's sigmas."""
+
+
+class A1111HeunScheduler(ScheduleTypeSigmas, HeunDiscreteScheduler):
+    """diffusers' Heun (k-diffusion's ``sample_heun``), on a schedule type's sigmas."""
+
+    def _take_sigmas(self, sigmas: torch.Tensor, device) -> None:
+        """Two model calls per step, as diffusers lays them out.
+
+        As k-diffusion's Heun: one call for a step to sigma 0 (an Euler step), but two for a
+        step that ends above it (A1111's "KL Optimal" ends at the smallest sigma).
+        """
+        times = self._model_times(sigmas[:-1], device)
+        first, inner, last = sigmas[:1], sigmas[1:-1], sigmas[-1:]
+        repeated = [first, inner.repeat_interleave(2)]
+        if last.item() > 0:
+            self.sigmas = torch.cat([*repeated, last, last])
+            end_time = self._model_times(last, device)
+            self.timesteps = torch.cat([times[:1], times[1:].repeat_interleave(2), end_time])
+        else:
+            self.sigmas = torch.cat([*repeated, last])
+            self.timesteps = torch.cat([times[:1], times[1:].repeat_interleave(2)])
+        self.num_inference_steps = len(sigmas) - 1
+
+
+class A1111DPMSolverMultistepScheduler(ScheduleTypeSigmas, DPMSolverMultistepScheduler):
     """k-diffusion's DPM++ 2M as A1111 runs it: its start, its sigmas, fractional timesteps."""
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """The solver's state as diffusers sets it; k-diffusion's sigmas, start and timesteps."""
-        super().set_timesteps(num_inference_steps, device)  # the solver's state
+        super().set_timesteps(num_inference_steps, device)  # a schedule type's sigmas, if set
+        if self.schedule_type is not None:
+            return
         log_sigmas = np.log(((1 - self.alphas_cumprod) / self.alphas_cumprod).numpy() ** 0.5)
         if self.config.use_karras_sigmas:
             sigmas = self.sigmas[:-1].numpy()
@@ -94,6 +175,29 @@ class A1111DPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         # variance-preserving, that is the noise times sqrt(1 - alpha_bar) at the top timestep.
         # The pipeline scales its starting latents by this after set_timesteps.
         self.init_noise_sigma = float(1 - self.alphas_cumprod[-1]) ** 0.5
+
+    def _take_sigmas(self, sigmas: torch.Tensor, device) -> None:
+        """The type's sigmas and timesteps, and k-diffusion's start from its first sigma."""
+        super()._take_sigmas(sigmas, device)
+        top = float(sigmas[0])  # the noise times sigmas[0], variance-exploding, here scaled
+        self.init_noise_sigma = top / (top**2 + 1) ** 0.5
+        # k-diffusion's DPM++ 2M takes its second-order step to any sigma but 0; diffusers' takes
+        # a first-order last step unless told otherwise ("KL Optimal" ends above 0)
+        if sigmas[-1].item() > 0:
+            self.register_to_config(lower_order_final=False, final_sigmas_type="sigma_min")
+
+    def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+        """The solver's step; a last step that ends above sigma 0 returns k-diffusion's sample.
+
+        diffusers' samples are variance-preserving, x / sqrt(sigma^2 + 1) of k-diffusion's,
+        which A1111 decodes as it ends: the same at sigma 0, and 4e-4 apart at "KL Optimal"'s
+        last sigma, unless scaled back.
+        """
+        out = super().step(model_output, timestep, sample, *args, return_dict=True, **kwargs)
+        last = self.sigmas[-1].item()
+        if self.schedule_type is not None and last > 0 and self.step_index == len(self.timesteps):
+            out.prev_sample = out.prev_sample * (last**2 + 1) ** 0.5
+        return out if return_dict else (out.prev_sample,)
 
 
 class A1111DDIMScheduler(DDIMScheduler):
@@ -203,7 +307,7 @@ class A1111PLMSScheduler(A1111DDIMScheduler):
         return _output(moved, return_dict)
 
 
-class A1111EulerAncestralScheduler(EulerAncestralDiscreteScheduler):
+class A1111EulerAncestralScheduler(ScheduleTypeSigmas, EulerAncestralDiscreteScheduler):
     """diffusers' Euler a, which can take each step's noise from :attr:`step_noise`.
 
     With ``step_noise`` None (fulora's ``rng`` cpu and gpu) it is diffusers' scheduler as it is,

@@ -10,11 +10,27 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fulora.config import AT_LEAST_0, AT_LEAST_1, FRACTION, SEED, Checked, CompileMode, Range
+from fulora.config import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    FRACTION,
+    POSITIVE,
+    SEED,
+    Checked,
+    CompileMode,
+    Range,
+)
 from fulora.errors import ConfigError
 from fulora.generate.networks import plane_lora_weights
 from fulora.generate.prompts import check_prompt_syntax
-from fulora.generate.samplers import STEP_NOISE, check_steps, display_name, resolve_sampler
+from fulora.generate.samplers import (
+    STEP_NOISE,
+    check_steps,
+    display_name,
+    resolve_sampler,
+    resolve_schedule_type,
+    sigma_schedule,
+)
 from fulora.generate.schedules import schedule_steps
 from fulora.lora.config import DEFAULT_BASE
 from fulora.planes import PAPER_PLANES
@@ -50,6 +66,8 @@ class GenerateConfig(Checked):
         "eta_noise_seed_delta": Range(0, 2**32 - 1),
         "eta_ancestral": AT_LEAST_0,
         "eta_ddim": AT_LEAST_0,
+        "beta_schedule_alpha": POSITIVE,
+        "beta_schedule_beta": POSITIVE,
         "variation_seed": SEED,
         "variation_strength": FRACTION,
         "seed_resize_from_width": Range(8),
@@ -66,6 +84,7 @@ class GenerateConfig(Checked):
         misspelt sampler before its LoRA trains.
         """
         check_steps(self.sampler, self.steps)  # a known sampler, and steps it can take
+        self._check_schedule_type()
         self.check_planes_of("planes")
         self.check_planes_of("prompts")  # its keys: a misspelt plane would fall back silently
         steps, guided = schedule_steps(resolve_sampler(self.sampler), self.steps), self.guidance > 1
@@ -93,6 +112,18 @@ class GenerateConfig(Checked):
                 "fuse_qkv needs fuse_lora: true (an unfused LoRA sits on the separate q, k, v "
                 "projections that fuse_qkv replaces)"
             )
+
+    def _check_schedule_type(self) -> None:
+        """A schedule type the sampler steps on; the Beta type's shape only for it."""
+        on_type = sigma_schedule(self.sampler, self.schedule_type)
+        for key in ("beta_schedule_alpha", "beta_schedule_beta"):
+            default = self.__dataclass_fields__[key].default
+            if on_type != "beta" and getattr(self, key) != default:
+                raise ConfigError(
+                    f"{key} {getattr(self, key):g} shapes only schedule_type beta, and this run "
+                    f"steps on {resolve_schedule_type(self.schedule_type)}: set {key}: "
+                    f"{default:g} (A1111 writes it only for Beta), or schedule_type: beta"
+                )
 
     def _check_rng(self) -> None:
         """Seeds torch takes; eta and ENSD where step noise uses them; ``gpu`` needs a GPU."""
@@ -221,6 +252,14 @@ class GenerateConfig(Checked):
     # prompt alike. None: the LoRA's training clip skip (ss_clip_skip), else 1.
     clip_skip: int | None = None
     sampler: str = "dpmpp_2m_karras"  # fulora's name or AUTOMATIC1111's ("DPM++ 2M Karras")
+    # A1111's "Schedule type" (v1.9+): the sigmas a k-diffusion sampler (Euler, Euler a, Heun,
+    # LMS, DPM++ 2M) steps through: automatic (the sampler's own: uniform, or karras for the
+    # "... Karras" samplers), uniform, karras, exponential, polyexponential, sgm_uniform,
+    # kl_optimal, align_your_steps, simple, normal, ddim, beta (or A1111's name, "SGM Uniform")
+    schedule_type: str = "automatic"
+    # the beta type's shape (A1111's "Beta schedule alpha" and "Beta schedule beta")
+    beta_schedule_alpha: float = 0.6
+    beta_schedule_beta: float = 0.6
     steps: int = 30
     guidance: float = 7.0
     width: int | None = None  # default: the LoRA's training size, else 512

@@ -9,9 +9,9 @@ the run takes ``seed + i``, as in A1111's batches), size, clip skip (1 when the 
 none, as A1111 reads it), RNG (``GPU`` when it names none, A1111's default), ENSD (0 when it
 names none: A1111 writes it where the sampler uses it), Eta and Eta DDIM (1 and 0 when it
 names none), Emphasis ("Original" when it names none), the variation seed and its strength,
-and "Seed resize from". The model and the LoRA are the run's own (``base``, ``lora``); a
-setting that fulora does not run (hires fix, another schedule type, ...) is refused, naming
-it, since A1111 would make another image with it.
+"Seed resize from", and the Beta schedule's shape. The model and the LoRA are the run's own
+(``base``, ``lora``); a setting that fulora does not run (hires fix, a schedule's own min or
+max sigma, ...) is refused, naming it, since A1111 would make another image with it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from PIL import Image
 
 from fulora.errors import ConfigError, DataError
 from fulora.generate.prompts import EMPHASIS_MODES
-from fulora.generate.samplers import resolve_sampler
+from fulora.generate.samplers import own_schedule as sigma_schedule_of
+from fulora.generate.samplers import resolve_sampler, resolve_schedule_type
 
 # One "Key: value" of the settings line: a key starts with a word character and holds words,
 # spaces, '-' and '/'; a value is JSON-quoted (escapes allowed) or runs to the next comma.
@@ -49,6 +50,7 @@ _PROVENANCE = ("Model", "Model hash", "Lora hashes", "Version")
 _SETTINGS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2")
 _SETTINGS += ("Clip skip", "ENSD", "RNG", "Emphasis", "Variation seed", "Variation seed strength")
 _SETTINGS += ("Seed resize from-1", "Seed resize from-2", "Eta", "Eta DDIM")
+_SETTINGS += ("Beta schedule alpha", "Beta schedule beta")
 _EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
@@ -170,7 +172,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "prompts": {plane: params.prompt},
         "negative_prompt": params.negative_prompt,
         "steps": _number(fields, "Steps", int),
-        "sampler": a1111_sampler(fields),
+        **_sampler_settings(fields),
         "guidance": _number(fields, "CFG scale", float),
         "seed": _number(fields, "Seed", int),
         "seed_scheme": "consecutive",  # image i: seed + i, as A1111's batch
@@ -186,6 +188,16 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "emphasis": _EMPHASES[emphasis],
         "per_class": 1,
     }
+
+
+def _sampler_settings(fields: dict[str, str]) -> dict[str, Any]:
+    """The sampler, its schedule type and, for "Beta", the type's shape (A1111 writes it)."""
+    sampler, kind = a1111_sampler(fields)
+    settings: dict[str, Any] = {"sampler": sampler, "schedule_type": kind}
+    for key, name in (("alpha", "Beta schedule alpha"), ("beta", "Beta schedule beta")):
+        if name in fields:
+            settings[f"beta_schedule_{key}"] = _number(fields, name, float)
+    return settings
 
 
 def _seed_extras(fields: dict[str, str]) -> dict[str, Any]:
@@ -220,30 +232,29 @@ def _number(fields: dict[str, str], key: str, kind: type):
         raise ConfigError(f"the A1111 settings' {key} {fields[key]!r} is not a number") from None
 
 
-def a1111_sampler(fields: dict[str, str]) -> str:
-    """The sampler for A1111's ``Sampler`` and ``Schedule type`` (v1.9+ split them).
+def a1111_sampler(fields: dict[str, str]) -> tuple[str, str]:
+    """The sampler and schedule type for A1111's ``Sampler`` and ``Schedule type``.
 
-    A missing type is A1111's "Automatic": the sampler's own schedule (Karras for DPM++ 2M
-    since v1.9, uniform before it and for the others).
+    Read as A1111 v1.9+ reads them (its ``get_sampler_and_scheduler``): a sampler named after a
+    schedule ("LMS Karras") runs on it whatever the type says; a missing type is "Automatic",
+    the sampler's own schedule (Karras for DPM++ 2M since v1.9, uniform before it and for the
+    others); DDIM, PLMS and UniPC ignore the type. DPM++ 2M and LMS on Karras are fulora's
+    ``dpmpp_2m_karras`` and ``lms_karras``.
+
+    Raises:
+        ConfigError: A schedule type fulora does not know (the message lists them).
     """
     sampler = resolve_sampler(fields["Sampler"])
-    kind = fields.get("Schedule type", "Automatic")
+    kind = resolve_schedule_type(fields.get("Schedule type", "Automatic"))
     karras = {"dpmpp_2m": "dpmpp_2m_karras", "lms": "lms_karras"}
-    if kind == "Automatic":
-        if sampler == "dpmpp_2m" and _version(fields.get("Version", "")) >= (1, 9):
-            return "dpmpp_2m_karras"
-        return sampler
-    if kind == "Karras" and sampler in karras.values():
-        return sampler
-    if kind == "Karras" and sampler in karras:
-        return karras[sampler]
-    if kind == "Uniform" and sampler not in karras.values():
-        return sampler
-    raise ConfigError(
-        f"the A1111 settings' sampler {fields['Sampler']!r} with schedule type {kind!r} is "
-        "not one fulora runs (it runs each sampler's Uniform schedule, and Karras for DPM++ 2M "
-        "and LMS): give the settings without --a1111"
-    )
+    if kind == "automatic" and sampler == "dpmpp_2m":
+        if _version(fields.get("Version", "")) >= (1, 9):
+            return "dpmpp_2m_karras", "automatic"
+    if kind == "karras" and sampler in karras:
+        return karras[sampler], "automatic"
+    if sampler in karras.values() or sigma_schedule_of(sampler) is None:
+        return sampler, "automatic"  # named after its schedule, or steps on timesteps
+    return sampler, kind
 
 
 def _version(text: str) -> tuple[int, ...]:

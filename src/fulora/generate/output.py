@@ -30,7 +30,7 @@ from fulora.generate.config import GenerateConfig
 from fulora.generate.infotext import A1111_DEFAULT_RNG, A1111_RNG_NAMES
 from fulora.generate.networks import lora_tags
 from fulora.generate.prompts import EMPHASIS_MODES
-from fulora.generate.samplers import display_name, schedule_type, scheduler_name
+from fulora.generate.samplers import display_name, schedule_type, scheduler_name, sigma_schedule
 from fulora.generate.schedules import read_prompt, schedule_steps
 from fulora.io import atomic_path
 from fulora.runs import now_iso, steady_rate
@@ -71,7 +71,7 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     settings: dict[str, Any] = {
         "Steps": cfg.steps,
         "Sampler": display_name(row["sampler"]),
-        "Schedule type": schedule_type(row["sampler"]),
+        "Schedule type": schedule_type(row["sampler"], cfg.schedule_type),
         "CFG scale": f"{cfg.guidance:g}",
         "Seed": row["seed"],
         "Size": f"{row['width']}x{row['height']}",
@@ -91,6 +91,9 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     settings["ENSD"] = cfg.eta_noise_seed_delta or None
     settings["Eta"] = f"{cfg.eta_ancestral:g}" if cfg.eta_ancestral != 1 else None
     settings["Eta DDIM"] = f"{cfg.eta_ddim:g}" if cfg.eta_ddim else None
+    if sigma_schedule(row["sampler"], cfg.schedule_type) == "beta":  # A1111 writes its shape
+        settings["Beta schedule alpha"] = f"{cfg.beta_schedule_alpha:g}"
+        settings["Beta schedule beta"] = f"{cfg.beta_schedule_beta:g}"
     # The noise source (fulora.generate.noise) by A1111's name; its default, GPU, is unwritten
     # (A1111 reads a missing RNG as GPU, and would start the CPU's images from other noise).
     settings["RNG"] = A1111_RNG_NAMES[cfg.rng] if cfg.rng != A1111_DEFAULT_RNG else None
@@ -211,6 +214,8 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "eta_noise_seed_delta": cfg.eta_noise_seed_delta,
         "eta_ancestral": cfg.eta_ancestral,
         "eta_ddim": cfg.eta_ddim,
+        # the schedule type the sampler stepped on (automatic: its own)
+        "schedule_type": sigma_schedule(resolved.sampler, cfg.schedule_type) or "automatic",
         "variation_seed": cfg.variation_seed_of(index),
         "variation_strength": cfg.variation_strength,
         "seed_resize_from": _resize_from(cfg),

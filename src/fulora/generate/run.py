@@ -571,7 +571,9 @@ def _load_generator(cfg, resolved, device, dtype):
     pipe = load_pipeline(cfg.base, dtype=dtype, config=cfg.base_config)
     pipe.set_progress_bar_config(disable=True)
     lora = _PlaneLora(pipe, cfg, resolved)
-    pipe.scheduler = make_scheduler(resolved.sampler, pipe.scheduler.config)
+    beta_shape = (cfg.beta_schedule_alpha, cfg.beta_schedule_beta)
+    base = pipe.scheduler.config
+    pipe.scheduler = make_scheduler(resolved.sampler, base, cfg.schedule_type, beta_shape)
     pipe.to(device)
     apply_speedups(pipe, cfg, device)
     embeddings = {}

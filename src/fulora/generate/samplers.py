@@ -17,6 +17,10 @@ documents for it, configured the way AUTOMATIC1111 runs it:
   configuration gives (``fulora.generate.a1111_schedulers``): 30 steps evaluate the model at
   991, 958, ..., 34 and end at timestep 1; 20 steps evaluate it 19 times.
 
+The k-diffusion samplers (Euler, Euler a, Heun, LMS, DPM++ 2M) also step through the sigmas
+of any of A1111 v1.9+'s schedule types (:data:`SCHEDULE_TYPES`, ``generate``'s
+``schedule_type``; ``fulora.generate.sigmas``), as A1111 lets them.
+
 Euler a adds noise at each step, and so does DDIM at an eta above 0 (:data:`STEP_NOISE`, with
 the ``generate`` setting of each one's eta): A1111's "Eta" and "Eta DDIM", and its ENSD.
 
@@ -89,17 +93,42 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
 # much (A1111's "Eta" for Euler a, "Eta DDIM" for DDIM) and its A1111 default (DDIM: none)
 STEP_NOISE = {"euler_a": ("eta_ancestral", 1.0), "ddim": ("eta_ddim", 0.0)}
 
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace(" ", "").replace("_", "").replace("+", "p")
+
+
 # AUTOMATIC1111 v1.9+ runs "DPM++ 2M" on Karras sigmas unless the text names another "Schedule
 # type" (its sd_samplers_kdiffusion.py gives the sampler the default scheduler "karras", and its
 # parse_generation_parameters reads a missing type as "Automatic", that default). fulora's
 # DPM++ 2M is k-diffusion's get_sigmas, A1111's "Uniform" (sd_schedulers.py). A1111 v1.6-1.8
 # read the setting as its k_sched_type, which has no "Uniform": pasting fails there, loudly,
 # rather than make another image; before v1.6 the setting is ignored.
-_SCHEDULE_TYPES = {"dpmpp_2m": "Uniform"}
+_WRITTEN_SCHEDULE = {"dpmpp_2m": "Uniform"}
 
-
-def _key(name: str) -> str:
-    return name.strip().lower().replace(" ", "").replace("_", "").replace("+", "p")
+# AUTOMATIC1111 v1.9+'s "Schedule type" (its sd_schedulers.py): fulora's name -> A1111's label.
+# Each gives the sigmas a k-diffusion sampler steps through (fulora.generate.sigmas);
+# "automatic" is the sampler's own (Uniform; Karras for the samplers named "... Karras").
+SCHEDULE_TYPES = {
+    "automatic": "Automatic",
+    "uniform": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "polyexponential": "Polyexponential",
+    "sgm_uniform": "SGM Uniform",
+    "kl_optimal": "KL Optimal",
+    "align_your_steps": "Align Your Steps",
+    "simple": "Simple",
+    "normal": "Normal",
+    "ddim": "DDIM",
+    "beta": "Beta",
+}
+# The samplers that A1111 runs with k-diffusion, on a schedule type's sigmas, and each one's
+# own type. A1111's DDIM, PLMS and UniPC step on timesteps of their own and ignore the setting.
+_OWN_SCHEDULE = {"euler_a": "uniform", "euler": "uniform", "heun": "uniform", "lms": "uniform"}
+_OWN_SCHEDULE |= {"dpmpp_2m": "uniform", "lms_karras": "karras", "dpmpp_2m_karras": "karras"}
+_SCHEDULE_KEYS = {_key(n): n for n in SCHEDULE_TYPES}
+_SCHEDULE_KEYS |= {_key(label): n for n, label in SCHEDULE_TYPES.items()}
 
 
 _BY_KEY = {_key(n): n for n in SAMPLERS} | {_key(v[2]): n for n, v in SAMPLERS.items()}
@@ -131,20 +160,95 @@ def check_steps(name: str, steps: int) -> None:
         )
 
 
-def make_scheduler(name: str, base_config: dict[str, Any]):
-    """A diffusers scheduler for sampler ``name``, built from the model's scheduler config."""
+# The scheduler class that takes a schedule type's sigmas, for each k-diffusion sampler's
+_ON_SCHEDULE_TYPE = {
+    "EulerDiscreteScheduler": "A1111EulerScheduler",
+    "HeunDiscreteScheduler": "A1111HeunScheduler",
+    "LMSDiscreteScheduler": "A1111LMSScheduler",
+}
+
+
+def make_scheduler(
+    name: str,
+    base_config: dict[str, Any],
+    schedule: str = "automatic",
+    beta_shape: tuple[float, float] = (0.6, 0.6),
+):
+    """A diffusers scheduler for sampler ``name``, built from the model's scheduler config.
+
+    Args:
+        name: The sampler (fulora's or A1111's name).
+        base_config: The model's scheduler config.
+        schedule: A1111's schedule type (:data:`SCHEDULE_TYPES`); automatic: the sampler's own.
+        beta_shape: The "Beta" type's (alpha, beta).
+    """
     import diffusers
 
     from fulora.generate import a1111_schedulers
 
     cls_name, extra, _ = SAMPLERS[resolve_sampler(name)]
+    on_type = sigma_schedule(name, schedule)
+    if on_type is not None:
+        cls_name = _ON_SCHEDULE_TYPE.get(cls_name, cls_name)
     cls = getattr(a1111_schedulers, cls_name, None) or getattr(diffusers, cls_name)
-    return cls.from_config(base_config, **extra)
+    scheduler = cls.from_config(base_config, **extra)
+    if on_type is not None:
+        scheduler.schedule_type, scheduler.beta_shape = on_type, beta_shape
+    return scheduler
 
 
-def schedule_type(name: str) -> str | None:
+def resolve_schedule_type(name: str) -> str:
+    """Fulora's name of a schedule type given by fulora's or A1111's name (any case).
+
+    Raises:
+        ConfigError: For an unknown type; the message lists both kinds of names.
+    """
+    found = _SCHEDULE_KEYS.get(_key(name))
+    if found is None:
+        choices = ", ".join(f"{n} ({v!r})" for n, v in SCHEDULE_TYPES.items())
+        raise ConfigError(f"unknown schedule_type {name!r}; choose one of {choices}")
+    return found
+
+
+def own_schedule(sampler: str) -> str | None:
+    """A k-diffusion sampler's own schedule type; None: one that steps on timesteps of its own."""
+    return _OWN_SCHEDULE.get(resolve_sampler(sampler))
+
+
+def sigma_schedule(sampler: str, schedule: str) -> str | None:
+    """The schedule type whose sigmas ``sampler`` steps through; None: its scheduler's own.
+
+    Raises:
+        ConfigError: A type for a sampler that has no sigmas to take it (A1111's DDIM, PLMS
+            and UniPC ignore it; diffusers' own samplers), or another type for a sampler
+            named after its schedule ("DPM++ 2M Karras").
+    """
+    sampler, schedule = resolve_sampler(sampler), resolve_schedule_type(schedule)
+    own = own_schedule(sampler)
+    if schedule in ("automatic", own):
+        return None
+    if own is None:
+        raise ConfigError(
+            f"schedule_type {schedule} is for the samplers A1111 runs with k-diffusion "
+            f"({', '.join(display_name(n) for n in _OWN_SCHEDULE)}); {display_name(sampler)!r} "
+            "steps on timesteps of its own (A1111 ignores the setting there): set "
+            "schedule_type: automatic"
+        )
+    if own != "uniform":
+        plain = sampler.removesuffix("_karras")
+        raise ConfigError(
+            f"sampler {display_name(sampler)!r} is {display_name(plain)!r} on the Karras "
+            f"schedule: for schedule_type {schedule}, set sampler: {plain}"
+        )
+    return schedule
+
+
+def schedule_type(name: str, schedule: str = "automatic") -> str | None:
     """AUTOMATIC1111's "Schedule type" to name beside the sampler, where its default differs."""
-    return _SCHEDULE_TYPES.get(resolve_sampler(name))
+    chosen = sigma_schedule(name, schedule)
+    if chosen is not None:
+        return SCHEDULE_TYPES[chosen]
+    return _WRITTEN_SCHEDULE.get(resolve_sampler(name))
 
 
 def display_name(name: str) -> str:

@@ -1,0 +1,190 @@
+"""AUTOMATIC1111's schedule types: the sigmas a k-diffusion sampler steps through.
+
+A1111 v1.9+ (``modules/sd_schedulers.py``, read at 5bbbda47) lets a k-diffusion sampler
+(Euler, Euler a, Heun, LMS, DPM++ 2M) step through the noise levels of a "Schedule type"
+instead of its own. Each type is a list of ``steps + 1`` sigmas from the model's largest,
+``sigma_max``, down, ending at 0, computed here as A1111 computes it, on the CPU in float32
+(float64 where A1111's numpy does), from the model's discrete sigmas
+``sqrt((1 - alpha_bar) / alpha_bar)`` and k-diffusion's mapping between a sigma and a
+fractional timestep (``DiscreteSchedule``: log sigma interpolated linearly). Two types
+break the pattern, as in A1111: "KL Optimal" ends at the model's smallest sigma rather than
+at 0 (the last step stops there), and "DDIM" takes every ``N // steps``-th of the model's N
+sigmas from the second up, ``ceil((N - 1) / (N // steps))`` of them (31 steps for 30).
+
+``tests/test_parity.py`` checks every type at 30, 11 and 7 steps against A1111's own
+functions, and the samplers on them against k-diffusion's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# Align Your Steps' ten steps for SD1.5 (NVIDIA's published sigmas, as A1111 lists them)
+_ALIGN_YOUR_STEPS_SD15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399]
+_ALIGN_YOUR_STEPS_SD15 += [0.152, 0.029]
+
+
+class DiscreteSigmas:
+    """A model's noise levels at its N training timesteps (k-diffusion's ``DiscreteSchedule``)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+        alphas = torch.as_tensor(alphas_cumprod, dtype=torch.float32).cpu()
+        self.sigmas = ((1 - alphas) / alphas) ** 0.5  # ascending, float32 as A1111's
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def sigma_min(self) -> float:
+        """The smallest sigma (timestep 0)."""
+        return self.sigmas[0].item()
+
+    @property
+    def sigma_max(self) -> float:
+        """The largest sigma (timestep N - 1)."""
+        return self.sigmas[-1].item()
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The fractional timestep of each sigma: log sigma between its two neighbours."""
+        log_sigma = sigma.log()
+        above = (log_sigma - self.log_sigmas[:, None]).ge(0)  # training sigmas below each
+        low = above.cumsum(dim=0).argmax(dim=0).clamp(max=len(self.log_sigmas) - 2)
+        low_log, high_log = self.log_sigmas[low], self.log_sigmas[low + 1]
+        weight = ((low_log - log_sigma) / (low_log - high_log)).clamp(0, 1)
+        return ((1 - weight) * low + weight * (low + 1)).view(sigma.shape)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """The sigma at each fractional timestep (log sigma interpolated)."""
+        t = t.float()
+        weight = t.frac()
+        low, high = self.log_sigmas[t.floor().long()], self.log_sigmas[t.ceil().long()]
+        return ((1 - weight) * low + weight * high).exp()
+
+
+def a1111_sigmas(
+    schedule: str,
+    steps: int,
+    alphas_cumprod: torch.Tensor,
+    beta_alpha: float = 0.6,
+    beta_beta: float = 0.6,
+) -> torch.Tensor:
+    """The sigmas of A1111's schedule type ``schedule`` (fulora's name) at ``steps`` steps.
+
+    Args:
+        schedule: One of :data:`fulora.generate.samplers.SCHEDULE_TYPES` but ``automatic``.
+        steps: The steps asked for ("DDIM" may take more, as in A1111).
+        alphas_cumprod: The model's alpha_bar at each training timestep.
+        beta_alpha: "Beta"'s alpha (A1111's setting beta_dist_alpha, 0.6 by default).
+        beta_beta: "Beta"'s beta (A1111's beta_dist_beta).
+
+    Returns:
+        Float32 sigmas, largest first; the last is the sigma the sampler ends at.
+    """
+    model = DiscreteSigmas(alphas_cumprod)
+    if schedule == "beta":
+        return _beta(steps, model, beta_alpha, beta_beta)
+    return _SCHEDULES[schedule](steps, model)
+
+
+def _with_zero(sigmas) -> torch.Tensor:
+    """The sigmas (a float32 tensor, or numbers rounded to float32) and a last 0."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def _uniform(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+    """k-diffusion's ``get_sigmas``: timesteps evenly spaced from the top to 0."""
+    return _with_zero(model.t_to_sigma(torch.linspace(len(model.sigmas) - 1, 0, steps)))
+
+
+def _karras(steps: int, model: DiscreteSigmas, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022): evenly spaced in sigma ** (1 / rho)."""
+    ramp = torch.linspace(0, 1, steps)
+    top, bottom = model.sigma_max ** (1 / rho), model.sigma_min ** (1 / rho)
+    return _with_zero((top + ramp * (bottom - top)) ** rho)
+
+
+def _exponential(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+    """Evenly spaced in log sigma."""
+    top, bottom = math.log(model.sigma_max), math.log(model.sigma_min)
+    return _with_zero(torch.linspace(top, bottom, steps).exp())
+
+
+def _polyexponential(steps: int, model: DiscreteSigmas, rho: float = 1.0) -> torch.Tensor:
+    """Log sigma along a polynomial ramp (A1111's default rho 1: the exponential's, in float32)."""
+    ramp = torch.linspace(1, 0, steps) ** rho
+    low, high = math.log(model.sigma_min), math.log(model.sigma_max)
+    return _with_zero(torch.exp(ramp * (high - low) + low))
+
+
+def _timesteps_between(steps: int, model: DiscreteSigmas, points: int) -> torch.Tensor:
+    """``points`` timesteps evenly spaced from the largest sigma's to the smallest's."""
+    start = model.sigma_to_t(torch.tensor(model.sigma_max))
+    end = model.sigma_to_t(torch.tensor(model.sigma_min))
+    return torch.linspace(start, end, points)
+
+
+def _sgm_uniform(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+    """``steps`` of ``steps + 1`` evenly spaced timesteps, the last one (at sigma_min) left out."""
+    times = _timesteps_between(steps, model, steps + 1)[:-1]
+    return _with_zero([model.t_to_sigma(t).item() for t in times])
+
+
+def _normal(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+    """``steps`` evenly spaced timesteps from sigma_max's to sigma_min's."""
+    times = _timesteps_between(steps, model, steps)
+    return _with_zero([model.t_to_sigma(t).item() for t in times])
+
+
+def _kl_optimal(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+    """Evenly spaced in arctan(sigma), from sigma_max down to sigma_min itself (no last 0)."""
+    low = torch.arctan(torch.tensor(model.sigma_min))
+    high = torch.arctan(torch.tensor(model.sigma_max))
+    share = torch.arange(steps + 1) / steps
+    return torch.tan(share * low + (1.0 - share) * high)
+
+
+def _align_your_steps(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+    """NVIDIA's SD1.5 sigmas, log-linearly interpolated to ``steps`` (the list itself at 11)."""
+    listed = _ALIGN_YOUR_STEPS_SD15
+    if steps == len(listed):
+        return _with_zero(listed)
+    ascending = np.log(listed[::-1])
+    spread = np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(listed)), ascending)
+    return _with_zero(np.exp(spread)[::-1].copy())
+
+
+def _simple(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+    """Every (N / steps)-th training sigma from the top, the index truncated."""
+    stride = len(model.sigmas) / steps
+    return _with_zero([model.sigmas[-(1 + int(i * stride))].item() for i in range(steps)])
+
+
+def _ddim(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+    """Every (N // steps)-th training sigma from timestep 1 up, largest first (A1111's count)."""
+    stride = max(len(model.sigmas) // steps, 1)
+    return _with_zero(model.sigmas[1::stride].flip(0))
+
+
+def _beta(steps: int, model: DiscreteSigmas, alpha: float, beta: float) -> torch.Tensor:
+    """Lee et al. (2024): the beta distribution's quantiles, mapped linearly onto sigma."""
+    from scipy import stats  # loaded only for this type
+
+    quantiles = stats.beta.ppf(1 - np.linspace(0, 1, steps), alpha, beta)
+    low, high = model.sigma_min, model.sigma_max
+    return _with_zero([low + q * (high - low) for q in quantiles])
+
+
+_SCHEDULES = {
+    "uniform": _uniform,
+    "karras": _karras,
+    "exponential": _exponential,
+    "polyexponential": _polyexponential,
+    "sgm_uniform": _sgm_uniform,
+    "kl_optimal": _kl_optimal,
+    "align_your_steps": _align_your_steps,
+    "simple": _simple,
+    "normal": _normal,
+    "ddim": _ddim,
+}
