@@ -1873,6 +1873,14 @@ class _ToyConditionalUNet(torch.nn.Module):
         return (0.5 * torch.sin(angle) + 0.2 * sample,)
 
 
+class _RowCountingUNet(_ToyConditionalUNet):
+    """The toy, counting the rows it runs (``calls``): fewer where a call skips the negative."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict=False, **kwargs):
+        self.calls += sample.shape[0] - 1
+        return super().forward(sample, timestep, encoder_hidden_states, return_dict, **kwargs)
+
+
 def _toy_conditioning(prompt: str, negative: str, steps: int, late: int = 0):
     """The toy's conditioning of each part and the negative; ``late``: each text's last step
     that many calls later, as a counter from 1 would have it."""
@@ -1889,21 +1897,21 @@ def _toy_conditioning(prompt: str, negative: str, steps: int, late: int = 0):
     return Conditioning(stacked_parts(parts), scheduled(negative_part))
 
 
-def _toy_guided_x0(sampler: str, steps: int, conditioning) -> tuple[int, torch.Tensor]:
+def _toy_guided_x0(sampler: str, steps: int, conditioning, skip=None) -> tuple[int, torch.Tensor]:
     """(UNet calls, x0): ``steps`` of fulora's scheduler, the toy guided by fulora's hooks with
-    guidance 7, stepped as diffusers' pipeline steps."""
+    guidance 7 (and ``skip``), stepped as diffusers' pipeline steps."""
     from fulora.generate.guidance import guided
     from fulora.generate.samplers import make_scheduler
     from fulora.lora.tiny import sd15_scheduler
 
-    unet = _ToyConditionalUNet()
+    unet = _ToyConditionalUNet() if skip is None else _RowCountingUNet()
     scheduler = make_scheduler(sampler, sd15_scheduler().config)
     scheduler.set_timesteps(steps)
     x = torch.tensor(KDIFFUSION_NOISE, dtype=torch.float64).reshape(1, 4, 2, 2)
     x = x * scheduler.init_noise_sigma
     first_prompt, first_negative = conditioning.first()
     hidden = torch.cat([first_negative, first_prompt])  # what generate hands the pipeline
-    with guided(unet, conditioning, images=1):
+    with guided(unet, conditioning, images=1, skip=skip):
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(torch.cat([x, x]), t)
             uncond, prompted = unet(model_input, t, encoder_hidden_states=hidden)[0].chunk(2)
@@ -1931,6 +1939,62 @@ def test_edited_and_and_prompts_are_guided_as_automatic1111_guides_them(
     # one call late, as a step counter from 1 would be, is far from A1111's
     _, late = _toy_guided_x0(sampler, steps, _toy_conditioning(prompt, negative, total, late=1))
     assert float((late - expected).norm() / expected.norm()) > 1e-3
+
+
+# A1111's "NGMS" (s_min_uncond), "NGMS all steps" and "Skip Early CFG" (skip_early_cond): the
+# same scratch CFGDenoiser with its v1.10 forward's skips (a skipped call runs the parts' rows
+# only, the first part's prediction standing in for the negative's, combined at cond_scale 1),
+# by (sampler, steps, prompt, negative, NGMS, NGMS all steps, Skip Early CFG): (UNet rows, x0).
+A1111_SKIPPED_X0 = {
+    ("euler", 10, "[fetal:brain:3]", "[blurry|noisy]", 3.0, False, 0.0): (
+        16,
+        [-2.49955481, -4.98441086, -17.40896911, 15.2761543, -17.51744079, -17.53757835,
+         -17.19877933, -17.54985788, -17.57459963, 16.65628388, -3.890934712, 25.51266838,
+         10.77090142, -17.47149749, -4.295833726, -3.832226022],
+    ),
+    ("heun", 10, "fetal AND brain:0.5 AND [femur:bone:0.5] :-0.3", "[text::4]", 1.5, True, 0.0): (
+        66,
+        [-4.69357933, -3.268919973, -4.409933203, 11.87011788, -4.211021072, -4.560027136,
+         -3.838536852, -4.189556891, -4.567993666, 11.46137765, -3.628804887, 12.2738085,
+         11.72994994, -4.536550259, -3.80557339, -3.559543605],
+    ),
+    ("euler", 10, "[fetal|brain|femur] :1.5", "", 0.0, False, 0.3): (
+        16,
+        [-19.63961969, -1.069114235, -10.38708398, 8.980145157, -7.482286915, -11.13655975,
+         -5.886962033, -7.231282156, -11.26251642, 13.35037969, 4.053765015, 14.0346215,
+         9.227750542, -10.91263729, 4.03716632, 4.054438238],
+    ),
+    ("euler", 10, "fetal brain", "blurry", 2.0, False, 0.2): (
+        14,
+        [-20.10023897, -1.525532754, -9.46972138, 8.598453803, -7.43998343, -11.35481502,
+         -5.261715031, -7.265707197, -11.5303053, 10.76255105, 4.753871746, 13.86480842,
+         9.03785561, -10.95814853, 4.101573128, 4.802392683],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(A1111_SKIPPED_X0))
+def test_skipped_negative_passes_are_automatic1111s(case):
+    """The calls that run without the negative prompt (fewer UNet rows: 16 of 20, 66 of 76) and
+    what stands in for it, against A1111's CFGDenoiser around k-diffusion, within the gap of
+    the guided test above; without the skips the result is far from it."""
+    from fulora.generate.guidance import UncondSkip
+    from fulora.generate.schedules import schedule_steps
+    from fulora.generate.sigmas import DiscreteSigmas
+    from fulora.lora.tiny import sd15_scheduler
+
+    sampler, steps, prompt, negative, ngms, ngms_all, early = case
+    total = schedule_steps(sampler, steps)
+    sigmas = DiscreteSigmas(sd15_scheduler().alphas_cumprod)
+    skip = UncondSkip(7.0, total, early, ngms, ngms_all, lambda t: sigmas.t_to_sigma(t).item())
+    conditioning = _toy_conditioning(prompt, negative, total)
+    rows, x0 = _toy_guided_x0(sampler, steps, conditioning, skip)
+    expected_rows, expected = A1111_SKIPPED_X0[case]
+    expected = torch.tensor(expected, dtype=torch.float64)
+    assert rows == expected_rows
+    assert float((x0 - expected).norm() / expected.norm()) < 5e-6
+    _, unskipped = _toy_guided_x0(sampler, steps, conditioning)
+    assert float((unskipped - expected).norm() / expected.norm()) > 1e-3
 
 
 # The same end to end on fulora:phantom-sd, fp32 CPU: A1111's conditioning (prompt_parser's

@@ -1068,7 +1068,7 @@ def test_consecutive_seeds_are_automatic1111s_batch_seeds(tiny_model, trained_lo
 def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, capsys):
     """--a1111 PNG: the image's prompt (a <lora:...> with its own text-encoder weight), negative
     prompt, sampler, schedule type, steps, CFG scale, seed, size, clip skip, RNG, ENSD, eta,
-    emphasis, variation seed and seed resize make it again, one
+    emphasis, variation seed, seed resize, Skip Early CFG and NGMS make it again, one
     image of the plane --planes names; a flag overrides a setting of the text."""
     prompts = {
         "brain": "a photo of fetal brain",
@@ -1094,12 +1094,15 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
         seed_resize_from_height=40,
         eta_ancestral=0.8,
         schedule_type="SGM Uniform",
+        skip_early_cfg=0.1,
+        ngms=2.0,
         **_EULER_A_ENSD,
     )
     generate(tmp_path / "made", made, progress=False)
     [png] = (tmp_path / "made" / "femur").glob("00002-*.png")
     assert b", ENSD: 31337, Eta: 0.8, RNG: NV, " in png.read_bytes()
     assert b"Sampler: Euler a, Schedule type: SGM Uniform, " in png.read_bytes()
+    assert b", Skip Early CFG: 0.1, NGMS: 2, " in png.read_bytes()
     settings = b"Variation seed: 42, Variation seed strength: 0.25, Seed resize from: 64x40"
     assert settings in png.read_bytes()
     common = [
@@ -1123,6 +1126,11 @@ def test_an_images_a1111_settings_remake_it(tiny_model, trained_lora, tmp_path, 
     assert (written["variation_seed"], written["variation_strength"]) == (42, 0.25)  # image 2's
     assert (written["seed_resize_from_width"], written["seed_resize_from_height"]) == (64, 40)
     assert written["eta_ancestral"] == 0.8 and written["schedule_type"] == "sgm_uniform"
+    assert (written["skip_early_cfg"], written["ngms"], written["ngms_all_steps"]) == (
+        0.1,
+        2,
+        False,
+    )
     # its "Lora hashes": another LoRA file, even under the same name, is refused before any work
     other = tmp_path / "other" / "phantom_lora.safetensors"
     other.parent.mkdir()
@@ -1326,6 +1334,53 @@ def test_euler_a_takes_its_step_noise_from_the_nv_source_and_ensd(
     assert ", ENSD: 7, Eta DDIM: 0.5, RNG: NV, " in _parameters(tmp_path / "ddim eta", "brain")
 
 
+def _unet_rows(run, *args, **kwargs) -> int:
+    """The rows of all UNet calls while ``run(*args, **kwargs)`` runs (as the UNet ran them:
+    global hooks see a call's output before its own hooks, such as fulora's, change it)."""
+    from diffusers import UNet2DConditionModel
+
+    counted = []
+
+    def count(module, args, output):
+        if isinstance(module, UNet2DConditionModel):
+            counted.append(output[0].shape[0])
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        run(*args, **kwargs)
+    finally:
+        handle.remove()
+    return sum(counted)
+
+
+def test_skipping_the_negative_prompt_runs_fewer_unet_rows_and_names_itself(
+    tiny_model, trained_lora, tmp_path
+):
+    """Skip Early CFG and NGMS (test_parity compares them with A1111's CFGDenoiser): the UNet
+    runs the prompt's rows alone on the skipped steps, the images differ from the guided ones,
+    --only remakes one bit for bit, and the PNG text names both as A1111 writes them."""
+    kw = dict(planes=["brain"], per_class=2, batch_size=2, contact_sheet=0, steps=10)
+    kw |= dict(sampler="Euler", negative_prompt="blurry")
+    runs = {
+        "guided": {},
+        "skipped": {"skip_early_cfg": 0.2, "ngms": 3.0, "ngms_all_steps": True},
+    }
+    rows = {}
+    for name, setting in runs.items():
+        cfg = _cfg(tiny_model, trained_lora, **kw, **setting)
+        rows[name] = _unet_rows(generate, tmp_path / name, cfg, progress=False)
+    assert rows["guided"] == 10 * 4  # 10 steps of 2 images, negative and prompt
+    assert rows["guided"] - rows["skipped"] >= 2 * 3  # at least the 3 early steps' negatives
+    guided, skipped = _images(tmp_path / "guided"), _images(tmp_path / "skipped")
+    assert all(np.abs(guided[k].astype(int) - skipped[k].astype(int)).mean() > 0.5 for k in guided)
+    cfg = _cfg(tiny_model, trained_lora, **kw, **runs["skipped"])
+    generate(tmp_path / "one", cfg, only=["brain:1"], progress=False)
+    [(key, pixels)] = _images(tmp_path / "one").items()
+    assert np.array_equal(pixels, skipped[key])
+    text = _parameters(tmp_path / "skipped", "brain")
+    assert ", Skip Early CFG: 0.2, NGMS: 3, NGMS all steps: True, " in text
+
+
 def test_a_variation_seed_varies_one_seeds_image_as_automatic1111_does(tiny_model, tmp_path):
     """Every image keeps the run's seed and image i takes the variation seed + i (A1111's
     batch, named in the PNG text); at strength 1 each image is its variation seed's own (the
@@ -1373,6 +1428,10 @@ def test_a_variation_seed_varies_one_seeds_image_as_automatic1111_does(tiny_mode
         ({"schedule_type": "exponential"}, r"'DPM\+\+ 2M Karras' is 'DPM\+\+ 2M' on the Karras"),
         ({"schedule_type": "cosine"}, r"unknown schedule_type 'cosine'; choose one of"),
         ({"beta_schedule_beta": 0.7}, r"beta_schedule_beta 0.7 shapes only schedule_type beta"),
+        ({"ngms": 1.0, "guidance": 1}, r"ngms 1 leaves the negative .* guidance 1 runs none"),
+        ({"skip_early_cfg": 1.5}, r"skip_early_cfg"),
+        ({"ngms_all_steps": True}, r"ngms_all_steps: true is NGMS on every step"),
+        ({"ngms": 1.0, "sampler": "UniPC"}, r"'UniPC' hands its model a timestep"),
         ({"schedule_type": "beta", "beta_schedule_alpha": 0, "sampler": "Euler"}, r"alpha"),
         ({"seed_scheme": "consecutive", "seed": 2**63 - 3}, r"seed_scheme: consecutive.*seed"),
     ],

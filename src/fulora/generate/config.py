@@ -27,6 +27,7 @@ from fulora.generate.samplers import (
     STEP_NOISE,
     check_steps,
     display_name,
+    own_schedule,
     resolve_sampler,
     resolve_schedule_type,
     sigma_schedule,
@@ -67,6 +68,8 @@ class GenerateConfig(Checked):
         "eta_ancestral": AT_LEAST_0,
         "eta_ddim": AT_LEAST_0,
         "beta_schedule_alpha": POSITIVE,
+        "skip_early_cfg": FRACTION,
+        "ngms": AT_LEAST_0,
         "beta_schedule_beta": POSITIVE,
         "variation_seed": SEED,
         "variation_strength": FRACTION,
@@ -85,6 +88,7 @@ class GenerateConfig(Checked):
         """
         check_steps(self.sampler, self.steps)  # a known sampler, and steps it can take
         self._check_schedule_type()
+        self._check_uncond_skips()
         self.check_planes_of("planes")
         self.check_planes_of("prompts")  # its keys: a misspelt plane would fall back silently
         steps, guided = schedule_steps(resolve_sampler(self.sampler), self.steps), self.guidance > 1
@@ -124,6 +128,28 @@ class GenerateConfig(Checked):
                     f"steps on {resolve_schedule_type(self.schedule_type)}: set {key}: "
                     f"{default:g} (A1111 writes it only for Beta), or schedule_type: beta"
                 )
+
+    def _check_uncond_skips(self) -> None:
+        """Skip Early CFG and NGMS where there is a negative pass to skip, and a sigma."""
+        for key in ("skip_early_cfg", "ngms"):
+            if getattr(self, key) and self.guidance <= 1:
+                raise ConfigError(
+                    f"{key} {getattr(self, key):g} leaves the negative prompt out of some steps, "
+                    f"and guidance {self.guidance:g} runs none (no classifier-free guidance): "
+                    f"set {key}: 0, or guidance above 1"
+                )
+        if self.ngms_all_steps and not self.ngms:
+            raise ConfigError(
+                "ngms_all_steps: true is NGMS on every step rather than every other: set ngms "
+                "(A1111's 'Negative Guidance minimum sigma') above 0, or ngms_all_steps: false"
+            )
+        if self.ngms and own_schedule(self.sampler) is None:
+            raise ConfigError(
+                f"ngms {self.ngms:g}: A1111 compares NGMS with the sampler's sigma, and "
+                f"{display_name(self.sampler)!r} hands its model a timestep instead (A1111 "
+                "compares that, skipping by timestep): use a k-diffusion sampler (Euler, Euler "
+                "a, Heun, LMS, DPM++ 2M), or ngms: 0"
+            )
 
     def _check_rng(self) -> None:
         """Seeds torch takes; eta and ENSD where step noise uses them; ``gpu`` needs a GPU."""
@@ -262,6 +288,14 @@ class GenerateConfig(Checked):
     beta_schedule_beta: float = 0.6
     steps: int = 30
     guidance: float = 7.0
+    # A1111's "Skip Early CFG" (its setting skip_early_cond): the share of the first steps run
+    # without the negative prompt (the prompt alone, unguided); faster, other images; 0: none
+    skip_early_cfg: float = 0.0
+    # A1111's "NGMS" (Negative Guidance minimum sigma, s_min_uncond): every other step below
+    # this sigma runs without the negative prompt (faster, images near the guided ones); 0: off
+    ngms: float = 0.0
+    # A1111's "NGMS all steps": every step below ngms's sigma, not every other one
+    ngms_all_steps: bool = False
     width: int | None = None  # default: the LoRA's training size, else 512
     height: int | None = None
     seed: int = 0

@@ -10,12 +10,13 @@ exactly 0; tested against separate passes in ``tests/generate/test_guidance.py``
 
 A prompt with editing, alternation or ``AND`` (``fulora.generate.schedules``) conditions each
 UNet call on that call's entries, and guides each ``AND`` part with its weight, as A1111's
-``CFGDenoiser`` does (:func:`guided`).
+``CFGDenoiser`` does (:func:`guided`). A1111's "Skip Early CFG" and "NGMS" leave the negative
+prompt's rows out of some calls (:class:`UncondSkip`), which then cost the UNet fewer rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -149,29 +150,73 @@ def stacked_parts(
     return tuple(stacked)
 
 
+@dataclass(frozen=True)
+class UncondSkip:
+    """The model calls that run without the negative prompt, as A1111's ``CFGDenoiser`` skips.
+
+    "Skip Early CFG" (its setting skip_early_cond) skips every call counted ``call`` (from 0)
+    with ``call / total_steps`` at most ``early``; else "NGMS" (Negative Guidance minimum
+    sigma, s_min_uncond) every odd call whose sigma is below ``ngms`` (every such call with
+    ``ngms_all``, its "NGMS all steps"). A skipped call's prediction is the first ``AND`` part's
+    plus each part's difference from it times its weight, unguided (A1111's cond_scale 1).
+
+    Attributes:
+        guidance: The pipeline's guidance scale (its ``u + g (p - u)`` is undone on a skip).
+        total_steps: A1111's expected model calls (``fulora.generate.schedules.schedule_steps``).
+        early: Skip Early CFG's share of the calls (0: none).
+        ngms: NGMS's sigma (0: none).
+        ngms_all: NGMS on every call, not every other one.
+        sigma_of: The k-diffusion sigma of a UNet timestep (needed with ngms).
+    """
+
+    guidance: float
+    total_steps: int
+    early: float = 0.0
+    ngms: float = 0.0
+    ngms_all: bool = False
+    sigma_of: Callable[[torch.Tensor], float] | None = None
+
+    def skips(self, call: int, timestep: torch.Tensor) -> bool:
+        """Whether model call ``call`` (from 0), at ``timestep``, runs without the negative."""
+        if self.early and call / self.total_steps <= self.early:
+            return True
+        if not self.ngms or not (call % 2 or self.ngms_all):
+            return False
+        return self.sigma_of(timestep) < self.ngms
+
+
 @contextmanager
-def guided(unet: torch.nn.Module, conditioning: Conditioning, images: int) -> Iterator[None]:
+def guided(
+    unet: torch.nn.Module,
+    conditioning: Conditioning,
+    images: int,
+    skip: UncondSkip | None = None,
+) -> Iterator[None]:
     """Every UNet call inside the block conditioned as A1111 conditions it, call by call.
 
-    A plain conditioning changes nothing but masking a shorter side's padding
+    A plain conditioning without ``skip`` changes nothing but masking a shorter side's padding
     (:func:`cross_attention_mask`). Otherwise hooks count the UNet's calls as A1111 counts its
     steps and, at each, give every image each part's and the negative prompt's embeddings for
     that call; with guidance they run one row per part and return, as the prompt's prediction,
     the negative's plus each part's difference from it times its weight, so diffusers'
     guidance ``u + g (p - u)`` is A1111's ``u + g sum(w (c - u))`` (``combine_denoised``).
+    A call that ``skip`` skips runs the parts' rows only.
 
     Args:
         unet: The pipeline's UNet (compiled or not).
         conditioning: The plane's conditioning (:class:`Conditioning`).
         images: The images of the batch (the pipeline's rows per side).
+        skip: Which calls run without the negative prompt (None: none).
     """
-    if conditioning.plain:
+    if conditioning.negative is None:
+        skip = None  # unguided: no negative rows to leave out
+    if conditioning.plain and skip is None:
         positive, negative = conditioning.first()
         keep = None if negative is None else padded_sides(positive, negative)[2]
         with cross_attention_mask(unet, _per_image(keep, images)):
             yield
         return
-    hooks = _StepHooks(conditioning, images)
+    hooks = _StepHooks(conditioning, images, skip)
     handles = [
         unet.register_forward_pre_hook(hooks.before, with_kwargs=True),
         unet.register_forward_hook(hooks.after, with_kwargs=True),
@@ -191,16 +236,21 @@ def _per_image(keep: torch.Tensor | None, n: int) -> torch.Tensor | None:
 class _StepHooks:
     """The UNet's inputs and output at each call of a scheduled or ``AND`` conditioning."""
 
-    def __init__(self, conditioning: Conditioning, images: int) -> None:
+    def __init__(self, conditioning: Conditioning, images: int, skip: UncondSkip | None) -> None:
         self.conditioning = conditioning
         self.images = images
+        self.skip = skip
         self.call = 0  # A1111's CFGDenoiser.step
+        self.skipping = False  # this call runs without the negative prompt
 
     def before(self, module, args, kwargs):
         sample, timestep, *rest = args  # diffusers' pipelines: (sample, t, encoder_hidden_states=)
         rows = [scheduled.at(self.call) for _, scheduled in self.conditioning.parts]
-        if self.conditioning.negative is not None:  # rows: the negative, then each part
-            rows.insert(0, self.conditioning.negative.at(self.call))
+        negative = self.conditioning.negative
+        self.skipping = self.skip is not None and self.skip.skips(self.call, timestep)
+        if negative is not None:  # rows: the negative (unless skipped), then each part
+            if not self.skipping:
+                rows.insert(0, negative.at(self.call))
             sample, timestep = (_rows_for(t, self.images, len(rows)) for t in (sample, timestep))
         hidden, keep = _one_length(rows)
         hidden = hidden.repeat_interleave(self.images, 0)
@@ -217,10 +267,16 @@ class _StepHooks:
         if self.conditioning.negative is None:
             return output
         predicted = output[0]
-        uncond, *parts = predicted.split(self.images)
+        if self.skipping:  # A1111's stand-in: the first part's prediction, guided at 1
+            parts = predicted.split(self.images)
+            uncond = parts[0]
+            scale = 1.0 / self.skip.guidance  # which the pipeline's u + g (p - u) undoes
+        else:
+            uncond, *parts = predicted.split(self.images)
+            scale = 1.0
         prompt = uncond.clone()
         for (weight, _), part in zip(self.conditioning.parts, parts, strict=True):
-            prompt += (part - uncond) * weight
+            prompt += (part - uncond) * (weight * scale)
         combined = torch.cat([uncond, prompt])
         if isinstance(output, tuple):
             return (combined, *output[1:])

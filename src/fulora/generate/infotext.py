@@ -50,7 +50,8 @@ _PROVENANCE = ("Model", "Model hash", "Lora hashes", "Version")
 _SETTINGS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2")
 _SETTINGS += ("Clip skip", "ENSD", "RNG", "Emphasis", "Variation seed", "Variation seed strength")
 _SETTINGS += ("Seed resize from-1", "Seed resize from-2", "Eta", "Eta DDIM")
-_SETTINGS += ("Beta schedule alpha", "Beta schedule beta")
+_SETTINGS += ("Beta schedule alpha", "Beta schedule beta", "Skip Early CFG", "NGMS")
+_SETTINGS += ("NGMS all steps",)
 _EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
@@ -186,6 +187,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "eta_ancestral": _number(fields, "Eta", float) if "Eta" in fields else 1.0,
         "eta_ddim": _number(fields, "Eta DDIM", float) if "Eta DDIM" in fields else 0.0,
         "emphasis": _EMPHASES[emphasis],
+        **_uncond_skips(fields),
         "per_class": 1,
     }
 
@@ -198,6 +200,16 @@ def _sampler_settings(fields: dict[str, str]) -> dict[str, Any]:
         if name in fields:
             settings[f"beta_schedule_{key}"] = _number(fields, name, float)
     return settings
+
+
+def _uncond_skips(fields: dict[str, str]) -> dict[str, Any]:
+    """Skip Early CFG and NGMS (A1111 writes each where a step ran without the negative)."""
+    skips: dict[str, Any] = {"skip_early_cfg": 0.0, "ngms": 0.0}
+    for key, name in (("skip_early_cfg", "Skip Early CFG"), ("ngms", "NGMS")):
+        if name in fields:
+            skips[key] = _number(fields, name, float)
+    skips["ngms_all_steps"] = fields.get("NGMS all steps") == "True"
+    return skips
 
 
 def _seed_extras(fields: dict[str, str]) -> dict[str, Any]:

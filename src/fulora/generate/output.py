@@ -97,6 +97,10 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     # The noise source (fulora.generate.noise) by A1111's name; its default, GPU, is unwritten
     # (A1111 reads a missing RNG as GPU, and would start the CPU's images from other noise).
     settings["RNG"] = A1111_RNG_NAMES[cfg.rng] if cfg.rng != A1111_DEFAULT_RNG else None
+    # A1111 writes these where a step ran without the negative prompt; fulora where set
+    settings["Skip Early CFG"] = f"{cfg.skip_early_cfg:g}" if cfg.skip_early_cfg else None
+    settings["NGMS"] = f"{cfg.ngms:g}" if cfg.ngms else None
+    settings["NGMS all steps"] = True if cfg.ngms_all_steps else None
     # A prompt's own <lora:...> applies the LoRA in A1111 as written; one without gets the
     # tag of lora_scale. A1111 lists the LoRA under the name the tag gives.
     tags = lora_tags(row["prompt"], "the prompt")
@@ -216,6 +220,9 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "eta_ddim": cfg.eta_ddim,
         # the schedule type the sampler stepped on (automatic: its own)
         "schedule_type": sigma_schedule(resolved.sampler, cfg.schedule_type) or "automatic",
+        "skip_early_cfg": cfg.skip_early_cfg,
+        "ngms": cfg.ngms,
+        "ngms_all_steps": cfg.ngms_all_steps,
         "variation_seed": cfg.variation_seed_of(index),
         "variation_strength": cfg.variation_strength,
         "seed_resize_from": _resize_from(cfg),

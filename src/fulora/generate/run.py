@@ -37,7 +37,7 @@ from fulora.errors import ConfigError, DataError
 from fulora.generate.config import GenerateConfig, check_rng_device
 from fulora.generate.decode import Decoder
 from fulora.generate.encode import encode_prompts, unet_rows
-from fulora.generate.guidance import Conditioning, guided, padded_sides
+from fulora.generate.guidance import Conditioning, UncondSkip, guided, padded_sides
 from fulora.generate.noise import ImageNoise, latent_shape
 from fulora.generate.output import (
     ImageWriter,
@@ -56,6 +56,7 @@ from fulora.generate.samplers import (
     scheduler_name,
 )
 from fulora.generate.schedules import schedule_steps
+from fulora.generate.sigmas import DiscreteSigmas
 from fulora.io import file_hash, half_written
 from fulora.lora.base import (
     base_identity,
@@ -650,7 +651,7 @@ def _denoise(
     latents = noise.first()  # as A1111's RNG settings draw it
     with (
         torch.no_grad(),
-        guided(pipe.unet, conditioning, n),
+        guided(pipe.unet, conditioning, n, _uncond_skip(pipe, cfg, resolved)),
         _step_noise(pipe, noise, cfg),
     ):
         return pipe(
@@ -664,6 +665,21 @@ def _denoise(
             generator=noise.generators,  # Euler a's step noise (cpu, gpu)
             output_type="latent",
         ).images
+
+
+def _uncond_skip(pipe, cfg, resolved) -> UncondSkip | None:
+    """The calls that run without the negative prompt (A1111's Skip Early CFG and NGMS)."""
+    if not (cfg.skip_early_cfg or cfg.ngms):
+        return None
+    sigmas = DiscreteSigmas(pipe.scheduler.alphas_cumprod)
+
+    def sigma_of(timestep) -> float:  # the sampler's sigma, as k-diffusion hands A1111's model
+        return sigmas.t_to_sigma(torch.as_tensor(timestep).flatten()[0].cpu()).item()
+
+    total = schedule_steps(resolved.sampler, cfg.steps)
+    return UncondSkip(
+        cfg.guidance, total, cfg.skip_early_cfg, cfg.ngms, cfg.ngms_all_steps, sigma_of
+    )
 
 
 @contextmanager
