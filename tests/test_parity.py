@@ -2054,6 +2054,64 @@ def test_generate_conditions_and_guides_as_automatic1111_on_a_real_model(
     assert x0.flatten()[:6].tolist() == pytest.approx(first, abs=1e-4)
 
 
+# The same with A1111's "Pad prompt/negative prompt" (pad_cond_uncond: the shorter side gets
+# the empty prompt's chunks, sd_model.cond_stage_model_empty_prompt = cond_stage_model([""]))
+# and its v0 (pad_cond_uncond_v0: the negative's last vector repeated, or the negative cut), as
+# its v1.10 CFGDenoiser.forward pads them, in the same scratch script. (pad, seed, steps, prompt,
+# negative): as A1111_PHANTOM_X0. Unpadded (each side apart), the third case's sum is 29.59.
+_LONG_NEGATIVE = "[blurry|noisy], " + "text, " * 40
+_EDITED_AND = "a photo of [fetal:(fetal ultrasound:1.2):3] brain AND femur, bone :0.4"
+A1111_PADDED_X0 = {
+    ("on", 7, 10, _EDITED_AND, _LONG_NEGATIVE): (
+        -215.743408203125,
+        992.7166748046875,
+        [0.075511292, 0.65938717, 0.58435541, -0.5795294, -0.029007012, 0.29147077],
+    ),
+    ("v0", 7, 10, _EDITED_AND, _LONG_NEGATIVE): (
+        -350.5418701171875,
+        1153.0389404296875,
+        [0.048683114, 0.81242633, 0.62832946, -0.7058872, -0.019183284, 0.19743687],
+    ),
+    ("on", 5, 10, "fetal brain, " * 30, "blurry"): (
+        93.22822570800781,
+        588.8819580078125,
+        [1.1487324, 0.37863132, -0.4497346, -0.51052403, 1.3388551, -0.24460852],
+    ),
+    ("v0", 5, 10, "fetal brain, " * 30, "blurry"): (
+        131.71322631835938,
+        557.0004272460938,
+        [1.1381692, 0.34587601, -0.42383841, -0.47035104, 1.3433461, -0.25480789],
+    ),
+}
+
+
+@pytest.mark.parametrize(("pad", "seed", "steps", "prompt", "negative"), list(A1111_PADDED_X0))
+def test_padded_sides_are_automatic1111s_on_a_real_model(pad, seed, steps, prompt, negative):
+    """pad_conds on and v0, through encode_prompts, the hooks (an edited AND prompt, its two-chunk
+    negative) or the plain path (a two-chunk prompt) and diffusers' pipeline, against A1111's."""
+    from types import SimpleNamespace
+
+    from fulora.generate.config import GenerateConfig
+    from fulora.generate.encode import empty_prompt, encode_prompts
+    from fulora.generate.run import _denoise
+    from fulora.generate.samplers import make_scheduler
+    from fulora.lora.base import load_pipeline
+    from fulora.shipped import PHANTOM_SD, shipped_model
+
+    pipe = load_pipeline(str(shipped_model(PHANTOM_SD)), dtype=torch.float32)
+    pipe.scheduler = make_scheduler("euler", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    empty = empty_prompt(pipe, 1, "cpu")
+    conditioning = encode_prompts(pipe, prompt, negative, steps, 1, "cpu", pad=pad, empty=empty)
+    assert conditioning.padded
+    cfg = GenerateConfig(steps=steps, guidance=7.0, pad_conds=pad)
+    x0 = _denoise(pipe, conditioning, [seed], cfg, SimpleNamespace(height=48, width=64))
+    total, magnitude, first = A1111_PADDED_X0[(pad, seed, steps, prompt, negative)]
+    assert x0.sum().item() == pytest.approx(total, abs=1e-2)  # the bounds of the test above
+    assert x0.abs().sum().item() == pytest.approx(magnitude, rel=5e-5)
+    assert x0.flatten()[:6].tolist() == pytest.approx(first, abs=1e-4)
+
+
 # k-diffusion's sample_dpmpp_2m (4601bf0) at 10 steps, as KDIFFUSION_X0 (from the same scratch
 # script): a short schedule, where diffusers' DPM-Solver has its own lower-order rules.
 KDIFFUSION_X0_10_STEPS = {

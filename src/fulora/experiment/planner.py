@@ -97,6 +97,7 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "skip_early_cfg": 0.0,
         "ngms": 0.0,
         "ngms_all_steps": False,
+        "pad_conds": "off",
         "emphasis": "original",
         "variation_seed": None,
         "variation_strength": 0.0,

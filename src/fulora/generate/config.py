@@ -130,7 +130,7 @@ class GenerateConfig(Checked):
                 )
 
     def _check_uncond_skips(self) -> None:
-        """Skip Early CFG and NGMS where there is a negative pass to skip, and a sigma."""
+        """Skip Early CFG, NGMS and pad_conds where there is a negative pass; NGMS's sigma."""
         for key in ("skip_early_cfg", "ngms"):
             if getattr(self, key) and self.guidance <= 1:
                 raise ConfigError(
@@ -138,6 +138,12 @@ class GenerateConfig(Checked):
                     f"and guidance {self.guidance:g} runs none (no classifier-free guidance): "
                     f"set {key}: 0, or guidance above 1"
                 )
+        if self.pad_conds != "off" and self.guidance <= 1:
+            raise ConfigError(
+                f"pad_conds: {self.pad_conds} pads the prompt and negative prompt to one length, "
+                f"and guidance {self.guidance:g} uses no negative prompt: set pad_conds: off, or "
+                "guidance above 1"
+            )
         if self.ngms_all_steps and not self.ngms:
             raise ConfigError(
                 "ngms_all_steps: true is NGMS on every step rather than every other: set ngms "
@@ -296,6 +302,11 @@ class GenerateConfig(Checked):
     ngms: float = 0.0
     # A1111's "NGMS all steps": every step below ngms's sigma, not every other one
     ngms_all_steps: bool = False
+    # A1111's "Pad prompt/negative prompt" where the two differ in chunks: off (its default:
+    # each attends to its own tokens), on ("Pad conds": the shorter gets the empty prompt's
+    # chunks, encoded without the LoRA), v0 ("Pad conds v0": the negative's last token repeated,
+    # or the negative cut to the prompt's length)
+    pad_conds: Literal["off", "on", "v0"] = "off"
     width: int | None = None  # default: the LoRA's training size, else 512
     height: int | None = None
     seed: int = 0

@@ -30,6 +30,8 @@ def encode_prompts(
     device: torch.device | str,
     plane: str = "",
     emphasis: str = "original",
+    pad: str = "off",
+    empty: torch.Tensor | None = None,
 ) -> Conditioning:
     """A prompt and negative prompt, embedded step by step as A1111 embeds them.
 
@@ -46,15 +48,17 @@ def encode_prompts(
         device: Where the text encoder runs.
         plane: The plane, for the log lines that say how the prompts were read.
         emphasis: A1111's emphasis mode (``fulora.generate.prompts.EMPHASIS_MODES``).
+        pad: How sides of different lengths meet (``fulora.generate.guidance.PAD_CONDS``).
+        empty: The empty prompt's embeddings (:func:`empty_prompt`), for ``pad`` on.
     """
     parts = read_prompt(prompt, steps)
     sides = parts + ([] if negative is None else read_prompt(negative, steps, negative=True))
-    empty = a1111_chunks(pipe.tokenizer, "")[0]
+    empty_chunk = a1111_chunks(pipe.tokenizer, "")[0]
     batches = []
     for side in sides:
         texts = [a1111_chunks(pipe.tokenizer, text, emphasis) for text in side.texts]
         count = max(len(chunks) for chunks in texts)
-        batches.append([chunks + [empty] * (count - len(chunks)) for chunks in texts])
+        batches.append([chunks + [empty_chunk] * (count - len(chunks)) for chunks in texts])
     _log_reading(plane, sides, [len(texts[0]) for texts in batches], len(parts))
     normalise = emphasis != "no_norm"
     embedded = chunked_embeddings(pipe.text_encoder, batches, clip_skip, device, normalise)
@@ -63,7 +67,21 @@ def encode_prompts(
         for side, hidden in zip(sides, embedded, strict=True)
     ]
     negative_side = scheduled[-1][1] if negative is not None else None
-    return Conditioning(stacked_parts(scheduled[: len(parts)]), negative_side)
+    stacked = stacked_parts(scheduled[: len(parts)])
+    empty = empty.to(device) if empty is not None else None
+    return Conditioning(stacked, negative_side, pad, empty)
+
+
+def empty_prompt(pipe, clip_skip: int, device: torch.device | str) -> torch.Tensor:
+    """The empty prompt's embeddings (1, 77, channels), A1111's ``cond_stage_model_empty_prompt``.
+
+    A1111 encodes it when it loads the model, before any LoRA applies: call this before the
+    run's LoRA is loaded. It pads a side with "Pad prompt/negative prompt" on.
+    """
+    [hidden] = chunked_embeddings(
+        pipe.text_encoder, [[[a1111_chunks(pipe.tokenizer, "")[0]]]], clip_skip, device
+    )
+    return hidden
 
 
 def unet_rows(prompts: list[str], steps: int, guided: bool) -> int:

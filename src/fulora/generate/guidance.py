@@ -6,7 +6,9 @@ different chunk counts, A1111 runs the UNet on each on its own (its default: the
 prompt/negative prompt" setting off). Diffusers' pipeline runs both in one batch and needs them
 the same shape, so fulora pads the shorter one and masks the padding out of the UNet's
 cross-attention: each then attends to its own tokens only, as alone (the masked keys' weights are
-exactly 0; tested against separate passes in ``tests/generate/test_guidance.py``).
+exactly 0; tested against separate passes in ``tests/generate/test_guidance.py``). With that
+setting on (``pad_conds``), the sides are padded as A1111 pads them and attend to all of it
+(:func:`pad_conds`).
 
 A prompt with editing, alternation or ``AND`` (``fulora.generate.schedules``) conditions each
 UNet call on that call's entries, and guides each ``AND`` part with its weight, as A1111's
@@ -94,6 +96,37 @@ class Scheduled:
         return self.embeddings[index : index + 1]
 
 
+#: A1111's "Pad prompt/negative prompt" settings: off (its default), on ("Pad conds"), v0
+PAD_CONDS = ("off", "on", "v0")
+
+
+def pad_conds(
+    prompt: torch.Tensor, negative: torch.Tensor, mode: str, empty: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's rows and the negative's at one length, as A1111's ``CFGDenoiser`` pads them.
+
+    Args:
+        prompt: The prompt's parts (parts, tokens, channels).
+        negative: The negative prompt's (1, tokens, channels).
+        mode: ``on`` (A1111's "Pad prompt/negative prompt", written "Pad conds"): the shorter
+            side gets the empty prompt's chunk once per chunk it lacks; ``v0`` ("Pad conds
+            v0", how A1111's DDIM padded before v1.6): the negative gets its last token's
+            embedding repeated, or is cut to the prompt's length; ``off``: as they are.
+        empty: The empty prompt's embeddings (1, 77, channels), needed with ``on``.
+    """
+    length, other = prompt.shape[1], negative.shape[1]
+    if mode == "off" or length == other:
+        return prompt, negative
+    if mode == "v0":
+        if other > length:
+            return prompt, negative[:, :length]
+        return prompt, torch.cat([negative, negative[:, -1:].expand(-1, length - other, -1)], 1)
+    chunks = (length - other) // empty.shape[1]  # whole chunks: each side is chunks of 77
+    if chunks < 0:
+        return torch.cat([prompt, empty.repeat(prompt.shape[0], -chunks, 1)], 1), negative
+    return prompt, torch.cat([negative, empty.repeat(negative.shape[0], chunks, 1)], 1)
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """What a plane's images are conditioned on: the prompt's weighted parts and the negative.
@@ -102,10 +135,29 @@ class Conditioning:
         parts: ``(weight, Scheduled)`` per ``AND`` part of the prompt, all of one length
             (A1111's ``stack_conds`` repeats a shorter part's last embedding).
         negative: The negative prompt's, or None without classifier-free guidance.
+        pad: How sides of different lengths meet (:data:`PAD_CONDS`; off: masked, as apart).
+        empty: The empty prompt's embeddings, for ``pad`` on.
     """
 
     parts: tuple[tuple[float, Scheduled], ...]
     negative: Scheduled | None
+    pad: str = "off"
+    empty: torch.Tensor | None = None
+
+    @property
+    def padded(self) -> bool:
+        """Whether the sides are padded as A1111 pads them: ``pad`` set, and lengths differ."""
+        if self.pad == "off" or self.negative is None:
+            return False
+        return self.parts[0][1].embeddings.shape[1] != self.negative.embeddings.shape[1]
+
+    def at(self, call: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Each part's embeddings and the negative's for model call ``call``, padded per ``pad``."""
+        parts = [scheduled.at(call) for _, scheduled in self.parts]
+        if self.negative is None:
+            return parts, None
+        prompt, negative = pad_conds(torch.cat(parts), self.negative.at(call), self.pad, self.empty)
+        return list(prompt.split(1)), negative
 
     @classmethod
     def fixed(cls, positive: torch.Tensor, negative: torch.Tensor | None) -> Conditioning:
@@ -131,8 +183,8 @@ class Conditioning:
 
     def first(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first call's (prompt, negative) embeddings: what the pipeline is handed."""
-        negative = self.negative.at(0) if self.negative is not None else None
-        return self.parts[0][1].at(0), negative
+        parts, negative = self.at(0)
+        return parts[0], negative
 
 
 def stacked_parts(
@@ -245,12 +297,11 @@ class _StepHooks:
 
     def before(self, module, args, kwargs):
         sample, timestep, *rest = args  # diffusers' pipelines: (sample, t, encoder_hidden_states=)
-        rows = [scheduled.at(self.call) for _, scheduled in self.conditioning.parts]
-        negative = self.conditioning.negative
+        rows, negative = self.conditioning.at(self.call)
         self.skipping = self.skip is not None and self.skip.skips(self.call, timestep)
         if negative is not None:  # rows: the negative (unless skipped), then each part
             if not self.skipping:
-                rows.insert(0, negative.at(self.call))
+                rows.insert(0, negative)
             sample, timestep = (_rows_for(t, self.images, len(rows)) for t in (sample, timestep))
         hidden, keep = _one_length(rows)
         hidden = hidden.repeat_interleave(self.images, 0)

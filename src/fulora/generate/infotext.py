@@ -51,7 +51,7 @@ _SETTINGS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1",
 _SETTINGS += ("Clip skip", "ENSD", "RNG", "Emphasis", "Variation seed", "Variation seed strength")
 _SETTINGS += ("Seed resize from-1", "Seed resize from-2", "Eta", "Eta DDIM")
 _SETTINGS += ("Beta schedule alpha", "Beta schedule beta", "Skip Early CFG", "NGMS")
-_SETTINGS += ("NGMS all steps",)
+_SETTINGS += ("NGMS all steps", "Pad conds", "Pad conds v0")
 _EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
@@ -187,7 +187,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "eta_ancestral": _number(fields, "Eta", float) if "Eta" in fields else 1.0,
         "eta_ddim": _number(fields, "Eta DDIM", float) if "Eta DDIM" in fields else 0.0,
         "emphasis": _EMPHASES[emphasis],
-        **_uncond_skips(fields),
+        **_negative_pass(fields),
         "per_class": 1,
     }
 
@@ -202,13 +202,16 @@ def _sampler_settings(fields: dict[str, str]) -> dict[str, Any]:
     return settings
 
 
-def _uncond_skips(fields: dict[str, str]) -> dict[str, Any]:
-    """Skip Early CFG and NGMS (A1111 writes each where a step ran without the negative)."""
+def _negative_pass(fields: dict[str, str]) -> dict[str, Any]:
+    """Skip Early CFG, NGMS (where a step ran without the negative) and Pad conds (padded)."""
     skips: dict[str, Any] = {"skip_early_cfg": 0.0, "ngms": 0.0}
     for key, name in (("skip_early_cfg", "Skip Early CFG"), ("ngms", "NGMS")):
         if name in fields:
             skips[key] = _number(fields, name, float)
     skips["ngms_all_steps"] = fields.get("NGMS all steps") == "True"
+    # A1111 pads as the v0 setting says if it is on, else as "Pad prompt/negative prompt"
+    padded = {"v0": fields.get("Pad conds v0"), "on": fields.get("Pad conds")}
+    skips["pad_conds"] = next((mode for mode, on in padded.items() if on == "True"), "off")
     return skips
 
 

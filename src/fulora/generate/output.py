@@ -101,6 +101,8 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     settings["Skip Early CFG"] = f"{cfg.skip_early_cfg:g}" if cfg.skip_early_cfg else None
     settings["NGMS"] = f"{cfg.ngms:g}" if cfg.ngms else None
     settings["NGMS all steps"] = True if cfg.ngms_all_steps else None
+    if row.get("padded"):  # A1111 writes it where it padded a side
+        settings["Pad conds v0" if cfg.pad_conds == "v0" else "Pad conds"] = True
     # A prompt's own <lora:...> applies the LoRA in A1111 as written; one without gets the
     # tag of lora_scale. A1111 lists the LoRA under the name the tag gives.
     tags = lora_tags(row["prompt"], "the prompt")
@@ -166,6 +168,7 @@ class Made:
     generated: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_batch: tuple[int, float] | None = None  # (images, time) when the first batch was done
+    padded: dict[str, bool] = field(default_factory=dict)  # plane -> its sides padded (pad_conds)
 
     def summary(self, processes: int) -> dict[str, Any]:
         """The share of this process: images, seconds, images/s (all; after the first batch)."""
@@ -223,6 +226,9 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "skip_early_cfg": cfg.skip_early_cfg,
         "ngms": cfg.ngms,
         "ngms_all_steps": cfg.ngms_all_steps,
+        # A1111's "Pad prompt/negative prompt", and whether it padded this plane's sides
+        "pad_conds": cfg.pad_conds,
+        "padded": made.padded.get(plane, False),
         "variation_seed": cfg.variation_seed_of(index),
         "variation_strength": cfg.variation_strength,
         "seed_resize_from": _resize_from(cfg),

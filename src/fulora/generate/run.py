@@ -36,7 +36,7 @@ from fulora.data.manifest import MANIFEST_NAME
 from fulora.errors import ConfigError, DataError
 from fulora.generate.config import GenerateConfig, check_rng_device
 from fulora.generate.decode import Decoder
-from fulora.generate.encode import encode_prompts, unet_rows
+from fulora.generate.encode import empty_prompt, encode_prompts, unet_rows
 from fulora.generate.guidance import Conditioning, UncondSkip, guided, padded_sides
 from fulora.generate.noise import ImageNoise, latent_shape
 from fulora.generate.output import (
@@ -475,6 +475,7 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
     made = Made(base_name=base_name, base_hash=base_hash, batch=batch, device=device, dtype=dtype)
     if mine:
         pipe, embeddings, lora = _load_generator(cfg, resolved, device, dtype)
+        made.padded = {plane: conditioning.padded for plane, conditioning in embeddings.items()}
         made.started = time.perf_counter()  # images/s measures generation, not model loading
         bar = tqdm(
             total=sum(sum((p, i) in targets for i in idx) for p, idx in mine),
@@ -571,6 +572,8 @@ def _load_generator(cfg, resolved, device, dtype):
     """The pipeline (LoRA loaded, sampler set, speed options on) and each plane's embeddings."""
     pipe = load_pipeline(cfg.base, dtype=dtype, config=cfg.base_config)
     pipe.set_progress_bar_config(disable=True)
+    # A1111 encodes the empty prompt that pads a side as it loads the model, without the LoRA
+    empty = empty_prompt(pipe, resolved.clip_skip, "cpu") if cfg.pad_conds == "on" else None
     lora = _PlaneLora(pipe, cfg, resolved)
     beta_shape = (cfg.beta_schedule_alpha, cfg.beta_schedule_beta)
     base = pipe.scheduler.config
@@ -580,7 +583,7 @@ def _load_generator(cfg, resolved, device, dtype):
     embeddings = {}
     for plane in resolved.planes:  # once per plane; the negative prompt at the same clip skip
         lora.use(plane)  # the text encoder's multiplier too
-        embeddings[plane] = _plane_embeddings(pipe, plane, cfg, resolved, device)
+        embeddings[plane] = _plane_embeddings(pipe, plane, cfg, resolved, device, empty)
     return pipe, embeddings, lora
 
 
@@ -612,12 +615,14 @@ class _PlaneLora:
             self.now = wanted
 
 
-def _plane_embeddings(pipe, plane: str, cfg, resolved, device) -> Conditioning:
+def _plane_embeddings(pipe, plane: str, cfg, resolved, device, empty=None) -> Conditioning:
     """A plane's prompt and negative prompt (under guidance), as A1111 conditions on them."""
     negative = cfg.negative_prompt if cfg.guidance > 1 else None
     steps = schedule_steps(resolved.sampler, cfg.steps)
     prompt, clip_skip = resolved.prompts[plane], resolved.clip_skip
-    return encode_prompts(pipe, prompt, negative, steps, clip_skip, device, plane, cfg.emphasis)
+    return encode_prompts(
+        pipe, prompt, negative, steps, clip_skip, device, plane, cfg.emphasis, cfg.pad_conds, empty
+    )
 
 
 def _denoise(
