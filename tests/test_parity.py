@@ -2594,22 +2594,25 @@ def _steps_of(key: str) -> tuple[str, int]:
 def test_schedule_types_are_automatic1111s(key):
     """Each type's sigmas, bit for bit (float32): among them "KL Optimal", which ends at the
     smallest sigma rather than 0, and "DDIM", which takes 31 steps for 30."""
-    from fulora.generate.samplers import resolve_schedule_type
+    from fulora.generate.samplers import SigmaSchedule, resolve_schedule_type
     from fulora.generate.sigmas import a1111_sigmas
     from fulora.lora.tiny import sd15_scheduler
 
     label, steps = _steps_of(key)
-    sigmas = a1111_sigmas(resolve_schedule_type(label), steps, sd15_scheduler().alphas_cumprod)
+    schedule = SigmaSchedule(resolve_schedule_type(label))
+    sigmas = a1111_sigmas(schedule, steps, sd15_scheduler().alphas_cumprod)
     expected = torch.tensor(_SCHEDULE_TYPES_RECORDED["sigmas"][key], dtype=torch.float32)
     assert torch.equal(sigmas, expected), key
 
 
-def _sample_on_schedule_type(sampler, label, steps, noise, generator=None) -> torch.Tensor:
-    """``_sample_as_the_pipeline`` with the scheduler that ``generate`` makes for the type."""
+def _sample_on_schedule_type(sampler, steps, noise, generator=None, **settings) -> torch.Tensor:
+    """``_sample_as_the_pipeline`` with the scheduler that ``generate`` makes for ``settings``."""
+    from fulora.generate.config import GenerateConfig
     from fulora.generate.samplers import make_scheduler
     from fulora.lora.tiny import sd15_scheduler
 
-    scheduler = make_scheduler(sampler, sd15_scheduler().config, label)
+    cfg = GenerateConfig(sampler=sampler, steps=steps, **settings)
+    scheduler = make_scheduler(sampler, sd15_scheduler().config, cfg.sigma_schedule())
     scheduler.set_timesteps(steps)
     step_noise = {} if generator is None else {"generator": [generator]}
     x = noise * scheduler.init_noise_sigma
@@ -2634,7 +2637,7 @@ def test_samplers_on_each_schedule_type_are_k_diffusions(key):
     names, steps = _steps_of(key)
     sampler, label = names.split("/")
     noise = torch.tensor(KDIFFUSION_NOISE, dtype=torch.float64).reshape(1, 4, 2, 2)
-    x = _sample_on_schedule_type(sampler, label, steps, noise)
+    x = _sample_on_schedule_type(sampler, steps, noise, schedule_type=label)
     expected = torch.tensor(_SCHEDULE_TYPES_RECORDED["x0"][key], dtype=torch.float64)
     gap = float((x.flatten() - expected).norm() / expected.norm())
     assert gap < (_UNIFORM_GAP if label == "Uniform" else _ON_TYPE_GAP), f"{key}: {gap:.2e}"
@@ -2647,6 +2650,39 @@ def test_euler_a_on_each_schedule_type_is_k_diffusions(key):
     label, steps = _steps_of(key)
     generator = torch.Generator().manual_seed(KDIFFUSION_EULER_A_SEED)
     noise = torch.randn((1, 4, 2, 2), generator=generator)
-    x = _sample_on_schedule_type("euler_a", label, steps, noise, generator)
+    x = _sample_on_schedule_type("euler_a", steps, noise, generator, schedule_type=label)
     expected = torch.tensor(_SCHEDULE_TYPES_RECORDED["euler_a_x0"][key])
     assert float((x.flatten() - expected).norm() / expected.norm()) < 1e-5, key
+
+
+def _options_of(key: str) -> tuple[int, dict]:
+    """A recorded case's steps and the generate settings of its A1111 options."""
+    label, steps, low, high, rho, discard = key.split("/")
+    settings = {"schedule_type": label, "schedule_sigma_min": float(low)}
+    settings |= {"schedule_sigma_max": float(high), "schedule_rho": float(rho)}
+    return int(steps), settings | {"discard_penultimate_sigma": discard == "True"}
+
+
+@pytest.mark.parametrize("key", sorted(_SCHEDULE_TYPES_RECORDED["options"]))
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "euler_a"])
+def test_a1111s_sigma_options_are_its_own(key, sampler):
+    """A1111's "Schedule min sigma", "max sigma", "rho" and "Discard penultimate sigma" (its
+    get_sigmas): the sigmas bit for bit, and each sampler on them within the gaps above."""
+    from fulora.generate.config import GenerateConfig
+    from fulora.generate.sigmas import a1111_sigmas
+    from fulora.lora.tiny import sd15_scheduler
+
+    steps, settings = _options_of(key)
+    recorded = _SCHEDULE_TYPES_RECORDED["options"][key]
+    schedule = GenerateConfig(sampler=sampler, **settings).sigma_schedule()
+    sigmas = a1111_sigmas(schedule, steps, sd15_scheduler().alphas_cumprod)
+    assert torch.equal(sigmas, torch.tensor(recorded["sigmas"], dtype=torch.float32))
+    generator, dtype = None, torch.float64
+    noise = torch.tensor(KDIFFUSION_NOISE, dtype=dtype).reshape(1, 4, 2, 2)
+    if sampler == "euler_a":  # its noise from the image's CPU generator, in fp32
+        generator, dtype = torch.Generator().manual_seed(KDIFFUSION_EULER_A_SEED), torch.float32
+        noise = torch.randn((1, 4, 2, 2), generator=generator)
+    x = _sample_on_schedule_type(sampler, steps, noise, generator, **settings)
+    expected = torch.tensor(recorded[sampler], dtype=dtype)
+    gap = float((x.flatten() - expected).norm() / expected.norm())
+    assert gap < (1e-5 if sampler == "euler_a" else _ON_TYPE_GAP), f"{gap:.2e}"

@@ -1162,9 +1162,9 @@ _A1111_SETTINGS = "p\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64
             "unknown schedule_type 'Karras Exponential'; choose one of automatic",
         ),
         (
-            f"{_A1111_SETTINGS}, Schedule type: Karras, Schedule rho: 5",
+            f"{_A1111_SETTINGS}, Noise Schedule: Zero Terminal SNR",
             ["brain"],
-            "hold Schedule rho: 5, which fulora does not run",
+            "hold Noise Schedule: Zero Terminal SNR, which fulora does not run",
         ),
         (f"{_A1111_SETTINGS}, RNG: XPU", ["brain"], "RNG 'XPU'"),
         (f"{_A1111_SETTINGS}, ENSD: 31337", ["brain"], "'Euler' adds none"),
@@ -1223,6 +1223,8 @@ def test_a_schedule_type_makes_its_images_and_is_written_as_a1111_writes_it(
         "exponential": {"schedule_type": "exponential"},
         "beta": {"schedule_type": "Beta", "beta_schedule_alpha": 0.5},
         "kl": {"schedule_type": "kl_optimal", "sampler": "DPM++ 2M"},
+        "options": {"sampler": "DPM++ 2M Karras", "schedule_sigma_max": 10, "schedule_rho": 5}
+        | {"discard_penultimate_sigma": True},
     }
     for name, setting in runs.items():
         cfg = _cfg(tiny_model, trained_lora, **(kw | setting))
@@ -1249,6 +1251,14 @@ def test_a_schedule_type_makes_its_images_and_is_written_as_a1111_writes_it(
     assert (read["beta_schedule_alpha"], read["beta_schedule_beta"]) == (0.5, 0.6)
     kl = _parameters(tmp_path / "kl", "brain")
     assert "Sampler: DPM++ 2M, Schedule type: KL Optimal, " in kl
+    # A1111's sigma options on the default sampler's own Karras schedule
+    text = _parameters(tmp_path / "options", "brain")
+    assert "Schedule max sigma: 10, Schedule rho: 5, Discard penultimate sigma: True" in text
+    read = generate_settings(read_a1111_parameters(text), "brain")
+    assert (read["schedule_sigma_max"], read["schedule_rho"]) == (10, 5)
+    assert read["discard_penultimate_sigma"] and read["sampler"] == "dpmpp_2m_karras"
+    assert all(np.abs(images["options"][k].astype(int) - pixels.astype(int)).mean() > 0.5
+               for k, pixels in _images(tmp_path / "own").items())  # fmt: skip
     [png] = (tmp_path / "exponential" / "brain").glob("00000-*.png")
     with Image.open(png) as image:
         assert json.loads(image.text["fulora"])["schedule_type"] == "exponential"
@@ -1461,7 +1471,11 @@ def test_a_variation_seed_varies_one_seeds_image_as_automatic1111_does(tiny_mode
         ({"schedule_type": "Karras", "sampler": "DDIM"}, r"'DDIM' steps on timesteps of its own"),
         ({"schedule_type": "exponential"}, r"'DPM\+\+ 2M Karras' is 'DPM\+\+ 2M' on the Karras"),
         ({"schedule_type": "cosine"}, r"unknown schedule_type 'cosine'; choose one of"),
-        ({"beta_schedule_beta": 0.7}, r"beta_schedule_beta 0.7 shapes only schedule_type beta"),
+        ({"beta_schedule_beta": 0.7}, r"beta_schedule_beta 0.7 does not change .* automatic"),
+        ({"schedule_rho": 5, "sampler": "Euler"}, r"schedule_rho 5 does not change .* uniform"),
+        ({"schedule_sigma_min": 0.1, "sampler": "Euler"}, r"schedule_sigma_min 0.1 .* uniform"),
+        ({"discard_penultimate_sigma": True, "sampler": "DDIM"}, r"'DDIM' steps on timesteps"),
+        ({"schedule_sigma_min": 2, "schedule_sigma_max": 1}, r"must be below schedule_sigma_max"),
         ({"ngms": 1.0, "guidance": 1}, r"ngms 1 leaves the negative .* guidance 1 runs none"),
         ({"skip_early_cfg": 1.5}, r"skip_early_cfg"),
         ({"ngms_all_steps": True}, r"ngms_all_steps: true is NGMS on every step"),

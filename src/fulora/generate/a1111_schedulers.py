@@ -35,7 +35,7 @@ that A1111's "NV" source, which is not a torch generator, gives it.
 
 **Schedule types** (A1111 v1.9+): each k-diffusion sampler here (Euler, Euler a, Heun, LMS,
 DPM++ 2M) can step through the sigmas of one of A1111's schedule types
-(:mod:`fulora.generate.sigmas`) instead of its own: set :attr:`ScheduleTypeSigmas.schedule_type`
+(:mod:`fulora.generate.sigmas`) instead of its own: set :attr:`ScheduleTypeSigmas.sigma_schedule`
 (:func:`fulora.generate.samplers.make_scheduler` does). The model then runs at each sigma's
 fractional timestep, as k-diffusion runs it.
 
@@ -93,24 +93,20 @@ def _output(moved: torch.Tensor, return_dict: bool) -> SchedulerOutput | tuple[t
 class ScheduleTypeSigmas:
     """A k-diffusion sampler's scheduler on the sigmas of one of A1111's schedule types.
 
-    With :attr:`schedule_type` None the scheduler is as it is. Set, ``set_timesteps`` sets the
-    scheduler's state as it would, then replaces its sigmas with the type's and its timesteps
-    with theirs (k-diffusion's fractional timestep of each sigma).
+    With :attr:`sigma_schedule` None the scheduler is as it is. Set, ``set_timesteps`` sets the
+    scheduler's state as it would, then replaces its sigmas with the schedule's and its
+    timesteps with theirs (k-diffusion's fractional timestep of each sigma).
     """
 
-    #: fulora's name of the type (``fulora.generate.samplers.SCHEDULE_TYPES``); None: own
-    schedule_type: str | None = None
-    #: "Beta"'s (alpha, beta), A1111's settings beta_dist_alpha and beta_dist_beta
-    beta_shape: tuple[float, float] = (0.6, 0.6)
+    #: the type and A1111's options (``fulora.generate.samplers.SigmaSchedule``); None: own
+    sigma_schedule = None
 
     def set_timesteps(self, num_inference_steps: int, device=None, *args, **kwargs):
         """The scheduler's own state, then the schedule type's sigmas (when one is set)."""
         super().set_timesteps(num_inference_steps, device, *args, **kwargs)
-        if self.schedule_type is None:
+        if self.sigma_schedule is None:
             return
-        sigmas = a1111_sigmas(
-            self.schedule_type, num_inference_steps, self.alphas_cumprod, *self.beta_shape
-        )
+        sigmas = a1111_sigmas(self.sigma_schedule, num_inference_steps, self.alphas_cumprod)
         self._take_sigmas(sigmas, device)
 
     def _model_times(self, sigmas: torch.Tensor, device) -> torch.Tensor:
@@ -160,7 +156,7 @@ class A1111DPMSolverMultistepScheduler(ScheduleTypeSigmas, DPMSolverMultistepSch
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """The solver's state as diffusers sets it; k-diffusion's sigmas, start and timesteps."""
         super().set_timesteps(num_inference_steps, device)  # a schedule type's sigmas, if set
-        if self.schedule_type is not None:
+        if self.sigma_schedule is not None:
             return
         log_sigmas = np.log(((1 - self.alphas_cumprod) / self.alphas_cumprod).numpy() ** 0.5)
         if self.config.use_karras_sigmas:
@@ -195,7 +191,7 @@ class A1111DPMSolverMultistepScheduler(ScheduleTypeSigmas, DPMSolverMultistepSch
         """
         out = super().step(model_output, timestep, sample, *args, return_dict=True, **kwargs)
         last = self.sigmas[-1].item()
-        if self.schedule_type is not None and last > 0 and self.step_index == len(self.timesteps):
+        if self.sigma_schedule is not None and last > 0 and self.step_index == len(self.timesteps):
             out.prev_sample = out.prev_sample * (last**2 + 1) ** 0.5
         return out if return_dict else (out.prev_sample,)
 

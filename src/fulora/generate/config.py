@@ -24,7 +24,10 @@ from fulora.errors import ConfigError
 from fulora.generate.networks import plane_lora_weights
 from fulora.generate.prompts import check_prompt_syntax
 from fulora.generate.samplers import (
+    SPAN_FIXED,
     STEP_NOISE,
+    TAKE_RHO,
+    SigmaSchedule,
     check_steps,
     display_name,
     own_schedule,
@@ -69,6 +72,9 @@ class GenerateConfig(Checked):
         "eta_ddim": AT_LEAST_0,
         "beta_schedule_alpha": POSITIVE,
         "skip_early_cfg": FRACTION,
+        "schedule_sigma_min": AT_LEAST_0,
+        "schedule_sigma_max": AT_LEAST_0,
+        "schedule_rho": AT_LEAST_0,
         "ngms": AT_LEAST_0,
         "beta_schedule_beta": POSITIVE,
         "variation_seed": SEED,
@@ -117,17 +123,53 @@ class GenerateConfig(Checked):
                 "projections that fuse_qkv replaces)"
             )
 
+    def sigma_schedule(self) -> SigmaSchedule | None:
+        """The sigmas the sampler steps through; None: its scheduler's own, as before."""
+        kind = sigma_schedule(self.sampler, self.schedule_type)
+        if kind is None and not self._schedule_options():
+            return None
+        return SigmaSchedule(
+            kind or own_schedule(self.sampler),
+            beta_shape=(self.beta_schedule_alpha, self.beta_schedule_beta),
+            sigma_min=self.schedule_sigma_min,
+            sigma_max=self.schedule_sigma_max,
+            rho=self.schedule_rho,
+            discard_penultimate=self.discard_penultimate_sigma,
+        )
+
+    def _schedule_options(self) -> list[str]:
+        """The keys of A1111's sigma options set otherwise than their defaults."""
+        keys = ("schedule_sigma_min", "schedule_sigma_max", "schedule_rho")
+        return [key for key in (*keys, "discard_penultimate_sigma") if getattr(self, key)]
+
     def _check_schedule_type(self) -> None:
-        """A schedule type the sampler steps on; the Beta type's shape only for it."""
-        on_type = sigma_schedule(self.sampler, self.schedule_type)
-        for key in ("beta_schedule_alpha", "beta_schedule_beta"):
-            default = self.__dataclass_fields__[key].default
-            if on_type != "beta" and getattr(self, key) != default:
+        """A schedule type the sampler steps on; each option only where it changes the sigmas."""
+        options = self._schedule_options()
+        if options and own_schedule(self.sampler) is None:
+            raise ConfigError(
+                f"{options[0]} changes the sigmas of a k-diffusion sampler (Euler, Euler a, "
+                f"Heun, LMS, DPM++ 2M), and {display_name(self.sampler)!r} steps on timesteps "
+                f"of its own (A1111 ignores it there): set {options[0]} to its default"
+            )
+        schedule = self.sigma_schedule()
+        kind = schedule.kind if schedule is not None else None
+        beta = [("beta_schedule_alpha", 0.6), ("beta_schedule_beta", 0.6)]
+        unused = [] if kind == "beta" else beta
+        unused += [] if kind in TAKE_RHO else [("schedule_rho", 0)]
+        if kind in SPAN_FIXED:
+            unused += [("schedule_sigma_min", 0), ("schedule_sigma_max", 0)]
+        for key, default in unused:
+            if getattr(self, key) != default:
                 raise ConfigError(
-                    f"{key} {getattr(self, key):g} shapes only schedule_type beta, and this run "
-                    f"steps on {resolve_schedule_type(self.schedule_type)}: set {key}: "
-                    f"{default:g} (A1111 writes it only for Beta), or schedule_type: beta"
+                    f"{key} {getattr(self, key):g} does not change the sigmas of schedule_type "
+                    f"{kind or resolve_schedule_type(self.schedule_type)} (A1111 ignores it "
+                    f"there): set {key}: {default:g}, or a schedule_type it shapes"
                 )
+        low, high = self.schedule_sigma_min, self.schedule_sigma_max
+        if low and high and low >= high:
+            raise ConfigError(
+                f"schedule_sigma_min {low:g} must be below schedule_sigma_max {high:g}"
+            )
 
     def _check_uncond_skips(self) -> None:
         """Skip Early CFG, NGMS and pad_conds where there is a negative pass; NGMS's sigma."""
@@ -292,6 +334,16 @@ class GenerateConfig(Checked):
     # the beta type's shape (A1111's "Beta schedule alpha" and "Beta schedule beta")
     beta_schedule_alpha: float = 0.6
     beta_schedule_beta: float = 0.6
+    # A1111's "Schedule min sigma" and "Schedule max sigma" (its settings sigma_min, sigma_max):
+    # the sigmas a schedule type spans; 0: the model's own (all but uniform, simple, ddim and
+    # align_your_steps take them)
+    schedule_sigma_min: float = 0.0
+    schedule_sigma_max: float = 0.0
+    # A1111's "Schedule rho" (its setting rho) for karras and polyexponential; 0: 7 and 1
+    schedule_rho: float = 0.0
+    # A1111's "Discard penultimate sigma" (always_discard_next_to_last_sigma): a step more is
+    # drawn and the sigma before the last left out
+    discard_penultimate_sigma: bool = False
     steps: int = 30
     guidance: float = 7.0
     # A1111's "Skip Early CFG" (its setting skip_early_cond): the share of the first steps run

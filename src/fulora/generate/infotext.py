@@ -10,8 +10,8 @@ none, as A1111 reads it), RNG (``GPU`` when it names none, A1111's default), ENS
 names none: A1111 writes it where the sampler uses it), Eta and Eta DDIM (1 and 0 when it
 names none), Emphasis ("Original" when it names none), the variation seed and its strength,
 "Seed resize from", and the Beta schedule's shape. The model and the LoRA are the run's own
-(``base``, ``lora``); a setting that fulora does not run (hires fix, a schedule's own min or
-max sigma, ...) is refused, naming it, since A1111 would make another image with it.
+(``base``, ``lora``); a setting that fulora does not run (hires fix, the "Zero Terminal
+SNR" noise schedule, ...) is refused, naming it, since A1111 would make another image with it.
 """
 
 from __future__ import annotations
@@ -26,8 +26,13 @@ from PIL import Image
 
 from fulora.errors import ConfigError, DataError
 from fulora.generate.prompts import EMPHASIS_MODES
-from fulora.generate.samplers import own_schedule as sigma_schedule_of
-from fulora.generate.samplers import resolve_sampler, resolve_schedule_type
+from fulora.generate.samplers import (
+    SPAN_FIXED,
+    own_schedule,
+    resolve_sampler,
+    resolve_schedule_type,
+    sigma_schedule,
+)
 
 # One "Key: value" of the settings line: a key starts with a word character and holds words,
 # spaces, '-' and '/'; a value is JSON-quoted (escapes allowed) or runs to the next comma.
@@ -51,7 +56,8 @@ _SETTINGS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1",
 _SETTINGS += ("Clip skip", "ENSD", "RNG", "Emphasis", "Variation seed", "Variation seed strength")
 _SETTINGS += ("Seed resize from-1", "Seed resize from-2", "Eta", "Eta DDIM")
 _SETTINGS += ("Beta schedule alpha", "Beta schedule beta", "Skip Early CFG", "NGMS")
-_SETTINGS += ("NGMS all steps", "Pad conds", "Pad conds v0")
+_SETTINGS += ("NGMS all steps", "Pad conds", "Pad conds v0", "Schedule min sigma")
+_SETTINGS += ("Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
 _EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
@@ -193,12 +199,22 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
 
 
 def _sampler_settings(fields: dict[str, str]) -> dict[str, Any]:
-    """The sampler, its schedule type and, for "Beta", the type's shape (A1111 writes it)."""
+    """The sampler, its schedule type and A1111's sigma options, as its get_sigmas takes them.
+
+    A1111 writes "Schedule min sigma" and "max sigma" also for a type that spans the model's
+    own sigmas whatever they say (Uniform, ...): there they are left out.
+    """
     sampler, kind = a1111_sampler(fields)
     settings: dict[str, Any] = {"sampler": sampler, "schedule_type": kind}
-    for key, name in (("alpha", "Beta schedule alpha"), ("beta", "Beta schedule beta")):
+    numbers = {"beta_schedule_alpha": "Beta schedule alpha"}
+    numbers |= {"beta_schedule_beta": "Beta schedule beta", "schedule_rho": "Schedule rho"}
+    if (sigma_schedule(sampler, kind) or own_schedule(sampler)) not in SPAN_FIXED:
+        numbers |= {"schedule_sigma_min": "Schedule min sigma"}
+        numbers |= {"schedule_sigma_max": "Schedule max sigma"}
+    for key, name in numbers.items():
         if name in fields:
-            settings[f"beta_schedule_{key}"] = _number(fields, name, float)
+            settings[key] = _number(fields, name, float)
+    settings["discard_penultimate_sigma"] = fields.get("Discard penultimate sigma") == "True"
     return settings
 
 
@@ -267,7 +283,7 @@ def a1111_sampler(fields: dict[str, str]) -> tuple[str, str]:
             return "dpmpp_2m_karras", "automatic"
     if kind == "karras" and sampler in karras:
         return karras[sampler], "automatic"
-    if sampler in karras.values() or sigma_schedule_of(sampler) is None:
+    if sampler in karras.values() or own_schedule(sampler) is None:
         return sampler, "automatic"  # named after its schedule, or steps on timesteps
     return sampler, kind
 

@@ -91,9 +91,7 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     settings["ENSD"] = cfg.eta_noise_seed_delta or None
     settings["Eta"] = f"{cfg.eta_ancestral:g}" if cfg.eta_ancestral != 1 else None
     settings["Eta DDIM"] = f"{cfg.eta_ddim:g}" if cfg.eta_ddim else None
-    if sigma_schedule(row["sampler"], cfg.schedule_type) == "beta":  # A1111 writes its shape
-        settings["Beta schedule alpha"] = f"{cfg.beta_schedule_alpha:g}"
-        settings["Beta schedule beta"] = f"{cfg.beta_schedule_beta:g}"
+    settings |= _a1111_sigma_options(cfg)
     # The noise source (fulora.generate.noise) by A1111's name; its default, GPU, is unwritten
     # (A1111 reads a missing RNG as GPU, and would start the CPU's images from other noise).
     settings["RNG"] = A1111_RNG_NAMES[cfg.rng] if cfg.rng != A1111_DEFAULT_RNG else None
@@ -119,6 +117,22 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
         text += f"\nNegative prompt: {row['negative_prompt']}"
     written = {k: v for k, v in settings.items() if v is not None}
     return f"{text}\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in written.items())
+
+
+def _a1111_sigma_options(cfg: GenerateConfig) -> dict[str, Any]:
+    """A1111's fields of the sigma options it writes where set (Beta's shape with Beta)."""
+    schedule = cfg.sigma_schedule()
+    if schedule is None:
+        return {}
+    fields: dict[str, Any] = {}
+    if schedule.kind == "beta":
+        fields["Beta schedule alpha"] = f"{cfg.beta_schedule_alpha:g}"
+        fields["Beta schedule beta"] = f"{cfg.beta_schedule_beta:g}"
+    for name, value in (("min sigma", schedule.sigma_min), ("max sigma", schedule.sigma_max)):
+        fields[f"Schedule {name}"] = f"{value:g}" if value else None
+    fields["Schedule rho"] = f"{schedule.rho:g}" if schedule.rho else None
+    fields["Discard penultimate sigma"] = True if schedule.discard_penultimate else None
+    return fields
 
 
 def _a1111_emphasis(row: dict[str, Any], cfg: GenerateConfig) -> str | None:
@@ -223,6 +237,10 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "eta_ddim": cfg.eta_ddim,
         # the schedule type the sampler stepped on (automatic: its own)
         "schedule_type": sigma_schedule(resolved.sampler, cfg.schedule_type) or "automatic",
+        "schedule_sigma_min": cfg.schedule_sigma_min,
+        "schedule_sigma_max": cfg.schedule_sigma_max,
+        "schedule_rho": cfg.schedule_rho,
+        "discard_penultimate_sigma": cfg.discard_penultimate_sigma,
         "skip_early_cfg": cfg.skip_early_cfg,
         "ngms": cfg.ngms,
         "ngms_all_steps": cfg.ngms_all_steps,

@@ -575,9 +575,7 @@ def _load_generator(cfg, resolved, device, dtype):
     # A1111 encodes the empty prompt that pads a side as it loads the model, without the LoRA
     empty = empty_prompt(pipe, resolved.clip_skip, "cpu") if cfg.pad_conds == "on" else None
     lora = _PlaneLora(pipe, cfg, resolved)
-    beta_shape = (cfg.beta_schedule_alpha, cfg.beta_schedule_beta)
-    base = pipe.scheduler.config
-    pipe.scheduler = make_scheduler(resolved.sampler, base, cfg.schedule_type, beta_shape)
+    pipe.scheduler = make_scheduler(resolved.sampler, pipe.scheduler.config, cfg.sigma_schedule())
     pipe.to(device)
     apply_speedups(pipe, cfg, device)
     embeddings = {}

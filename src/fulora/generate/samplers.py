@@ -46,6 +46,7 @@ paper does not say which sampler made its released 5,000 images.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fulora.errors import ConfigError
@@ -127,6 +128,10 @@ SCHEDULE_TYPES = {
 # own type. A1111's DDIM, PLMS and UniPC step on timesteps of their own and ignore the setting.
 _OWN_SCHEDULE = {"euler_a": "uniform", "euler": "uniform", "heun": "uniform", "lms": "uniform"}
 _OWN_SCHEDULE |= {"dpmpp_2m": "uniform", "lms_karras": "karras", "dpmpp_2m_karras": "karras"}
+# The types whose sigmas span the model's own whatever sigma_min and sigma_max say, and those
+# that take a rho (A1111's Scheduler.default_rho)
+SPAN_FIXED = ("uniform", "align_your_steps", "simple", "ddim")
+TAKE_RHO = ("karras", "polyexponential")
 _SCHEDULE_KEYS = {_key(n): n for n in SCHEDULE_TYPES}
 _SCHEDULE_KEYS |= {_key(label): n for n, label in SCHEDULE_TYPES.items()}
 
@@ -160,6 +165,29 @@ def check_steps(name: str, steps: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class SigmaSchedule:
+    """The sigmas a k-diffusion sampler steps through, as A1111's ``get_sigmas`` makes them.
+
+    Attributes:
+        kind: The schedule type (a :data:`SCHEDULE_TYPES` name other than ``automatic``).
+        beta_shape: "Beta"'s (alpha, beta) (A1111's beta_dist_alpha and beta_dist_beta).
+        sigma_min: The smallest sigma the type spans (A1111's "Schedule min sigma"; 0: the
+            model's). Uniform, Simple, DDIM and Align Your Steps take the model's own.
+        sigma_max: The largest (A1111's "Schedule max sigma"; 0: the model's).
+        rho: Karras's and Polyexponential's rho (A1111's "Schedule rho"; 0: 7 and 1).
+        discard_penultimate: One more sigma drawn, and the one before the last left out
+            (A1111's "Discard penultimate sigma").
+    """
+
+    kind: str
+    beta_shape: tuple[float, float] = (0.6, 0.6)
+    sigma_min: float = 0.0
+    sigma_max: float = 0.0
+    rho: float = 0.0
+    discard_penultimate: bool = False
+
+
 # The scheduler class that takes a schedule type's sigmas, for each k-diffusion sampler's
 _ON_SCHEDULE_TYPE = {
     "EulerDiscreteScheduler": "A1111EulerScheduler",
@@ -168,32 +196,26 @@ _ON_SCHEDULE_TYPE = {
 }
 
 
-def make_scheduler(
-    name: str,
-    base_config: dict[str, Any],
-    schedule: str = "automatic",
-    beta_shape: tuple[float, float] = (0.6, 0.6),
-):
+def make_scheduler(name: str, base_config: dict[str, Any], schedule: SigmaSchedule | None = None):
     """A diffusers scheduler for sampler ``name``, built from the model's scheduler config.
 
     Args:
         name: The sampler (fulora's or A1111's name).
         base_config: The model's scheduler config.
-        schedule: A1111's schedule type (:data:`SCHEDULE_TYPES`); automatic: the sampler's own.
-        beta_shape: The "Beta" type's (alpha, beta).
+        schedule: The sigmas to step through (``GenerateConfig.sigma_schedule``); None: the
+            scheduler's own.
     """
     import diffusers
 
     from fulora.generate import a1111_schedulers
 
     cls_name, extra, _ = SAMPLERS[resolve_sampler(name)]
-    on_type = sigma_schedule(name, schedule)
-    if on_type is not None:
+    if schedule is not None:
         cls_name = _ON_SCHEDULE_TYPE.get(cls_name, cls_name)
     cls = getattr(a1111_schedulers, cls_name, None) or getattr(diffusers, cls_name)
     scheduler = cls.from_config(base_config, **extra)
-    if on_type is not None:
-        scheduler.schedule_type, scheduler.beta_shape = on_type, beta_shape
+    if schedule is not None:
+        scheduler.sigma_schedule = schedule
     return scheduler
 
 

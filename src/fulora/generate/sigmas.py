@@ -18,6 +18,7 @@ functions, and the samplers on them against k-diffusion's.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,29 +63,42 @@ class DiscreteSigmas:
         return ((1 - weight) * low + weight * high).exp()
 
 
-def a1111_sigmas(
-    schedule: str,
-    steps: int,
-    alphas_cumprod: torch.Tensor,
-    beta_alpha: float = 0.6,
-    beta_beta: float = 0.6,
-) -> torch.Tensor:
-    """The sigmas of A1111's schedule type ``schedule`` (fulora's name) at ``steps`` steps.
+def a1111_sigmas(schedule, steps: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The sigmas of ``schedule`` at ``steps`` steps, as A1111's ``get_sigmas`` makes them.
 
     Args:
-        schedule: One of :data:`fulora.generate.samplers.SCHEDULE_TYPES` but ``automatic``.
+        schedule: The type and A1111's options (``fulora.generate.samplers.SigmaSchedule``).
         steps: The steps asked for ("DDIM" may take more, as in A1111).
         alphas_cumprod: The model's alpha_bar at each training timestep.
-        beta_alpha: "Beta"'s alpha (A1111's setting beta_dist_alpha, 0.6 by default).
-        beta_beta: "Beta"'s beta (A1111's beta_dist_beta).
 
     Returns:
         Float32 sigmas, largest first; the last is the sigma the sampler ends at.
     """
     model = DiscreteSigmas(alphas_cumprod)
-    if schedule == "beta":
-        return _beta(steps, model, beta_alpha, beta_beta)
-    return _SCHEDULES[schedule](steps, model)
+    span = _Span(
+        low=schedule.sigma_min or model.sigma_min,  # A1111: a setting of 0 is the model's
+        high=schedule.sigma_max or model.sigma_max,
+        rho=schedule.rho or _DEFAULT_RHO.get(schedule.kind, 0.0),
+        beta_shape=schedule.beta_shape,
+    )
+    drawn = steps + 1 if schedule.discard_penultimate else steps
+    sigmas = _SCHEDULES[schedule.kind](drawn, model, span)
+    if schedule.discard_penultimate:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return sigmas
+
+
+@dataclass(frozen=True)
+class _Span:
+    """The sigmas a type spans, and its shape: A1111's kwargs of each schedule function."""
+
+    low: float
+    high: float
+    rho: float
+    beta_shape: tuple[float, float]
+
+
+_DEFAULT_RHO = {"karras": 7.0, "polyexponential": 1.0}  # A1111's Scheduler.default_rho
 
 
 def _with_zero(sigmas) -> torch.Tensor:
@@ -93,59 +107,57 @@ def _with_zero(sigmas) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def _uniform(steps: int, model: DiscreteSigmas) -> torch.Tensor:
-    """k-diffusion's ``get_sigmas``: timesteps evenly spaced from the top to 0."""
+def _uniform(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
+    """k-diffusion's ``get_sigmas``: timesteps evenly spaced from the top to 0 (the model's)."""
     return _with_zero(model.t_to_sigma(torch.linspace(len(model.sigmas) - 1, 0, steps)))
 
 
-def _karras(steps: int, model: DiscreteSigmas, rho: float = 7.0) -> torch.Tensor:
+def _karras(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
     """Karras et al. (2022): evenly spaced in sigma ** (1 / rho)."""
     ramp = torch.linspace(0, 1, steps)
-    top, bottom = model.sigma_max ** (1 / rho), model.sigma_min ** (1 / rho)
-    return _with_zero((top + ramp * (bottom - top)) ** rho)
+    top, bottom = span.high ** (1 / span.rho), span.low ** (1 / span.rho)
+    return _with_zero((top + ramp * (bottom - top)) ** span.rho)
 
 
-def _exponential(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+def _exponential(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
     """Evenly spaced in log sigma."""
-    top, bottom = math.log(model.sigma_max), math.log(model.sigma_min)
-    return _with_zero(torch.linspace(top, bottom, steps).exp())
+    return _with_zero(torch.linspace(math.log(span.high), math.log(span.low), steps).exp())
 
 
-def _polyexponential(steps: int, model: DiscreteSigmas, rho: float = 1.0) -> torch.Tensor:
+def _polyexponential(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
     """Log sigma along a polynomial ramp (A1111's default rho 1: the exponential's, in float32)."""
-    ramp = torch.linspace(1, 0, steps) ** rho
-    low, high = math.log(model.sigma_min), math.log(model.sigma_max)
+    ramp = torch.linspace(1, 0, steps) ** span.rho
+    low, high = math.log(span.low), math.log(span.high)
     return _with_zero(torch.exp(ramp * (high - low) + low))
 
 
-def _timesteps_between(steps: int, model: DiscreteSigmas, points: int) -> torch.Tensor:
+def _timesteps_between(model: DiscreteSigmas, span: _Span, points: int) -> torch.Tensor:
     """``points`` timesteps evenly spaced from the largest sigma's to the smallest's."""
-    start = model.sigma_to_t(torch.tensor(model.sigma_max))
-    end = model.sigma_to_t(torch.tensor(model.sigma_min))
+    start = model.sigma_to_t(torch.tensor(span.high))
+    end = model.sigma_to_t(torch.tensor(span.low))
     return torch.linspace(start, end, points)
 
 
-def _sgm_uniform(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+def _sgm_uniform(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
     """``steps`` of ``steps + 1`` evenly spaced timesteps, the last one (at sigma_min) left out."""
-    times = _timesteps_between(steps, model, steps + 1)[:-1]
+    times = _timesteps_between(model, span, steps + 1)[:-1]
     return _with_zero([model.t_to_sigma(t).item() for t in times])
 
 
-def _normal(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+def _normal(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
     """``steps`` evenly spaced timesteps from sigma_max's to sigma_min's."""
-    times = _timesteps_between(steps, model, steps)
+    times = _timesteps_between(model, span, steps)
     return _with_zero([model.t_to_sigma(t).item() for t in times])
 
 
-def _kl_optimal(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+def _kl_optimal(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
     """Evenly spaced in arctan(sigma), from sigma_max down to sigma_min itself (no last 0)."""
-    low = torch.arctan(torch.tensor(model.sigma_min))
-    high = torch.arctan(torch.tensor(model.sigma_max))
+    low, high = torch.arctan(torch.tensor(span.low)), torch.arctan(torch.tensor(span.high))
     share = torch.arange(steps + 1) / steps
     return torch.tan(share * low + (1.0 - share) * high)
 
 
-def _align_your_steps(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+def _align_your_steps(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
     """NVIDIA's SD1.5 sigmas, log-linearly interpolated to ``steps`` (the list itself at 11)."""
     listed = _ALIGN_YOUR_STEPS_SD15
     if steps == len(listed):
@@ -155,25 +167,24 @@ def _align_your_steps(steps: int, model: DiscreteSigmas) -> torch.Tensor:
     return _with_zero(np.exp(spread)[::-1].copy())
 
 
-def _simple(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+def _simple(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
     """Every (N / steps)-th training sigma from the top, the index truncated."""
     stride = len(model.sigmas) / steps
     return _with_zero([model.sigmas[-(1 + int(i * stride))].item() for i in range(steps)])
 
 
-def _ddim(steps: int, model: DiscreteSigmas) -> torch.Tensor:
+def _ddim(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
     """Every (N // steps)-th training sigma from timestep 1 up, largest first (A1111's count)."""
     stride = max(len(model.sigmas) // steps, 1)
     return _with_zero(model.sigmas[1::stride].flip(0))
 
 
-def _beta(steps: int, model: DiscreteSigmas, alpha: float, beta: float) -> torch.Tensor:
+def _beta(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
     """Lee et al. (2024): the beta distribution's quantiles, mapped linearly onto sigma."""
     from scipy import stats  # loaded only for this type
 
-    quantiles = stats.beta.ppf(1 - np.linspace(0, 1, steps), alpha, beta)
-    low, high = model.sigma_min, model.sigma_max
-    return _with_zero([low + q * (high - low) for q in quantiles])
+    quantiles = stats.beta.ppf(1 - np.linspace(0, 1, steps), *span.beta_shape)
+    return _with_zero([span.low + q * (span.high - span.low) for q in quantiles])
 
 
 _SCHEDULES = {
@@ -187,4 +198,5 @@ _SCHEDULES = {
     "simple": _simple,
     "normal": _normal,
     "ddim": _ddim,
+    "beta": _beta,
 }
