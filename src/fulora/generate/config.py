@@ -29,11 +29,11 @@ from fulora.generate.samplers import (
     TAKE_RHO,
     SigmaSchedule,
     check_steps,
+    chosen_schedule_type,
     display_name,
     own_schedule,
     resolve_sampler,
     resolve_schedule_type,
-    sigma_schedule,
 )
 from fulora.generate.schedules import schedule_steps
 from fulora.lora.config import DEFAULT_BASE
@@ -125,7 +125,7 @@ class GenerateConfig(Checked):
 
     def sigma_schedule(self) -> SigmaSchedule | None:
         """The sigmas the sampler steps through; None: its scheduler's own, as before."""
-        kind = sigma_schedule(self.sampler, self.schedule_type)
+        kind = chosen_schedule_type(self.sampler, self.schedule_type)
         if kind is None and not self._schedule_options():
             return None
         return SigmaSchedule(

@@ -28,10 +28,10 @@ from fulora.errors import ConfigError, DataError
 from fulora.generate.prompts import EMPHASIS_MODES
 from fulora.generate.samplers import (
     SPAN_FIXED,
+    chosen_schedule_type,
     own_schedule,
     resolve_sampler,
     resolve_schedule_type,
-    sigma_schedule,
 )
 
 # One "Key: value" of the settings line: a key starts with a word character and holds words,
@@ -208,7 +208,7 @@ def _sampler_settings(fields: dict[str, str]) -> dict[str, Any]:
     settings: dict[str, Any] = {"sampler": sampler, "schedule_type": kind}
     numbers = {"beta_schedule_alpha": "Beta schedule alpha"}
     numbers |= {"beta_schedule_beta": "Beta schedule beta", "schedule_rho": "Schedule rho"}
-    if (sigma_schedule(sampler, kind) or own_schedule(sampler)) not in SPAN_FIXED:
+    if (chosen_schedule_type(sampler, kind) or own_schedule(sampler)) not in SPAN_FIXED:
         numbers |= {"schedule_sigma_min": "Schedule min sigma"}
         numbers |= {"schedule_sigma_max": "Schedule max sigma"}
     for key, name in numbers.items():

@@ -30,7 +30,12 @@ from fulora.generate.config import GenerateConfig
 from fulora.generate.infotext import A1111_DEFAULT_RNG, A1111_RNG_NAMES
 from fulora.generate.networks import lora_tags
 from fulora.generate.prompts import EMPHASIS_MODES
-from fulora.generate.samplers import display_name, schedule_type, scheduler_name, sigma_schedule
+from fulora.generate.samplers import (
+    chosen_schedule_type,
+    display_name,
+    schedule_type,
+    scheduler_name,
+)
 from fulora.generate.schedules import read_prompt, schedule_steps
 from fulora.io import atomic_path
 from fulora.runs import now_iso, steady_rate
@@ -236,7 +241,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "eta_ancestral": cfg.eta_ancestral,
         "eta_ddim": cfg.eta_ddim,
         # the schedule type the sampler stepped on (automatic: its own)
-        "schedule_type": sigma_schedule(resolved.sampler, cfg.schedule_type) or "automatic",
+        "schedule_type": chosen_schedule_type(resolved.sampler, cfg.schedule_type) or "automatic",
         "schedule_sigma_min": cfg.schedule_sigma_min,
         "schedule_sigma_max": cfg.schedule_sigma_max,
         "schedule_rho": cfg.schedule_rho,

@@ -237,8 +237,8 @@ def own_schedule(sampler: str) -> str | None:
     return _OWN_SCHEDULE.get(resolve_sampler(sampler))
 
 
-def sigma_schedule(sampler: str, schedule: str) -> str | None:
-    """The schedule type whose sigmas ``sampler`` steps through; None: its scheduler's own.
+def chosen_schedule_type(sampler: str, schedule: str) -> str | None:
+    """The schedule type chosen for ``sampler`` other than its own; None: its own (automatic).
 
     Raises:
         ConfigError: A type for a sampler that has no sigmas to take it (A1111's DDIM, PLMS
@@ -267,7 +267,7 @@ def sigma_schedule(sampler: str, schedule: str) -> str | None:
 
 def schedule_type(name: str, schedule: str = "automatic") -> str | None:
     """AUTOMATIC1111's "Schedule type" to name beside the sampler, where its default differs."""
-    chosen = sigma_schedule(name, schedule)
+    chosen = chosen_schedule_type(name, schedule)
     if chosen is not None:
         return SCHEDULE_TYPES[chosen]
     return _WRITTEN_SCHEDULE.get(resolve_sampler(name))
