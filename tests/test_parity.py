@@ -1795,15 +1795,16 @@ def _toy_eps(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_as_the_pipeline(
-    sampler: str, noise: torch.Tensor, generator=None, steps: int = 30
+    sampler: str, noise: torch.Tensor, generator=None, steps: int = 30, schedule=None
 ) -> torch.Tensor:
-    """``steps`` steps of fulora's scheduler for ``sampler`` on _toy_eps, as diffusers' pipeline
-    takes them: the noise times init_noise_sigma, then scale_model_input and step (with the images'
-    generator, for a sampler that draws noise at each step)."""
+    """``steps`` steps of fulora's scheduler for ``sampler`` (on ``schedule``'s sigmas, if any)
+    on _toy_eps, as diffusers' pipeline takes them: the noise times init_noise_sigma, then
+    scale_model_input and step (with the images' generator, for a sampler that draws noise at
+    each step)."""
     from fulora.generate.samplers import make_scheduler
     from fulora.lora.tiny import sd15_scheduler
 
-    scheduler = make_scheduler(sampler, sd15_scheduler().config)
+    scheduler = make_scheduler(sampler, sd15_scheduler().config, schedule)
     scheduler.set_timesteps(steps)
     step_noise = {} if generator is None else {"generator": [generator]}
     x = noise * scheduler.init_noise_sigma
@@ -2606,20 +2607,11 @@ def test_schedule_types_are_automatic1111s(key):
 
 
 def _sample_on_schedule_type(sampler, steps, noise, generator=None, **settings) -> torch.Tensor:
-    """``_sample_as_the_pipeline`` with the scheduler that ``generate`` makes for ``settings``."""
+    """``_sample_as_the_pipeline`` with the sigmas that ``generate`` takes for ``settings``."""
     from fulora.generate.config import GenerateConfig
-    from fulora.generate.samplers import make_scheduler
-    from fulora.lora.tiny import sd15_scheduler
 
-    cfg = GenerateConfig(sampler=sampler, steps=steps, **settings)
-    scheduler = make_scheduler(sampler, sd15_scheduler().config, cfg.sigma_schedule())
-    scheduler.set_timesteps(steps)
-    step_noise = {} if generator is None else {"generator": [generator]}
-    x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = _toy_eps(scheduler.scale_model_input(x, t), t)
-        x = scheduler.step(eps, t, x, **step_noise).prev_sample
-    return x
+    schedule = GenerateConfig(sampler=sampler, steps=steps, **settings).sigma_schedule()
+    return _sample_as_the_pipeline(sampler, noise, generator, steps, schedule)
 
 
 # Relative L2 allowed from k-diffusion's result. On a type's sigmas (measured at most 5.3e-7,

@@ -145,10 +145,15 @@ def resolve_sampler(name: str) -> str:
     Raises:
         ConfigError: For an unknown sampler; the message lists both kinds of names.
     """
-    found = _BY_KEY.get(_key(name))
+    return _resolved(name, _BY_KEY, "sampler", {n: v[2] for n, v in SAMPLERS.items()})
+
+
+def _resolved(name: str, by_key: dict[str, str], what: str, labels: dict[str, str]) -> str:
+    """The fulora name that ``name`` gives (its key in ``by_key``), else an error listing all."""
+    found = by_key.get(_key(name))
     if found is None:
-        choices = ", ".join(f"{n} ({v[2]!r})" for n, v in SAMPLERS.items())
-        raise ConfigError(f"unknown sampler {name!r}; choose one of {choices}")
+        choices = ", ".join(f"{n} ({label!r})" for n, label in labels.items())
+        raise ConfigError(f"unknown {what} {name!r}; choose one of {choices}")
     return found
 
 
@@ -225,11 +230,7 @@ def resolve_schedule_type(name: str) -> str:
     Raises:
         ConfigError: For an unknown type; the message lists both kinds of names.
     """
-    found = _SCHEDULE_KEYS.get(_key(name))
-    if found is None:
-        choices = ", ".join(f"{n} ({v!r})" for n, v in SCHEDULE_TYPES.items())
-        raise ConfigError(f"unknown schedule_type {name!r}; choose one of {choices}")
-    return found
+    return _resolved(name, _SCHEDULE_KEYS, "schedule_type", SCHEDULE_TYPES)
 
 
 def own_schedule(sampler: str) -> str | None:
