@@ -7,7 +7,8 @@
 #
 #   LEASE_S=540 bash benchmarks/next_lease.sh tests demo overlap    # timeout_s 600
 #
-# tests: about 1 minute; demo: at most 300 s; overlap: 300 s (its suite budget) plus 60 s.
+# tests: about 1 minute; demo: at most 300 s; overlap: 300 s (its suite budget) plus 60 s;
+# skip (for a lease with time left, or the next): about 2 minutes.
 #
 # (Session 15 dropped the step `autotune`, generation's `compile max-autotune` row: on an H100
 # its kernel search was killed after 413 s, still in the UNet's down blocks, and every kernel
@@ -26,7 +27,7 @@ cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-benchmarks/results/lease}
 PY=${PYTHON:-python3}
 
-STEPS="tests demo overlap"  # the cases of step() below
+STEPS="tests demo overlap skip"  # the cases of step() below
 
 usage() {
     echo "usage: [LEASE_S=SECONDS] bash benchmarks/next_lease.sh STEP... (${STEPS// /, })" >&2
@@ -98,6 +99,13 @@ step() {
         suite overlap 300 250 --parts model generate --only \
             "fulora batch 32 6 batches compile + fuse_qkv" \
             "fulora batch 32 6 batches compile + fuse_qkv + decode_overlap"
+        ;;
+    skip)
+        # A1111's Skip Early CFG and NGMS on SD1.5's architecture at 512x512, fp16, against every
+        # step guided (session 30 measured them on the CPU only: 1.17x to 1.29x at 256x256)
+        enough skip 150 || return 1
+        timeout "$(cap 240)" "$PY" benchmarks/bench_uncond_skip.py --model sd15-random \
+            --width 512 --height 512 --images 32 2>&1 | quiet | tee "$OUT/uncond-skip.log"
         ;;
     *) usage ;;
     esac

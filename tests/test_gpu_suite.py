@@ -268,7 +268,7 @@ def test_the_lease_script_parses_and_refuses_an_unknown_step(tmp_path):
         timeout=30,
         env={"OUT": str(out), "PATH": "/usr/bin:/bin"},
     )
-    assert done.returncode == 2 and "tests, demo, overlap)" in done.stderr
+    assert done.returncode == 2 and "tests, demo, overlap, skip)" in done.stderr
     assert not out.exists()  # refused before any work
 
 
