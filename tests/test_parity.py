@@ -1287,6 +1287,35 @@ def test_prompts_are_edited_alternated_and_split_as_automatic1111_does(prompt, s
     assert [(part.weight, list(part.schedule)) for part in parts] == A1111_SCHEDULES[prompt, steps]
 
 
+# A1111's get_learned_conditioning_prompt_schedules with use_old_scheduling (its setting "Use
+# old prompt editing timelines"): an edit's number below 1 is a fraction of the steps, else a
+# step. (prompt, steps): (schedule with the old rule, with the new), from the scratch copy of
+# A1111's prompt_parser (which gave the same schedules as fulora's with the old rule for 20,000
+# random prompts, each read as a prompt and as a negative prompt, session 30).
+A1111_OLD_TIMELINES = {
+    ("[a:b:2.5]", 10): ([(2, "a"), (10, "b")], [(10, "a")]),
+    ("[a:b:1.0]", 10): ([(1, "a"), (10, "b")], [(10, "a")]),
+    ("[a:b:0.5]", 10): ([(5, "a"), (10, "b")], [(5, "a"), (10, "b")]),
+    ("[fetal:[c:d:1.5]:0.25] brain", 20): (
+        [(1, "fetal brain"), (5, "fetal brain"), (20, "d brain")],
+        [(5, "fetal brain"), (20, "c brain")],
+    ),
+    ("[a:b:1.]", 8): ([(1, "a"), (8, "b")], [(8, "a")]),
+    ("x [a:b:12] y", 10): ([(10, "x a y")], [(10, "x a y")]),
+}
+
+
+@pytest.mark.parametrize(("prompt", "steps"), list(A1111_OLD_TIMELINES))
+def test_old_prompt_editing_timelines_are_automatic1111s(prompt, steps):
+    from fulora.generate.schedules import read_prompt
+
+    old, new = A1111_OLD_TIMELINES[prompt, steps]
+    [part] = read_prompt(prompt, steps, old_timelines=True)
+    assert list(part.schedule) == old
+    [part] = read_prompt(prompt, steps)
+    assert list(part.schedule) == new
+
+
 def test_a_negative_prompt_is_edited_but_not_split_nor_weighted():
     """A1111 reads a negative prompt's schedule (get_learned_conditioning) but not its AND."""
     from fulora.generate.schedules import read_prompt

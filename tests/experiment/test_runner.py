@@ -311,7 +311,7 @@ def test_settings_added_later_keep_the_stage_keys_of_existing_experiments():
     assert _config_payload(GenerateConfig(emphasis="none"))["emphasis"] == "none"
     later = {"variation_seed", "variation_strength", "seed_resize_from_width", "eta_ancestral"}
     later |= {"schedule_type", "beta_schedule_alpha", "beta_schedule_beta"}
-    later |= {"skip_early_cfg", "ngms", "ngms_all_steps", "pad_conds"}
+    later |= {"skip_early_cfg", "ngms", "ngms_all_steps", "pad_conds", "old_prompt_editing"}
     assert not (later | {"seed_resize_from_height", "eta_ddim"}) & set(payload)
     typed = _config_payload(GenerateConfig(sampler="Euler", schedule_type="exponential"))
     assert typed["schedule_type"] == "exponential"

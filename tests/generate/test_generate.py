@@ -1425,6 +1425,33 @@ def test_padded_sides_make_their_images_and_are_written_as_a1111_writes_them(
     assert torch.equal(embeddings["brain"].empty, empty_prompt(base, 2, "cpu"))  # LoRA's clip skip
 
 
+def test_old_prompt_editing_timelines_edit_when_a1111s_old_rule_says(tiny_model, tmp_path):
+    """old_prompt_editing: [a:b:1.5] changes at step 1 (the new rule: never, 1.5 of the steps),
+    the PNG text says so where the rules differ, and --a1111 reads it back, and reads a text
+    of A1111 before v1.6.0 with a '[' as made with it, as A1111's backcompat does."""
+    from fulora.generate.infotext import generate_settings, read_a1111_parameters
+
+    kw = dict(planes=["brain"], per_class=1, batch_size=1, contact_sheet=0, steps=4)
+    runs = {
+        "new": {"prompts": {"brain": "[fetal femur:fetal brain:1.5]"}},
+        "old": {"prompts": {"brain": "[fetal femur:fetal brain:1.5]"}, "old_prompt_editing": True},
+        "same": {"prompts": {"brain": "[fetal femur:fetal brain:2]"}, "old_prompt_editing": True},
+    }
+    for name, setting in runs.items():
+        generate(tmp_path / name, _cfg(tiny_model, **kw, **setting), progress=False)
+    images = {name: next(iter(_images(tmp_path / name).values())) for name in runs}
+    assert not np.array_equal(images["new"], images["old"])  # 0.02 grey levels on the tiny model
+    texts = {name: _parameters(tmp_path / name, "brain") for name in runs}
+    assert ", Old prompt editing timelines: True, " in texts["old"]
+    assert "Old prompt editing" not in texts["new"] + texts["same"]  # the rules agree on 2
+    assert generate_settings(read_a1111_parameters(texts["old"]), "brain")["old_prompt_editing"]
+    older = "[a:b:1.5]\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x48"
+    older += ", Version: v1.5.2"
+    assert generate_settings(read_a1111_parameters(older), "brain")["old_prompt_editing"]
+    newer = older.replace("v1.5.2", "v1.6.0")
+    assert not generate_settings(read_a1111_parameters(newer), "brain")["old_prompt_editing"]
+
+
 def test_a_variation_seed_varies_one_seeds_image_as_automatic1111_does(tiny_model, tmp_path):
     """Every image keeps the run's seed and image i takes the variation seed + i (A1111's
     batch, named in the PNG text); at strength 1 each image is its variation seed's own (the

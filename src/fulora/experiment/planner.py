@@ -98,6 +98,7 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "ngms": 0.0,
         "ngms_all_steps": False,
         "pad_conds": "off",
+        "old_prompt_editing": False,
         "schedule_sigma_min": 0.0,
         "schedule_sigma_max": 0.0,
         "schedule_rho": 0.0,

@@ -98,12 +98,11 @@ class GenerateConfig(Checked):
         self.check_planes_of("planes")
         self.check_planes_of("prompts")  # its keys: a misspelt plane would fall back silently
         steps, guided = schedule_steps(resolve_sampler(self.sampler), self.steps), self.guidance > 1
-        emphasis = self.emphasis
+        reading = {"emphasis": self.emphasis, "old_timelines": self.old_prompt_editing}
         for plane, prompt in self.prompts.items():
-            what = f"prompts.{plane}"
-            check_prompt_syntax(prompt, what, steps, guided=guided, emphasis=emphasis)
+            check_prompt_syntax(prompt, f"prompts.{plane}", steps, guided=guided, **reading)
         negative = self.negative_prompt
-        check_prompt_syntax(negative, "negative_prompt", steps, negative=True, emphasis=emphasis)
+        check_prompt_syntax(negative, "negative_prompt", steps, negative=True, **reading)
         for key in ("width", "height"):
             value = getattr(self, key)
             if value is not None and value % 8:
@@ -322,6 +321,10 @@ class GenerateConfig(Checked):
     # no_norm (weighted only), ignore (brackets read, no weights), none (brackets, backslashes
     # and BREAK are plain text)
     emphasis: Literal["original", "no_norm", "ignore", "none"] = "original"
+    # A1111's "Use old prompt editing timelines" (its rule before v1.6): [a:b:N] changes at a
+    # fraction N of the steps if N is below 1, else at step N (the default: a fraction if N has
+    # a point, else a step)
+    old_prompt_editing: bool = False
     # kohya/AUTOMATIC1111 clip skip (1 = CLIP's last layer), for the prompt and the negative
     # prompt alike. None: the LoRA's training clip skip (ss_clip_skip), else 1.
     clip_skip: int | None = None

@@ -32,6 +32,7 @@ def encode_prompts(
     emphasis: str = "original",
     pad: str = "off",
     empty: torch.Tensor | None = None,
+    old_timelines: bool = False,
 ) -> Conditioning:
     """A prompt and negative prompt, embedded step by step as A1111 embeds them.
 
@@ -50,9 +51,12 @@ def encode_prompts(
         emphasis: A1111's emphasis mode (``fulora.generate.prompts.EMPHASIS_MODES``).
         pad: How sides of different lengths meet (``fulora.generate.guidance.PAD_CONDS``).
         empty: The empty prompt's embeddings (:func:`empty_prompt`), for ``pad`` on.
+        old_timelines: A1111's "Use old prompt editing timelines" (``schedules.scheduled``).
     """
-    parts = read_prompt(prompt, steps)
-    sides = parts + ([] if negative is None else read_prompt(negative, steps, negative=True))
+    parts = read_prompt(prompt, steps, old_timelines=old_timelines)
+    sides = parts
+    if negative is not None:
+        sides = sides + read_prompt(negative, steps, negative=True, old_timelines=old_timelines)
     empty_chunk = a1111_chunks(pipe.tokenizer, "")[0]
     batches = []
     for side in sides:

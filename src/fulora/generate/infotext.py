@@ -58,6 +58,7 @@ _SETTINGS += ("Seed resize from-1", "Seed resize from-2", "Eta", "Eta DDIM")
 _SETTINGS += ("Beta schedule alpha", "Beta schedule beta", "Skip Early CFG", "NGMS")
 _SETTINGS += ("NGMS all steps", "Pad conds", "Pad conds v0", "Schedule min sigma")
 _SETTINGS += ("Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
+_SETTINGS += ("Old prompt editing timelines",)
 _EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
@@ -193,6 +194,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "eta_ancestral": _number(fields, "Eta", float) if "Eta" in fields else 1.0,
         "eta_ddim": _number(fields, "Eta DDIM", float) if "Eta DDIM" in fields else 0.0,
         "emphasis": _EMPHASES[emphasis],
+        "old_prompt_editing": _old_timelines(fields, params.prompt),
         **_negative_pass(fields),
         "per_class": 1,
     }
@@ -218,6 +220,17 @@ def _sampler_settings(fields: dict[str, str]) -> dict[str, Any]:
     return settings
 
 
+def _old_timelines(fields: dict[str, str], prompt: str) -> bool:
+    """A1111's "Old prompt editing timelines", also as its reading adds it to older texts.
+
+    A1111's ``infotext_versions.backcompat`` (on by default, its setting auto_backcompat) reads
+    a text of a version before v1.6.0 whose prompt has a '[' as made with the old rule.
+    """
+    if fields.get("Old prompt editing timelines") == "True":
+        return True
+    return "[" in prompt and _version(fields.get("Version", "")) < (1, 6)
+
+
 def _negative_pass(fields: dict[str, str]) -> dict[str, Any]:
     """Skip Early CFG, NGMS (where a step ran without the negative) and Pad conds (padded)."""
     skips: dict[str, Any] = {"skip_early_cfg": 0.0, "ngms": 0.0}
@@ -227,6 +240,8 @@ def _negative_pass(fields: dict[str, str]) -> dict[str, Any]:
     skips["ngms_all_steps"] = fields.get("NGMS all steps") == "True"
     # A1111 pads as the v0 setting says if it is on, else as "Pad prompt/negative prompt"
     padded = {"v0": fields.get("Pad conds v0"), "on": fields.get("Pad conds")}
+    if fields.get("Sampler") in ("DDIM", "PLMS") and _version(fields.get("Version", "")) < (1, 6):
+        padded["v0"] = "True"  # as A1111's backcompat reads a text from before v1.6.0
     skips["pad_conds"] = next((mode for mode, on in padded.items() if on == "True"), "off")
     return skips
 

@@ -117,6 +117,7 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
         )
         text += "" if tags else f" <lora:{lora.stem}:{cfg.lora_scale:g}>"
     settings["Emphasis"] = _a1111_emphasis(row, cfg)
+    settings["Old prompt editing timelines"] = _a1111_old_timelines(row, cfg)
     settings["Version"] = f"fulora {row['fulora_version']}"  # not a version A1111 acts on
     if row["negative_prompt"]:
         text += f"\nNegative prompt: {row['negative_prompt']}"
@@ -148,12 +149,24 @@ def _a1111_emphasis(row: dict[str, Any], cfg: GenerateConfig) -> str | None:
     """
     if cfg.emphasis == "original":
         return None
-    steps = schedule_steps(row["sampler"], cfg.steps)
-    sides = read_prompt(row["prompt"], steps) + read_prompt(
-        row["negative_prompt"], steps, negative=True
-    )
-    texts = [text for side in sides for text in side.texts]
+    texts = [text for side in _sides(row, cfg) for text in side.texts]
     return EMPHASIS_MODES[cfg.emphasis] if any("(" in t or "[" in t for t in texts) else None
+
+
+def _sides(row: dict[str, Any], cfg: GenerateConfig, old_timelines: bool | None = None):
+    """The prompt's parts and the negative prompt's, scheduled as the run scheduled them."""
+    steps = schedule_steps(row["sampler"], cfg.steps)
+    old = cfg.old_prompt_editing if old_timelines is None else old_timelines
+    prompt = read_prompt(row["prompt"], steps, old_timelines=old)
+    return prompt + read_prompt(row["negative_prompt"], steps, negative=True, old_timelines=old)
+
+
+def _a1111_old_timelines(row: dict[str, Any], cfg: GenerateConfig) -> bool | None:
+    """A1111's "Old prompt editing timelines": set, and the schedules differ from the new rule's."""
+    if not cfg.old_prompt_editing:
+        return None
+    schedules = [[side.schedule for side in _sides(row, cfg, old)] for old in (False, True)]
+    return True if schedules[0] != schedules[1] else None
 
 
 def _resize_from(cfg: GenerateConfig) -> str:
@@ -251,6 +264,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "ngms_all_steps": cfg.ngms_all_steps,
         # A1111's "Pad prompt/negative prompt", and whether it padded this plane's sides
         "pad_conds": cfg.pad_conds,
+        "old_prompt_editing": cfg.old_prompt_editing,
         "padded": made.padded.get(plane, False),
         "variation_seed": cfg.variation_seed_of(index),
         "variation_strength": cfg.variation_strength,

@@ -63,6 +63,7 @@ def check_prompt_syntax(
     negative: bool = False,
     guided: bool = True,
     emphasis: str = "original",
+    old_timelines: bool = False,
 ) -> None:
     """Refuse a prompt that AUTOMATIC1111 would read otherwise than fulora.
 
@@ -76,6 +77,7 @@ def check_prompt_syntax(
         guided: Whether the run uses classifier-free guidance (guidance above 1).
         emphasis: The emphasis mode (:data:`EMPHASIS_MODES`); with ``none`` each text is read
             as plain text, so only networks, comments and ``AND`` are checked.
+        old_timelines: A1111's "Use old prompt editing timelines" (``schedules.scheduled``).
 
     Raises:
         ConfigError: Naming the piece of syntax, where it is and what to do.
@@ -85,7 +87,7 @@ def check_prompt_syntax(
     found = _first_network_or_comment(text, negative)
     if found is not None:
         _refuse(what, repr(text), found)
-    parts = read_prompt(text, steps, negative=negative)
+    parts = read_prompt(text, steps, negative=negative, old_timelines=old_timelines)
     if not guided and (len(parts) > 1 or parts[0].weight != 1.0):
         raise ConfigError(
             f"{what} {text!r} has parts joined by AND or a weight after ':', which A1111 "

@@ -187,7 +187,14 @@ def plan(cfg: GenerateConfig) -> _Plan:
     for plane in sorted(set(captions) & set(planes) - set(given)):  # given: checked in the config
         what = f"the LoRA's caption for {plane} (give prompts.{plane})"
         guided = cfg.guidance > 1
-        check_prompt_syntax(prompts[plane], what, steps, guided=guided, emphasis=cfg.emphasis)
+        check_prompt_syntax(
+            prompts[plane],
+            what,
+            steps,
+            guided=guided,
+            emphasis=cfg.emphasis,
+            old_timelines=cfg.old_prompt_editing,
+        )
     lora_weights = cfg.lora_weights(prompts, names)  # without a LoRA: a tag is refused
     width, height = cfg.width, cfg.height
     if width is None or height is None:
@@ -619,7 +626,17 @@ def _plane_embeddings(pipe, plane: str, cfg, resolved, device, empty=None) -> Co
     steps = schedule_steps(resolved.sampler, cfg.steps)
     prompt, clip_skip = resolved.prompts[plane], resolved.clip_skip
     return encode_prompts(
-        pipe, prompt, negative, steps, clip_skip, device, plane, cfg.emphasis, cfg.pad_conds, empty
+        pipe,
+        prompt,
+        negative,
+        steps,
+        clip_skip,
+        device,
+        plane,
+        cfg.emphasis,
+        cfg.pad_conds,
+        empty,
+        old_timelines=cfg.old_prompt_editing,
     )
 
 

@@ -87,7 +87,9 @@ def schedule_steps(sampler: str, steps: int) -> int:
     return steps * 2 if sampler in SECOND_ORDER else steps
 
 
-def read_prompt(text: str, steps: int, *, negative: bool = False) -> list[PromptPart]:
+def read_prompt(
+    text: str, steps: int, *, negative: bool = False, old_timelines: bool = False
+) -> list[PromptPart]:
     """A prompt's ``AND`` parts, each with its weight and its text at every step.
 
     A prompt's ``<lora:...>`` tags are taken out first, as A1111 takes them out
@@ -97,22 +99,28 @@ def read_prompt(text: str, steps: int, *, negative: bool = False) -> list[Prompt
         text: The prompt as written.
         steps: The steps it is scheduled over (:func:`schedule_steps`).
         negative: A negative prompt, which A1111 does not split at ``AND`` nor weight.
+        old_timelines: A1111's "Use old prompt editing timelines" (:func:`scheduled`).
 
     Returns:
         One part for a negative prompt or a prompt without ``AND``.
     """
     if negative:
-        return [PromptPart(1.0, scheduled(text, steps))]
+        return [PromptPart(1.0, scheduled(text, steps, old_timelines))]
     parts = []
     for part in _AND.split(without_networks(text)):
         words, weight = _PART_WEIGHT.fullmatch(part).groups()
-        parts.append(PromptPart(float(weight) if weight else 1.0, scheduled(words, steps)))
+        schedule = scheduled(words, steps, old_timelines)
+        parts.append(PromptPart(float(weight) if weight else 1.0, schedule))
     return parts
 
 
 @lru_cache(maxsize=1024)  # a prompt is read by the config check, the plan and the encoding
-def scheduled(text: str, steps: int) -> tuple[tuple[int, str], ...]:
+def scheduled(text: str, steps: int, old_timelines: bool = False) -> tuple[tuple[int, str], ...]:
     """A prompt's ``(last step, text)`` pairs as A1111 edits and alternates it; one if neither.
+
+    An edit's number is a step if whole, a fraction of the steps if it has a point; with
+    ``old_timelines`` (A1111's "Use old prompt editing timelines", its rule before v1.6) a
+    fraction if below 1, else a step (``[a:b:2.5]``: step 2).
 
     The parse takes time on long prompts with brackets (Earley, as in A1111: 2.5 s for 40
     edits in 1,160 characters on this project's CPU); a prompt without '[' has neither edits
@@ -123,7 +131,7 @@ def scheduled(text: str, steps: int) -> tuple[tuple[int, str], ...]:
     tree = _parse(text)
     if tree is None:  # A1111 reads what its grammar cannot parse as written
         return ((steps, text),)
-    whens = {id(edit): _edit_step(edit, steps) for edit in tree.find_data("edit")}
+    whens = {id(edit): _edit_step(edit, steps, old_timelines) for edit in tree.find_data("edit")}
     ends = {steps, *(when for when in whens.values() if when >= 1)}
     if any(True for _ in tree.find_data("alternation")):
         ends.update(range(1, steps + 1))  # every step has its own text
@@ -142,11 +150,12 @@ def _parse(text: str) -> lark.Tree | None:
         return None
 
 
-def _edit_step(edit: lark.Tree, steps: int) -> int:
+def _edit_step(edit: lark.Tree, steps: int, old_timelines: bool) -> int:
     """The last step of an edit's ``from`` text: a whole number, or a fraction of the steps."""
     number = str(edit.children[-2])
-    when = float(number) * steps if "." in number else float(number)
-    return min(steps, int(when))
+    value = float(number)
+    fraction = value < 1 if old_timelines else "." in number
+    return min(steps, int(value * steps if fraction else value))
 
 
 def _text_at(node: lark.Tree | lark.Token | None, step: int, whens: dict[int, int]) -> str:
