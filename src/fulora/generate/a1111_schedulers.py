@@ -137,13 +137,13 @@ class A1111HeunScheduler(ScheduleTypeSigmas, HeunDiscreteScheduler):
         As k-diffusion's Heun: one call for a step to sigma 0 (an Euler step), but two for a
         step that ends above it (A1111's "KL Optimal" ends at the smallest sigma).
         """
-        times = self._model_times(sigmas[:-1], device)
+        ends_above_0 = sigmas[-1].item() > 0
+        times = self._model_times(sigmas if ends_above_0 else sigmas[:-1], device)
         first, inner, last = sigmas[:1], sigmas[1:-1], sigmas[-1:]
         repeated = [first, inner.repeat_interleave(2)]
-        if last.item() > 0:
+        if ends_above_0:  # the last step's two calls: at its start, then at its end
             self.sigmas = torch.cat([*repeated, last, last])
-            end_time = self._model_times(last, device)
-            self.timesteps = torch.cat([times[:1], times[1:].repeat_interleave(2), end_time])
+            self.timesteps = torch.cat([times[:1], times[1:-1].repeat_interleave(2), times[-1:]])
         else:
             self.sigmas = torch.cat([*repeated, last])
             self.timesteps = torch.cat([times[:1], times[1:].repeat_interleave(2)])

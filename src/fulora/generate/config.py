@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fulora.config import (
     AT_LEAST_0,
@@ -98,7 +98,7 @@ class GenerateConfig(Checked):
         self.check_planes_of("planes")
         self.check_planes_of("prompts")  # its keys: a misspelt plane would fall back silently
         steps, guided = schedule_steps(resolve_sampler(self.sampler), self.steps), self.guidance > 1
-        reading = {"emphasis": self.emphasis, "old_timelines": self.old_prompt_editing}
+        reading = self.prompt_reading
         for plane, prompt in self.prompts.items():
             check_prompt_syntax(prompt, f"prompts.{plane}", steps, guided=guided, **reading)
         negative = self.negative_prompt
@@ -121,6 +121,11 @@ class GenerateConfig(Checked):
                 "fuse_qkv needs fuse_lora: true (an unfused LoRA sits on the separate q, k, v "
                 "projections that fuse_qkv replaces)"
             )
+
+    @property
+    def prompt_reading(self) -> dict[str, Any]:
+        """How A1111 reads the prompts (the settings its checks and encoding take by name)."""
+        return {"emphasis": self.emphasis, "old_timelines": self.old_prompt_editing}
 
     def sigma_schedule(self) -> SigmaSchedule | None:
         """The sigmas the sampler steps through; None: its scheduler's own, as before."""
@@ -152,12 +157,11 @@ class GenerateConfig(Checked):
             )
         schedule = self.sigma_schedule()
         kind = schedule.kind if schedule is not None else None
-        beta = [("beta_schedule_alpha", 0.6), ("beta_schedule_beta", 0.6)]
-        unused = [] if kind == "beta" else beta
-        unused += [] if kind in TAKE_RHO else [("schedule_rho", 0)]
-        if kind in SPAN_FIXED:
-            unused += [("schedule_sigma_min", 0), ("schedule_sigma_max", 0)]
-        for key, default in unused:
+        unused = [] if kind == "beta" else ["beta_schedule_alpha", "beta_schedule_beta"]
+        unused += [] if kind in TAKE_RHO else ["schedule_rho"]
+        unused += ["schedule_sigma_min", "schedule_sigma_max"] if kind in SPAN_FIXED else []
+        for key in unused:
+            default = self.__dataclass_fields__[key].default
             if getattr(self, key) != default:
                 raise ConfigError(
                     f"{key} {getattr(self, key):g} does not change the sigmas of schedule_type "

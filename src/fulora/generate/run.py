@@ -187,14 +187,7 @@ def plan(cfg: GenerateConfig) -> _Plan:
     for plane in sorted(set(captions) & set(planes) - set(given)):  # given: checked in the config
         what = f"the LoRA's caption for {plane} (give prompts.{plane})"
         guided = cfg.guidance > 1
-        check_prompt_syntax(
-            prompts[plane],
-            what,
-            steps,
-            guided=guided,
-            emphasis=cfg.emphasis,
-            old_timelines=cfg.old_prompt_editing,
-        )
+        check_prompt_syntax(prompts[plane], what, steps, guided=guided, **cfg.prompt_reading)
     lora_weights = cfg.lora_weights(prompts, names)  # without a LoRA: a tag is refused
     width, height = cfg.width, cfg.height
     if width is None or height is None:
@@ -633,10 +626,9 @@ def _plane_embeddings(pipe, plane: str, cfg, resolved, device, empty=None) -> Co
         clip_skip,
         device,
         plane,
-        cfg.emphasis,
-        cfg.pad_conds,
-        empty,
-        old_timelines=cfg.old_prompt_editing,
+        pad=cfg.pad_conds,
+        empty=empty,
+        **cfg.prompt_reading,
     )
 
 
