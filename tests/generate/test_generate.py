@@ -1202,6 +1202,14 @@ def test_a1111_settings_fulora_cannot_run_are_refused(
         # A1111 reads a sampler named after a schedule as on it, and DDIM ignores the type
         ({"Sampler": "LMS Karras", "Schedule type": "Beta"}, ("lms_karras", "automatic")),
         ({"Sampler": "DDIM", "Schedule type": "Karras"}, ("ddim", "automatic")),
+        # since session 31: DPM2, DPM2 a and DPM++ 2S a, on Karras sigmas by default since v1.9
+        ({"Sampler": "DPM2 a", "Schedule type": "Karras"}, ("dpm2_a_karras", "automatic")),
+        ({"Sampler": "DPM2 a Karras"}, ("dpm2_a_karras", "automatic")),  # v1.6 to v1.8
+        ({"Sampler": "DPM2", "Version": "v1.10.1"}, ("dpm2_karras", "automatic")),
+        ({"Sampler": "DPM2", "Version": "v1.8.0"}, ("dpm2", "automatic")),
+        ({"Sampler": "DPM++ 2S a", "Schedule type": "Uniform"}, ("dpmpp_2s_a", "uniform")),
+        ({"Sampler": "DPM++ 2S a", "Version": "v1.9.0"}, ("dpmpp_2s_a_karras", "automatic")),
+        ({"Sampler": "DPM2", "Schedule type": "Exponential"}, ("dpm2", "exponential")),
     ],
 )  # fmt: skip
 def test_a1111s_sampler_and_schedule_type_name_fuloras_sampler(fields, sampler):

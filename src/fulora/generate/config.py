@@ -24,6 +24,7 @@ from fulora.errors import ConfigError
 from fulora.generate.networks import plane_lora_weights
 from fulora.generate.prompts import check_prompt_syntax
 from fulora.generate.samplers import (
+    DISCARD_PENULTIMATE,
     SPAN_FIXED,
     STEP_NOISE,
     TAKE_RHO,
@@ -31,13 +32,21 @@ from fulora.generate.samplers import (
     check_steps,
     chosen_schedule_type,
     display_name,
+    k_diffusion_samplers,
     own_schedule,
+    own_sigma_schedule,
     resolve_sampler,
     resolve_schedule_type,
 )
 from fulora.generate.schedules import schedule_steps
 from fulora.lora.config import DEFAULT_BASE
 from fulora.planes import PAPER_PLANES
+
+
+def _noise_owners(key: str) -> str:
+    """The samplers whose step noise ``key`` sets, by A1111's names (Karras variants left out)."""
+    owners = [n for n, (k, _) in STEP_NOISE.items() if k == key and not n.endswith("_karras")]
+    return ", ".join(repr(display_name(n)) for n in owners)
 
 
 def check_rng_device(rng: str, device: str) -> None:
@@ -131,14 +140,15 @@ class GenerateConfig(Checked):
         """The sigmas the sampler steps through; None: its scheduler's own, as before."""
         kind = chosen_schedule_type(self.sampler, self.schedule_type)
         if kind is None and not self._schedule_options():
-            return None
+            return own_sigma_schedule(self.sampler)  # None: the scheduler's own
+        discard = resolve_sampler(self.sampler) in DISCARD_PENULTIMATE
         return SigmaSchedule(
             kind or own_schedule(self.sampler),
             beta_shape=(self.beta_schedule_alpha, self.beta_schedule_beta),
             sigma_min=self.schedule_sigma_min,
             sigma_max=self.schedule_sigma_max,
             rho=self.schedule_rho,
-            discard_penultimate=self.discard_penultimate_sigma,
+            discard_penultimate=self.discard_penultimate_sigma or discard,
         )
 
     def _schedule_options(self) -> list[str]:
@@ -151,9 +161,15 @@ class GenerateConfig(Checked):
         options = self._schedule_options()
         if options and own_schedule(self.sampler) is None:
             raise ConfigError(
-                f"{options[0]} changes the sigmas of a k-diffusion sampler (Euler, Euler a, "
-                f"Heun, LMS, DPM++ 2M), and {display_name(self.sampler)!r} steps on timesteps "
-                f"of its own (A1111 ignores it there): set {options[0]} to its default"
+                f"{options[0]} changes the sigmas of a k-diffusion sampler "
+                f"({k_diffusion_samplers()}), and {display_name(self.sampler)!r} steps on "
+                f"timesteps of its own (A1111 ignores it there): set {options[0]} to its default"
+            )
+        if self.discard_penultimate_sigma and resolve_sampler(self.sampler) in DISCARD_PENULTIMATE:
+            raise ConfigError(
+                f"discard_penultimate_sigma: true changes no sigma of "
+                f"{display_name(self.sampler)!r}, which drops the penultimate sigma anyway (as "
+                "A1111 runs it): set discard_penultimate_sigma: false"
             )
         schedule = self.sigma_schedule()
         kind = schedule.kind if schedule is not None else None
@@ -198,8 +214,8 @@ class GenerateConfig(Checked):
             raise ConfigError(
                 f"ngms {self.ngms:g}: A1111 compares NGMS with the sampler's sigma, and "
                 f"{display_name(self.sampler)!r} hands its model a timestep instead (A1111 "
-                "compares that, skipping by timestep): use a k-diffusion sampler (Euler, Euler "
-                "a, Heun, LMS, DPM++ 2M), or ngms: 0"
+                "compares that, skipping by timestep): use a k-diffusion sampler "
+                f"({k_diffusion_samplers()}), or ngms: 0"
             )
 
     def _check_rng(self) -> None:
@@ -209,8 +225,9 @@ class GenerateConfig(Checked):
             key, default, why = unused
             raise ConfigError(
                 f"{key} {getattr(self, key):g} changes only the noise that a sampler adds at "
-                f"each step (Euler a; DDIM at an eta_ddim above 0), and {why}, so it would "
-                f"change no image (A1111 ignores it there too): set {key}: {default:g}"
+                f"each step (the ancestral ones: {_noise_owners('eta_ancestral')}; DDIM at an "
+                f"eta_ddim above 0), and {why}, so it would change no image (A1111 ignores it "
+                f"there too): set {key}: {default:g}"
             )
         consecutive = self.seed_scheme == "consecutive"
         last = self.seed + self.per_class - 1 if consecutive else 2**32 - 1  # the largest seed
@@ -234,11 +251,11 @@ class GenerateConfig(Checked):
     def _unused_step_noise_setting(self) -> tuple[str, float, str] | None:
         """(key, default, why) of an eta or ENSD that no step noise of this run would use."""
         sampler = resolve_sampler(self.sampler)
-        for owner, (key, default) in STEP_NOISE.items():
-            if getattr(self, key) != default and owner != sampler:
-                why = f"it is for {display_name(owner)!r}, not {display_name(sampler)!r}"
-                return key, default, why
         own = STEP_NOISE.get(sampler)
+        for key, default in dict.fromkeys(STEP_NOISE.values()):
+            if getattr(self, key) != default and (own is None or own[0] != key):
+                why = f"it is for {_noise_owners(key)}, not {display_name(sampler)!r}"
+                return key, default, why
         if self.eta_noise_seed_delta and not (own and getattr(self, own[0])):
             why = f"{own[0]} 0 adds none" if own else f"{display_name(sampler)!r} adds none"
             return "eta_noise_seed_delta", 0, why

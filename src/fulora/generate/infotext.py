@@ -27,6 +27,9 @@ from PIL import Image
 from fulora.errors import ConfigError, DataError
 from fulora.generate.prompts import EMPHASIS_MODES
 from fulora.generate.samplers import (
+    DISCARD_PENULTIMATE,
+    KARRAS_SINCE_V19,
+    KARRAS_VARIANTS,
     SPAN_FIXED,
     chosen_schedule_type,
     own_schedule,
@@ -216,7 +219,9 @@ def _sampler_settings(fields: dict[str, str]) -> dict[str, Any]:
     for key, name in numbers.items():
         if name in fields:
             settings[key] = _number(fields, name, float)
-    settings["discard_penultimate_sigma"] = fields.get("Discard penultimate sigma") == "True"
+    # A1111 writes it where it dropped a sigma that the sampler keeps (DPM2 drops its own)
+    discard = fields.get("Discard penultimate sigma") == "True"
+    settings["discard_penultimate_sigma"] = discard and sampler not in DISCARD_PENULTIMATE
     return settings
 
 
@@ -283,22 +288,21 @@ def a1111_sampler(fields: dict[str, str]) -> tuple[str, str]:
 
     Read as A1111 v1.9+ reads them (its ``get_sampler_and_scheduler``): a sampler named after a
     schedule ("LMS Karras") runs on it whatever the type says; a missing type is "Automatic",
-    the sampler's own schedule (Karras for DPM++ 2M since v1.9, uniform before it and for the
-    others); DDIM, PLMS and UniPC ignore the type. DPM++ 2M and LMS on Karras are fulora's
-    ``dpmpp_2m_karras`` and ``lms_karras``.
+    the sampler's own schedule (Karras for DPM++ 2M, DPM2, DPM2 a and DPM++ 2S a since v1.9,
+    uniform before it and for the others); DDIM, PLMS and UniPC ignore the type. A sampler on
+    Karras sigmas is fulora's ``..._karras`` (``KARRAS_VARIANTS``).
 
     Raises:
         ConfigError: A schedule type fulora does not know (the message lists them).
     """
     sampler = resolve_sampler(fields["Sampler"])
     kind = resolve_schedule_type(fields.get("Schedule type", "Automatic"))
-    karras = {"dpmpp_2m": "dpmpp_2m_karras", "lms": "lms_karras"}
-    if kind == "automatic" and sampler == "dpmpp_2m":
+    if kind == "automatic" and sampler in KARRAS_SINCE_V19:
         if _version(fields.get("Version", "")) >= (1, 9):
-            return "dpmpp_2m_karras", "automatic"
-    if kind == "karras" and sampler in karras:
-        return karras[sampler], "automatic"
-    if sampler in karras.values() or own_schedule(sampler) is None:
+            return KARRAS_VARIANTS[sampler], "automatic"
+    if kind == "karras" and sampler in KARRAS_VARIANTS:
+        return KARRAS_VARIANTS[sampler], "automatic"
+    if sampler in KARRAS_VARIANTS.values() or own_schedule(sampler) is None:
         return sampler, "automatic"  # named after its schedule, or steps on timesteps
     return sampler, kind
 

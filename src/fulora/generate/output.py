@@ -137,7 +137,8 @@ def _a1111_sigma_options(cfg: GenerateConfig) -> dict[str, Any]:
     for name, value in (("min sigma", schedule.sigma_min), ("max sigma", schedule.sigma_max)):
         fields[f"Schedule {name}"] = f"{value:g}" if value else None
     fields["Schedule rho"] = f"{schedule.rho:g}" if schedule.rho else None
-    fields["Discard penultimate sigma"] = True if schedule.discard_penultimate else None
+    # A1111 writes it where the option made a sampler drop a sigma it keeps (not DPM2's own)
+    fields["Discard penultimate sigma"] = True if cfg.discard_penultimate_sigma else None
     return fields
 
 

@@ -696,17 +696,19 @@ def _uncond_skip(pipe, cfg, resolved) -> UncondSkip | None:
 
 @contextmanager
 def _step_noise(pipe, noise: ImageNoise, cfg):
-    """The step noise of Euler a and DDIM from ``noise``, at the run's eta for the sampler.
+    """The step noise of the ancestral samplers and DDIM from ``noise``, at the run's eta.
 
     fulora's Euler a (``a1111_schedulers.A1111EulerAncestralScheduler``) takes it from its
     ``step_noise`` for ``rng: nv``, which is no torch generator, and for an eta other than 1,
-    which diffusers' step does not take; fulora's DDIM at an eta above 0. The scheduler names
-    its eta setting (``eta_setting``); the other samplers draw no step noise.
+    which diffusers' step does not take; fulora's DDIM at an eta above 0; DPM2 a and DPM++ 2S a
+    always (``needs_step_noise``). The scheduler names its eta setting (``eta_setting``); the
+    other samplers draw no step noise.
     """
     scheduler = pipe.scheduler
     key = getattr(scheduler, "eta_setting", None)
     default = type(scheduler).eta if key else None
-    if key is None or (noise.generators is not None and getattr(cfg, key) == default):
+    own_draw = noise.generators is not None and not getattr(scheduler, "needs_step_noise", False)
+    if key is None or (own_draw and getattr(cfg, key) == default):
         yield  # none, or diffusers' own draw from the generators (Euler a at eta 1)
         return
     scheduler.step_noise, scheduler.eta = noise.step_noise, getattr(cfg, key)

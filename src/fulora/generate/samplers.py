@@ -66,6 +66,13 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "heun": ("HeunDiscreteScheduler", dict(_LINSPACE), "Heun"),
     "lms": ("LMSDiscreteScheduler", dict(_LINSPACE), "LMS"),
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "LMS Karras"),
+    # A1111's two-call k-diffusion samplers (fulora.generate.dpm2_schedulers), on its sigmas
+    "dpm2": ("A1111DPM2Scheduler", {}, "DPM2"),
+    "dpm2_karras": ("A1111DPM2Scheduler", {}, "DPM2 Karras"),
+    "dpm2_a": ("A1111DPM2AncestralScheduler", {}, "DPM2 a"),
+    "dpm2_a_karras": ("A1111DPM2AncestralScheduler", {}, "DPM2 a Karras"),
+    "dpmpp_2s_a": ("A1111DPMPP2SAncestralScheduler", {}, "DPM++ 2S a"),
+    "dpmpp_2s_a_karras": ("A1111DPMPP2SAncestralScheduler", {}, "DPM++ 2S a Karras"),
     "ddim": ("A1111DDIMScheduler", {}, "DDIM"),
     "plms": ("A1111PLMSScheduler", {}, "PLMS"),
     "unipc": (
@@ -91,8 +98,14 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 # Samplers that draw fresh noise at each step, from each image's generator: the setting of how
-# much (A1111's "Eta" for Euler a, "Eta DDIM" for DDIM) and its A1111 default (DDIM: none)
-STEP_NOISE = {"euler_a": ("eta_ancestral", 1.0), "ddim": ("eta_ddim", 0.0)}
+# much (A1111's "Eta" for the ancestral samplers, "Eta DDIM" for DDIM) and its A1111 default
+# (DDIM: none)
+_ANCESTRAL = ("euler_a", "dpm2_a", "dpm2_a_karras", "dpmpp_2s_a", "dpmpp_2s_a_karras")
+STEP_NOISE = {name: ("eta_ancestral", 1.0) for name in _ANCESTRAL} | {"ddim": ("eta_ddim", 0.0)}
+
+# A1111's DPM2 and DPM2 a draw one sigma more than their steps and drop the one before the
+# last (its option discard_next_to_last_sigma), whatever "Discard penultimate sigma" says
+DISCARD_PENULTIMATE = frozenset({"dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras"})
 
 
 def _key(name: str) -> str:
@@ -105,7 +118,12 @@ def _key(name: str) -> str:
 # DPM++ 2M is k-diffusion's get_sigmas, A1111's "Uniform" (sd_schedulers.py). A1111 v1.6-1.8
 # read the setting as its k_sched_type, which has no "Uniform": pasting fails there, loudly,
 # rather than make another image; before v1.6 the setting is ignored.
-_WRITTEN_SCHEDULE = {"dpmpp_2m": "Uniform"}
+_WRITTEN_SCHEDULE = {name: "Uniform" for name in ("dpmpp_2m", "dpm2", "dpm2_a", "dpmpp_2s_a")}
+# Each sampler on Karras sigmas, named after them; A1111 v1.9+ runs the first four so unless a
+# "Schedule type" says otherwise (its option scheduler: karras), LMS on uniform sigmas
+KARRAS_VARIANTS = {"dpmpp_2m": "dpmpp_2m_karras", "dpm2": "dpm2_karras", "dpm2_a": "dpm2_a_karras"}
+KARRAS_VARIANTS |= {"dpmpp_2s_a": "dpmpp_2s_a_karras", "lms": "lms_karras"}
+KARRAS_SINCE_V19 = ("dpmpp_2m", "dpm2", "dpm2_a", "dpmpp_2s_a")
 
 # AUTOMATIC1111 v1.9+'s "Schedule type" (its sd_schedulers.py): fulora's name -> A1111's label.
 # Each gives the sigmas a k-diffusion sampler steps through (fulora.generate.sigmas);
@@ -126,8 +144,9 @@ SCHEDULE_TYPES = {
 }
 # The samplers that A1111 runs with k-diffusion, on a schedule type's sigmas, and each one's
 # own type. A1111's DDIM, PLMS and UniPC step on timesteps of their own and ignore the setting.
-_OWN_SCHEDULE = {"euler_a": "uniform", "euler": "uniform", "heun": "uniform", "lms": "uniform"}
-_OWN_SCHEDULE |= {"dpmpp_2m": "uniform", "lms_karras": "karras", "dpmpp_2m_karras": "karras"}
+_OWN_SCHEDULE = {"euler_a": "uniform", "euler": "uniform", "heun": "uniform"}
+_OWN_SCHEDULE |= {plain: "uniform" for plain in KARRAS_VARIANTS}
+_OWN_SCHEDULE |= {karras: "karras" for karras in KARRAS_VARIANTS.values()}
 # The types whose sigmas span the model's own whatever sigma_min and sigma_max say, and those
 # that take a rho (A1111's Scheduler.default_rho)
 SPAN_FIXED = ("uniform", "align_your_steps", "simple", "ddim")
@@ -193,6 +212,12 @@ class SigmaSchedule:
     discard_penultimate: bool = False
 
 
+# The scheduler classes that step on A1111's sigmas only: they take one whatever the settings
+_ALWAYS_ON_SCHEDULE = (
+    "A1111DPM2Scheduler",
+    "A1111DPM2AncestralScheduler",
+    "A1111DPMPP2SAncestralScheduler",
+)
 # The scheduler class that takes a schedule type's sigmas, for each k-diffusion sampler's
 _ON_SCHEDULE_TYPE = {
     "EulerDiscreteScheduler": "A1111EulerScheduler",
@@ -212,16 +237,32 @@ def make_scheduler(name: str, base_config: dict[str, Any], schedule: SigmaSchedu
     """
     import diffusers
 
-    from fulora.generate import a1111_schedulers
+    from fulora.generate import a1111_schedulers, dpm2_schedulers
 
-    cls_name, extra, _ = SAMPLERS[resolve_sampler(name)]
+    name = resolve_sampler(name)
+    cls_name, extra, _ = SAMPLERS[name]
+    if schedule is None and cls_name in _ALWAYS_ON_SCHEDULE:  # the sampler's own
+        schedule = own_sigma_schedule(name)
     if schedule is not None:
         cls_name = _ON_SCHEDULE_TYPE.get(cls_name, cls_name)
-    cls = getattr(a1111_schedulers, cls_name, None) or getattr(diffusers, cls_name)
+    found = (getattr(module, cls_name, None) for module in (a1111_schedulers, dpm2_schedulers))
+    cls = next((c for c in found if c is not None), None) or getattr(diffusers, cls_name)
     scheduler = cls.from_config(base_config, **extra)
     if schedule is not None:
         scheduler.sigma_schedule = schedule
     return scheduler
+
+
+def own_sigma_schedule(name: str) -> SigmaSchedule | None:
+    """The sigmas a sampler steps through at A1111's defaults, where fulora computes them.
+
+    None where its scheduler's own are A1111's (Euler, Heun, LMS, DPM++ 2M, ...); the
+    two-call samplers' (DPM2, DPM2 a, DPM++ 2S a) for the rest.
+    """
+    name = resolve_sampler(name)
+    if SAMPLERS[name][0] not in _ALWAYS_ON_SCHEDULE:
+        return None
+    return SigmaSchedule(_OWN_SCHEDULE[name], discard_penultimate=name in DISCARD_PENULTIMATE)
 
 
 def resolve_schedule_type(name: str) -> str:
@@ -236,6 +277,11 @@ def resolve_schedule_type(name: str) -> str:
 def own_schedule(sampler: str) -> str | None:
     """A k-diffusion sampler's own schedule type; None: one that steps on timesteps of its own."""
     return _OWN_SCHEDULE.get(resolve_sampler(sampler))
+
+
+def k_diffusion_samplers() -> str:
+    """A1111's names of the k-diffusion samplers, which step on sigmas (for messages)."""
+    return ", ".join(display_name(n) for n, own in _OWN_SCHEDULE.items() if own == "uniform")
 
 
 def chosen_schedule_type(sampler: str, schedule: str) -> str | None:
@@ -253,7 +299,7 @@ def chosen_schedule_type(sampler: str, schedule: str) -> str | None:
     if own is None:
         raise ConfigError(
             f"schedule_type {schedule} is for the samplers A1111 runs with k-diffusion "
-            f"({', '.join(display_name(n) for n in _OWN_SCHEDULE)}); {display_name(sampler)!r} "
+            f"({k_diffusion_samplers()}); {display_name(sampler)!r} "
             "steps on timesteps of its own (A1111 ignores the setting there): set "
             "schedule_type: automatic"
         )

@@ -1,0 +1,174 @@
+"""A1111's DPM2, DPM2 a and DPM++ 2S a against k-diffusion's own samplers.
+
+Reference: ``tests/reference/a1111_dpm_samplers.json``, recorded by running
+crowsonkb/k-diffusion's ``sample_dpm_2``, ``sample_dpm_2_ancestral`` and
+``sample_dpmpp_2s_ancestral`` (its code, imported in a scratch folder) on the sigmas A1111's
+``get_sigmas`` gives them (its ``sd_schedulers.py``; DPM2 and DPM2 a drop the penultimate
+sigma), on an analytic model. Its ``source`` field says how.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fulora.errors import ConfigError
+from fulora.generate.config import GenerateConfig
+from fulora.generate.samplers import make_scheduler, resolve_sampler
+from fulora.generate.schedules import schedule_steps
+from fulora.lora.tiny import sd15_scheduler
+
+RECORDED = json.loads(
+    (Path(__file__).parents[1] / "reference" / "a1111_dpm_samplers.json").read_text()
+)
+# Relative L2 from k-diffusion's result: measured at most 4.7e-7 (DPM2 a, "KL Optimal", 7
+# steps, fp32), the float rounding of the same formulas
+GAP = 1e-6
+
+
+def _toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 0.5 * torch.sin(1.3 * x + t.to(x.dtype) / 250.0) + 0.2 * x
+
+
+def _settings(sampler: str, label: str) -> dict:
+    """A1111's default (Karras, since v1.9) by the sampler's Karras name; a type otherwise."""
+    if label == "Karras":
+        return {"sampler": f"{sampler}_karras"}
+    return {"sampler": sampler, "schedule_type": label}
+
+
+def _sample(steps: int, eta: float = 1.0, **settings):
+    """fulora's scheduler for ``settings`` stepped as diffusers' pipeline steps it, on the
+    analytic model; the ancestral ones' noise (start and steps) from one CPU generator, as
+    A1111's RNG "CPU" draws an image's. Returns (x, model calls)."""
+    cfg = GenerateConfig(base="unused", steps=steps, eta_ancestral=eta, **settings)
+    scheduler = make_scheduler(cfg.sampler, sd15_scheduler().config, cfg.sigma_schedule())
+    scheduler.eta = eta
+    scheduler.set_timesteps(steps)
+    if scheduler.needs_step_noise:
+        generator = torch.Generator().manual_seed(RECORDED["seed"])
+        x = torch.randn((1, 4, 2, 2), generator=generator)
+        scheduler.step_noise = lambda draw: torch.randn((1, 4, 2, 2), generator=generator)
+    else:
+        x = torch.tensor(RECORDED["noise"], dtype=torch.float64).reshape(1, 4, 2, 2)
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    return x, len(scheduler.timesteps)
+
+
+def _gap(x: torch.Tensor, recorded: list[float]) -> float:
+    expected = torch.tensor(recorded, dtype=x.dtype)
+    return float((x.flatten() - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("key", sorted(RECORDED["x0"]))
+def test_dpm2_samplers_are_k_diffusions(key):
+    """Each on A1111's own sigmas (Karras, by its "... Karras" name) and on other schedule
+    types ("KL Optimal" ends above 0: DPM2's last step is then a two-call step), at 30 and
+    7 steps; DPM2 in float64, the ancestral two in fp32 with the image's CPU noise."""
+    sampler, label, steps = key.split("/")
+    x, _ = _sample(int(steps), **_settings(sampler, label))
+    assert _gap(x, RECORDED["x0"][key]) < GAP, key
+
+
+@pytest.mark.parametrize("key", sorted(RECORDED["x0_eta"]))
+def test_ancestral_dpm_samplers_at_another_eta_are_k_diffusions(key):
+    """DPM2 a and DPM++ 2S a at A1111's "Eta" 0.5, 0 and 2.5, and with "Discard penultimate
+    sigma". At 2.5 some steps go down to 0 before the last: DPM2 a takes an Euler step and
+    draws no noise there, DPM++ 2S a draws it all the same, so every later draw depends on
+    the rule (drawing at those steps too, or not, is 1e-1 away)."""
+    sampler, label, steps, eta, discard = key.split("/")
+    settings = _settings(sampler, label)
+    if discard == "True" and sampler == "dpmpp_2s_a":  # DPM2 a drops its own
+        settings["discard_penultimate_sigma"] = True
+    x, _ = _sample(int(steps), float(eta), **settings)
+    assert _gap(x, RECORDED["x0_eta"][key]) < GAP, key
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "calls"),
+    [
+        ("DPM2", 30, 59),  # 31 sigmas drawn, the penultimate dropped: 29 two-call steps + Euler
+        ("DPM2 a Karras", 10, 19),
+        ("DPM++ 2S a", 30, 59),
+    ],
+)
+def test_each_step_calls_the_model_twice_but_the_last(sampler, steps, calls):
+    """Two model calls a step (the step's sigma, then the middle one), one for the step to 0;
+    A1111 schedules a prompt over twice the steps (its second_order samplers), as Heun."""
+    _, made = _sample(steps, **{"sampler": sampler})
+    assert made == calls
+    assert schedule_steps(resolve_sampler(sampler), steps) == 2 * steps
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"sampler": "DPM2", "discard_penultimate_sigma": True}, r"drops the penultimate sigma"),
+        ({"sampler": "DPM2", "eta_ancestral": 0.5}, r"'Euler a', 'DPM2 a', 'DPM\+\+ 2S a'"),
+        ({"sampler": "DPM2 Karras", "eta_noise_seed_delta": 31337}, r"'DPM2 Karras' adds none"),
+        ({"sampler": "DPM2 a Karras", "schedule_type": "exponential"}, r"set sampler: dpm2_a"),
+        ({"sampler": "DDIM", "schedule_rho": 5}, r"\(Euler a, Euler, Heun, DPM\+\+ 2M, DPM2,"),
+    ],
+)
+def test_settings_that_would_change_nothing_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        GenerateConfig(base="unused", **settings)
+
+
+def test_ancestral_dpm_samplers_take_eta_and_ensd():
+    """A1111 writes "Eta" and "ENSD" for DPM2 a and DPM++ 2S a (their step noise): accepted."""
+    for sampler in ("DPM2 a", "DPM++ 2S a Karras"):
+        GenerateConfig(base="unused", sampler=sampler, eta_ancestral=0.7, eta_noise_seed_delta=3)
+
+
+def _generate(tiny_model, out, **settings):
+    from fulora.generate.run import generate
+
+    common = dict(planes=["brain"], per_class=2, batch_size=2, steps=4, width=64, height=48)
+    common |= dict(seed=5, seed_scheme="consecutive", device="cpu", contact_sheet=0)
+    cfg = GenerateConfig(base=str(tiny_model), **(common | settings))
+    generate(out, cfg, progress=False)
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((out / "brain").glob("*.png"))}
+
+
+def _text(folder: Path) -> str:
+    with Image.open(next((folder / "brain").glob("*.png"))) as image:
+        return image.text["parameters"]
+
+
+def test_dpm2_samplers_make_their_images_and_are_written_as_a1111_writes_them(tiny_model, tmp_path):
+    """Through ``generate``: DPM2 a (NV noise, ENSD, eta) and DPM++ 2S a Karras make images of
+    their own, remade bit for bit in a batch of one; the PNG text names each as A1111 v1.9+
+    does (the Karras default unwritten, "Uniform" for the plain name), and --a1111's reading
+    gives the same settings back."""
+    from fulora.generate.infotext import generate_settings, read_a1111_parameters
+
+    runs = {
+        "euler_a": {"sampler": "Euler a"},
+        "dpm2_a": {"sampler": "DPM2 a", "rng": "nv", "eta_noise_seed_delta": 31337}
+        | {"eta_ancestral": 0.7},
+        "dpmpp_2s_a_karras": {"sampler": "DPM++ 2S a Karras"},
+    }
+    images = {name: _generate(tiny_model, tmp_path / name, **s) for name, s in runs.items()}
+    for name in ("dpm2_a", "dpmpp_2s_a_karras"):  # other images than Euler a's
+        for key, pixels in images[name].items():
+            assert np.abs(pixels.astype(int) - images["euler_a"][key].astype(int)).mean() > 0.5
+    one = _generate(tiny_model, tmp_path / "one", batch_size=1, **runs["dpm2_a"])
+    assert all(np.array_equal(one[k], images["dpm2_a"][k]) for k in one)
+    text = _text(tmp_path / "dpm2_a")
+    assert "Sampler: DPM2 a, Schedule type: Uniform, " in text
+    assert "ENSD: 31337, Eta: 0.7, RNG: NV, " in text
+    read = generate_settings(read_a1111_parameters(text), "brain")
+    assert (read["sampler"], read["schedule_type"], read["eta_ancestral"]) == (
+        "dpm2_a",
+        "uniform",
+        0.7,
+    )
+    assert not read["discard_penultimate_sigma"]  # its own drop is not A1111's option
+    text = _text(tmp_path / "dpmpp_2s_a_karras")
+    assert "Sampler: DPM++ 2S a Karras, " in text and "Schedule type" not in text
