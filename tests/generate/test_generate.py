@@ -1183,6 +1183,9 @@ def test_a1111_settings_fulora_cannot_run_are_refused(
     assert not (tmp_path / "out").exists()
 
 
+_AUTO = "automatic"
+
+
 @pytest.mark.parametrize(
     ("fields", "sampler"),
     [
@@ -1210,6 +1213,13 @@ def test_a1111_settings_fulora_cannot_run_are_refused(
         ({"Sampler": "DPM++ 2S a", "Schedule type": "Uniform"}, ("dpmpp_2s_a", "uniform")),
         ({"Sampler": "DPM++ 2S a", "Version": "v1.9.0"}, ("dpmpp_2s_a_karras", "automatic")),
         ({"Sampler": "DPM2", "Schedule type": "Exponential"}, ("dpm2", "exponential")),
+        # and the SDE samplers, on Karras or exponential sigmas by default since v1.9
+        ({"Sampler": "DPM++ 2M SDE", "Version": "v1.10.1"}, ("dpmpp_2m_sde_exponential", _AUTO)),
+        ({"Sampler": "DPM++ 2M SDE", "Version": "v1.7.0"}, ("dpmpp_2m_sde", "automatic")),
+        ({"Sampler": "DPM++ 2M SDE Heun Karras"}, ("dpmpp_2m_sde_heun_karras", "automatic")),
+        ({"Sampler": "DPM++ 3M SDE", "Schedule type": "Karras"}, ("dpmpp_3m_sde_karras", _AUTO)),
+        ({"Sampler": "DPM++ SDE", "Schedule type": "Beta"}, ("dpmpp_sde", "beta")),
+        ({"Sampler": "DPM++ SDE Karras", "Schedule type": "Beta"}, ("dpmpp_sde_karras", _AUTO)),
     ],
 )  # fmt: skip
 def test_a1111s_sampler_and_schedule_type_name_fuloras_sampler(fields, sampler):

@@ -24,6 +24,7 @@ from fulora.errors import ConfigError
 from fulora.generate.networks import plane_lora_weights
 from fulora.generate.prompts import check_prompt_syntax
 from fulora.generate.samplers import (
+    BROWNIAN_NOISE,
     DISCARD_PENULTIMATE,
     SPAN_FIXED,
     STEP_NOISE,
@@ -44,8 +45,9 @@ from fulora.planes import PAPER_PLANES
 
 
 def _noise_owners(key: str) -> str:
-    """The samplers whose step noise ``key`` sets, by A1111's names (Karras variants left out)."""
-    owners = [n for n, (k, _) in STEP_NOISE.items() if k == key and not n.endswith("_karras")]
+    """The samplers whose step noise ``key`` sets, by A1111's names (named variants left out)."""
+    owners = [n for n, (k, _) in STEP_NOISE.items() if k == key and own_schedule(n) != "karras"]
+    owners = [n for n in owners if own_schedule(n) != "exponential"]
     return ", ".join(repr(display_name(n)) for n in owners)
 
 
@@ -225,9 +227,9 @@ class GenerateConfig(Checked):
             key, default, why = unused
             raise ConfigError(
                 f"{key} {getattr(self, key):g} changes only the noise that a sampler adds at "
-                f"each step (the ancestral ones: {_noise_owners('eta_ancestral')}; DDIM at an "
-                f"eta_ddim above 0), and {why}, so it would change no image (A1111 ignores it "
-                f"there too): set {key}: {default:g}"
+                f"each step (the ancestral and SDE ones: {_noise_owners('eta_ancestral')}; "
+                f"DDIM at an eta_ddim above 0), and {why}, so it would change no image (A1111 "
+                f"ignores it there too): set {key}: {default:g}"
             )
         consecutive = self.seed_scheme == "consecutive"
         last = self.seed + self.per_class - 1 if consecutive else 2**32 - 1  # the largest seed
@@ -256,6 +258,12 @@ class GenerateConfig(Checked):
             if getattr(self, key) != default and (own is None or own[0] != key):
                 why = f"it is for {_noise_owners(key)}, not {display_name(sampler)!r}"
                 return key, default, why
+        if self.eta_noise_seed_delta and sampler in BROWNIAN_NOISE:
+            why = (
+                f"{display_name(sampler)!r} draws it from Brownian trees seeded with each "
+                "image's seed, which ENSD does not change"
+            )
+            return "eta_noise_seed_delta", 0, why
         if self.eta_noise_seed_delta and not (own and getattr(self, own[0])):
             why = f"{own[0]} 0 adds none" if own else f"{display_name(sampler)!r} adds none"
             return "eta_noise_seed_delta", 0, why

@@ -27,9 +27,9 @@ from PIL import Image
 from fulora.errors import ConfigError, DataError
 from fulora.generate.prompts import EMPHASIS_MODES
 from fulora.generate.samplers import (
+    DEFAULT_SINCE_V19,
     DISCARD_PENULTIMATE,
-    KARRAS_SINCE_V19,
-    KARRAS_VARIANTS,
+    SCHEDULE_VARIANTS,
     SPAN_FIXED,
     chosen_schedule_type,
     own_schedule,
@@ -288,21 +288,22 @@ def a1111_sampler(fields: dict[str, str]) -> tuple[str, str]:
 
     Read as A1111 v1.9+ reads them (its ``get_sampler_and_scheduler``): a sampler named after a
     schedule ("LMS Karras") runs on it whatever the type says; a missing type is "Automatic",
-    the sampler's own schedule (Karras for DPM++ 2M, DPM2, DPM2 a and DPM++ 2S a since v1.9,
-    uniform before it and for the others); DDIM, PLMS and UniPC ignore the type. A sampler on
-    Karras sigmas is fulora's ``..._karras`` (``KARRAS_VARIANTS``).
+    the sampler's own schedule (since v1.9 Karras or exponential for some,
+    ``DEFAULT_SINCE_V19``; uniform before it and for the others); DDIM, PLMS and UniPC ignore
+    the type. A sampler on the sigmas of a variant named after them is that variant,
+    ``SCHEDULE_VARIANTS`` (``dpmpp_2m_karras``).
 
     Raises:
         ConfigError: A schedule type fulora does not know (the message lists them).
     """
     sampler = resolve_sampler(fields["Sampler"])
     kind = resolve_schedule_type(fields.get("Schedule type", "Automatic"))
-    if kind == "automatic" and sampler in KARRAS_SINCE_V19:
+    if kind == "automatic" and sampler in DEFAULT_SINCE_V19:
         if _version(fields.get("Version", "")) >= (1, 9):
-            return KARRAS_VARIANTS[sampler], "automatic"
-    if kind == "karras" and sampler in KARRAS_VARIANTS:
-        return KARRAS_VARIANTS[sampler], "automatic"
-    if sampler in KARRAS_VARIANTS.values() or own_schedule(sampler) is None:
+            kind = DEFAULT_SINCE_V19[sampler]
+    if (sampler, kind) in SCHEDULE_VARIANTS:
+        return SCHEDULE_VARIANTS[(sampler, kind)], "automatic"
+    if sampler in SCHEDULE_VARIANTS.values() or own_schedule(sampler) is None:
         return sampler, "automatic"  # named after its schedule, or steps on timesteps
     return sampler, kind
 

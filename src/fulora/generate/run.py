@@ -696,23 +696,29 @@ def _uncond_skip(pipe, cfg, resolved) -> UncondSkip | None:
 
 @contextmanager
 def _step_noise(pipe, noise: ImageNoise, cfg):
-    """The step noise of the ancestral samplers and DDIM from ``noise``, at the run's eta.
+    """The step noise of the ancestral and SDE samplers and DDIM, at the run's eta.
 
     fulora's Euler a (``a1111_schedulers.A1111EulerAncestralScheduler``) takes it from its
     ``step_noise`` for ``rng: nv``, which is no torch generator, and for an eta other than 1,
     which diffusers' step does not take; fulora's DDIM at an eta above 0; DPM2 a and DPM++ 2S a
-    always (``needs_step_noise``). The scheduler names its eta setting (``eta_setting``); the
-    other samplers draw no step noise.
+    always (``needs_step_noise``); the SDE samplers from Brownian trees seeded with each
+    image's seed (``brownian``, ``noise_seeds``). The scheduler names its eta setting
+    (``eta_setting``); the other samplers draw no step noise.
     """
     scheduler = pipe.scheduler
     key = getattr(scheduler, "eta_setting", None)
     default = type(scheduler).eta if key else None
+    brownian = getattr(scheduler, "brownian", False)
     own_draw = noise.generators is not None and not getattr(scheduler, "needs_step_noise", False)
-    if key is None or (own_draw and getattr(cfg, key) == default):
+    if key is None or (own_draw and not brownian and getattr(cfg, key) == default):
         yield  # none, or diffusers' own draw from the generators (Euler a at eta 1)
         return
     scheduler.step_noise, scheduler.eta = noise.step_noise, getattr(cfg, key)
+    if brownian:
+        scheduler.noise_seeds = list(noise.seeds)
     try:
         yield
     finally:
         scheduler.step_noise, scheduler.eta = None, default
+        if brownian:
+            scheduler.noise_seeds = None

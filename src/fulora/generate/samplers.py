@@ -66,13 +66,6 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "heun": ("HeunDiscreteScheduler", dict(_LINSPACE), "Heun"),
     "lms": ("LMSDiscreteScheduler", dict(_LINSPACE), "LMS"),
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "LMS Karras"),
-    # A1111's two-call k-diffusion samplers (fulora.generate.dpm2_schedulers), on its sigmas
-    "dpm2": ("A1111DPM2Scheduler", {}, "DPM2"),
-    "dpm2_karras": ("A1111DPM2Scheduler", {}, "DPM2 Karras"),
-    "dpm2_a": ("A1111DPM2AncestralScheduler", {}, "DPM2 a"),
-    "dpm2_a_karras": ("A1111DPM2AncestralScheduler", {}, "DPM2 a Karras"),
-    "dpmpp_2s_a": ("A1111DPMPP2SAncestralScheduler", {}, "DPM++ 2S a"),
-    "dpmpp_2s_a_karras": ("A1111DPMPP2SAncestralScheduler", {}, "DPM++ 2S a Karras"),
     "ddim": ("A1111DDIMScheduler", {}, "DDIM"),
     "plms": ("A1111PLMSScheduler", {}, "PLMS"),
     "unipc": (
@@ -97,15 +90,55 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "pndm": ("PNDMScheduler", {}, "PNDM (diffusers)"),
 }
 
-# Samplers that draw fresh noise at each step, from each image's generator: the setting of how
-# much (A1111's "Eta" for the ancestral samplers, "Eta DDIM" for DDIM) and its A1111 default
-# (DDIM: none)
-_ANCESTRAL = ("euler_a", "dpm2_a", "dpm2_a_karras", "dpmpp_2s_a", "dpmpp_2s_a_karras")
-STEP_NOISE = {name: ("eta_ancestral", 1.0) for name in _ANCESTRAL} | {"ddim": ("eta_ddim", 0.0)}
+# A1111's k-diffusion samplers that fulora steps itself (fulora.generate.kdiffusion_schedulers),
+# always on A1111's sigmas: name -> (scheduler class, A1111's name, the types of the variants
+# named after their sigmas, "DPM2 Karras")
+_KDIFFUSION = {
+    "dpm2": ("A1111DPM2Scheduler", "DPM2", ("karras",)),
+    "dpm2_a": ("A1111DPM2AncestralScheduler", "DPM2 a", ("karras",)),
+    "dpmpp_2s_a": ("A1111DPMPP2SAncestralScheduler", "DPM++ 2S a", ("karras",)),
+    "dpmpp_sde": ("A1111DPMPPSDEScheduler", "DPM++ SDE", ("karras",)),
+    "dpmpp_2m_sde": ("A1111DPMPP2MSDEScheduler", "DPM++ 2M SDE", ("karras", "exponential")),
+    "dpmpp_2m_sde_heun": (
+        "A1111DPMPP2MSDEHeunScheduler",
+        "DPM++ 2M SDE Heun",
+        ("karras", "exponential"),
+    ),
+    "dpmpp_3m_sde": ("A1111DPMPP3MSDEScheduler", "DPM++ 3M SDE", ("karras", "exponential")),
+}
+_ALWAYS_ON_SCHEDULE = {cls for cls, _, _ in _KDIFFUSION.values()}
+# Each sampler on the sigmas it is named after ("DPM++ 2M Karras"): (plain name, type) -> name
+SCHEDULE_VARIANTS = {("dpmpp_2m", "karras"): "dpmpp_2m_karras", ("lms", "karras"): "lms_karras"}
+for _plain, (_cls, _label, _kinds) in _KDIFFUSION.items():
+    SAMPLERS[_plain] = (_cls, {}, _label)
+    for _kind in _kinds:
+        SCHEDULE_VARIANTS[(_plain, _kind)] = f"{_plain}_{_kind}"
+        SAMPLERS[f"{_plain}_{_kind}"] = (_cls, {}, f"{_label} {_kind.capitalize()}")
+for _own in ("dpmpp_2m_karras_diffusers", "dpmpp_2m_diffusers", "ddim_diffusers", "pndm"):
+    SAMPLERS[_own] = SAMPLERS.pop(_own)  # diffusers' own last
+# A1111 v1.9+ runs these on the type given unless a "Schedule type" names another (its
+# samplers' option "scheduler"); before v1.9 and for the others, on uniform sigmas
+DEFAULT_SINCE_V19 = {name: "karras" for name in ("dpmpp_2m", "dpm2", "dpm2_a", "dpmpp_2s_a")}
+DEFAULT_SINCE_V19 |= {"dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential"}
+DEFAULT_SINCE_V19 |= {"dpmpp_2m_sde_heun": "exponential", "dpmpp_3m_sde": "exponential"}
 
-# A1111's DPM2 and DPM2 a draw one sigma more than their steps and drop the one before the
-# last (its option discard_next_to_last_sigma), whatever "Discard penultimate sigma" says
-DISCARD_PENULTIMATE = frozenset({"dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras"})
+# Samplers that draw fresh noise at each step: the setting of how much (A1111's "Eta" for the
+# ancestral and SDE samplers, "Eta DDIM" for DDIM) and its A1111 default (DDIM: none)
+_FAMILY = {name: plain for (plain, _), name in SCHEDULE_VARIANTS.items()}
+_NOISY = ("euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun")
+_NOISY += ("dpmpp_3m_sde",)
+STEP_NOISE = {n: ("eta_ancestral", 1.0) for n in SAMPLERS if _FAMILY.get(n, n) in _NOISY}
+STEP_NOISE["ddim"] = ("eta_ddim", 0.0)
+# The SDE samplers: their noise comes from Brownian trees seeded with each image's seed (A1111's
+# create_noise_sampler), not from the generators that the RNG setting and ENSD seed
+_SDE = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
+BROWNIAN_NOISE = frozenset(n for n in SAMPLERS if _FAMILY.get(n, n) in _SDE)
+
+# A1111's DPM2, DPM2 a and DPM++ 3M SDE draw one sigma more than their steps and drop the one
+# before the last (their option discard_next_to_last_sigma), whatever "Discard penultimate
+# sigma" says
+_DISCARDING = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
+DISCARD_PENULTIMATE = frozenset(n for n in SAMPLERS if _FAMILY.get(n, n) in _DISCARDING)
 
 
 def _key(name: str) -> str:
@@ -118,12 +151,7 @@ def _key(name: str) -> str:
 # DPM++ 2M is k-diffusion's get_sigmas, A1111's "Uniform" (sd_schedulers.py). A1111 v1.6-1.8
 # read the setting as its k_sched_type, which has no "Uniform": pasting fails there, loudly,
 # rather than make another image; before v1.6 the setting is ignored.
-_WRITTEN_SCHEDULE = {name: "Uniform" for name in ("dpmpp_2m", "dpm2", "dpm2_a", "dpmpp_2s_a")}
-# Each sampler on Karras sigmas, named after them; A1111 v1.9+ runs the first four so unless a
-# "Schedule type" says otherwise (its option scheduler: karras), LMS on uniform sigmas
-KARRAS_VARIANTS = {"dpmpp_2m": "dpmpp_2m_karras", "dpm2": "dpm2_karras", "dpm2_a": "dpm2_a_karras"}
-KARRAS_VARIANTS |= {"dpmpp_2s_a": "dpmpp_2s_a_karras", "lms": "lms_karras"}
-KARRAS_SINCE_V19 = ("dpmpp_2m", "dpm2", "dpm2_a", "dpmpp_2s_a")
+_WRITTEN_SCHEDULE = {name: "Uniform" for name in DEFAULT_SINCE_V19}
 
 # AUTOMATIC1111 v1.9+'s "Schedule type" (its sd_schedulers.py): fulora's name -> A1111's label.
 # Each gives the sigmas a k-diffusion sampler steps through (fulora.generate.sigmas);
@@ -145,8 +173,8 @@ SCHEDULE_TYPES = {
 # The samplers that A1111 runs with k-diffusion, on a schedule type's sigmas, and each one's
 # own type. A1111's DDIM, PLMS and UniPC step on timesteps of their own and ignore the setting.
 _OWN_SCHEDULE = {"euler_a": "uniform", "euler": "uniform", "heun": "uniform"}
-_OWN_SCHEDULE |= {plain: "uniform" for plain in KARRAS_VARIANTS}
-_OWN_SCHEDULE |= {karras: "karras" for karras in KARRAS_VARIANTS.values()}
+_OWN_SCHEDULE |= {plain: "uniform" for plain, _ in SCHEDULE_VARIANTS}
+_OWN_SCHEDULE |= {name: kind for (_, kind), name in SCHEDULE_VARIANTS.items()}
 # The types whose sigmas span the model's own whatever sigma_min and sigma_max say, and those
 # that take a rho (A1111's Scheduler.default_rho)
 SPAN_FIXED = ("uniform", "align_your_steps", "simple", "ddim")
@@ -212,12 +240,6 @@ class SigmaSchedule:
     discard_penultimate: bool = False
 
 
-# The scheduler classes that step on A1111's sigmas only: they take one whatever the settings
-_ALWAYS_ON_SCHEDULE = (
-    "A1111DPM2Scheduler",
-    "A1111DPM2AncestralScheduler",
-    "A1111DPMPP2SAncestralScheduler",
-)
 # The scheduler class that takes a schedule type's sigmas, for each k-diffusion sampler's
 _ON_SCHEDULE_TYPE = {
     "EulerDiscreteScheduler": "A1111EulerScheduler",
@@ -237,7 +259,7 @@ def make_scheduler(name: str, base_config: dict[str, Any], schedule: SigmaSchedu
     """
     import diffusers
 
-    from fulora.generate import a1111_schedulers, dpm2_schedulers
+    from fulora.generate import a1111_schedulers, kdiffusion_schedulers
 
     name = resolve_sampler(name)
     cls_name, extra, _ = SAMPLERS[name]
@@ -245,7 +267,8 @@ def make_scheduler(name: str, base_config: dict[str, Any], schedule: SigmaSchedu
         schedule = own_sigma_schedule(name)
     if schedule is not None:
         cls_name = _ON_SCHEDULE_TYPE.get(cls_name, cls_name)
-    found = (getattr(module, cls_name, None) for module in (a1111_schedulers, dpm2_schedulers))
+    modules = (a1111_schedulers, kdiffusion_schedulers)
+    found = (getattr(module, cls_name, None) for module in modules)
     cls = next((c for c in found if c is not None), None) or getattr(diffusers, cls_name)
     scheduler = cls.from_config(base_config, **extra)
     if schedule is not None:
@@ -304,10 +327,10 @@ def chosen_schedule_type(sampler: str, schedule: str) -> str | None:
             "schedule_type: automatic"
         )
     if own != "uniform":
-        plain = sampler.removesuffix("_karras")
+        plain = _FAMILY[sampler]
         raise ConfigError(
-            f"sampler {display_name(sampler)!r} is {display_name(plain)!r} on the Karras "
-            f"schedule: for schedule_type {schedule}, set sampler: {plain}"
+            f"sampler {display_name(sampler)!r} is {display_name(plain)!r} on the "
+            f"{SCHEDULE_TYPES[own]} schedule: for schedule_type {schedule}, set sampler: {plain}"
         )
     return schedule
 

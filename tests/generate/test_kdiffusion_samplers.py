@@ -1,10 +1,12 @@
-"""A1111's DPM2, DPM2 a and DPM++ 2S a against k-diffusion's own samplers.
+"""A1111's DPM2, DPM2 a, DPM++ 2S a and SDE samplers against k-diffusion's own samplers.
 
-Reference: ``tests/reference/a1111_dpm_samplers.json``, recorded by running
-crowsonkb/k-diffusion's ``sample_dpm_2``, ``sample_dpm_2_ancestral`` and
-``sample_dpmpp_2s_ancestral`` (its code, imported in a scratch folder) on the sigmas A1111's
-``get_sigmas`` gives them (its ``sd_schedulers.py``; DPM2 and DPM2 a drop the penultimate
-sigma), on an analytic model. Its ``source`` field says how.
+References: ``tests/reference/a1111_dpm_samplers.json`` and ``a1111_sde_samplers.json``,
+recorded by running crowsonkb/k-diffusion's ``sample_dpm_2``, ``sample_dpm_2_ancestral``,
+``sample_dpmpp_2s_ancestral``, ``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde`` and
+``sample_dpmpp_3m_sde`` (its code, imported in a scratch folder; the SDE samplers with its
+``BrownianTreeNoiseSampler`` over torchsde, seeded as A1111 seeds it) on the sigmas A1111's
+``get_sigmas`` gives them (its ``sd_schedulers.py``; DPM2, DPM2 a and DPM++ 3M SDE drop the
+penultimate sigma), on an analytic model. Each file's ``source`` field says how.
 """
 
 import json
@@ -21,9 +23,9 @@ from fulora.generate.samplers import make_scheduler, resolve_sampler
 from fulora.generate.schedules import schedule_steps
 from fulora.lora.tiny import sd15_scheduler
 
-RECORDED = json.loads(
-    (Path(__file__).parents[1] / "reference" / "a1111_dpm_samplers.json").read_text()
-)
+_REFERENCE = Path(__file__).parents[1] / "reference"
+RECORDED = json.loads((_REFERENCE / "a1111_dpm_samplers.json").read_text())
+SDE_RECORDED = json.loads((_REFERENCE / "a1111_sde_samplers.json").read_text())
 # Relative L2 from k-diffusion's result: measured at most 4.7e-7 (DPM2 a, "KL Optimal", 7
 # steps, fp32), the float rounding of the same formulas
 GAP = 1e-6
@@ -43,7 +45,7 @@ def _settings(sampler: str, label: str) -> dict:
 def _sample(steps: int, eta: float = 1.0, **settings):
     """fulora's scheduler for ``settings`` stepped as diffusers' pipeline steps it, on the
     analytic model; the ancestral ones' noise (start and steps) from one CPU generator, as
-    A1111's RNG "CPU" draws an image's. Returns (x, model calls)."""
+    A1111's RNG "CPU" draws an image's."""
     cfg = GenerateConfig(base="unused", steps=steps, eta_ancestral=eta, **settings)
     scheduler = make_scheduler(cfg.sampler, sd15_scheduler().config, cfg.sigma_schedule())
     scheduler.eta = eta
@@ -57,7 +59,21 @@ def _sample(steps: int, eta: float = 1.0, **settings):
     x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
-    return x, len(scheduler.timesteps)
+    return x
+
+
+def _sample_sde(steps: int, eta: float, seeds: list[int], **settings) -> torch.Tensor:
+    """An SDE sampler's images (a batch, one seed each) on the analytic model, in fp32 as
+    A1111 samples, each started from its seed's CPU noise, its Brownian trees seeded alike."""
+    cfg = GenerateConfig(base="unused", steps=steps, eta_ancestral=eta, **settings)
+    scheduler = make_scheduler(cfg.sampler, sd15_scheduler().config, cfg.sigma_schedule())
+    scheduler.eta, scheduler.noise_seeds = eta, seeds
+    scheduler.set_timesteps(steps)
+    starts = [torch.randn((1, 4, 2, 2), generator=torch.Generator().manual_seed(s)) for s in seeds]
+    x = torch.cat(starts) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    return x
 
 
 def _gap(x: torch.Tensor, recorded: list[float]) -> float:
@@ -71,7 +87,7 @@ def test_dpm2_samplers_are_k_diffusions(key):
     types ("KL Optimal" ends above 0: DPM2's last step is then a two-call step), at 30 and
     7 steps; DPM2 in float64, the ancestral two in fp32 with the image's CPU noise."""
     sampler, label, steps = key.split("/")
-    x, _ = _sample(int(steps), **_settings(sampler, label))
+    x = _sample(int(steps), **_settings(sampler, label))
     assert _gap(x, RECORDED["x0"][key]) < GAP, key
 
 
@@ -85,8 +101,38 @@ def test_ancestral_dpm_samplers_at_another_eta_are_k_diffusions(key):
     settings = _settings(sampler, label)
     if discard == "True" and sampler == "dpmpp_2s_a":  # DPM2 a drops its own
         settings["discard_penultimate_sigma"] = True
-    x, _ = _sample(int(steps), float(eta), **settings)
+    x = _sample(int(steps), float(eta), **settings)
     assert _gap(x, RECORDED["x0_eta"][key]) < GAP, key
+
+
+# A1111 v1.9+'s own schedule type of each SDE sampler (its option "scheduler")
+_SDE_OWN = {"dpmpp_sde": "Karras", "dpmpp_2m_sde": "Exponential", "dpmpp_3m_sde": "Exponential"}
+_SDE_OWN["dpmpp_2m_sde_heun"] = "Exponential"
+
+
+@pytest.mark.parametrize("key", sorted(SDE_RECORDED["x0"]))
+def test_sde_samplers_are_k_diffusions_with_a1111s_brownian_noise(key):
+    """DPM++ SDE, 2M SDE (midpoint and Heun) and 3M SDE, each on A1111's own sigmas (by the
+    variant's name) and on other types, at eta 1, 0.5 and 0; two images, each with its own
+    Brownian trees (seeded with its seed, as A1111's create_noise_sampler seeds them).
+    Measured at most 6.9e-7; the trees of the batch's two seeds swapped, 0.52 to 1.25 away."""
+    sampler, label, steps, eta = key.split("/")
+    if label == _SDE_OWN[sampler]:
+        settings = {"sampler": f"{sampler}_{label.lower()}"}
+    else:
+        settings = {"sampler": sampler, "schedule_type": label}
+    x = _sample_sde(int(steps), float(eta), SDE_RECORDED["seeds"], **settings)
+    assert _gap(x, SDE_RECORDED["x0"][key]) < GAP, key
+
+
+def test_an_sde_images_noise_is_its_own_whatever_the_batch():
+    """Each image's Brownian noise comes from its own seed: an image made alone is the same
+    as in a batch (bit for bit), and another seed beside it changes nothing."""
+    settings = {"sampler": "DPM++ 2M SDE Karras"}
+    pair = _sample_sde(12, 1.0, [3, 4], **settings)
+    alone = _sample_sde(12, 1.0, [4], **settings)
+    beside = _sample_sde(12, 1.0, [9, 4], **settings)
+    assert torch.equal(pair[1], alone[0]) and torch.equal(beside[1], alone[0])
 
 
 @pytest.mark.parametrize(
@@ -95,13 +141,15 @@ def test_ancestral_dpm_samplers_at_another_eta_are_k_diffusions(key):
         ("DPM2", 30, 59),  # 31 sigmas drawn, the penultimate dropped: 29 two-call steps + Euler
         ("DPM2 a Karras", 10, 19),
         ("DPM++ 2S a", 30, 59),
+        ("DPM++ SDE Karras", 30, 59),
     ],
 )
 def test_each_step_calls_the_model_twice_but_the_last(sampler, steps, calls):
     """Two model calls a step (the step's sigma, then the middle one), one for the step to 0;
     A1111 schedules a prompt over twice the steps (its second_order samplers), as Heun."""
-    _, made = _sample(steps, **{"sampler": sampler})
-    assert made == calls
+    scheduler = make_scheduler(sampler, sd15_scheduler().config)
+    scheduler.set_timesteps(steps)
+    assert len(scheduler.timesteps) == calls
     assert schedule_steps(resolve_sampler(sampler), steps) == 2 * steps
 
 
@@ -112,7 +160,9 @@ def test_each_step_calls_the_model_twice_but_the_last(sampler, steps, calls):
         ({"sampler": "DPM2", "eta_ancestral": 0.5}, r"'Euler a', 'DPM2 a', 'DPM\+\+ 2S a'"),
         ({"sampler": "DPM2 Karras", "eta_noise_seed_delta": 31337}, r"'DPM2 Karras' adds none"),
         ({"sampler": "DPM2 a Karras", "schedule_type": "exponential"}, r"set sampler: dpm2_a"),
-        ({"sampler": "DDIM", "schedule_rho": 5}, r"\(Euler a, Euler, Heun, DPM\+\+ 2M, DPM2,"),
+        ({"sampler": "DPM++ 3M SDE Exponential", "schedule_type": "beta"}, r"Exponential sch"),
+        ({"sampler": "DPM++ SDE", "eta_noise_seed_delta": 31337}, r"Brownian trees seeded"),
+        ({"sampler": "DDIM", "schedule_rho": 5}, r"\(Euler a, Euler, Heun, DPM\+\+ 2M, LMS, DPM2,"),
     ],
 )
 def test_settings_that_would_change_nothing_are_refused(settings, message):
@@ -142,10 +192,11 @@ def _text(folder: Path) -> str:
 
 
 def test_dpm2_samplers_make_their_images_and_are_written_as_a1111_writes_them(tiny_model, tmp_path):
-    """Through ``generate``: DPM2 a (NV noise, ENSD, eta) and DPM++ 2S a Karras make images of
-    their own, remade bit for bit in a batch of one; the PNG text names each as A1111 v1.9+
-    does (the Karras default unwritten, "Uniform" for the plain name), and --a1111's reading
-    gives the same settings back."""
+    """Through ``generate``: DPM2 a (NV noise, ENSD, eta), DPM++ 2S a Karras and DPM++ 2M SDE
+    Karras (eta) make images of their own, DPM2 a's and the SDE's remade in a batch of one
+    (within 1 grey level, the UNet's rounding: each image's noise is its own); the PNG text
+    names each as A1111 v1.9+ does (a variant by its name, "Uniform" for the plain name), and
+    --a1111's reading gives the same settings back."""
     from fulora.generate.infotext import generate_settings, read_a1111_parameters
 
     runs = {
@@ -153,13 +204,16 @@ def test_dpm2_samplers_make_their_images_and_are_written_as_a1111_writes_them(ti
         "dpm2_a": {"sampler": "DPM2 a", "rng": "nv", "eta_noise_seed_delta": 31337}
         | {"eta_ancestral": 0.7},
         "dpmpp_2s_a_karras": {"sampler": "DPM++ 2S a Karras"},
+        "sde": {"sampler": "DPM++ 2M SDE Karras", "eta_ancestral": 0.8},
     }
     images = {name: _generate(tiny_model, tmp_path / name, **s) for name, s in runs.items()}
-    for name in ("dpm2_a", "dpmpp_2s_a_karras"):  # other images than Euler a's
+    for name in ("dpm2_a", "dpmpp_2s_a_karras", "sde"):  # other images than Euler a's
         for key, pixels in images[name].items():
             assert np.abs(pixels.astype(int) - images["euler_a"][key].astype(int)).mean() > 0.5
-    one = _generate(tiny_model, tmp_path / "one", batch_size=1, **runs["dpm2_a"])
-    assert all(np.array_equal(one[k], images["dpm2_a"][k]) for k in one)
+    for name in ("dpm2_a", "sde"):  # the step noise of each image its own
+        one = _generate(tiny_model, tmp_path / f"one-{name}", batch_size=1, **runs[name])
+        for key, pixels in one.items():  # the UNet's batch of 2 rounds otherwise: 1 level
+            assert np.abs(pixels.astype(int) - images[name][key].astype(int)).max() <= 1
     text = _text(tmp_path / "dpm2_a")
     assert "Sampler: DPM2 a, Schedule type: Uniform, " in text
     assert "ENSD: 31337, Eta: 0.7, RNG: NV, " in text
@@ -172,3 +226,7 @@ def test_dpm2_samplers_make_their_images_and_are_written_as_a1111_writes_them(ti
     assert not read["discard_penultimate_sigma"]  # its own drop is not A1111's option
     text = _text(tmp_path / "dpmpp_2s_a_karras")
     assert "Sampler: DPM++ 2S a Karras, " in text and "Schedule type" not in text
+    text = _text(tmp_path / "sde")
+    assert "Sampler: DPM++ 2M SDE Karras, " in text and "Eta: 0.8, " in text
+    read = generate_settings(read_a1111_parameters(text), "brain")
+    assert (read["sampler"], read["eta_ancestral"]) == ("dpmpp_2m_sde_karras", 0.8)

@@ -1,0 +1,374 @@
+"""AUTOMATIC1111's k-diffusion samplers that no diffusers scheduler steps as A1111 does.
+
+A1111 runs them with k-diffusion. **Two calls a step**: each step calls the model at the
+step's sigma, then, unless the step ends at 0, once more at a sigma between, and moves on
+from the second estimate:
+
+* **DPM2** (``sample_dpm_2``): DPM-Solver-2 in k-diffusion's Euler form, to the next sigma;
+* **DPM2 a** (``sample_dpm_2_ancestral``): the same to the ancestral step's lower sigma
+  (``sigma_down``), then each image's step noise times ``sigma_up`` added (k-diffusion's
+  ``get_ancestral_step`` at A1111's "Eta");
+* **DPM++ 2S a** (``sample_dpmpp_2s_ancestral``): DPM-Solver++(2S) to ``sigma_down`` in
+  log-sigma time, then the step noise;
+* **DPM++ SDE** (``sample_dpmpp_sde``): DPM-Solver++ with an ancestral step in each half, its
+  noise from a Brownian tree.
+
+**One call a step, with the last estimates**: **DPM++ 2M SDE** (``sample_dpmpp_2m_sde``, its
+midpoint or, as "DPM++ 2M SDE Heun", its Heun correction) and **DPM++ 3M SDE**
+(``sample_dpmpp_3m_sde``); their noise comes from a Brownian tree, their step to sigma 0 is
+the last estimate itself.
+
+The SDE samplers' noise is A1111's: ``torchsde`` Brownian trees (through diffusers'
+``BrownianTreeNoiseSampler``, k-diffusion's own, which A1111 builds in its
+``create_noise_sampler``), one per image seeded with the image's seed, on the device of the
+latents, in fp32: an image's noise does not depend on its batch, nor on the RNG setting, but a
+GPU draws other numbers than the CPU, in A1111 too.
+
+A1111 v1.9+ runs them on Karras or exponential sigmas unless a schedule type is named;
+DPM2, DPM2 a and DPM++ 3M SDE always draw one sigma more and drop the one before the last (its
+``discard_next_to_last_sigma``); ``fulora.generate.samplers`` names the variants, and
+:func:`fulora.generate.sigmas.a1111_sigmas` gives the sigmas.
+
+diffusers' ``KDPM2DiscreteScheduler``, ``KDPM2AncestralDiscreteScheduler``,
+``DPMSolverSDEScheduler`` and ``DPMSolverMultistepScheduler`` (``sde-dpmsolver++``) take
+other sigmas or other noise, and none is DPM++ 2S a or 3M SDE; these are built on diffusers'
+Euler for its training schedule and interface. Samples stay in k-diffusion's
+(variance-exploding) space, as Euler's do; the pipeline's loop gets one timestep per model
+call (the fractional timestep of the call's sigma, as k-diffusion runs the model).
+
+``tests/generate/test_kdiffusion_samplers.py`` runs each against k-diffusion's own functions.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from diffusers import EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from fulora.generate.a1111_schedulers import ScheduleTypeSigmas
+
+
+class _KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
+    """A k-diffusion sampler on A1111's sigmas, one timestep per model call.
+
+    :attr:`sigma_schedule` must be set (``fulora.generate.samplers.make_scheduler`` does).
+    Subclasses list the calls (:meth:`_calls`) and step.
+    """
+
+    #: the ancestral samplers' noise source (``fulora.generate.noise.ImageNoise.step_noise``,
+    #: called once per draw, in order)
+    step_noise = None
+    #: each image's seed, which seeds its Brownian tree (the SDE samplers)
+    noise_seeds: list[int] | None = None
+    eta = 1.0
+    eta_setting: str | None = None
+    needs_step_noise = False  # draws each image's generator (needs ``step_noise``)
+    brownian = False  # draws from Brownian trees (needs ``noise_seeds``)
+
+    def set_timesteps(self, num_inference_steps: int, device=None, *args, **kwargs):
+        """The schedule's sigmas (``sigma_schedule``), and a timestep per model call."""
+        if self.sigma_schedule is None:
+            raise ValueError(f"{type(self).__name__}: set sigma_schedule before set_timesteps")
+        super().set_timesteps(num_inference_steps, device, *args, **kwargs)
+
+    def _take_sigmas(self, sigmas: torch.Tensor, device) -> None:
+        self.sigmas = sigmas
+        self._call_sigmas = torch.stack(self._calls(sigmas))
+        self.timesteps = self._model_times(self._call_sigmas, device)
+        self.num_inference_steps = len(sigmas) - 1
+        self._call, self._step, self._draws, self._tree = 0, 0, 0, None
+
+    def _calls(self, sigmas: torch.Tensor) -> list[torch.Tensor]:
+        """The sigma of each model call: one a step."""
+        return list(sigmas[:-1])
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """k-diffusion's start: the noise times the first sigma."""
+        return float(self.sigmas[0])
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The sample as the model takes it at this call's sigma: over sqrt(sigma^2 + 1)."""
+        sigma = self._call_sigmas[self._call].to(sample.device)
+        return sample / (sigma**2 + 1) ** 0.5
+
+    def _estimate(self, model_output, sample):
+        """(the sample in fp32 or wider, the model's clean estimate, the call's sigma)."""
+        if self._call >= len(self._call_sigmas):
+            raise ValueError(f"{type(self).__name__}: call set_timesteps before each run's steps")
+        x = sample.to(torch.promote_types(sample.dtype, torch.float32))
+        sigma = self._call_sigmas[self._call].to(x.device)
+        self._call += 1
+        return x, self._denoised(model_output.to(x.dtype), sigma, x), sigma
+
+    def _denoised(self, model_output, sigma, sample: torch.Tensor) -> torch.Tensor:
+        """The model's clean estimate (k-diffusion's denoiser on an eps or v prediction)."""
+        if self.config.prediction_type == "epsilon":
+            return sample - sigma * model_output
+        if self.config.prediction_type == "v_prediction":
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        raise ValueError(f"{type(self).__name__}: prediction_type {self.config.prediction_type}")
+
+    def _drawn(self, x: torch.Tensor) -> torch.Tensor:
+        """The next draw of each image's generator (the ancestral samplers' noise)."""
+        if self.step_noise is None:
+            raise ValueError(f"{type(self).__name__}: its step noise needs step_noise")
+        noise = self.step_noise(self._draws).to(x.device, x.dtype)
+        self._draws += 1
+        return noise
+
+    def _brownian(self, x: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+        """The images' Brownian noise from ``sigma`` to ``sigma_next`` (A1111's SDE noise)."""
+        if self._tree is None:
+            from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+            if self.noise_seeds is None or len(self.noise_seeds) != len(x):
+                raise ValueError(f"{type(self).__name__}: its noise needs each image's seed")
+            positive = self.sigmas[self.sigmas > 0].to(x.device)
+            self._tree = BrownianTreeNoiseSampler(
+                x.float(), positive.min(), positive.max(), seed=list(self.noise_seeds)
+            )
+        with warnings.catch_warnings():  # torchsde: its float64 span ends vs float32 sigmas
+            warnings.filterwarnings("ignore", "Should have t", UserWarning)
+            return self._tree(sigma.to(x.device), sigma_next.to(x.device)).to(x.dtype)
+
+
+def _output(moved: torch.Tensor, return_dict: bool) -> SchedulerOutput | tuple[torch.Tensor]:
+    return SchedulerOutput(prev_sample=moved) if return_dict else (moved,)
+
+
+class _TwoCallScheduler(_KDiffusionScheduler):
+    """A sampler whose step calls the model at its start and at a middle sigma.
+
+    Subclasses give :meth:`_target` (where the step goes, and the noise after it) and the
+    two updates.
+    """
+
+    order = 2
+
+    def _calls(self, sigmas: torch.Tensor) -> list[torch.Tensor]:
+        """At each step's sigma, and at its middle sigma unless it ends at 0."""
+        calls, self._steps, self._start = [], [], None
+        for i in range(len(sigmas) - 1):
+            sigma, target, noise_scale = sigmas[i], *self._target(sigmas[i], sigmas[i + 1])
+            middle = None if target == 0 else self._middle(sigma, target)
+            self._steps.append((sigma, target, middle, noise_scale))
+            calls += [sigma] if middle is None else [sigma, middle]
+        return calls
+
+    def _target(self, sigma: torch.Tensor, sigma_next: torch.Tensor):
+        """Where the step goes, and the sigma of the noise added after it (None: none)."""
+        return sigma_next, None
+
+    def _middle(self, sigma: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The second call's sigma: the step's geometric mean, as k-diffusion computes it."""
+        return sigma.log().lerp(target.log(), 0.5).exp()
+
+    def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **unused):
+        """One model call's part of a step: to the middle sigma, or to the step's end."""
+        x, denoised, sigma = self._estimate(model_output, sample)
+        start, target, middle, noise_scale = self._steps[self._step]
+        if middle is not None and self._start is None:  # the first of the step's two calls
+            self._start = (x, denoised)
+            moved = self._to_middle(x, denoised, start, middle, target)
+            return _output(moved.to(sample.dtype), return_dict)
+        if middle is None:  # a step to 0: Euler's
+            moved = x + (x - denoised) / sigma * (target.to(x.device) - sigma)
+        else:
+            first, self._start = self._start, None
+            moved = self._from_middle(first, x, denoised, start, middle, target)
+        if noise_scale is not None:  # the ancestral samplers' noise
+            moved = moved + self._drawn(moved) * noise_scale.to(x.device)
+        self._step += 1
+        return _output(moved.to(sample.dtype), return_dict)
+
+    def _to_middle(self, x, denoised, sigma, middle, target) -> torch.Tensor:
+        """DPM-Solver-2's first half: Euler to the middle sigma."""
+        return x + (x - denoised) / sigma.to(x.device) * (middle - sigma).to(x.device)
+
+    def _from_middle(self, start, x_middle, denoised_middle, sigma, middle, target):
+        """DPM-Solver-2's step: from the start along the middle's derivative, to the target."""
+        x = start[0]
+        d_middle = (x_middle - denoised_middle) / middle.to(x.device)
+        return x + d_middle * (target - sigma).to(x.device)
+
+
+def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float):
+    """k-diffusion's ``get_ancestral_step`` on tensors: the sigma to step down to, the noise's."""
+    if not eta:
+        return sigma_next, torch.zeros_like(sigma_next)
+    up = eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    sigma_up = torch.minimum(sigma_next, up)
+    return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+class A1111DPM2Scheduler(_TwoCallScheduler):
+    """k-diffusion's ``sample_dpm_2`` (A1111's DPM2; its churn at A1111's default, none)."""
+
+
+class A1111DPM2AncestralScheduler(_TwoCallScheduler):
+    """k-diffusion's ``sample_dpm_2_ancestral`` (A1111's DPM2 a) at :attr:`eta`.
+
+    The noise is drawn after a step that ends above 0 (k-diffusion's DPM-Solver-2 branch);
+    a step whose ``sigma_down`` is 0 (to the last sigma, or at a large eta) draws none.
+    """
+
+    eta_setting = "eta_ancestral"
+    needs_step_noise = True
+
+    def _target(self, sigma, sigma_next):
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, self.eta)
+        return sigma_down, None if sigma_down == 0 else sigma_up
+
+
+class A1111DPMPP2SAncestralScheduler(_TwoCallScheduler):
+    """k-diffusion's ``sample_dpmpp_2s_ancestral`` (A1111's DPM++ 2S a) at :attr:`eta`.
+
+    DPM-Solver++(2S) in log-sigma time ``t = -log sigma``, to ``sigma_down``; the noise is
+    drawn after every step that ends above sigma 0, whether or not ``sigma_down`` is 0.
+    """
+
+    eta_setting = "eta_ancestral"
+    needs_step_noise = True
+
+    def _target(self, sigma, sigma_next):
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, self.eta)
+        return sigma_down, sigma_up if sigma_next > 0 else None
+
+    def _middle(self, sigma, target):
+        """``sigma_fn(t + h / 2)`` with ``t = -log sigma``, ``h = -log target - t``."""
+        t, t_next = sigma.log().neg(), target.log().neg()
+        return (t + 0.5 * (t_next - t)).neg().exp()
+
+    def _to_middle(self, x, denoised, sigma, middle, target) -> torch.Tensor:
+        """To the middle on the data prediction: ``sigma_fn(s) / sigma_fn(t) x - expm1(-h / 2)``."""
+        t, t_next = sigma.log().neg(), target.log().neg()
+        ratio = (middle / t.neg().exp()).to(x.device)
+        return ratio * x - (-(t_next - t) * 0.5).expm1().to(x.device) * denoised
+
+    def _from_middle(self, start, x_middle, denoised_middle, sigma, middle, target):
+        """The whole step on the middle's estimate: ``sigma_fn(t_next) / sigma_fn(t) x - ...``."""
+        x = start[0]
+        t, t_next = sigma.log().neg(), target.log().neg()
+        ratio = (t_next.neg().exp() / t.neg().exp()).to(x.device)
+        return ratio * x - (t - t_next).expm1().to(x.device) * denoised_middle
+
+
+class A1111DPMPPSDEScheduler(_TwoCallScheduler):
+    """k-diffusion's ``sample_dpmpp_sde`` (A1111's DPM++ SDE) at :attr:`eta`, ``r`` = 1/2.
+
+    Each half is an ancestral DPM-Solver++ step in log-sigma time with Brownian noise: to the
+    middle sigma ``sigma_fn(t + h / 2)`` from the start's estimate, then over the whole step
+    from the middle's (k-diffusion's ``(1 - fac) denoised + fac denoised_2``, ``fac`` = 1).
+    """
+
+    eta_setting = "eta_ancestral"
+    brownian = True
+
+    def _middle(self, sigma, target):
+        t, t_next = sigma.log().neg(), target.log().neg()
+        return (t + (t_next - t) * 0.5).neg().exp()
+
+    def _to_middle(self, x, denoised, sigma, middle, target) -> torch.Tensor:
+        t = sigma.log().neg()
+        down, up = ancestral_step(t.neg().exp(), middle, self.eta)
+        s_ = down.log().neg()
+        moved = (s_.neg().exp() / t.neg().exp()).to(x.device) * x
+        moved = moved - (t - s_).expm1().to(x.device) * denoised
+        return moved + self._brownian(x, t.neg().exp(), middle) * up.to(x.device)
+
+    def _from_middle(self, start, x_middle, denoised_middle, sigma, middle, target):
+        x, denoised = start
+        t, t_next = sigma.log().neg(), target.log().neg()
+        down, up = ancestral_step(t.neg().exp(), t_next.neg().exp(), self.eta)
+        t_next_ = down.log().neg()
+        mixed = (1 - 1.0) * denoised + 1.0 * denoised_middle  # k-diffusion's, fac = 1 / (2 r)
+        moved = (t_next_.neg().exp() / t.neg().exp()).to(x.device) * x
+        moved = moved - (t - t_next_).expm1().to(x.device) * mixed
+        noise = self._brownian(x, t.neg().exp(), t_next.neg().exp())
+        return moved + noise * up.to(x.device)
+
+
+class _MultistepSDEScheduler(_KDiffusionScheduler):
+    """A one-call SDE sampler that combines the newest estimates; Brownian noise at :attr:`eta`.
+
+    Its step to sigma 0 is the last estimate itself (k-diffusion's "denoising step").
+    """
+
+    eta_setting = "eta_ancestral"
+    brownian = True
+
+    def _take_sigmas(self, sigmas: torch.Tensor, device) -> None:
+        super()._take_sigmas(sigmas, device)
+        self._earlier: list[tuple[torch.Tensor, torch.Tensor]] = []  # (estimate, h), newest first
+
+    def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **unused):
+        """One step from the call's estimate and the earlier ones."""
+        x, denoised, sigma = self._estimate(model_output, sample)
+        sigma_next = self.sigmas[self._step + 1].to(x.device)
+        h = sigma_next.log().neg() - sigma.log().neg()
+        if sigma_next == 0:
+            moved = denoised
+        else:
+            moved = self._update(x, denoised, sigma, sigma_next, h)
+            if self.eta:
+                noise = self._brownian(x, sigma, sigma_next) * sigma_next
+                moved = moved + noise * self._noise_factor(h)
+        self._earlier = [(denoised, h), *self._earlier[:1]]
+        self._step += 1
+        return _output(moved.to(sample.dtype), return_dict)
+
+
+class A1111DPMPP2MSDEScheduler(_MultistepSDEScheduler):
+    """k-diffusion's ``sample_dpmpp_2m_sde`` (A1111's DPM++ 2M SDE), midpoint solver."""
+
+    solver_type = "midpoint"
+
+    def _update(self, x, denoised, sigma, sigma_next, h) -> torch.Tensor:
+        eta_h = self.eta * h
+        moved = sigma_next / sigma * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+        if not self._earlier:
+            return moved
+        old_denoised, h_last = self._earlier[0]
+        r = h_last / h
+        if self.solver_type == "heun":
+            scale = ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r)
+        else:
+            scale = 0.5 * (-h - eta_h).expm1().neg() * (1 / r)
+        return moved + scale * (denoised - old_denoised)
+
+    def _noise_factor(self, h: torch.Tensor) -> torch.Tensor:
+        return (-2 * (self.eta * h)).expm1().neg().sqrt()
+
+
+class A1111DPMPP2MSDEHeunScheduler(A1111DPMPP2MSDEScheduler):
+    """k-diffusion's ``sample_dpmpp_2m_sde``, ``solver_type='heun'`` (A1111's 2M SDE Heun)."""
+
+    solver_type = "heun"
+
+
+class A1111DPMPP3MSDEScheduler(_MultistepSDEScheduler):
+    """k-diffusion's ``sample_dpmpp_3m_sde`` (A1111's DPM++ 3M SDE)."""
+
+    def _update(self, x, denoised, sigma, sigma_next, h) -> torch.Tensor:
+        h_eta = h * (self.eta + 1)
+        moved = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+        if not self._earlier:
+            return moved
+        phi_2 = h_eta.neg().expm1() / h_eta + 1
+        denoised_1, h_1 = self._earlier[0]
+        if len(self._earlier) == 1:
+            return moved + phi_2 * ((denoised - denoised_1) / (h_1 / h))
+        denoised_2, h_2 = self._earlier[1]
+        r0, r1 = h_1 / h, h_2 / h
+        d1_0 = (denoised - denoised_1) / r0
+        d1_1 = (denoised_1 - denoised_2) / r1
+        d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        phi_3 = phi_2 / h_eta - 0.5
+        return moved + phi_2 * d1 - phi_3 * d2
+
+    def _noise_factor(self, h: torch.Tensor) -> torch.Tensor:
+        return (-2 * h * self.eta).expm1().neg().sqrt()
