@@ -118,7 +118,10 @@ LAZY = {
 LAZY_ONLY_IN = {"fulora": "cli.py", "torch": "config.py"}
 # fulora modules that subclass diffusers' classes, so that importing them imports diffusers:
 # where each may be imported inside a function, as diffusers itself is
-LAZY_FULORA = {"fulora.generate.a1111_schedulers": "samplers.py"}
+LAZY_FULORA = {
+    "fulora.generate.a1111_schedulers": "samplers.py",
+    "fulora.generate.kdiffusion_schedulers": "samplers.py",
+}
 
 
 def _imported(node: ast.Import | ast.ImportFrom, name: str) -> str:

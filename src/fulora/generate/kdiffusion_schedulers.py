@@ -45,6 +45,7 @@ import warnings
 
 import torch
 from diffusers import EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fulora.generate.a1111_schedulers import ScheduleTypeSigmas
@@ -122,8 +123,6 @@ class _KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
     def _brownian(self, x: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
         """The images' Brownian noise from ``sigma`` to ``sigma_next`` (A1111's SDE noise)."""
         if self._tree is None:
-            from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
-
             if self.noise_seeds is None or len(self.noise_seeds) != len(x):
                 raise ValueError(f"{type(self).__name__}: its noise needs each image's seed")
             positive = self.sigmas[self.sigmas > 0].to(x.device)
