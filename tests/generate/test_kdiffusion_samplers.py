@@ -26,6 +26,7 @@ from fulora.lora.tiny import sd15_scheduler
 _REFERENCE = Path(__file__).parents[1] / "reference"
 RECORDED = json.loads((_REFERENCE / "a1111_dpm_samplers.json").read_text())
 SDE_RECORDED = json.loads((_REFERENCE / "a1111_sde_samplers.json").read_text())
+RESTART_RECORDED = json.loads((_REFERENCE / "a1111_restart_sampler.json").read_text())
 # Relative L2 from k-diffusion's result: measured at most 4.7e-7 (DPM2 a, "KL Optimal", 7
 # steps, fp32), the float rounding of the same formulas
 GAP = 1e-6
@@ -135,6 +136,25 @@ def test_an_sde_images_noise_is_its_own_whatever_the_batch():
     assert torch.equal(pair[1], alone[0]) and torch.equal(beside[1], alone[0])
 
 
+@pytest.mark.parametrize("key", sorted(RESTART_RECORDED["x0"]))
+def test_restart_is_automatic1111s(key):
+    """Restart against A1111's own restart_sampler: below 20 steps Heun on the type's sigmas,
+    from 20 its Karras sigmas with 9 restart steps (from 36, steps // 4, twice), each climb's
+    noise the image's next CPU draw; the model runs at A1111's sigmas, call for call."""
+    label, steps = key.split("/")
+    cfg = GenerateConfig(base="unused", sampler="Restart", steps=int(steps), schedule_type=label)
+    scheduler = make_scheduler(cfg.sampler, sd15_scheduler().config, cfg.sigma_schedule())
+    scheduler.set_timesteps(int(steps))
+    generator = torch.Generator().manual_seed(RESTART_RECORDED["seed"])
+    x = torch.randn((1, 4, 2, 2), generator=generator) * scheduler.init_noise_sigma
+    scheduler.step_noise = lambda draw: torch.randn((1, 4, 2, 2), generator=generator)
+    calls = [float(sigma) for sigma in scheduler._call_sigmas]
+    for t in scheduler.timesteps:
+        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    assert calls == RESTART_RECORDED["calls"][key]
+    assert _gap(x, RESTART_RECORDED["x0"][key]) < GAP, key  # measured at most 1.6e-7
+
+
 @pytest.mark.parametrize(
     ("sampler", "steps", "calls"),
     [
@@ -142,6 +162,7 @@ def test_an_sde_images_noise_is_its_own_whatever_the_batch():
         ("DPM2 a Karras", 10, 19),
         ("DPM++ 2S a", 30, 59),
         ("DPM++ SDE Karras", 30, 59),
+        ("Restart", 40, 79),  # 20 + 2 x 10 Heun steps, as A1111's restart_sampler lays them
     ],
 )
 def test_each_step_calls_the_model_twice_but_the_last(sampler, steps, calls):
@@ -171,9 +192,12 @@ def test_settings_that_would_change_nothing_are_refused(settings, message):
 
 
 def test_ancestral_dpm_samplers_take_eta_and_ensd():
-    """A1111 writes "Eta" and "ENSD" for DPM2 a and DPM++ 2S a (their step noise): accepted."""
+    """A1111 writes "Eta" and "ENSD" for DPM2 a and DPM++ 2S a (their step noise): accepted;
+    ENSD with Restart too, whose climbs draw from the generators ENSD seeds (A1111 applies its
+    ENSD there, though its text does not say so)."""
     for sampler in ("DPM2 a", "DPM++ 2S a Karras"):
         GenerateConfig(base="unused", sampler=sampler, eta_ancestral=0.7, eta_noise_seed_delta=3)
+    GenerateConfig(base="unused", sampler="Restart", eta_noise_seed_delta=3)  # its climbs' noise
 
 
 def _generate(tiny_model, out, **settings):
@@ -191,12 +215,12 @@ def _text(folder: Path) -> str:
         return image.text["parameters"]
 
 
-def test_dpm2_samplers_make_their_images_and_are_written_as_a1111_writes_them(tiny_model, tmp_path):
-    """Through ``generate``: DPM2 a (NV noise, ENSD, eta), DPM++ 2S a Karras and DPM++ 2M SDE
-    Karras (eta) make images of their own, DPM2 a's and the SDE's remade in a batch of one
-    (within 1 grey level, the UNet's rounding: each image's noise is its own); the PNG text
-    names each as A1111 v1.9+ does (a variant by its name, "Uniform" for the plain name), and
-    --a1111's reading gives the same settings back."""
+def test_kdiffusion_samplers_make_their_images_and_are_written_as_a1111_writes_them(tiny_model, tmp_path):
+    """Through ``generate``: DPM2 a (NV noise, ENSD, eta), DPM++ 2S a Karras, DPM++ 2M SDE
+    Karras (eta) and Restart (20 steps: one climb; ENSD) make images of their own, all but
+    2S a's remade in a batch of one within 1 grey level (the UNet's rounding: each image's
+    noise is its own); the PNG text names each as A1111 v1.9+ does (a variant by its name,
+    "Uniform" for the plain name), and --a1111's reading gives the same settings back."""
     from fulora.generate.infotext import generate_settings, read_a1111_parameters
 
     runs = {
@@ -205,12 +229,13 @@ def test_dpm2_samplers_make_their_images_and_are_written_as_a1111_writes_them(ti
         | {"eta_ancestral": 0.7},
         "dpmpp_2s_a_karras": {"sampler": "DPM++ 2S a Karras"},
         "sde": {"sampler": "DPM++ 2M SDE Karras", "eta_ancestral": 0.8},
+        "restart": {"sampler": "Restart", "steps": 20, "eta_noise_seed_delta": 31337},
     }
     images = {name: _generate(tiny_model, tmp_path / name, **s) for name, s in runs.items()}
-    for name in ("dpm2_a", "dpmpp_2s_a_karras", "sde"):  # other images than Euler a's
+    for name in ("dpm2_a", "dpmpp_2s_a_karras", "sde", "restart"):  # not Euler a's images
         for key, pixels in images[name].items():
             assert np.abs(pixels.astype(int) - images["euler_a"][key].astype(int)).mean() > 0.5
-    for name in ("dpm2_a", "sde"):  # the step noise of each image its own
+    for name in ("dpm2_a", "sde", "restart"):  # the step noise of each image its own
         one = _generate(tiny_model, tmp_path / f"one-{name}", batch_size=1, **runs[name])
         for key, pixels in one.items():  # the UNet's batch of 2 rounds otherwise: 1 level
             assert np.abs(pixels.astype(int) - images[name][key].astype(int)).max() <= 1
@@ -230,3 +255,7 @@ def test_dpm2_samplers_make_their_images_and_are_written_as_a1111_writes_them(ti
     assert "Sampler: DPM++ 2M SDE Karras, " in text and "Eta: 0.8, " in text
     read = generate_settings(read_a1111_parameters(text), "brain")
     assert (read["sampler"], read["eta_ancestral"]) == ("dpmpp_2m_sde_karras", 0.8)
+    text = _text(tmp_path / "restart")
+    assert "Sampler: Restart, " in text and "ENSD: 31337, " in text
+    read = generate_settings(read_a1111_parameters(text), "brain")
+    assert (read["sampler"], read["eta_noise_seed_delta"]) == ("restart", 31337)

@@ -28,6 +28,7 @@ from fulora.generate.samplers import (
     DISCARD_PENULTIMATE,
     SPAN_FIXED,
     STEP_NOISE,
+    STEP_NOISE_WITHOUT_ETA,
     TAKE_RHO,
     SigmaSchedule,
     check_steps,
@@ -264,7 +265,8 @@ class GenerateConfig(Checked):
                 "image's seed, which ENSD does not change"
             )
             return "eta_noise_seed_delta", 0, why
-        if self.eta_noise_seed_delta and not (own and getattr(self, own[0])):
+        drawn = own and getattr(self, own[0]) or sampler in STEP_NOISE_WITHOUT_ETA
+        if self.eta_noise_seed_delta and not drawn:
             why = f"{own[0]} 0 adds none" if own else f"{display_name(sampler)!r} adds none"
             return "eta_noise_seed_delta", 0, why
         return None

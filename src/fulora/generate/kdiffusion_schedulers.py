@@ -13,6 +13,9 @@ from the second estimate:
 * **DPM++ SDE** (``sample_dpmpp_sde``): DPM-Solver++ with an ancestral step in each half, its
   noise from a Brownian tree.
 
+**Restart** (A1111's own ``restart_sampler``): Heun steps down, then back up and down again
+with fresh noise from each image's generator (:class:`A1111RestartScheduler`).
+
 **One call a step, with the last estimates**: **DPM++ 2M SDE** (``sample_dpmpp_2m_sde``, its
 midpoint or, as "DPM++ 2M SDE Heun", its Heun correction) and **DPM++ 3M SDE**
 (``sample_dpmpp_3m_sde``); their noise comes from a Brownian tree, their step to sigma 0 is
@@ -49,6 +52,7 @@ from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampl
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fulora.generate.a1111_schedulers import ScheduleTypeSigmas
+from fulora.generate.sigmas import karras_sigmas
 
 
 class _KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
@@ -371,3 +375,73 @@ class A1111DPMPP3MSDEScheduler(_MultistepSDEScheduler):
 
     def _noise_factor(self, h: torch.Tensor) -> torch.Tensor:
         return (-2 * h * self.eta).expm1().neg().sqrt()
+
+
+class A1111RestartScheduler(_KDiffusionScheduler):
+    """A1111's Restart (its ``restart_sampler``, v1.6+; Xu et al., 2023).
+
+    Heun steps that go back up the sigmas and down again, each time with fresh noise. From 20
+    steps, A1111 replaces the schedule's sigmas with Karras sigmas between its second smallest
+    and its largest, ``steps - restart_steps x restart_times`` of them (9 x 1 restart steps,
+    from 36 steps ``steps // 4`` x 2), and after the step that reaches the sigma nearest 0.1
+    goes back up to the one nearest 2, ``restart_times`` times, down Karras sigmas of their
+    own; each climb adds each image's next draw times ``sqrt(high^2 - low^2)``. Below 20 steps
+    it is Heun's sampler on the schedule's sigmas.
+    """
+
+    order = 2
+    needs_step_noise = True
+
+    def _calls(self, sigmas: torch.Tensor) -> list[torch.Tensor]:
+        self._moves, self._start, self._move = restart_moves(sigmas), None, 0
+        calls = []
+        for old, new, _ in self._moves:
+            calls += [old] if new == 0 else [old, new]
+        return calls
+
+    def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **unused):
+        """One call of a Heun step (two calls but to sigma 0), then any climb's noise."""
+        x, denoised, sigma = self._estimate(model_output, sample)
+        old, new, _ = self._moves[self._move]
+        d = (x - denoised) / sigma
+        dt = (new - old).to(x.device)
+        if self._start is None and new != 0:  # to the step's end, where the model runs next
+            self._start = (x, d)
+            return _output((x + d * dt).to(sample.dtype), return_dict)
+        if self._start is None:  # a step to 0: Euler's
+            moved = x + d * dt
+        else:
+            (x, first), self._start = self._start, None
+            moved = x + (first + d) / 2 * dt
+        self._move += 1
+        if self._move < len(self._moves) and self._moves[self._move][2] is not None:
+            moved = moved + self._drawn(moved) * self._moves[self._move][2].to(x.device)
+        return _output(moved.to(sample.dtype), return_dict)
+
+
+def restart_moves(sigmas: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, object]]:
+    """A1111's Restart steps on ``sigmas``: (from, to, the noise's sigma before it or None)."""
+    steps = len(sigmas) - 1
+    restarts = None
+    if steps >= 20:
+        restart_steps, times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        low, high = sigmas[-2].item(), sigmas[0].item()
+        sigmas = karras_sigmas(steps - restart_steps * times, low, high)
+        restarts = (_nearest(sigmas, 0.1), restart_steps + 1, times, _nearest(sigmas, 2))
+    pairs = []
+    for i in range(len(sigmas) - 1):
+        pairs.append((sigmas[i], sigmas[i + 1]))
+        if restarts is not None and i + 1 == restarts[0] and restarts[3] < restarts[0]:
+            low_index, count, times, high_index = restarts
+            climb = karras_sigmas(count, sigmas[low_index].item(), sigmas[high_index].item())[:-1]
+            pairs += list(zip(climb[:-1], climb[1:], strict=True)) * times
+    moves, last = [], None
+    for old, new in pairs:
+        climbing = last is not None and last < old
+        moves.append((old, new, (old**2 - last**2) ** 0.5 if climbing else None))
+        last = new
+    return moves
+
+
+def _nearest(sigmas: torch.Tensor, value: float) -> int:
+    return int(torch.argmin(abs(sigmas - value), dim=0))

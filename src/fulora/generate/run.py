@@ -707,13 +707,14 @@ def _step_noise(pipe, noise: ImageNoise, cfg):
     """
     scheduler = pipe.scheduler
     key = getattr(scheduler, "eta_setting", None)
-    default = type(scheduler).eta if key else None
-    brownian = getattr(scheduler, "brownian", False)
-    own_draw = noise.generators is not None and not getattr(scheduler, "needs_step_noise", False)
-    if key is None or (own_draw and not brownian and getattr(cfg, key) == default):
+    brownian, needed = (getattr(scheduler, a, False) for a in ("brownian", "needs_step_noise"))
+    default = getattr(type(scheduler), "eta", None)
+    eta = getattr(cfg, key) if key else default
+    own_draw = noise.generators is not None and not (needed or brownian) and eta == default
+    if (key is None and not needed) or own_draw:
         yield  # none, or diffusers' own draw from the generators (Euler a at eta 1)
         return
-    scheduler.step_noise, scheduler.eta = noise.step_noise, getattr(cfg, key)
+    scheduler.step_noise, scheduler.eta = noise.step_noise, eta
     if brownian:
         scheduler.noise_seeds = list(noise.seeds)
     try:

@@ -105,6 +105,7 @@ _KDIFFUSION = {
         ("karras", "exponential"),
     ),
     "dpmpp_3m_sde": ("A1111DPMPP3MSDEScheduler", "DPM++ 3M SDE", ("karras", "exponential")),
+    "restart": ("A1111RestartScheduler", "Restart", ()),  # on Karras sigmas unless told
 }
 _ALWAYS_ON_SCHEDULE = {cls for cls, _, _ in _KDIFFUSION.values()}
 # Each sampler on the sigmas it is named after ("DPM++ 2M Karras"): (plain name, type) -> name
@@ -133,6 +134,9 @@ STEP_NOISE["ddim"] = ("eta_ddim", 0.0)
 # create_noise_sampler), not from the generators that the RNG setting and ENSD seed
 _SDE = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
 BROWNIAN_NOISE = frozenset(n for n in SAMPLERS if _FAMILY.get(n, n) in _SDE)
+
+# Restart draws its noise from each image's generators, and has no eta to scale it
+STEP_NOISE_WITHOUT_ETA = frozenset({"restart"})
 
 # A1111's DPM2, DPM2 a and DPM++ 3M SDE draw one sigma more than their steps and drop the one
 # before the last (their option discard_next_to_last_sigma), whatever "Discard penultimate
@@ -175,6 +179,7 @@ SCHEDULE_TYPES = {
 _OWN_SCHEDULE = {"euler_a": "uniform", "euler": "uniform", "heun": "uniform"}
 _OWN_SCHEDULE |= {plain: "uniform" for plain, _ in SCHEDULE_VARIANTS}
 _OWN_SCHEDULE |= {name: kind for (_, kind), name in SCHEDULE_VARIANTS.items()}
+_OWN_SCHEDULE["restart"] = "karras"  # in every A1111 since it came (v1.6)
 # The types whose sigmas span the model's own whatever sigma_min and sigma_max say, and those
 # that take a rho (A1111's Scheduler.default_rho)
 SPAN_FIXED = ("uniform", "align_your_steps", "simple", "ddim")
@@ -304,7 +309,7 @@ def own_schedule(sampler: str) -> str | None:
 
 def k_diffusion_samplers() -> str:
     """A1111's names of the k-diffusion samplers, which step on sigmas (for messages)."""
-    return ", ".join(display_name(n) for n, own in _OWN_SCHEDULE.items() if own == "uniform")
+    return ", ".join(display_name(n) for n in _OWN_SCHEDULE if n not in _FAMILY)
 
 
 def chosen_schedule_type(sampler: str, schedule: str) -> str | None:
@@ -326,7 +331,7 @@ def chosen_schedule_type(sampler: str, schedule: str) -> str | None:
             "steps on timesteps of its own (A1111 ignores the setting there): set "
             "schedule_type: automatic"
         )
-    if own != "uniform":
+    if sampler in _FAMILY:
         plain = _FAMILY[sampler]
         raise ConfigError(
             f"sampler {display_name(sampler)!r} is {display_name(plain)!r} on the "

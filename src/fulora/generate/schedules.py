@@ -57,7 +57,7 @@ _PART_WEIGHT = re.compile(r"(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*", re.
 # A1111's second-order samplers call the model twice a step, and it counts both calls (its
 # SamplerData.total_steps: steps x 2 for those whose options say second_order, v1.6+)
 SECOND_ORDER = frozenset({"heun", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras"})
-SECOND_ORDER |= {"dpmpp_2s_a", "dpmpp_2s_a_karras", "dpmpp_sde", "dpmpp_sde_karras"}
+SECOND_ORDER |= {"dpmpp_2s_a", "dpmpp_2s_a_karras", "dpmpp_sde", "dpmpp_sde_karras", "restart"}
 
 
 @dataclass(frozen=True)

@@ -113,10 +113,17 @@ def _uniform(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
 
 
 def _karras(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
-    """Karras et al. (2022): evenly spaced in sigma ** (1 / rho)."""
+    return karras_sigmas(steps, span.low, span.high, span.rho)
+
+
+def karras_sigmas(steps: int, low: float, high: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022): ``steps`` sigmas from ``high`` to ``low``, and a last 0.
+
+    Evenly spaced in sigma ** (1 / rho); k-diffusion's ``get_sigmas_karras``, in float32.
+    """
     ramp = torch.linspace(0, 1, steps)
-    top, bottom = span.high ** (1 / span.rho), span.low ** (1 / span.rho)
-    return _with_zero((top + ramp * (bottom - top)) ** span.rho)
+    top, bottom = high ** (1 / rho), low ** (1 / rho)
+    return _with_zero((top + ramp * (bottom - top)) ** rho)
 
 
 def _exponential(steps: int, model: DiscreteSigmas, span: _Span) -> torch.Tensor:
