@@ -215,7 +215,9 @@ def _text(folder: Path) -> str:
         return image.text["parameters"]
 
 
-def test_kdiffusion_samplers_make_their_images_and_are_written_as_a1111_writes_them(tiny_model, tmp_path):
+def test_kdiffusion_samplers_make_their_images_and_are_written_as_a1111_writes_them(
+    tiny_model, tmp_path
+):
     """Through ``generate``: DPM2 a (NV noise, ENSD, eta), DPM++ 2S a Karras, DPM++ 2M SDE
     Karras (eta) and Restart (20 steps: one climb; ENSD) make images of their own, all but
     2S a's remade in a batch of one within 1 grey level (the UNet's rounding: each image's
