@@ -27,6 +27,7 @@ _REFERENCE = Path(__file__).parents[1] / "reference"
 RECORDED = json.loads((_REFERENCE / "a1111_dpm_samplers.json").read_text())
 SDE_RECORDED = json.loads((_REFERENCE / "a1111_sde_samplers.json").read_text())
 RESTART_RECORDED = json.loads((_REFERENCE / "a1111_restart_sampler.json").read_text())
+FAST_RECORDED = json.loads((_REFERENCE / "a1111_dpm_fast.json").read_text())
 # Relative L2 from k-diffusion's result: measured at most 4.7e-7 (DPM2 a, "KL Optimal", 7
 # steps, fp32), the float rounding of the same formulas
 GAP = 1e-6
@@ -155,6 +156,27 @@ def test_restart_is_automatic1111s(key):
     assert _gap(x, RESTART_RECORDED["x0"][key]) < GAP, key  # measured at most 1.6e-7
 
 
+@pytest.mark.parametrize("key", sorted(FAST_RECORDED["x0"]))
+def test_dpm_fast_is_k_diffusions_as_a1111_calls_it(key):
+    """DPM fast against k-diffusion's own sample_dpm_fast as A1111 calls it: from the type's
+    first sigma, over the model's sigmas in -log sigma, steps model calls (orders 3, ..., 2, 1
+    or steps % 3), each step's noise the image's next CPU draw (also at eta 0, times 0)."""
+    label, steps, eta = key.split("/")
+    settings = {"sampler": "DPM fast", "schedule_type": label, "eta_ancestral": float(eta)}
+    cfg = GenerateConfig(base="unused", steps=int(steps), **settings)
+    scheduler = make_scheduler(cfg.sampler, sd15_scheduler().config, cfg.sigma_schedule())
+    scheduler.eta = float(eta)
+    scheduler.set_timesteps(int(steps))
+    generator = torch.Generator().manual_seed(FAST_RECORDED["seed"])
+    x = torch.randn((1, 4, 2, 2), generator=generator) * scheduler.init_noise_sigma
+    scheduler.step_noise = lambda draw: torch.randn((1, 4, 2, 2), generator=generator)
+    calls = [float(sigma) for sigma in scheduler._call_sigmas]
+    for t in scheduler.timesteps:
+        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    assert calls == FAST_RECORDED["calls"][key]
+    assert _gap(x, FAST_RECORDED["x0"][key]) < GAP, key  # measured at most 3.2e-7
+
+
 @pytest.mark.parametrize(
     ("sampler", "steps", "calls"),
     [
@@ -183,6 +205,9 @@ def test_each_step_calls_the_model_twice_but_the_last(sampler, steps, calls):
         ({"sampler": "DPM2 a Karras", "schedule_type": "exponential"}, r"set sampler: dpm2_a"),
         ({"sampler": "DPM++ 3M SDE Exponential", "schedule_type": "beta"}, r"Exponential sch"),
         ({"sampler": "DPM++ SDE", "eta_noise_seed_delta": 31337}, r"Brownian trees seeded"),
+        ({"sampler": "DPM adaptive"}, r"chooses its steps as it goes"),
+        ({"sampler": "LCM"}, r"latent consistency model"),
+        ({"sampler": "DDIM CFG++"}, r"CFG\+\+ guidance"),
         ({"sampler": "DDIM", "schedule_rho": 5}, r"\(Euler a, Euler, Heun, DPM\+\+ 2M, LMS, DPM2,"),
     ],
 )

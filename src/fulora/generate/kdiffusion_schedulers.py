@@ -16,6 +16,9 @@ from the second estimate:
 **Restart** (A1111's own ``restart_sampler``): Heun steps down, then back up and down again
 with fresh noise from each image's generator (:class:`A1111RestartScheduler`).
 
+**DPM fast** (``sample_dpm_fast``): DPM-Solver's fixed steps of order 3 (then 2, 1) over the
+model's sigmas, ancestral at A1111's "Eta" (:class:`A1111DPMFastScheduler`).
+
 **One call a step, with the last estimates**: **DPM++ 2M SDE** (``sample_dpmpp_2m_sde``, its
 midpoint or, as "DPM++ 2M SDE Heun", its Heun correction) and **DPM++ 3M SDE**
 (``sample_dpmpp_3m_sde``); their noise comes from a Brownian tree, their step to sigma 0 is
@@ -52,7 +55,7 @@ from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampl
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fulora.generate.a1111_schedulers import ScheduleTypeSigmas
-from fulora.generate.sigmas import karras_sigmas
+from fulora.generate.sigmas import DiscreteSigmas, karras_sigmas
 
 
 class _KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
@@ -445,3 +448,82 @@ def restart_moves(sigmas: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor
 
 def _nearest(sigmas: torch.Tensor, value: float) -> int:
     return int(torch.argmin(abs(sigmas - value), dim=0))
+
+
+class A1111DPMFastScheduler(_KDiffusionScheduler):
+    """k-diffusion's ``sample_dpm_fast`` (A1111's DPM fast): DPM-Solver's fixed-step solver.
+
+    As A1111 calls it: from the schedule's first sigma (the noise's scale; the rest of the
+    schedule unused) over ``t = -log sigma`` evenly from the model's largest sigma to its
+    smallest, where it ends; ``steps`` model calls in ``floor(steps / 3) + 1`` steps of order
+    3 (the last ones 2 and 1, or ``steps % 3``), each an ancestral step at :attr:`eta` whose
+    noise is each image's next draw (drawn at every step, also at eta 0).
+    """
+
+    eta_setting = "eta_ancestral"
+    needs_step_noise = True
+
+    def _calls(self, sigmas: torch.Tensor) -> list[torch.Tensor]:
+        model = DiscreteSigmas(self.alphas_cumprod)
+        start = torch.tensor(model.sigma_max).log().neg()
+        end = torch.tensor(model.sigma_min).log().neg()
+        steps = len(sigmas) - 1
+        m = steps // 3 + 1
+        orders = [3] * (m - 2) + [2, 1] if steps % 3 == 0 else [3] * (m - 1) + [steps % 3]
+        times = torch.linspace(start, end, m + 1)
+        self._steps, self._start, calls = [], None, []
+        for i, order in enumerate(orders):
+            t, t_next = times[i], times[i + 1]
+            t_to, noise_scale = self._ancestral(t, t_next, end)
+            h = t_to - t
+            fractions = (1 / 3, 2 / 3) if order == 3 else (1 / 2,)
+            inner = [t + r * h for r in fractions][: order - 1]
+            self._steps.append((t, t_to, h, inner, noise_scale))
+            calls += [time.neg().exp() for time in (t, *inner)]
+        return calls
+
+    def _ancestral(self, t, t_next, end):
+        """(where the step goes in t, the noise's sigma after it), k-diffusion's at eta."""
+        if not self.eta:
+            return t_next, 0.0
+        down, _ = ancestral_step(t.neg().exp(), t_next.neg().exp(), self.eta)
+        t_to = torch.minimum(end, down.log().neg())
+        return t_to, (t_next.neg().exp() ** 2 - t_to.neg().exp() ** 2) ** 0.5
+
+    def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **unused):
+        """One call of a step: to the next inner point, or (its last call) to the step's end."""
+        x, denoised, sigma = self._estimate(model_output, sample)
+        t, t_to, h, inner, noise_scale = self._steps[self._step]
+        eps = (x - denoised) / sigma
+        known = [] if self._start is None else self._start[1]
+        if len(known) < len(inner):  # the next inner point, where the model runs next
+            self._start = (x if not known else self._start[0], [*known, eps])
+            moved = _dpm_solver_inner(self._start[0], self._start[1], t, h, len(inner))
+            return _output(moved.to(sample.dtype), return_dict)
+        start = x if self._start is None else self._start[0]
+        moved = _dpm_solver_end(start, [*known, eps], t_to, h)
+        self._start, self._step = None, self._step + 1
+        moved = moved + noise_scale * 1.0 * self._drawn(moved)  # k-diffusion's su * s_noise
+        return _output(moved.to(sample.dtype), return_dict)
+
+
+def _dpm_solver_inner(x, eps, t, h, inner_points: int) -> torch.Tensor:
+    """DPM-Solver's point ``s1`` (from eps) or ``s2`` (from eps and eps_r1) of a step."""
+    if len(eps) == 1:
+        r1 = 1 / 3 if inner_points == 2 else 1 / 2
+        return x - (t + r1 * h).neg().exp() * (r1 * h).expm1() * eps[0]
+    r1, r2 = 1 / 3, 2 / 3
+    sigma_s2 = (t + r2 * h).neg().exp()
+    first = x - sigma_s2 * (r2 * h).expm1() * eps[0]
+    return first - sigma_s2 * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps[1] - eps[0])
+
+
+def _dpm_solver_end(x, eps, t_to, h) -> torch.Tensor:
+    """DPM-Solver-1, -2 or -3's step to ``t_to`` from its estimates (k-diffusion's formulas)."""
+    sigma_to = t_to.neg().exp()
+    first = x - sigma_to * h.expm1() * eps[0]
+    if len(eps) == 1:
+        return first
+    if len(eps) == 2:  # r1 = 1/2
+        return first - sigma_to / (2 * (1 / 2)) * h.expm1() * (eps[1] - eps[0])
+    return first - sigma_to / (2 / 3) * (h.expm1() / h - 1) * (eps[2] - eps[0])

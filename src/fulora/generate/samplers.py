@@ -106,6 +106,7 @@ _KDIFFUSION = {
     ),
     "dpmpp_3m_sde": ("A1111DPMPP3MSDEScheduler", "DPM++ 3M SDE", ("karras", "exponential")),
     "restart": ("A1111RestartScheduler", "Restart", ()),  # on Karras sigmas unless told
+    "dpm_fast": ("A1111DPMFastScheduler", "DPM fast", ()),  # a type sets only its start
 }
 _ALWAYS_ON_SCHEDULE = {cls for cls, _, _ in _KDIFFUSION.values()}
 # Each sampler on the sigmas it is named after ("DPM++ 2M Karras"): (plain name, type) -> name
@@ -127,7 +128,7 @@ DEFAULT_SINCE_V19 |= {"dpmpp_2m_sde_heun": "exponential", "dpmpp_3m_sde": "expon
 # ancestral and SDE samplers, "Eta DDIM" for DDIM) and its A1111 default (DDIM: none)
 _FAMILY = {name: plain for (plain, _), name in SCHEDULE_VARIANTS.items()}
 _NOISY = ("euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun")
-_NOISY += ("dpmpp_3m_sde",)
+_NOISY += ("dpmpp_3m_sde", "dpm_fast")
 STEP_NOISE = {n: ("eta_ancestral", 1.0) for n in SAMPLERS if _FAMILY.get(n, n) in _NOISY}
 STEP_NOISE["ddim"] = ("eta_ddim", 0.0)
 # The SDE samplers: their noise comes from Brownian trees seeded with each image's seed (A1111's
@@ -180,6 +181,7 @@ _OWN_SCHEDULE = {"euler_a": "uniform", "euler": "uniform", "heun": "uniform"}
 _OWN_SCHEDULE |= {plain: "uniform" for plain, _ in SCHEDULE_VARIANTS}
 _OWN_SCHEDULE |= {name: kind for (_, kind), name in SCHEDULE_VARIANTS.items()}
 _OWN_SCHEDULE["restart"] = "karras"  # in every A1111 since it came (v1.6)
+_OWN_SCHEDULE["dpm_fast"] = "uniform"
 # The types whose sigmas span the model's own whatever sigma_min and sigma_max say, and those
 # that take a rho (A1111's Scheduler.default_rho)
 SPAN_FIXED = ("uniform", "align_your_steps", "simple", "ddim")
@@ -191,12 +193,28 @@ _SCHEDULE_KEYS |= {_key(label): n for n, label in SCHEDULE_TYPES.items()}
 _BY_KEY = {_key(n): n for n in SAMPLERS} | {_key(v[2]): n for n, v in SAMPLERS.items()}
 
 
+# A1111's samplers that fulora does not run, and why
+_NOT_RUN = {
+    "DPM adaptive": "it chooses its steps as it goes (k-diffusion's sample_dpm_adaptive), and "
+    "fulora's pipeline takes a schedule of model calls known before the first",
+    "LCM": "it needs a latent consistency model (an LCM LoRA or checkpoint)",
+    "DDIM CFG++": "its CFG++ guidance (A1111's ddim_cfgpp) is not fulora's",
+}
+
+
 def resolve_sampler(name: str) -> str:
     """Fulora's name of a sampler given by fulora's or AUTOMATIC1111's name (any case).
 
     Raises:
-        ConfigError: For an unknown sampler; the message lists both kinds of names.
+        ConfigError: For an unknown sampler (the message lists both kinds of names), or one of
+            A1111's that fulora does not run (the message says why).
     """
+    for label, why in _NOT_RUN.items():
+        if _key(name) == _key(label):
+            raise ConfigError(
+                f"sampler {name!r}: fulora does not run A1111's {label}: {why}; choose another "
+                "sampler (fulora generate --help lists them)"
+            )
     return _resolved(name, _BY_KEY, "sampler", {n: v[2] for n, v in SAMPLERS.items()})
 
 
