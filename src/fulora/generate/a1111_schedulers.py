@@ -111,7 +111,12 @@ class ScheduleTypeSigmas:
 
     def _model_times(self, sigmas: torch.Tensor, device) -> torch.Tensor:
         """The fractional timestep the model runs at for each sigma (k-diffusion's)."""
-        return DiscreteSigmas(self.alphas_cumprod).sigma_to_t(sigmas).to(device)
+        return self.sigma_table().sigma_to_t(sigmas).to(device)
+
+    def sigma_table(self) -> DiscreteSigmas:
+        """The model's sigmas as the sampler maps them (fp16 with A1111's downcast)."""
+        schedule = self.sigma_schedule
+        return DiscreteSigmas(self.alphas_cumprod, schedule is not None and schedule.downcast)
 
     def _take_sigmas(self, sigmas: torch.Tensor, device) -> None:
         """One model call per sigma but the last (Euler, Euler a, LMS): each step to the next."""

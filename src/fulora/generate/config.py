@@ -142,7 +142,7 @@ class GenerateConfig(Checked):
     def sigma_schedule(self) -> SigmaSchedule | None:
         """The sigmas the sampler steps through; None: its scheduler's own, as before."""
         kind = chosen_schedule_type(self.sampler, self.schedule_type)
-        if kind is None and not self._schedule_options():
+        if kind is None and not self._schedule_options() and not self.downcast_alphas_cumprod:
             return own_sigma_schedule(self.sampler)  # None: the scheduler's own
         discard = resolve_sampler(self.sampler) in DISCARD_PENULTIMATE
         return SigmaSchedule(
@@ -152,15 +152,25 @@ class GenerateConfig(Checked):
             sigma_max=self.schedule_sigma_max,
             rho=self.schedule_rho,
             discard_penultimate=self.discard_penultimate_sigma or discard,
+            downcast=self.downcast_alphas_cumprod,
         )
 
     def _schedule_options(self) -> list[str]:
         """The keys of A1111's sigma options set otherwise than their defaults."""
         keys = ("schedule_sigma_min", "schedule_sigma_max", "schedule_rho")
-        return [key for key in (*keys, "discard_penultimate_sigma") if getattr(self, key)]
+        keys += ("discard_penultimate_sigma", "downcast_alphas_cumprod")
+        return [key for key in keys if getattr(self, key)]
 
     def _check_schedule_type(self) -> None:
         """A schedule type the sampler steps on; each option only where it changes the sigmas."""
+        if self.downcast_alphas_cumprod and own_schedule(self.sampler) is None:
+            raise ConfigError(
+                "downcast_alphas_cumprod: true (A1111's 'Downcast alphas_cumprod', which it also "
+                "reads into texts of its versions before v1.7.0-225) is run for the k-diffusion "
+                f"samplers ({k_diffusion_samplers()}); A1111's {display_name(self.sampler)!r} "
+                "computes with the fp16 alpha_bar in ways fulora does not copy yet: choose one "
+                "of those samplers, or set downcast_alphas_cumprod: false (another image)"
+            )
         options = self._schedule_options()
         if options and own_schedule(self.sampler) is None:
             raise ConfigError(
@@ -378,6 +388,10 @@ class GenerateConfig(Checked):
     # A1111's "Discard penultimate sigma" (always_discard_next_to_last_sigma): a step more is
     # drawn and the sigma before the last left out
     discard_penultimate_sigma: bool = False
+    # A1111's "Downcast alphas_cumprod" (use_downcasted_alpha_bar; on for its texts of versions
+    # before v1.7.0-225): the sampler's sigmas from the model's alpha_bar in fp16, as A1111's
+    # fp16 models had them; for the k-diffusion samplers
+    downcast_alphas_cumprod: bool = False
     steps: int = 30
     guidance: float = 7.0
     # A1111's "Skip Early CFG" (its setting skip_early_cond): the share of the first steps run

@@ -9,9 +9,11 @@ the run takes ``seed + i``, as in A1111's batches), size, clip skip (1 when the 
 none, as A1111 reads it), RNG (``GPU`` when it names none, A1111's default), ENSD (0 when it
 names none: A1111 writes it where the sampler uses it), Eta and Eta DDIM (1 and 0 when it
 names none), Emphasis ("Original" when it names none), the variation seed and its strength,
-"Seed resize from", and the Beta schedule's shape. The model and the LoRA are the run's own
-(``base``, ``lora``); a setting that fulora does not run (hires fix, the "Zero Terminal
-SNR" noise schedule, ...) is refused, naming it, since A1111 would make another image with it.
+"Seed resize from", the Beta schedule's shape, and "Downcast alphas_cumprod" (also for a text
+of a version before v1.7.0-225, as A1111's backcompat reads it). The model and the LoRA are
+the run's own (``base``, ``lora``); a setting that fulora does not run (hires fix, the "Zero
+Terminal SNR" noise schedule, ...) is refused, naming it, since A1111 would make another image
+with it.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ _SETTINGS += ("Seed resize from-1", "Seed resize from-2", "Eta", "Eta DDIM")
 _SETTINGS += ("Beta schedule alpha", "Beta schedule beta", "Skip Early CFG", "NGMS")
 _SETTINGS += ("NGMS all steps", "Pad conds", "Pad conds v0", "Schedule min sigma")
 _SETTINGS += ("Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
-_SETTINGS += ("Old prompt editing timelines",)
+_SETTINGS += ("Old prompt editing timelines", "Downcast alphas_cumprod")
 _EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
@@ -198,6 +200,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "eta_ddim": _number(fields, "Eta DDIM", float) if "Eta DDIM" in fields else 0.0,
         "emphasis": _EMPHASES[emphasis],
         "old_prompt_editing": _old_timelines(fields, params.prompt),
+        "downcast_alphas_cumprod": _downcast(fields),
         **_negative_pass(fields),
         "per_class": 1,
     }
@@ -234,6 +237,17 @@ def _old_timelines(fields: dict[str, str], prompt: str) -> bool:
     if fields.get("Old prompt editing timelines") == "True":
         return True
     return "[" in prompt and _version(fields.get("Version", "")) < (1, 6)
+
+
+def _downcast(fields: dict[str, str]) -> bool:
+    """A1111's "Downcast alphas_cumprod", also as its backcompat reads older texts.
+
+    A1111's ``infotext_versions.backcompat`` reads a text of a version before v1.7.0-225 (its
+    ``v170_tsnr``, when it stopped casting an fp16 model's alpha_bar to fp16) as downcast.
+    """
+    if fields.get("Downcast alphas_cumprod") == "True":
+        return True
+    return _version(fields.get("Version", "")) < (1, 7, 0, 225)
 
 
 def _negative_pass(fields: dict[str, str]) -> dict[str, Any]:
@@ -309,8 +323,12 @@ def a1111_sampler(fields: dict[str, str]) -> tuple[str, str]:
 
 
 def _version(text: str) -> tuple[int, ...]:
-    """A1111's version from its ``Version`` field ("v1.10.1"); another program's: the newest."""
-    found = re.fullmatch(r"v(\d+)\.(\d+)(?:\.(\d+))?.*", text.strip())
+    """A1111's version from its ``Version`` field; another program's: the newest.
+
+    "v1.10.1" is (1, 10, 1); a build's commit count after the release, "v1.7.0-225-g...", a
+    fourth number (A1111 reads it as a post-release, after "v1.7.0"; "v1.7.0-RC" before it).
+    """
+    found = re.fullmatch(r"v(\d+)\.(\d+)(?:\.(\d+))?(?:-(\d+)(?=-|$))?.*", text.strip())
     if not found:
         return (999,)
     return tuple(int(part) for part in found.groups() if part is not None)

@@ -55,7 +55,7 @@ from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampl
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fulora.generate.a1111_schedulers import ScheduleTypeSigmas
-from fulora.generate.sigmas import DiscreteSigmas, karras_sigmas
+from fulora.generate.sigmas import karras_sigmas
 
 
 class _KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
@@ -464,7 +464,7 @@ class A1111DPMFastScheduler(_KDiffusionScheduler):
     needs_step_noise = True
 
     def _calls(self, sigmas: torch.Tensor) -> list[torch.Tensor]:
-        model = DiscreteSigmas(self.alphas_cumprod)
+        model = self.sigma_table()
         start = torch.tensor(model.sigma_max).log().neg()
         end = torch.tensor(model.sigma_min).log().neg()
         steps = len(sigmas) - 1

@@ -683,7 +683,9 @@ def _uncond_skip(pipe, cfg, resolved) -> UncondSkip | None:
     """The calls that run without the negative prompt (A1111's Skip Early CFG and NGMS)."""
     if not (cfg.skip_early_cfg or cfg.ngms):
         return None
-    sigmas = DiscreteSigmas(pipe.scheduler.alphas_cumprod)
+    scheduler = pipe.scheduler
+    sigmas = scheduler.sigma_table() if hasattr(scheduler, "sigma_table") else None
+    sigmas = sigmas or DiscreteSigmas(scheduler.alphas_cumprod)
 
     def sigma_of(timestep) -> float:  # the sampler's sigma, as k-diffusion hands A1111's model
         return sigmas.t_to_sigma(torch.as_tensor(timestep).flatten()[0].cpu()).item()

@@ -253,6 +253,8 @@ class SigmaSchedule:
         rho: Karras's and Polyexponential's rho (A1111's "Schedule rho"; 0: 7 and 1).
         discard_penultimate: One more sigma drawn, and the one before the last left out
             (A1111's "Discard penultimate sigma").
+        downcast: The model's sigma table computed from alpha_bar in fp16 (A1111's
+            "Downcast alphas_cumprod"; ``fulora.generate.sigmas.DiscreteSigmas``).
     """
 
     kind: str
@@ -261,6 +263,7 @@ class SigmaSchedule:
     sigma_max: float = 0.0
     rho: float = 0.0
     discard_penultimate: bool = False
+    downcast: bool = False
 
 
 # The scheduler class that takes a schedule type's sigmas, for each k-diffusion sampler's

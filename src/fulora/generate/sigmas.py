@@ -29,10 +29,17 @@ _ALIGN_YOUR_STEPS_SD15 += [0.152, 0.029]
 
 
 class DiscreteSigmas:
-    """A model's noise levels at its N training timesteps (k-diffusion's ``DiscreteSchedule``)."""
+    """A model's noise levels at its N training timesteps (k-diffusion's ``DiscreteSchedule``).
 
-    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+    Args:
+        alphas_cumprod: The model's alpha_bar at each training timestep.
+        downcast: A1111's "Downcast alphas_cumprod": alpha_bar cast to fp16 first, and the
+            table computed and kept in fp16, as k-diffusion computes it from an fp16 tensor.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, downcast: bool = False) -> None:
         alphas = torch.as_tensor(alphas_cumprod, dtype=torch.float32).cpu()
+        alphas = alphas.half() if downcast else alphas
         self.sigmas = ((1 - alphas) / alphas) ** 0.5  # ascending, float32 as A1111's
         self.log_sigmas = self.sigmas.log()
 
@@ -74,7 +81,7 @@ def a1111_sigmas(schedule, steps: int, alphas_cumprod: torch.Tensor) -> torch.Te
     Returns:
         Float32 sigmas, largest first; the last is the sigma the sampler ends at.
     """
-    model = DiscreteSigmas(alphas_cumprod)
+    model = DiscreteSigmas(alphas_cumprod, schedule.downcast)
     span = _Span(
         low=schedule.sigma_min or model.sigma_min,  # A1111: a setting of 0 is the model's
         high=schedule.sigma_max or model.sigma_max,
