@@ -1161,11 +1161,17 @@ _A1111_SETTINGS = "p\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64
             ["brain"],
             "unknown schedule_type 'Karras Exponential'; choose one of automatic",
         ),
-        (
-            f"{_A1111_SETTINGS}, Noise Schedule: Zero Terminal SNR",
+        (  # run since session 31, but not with DDIM, nor with a downcast alpha_bar
+            f"{_A1111_SETTINGS.replace('Euler', 'DDIM')}, Noise Schedule: Zero Terminal SNR",
             ["brain"],
-            "hold Noise Schedule: Zero Terminal SNR, which fulora does not run",
+            "computes with that alpha_bar in ways fulora does not copy yet",
         ),
+        (
+            f"{_A1111_SETTINGS}, Noise Schedule: Zero Terminal SNR, Version: v1.6.0",
+            ["brain"],
+            "its last sigma overflows to infinity",
+        ),
+        (f"{_A1111_SETTINGS}, Noise Schedule: Cosine", ["brain"], "neither Default nor Zero"),
         (f"{_A1111_SETTINGS}, RNG: XPU", ["brain"], "RNG 'XPU'"),
         (f"{_A1111_SETTINGS}, ENSD: 31337", ["brain"], "'Euler' adds none"),
         (f"{_A1111_SETTINGS}, ENSD: x", ["brain"], "ENSD 'x' is not a number"),

@@ -373,3 +373,41 @@ def test_downcast_with_a_sampler_fulora_does_not_downcast_is_refused():
     """A1111's DDIM, PLMS and UniPC use the fp16 alpha_bar otherwise: refused, naming why."""
     with pytest.raises(ConfigError, match=r"'DDIM' computes with the fp16 alpha_bar"):
         GenerateConfig(base="unused", sampler="DDIM", downcast_alphas_cumprod=True)
+
+
+# A1111's "Noise Schedule: Zero Terminal SNR" (reference: a1111_zero_terminal_snr.json)
+ZTSNR_RECORDED = json.loads((_REFERENCE / "a1111_zero_terminal_snr.json").read_text())
+
+
+def _ztsnr_schedule(sampler: str, label: str, steps: int):
+    settings = {"sampler": sampler, "zero_terminal_snr": True}
+    if label != "Uniform":
+        settings["schedule_type"] = label
+    return GenerateConfig(base="unused", steps=steps, **settings).sigma_schedule()
+
+
+@pytest.mark.parametrize("key", sorted(ZTSNR_RECORDED["sigmas"]))
+def test_zero_terminal_snr_sigmas_are_automatic1111s(key):
+    """Each type's sigmas on the table of A1111's rescaled alpha_bar (its top sigma 4519 where
+    the model's is 14.6), bit for bit."""
+    from fulora.generate.sigmas import a1111_sigmas
+
+    _, label, steps = key.split("/")
+    schedule = _ztsnr_schedule("Euler", label, int(steps))
+    sigmas = a1111_sigmas(schedule, int(steps), sd15_scheduler().alphas_cumprod)
+    assert torch.equal(sigmas, torch.tensor(ZTSNR_RECORDED["sigmas"][key]))
+
+
+@pytest.mark.parametrize("key", sorted(ZTSNR_RECORDED["x0"]))
+def test_samplers_on_zero_terminal_snr_are_k_diffusions(key):
+    """Euler, Heun, DPM++ 2M and DPM2 on them, against k-diffusion's on that table (float64)."""
+    _, sampler, label, steps = key.split("/")
+    scheduler = make_scheduler(
+        sampler, sd15_scheduler().config, _ztsnr_schedule(sampler, label, int(steps))
+    )
+    scheduler.set_timesteps(int(steps))
+    x = torch.tensor(RECORDED["noise"], dtype=torch.float64).reshape(1, 4, 2, 2)
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    assert _gap(x, ZTSNR_RECORDED["x0"][key]) < GAP, key  # measured at most 6.4e-7

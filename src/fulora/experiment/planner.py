@@ -104,6 +104,7 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "schedule_rho": 0.0,
         "discard_penultimate_sigma": False,
         "downcast_alphas_cumprod": False,
+        "zero_terminal_snr": False,
         "emphasis": "original",
         "variation_seed": None,
         "variation_strength": 0.0,

@@ -116,7 +116,9 @@ class ScheduleTypeSigmas:
     def sigma_table(self) -> DiscreteSigmas:
         """The model's sigmas as the sampler maps them (fp16 with A1111's downcast)."""
         schedule = self.sigma_schedule
-        return DiscreteSigmas(self.alphas_cumprod, schedule is not None and schedule.downcast)
+        if schedule is None:
+            return DiscreteSigmas(self.alphas_cumprod)
+        return DiscreteSigmas(self.alphas_cumprod, schedule.downcast, schedule.zero_terminal_snr)
 
     def _take_sigmas(self, sigmas: torch.Tensor, device) -> None:
         """One model call per sigma but the last (Euler, Euler a, LMS): each step to the next."""

@@ -142,7 +142,7 @@ class GenerateConfig(Checked):
     def sigma_schedule(self) -> SigmaSchedule | None:
         """The sigmas the sampler steps through; None: its scheduler's own, as before."""
         kind = chosen_schedule_type(self.sampler, self.schedule_type)
-        if kind is None and not self._schedule_options() and not self.downcast_alphas_cumprod:
+        if kind is None and not self._schedule_options():
             return own_sigma_schedule(self.sampler)  # None: the scheduler's own
         discard = resolve_sampler(self.sampler) in DISCARD_PENULTIMATE
         return SigmaSchedule(
@@ -153,24 +153,18 @@ class GenerateConfig(Checked):
             rho=self.schedule_rho,
             discard_penultimate=self.discard_penultimate_sigma or discard,
             downcast=self.downcast_alphas_cumprod,
+            zero_terminal_snr=self.zero_terminal_snr,
         )
 
     def _schedule_options(self) -> list[str]:
         """The keys of A1111's sigma options set otherwise than their defaults."""
         keys = ("schedule_sigma_min", "schedule_sigma_max", "schedule_rho")
-        keys += ("discard_penultimate_sigma", "downcast_alphas_cumprod")
+        keys += ("discard_penultimate_sigma", "downcast_alphas_cumprod", "zero_terminal_snr")
         return [key for key in keys if getattr(self, key)]
 
     def _check_schedule_type(self) -> None:
         """A schedule type the sampler steps on; each option only where it changes the sigmas."""
-        if self.downcast_alphas_cumprod and own_schedule(self.sampler) is None:
-            raise ConfigError(
-                "downcast_alphas_cumprod: true (A1111's 'Downcast alphas_cumprod', which it also "
-                "reads into texts of its versions before v1.7.0-225) is run for the k-diffusion "
-                f"samplers ({k_diffusion_samplers()}); A1111's {display_name(self.sampler)!r} "
-                "computes with the fp16 alpha_bar in ways fulora does not copy yet: choose one "
-                "of those samplers, or set downcast_alphas_cumprod: false (another image)"
-            )
+        self._check_alpha_bar()
         options = self._schedule_options()
         if options and own_schedule(self.sampler) is None:
             raise ConfigError(
@@ -201,6 +195,28 @@ class GenerateConfig(Checked):
         if low and high and low >= high:
             raise ConfigError(
                 f"schedule_sigma_min {low:g} must be below schedule_sigma_max {high:g}"
+            )
+
+    def _check_alpha_bar(self) -> None:
+        """A1111's changes of alpha_bar only where fulora runs them as A1111 does."""
+        names = {
+            "downcast_alphas_cumprod": "Downcast alphas_cumprod, which it also reads into "
+            "texts of its versions before v1.7.0-225"
+        }
+        names["zero_terminal_snr"] = "Noise Schedule: Zero Terminal SNR"
+        for key, name in names.items():
+            if getattr(self, key) and own_schedule(self.sampler) is None:
+                raise ConfigError(
+                    f"{key}: true (A1111's {name}) is run for the k-diffusion samplers "
+                    f"({k_diffusion_samplers()}); A1111's {display_name(self.sampler)!r} "
+                    "computes with that alpha_bar in ways fulora does not copy yet: choose one "
+                    f"of those samplers, or set {key}: false (another image)"
+                )
+        if self.downcast_alphas_cumprod and self.zero_terminal_snr:
+            raise ConfigError(
+                "zero_terminal_snr: true with downcast_alphas_cumprod: true rescales alpha_bar in "
+                "fp16, where its last sigma overflows to infinity (A1111's images are NaN): set "
+                "one of them to false"
             )
 
     def _check_uncond_skips(self) -> None:
@@ -392,6 +408,10 @@ class GenerateConfig(Checked):
     # before v1.7.0-225): the sampler's sigmas from the model's alpha_bar in fp16, as A1111's
     # fp16 models had them; for the k-diffusion samplers
     downcast_alphas_cumprod: bool = False
+    # A1111's "Noise Schedule: Zero Terminal SNR" (sd_noise_schedule): the model's alpha_bar
+    # rescaled so its last step is pure noise (sigma 4519 for SD1.5), for the k-diffusion
+    # samplers
+    zero_terminal_snr: bool = False
     steps: int = 30
     guidance: float = 7.0
     # A1111's "Skip Early CFG" (its setting skip_early_cond): the share of the first steps run

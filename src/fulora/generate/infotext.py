@@ -9,11 +9,11 @@ the run takes ``seed + i``, as in A1111's batches), size, clip skip (1 when the 
 none, as A1111 reads it), RNG (``GPU`` when it names none, A1111's default), ENSD (0 when it
 names none: A1111 writes it where the sampler uses it), Eta and Eta DDIM (1 and 0 when it
 names none), Emphasis ("Original" when it names none), the variation seed and its strength,
-"Seed resize from", the Beta schedule's shape, and "Downcast alphas_cumprod" (also for a text
-of a version before v1.7.0-225, as A1111's backcompat reads it). The model and the LoRA are
-the run's own (``base``, ``lora``); a setting that fulora does not run (hires fix, the "Zero
-Terminal SNR" noise schedule, ...) is refused, naming it, since A1111 would make another image
-with it.
+"Seed resize from", the Beta schedule's shape, "Downcast alphas_cumprod" (also for a text of a
+version before v1.7.0-225, as A1111's backcompat reads it) and the "Zero Terminal SNR" noise
+schedule. The model and the LoRA are the run's own (``base``, ``lora``); a setting that fulora
+does not run (hires fix, ...) is refused, naming it, since A1111 would make another image with
+it.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ _SETTINGS += ("Seed resize from-1", "Seed resize from-2", "Eta", "Eta DDIM")
 _SETTINGS += ("Beta schedule alpha", "Beta schedule beta", "Skip Early CFG", "NGMS")
 _SETTINGS += ("NGMS all steps", "Pad conds", "Pad conds v0", "Schedule min sigma")
 _SETTINGS += ("Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
-_SETTINGS += ("Old prompt editing timelines", "Downcast alphas_cumprod")
+_SETTINGS += ("Old prompt editing timelines", "Downcast alphas_cumprod", "Noise Schedule")
 _EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
@@ -201,6 +201,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "emphasis": _EMPHASES[emphasis],
         "old_prompt_editing": _old_timelines(fields, params.prompt),
         "downcast_alphas_cumprod": _downcast(fields),
+        "zero_terminal_snr": _zero_terminal_snr(fields),
         **_negative_pass(fields),
         "per_class": 1,
     }
@@ -248,6 +249,17 @@ def _downcast(fields: dict[str, str]) -> bool:
     if fields.get("Downcast alphas_cumprod") == "True":
         return True
     return _version(fields.get("Version", "")) < (1, 7, 0, 225)
+
+
+def _zero_terminal_snr(fields: dict[str, str]) -> bool:
+    """A1111's "Noise Schedule" (its sd_noise_schedule: Default or Zero Terminal SNR)."""
+    schedule = fields.get("Noise Schedule", "Default")
+    if schedule not in ("Default", "Zero Terminal SNR"):
+        raise ConfigError(
+            f"the A1111 settings' Noise Schedule {schedule!r} is neither Default nor Zero "
+            "Terminal SNR"
+        )
+    return schedule == "Zero Terminal SNR"
 
 
 def _negative_pass(fields: dict[str, str]) -> dict[str, Any]:

@@ -140,6 +140,7 @@ def _a1111_sigma_options(cfg: GenerateConfig) -> dict[str, Any]:
     # A1111 writes it where the option made a sampler drop a sigma it keeps (not DPM2's own)
     fields["Discard penultimate sigma"] = True if cfg.discard_penultimate_sigma else None
     fields["Downcast alphas_cumprod"] = True if cfg.downcast_alphas_cumprod else None
+    fields["Noise Schedule"] = "Zero Terminal SNR" if cfg.zero_terminal_snr else None
     return fields
 
 
@@ -262,6 +263,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "schedule_rho": cfg.schedule_rho,
         "discard_penultimate_sigma": cfg.discard_penultimate_sigma,
         "downcast_alphas_cumprod": cfg.downcast_alphas_cumprod,
+        "zero_terminal_snr": cfg.zero_terminal_snr,
         "skip_early_cfg": cfg.skip_early_cfg,
         "ngms": cfg.ngms,
         "ngms_all_steps": cfg.ngms_all_steps,

@@ -255,6 +255,8 @@ class SigmaSchedule:
             (A1111's "Discard penultimate sigma").
         downcast: The model's sigma table computed from alpha_bar in fp16 (A1111's
             "Downcast alphas_cumprod"; ``fulora.generate.sigmas.DiscreteSigmas``).
+        zero_terminal_snr: The table from alpha_bar rescaled to zero terminal SNR (A1111's
+            "Noise Schedule: Zero Terminal SNR").
     """
 
     kind: str
@@ -264,6 +266,7 @@ class SigmaSchedule:
     rho: float = 0.0
     discard_penultimate: bool = False
     downcast: bool = False
+    zero_terminal_snr: bool = False
 
 
 # The scheduler class that takes a schedule type's sigmas, for each k-diffusion sampler's

@@ -35,11 +35,16 @@ class DiscreteSigmas:
         alphas_cumprod: The model's alpha_bar at each training timestep.
         downcast: A1111's "Downcast alphas_cumprod": alpha_bar cast to fp16 first, and the
             table computed and kept in fp16, as k-diffusion computes it from an fp16 tensor.
+        zero_terminal_snr: A1111's "Zero Terminal SNR" noise schedule: alpha_bar rescaled
+            (:func:`zero_terminal_snr`) after any downcast.
     """
 
-    def __init__(self, alphas_cumprod: torch.Tensor, downcast: bool = False) -> None:
+    def __init__(
+        self, alphas_cumprod: torch.Tensor, downcast: bool = False, zero_terminal_snr: bool = False
+    ) -> None:
         alphas = torch.as_tensor(alphas_cumprod, dtype=torch.float32).cpu()
         alphas = alphas.half() if downcast else alphas
+        alphas = rescaled_to_zero_terminal_snr(alphas) if zero_terminal_snr else alphas
         self.sigmas = ((1 - alphas) / alphas) ** 0.5  # ascending, float32 as A1111's
         self.log_sigmas = self.sigmas.log()
 
@@ -70,6 +75,24 @@ class DiscreteSigmas:
         return ((1 - weight) * low + weight * high).exp()
 
 
+# A1111's last alpha_bar under "Zero Terminal SNR": not 0, which would make sigma infinite
+_TERMINAL_ALPHA_BAR = 4.8973451890853435e-08
+
+
+def rescaled_to_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """alpha_bar with zero terminal SNR (Lin et al., 2024, Algorithm 1), as A1111 rescales it.
+
+    sqrt(alpha_bar) shifted so its last value is 0 and scaled so its first is unchanged, in
+    the tensor's own dtype; A1111 then sets the last alpha_bar to 4.9e-8 rather than 0.
+    """
+    roots = alphas_cumprod.sqrt()
+    first, last = roots[0].clone(), roots[-1].clone()
+    roots = (roots - last) * (first / (first - last))
+    rescaled = roots**2
+    rescaled[-1] = _TERMINAL_ALPHA_BAR
+    return rescaled
+
+
 def a1111_sigmas(schedule, steps: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The sigmas of ``schedule`` at ``steps`` steps, as A1111's ``get_sigmas`` makes them.
 
@@ -81,7 +104,7 @@ def a1111_sigmas(schedule, steps: int, alphas_cumprod: torch.Tensor) -> torch.Te
     Returns:
         Float32 sigmas, largest first; the last is the sigma the sampler ends at.
     """
-    model = DiscreteSigmas(alphas_cumprod, schedule.downcast)
+    model = DiscreteSigmas(alphas_cumprod, schedule.downcast, schedule.zero_terminal_snr)
     span = _Span(
         low=schedule.sigma_min or model.sigma_min,  # A1111: a setting of 0 is the model's
         high=schedule.sigma_max or model.sigma_max,
