@@ -53,15 +53,30 @@ def _sample(steps: int, eta: float = 1.0, **settings):
     scheduler.eta = eta
     scheduler.set_timesteps(steps)
     if scheduler.needs_step_noise:
-        generator = torch.Generator().manual_seed(RECORDED["seed"])
-        x = torch.randn((1, 4, 2, 2), generator=generator)
-        scheduler.step_noise = lambda draw: torch.randn((1, 4, 2, 2), generator=generator)
-    else:
-        x = torch.tensor(RECORDED["noise"], dtype=torch.float64).reshape(1, 4, 2, 2)
-    x = x * scheduler.init_noise_sigma
+        return _stepped_with_cpu_noise(scheduler, RECORDED["seed"])
+    return _stepped(scheduler, _start(scheduler))
+
+
+def _start(scheduler) -> torch.Tensor:
+    """The recorded noise (float64) times the scheduler's first sigma."""
+    x = torch.tensor(RECORDED["noise"], dtype=torch.float64).reshape(1, 4, 2, 2)
+    return x * scheduler.init_noise_sigma
+
+
+def _stepped(scheduler, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through the scheduler's steps on the analytic model, as the pipeline steps it."""
     for t in scheduler.timesteps:
         x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
     return x
+
+
+def _stepped_with_cpu_noise(scheduler, seed: int) -> torch.Tensor:
+    """The run from ``seed``'s CPU noise, each step noise the same generator's next draw (A1111's
+    RNG "CPU" for one image)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, 4, 2, 2), generator=generator) * scheduler.init_noise_sigma
+    scheduler.step_noise = lambda draw: torch.randn((1, 4, 2, 2), generator=generator)
+    return _stepped(scheduler, x)
 
 
 def _sample_sde(steps: int, eta: float, seeds: list[int], **settings) -> torch.Tensor:
@@ -72,10 +87,7 @@ def _sample_sde(steps: int, eta: float, seeds: list[int], **settings) -> torch.T
     scheduler.eta, scheduler.noise_seeds = eta, seeds
     scheduler.set_timesteps(steps)
     starts = [torch.randn((1, 4, 2, 2), generator=torch.Generator().manual_seed(s)) for s in seeds]
-    x = torch.cat(starts) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
-    return x
+    return _stepped(scheduler, torch.cat(starts) * scheduler.init_noise_sigma)
 
 
 def _gap(x: torch.Tensor, recorded: list[float]) -> float:
@@ -146,12 +158,8 @@ def test_restart_is_automatic1111s(key):
     cfg = GenerateConfig(base="unused", sampler="Restart", steps=int(steps), schedule_type=label)
     scheduler = make_scheduler(cfg.sampler, sd15_scheduler().config, cfg.sigma_schedule())
     scheduler.set_timesteps(int(steps))
-    generator = torch.Generator().manual_seed(RESTART_RECORDED["seed"])
-    x = torch.randn((1, 4, 2, 2), generator=generator) * scheduler.init_noise_sigma
-    scheduler.step_noise = lambda draw: torch.randn((1, 4, 2, 2), generator=generator)
     calls = [float(sigma) for sigma in scheduler._call_sigmas]
-    for t in scheduler.timesteps:
-        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    x = _stepped_with_cpu_noise(scheduler, RESTART_RECORDED["seed"])
     assert calls == RESTART_RECORDED["calls"][key]
     assert _gap(x, RESTART_RECORDED["x0"][key]) < GAP, key  # measured at most 1.6e-7
 
@@ -167,12 +175,8 @@ def test_dpm_fast_is_k_diffusions_as_a1111_calls_it(key):
     scheduler = make_scheduler(cfg.sampler, sd15_scheduler().config, cfg.sigma_schedule())
     scheduler.eta = float(eta)
     scheduler.set_timesteps(int(steps))
-    generator = torch.Generator().manual_seed(FAST_RECORDED["seed"])
-    x = torch.randn((1, 4, 2, 2), generator=generator) * scheduler.init_noise_sigma
-    scheduler.step_noise = lambda draw: torch.randn((1, 4, 2, 2), generator=generator)
     calls = [float(sigma) for sigma in scheduler._call_sigmas]
-    for t in scheduler.timesteps:
-        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    x = _stepped_with_cpu_noise(scheduler, FAST_RECORDED["seed"])
     assert calls == FAST_RECORDED["calls"][key]
     assert _gap(x, FAST_RECORDED["x0"][key]) < GAP, key  # measured at most 3.2e-7
 
@@ -298,7 +302,12 @@ DOWNCAST_RECORDED = json.loads((_REFERENCE / "a1111_downcast.json").read_text())
 
 
 def _downcast_schedule(sampler: str, label: str, steps: int = 30):
-    settings = {"sampler": sampler, "downcast_alphas_cumprod": True}
+    return _alpha_bar_schedule(sampler, label, steps, downcast_alphas_cumprod=True)
+
+
+def _alpha_bar_schedule(sampler: str, label: str, steps: int, **alpha_bar):
+    """The sigmas ``generate`` takes for ``sampler`` on ``label`` with A1111's alpha_bar options."""
+    settings = {"sampler": sampler, **alpha_bar}
     if label != "Uniform":
         settings["schedule_type"] = label
     return GenerateConfig(base="unused", steps=steps, **settings).sigma_schedule()
@@ -325,10 +334,7 @@ def test_samplers_on_downcast_sigmas_are_k_diffusions(key):
     schedule = _downcast_schedule(sampler, label, int(steps))
     scheduler = make_scheduler(sampler, sd15_scheduler().config, schedule)
     scheduler.set_timesteps(int(steps))
-    x = torch.tensor(RECORDED["noise"], dtype=torch.float64).reshape(1, 4, 2, 2)
-    x = x * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    x = _stepped(scheduler, _start(scheduler))
     assert _gap(x, DOWNCAST_RECORDED["x0"][key]) < GAP, key
 
 
@@ -339,11 +345,7 @@ def test_ancestral_samplers_on_downcast_sigmas_are_k_diffusions(key):
     schedule = _downcast_schedule(sampler, label, int(steps))
     scheduler = make_scheduler(sampler, sd15_scheduler().config, schedule)
     scheduler.set_timesteps(int(steps))
-    generator = torch.Generator().manual_seed(RECORDED["seed"])
-    x = torch.randn((1, 4, 2, 2), generator=generator) * scheduler.init_noise_sigma
-    scheduler.step_noise = lambda draw: torch.randn((1, 4, 2, 2), generator=generator)
-    for t in scheduler.timesteps:
-        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    x = _stepped_with_cpu_noise(scheduler, RECORDED["seed"])
     assert _gap(x, DOWNCAST_RECORDED["ancestral_x0"][key]) < GAP, key  # measured 3.1e-7
 
 
@@ -371,7 +373,7 @@ def test_downcast_is_read_as_automatic1111_reads_it(fields, downcast):
 
 def test_downcast_with_a_sampler_fulora_does_not_downcast_is_refused():
     """A1111's DDIM, PLMS and UniPC use the fp16 alpha_bar otherwise: refused, naming why."""
-    with pytest.raises(ConfigError, match=r"'DDIM' computes with the fp16 alpha_bar"):
+    with pytest.raises(ConfigError, match=r"'DDIM' computes with that alpha_bar"):
         GenerateConfig(base="unused", sampler="DDIM", downcast_alphas_cumprod=True)
 
 
@@ -380,10 +382,7 @@ ZTSNR_RECORDED = json.loads((_REFERENCE / "a1111_zero_terminal_snr.json").read_t
 
 
 def _ztsnr_schedule(sampler: str, label: str, steps: int):
-    settings = {"sampler": sampler, "zero_terminal_snr": True}
-    if label != "Uniform":
-        settings["schedule_type"] = label
-    return GenerateConfig(base="unused", steps=steps, **settings).sigma_schedule()
+    return _alpha_bar_schedule(sampler, label, steps, zero_terminal_snr=True)
 
 
 @pytest.mark.parametrize("key", sorted(ZTSNR_RECORDED["sigmas"]))
@@ -406,8 +405,5 @@ def test_samplers_on_zero_terminal_snr_are_k_diffusions(key):
         sampler, sd15_scheduler().config, _ztsnr_schedule(sampler, label, int(steps))
     )
     scheduler.set_timesteps(int(steps))
-    x = torch.tensor(RECORDED["noise"], dtype=torch.float64).reshape(1, 4, 2, 2)
-    x = x * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    x = _stepped(scheduler, _start(scheduler))
     assert _gap(x, ZTSNR_RECORDED["x0"][key]) < GAP, key  # measured at most 6.4e-7

@@ -336,7 +336,7 @@ class A1111EulerAncestralScheduler(ScheduleTypeSigmas, EulerAncestralDiscreteSch
             self._init_step_index(timestep)
         sigma, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
         x = sample.to(torch.float32)
-        denoised = self._denoised(model_output, sigma, x)
+        denoised = clean_estimate(self, model_output, sigma, x)
         sigma_down, sigma_up = _ancestral_step(sigma, sigma_to, self.eta)
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
         if sigma_to > 0:
@@ -349,13 +349,18 @@ class A1111EulerAncestralScheduler(ScheduleTypeSigmas, EulerAncestralDiscreteSch
             prev_sample=moved, pred_original_sample=denoised
         )
 
-    def _denoised(self, model_output, sigma, sample: torch.Tensor) -> torch.Tensor:
-        """The model's estimate of the clean sample, as diffusers' step computes it."""
-        if self.config.prediction_type == "epsilon":
-            return sample - sigma * model_output
-        if self.config.prediction_type == "v_prediction":
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        raise ValueError(f"{type(self).__name__}: prediction_type {self.config.prediction_type}")
+
+def clean_estimate(scheduler, model_output, sigma, sample: torch.Tensor) -> torch.Tensor:
+    """The model's estimate of the clean sample at ``sigma`` (variance-exploding ``sample``).
+
+    k-diffusion's denoiser on an eps or v prediction, the same as diffusers' Euler steps.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return sample - sigma * model_output
+    if kind == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    raise ValueError(f"{type(scheduler).__name__}: prediction_type {kind}")
 
 
 def _ancestral_step(sigma, sigma_to, eta: float):

@@ -54,7 +54,7 @@ from diffusers import EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from fulora.generate.a1111_schedulers import ScheduleTypeSigmas
+from fulora.generate.a1111_schedulers import ScheduleTypeSigmas, clean_estimate
 from fulora.generate.sigmas import karras_sigmas
 
 
@@ -109,15 +109,7 @@ class _KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
         x = sample.to(torch.promote_types(sample.dtype, torch.float32))
         sigma = self._call_sigmas[self._call].to(x.device)
         self._call += 1
-        return x, self._denoised(model_output.to(x.dtype), sigma, x), sigma
-
-    def _denoised(self, model_output, sigma, sample: torch.Tensor) -> torch.Tensor:
-        """The model's clean estimate (k-diffusion's denoiser on an eps or v prediction)."""
-        if self.config.prediction_type == "epsilon":
-            return sample - sigma * model_output
-        if self.config.prediction_type == "v_prediction":
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        raise ValueError(f"{type(self).__name__}: prediction_type {self.config.prediction_type}")
+        return x, clean_estimate(self, model_output.to(x.dtype), sigma, x), sigma
 
     def _drawn(self, x: torch.Tensor) -> torch.Tensor:
         """The next draw of each image's generator (the ancestral samplers' noise)."""
