@@ -1161,8 +1161,8 @@ _A1111_SETTINGS = "p\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64
             ["brain"],
             "unknown schedule_type 'Karras Exponential'; choose one of automatic",
         ),
-        (  # run since session 31, but not with DDIM, nor with a downcast alpha_bar
-            f"{_A1111_SETTINGS.replace('Euler', 'DDIM')}, Noise Schedule: Zero Terminal SNR",
+        (  # run since session 31, but not with UniPC, nor with a downcast alpha_bar
+            f"{_A1111_SETTINGS.replace('Euler', 'UniPC')}, Noise Schedule: Zero Terminal SNR",
             ["brain"],
             "computes with that alpha_bar in ways fulora does not copy yet",
         ),

@@ -62,7 +62,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from fulora.generate.sigmas import DiscreteSigmas, a1111_sigmas
+from fulora.generate.sigmas import DiscreteSigmas, a1111_alpha_bars, a1111_sigmas
 
 # Adams-Bashforth weights of the newest estimate and the earlier ones (newest first), by the
 # number of earlier estimates: PLMS's second to fourth order.
@@ -215,10 +215,15 @@ class A1111DDIMScheduler(DDIMScheduler):
     step_noise = None
     eta = 0.0
     eta_setting: str | None = "eta_ddim"  # the generate setting that gives eta
+    #: A1111's alpha_bar options (``SigmaSchedule.downcast``, ``zero_terminal_snr``); None: off
+    sigma_schedule = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """The timesteps the model runs at (the pipeline's loop), and each step's target."""
         grid = a1111_timesteps(num_inference_steps, self.config.num_train_timesteps)
+        options = self.sigma_schedule
+        flags = (options.downcast, options.zero_terminal_snr) if options is not None else ()
+        self._bars = a1111_alpha_bars(self.alphas_cumprod, *flags)
         self.num_inference_steps = num_inference_steps
         # (from, to) per step, top down; a list, since a clipped grid repeats a timestep
         self._moves = list(zip(grid[:0:-1].tolist(), grid[-2::-1].tolist(), strict=True))
@@ -233,21 +238,30 @@ class A1111DDIMScheduler(DDIMScheduler):
         if self.config.prediction_type == "epsilon":
             return model_output
         if self.config.prediction_type == "v_prediction":
-            a_t = float(self.alphas_cumprod[t])
+            a_t = float(self._bars[t])
             return math.sqrt(a_t) * model_output + math.sqrt(1 - a_t) * sample
         raise ValueError(f"{type(self).__name__}: prediction_type {self.config.prediction_type}")
 
     def _move(self, sample: torch.Tensor, eps: torch.Tensor, t: int, to: int) -> torch.Tensor:
         """The sample at timestep ``t`` moved to ``to`` along ``eps``: its x0 estimate renoised."""
-        a_t, a_to = float(self.alphas_cumprod[t]), float(self.alphas_cumprod[to])
-        pred_x0 = (sample - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        a_t, a_to = float(self._bars[t]), float(self._bars[to])
+        pred_x0 = (sample - self._root_of_one_minus(t) * eps) / math.sqrt(a_t)
         return math.sqrt(a_to) * pred_x0 + math.sqrt(1 - a_to) * eps
+
+    def _root_of_one_minus(self, t: int) -> float:
+        """sqrt(1 - alpha_bar) at ``t``; in fp16 from a downcast table, as A1111's ddim takes it."""
+        if self._bars.dtype == torch.float16:
+            return float(torch.sqrt(1 - self._bars[t]))
+        return math.sqrt(1 - float(self._bars[t]))
 
     def _move_with_noise(self, sample, eps, t: int, to: int, noise: torch.Tensor):
         """DDIM's step at eta (A1111's ``ddim``): part of the direction replaced by noise."""
-        a_t, a_to = float(self.alphas_cumprod[t]), float(self.alphas_cumprod[to])
-        sigma = self.eta * math.sqrt((1 - a_to) / (1 - a_t) * (1 - a_t / a_to))
-        pred_x0 = (sample - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        a_t, a_to = float(self._bars[t]), float(self._bars[to])
+        ratio = (1 - a_to) / (1 - a_t)
+        if self._bars.dtype == torch.float16:  # A1111's numpy / fp16 tensor: torch multiplies
+            ratio = (1 - a_to) * float(torch.reciprocal(1 - self._bars[t]))  # by an fp16 inverse
+        sigma = self.eta * math.sqrt(ratio * (1 - a_t / a_to))
+        pred_x0 = (sample - self._root_of_one_minus(t) * eps) / math.sqrt(a_t)
         direction = math.sqrt(1 - a_to - sigma**2) * eps
         return math.sqrt(a_to) * pred_x0 + direction + sigma * noise.to(sample.device)
 

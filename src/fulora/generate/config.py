@@ -142,7 +142,8 @@ class GenerateConfig(Checked):
     def sigma_schedule(self) -> SigmaSchedule | None:
         """The sigmas the sampler steps through; None: its scheduler's own, as before."""
         kind = chosen_schedule_type(self.sampler, self.schedule_type)
-        if kind is None and not self._schedule_options():
+        alpha_bar = self.downcast_alphas_cumprod or self.zero_terminal_snr
+        if kind is None and not self._schedule_options() and not alpha_bar:
             return own_sigma_schedule(self.sampler)  # None: the scheduler's own
         discard = resolve_sampler(self.sampler) in DISCARD_PENULTIMATE
         return SigmaSchedule(
@@ -159,8 +160,7 @@ class GenerateConfig(Checked):
     def _schedule_options(self) -> list[str]:
         """The keys of A1111's sigma options set otherwise than their defaults."""
         keys = ("schedule_sigma_min", "schedule_sigma_max", "schedule_rho")
-        keys += ("discard_penultimate_sigma", "downcast_alphas_cumprod", "zero_terminal_snr")
-        return [key for key in keys if getattr(self, key)]
+        return [key for key in (*keys, "discard_penultimate_sigma") if getattr(self, key)]
 
     def _check_schedule_type(self) -> None:
         """A schedule type the sampler steps on; each option only where it changes the sigmas."""
@@ -205,12 +205,14 @@ class GenerateConfig(Checked):
         }
         names["zero_terminal_snr"] = "Noise Schedule: Zero Terminal SNR"
         for key, name in names.items():
-            if getattr(self, key) and own_schedule(self.sampler) is None:
+            runs = own_schedule(self.sampler) or resolve_sampler(self.sampler) in ("ddim", "plms")
+            if getattr(self, key) and not runs:
                 raise ConfigError(
                     f"{key}: true (A1111's {name}) is run for the k-diffusion samplers "
-                    f"({k_diffusion_samplers()}); A1111's {display_name(self.sampler)!r} "
-                    "computes with that alpha_bar in ways fulora does not copy yet: choose one "
-                    f"of those samplers, or set {key}: false (another image)"
+                    f"({k_diffusion_samplers()}), DDIM and PLMS; A1111's "
+                    f"{display_name(self.sampler)!r} computes with that alpha_bar in ways "
+                    "fulora does not copy yet: choose one of those samplers, or set "
+                    f"{key}: false (another image)"
                 )
         if self.downcast_alphas_cumprod and self.zero_terminal_snr:
             raise ConfigError(
@@ -406,11 +408,11 @@ class GenerateConfig(Checked):
     discard_penultimate_sigma: bool = False
     # A1111's "Downcast alphas_cumprod" (use_downcasted_alpha_bar; on for its texts of versions
     # before v1.7.0-225): the sampler's sigmas from the model's alpha_bar in fp16, as A1111's
-    # fp16 models had them; for the k-diffusion samplers
+    # fp16 models had them; for every A1111 sampler but UniPC
     downcast_alphas_cumprod: bool = False
     # A1111's "Noise Schedule: Zero Terminal SNR" (sd_noise_schedule): the model's alpha_bar
-    # rescaled so its last step is pure noise (sigma 4519 for SD1.5), for the k-diffusion
-    # samplers
+    # rescaled so its last step is pure noise (sigma 4519 for SD1.5), for every A1111 sampler but
+    # UniPC
     zero_terminal_snr: bool = False
     steps: int = 30
     guidance: float = 7.0

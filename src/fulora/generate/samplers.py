@@ -245,7 +245,8 @@ class SigmaSchedule:
     """The sigmas a k-diffusion sampler steps through, as A1111's ``get_sigmas`` makes them.
 
     Attributes:
-        kind: The schedule type (a :data:`SCHEDULE_TYPES` name other than ``automatic``).
+        kind: The schedule type (a :data:`SCHEDULE_TYPES` name other than ``automatic``; None
+            for DDIM and PLMS, which take only the alpha_bar options).
         beta_shape: "Beta"'s (alpha, beta) (A1111's beta_dist_alpha and beta_dist_beta).
         sigma_min: The smallest sigma the type spans (A1111's "Schedule min sigma"; 0: the
             model's). Uniform, Simple, DDIM and Align Your Steps take the model's own.
@@ -259,7 +260,7 @@ class SigmaSchedule:
             "Noise Schedule: Zero Terminal SNR").
     """
 
-    kind: str
+    kind: str | None
     beta_shape: tuple[float, float] = (0.6, 0.6)
     sigma_min: float = 0.0
     sigma_max: float = 0.0

@@ -42,9 +42,7 @@ class DiscreteSigmas:
     def __init__(
         self, alphas_cumprod: torch.Tensor, downcast: bool = False, zero_terminal_snr: bool = False
     ) -> None:
-        alphas = torch.as_tensor(alphas_cumprod, dtype=torch.float32).cpu()
-        alphas = alphas.half() if downcast else alphas
-        alphas = rescaled_to_zero_terminal_snr(alphas) if zero_terminal_snr else alphas
+        alphas = a1111_alpha_bars(alphas_cumprod, downcast, zero_terminal_snr)
         self.sigmas = ((1 - alphas) / alphas) ** 0.5  # ascending, float32 as A1111's
         self.log_sigmas = self.sigmas.log()
 
@@ -77,6 +75,19 @@ class DiscreteSigmas:
 
 # A1111's last alpha_bar under "Zero Terminal SNR": not 0, which would make sigma infinite
 _TERMINAL_ALPHA_BAR = 4.8973451890853435e-08
+
+
+def a1111_alpha_bars(
+    alphas_cumprod: torch.Tensor, downcast: bool = False, zero_terminal_snr: bool = False
+) -> torch.Tensor:
+    """The model's alpha_bar as A1111 samples with it (its ``apply_alpha_schedule_override``).
+
+    Cast to fp16 with its "Downcast alphas_cumprod", then rescaled with its "Zero Terminal
+    SNR" noise schedule; float32 otherwise.
+    """
+    alphas = torch.as_tensor(alphas_cumprod, dtype=torch.float32).cpu()
+    alphas = alphas.half() if downcast else alphas
+    return rescaled_to_zero_terminal_snr(alphas) if zero_terminal_snr else alphas
 
 
 def rescaled_to_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
