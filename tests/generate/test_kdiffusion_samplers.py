@@ -297,6 +297,19 @@ def test_kdiffusion_samplers_make_their_images_and_are_written_as_a1111_writes_t
     assert generate_settings(read_a1111_parameters(text), "brain")["downcast_alphas_cumprod"]
 
 
+@pytest.mark.gpu
+def test_sde_samplers_draw_their_brownian_noise_where_the_latents_are(tiny_model, tmp_path):
+    """On CUDA, as in A1111, each image's Brownian tree is built and drawn on the GPU: DPM++
+    2M SDE's images there (fp32) are each image's own, alone or in a batch (within 1 grey
+    level), and finite."""
+    settings = dict(sampler="DPM++ 2M SDE Karras", device="cuda", dtype="fp32")
+    runs = {size: _generate(tiny_model, tmp_path / str(size), batch_size=size, **settings)
+            for size in (1, 2)}  # fmt: skip
+    assert runs[1].keys() == runs[2].keys() and len(runs[1]) == 2
+    for key, pixels in runs[1].items():
+        assert np.abs(pixels.astype(int) - runs[2][key].astype(int)).max() <= 1
+
+
 # A1111's "Downcast alphas_cumprod": the sigma table in fp16 (reference: a1111_downcast.json)
 DOWNCAST_RECORDED = json.loads((_REFERENCE / "a1111_downcast.json").read_text())
 
