@@ -35,10 +35,11 @@ DPM2, DPM2 a and DPM++ 3M SDE always draw one sigma more and drop the one before
 ``discard_next_to_last_sigma``); ``fulora.generate.samplers`` names the variants, and
 :func:`fulora.generate.sigmas.a1111_sigmas` gives the sigmas.
 
-diffusers' ``KDPM2DiscreteScheduler``, ``KDPM2AncestralDiscreteScheduler``,
-``DPMSolverSDEScheduler`` and ``DPMSolverMultistepScheduler`` (``sde-dpmsolver++``) take
-other sigmas or other noise, and none is DPM++ 2S a or 3M SDE; these are built on diffusers'
-Euler for its training schedule and interface. Samples stay in k-diffusion's
+diffusers' ``KDPM2DiscreteScheduler`` and ``KDPM2AncestralDiscreteScheduler`` take other
+sigmas (no dropped sigma; rounded timesteps on Karras), its ``DPMSolverMultistepScheduler``
+(``sde-dpmsolver++``) draws its SDE noise from the generators rather than A1111's Brownian
+trees, and none takes DPM++ 2S a's ancestral step; these are built on diffusers' Euler for
+its training schedule and interface. Samples stay in k-diffusion's
 (variance-exploding) space, as Euler's do; the pipeline's loop gets one timestep per model
 call (the fractional timestep of the call's sigma, as k-diffusion runs the model).
 
