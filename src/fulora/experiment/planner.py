@@ -105,6 +105,7 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "discard_penultimate_sigma": False,
         "downcast_alphas_cumprod": False,
         "zero_terminal_snr": False,
+        "sgm_noise_multiplier": False,
         "emphasis": "original",
         "variation_seed": None,
         "variation_strength": 0.0,

@@ -101,6 +101,26 @@ class ScheduleTypeSigmas:
     #: the type and A1111's options (``fulora.generate.samplers.SigmaSchedule``); None: own
     sigma_schedule = None
 
+    @property
+    def init_noise_sigma(self) -> float:
+        """The noise's scale at the start; sqrt(1 + sigma_0^2) with A1111's SGM multiplier."""
+        if "_init_noise_sigma" in self.__dict__:  # a scheduler that sets its own (DPM-Solver)
+            return self.__dict__["_init_noise_sigma"]
+        if self.sgm_start() is not None:
+            return self.sgm_start()
+        return super().init_noise_sigma
+
+    @init_noise_sigma.setter
+    def init_noise_sigma(self, value: float) -> None:
+        self.__dict__["_init_noise_sigma"] = value
+
+    def sgm_start(self) -> float | None:
+        """A1111's "SGM noise multiplier" start, sqrt(1 + sigma_0^2) in float32; None: off."""
+        schedule = self.sigma_schedule
+        if schedule is None or not schedule.sgm_noise_multiplier:
+            return None
+        return float(torch.sqrt(1.0 + self.sigmas[0] ** 2.0))
+
     def set_timesteps(self, num_inference_steps: int, device=None, *args, **kwargs):
         """The scheduler's own state, then the schedule type's sigmas (when one is set)."""
         super().set_timesteps(num_inference_steps, device, *args, **kwargs)
@@ -183,7 +203,7 @@ class A1111DPMSolverMultistepScheduler(ScheduleTypeSigmas, DPMSolverMultistepSch
         """The type's sigmas and timesteps, and k-diffusion's start from its first sigma."""
         super()._take_sigmas(sigmas, device)
         top = float(sigmas[0])  # the noise times sigmas[0], variance-exploding, here scaled
-        self.init_noise_sigma = top / (top**2 + 1) ** 0.5
+        self.init_noise_sigma = (self.sgm_start() or top) / (top**2 + 1) ** 0.5
         # k-diffusion's DPM++ 2M takes its second-order step to any sigma but 0; diffusers' takes
         # a first-order last step unless told otherwise ("KL Optimal" ends above 0)
         if sigmas[-1].item() > 0:

@@ -144,6 +144,8 @@ class GenerateConfig(Checked):
         kind = chosen_schedule_type(self.sampler, self.schedule_type)
         alpha_bar = self.downcast_alphas_cumprod or self.zero_terminal_snr
         if kind is None and not self._schedule_options() and not alpha_bar:
+            if self.sgm_noise_multiplier:  # a start of the sampler's own sigmas
+                return SigmaSchedule(own_schedule(self.sampler), sgm_noise_multiplier=True)
             return own_sigma_schedule(self.sampler)  # None: the scheduler's own
         discard = resolve_sampler(self.sampler) in DISCARD_PENULTIMATE
         return SigmaSchedule(
@@ -155,6 +157,7 @@ class GenerateConfig(Checked):
             discard_penultimate=self.discard_penultimate_sigma or discard,
             downcast=self.downcast_alphas_cumprod,
             zero_terminal_snr=self.zero_terminal_snr,
+            sgm_noise_multiplier=self.sgm_noise_multiplier,
         )
 
     def _schedule_options(self) -> list[str]:
@@ -214,6 +217,12 @@ class GenerateConfig(Checked):
                     "fulora does not copy yet: choose one of those samplers, or set "
                     f"{key}: false (another image)"
                 )
+        if self.sgm_noise_multiplier and own_schedule(self.sampler) is None:
+            raise ConfigError(
+                f"sgm_noise_multiplier: true scales the start of a k-diffusion sampler "
+                f"({k_diffusion_samplers()}), and {display_name(self.sampler)!r} starts from "
+                "the noise itself (A1111 ignores it there): set sgm_noise_multiplier: false"
+            )
         if self.downcast_alphas_cumprod and self.zero_terminal_snr:
             raise ConfigError(
                 "zero_terminal_snr: true with downcast_alphas_cumprod: true rescales alpha_bar in "
@@ -414,6 +423,9 @@ class GenerateConfig(Checked):
     # rescaled so its last step is pure noise (sigma 4519 for SD1.5), for every A1111 sampler but
     # UniPC
     zero_terminal_snr: bool = False
+    # A1111's "SGM noise multiplier" (sgm_noise_multiplier): the k-diffusion samplers start from
+    # the noise times sqrt(1 + sigma_max^2), as SDXL's reference code, not times sigma_max
+    sgm_noise_multiplier: bool = False
     steps: int = 30
     guidance: float = 7.0
     # A1111's "Skip Early CFG" (its setting skip_early_cond): the share of the first steps run

@@ -10,10 +10,10 @@ none, as A1111 reads it), RNG (``GPU`` when it names none, A1111's default), ENS
 names none: A1111 writes it where the sampler uses it), Eta and Eta DDIM (1 and 0 when it
 names none), Emphasis ("Original" when it names none), the variation seed and its strength,
 "Seed resize from", the Beta schedule's shape, "Downcast alphas_cumprod" (also for a text of a
-version before v1.7.0-225, as A1111's backcompat reads it) and the "Zero Terminal SNR" noise
-schedule. The model and the LoRA are the run's own (``base``, ``lora``); a setting that fulora
-does not run (hires fix, ...) is refused, naming it, since A1111 would make another image with
-it.
+version before v1.7.0-225, as A1111's backcompat reads it), the "Zero Terminal SNR" noise
+schedule and the "SGM noise multiplier". The model and the LoRA are the run's own (``base``,
+``lora``); a setting that fulora does not run (hires fix, ...) is refused, naming it, since
+A1111 would make another image with it.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ _SETTINGS += ("Beta schedule alpha", "Beta schedule beta", "Skip Early CFG", "NG
 _SETTINGS += ("NGMS all steps", "Pad conds", "Pad conds v0", "Schedule min sigma")
 _SETTINGS += ("Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
 _SETTINGS += ("Old prompt editing timelines", "Downcast alphas_cumprod", "Noise Schedule")
+_SETTINGS += ("SGM noise multiplier",)
 _EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
@@ -202,6 +203,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "old_prompt_editing": _old_timelines(fields, params.prompt),
         "downcast_alphas_cumprod": _downcast(fields),
         "zero_terminal_snr": _zero_terminal_snr(fields),
+        "sgm_noise_multiplier": fields.get("SGM noise multiplier") == "True",
         **_negative_pass(fields),
         "per_class": 1,
     }

@@ -95,8 +95,8 @@ class _KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
 
     @property
     def init_noise_sigma(self) -> float:
-        """k-diffusion's start: the noise times the first sigma."""
-        return float(self.sigmas[0])
+        """k-diffusion's start: the noise times the first sigma (A1111's SGM multiplier's)."""
+        return self.sgm_start() or float(self.sigmas[0])
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The sample as the model takes it at this call's sigma: over sqrt(sigma^2 + 1)."""

@@ -141,6 +141,7 @@ def _a1111_sigma_options(cfg: GenerateConfig) -> dict[str, Any]:
     fields["Discard penultimate sigma"] = True if cfg.discard_penultimate_sigma else None
     fields["Downcast alphas_cumprod"] = True if cfg.downcast_alphas_cumprod else None
     fields["Noise Schedule"] = "Zero Terminal SNR" if cfg.zero_terminal_snr else None
+    fields["SGM noise multiplier"] = True if cfg.sgm_noise_multiplier else None
     return fields
 
 
@@ -264,6 +265,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "discard_penultimate_sigma": cfg.discard_penultimate_sigma,
         "downcast_alphas_cumprod": cfg.downcast_alphas_cumprod,
         "zero_terminal_snr": cfg.zero_terminal_snr,
+        "sgm_noise_multiplier": cfg.sgm_noise_multiplier,
         "skip_early_cfg": cfg.skip_early_cfg,
         "ngms": cfg.ngms,
         "ngms_all_steps": cfg.ngms_all_steps,

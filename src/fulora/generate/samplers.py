@@ -258,6 +258,8 @@ class SigmaSchedule:
             "Downcast alphas_cumprod"; ``fulora.generate.sigmas.DiscreteSigmas``).
         zero_terminal_snr: The table from alpha_bar rescaled to zero terminal SNR (A1111's
             "Noise Schedule: Zero Terminal SNR").
+        sgm_noise_multiplier: The start is the noise times sqrt(1 + sigma_0^2), not times
+            sigma_0 (A1111's "SGM noise multiplier").
     """
 
     kind: str | None
@@ -268,6 +270,7 @@ class SigmaSchedule:
     discard_penultimate: bool = False
     downcast: bool = False
     zero_terminal_snr: bool = False
+    sgm_noise_multiplier: bool = False
 
 
 # The scheduler class that takes a schedule type's sigmas, for each k-diffusion sampler's
