@@ -476,5 +476,5 @@ def test_sgm_noise_multiplier_is_written_read_and_refused_where_a1111_ignores_it
     line += ", SGM noise multiplier: True"
     read = generate_settings(read_a1111_parameters(f"a photo of fetal brain\n{line}"), "brain")
     assert read["sgm_noise_multiplier"] is True
-    with pytest.raises(ConfigError, match=r"'DDIM' starts from the noise itself"):
+    with pytest.raises(ConfigError, match=r"scales the start .* 'DDIM' steps on timesteps"):
         GenerateConfig(base="unused", sampler="DDIM", sgm_noise_multiplier=True)

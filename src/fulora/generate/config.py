@@ -169,12 +169,8 @@ class GenerateConfig(Checked):
         """A schedule type the sampler steps on; each option only where it changes the sigmas."""
         self._check_alpha_bar()
         options = self._schedule_options()
-        if options and own_schedule(self.sampler) is None:
-            raise ConfigError(
-                f"{options[0]} changes the sigmas of a k-diffusion sampler "
-                f"({k_diffusion_samplers()}), and {display_name(self.sampler)!r} steps on "
-                f"timesteps of its own (A1111 ignores it there): set {options[0]} to its default"
-            )
+        if options:
+            self._refuse_off_k_diffusion(options[0], "changes the sigmas")
         if self.discard_penultimate_sigma and resolve_sampler(self.sampler) in DISCARD_PENULTIMATE:
             raise ConfigError(
                 f"discard_penultimate_sigma: true changes no sigma of "
@@ -200,6 +196,15 @@ class GenerateConfig(Checked):
                 f"schedule_sigma_min {low:g} must be below schedule_sigma_max {high:g}"
             )
 
+    def _refuse_off_k_diffusion(self, key: str, what: str) -> None:
+        """A setting of the k-diffusion samplers' sigmas, refused on a sampler without them."""
+        if own_schedule(self.sampler) is None:
+            raise ConfigError(
+                f"{key} {what} of a k-diffusion sampler ({k_diffusion_samplers()}), and "
+                f"{display_name(self.sampler)!r} steps on timesteps of its own (A1111 ignores "
+                f"it there): set {key} to its default"
+            )
+
     def _check_alpha_bar(self) -> None:
         """A1111's changes of alpha_bar only where fulora runs them as A1111 does."""
         names = {
@@ -217,12 +222,8 @@ class GenerateConfig(Checked):
                     "fulora does not copy yet: choose one of those samplers, or set "
                     f"{key}: false (another image)"
                 )
-        if self.sgm_noise_multiplier and own_schedule(self.sampler) is None:
-            raise ConfigError(
-                f"sgm_noise_multiplier: true scales the start of a k-diffusion sampler "
-                f"({k_diffusion_samplers()}), and {display_name(self.sampler)!r} starts from "
-                "the noise itself (A1111 ignores it there): set sgm_noise_multiplier: false"
-            )
+        if self.sgm_noise_multiplier:
+            self._refuse_off_k_diffusion("sgm_noise_multiplier", "scales the start")
         if self.downcast_alphas_cumprod and self.zero_terminal_snr:
             raise ConfigError(
                 "zero_terminal_snr: true with downcast_alphas_cumprod: true rescales alpha_bar in "
