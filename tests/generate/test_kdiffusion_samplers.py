@@ -469,6 +469,19 @@ def test_sgm_noise_multiplier_starts_as_automatic1111s(key):
     assert _gap(x, SGM_RECORDED["x0"][key]) < GAP, key
 
 
+def test_sgm_noise_multiplier_keeps_a_named_samplers_own_sigmas():
+    """ "DPM2 Karras" with the multiplier still drops its penultimate sigma: the same run as
+    DPM2 on the Karras type, k-diffusion's recorded one (until the review of session 31 it
+    kept that sigma)."""
+    cfg = GenerateConfig(base="unused", sampler="DPM2 Karras", steps=20, sgm_noise_multiplier=True)
+    schedule = cfg.sigma_schedule()
+    assert schedule == _alpha_bar_schedule("dpm2", "Karras", 20, sgm_noise_multiplier=True)
+    scheduler = make_scheduler(cfg.sampler, sd15_scheduler().config, schedule)
+    scheduler.set_timesteps(20)
+    x = _stepped(scheduler, _start(scheduler))
+    assert _gap(x, SGM_RECORDED["x0"]["dpm2/Karras/20"]) < GAP
+
+
 def test_sgm_noise_multiplier_is_written_read_and_refused_where_a1111_ignores_it():
     from fulora.generate.infotext import generate_settings, read_a1111_parameters
 

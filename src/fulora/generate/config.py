@@ -142,10 +142,8 @@ class GenerateConfig(Checked):
     def sigma_schedule(self) -> SigmaSchedule | None:
         """The sigmas the sampler steps through; None: its scheduler's own, as before."""
         kind = chosen_schedule_type(self.sampler, self.schedule_type)
-        alpha_bar = self.downcast_alphas_cumprod or self.zero_terminal_snr
-        if kind is None and not self._schedule_options() and not alpha_bar:
-            if self.sgm_noise_multiplier:  # a start of the sampler's own sigmas
-                return SigmaSchedule(own_schedule(self.sampler), sgm_noise_multiplier=True)
+        model = (self.downcast_alphas_cumprod, self.zero_terminal_snr, self.sgm_noise_multiplier)
+        if kind is None and not self._schedule_options() and not any(model):
             return own_sigma_schedule(self.sampler)  # None: the scheduler's own
         discard = resolve_sampler(self.sampler) in DISCARD_PENULTIMATE
         return SigmaSchedule(
