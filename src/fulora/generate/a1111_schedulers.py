@@ -85,6 +85,11 @@ def a1111_timesteps(steps: int, train_timesteps: int = 1000) -> np.ndarray:
     return np.clip(grid, 0, train_timesteps - 1).astype(np.int64)
 
 
+def alpha_bar_options(schedule) -> tuple[bool, bool]:
+    """A ``SigmaSchedule``'s (downcast, zero terminal SNR); both off without a schedule."""
+    return (schedule.downcast, schedule.zero_terminal_snr) if schedule else (False, False)
+
+
 def _output(moved: torch.Tensor, return_dict: bool) -> SchedulerOutput | tuple[torch.Tensor]:
     """A step's result as diffusers' schedulers return it."""
     return SchedulerOutput(prev_sample=moved) if return_dict else (moved,)
@@ -106,9 +111,8 @@ class ScheduleTypeSigmas:
         """The noise's scale at the start; sqrt(1 + sigma_0^2) with A1111's SGM multiplier."""
         if "_init_noise_sigma" in self.__dict__:  # a scheduler that sets its own (DPM-Solver)
             return self.__dict__["_init_noise_sigma"]
-        if self.sgm_start() is not None:
-            return self.sgm_start()
-        return super().init_noise_sigma
+        start = self.sgm_start()
+        return start if start is not None else super().init_noise_sigma
 
     @init_noise_sigma.setter
     def init_noise_sigma(self, value: float) -> None:
@@ -135,10 +139,7 @@ class ScheduleTypeSigmas:
 
     def sigma_table(self) -> DiscreteSigmas:
         """The model's sigmas as the sampler maps them (fp16 with A1111's downcast)."""
-        schedule = self.sigma_schedule
-        if schedule is None:
-            return DiscreteSigmas(self.alphas_cumprod)
-        return DiscreteSigmas(self.alphas_cumprod, schedule.downcast, schedule.zero_terminal_snr)
+        return DiscreteSigmas(self.alphas_cumprod, *alpha_bar_options(self.sigma_schedule))
 
     def _take_sigmas(self, sigmas: torch.Tensor, device) -> None:
         """One model call per sigma but the last (Euler, Euler a, LMS): each step to the next."""
@@ -241,9 +242,7 @@ class A1111DDIMScheduler(DDIMScheduler):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """The timesteps the model runs at (the pipeline's loop), and each step's target."""
         grid = a1111_timesteps(num_inference_steps, self.config.num_train_timesteps)
-        options = self.sigma_schedule
-        flags = (options.downcast, options.zero_terminal_snr) if options is not None else ()
-        self._bars = a1111_alpha_bars(self.alphas_cumprod, *flags)
+        self._bars = a1111_alpha_bars(self.alphas_cumprod, *alpha_bar_options(self.sigma_schedule))
         self.num_inference_steps = num_inference_steps
         # (from, to) per step, top down; a list, since a clipped grid repeats a timestep
         self._moves = list(zip(grid[:0:-1].tolist(), grid[-2::-1].tolist(), strict=True))

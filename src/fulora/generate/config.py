@@ -47,8 +47,8 @@ from fulora.planes import PAPER_PLANES
 
 def _noise_owners(key: str) -> str:
     """The samplers whose step noise ``key`` sets, by A1111's names (named variants left out)."""
-    owners = [n for n, (k, _) in STEP_NOISE.items() if k == key and own_schedule(n) != "karras"]
-    owners = [n for n in owners if own_schedule(n) != "exponential"]
+    variant = ("karras", "exponential")  # "DPM2 a Karras": DPM2 a is named
+    owners = [n for n, (k, _) in STEP_NOISE.items() if k == key and own_schedule(n) not in variant]
     return ", ".join(repr(display_name(n)) for n in owners)
 
 

@@ -683,9 +683,8 @@ def _uncond_skip(pipe, cfg, resolved) -> UncondSkip | None:
     """The calls that run without the negative prompt (A1111's Skip Early CFG and NGMS)."""
     if not (cfg.skip_early_cfg or cfg.ngms):
         return None
-    scheduler = pipe.scheduler
-    sigmas = scheduler.sigma_table() if hasattr(scheduler, "sigma_table") else None
-    sigmas = sigmas or DiscreteSigmas(scheduler.alphas_cumprod)
+    table = getattr(pipe.scheduler, "sigma_table", None)  # A1111's alpha_bar options, if any
+    sigmas = table() if table else DiscreteSigmas(pipe.scheduler.alphas_cumprod)
 
     def sigma_of(timestep) -> float:  # the sampler's sigma, as k-diffusion hands A1111's model
         return sigmas.t_to_sigma(torch.as_tensor(timestep).flatten()[0].cpu()).item()
