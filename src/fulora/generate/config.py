@@ -25,11 +25,14 @@ from fulora.generate.networks import plane_lora_weights
 from fulora.generate.prompts import check_prompt_syntax
 from fulora.generate.samplers import (
     BROWNIAN_NOISE,
+    CHURN_SAMPLERS,
     DISCARD_PENULTIMATE,
+    SIGMA_NOISE_SAMPLERS,
     SPAN_FIXED,
     STEP_NOISE,
     STEP_NOISE_WITHOUT_ETA,
     TAKE_RHO,
+    Churn,
     SigmaSchedule,
     check_steps,
     chosen_schedule_type,
@@ -50,6 +53,11 @@ def _noise_owners(key: str) -> str:
     variant = ("karras", "exponential")  # "DPM2 a Karras": DPM2 a is named
     owners = [n for n, (k, _) in STEP_NOISE.items() if k == key and own_schedule(n) not in variant]
     return ", ".join(repr(display_name(n)) for n in owners)
+
+
+# A1111's names of its churn settings (written in its settings text where set)
+_CHURN_NAMES = {"sigma_churn": "Sigma churn", "sigma_tmin": "Sigma tmin"}
+_CHURN_NAMES |= {"sigma_tmax": "Sigma tmax", "sigma_noise": "Sigma noise"}
 
 
 def check_rng_device(rng: str, device: str) -> None:
@@ -88,6 +96,10 @@ class GenerateConfig(Checked):
         "schedule_sigma_max": AT_LEAST_0,
         "schedule_rho": AT_LEAST_0,
         "ngms": AT_LEAST_0,
+        "sigma_churn": AT_LEAST_0,
+        "sigma_tmin": AT_LEAST_0,
+        "sigma_tmax": AT_LEAST_0,
+        "sigma_noise": AT_LEAST_0,
         "beta_schedule_beta": POSITIVE,
         "variation_seed": SEED,
         "variation_strength": FRACTION,
@@ -106,6 +118,7 @@ class GenerateConfig(Checked):
         """
         check_steps(self.sampler, self.steps)  # a known sampler, and steps it can take
         self._check_schedule_type()
+        self._check_churn()
         self._check_uncond_skips()
         self.check_planes_of("planes")
         self.check_planes_of("prompts")  # its keys: a misspelt plane would fall back silently
@@ -201,6 +214,37 @@ class GenerateConfig(Checked):
                 f"{key} {what} of a k-diffusion sampler ({k_diffusion_samplers()}), and "
                 f"{display_name(self.sampler)!r} steps on timesteps of its own (A1111 ignores "
                 f"it there): set {key} to its default"
+            )
+
+    def churn(self) -> Churn | None:
+        """A1111's churn and sigma noise (``make_scheduler``'s); None: A1111's defaults."""
+        if not (self.sigma_churn or self.sigma_tmin or self.sigma_tmax or self.sigma_noise != 1):
+            return None
+        tmax = self.sigma_tmax or float("inf")  # 0: no bound, as A1111 reads its setting
+        return Churn(self.sigma_churn, self.sigma_tmin, tmax, self.sigma_noise)
+
+    def _check_churn(self) -> None:
+        """A1111's churn settings only for the samplers it passes them to; a span of sigmas."""
+        sampler = resolve_sampler(self.sampler)
+        for key, takers, default in (
+            ("sigma_churn", CHURN_SAMPLERS, 0.0),
+            ("sigma_tmin", CHURN_SAMPLERS, 0.0),
+            ("sigma_tmax", CHURN_SAMPLERS, 0.0),
+            ("sigma_noise", SIGMA_NOISE_SAMPLERS, 1.0),
+        ):
+            if getattr(self, key) != default and sampler not in takers:
+                plain = sorted(n for n in takers if own_schedule(n) == "uniform")  # not variants
+                named = ", ".join(repr(display_name(n)) for n in plain)
+                raise ConfigError(
+                    f"{key} {getattr(self, key):g} is A1111's '{_CHURN_NAMES[key]}', which it "
+                    f"passes to {named} only; {display_name(sampler)!r} takes none (A1111 ignores "
+                    f"it there): set {key}: {default:g}, or one of those samplers"
+                )
+        if self.sigma_tmax and self.sigma_tmin > self.sigma_tmax:
+            raise ConfigError(
+                f"sigma_tmin {self.sigma_tmin:g} is above sigma_tmax {self.sigma_tmax:g}: no "
+                "sigma lies between them, so no step would be churned; set sigma_tmin below "
+                "sigma_tmax (or sigma_tmax: 0, no upper bound)"
             )
 
     def _check_alpha_bar(self) -> None:
@@ -302,8 +346,10 @@ class GenerateConfig(Checked):
             )
             return "eta_noise_seed_delta", 0, why
         drawn = own and getattr(self, own[0]) or sampler in STEP_NOISE_WITHOUT_ETA
+        drawn = drawn or (sampler in CHURN_SAMPLERS and self.sigma_churn > 0)
         if self.eta_noise_seed_delta and not drawn:
             why = f"{own[0]} 0 adds none" if own else f"{display_name(sampler)!r} adds none"
+            why += " at sigma_churn 0" if sampler in CHURN_SAMPLERS else ""
             return "eta_noise_seed_delta", 0, why
         return None
 
@@ -425,6 +471,17 @@ class GenerateConfig(Checked):
     # A1111's "SGM noise multiplier" (sgm_noise_multiplier): the k-diffusion samplers start from
     # the noise times sqrt(1 + sigma_max^2), as SDXL's reference code, not times sigma_max
     sgm_noise_multiplier: bool = False
+    # A1111's "Sigma churn" (its setting s_churn; Karras et al.'s churn): Euler, Heun and DPM2
+    # start each step from its sigma raised by 1 + min(churn / steps, 0.414), with each image's
+    # next draw added to match: other images, fresh noise at every step; 0: none (A1111's)
+    sigma_churn: float = 0.0
+    # A1111's "Sigma tmin" and "Sigma tmax" (s_tmin, s_tmax): the churn only at the steps whose
+    # sigma lies between them; tmax 0: no upper bound (A1111's 0)
+    sigma_tmin: float = 0.0
+    sigma_tmax: float = 0.0
+    # A1111's "Sigma noise" (s_noise): the churn's noise times this, and the step noise of DPM
+    # fast, DPM2 a, DPM++ 2S a and the SDE samplers (1: as drawn, A1111's default)
+    sigma_noise: float = 1.0
     steps: int = 30
     guidance: float = 7.0
     # A1111's "Skip Early CFG" (its setting skip_early_cond): the share of the first steps run

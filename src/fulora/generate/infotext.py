@@ -11,9 +11,9 @@ names none: A1111 writes it where the sampler uses it), Eta and Eta DDIM (1 and 
 names none), Emphasis ("Original" when it names none), the variation seed and its strength,
 "Seed resize from", the Beta schedule's shape, "Downcast alphas_cumprod" (also for a text of a
 version before v1.7.0-225, as A1111's backcompat reads it), the "Zero Terminal SNR" noise
-schedule and the "SGM noise multiplier". The model and the LoRA are the run's own (``base``,
-``lora``); a setting that fulora does not run (hires fix, ...) is refused, naming it, since
-A1111 would make another image with it.
+schedule, the "SGM noise multiplier" and "Sigma churn", "tmin", "tmax" and "noise". The model
+and the LoRA are the run's own (``base``, ``lora``); a setting that fulora does not run (hires
+fix, ...) is refused, naming it, since A1111 would make another image with it.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ _SETTINGS += ("Beta schedule alpha", "Beta schedule beta", "Skip Early CFG", "NG
 _SETTINGS += ("NGMS all steps", "Pad conds", "Pad conds v0", "Schedule min sigma")
 _SETTINGS += ("Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
 _SETTINGS += ("Old prompt editing timelines", "Downcast alphas_cumprod", "Noise Schedule")
-_SETTINGS += ("SGM noise multiplier",)
+_SETTINGS += ("SGM noise multiplier", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise")
+# A1111's churn fields (written where not its default) -> generate's settings
+_CHURN = {"sigma_churn": "Sigma churn", "sigma_tmin": "Sigma tmin", "sigma_tmax": "Sigma tmax"}
+_CHURN["sigma_noise"] = "Sigma noise"
 _EMPHASES = {name: mode for mode, name in EMPHASIS_MODES.items()}
 
 
@@ -204,6 +207,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "downcast_alphas_cumprod": _downcast(fields),
         "zero_terminal_snr": _zero_terminal_snr(fields),
         "sgm_noise_multiplier": fields.get("SGM noise multiplier") == "True",
+        **{key: _number(fields, name, float) for key, name in _CHURN.items() if name in fields},
         **_negative_pass(fields),
         "per_class": 1,
     }

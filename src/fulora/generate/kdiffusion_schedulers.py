@@ -24,6 +24,12 @@ midpoint or, as "DPM++ 2M SDE Heun", its Heun correction) and **DPM++ 3M SDE**
 (``sample_dpmpp_3m_sde``); their noise comes from a Brownian tree, their step to sigma 0 is
 the last estimate itself.
 
+**Churn** (A1111's "Sigma churn", "tmin", "tmax", "noise"; Karras et al.'s Algorithm 2): Euler
+(:class:`A1111EulerChurnScheduler`), Heun (:class:`A1111HeunChurnScheduler`) and DPM2 start each
+step from its sigma raised by 1 + gamma, each image's next draw added to match before the
+model runs there (:meth:`KDiffusionScheduler.scale_model_input`); "Sigma noise" also scales
+the ancestral, DPM fast and SDE samplers' step noise, as k-diffusion's ``s_noise``.
+
 The SDE samplers' noise is A1111's: ``torchsde`` Brownian trees (through diffusers'
 ``BrownianTreeNoiseSampler``, k-diffusion's own, which A1111 builds in its
 ``create_noise_sampler``), one per image seeded with the image's seed, on the device of the
@@ -59,7 +65,7 @@ from fulora.generate.a1111_schedulers import ScheduleTypeSigmas, clean_estimate
 from fulora.generate.sigmas import karras_sigmas
 
 
-class _KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
+class KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
     """A k-diffusion sampler on A1111's sigmas, one timestep per model call.
 
     :attr:`sigma_schedule` must be set (``fulora.generate.samplers.make_scheduler`` does).
@@ -73,8 +79,18 @@ class _KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
     noise_seeds: list[int] | None = None
     eta = 1.0
     eta_setting: str | None = None
-    needs_step_noise = False  # draws each image's generator (needs ``step_noise``)
     brownian = False  # draws from Brownian trees (needs ``noise_seeds``)
+    #: A1111's "Sigma churn", "tmin", "tmax" and "noise" (k-diffusion's ``s_churn``, ``s_tmin``,
+    #: ``s_tmax``, ``s_noise``; ``make_scheduler`` sets them): the churn of Euler, Heun and DPM2
+    #: (:attr:`churns`); ``s_noise`` also scales the ancestral and SDE samplers' step noise
+    s_churn, s_tmin, s_tmax, s_noise = 0.0, 0.0, float("inf"), 1.0
+    churns = False  # takes A1111's churn: each step starts from its sigma raised, noise added
+    draws_noise = False  # draws each image's generator whatever the churn
+
+    @property
+    def needs_step_noise(self) -> bool:
+        """Whether it draws each image's generator (and so needs :attr:`step_noise`)."""
+        return self.draws_noise or (self.churns and self.s_churn > 0)
 
     def set_timesteps(self, num_inference_steps: int, device=None, *args, **kwargs):
         """The schedule's sigmas (``sigma_schedule``), and a timestep per model call."""
@@ -84,14 +100,32 @@ class _KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
 
     def _take_sigmas(self, sigmas: torch.Tensor, device) -> None:
         self.sigmas = sigmas
+        self._starts = self._churned(sigmas)
         self._call_sigmas = torch.stack(self._calls(sigmas))
         self.timesteps = self._model_times(self._call_sigmas, device)
         self.num_inference_steps = len(sigmas) - 1
         self._call, self._step, self._draws, self._tree = 0, 0, 0, None
+        self._added = None  # the churn's noise of the step that has begun
+
+    def _churned(self, sigmas: torch.Tensor) -> list[torch.Tensor]:
+        """Each step's start, k-diffusion's ``sigma_hat``: its sigma times 1 + gamma.
+
+        gamma is ``min(s_churn / steps, sqrt(2) - 1)`` at the steps whose sigma lies within
+        [``s_tmin``, ``s_tmax``], else 0 (no churn: each step starts at its sigma).
+        """
+        if not (self.churns and self.s_churn > 0):
+            return list(sigmas[:-1])
+        gamma = min(self.s_churn / (len(sigmas) - 1), 2**0.5 - 1)
+        within = (bool(self.s_tmin <= sigma <= self.s_tmax) for sigma in sigmas[:-1])
+        return [s * (gamma + 1 if w else 1.0) for s, w in zip(sigmas[:-1], within, strict=True)]
 
     def _calls(self, sigmas: torch.Tensor) -> list[torch.Tensor]:
-        """The sigma of each model call: one a step."""
-        return list(sigmas[:-1])
+        """The sigma of each model call: one a step, at its start."""
+        return list(self._starts)
+
+    def _begins_step(self) -> bool:
+        """Whether the coming model call is its step's first (one call a step: each)."""
+        return True
 
     @property
     def init_noise_sigma(self) -> float:
@@ -99,15 +133,39 @@ class _KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
         return self.sgm_start() or float(self.sigmas[0])
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The sample as the model takes it at this call's sigma: over sqrt(sigma^2 + 1)."""
+        """The sample as the model takes it at this call's sigma: over sqrt(sigma^2 + 1).
+
+        At a step's first call with churn, the step's noise is drawn and added first
+        (:meth:`_churn_noise`); the pipeline's rows for each side of the guidance get the same.
+        """
         sigma = self._call_sigmas[self._call].to(sample.device)
+        if self.churns and self.s_churn > 0 and self._begins_step():
+            self._added = self._churn_noise(sample)
+            rows = len(sample) // len(self._added)
+            wide = sample.to(torch.promote_types(sample.dtype, torch.float32))
+            sample = (wide + self._added.repeat(rows, *[1] * (sample.dim() - 1))).to(sample.dtype)
         return sample / (sigma**2 + 1) ** 0.5
+
+    def _churn_noise(self, sample: torch.Tensor) -> torch.Tensor:
+        """The noise that raises the step's sigma to its start (k-diffusion's churn).
+
+        As ``sample_euler``: each image's next draw times ``s_noise``, drawn at every step (also
+        where gamma is 0), added times ``sqrt(sigma_hat^2 - sigma^2)`` where gamma is above 0.
+        """
+        wide = torch.promote_types(sample.dtype, torch.float32)
+        eps = self._drawn(sample.to(wide)) * self.s_noise
+        start, sigma = self._starts[self._step], self.sigmas[self._step]
+        if start == sigma:
+            return torch.zeros_like(eps)
+        return eps * ((start**2 - sigma**2) ** 0.5).to(eps.device)
 
     def _estimate(self, model_output, sample):
         """(the sample in fp32 or wider, the model's clean estimate, the call's sigma)."""
         if self._call >= len(self._call_sigmas):
             raise ValueError(f"{type(self).__name__}: call set_timesteps before each run's steps")
         x = sample.to(torch.promote_types(sample.dtype, torch.float32))
+        if self._added is not None:  # the step's churn, as the model saw it
+            x, self._added = x + self._added.to(x.device), None
         sigma = self._call_sigmas[self._call].to(x.device)
         self._call += 1
         return x, clean_estimate(self, model_output.to(x.dtype), sigma, x), sigma
@@ -138,7 +196,7 @@ def _output(moved: torch.Tensor, return_dict: bool) -> SchedulerOutput | tuple[t
     return SchedulerOutput(prev_sample=moved) if return_dict else (moved,)
 
 
-class _TwoCallScheduler(_KDiffusionScheduler):
+class _TwoCallScheduler(KDiffusionScheduler):
     """A sampler whose step calls the model at its start and at a middle sigma.
 
     Subclasses give :meth:`_target` (where the step goes, and the noise after it) and the
@@ -148,14 +206,18 @@ class _TwoCallScheduler(_KDiffusionScheduler):
     order = 2
 
     def _calls(self, sigmas: torch.Tensor) -> list[torch.Tensor]:
-        """At each step's sigma, and at its middle sigma unless it ends at 0."""
+        """At each step's start, and at its middle sigma unless it ends at 0."""
         calls, self._steps, self._start = [], [], None
         for i in range(len(sigmas) - 1):
-            sigma, target, noise_scale = sigmas[i], *self._target(sigmas[i], sigmas[i + 1])
+            sigma = self._starts[i]  # its sigma, raised by any churn
+            target, noise_scale = self._target(sigma, sigmas[i + 1])
             middle = None if target == 0 else self._middle(sigma, target)
             self._steps.append((sigma, target, middle, noise_scale))
             calls += [sigma] if middle is None else [sigma, middle]
         return calls
+
+    def _begins_step(self) -> bool:
+        return self._start is None
 
     def _target(self, sigma: torch.Tensor, sigma_next: torch.Tensor):
         """Where the step goes, and the sigma of the noise added after it (None: none)."""
@@ -179,7 +241,7 @@ class _TwoCallScheduler(_KDiffusionScheduler):
             first, self._start = self._start, None
             moved = self._from_middle(first, x, denoised, start, middle, target)
         if noise_scale is not None:  # the ancestral samplers' noise
-            moved = moved + self._drawn(moved) * noise_scale.to(x.device)
+            moved = moved + self._drawn(moved) * self.s_noise * noise_scale.to(x.device)
         self._step += 1
         return _output(moved.to(sample.dtype), return_dict)
 
@@ -204,7 +266,46 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float):
 
 
 class A1111DPM2Scheduler(_TwoCallScheduler):
-    """k-diffusion's ``sample_dpm_2`` (A1111's DPM2; its churn at A1111's default, none)."""
+    """k-diffusion's ``sample_dpm_2`` (A1111's DPM2), with A1111's churn if set."""
+
+    churns = True
+
+
+class A1111EulerChurnScheduler(KDiffusionScheduler):
+    """k-diffusion's ``sample_euler`` with A1111's churn (diffusers' Euler steps without it).
+
+    diffusers' ``EulerDiscreteScheduler`` takes an ``s_churn`` too, but adds the noise after
+    the model has run at the step's sigma; k-diffusion adds it first and runs the model at the
+    raised sigma, on the noised sample.
+    """
+
+    churns = True
+
+    def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **unused):
+        """An Euler step from the step's start (its raised sigma) to the next sigma."""
+        x, denoised, sigma = self._estimate(model_output, sample)
+        sigma_next = self.sigmas[self._step + 1].to(x.device)
+        moved = x + (x - denoised) / sigma * (sigma_next - sigma)
+        self._step += 1
+        return _output(moved.to(sample.dtype), return_dict)
+
+
+class A1111HeunChurnScheduler(_TwoCallScheduler):
+    """k-diffusion's ``sample_heun`` with A1111's churn (diffusers' Heun steps without it).
+
+    Its second call is at the step's end; a step to 0 is an Euler step (one call).
+    """
+
+    churns = True
+
+    def _middle(self, sigma, target):
+        return target
+
+    def _from_middle(self, start, x_middle, denoised_middle, sigma, middle, target):
+        """Heun's step: the mean of the derivatives at the start and the end."""
+        x, denoised = start
+        d, d_end = (x - denoised) / sigma.to(x.device), (x_middle - denoised_middle) / middle
+        return x + (d + d_end.to(x.device)) / 2 * (target - sigma).to(x.device)
 
 
 class A1111DPM2AncestralScheduler(_TwoCallScheduler):
@@ -215,7 +316,7 @@ class A1111DPM2AncestralScheduler(_TwoCallScheduler):
     """
 
     eta_setting = "eta_ancestral"
-    needs_step_noise = True
+    draws_noise = True
 
     def _target(self, sigma, sigma_next):
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, self.eta)
@@ -230,7 +331,7 @@ class A1111DPMPP2SAncestralScheduler(_TwoCallScheduler):
     """
 
     eta_setting = "eta_ancestral"
-    needs_step_noise = True
+    draws_noise = True
 
     def _target(self, sigma, sigma_next):
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, self.eta)
@@ -276,7 +377,7 @@ class A1111DPMPPSDEScheduler(_TwoCallScheduler):
         s_ = down.log().neg()
         moved = (s_.neg().exp() / t.neg().exp()).to(x.device) * x
         moved = moved - (t - s_).expm1().to(x.device) * denoised
-        return moved + self._brownian(x, t.neg().exp(), middle) * up.to(x.device)
+        return moved + self._brownian(x, t.neg().exp(), middle) * self.s_noise * up.to(x.device)
 
     def _from_middle(self, start, x_middle, denoised_middle, sigma, middle, target):
         x, denoised = start
@@ -287,10 +388,10 @@ class A1111DPMPPSDEScheduler(_TwoCallScheduler):
         moved = (t_next_.neg().exp() / t.neg().exp()).to(x.device) * x
         moved = moved - (t - t_next_).expm1().to(x.device) * mixed
         noise = self._brownian(x, t.neg().exp(), t_next.neg().exp())
-        return moved + noise * up.to(x.device)
+        return moved + noise * self.s_noise * up.to(x.device)
 
 
-class _MultistepSDEScheduler(_KDiffusionScheduler):
+class _MultistepSDEScheduler(KDiffusionScheduler):
     """A one-call SDE sampler that combines the newest estimates; Brownian noise at :attr:`eta`.
 
     Its step to sigma 0 is the last estimate itself (k-diffusion's "denoising step").
@@ -314,7 +415,7 @@ class _MultistepSDEScheduler(_KDiffusionScheduler):
             moved = self._update(x, denoised, sigma, sigma_next, h)
             if self.eta:
                 noise = self._brownian(x, sigma, sigma_next) * sigma_next
-                moved = moved + noise * self._noise_factor(h)
+                moved = moved + noise * self._noise_factor(h) * self.s_noise
         self._earlier = [(denoised, h), *self._earlier[:1]]
         self._step += 1
         return _output(moved.to(sample.dtype), return_dict)
@@ -373,7 +474,7 @@ class A1111DPMPP3MSDEScheduler(_MultistepSDEScheduler):
         return (-2 * h * self.eta).expm1().neg().sqrt()
 
 
-class A1111RestartScheduler(_KDiffusionScheduler):
+class A1111RestartScheduler(KDiffusionScheduler):
     """A1111's Restart (its ``restart_sampler``, v1.6+; Xu et al., 2023).
 
     Heun steps that go back up the sigmas and down again, each time with fresh noise. From 20
@@ -386,7 +487,7 @@ class A1111RestartScheduler(_KDiffusionScheduler):
     """
 
     order = 2
-    needs_step_noise = True
+    draws_noise = True
 
     def _calls(self, sigmas: torch.Tensor) -> list[torch.Tensor]:
         self._moves, self._start, self._move = restart_moves(sigmas), None, 0
@@ -443,7 +544,7 @@ def _nearest(sigmas: torch.Tensor, value: float) -> int:
     return int(torch.argmin(abs(sigmas - value), dim=0))
 
 
-class A1111DPMFastScheduler(_KDiffusionScheduler):
+class A1111DPMFastScheduler(KDiffusionScheduler):
     """k-diffusion's ``sample_dpm_fast`` (A1111's DPM fast): DPM-Solver's fixed-step solver.
 
     As A1111 calls it: from the schedule's first sigma (the noise's scale; the rest of the
@@ -454,7 +555,7 @@ class A1111DPMFastScheduler(_KDiffusionScheduler):
     """
 
     eta_setting = "eta_ancestral"
-    needs_step_noise = True
+    draws_noise = True
 
     def _calls(self, sigmas: torch.Tensor) -> list[torch.Tensor]:
         model = self.sigma_table()
@@ -496,7 +597,7 @@ class A1111DPMFastScheduler(_KDiffusionScheduler):
         start = x if self._start is None else self._start[0]
         moved = _dpm_solver_end(start, [*known, eps], t_to, h)
         self._start, self._step = None, self._step + 1
-        moved = moved + noise_scale * 1.0 * self._drawn(moved)  # k-diffusion's su * s_noise
+        moved = moved + noise_scale * self.s_noise * self._drawn(moved)  # k-diffusion's order
         return _output(moved.to(sample.dtype), return_dict)
 
 

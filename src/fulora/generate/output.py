@@ -96,7 +96,7 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     settings["ENSD"] = cfg.eta_noise_seed_delta or None
     settings["Eta"] = f"{cfg.eta_ancestral:g}" if cfg.eta_ancestral != 1 else None
     settings["Eta DDIM"] = f"{cfg.eta_ddim:g}" if cfg.eta_ddim else None
-    settings |= _a1111_sigma_options(cfg)
+    settings |= _a1111_sigma_options(cfg) | _a1111_churn(cfg)
     # The noise source (fulora.generate.noise) by A1111's name; its default, GPU, is unwritten
     # (A1111 reads a missing RNG as GPU, and would start the CPU's images from other noise).
     settings["RNG"] = A1111_RNG_NAMES[cfg.rng] if cfg.rng != A1111_DEFAULT_RNG else None
@@ -143,6 +143,13 @@ def _a1111_sigma_options(cfg: GenerateConfig) -> dict[str, Any]:
     fields["Noise Schedule"] = "Zero Terminal SNR" if cfg.zero_terminal_snr else None
     fields["SGM noise multiplier"] = True if cfg.sgm_noise_multiplier else None
     return fields
+
+
+def _a1111_churn(cfg: GenerateConfig) -> dict[str, Any]:
+    """A1111's churn fields where not its defaults (as its ``Sampler.initialize`` writes them)."""
+    values = {"Sigma churn": (cfg.sigma_churn, 0), "Sigma tmin": (cfg.sigma_tmin, 0)}
+    values |= {"Sigma tmax": (cfg.sigma_tmax, 0), "Sigma noise": (cfg.sigma_noise, 1)}
+    return {name: f"{v:g}" if v != default else None for name, (v, default) in values.items()}
 
 
 def _a1111_emphasis(row: dict[str, Any], cfg: GenerateConfig) -> str | None:
@@ -266,6 +273,10 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "downcast_alphas_cumprod": cfg.downcast_alphas_cumprod,
         "zero_terminal_snr": cfg.zero_terminal_snr,
         "sgm_noise_multiplier": cfg.sgm_noise_multiplier,
+        "sigma_churn": cfg.sigma_churn,
+        "sigma_tmin": cfg.sigma_tmin,
+        "sigma_tmax": cfg.sigma_tmax,
+        "sigma_noise": cfg.sigma_noise,
         "skip_early_cfg": cfg.skip_early_cfg,
         "ngms": cfg.ngms,
         "ngms_all_steps": cfg.ngms_all_steps,

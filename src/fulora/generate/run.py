@@ -575,7 +575,8 @@ def _load_generator(cfg, resolved, device, dtype):
     # A1111 encodes the empty prompt that pads a side as it loads the model, without the LoRA
     empty = empty_prompt(pipe, resolved.clip_skip, "cpu") if cfg.pad_conds == "on" else None
     lora = _PlaneLora(pipe, cfg, resolved)
-    pipe.scheduler = make_scheduler(resolved.sampler, pipe.scheduler.config, cfg.sigma_schedule())
+    schedule, churn = cfg.sigma_schedule(), cfg.churn()
+    pipe.scheduler = make_scheduler(resolved.sampler, pipe.scheduler.config, schedule, churn)
     pipe.to(device)
     apply_speedups(pipe, cfg, device)
     embeddings = {}
@@ -701,8 +702,9 @@ def _step_noise(pipe, noise: ImageNoise, cfg):
 
     fulora's Euler a (``a1111_schedulers.A1111EulerAncestralScheduler``) takes it from its
     ``step_noise`` for ``rng: nv``, which is no torch generator, and for an eta other than 1,
-    which diffusers' step does not take; fulora's DDIM at an eta above 0; DPM2 a and DPM++ 2S a
-    always (``needs_step_noise``); the SDE samplers from Brownian trees seeded with each
+    which diffusers' step does not take; fulora's DDIM at an eta above 0; DPM2 a, DPM++ 2S a,
+    DPM fast and Restart always, and Euler, Heun and DPM2 with A1111's churn
+    (``needs_step_noise``); the SDE samplers from Brownian trees seeded with each
     image's seed (``brownian``, ``noise_seeds``). The scheduler names its eta setting
     (``eta_setting``); the other samplers draw no step noise.
     """

@@ -22,7 +22,10 @@ of any of A1111 v1.9+'s schedule types (:data:`SCHEDULE_TYPES`, ``generate``'s
 ``schedule_type``; ``fulora.generate.sigmas``), as A1111 lets them.
 
 Euler a adds noise at each step, and so does DDIM at an eta above 0 (:data:`STEP_NOISE`, with
-the ``generate`` setting of each one's eta): A1111's "Eta" and "Eta DDIM", and its ENSD.
+the ``generate`` setting of each one's eta): A1111's "Eta" and "Eta DDIM", and its ENSD. So do
+Euler, Heun and DPM2 with A1111's "Sigma churn" (:class:`Churn`, :data:`CHURN_SAMPLERS`): Euler
+and Heun are then k-diffusion's own steps (``fulora.generate.kdiffusion_schedulers``), since
+diffusers' Euler adds its churn's noise after the model has run at the step's sigma.
 
 Until session 24 ``DPM++ 2M Karras`` (the default), ``DPM++ 2M``, ``DDIM`` and ``PLMS`` were
 diffusers' own schedulers, configured as near A1111's as they go; they stay, as
@@ -144,6 +147,13 @@ STEP_NOISE_WITHOUT_ETA = frozenset({"restart"})
 # sigma" says
 _DISCARDING = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
 DISCARD_PENULTIMATE = frozenset(n for n in SAMPLERS if _FAMILY.get(n, n) in _DISCARDING)
+
+# A1111's "Sigma churn", "Sigma tmin" and "Sigma tmax" (k-diffusion's s_churn, s_tmin, s_tmax):
+# the samplers A1111 passes them to (its sampler_extra_params, v1.7+), and those that take its
+# "Sigma noise" (s_noise) alone, which scales their step noise
+CHURN_SAMPLERS = frozenset(n for n in SAMPLERS if _FAMILY.get(n, n) in ("euler", "heun", "dpm2"))
+_S_NOISE = ("dpm_fast", "dpm2_a", "dpmpp_2s_a", *_SDE)
+SIGMA_NOISE_SAMPLERS = CHURN_SAMPLERS | {n for n in SAMPLERS if _FAMILY.get(n, n) in _S_NOISE}
 
 
 def _key(name: str) -> str:
@@ -273,15 +283,41 @@ class SigmaSchedule:
     sgm_noise_multiplier: bool = False
 
 
+@dataclass(frozen=True)
+class Churn:
+    """A1111's "Sigma churn", "tmin", "tmax" and "noise" (k-diffusion's ``s_churn``, ...).
+
+    Euler, Heun and DPM2 (:data:`CHURN_SAMPLERS`) start each step whose sigma lies within
+    [tmin, tmax] from that sigma raised by a factor 1 + min(churn / steps, sqrt(2) - 1), with
+    each image's next draw times ``noise`` added to match; the ancestral and SDE samplers
+    (:data:`SIGMA_NOISE_SAMPLERS`) scale their step noise by ``noise``.
+    """
+
+    churn: float = 0.0
+    tmin: float = 0.0
+    tmax: float = float("inf")
+    noise: float = 1.0
+
+
 # The scheduler class that takes a schedule type's sigmas, for each k-diffusion sampler's
 _ON_SCHEDULE_TYPE = {
     "EulerDiscreteScheduler": "A1111EulerScheduler",
     "HeunDiscreteScheduler": "A1111HeunScheduler",
     "LMSDiscreteScheduler": "A1111LMSScheduler",
 }
+# ... and the one that steps it with A1111's churn (k-diffusion's order: noise, then the model)
+_CHURNING = {
+    "EulerDiscreteScheduler": "A1111EulerChurnScheduler",
+    "HeunDiscreteScheduler": "A1111HeunChurnScheduler",
+}
 
 
-def make_scheduler(name: str, base_config: dict[str, Any], schedule: SigmaSchedule | None = None):
+def make_scheduler(
+    name: str,
+    base_config: dict[str, Any],
+    schedule: SigmaSchedule | None = None,
+    churn: Churn | None = None,
+):
     """A diffusers scheduler for sampler ``name``, built from the model's scheduler config.
 
     Args:
@@ -289,6 +325,8 @@ def make_scheduler(name: str, base_config: dict[str, Any], schedule: SigmaSchedu
         base_config: The model's scheduler config.
         schedule: The sigmas to step through (``GenerateConfig.sigma_schedule``); None: the
             scheduler's own.
+        churn: A1111's churn and sigma noise (``GenerateConfig.churn``); None: A1111's
+            defaults (none, and the step noise as drawn).
     """
     import diffusers
 
@@ -296,6 +334,9 @@ def make_scheduler(name: str, base_config: dict[str, Any], schedule: SigmaSchedu
 
     name = resolve_sampler(name)
     cls_name, extra, _ = SAMPLERS[name]
+    if churn is not None and churn.churn > 0 and cls_name in _CHURNING:
+        cls_name = _CHURNING[cls_name]
+        schedule = schedule or SigmaSchedule(_OWN_SCHEDULE[name])
     if schedule is None and cls_name in _ALWAYS_ON_SCHEDULE:  # the sampler's own
         schedule = own_sigma_schedule(name)
     if schedule is not None:
@@ -306,6 +347,9 @@ def make_scheduler(name: str, base_config: dict[str, Any], schedule: SigmaSchedu
     scheduler = cls.from_config(base_config, **extra)
     if schedule is not None:
         scheduler.sigma_schedule = schedule
+    if churn is not None and isinstance(scheduler, kdiffusion_schedulers.KDiffusionScheduler):
+        scheduler.s_churn, scheduler.s_tmin = churn.churn, churn.tmin
+        scheduler.s_tmax, scheduler.s_noise = churn.tmax, churn.noise
     return scheduler
 
 
