@@ -1052,7 +1052,7 @@ def phantom_text():
 def test_emphasised_prompts_are_tokenized_as_automatic1111_does(phantom_text, prompt, expected):
     from fulora.generate.prompts import a1111_chunks
 
-    [(ids, weights)] = a1111_chunks(phantom_text[0], prompt)
+    [(ids, weights, _)] = a1111_chunks(phantom_text[0], prompt)
     end = len(expected[0])
     assert (ids[:end], weights[:end]) == expected
     assert len(ids) == len(weights) == 77
@@ -1065,8 +1065,9 @@ def test_long_and_break_prompts_are_chunked_as_automatic1111_does(phantom_text, 
 
     tokenizer = phantom_text[0]
     chunks = a1111_chunks(tokenizer, prompt)
-    words = [ids.index(tokenizer.eos_token_id) - 1 for ids, _ in chunks]
-    digest = hashlib.sha256(json.dumps([list(chunk) for chunk in chunks]).encode()).hexdigest()
+    words = [chunk.ids.index(tokenizer.eos_token_id) - 1 for chunk in chunks]
+    laid_out = [[chunk.ids, chunk.weights] for chunk in chunks]  # A1111's tokens, multipliers
+    digest = hashlib.sha256(json.dumps(laid_out).encode()).hexdigest()
     assert (words, digest) == expected
 
 
@@ -1195,7 +1196,7 @@ def test_emphasis_modes_are_automatic1111s(phantom_text, mode, prompt):
     ids, total, magnitude, values = A1111_EMPHASIS_MODES[(mode, prompt)]
     chunks = a1111_chunks(phantom_text[0], prompt, mode)
     end = phantom_text[0].eos_token_id
-    assert [chunk_ids[: chunk_ids.index(end) + 1] for chunk_ids, _ in chunks] == ids
+    assert [chunk.ids[: chunk.ids.index(end) + 1] for chunk in chunks] == ids
     z = _a1111_embedding(phantom_text, prompt, 1, mode)
     assert z.sum().item() == pytest.approx(total, rel=1e-5, abs=1e-3)
     assert z.abs().sum().item() == pytest.approx(magnitude, rel=1e-6)

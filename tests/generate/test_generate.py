@@ -379,7 +379,7 @@ def test_chunks_are_77_tokens_whatever_the_tokenizer_says_its_length_is(tiny_mod
     expected = a1111_chunks(tokenizer, long)
     tokenizer.model_max_length = int(1e30)
     assert a1111_chunks(tokenizer, long) == expected
-    assert [len(ids) for ids, _ in expected] == [77, 77]
+    assert [len(chunk.ids) for chunk in expected] == [77, 77]
 
 
 def test_a_long_prompt_and_a_short_negative_each_attend_to_their_own_chunks(
@@ -396,7 +396,7 @@ def test_a_long_prompt_and_a_short_negative_each_attend_to_their_own_chunks(
     long = "fetal brain, " * 40  # 120 tokens: two chunks, the first ending at a comma
     cfg = _cfg(tiny_model, planes=["brain"], per_class=2, batch_size=2, contact_sheet=0)
     cfg = replace(cfg, prompts={"brain": long}, negative_prompt="blurry")
-    _, embeddings, _ = _load_generator(cfg, plan(cfg), "cpu", torch.float32)
+    _, embeddings, _, _ = _load_generator(cfg, plan(cfg), "cpu", torch.float32)
     assert [side.shape[1] for side in embeddings["brain"].first()] == [154, 77]
     masks = []
     unet = UNet2DConditionModel.forward
@@ -1444,7 +1444,7 @@ def test_padded_sides_make_their_images_and_are_written_as_a1111_writes_them(
     for mode in ("on", "v0"):
         assert generate_settings(read_a1111_parameters(texts[mode]), "brain")["pad_conds"] == mode
     cfg = _cfg(tiny_model, trained_lora, **kw, **runs["on"])
-    _, embeddings, _ = _load_generator(cfg, plan(cfg), torch.device("cpu"), torch.float32)
+    _, embeddings, _, _ = _load_generator(cfg, plan(cfg), torch.device("cpu"), torch.float32)
     base = load_pipeline(str(tiny_model), dtype=torch.float32)
     assert torch.equal(embeddings["brain"].empty, empty_prompt(base, 2, "cpu"))  # LoRA's clip skip
 

@@ -69,6 +69,7 @@ _NOT_IN_KEY = {
     "lora",
     "lora_hash",  # checks of the files, not settings of the images
     "model_hash",
+    "embedding_hashes",
     "progress",
 }
 
@@ -110,6 +111,7 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "sigma_tmin": 0.0,
         "sigma_tmax": 0.0,
         "sigma_noise": 1.0,
+        "embeddings": [],
         "emphasis": "original",
         "variation_seed": None,
         "variation_strength": 0.0,

@@ -140,6 +140,7 @@ class GenerateConfig(Checked):
                     f"{key} {value!r} is not a hash: give the hex digits of an A1111 image's "
                     f"'{listed}'"
                 )
+        self._check_embedding_hashes()
         self.needs_switch("compile", ("compile_mode", "inductor_tuning"), "torch.compile")
         if self.fuse_qkv and self.lora and not self.fuse_lora:
             raise ConfigError(
@@ -214,6 +215,22 @@ class GenerateConfig(Checked):
                 f"{key} {what} of a k-diffusion sampler ({k_diffusion_samplers()}), and "
                 f"{display_name(self.sampler)!r} steps on timesteps of its own (A1111 ignores "
                 f"it there): set {key} to its default"
+            )
+
+    def _check_embedding_hashes(self) -> None:
+        """Hashes of A1111's form, each for an embedding that ``embeddings`` can give."""
+        for name, value in self.embedding_hashes.items():
+            if not re.fullmatch(r"[0-9a-fA-F]{8,64}", value):
+                raise ConfigError(
+                    f"embedding_hashes.{name} {value!r} is not a hash: give the hex digits an "
+                    "A1111 image's 'TI hashes' lists"
+                )
+        if self.embedding_hashes and not self.embeddings:
+            names = ", ".join(self.embedding_hashes)
+            raise ConfigError(
+                f"the settings name the textual-inversion embeddings {names} (A1111's 'TI "
+                "hashes'), and embeddings gives no file: give their files or folder with "
+                "--embeddings"
             )
 
     def churn(self) -> Churn | None:
@@ -424,6 +441,13 @@ class GenerateConfig(Checked):
     # the LoRA's AUTOMATIC1111 short hash (an image's "Lora hashes"): another file is refused
     lora_hash: str | None = None
     fuse_lora: bool = True  # merge the LoRA into the weights: faster, same images
+    # AUTOMATIC1111's textual-inversion embeddings: files (.pt, .bin, .safetensors) or folders
+    # of them, as its embeddings folder; a prompt holding a file's name (its stem) gets its
+    # vectors there, as A1111 reads it
+    embeddings: list[str] = field(default_factory=list)
+    # name -> the embedding's AUTOMATIC1111 short hash (an image's "TI hashes"): each must be
+    # among the embeddings, that file; another is refused
+    embedding_hashes: dict[str, str] = field(default_factory=dict)
     planes: list[str] = field(default_factory=lambda: list(PAPER_PLANES))
     per_class: int = 1000
     # plane -> prompt, read as AUTOMATIC1111 reads it ((word:1.2), BREAK, [a:b:10], [a|b],

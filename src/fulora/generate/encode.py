@@ -14,6 +14,7 @@ import logging
 import torch
 
 from fulora.generate.guidance import Conditioning, Scheduled, stacked_parts
+from fulora.generate.inversions import TextualInversions
 from fulora.generate.prompts import a1111_chunks
 from fulora.generate.schedules import PromptPart, read_prompt
 from fulora.lora.conditioning import chunked_embeddings
@@ -33,6 +34,7 @@ def encode_prompts(
     pad: str = "off",
     empty: torch.Tensor | None = None,
     old_timelines: bool = False,
+    inversions: TextualInversions | None = None,
 ) -> Conditioning:
     """A prompt and negative prompt, embedded step by step as A1111 embeds them.
 
@@ -52,20 +54,24 @@ def encode_prompts(
         pad: How sides of different lengths meet (``fulora.generate.guidance.PAD_CONDS``).
         empty: The empty prompt's embeddings (:func:`empty_prompt`), for ``pad`` on.
         old_timelines: A1111's "Use old prompt editing timelines" (``schedules.scheduled``).
+        inversions: The run's textual-inversion embeddings (None: none), found in both
+            prompts as A1111 finds them; the ones used are the result's ``inversions_used``.
     """
     parts = read_prompt(prompt, steps, old_timelines=old_timelines)
     sides = parts
     if negative is not None:
         sides = sides + read_prompt(negative, steps, negative=True, old_timelines=old_timelines)
     empty_chunk = a1111_chunks(pipe.tokenizer, "")[0]
+    names = inversions.names if inversions is not None else None
     batches = []
     for side in sides:
-        texts = [a1111_chunks(pipe.tokenizer, text, emphasis) for text in side.texts]
+        texts = [a1111_chunks(pipe.tokenizer, text, emphasis, names) for text in side.texts]
         count = max(len(chunks) for chunks in texts)
         batches.append([chunks + [empty_chunk] * (count - len(chunks)) for chunks in texts])
     _log_reading(plane, sides, [len(texts[0]) for texts in batches], len(parts))
     normalise = emphasis != "no_norm"
-    embedded = chunked_embeddings(pipe.text_encoder, batches, clip_skip, device, normalise)
+    vectors = inversions.vectors if inversions is not None else None
+    embedded = chunked_embeddings(pipe.text_encoder, batches, clip_skip, device, normalise, vectors)
     scheduled = [
         (side.weight, Scheduled(tuple(end for end, _ in side.schedule), hidden))
         for side, hidden in zip(sides, embedded, strict=True)
@@ -73,7 +79,8 @@ def encode_prompts(
     negative_side = scheduled[-1][1] if negative is not None else None
     stacked = stacked_parts(scheduled[: len(parts)])
     empty = empty.to(device) if empty is not None else None
-    return Conditioning(stacked, negative_side, pad, empty)
+    used = dict.fromkeys(name for b in batches for t in b for c in t for _, name in c.fixes)
+    return Conditioning(stacked, negative_side, pad, empty, tuple(used))
 
 
 def empty_prompt(pipe, clip_skip: int, device: torch.device | str) -> torch.Tensor:

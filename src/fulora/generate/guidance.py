@@ -143,6 +143,8 @@ class Conditioning:
     negative: Scheduled | None
     pad: str = "off"
     empty: torch.Tensor | None = None
+    #: the textual-inversion embeddings the prompts used, the prompt's first (A1111's order)
+    inversions_used: tuple[str, ...] = ()
 
     @property
     def padded(self) -> bool:

@@ -11,7 +11,9 @@ names none: A1111 writes it where the sampler uses it), Eta and Eta DDIM (1 and 
 names none), Emphasis ("Original" when it names none), the variation seed and its strength,
 "Seed resize from", the Beta schedule's shape, "Downcast alphas_cumprod" (also for a text of a
 version before v1.7.0-225, as A1111's backcompat reads it), the "Zero Terminal SNR" noise
-schedule, the "SGM noise multiplier" and "Sigma churn", "tmin", "tmax" and "noise". The model
+schedule, the "SGM noise multiplier", "Sigma churn", "tmin", "tmax" and "noise", and the
+textual-inversion embeddings' hashes ("TI hashes": their files are given with
+``embeddings``). The model
 and the LoRA are the run's own (``base``, ``lora``); a setting that fulora does not run (hires
 fix, ...) is refused, naming it, since A1111 would make another image with it.
 """
@@ -65,6 +67,7 @@ _SETTINGS += ("NGMS all steps", "Pad conds", "Pad conds v0", "Schedule min sigma
 _SETTINGS += ("Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
 _SETTINGS += ("Old prompt editing timelines", "Downcast alphas_cumprod", "Noise Schedule")
 _SETTINGS += ("SGM noise multiplier", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise")
+_SETTINGS += ("TI hashes",)
 # A1111's churn fields (written where not its default) -> generate's settings
 _CHURN = {"sigma_churn": "Sigma churn", "sigma_tmin": "Sigma tmin", "sigma_tmax": "Sigma tmax"}
 _CHURN["sigma_noise"] = "Sigma noise"
@@ -183,6 +186,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         raise ConfigError(f"the A1111 settings' Emphasis {emphasis!r} is none of {shown}")
     return {
         **_lora_hash(fields),
+        **_embedding_hashes(fields),
         **hashes,
         **_seed_extras(fields),
         "planes": [plane],
@@ -304,6 +308,22 @@ def _lora_hash(fields: dict[str, str]) -> dict[str, str]:
             "runs one: give the settings without --a1111"
         )
     return {"lora_hash": listed[0].rpartition(":")[2].strip()} if listed else {}
+
+
+def _embedding_hashes(fields: dict[str, str]) -> dict[str, dict[str, str]]:
+    """``embedding_hashes`` from A1111's ``TI hashes`` ("name: hash, ..."; a name may repeat)."""
+    hashes: dict[str, str] = {}
+    for item in fields.get("TI hashes", "").split(","):
+        name, _, short = (part.strip() for part in item.rpartition(":"))
+        if not item.strip():
+            continue
+        if not name or hashes.get(name, short) != short:
+            raise ConfigError(
+                f"the A1111 settings' TI hashes {fields['TI hashes']!r} are not one hash per "
+                "embedding name ('name: hash, ...')"
+            )
+        hashes[name] = short
+    return {"embedding_hashes": hashes} if hashes else {}
 
 
 def _number(fields: dict[str, str], key: str, kind: type):

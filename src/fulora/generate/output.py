@@ -116,6 +116,10 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
             f"{name.translate(_A1111_NAME_SYMBOLS)}: {resolved.lora_webui_hash[:12]}"
         )
         text += "" if tags else f" <lora:{lora.stem}:{cfg.lora_scale:g}>"
+    # A1111 lists the embeddings its prompts used (textual_inversion_add_hashes_to_infotext)
+    used = row.get("textual_inversions") or {}
+    listed = [f"{name.replace(':', '').replace(',', '')}: {sha[:12]}" for name, sha in used.items()]
+    settings["TI hashes"] = ", ".join(listed) or None
     settings["Emphasis"] = _a1111_emphasis(row, cfg)
     settings["Old prompt editing timelines"] = _a1111_old_timelines(row, cfg)
     settings["Version"] = f"fulora {row['fulora_version']}"  # not a version A1111 acts on
@@ -212,6 +216,8 @@ class Made:
     started: float = field(default_factory=time.perf_counter)
     first_batch: tuple[int, float] | None = None  # (images, time) when the first batch was done
     padded: dict[str, bool] = field(default_factory=dict)  # plane -> its sides padded (pad_conds)
+    # plane -> the textual-inversion embeddings its prompts used: name -> the file's SHA-256
+    inversions: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def summary(self, processes: int) -> dict[str, Any]:
         """The share of this process: images, seconds, images/s (all; after the first batch)."""
@@ -284,6 +290,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "pad_conds": cfg.pad_conds,
         "old_prompt_editing": cfg.old_prompt_editing,
         "padded": made.padded.get(plane, False),
+        "textual_inversions": made.inversions.get(plane, {}),
         "variation_seed": cfg.variation_seed_of(index),
         "variation_strength": cfg.variation_strength,
         "seed_resize_from": _resize_from(cfg),

@@ -22,6 +22,9 @@ not read as A1111 reads it (:func:`check_prompt_syntax`):
   (``fulora.generate.guidance.guided``).
 - ``<lora:name:0.8>``, read alike: taken out of the prompt before anything else, and the
   run's LoRA applied at its weights (``fulora.generate.networks``).
+- textual-inversion embeddings, read alike: the name of one of the run's embeddings, found in
+  a piece's tokens (:class:`EmbeddingNames`), becomes a placeholder token per vector, the
+  vectors put in their place as the prompt is encoded (``fulora.generate.inversions``).
 - refused: ``BREAK`` inside brackets is the word with a negative weight; a network in the
   negative prompt is text to A1111; ``<lora:`` without its ``>`` is text too. A weight with
   spaces, ``(word: 1.3)``, and ``#`` are refused too: A1111's versions differ (newer ones read
@@ -34,6 +37,7 @@ caption becomes a generation prompt read as A1111 reads it.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from fulora.errors import ConfigError
 from fulora.generate.networks import lora_tags, network_spans
@@ -298,9 +302,61 @@ COMMA_BACKTRACK = 20
 CHUNK_TOKENS = 75
 
 
+class Chunk(NamedTuple):
+    """One chunk of a prompt as CLIP reads it (77 tokens), as A1111 lays it out."""
+
+    ids: list[int]
+    weights: list[float]
+    #: each textual-inversion embedding in it: (the position of its first vector among the 77,
+    #: its name); its placeholder tokens are 0, as A1111's
+    fixes: tuple[tuple[int, str], ...] = ()
+
+
+class EmbeddingNames:
+    """A1111's lookup of textual-inversion embeddings in a prompt (its ``EmbeddingDatabase``).
+
+    Each embedding's name is tokenized as a prompt is; at each token of a prompt piece, the
+    longest name whose tokens follow from there is that embedding, which takes as many
+    tokens as it has vectors. Names the tokenizer reads alike ("Bad", "bad") are refused:
+    A1111 would pick one by the order it found the files.
+
+    Args:
+        tokenizer: The pipeline's CLIP tokenizer.
+        vectors: Each embedding's name and its number of vectors.
+
+    Raises:
+        ConfigError: Two names of the same tokens, or a name of none.
+    """
+
+    def __init__(self, tokenizer, vectors: dict[str, int]) -> None:
+        self.vectors = dict(vectors)
+        ids = tokenizer(list(vectors), add_special_tokens=False).input_ids if vectors else []
+        self._by_first: dict[int, list[tuple[tuple[int, ...], str]]] = {}
+        seen: dict[tuple[int, ...], str] = {}
+        for name, name_ids in zip(vectors, ids, strict=True):
+            key = tuple(name_ids)
+            if not key or key in seen:
+                other = f"reads as {seen[key]!r} does" if key else "holds no token"
+                raise ConfigError(
+                    f"textual-inversion embedding {name!r}: its name {other} to CLIP's "
+                    "tokenizer (A1111 would use one of them as it finds the files): rename one"
+                )
+            seen[key] = name
+            self._by_first.setdefault(key[0], []).append((key, name))
+        for entries in self._by_first.values():
+            entries.sort(key=lambda entry: len(entry[0]), reverse=True)
+
+    def at(self, tokens: list[int], position: int) -> tuple[str, int] | None:
+        """The embedding whose name starts at ``position``: (name, its length in tokens)."""
+        for ids, name in self._by_first.get(tokens[position], ()):
+            if tuple(tokens[position : position + len(ids)]) == ids:
+                return name, len(ids)
+        return None
+
+
 def a1111_chunks(
-    tokenizer, text: str, emphasis: str = "original"
-) -> list[tuple[list[int], list[float]]]:
+    tokenizer, text: str, emphasis: str = "original", embeddings: EmbeddingNames | None = None
+) -> list[Chunk]:
     """A prompt's token ids and per-token weights, in chunks, as AUTOMATIC1111 lays them out.
 
     A1111's ``tokenize_line``: each emphasis piece is tokenized on its own; the tokens fill
@@ -310,15 +366,20 @@ def a1111_chunks(
     within one chunk has the ids diffusers' and kohya's tokenizer call gives. With emphasis
     ``none`` the whole text is one piece of weight 1 (A1111 does not parse it); with
     ``ignore`` the pieces are parsed and every weight is 1 (A1111's multipliers go unused).
-    Checked against A1111's own function in ``tests/test_parity.py``.
+    A textual-inversion embedding's name (``embeddings``) becomes one placeholder token per
+    vector, moved whole to the next chunk where it does not fit; the comma backtrack moves its
+    placeholders but leaves its vectors' place in the chunk before, as A1111's does.
+    Checked against A1111's own function in ``tests/test_parity.py`` and
+    ``tests/generate/test_textual_inversion.py``.
 
     Args:
         tokenizer: The pipeline's CLIP tokenizer.
         text: A prompt that :func:`check_prompt_syntax` accepts.
         emphasis: The emphasis mode (:data:`EMPHASIS_MODES`).
+        embeddings: The run's textual-inversion embeddings (None: none).
 
     Returns:
-        One ``(ids, weights)`` per chunk, each of 77; weight 1 outside the prompt's words.
+        One :class:`Chunk` per chunk, each of 77; weight 1 outside the prompt's words.
     """
     pieces = [(text, 1.0)] if emphasis == "none" else parse_emphasis(text)
     tokens = tokenizer([piece for piece, _ in pieces], add_special_tokens=False).input_ids
@@ -327,12 +388,21 @@ def a1111_chunks(
         if piece == BREAK_MARK:
             chunks.close()
             continue
-        for token in piece_ids:
-            chunks.add(token, 1.0 if emphasis == "ignore" else piece[1])
-    return [_laid_out(ids, weights, tokenizer) for ids, weights in chunks.finished()]
+        weight = 1.0 if emphasis == "ignore" else piece[1]
+        position = 0
+        while position < len(piece_ids):
+            found = embeddings.at(piece_ids, position) if embeddings else None
+            if found is None:
+                chunks.add(piece_ids[position], weight)
+                position += 1
+                continue
+            name, length = found
+            chunks.add_embedding(piece_ids[position], name, embeddings.vectors[name], weight)
+            position += length
+    return [_laid_out(*chunk, tokenizer) for chunk in chunks.finished()]
 
 
-def _laid_out(ids: list[int], weights: list[float], tokenizer):
+def _laid_out(ids: list[int], weights: list[float], fixes, tokenizer) -> Chunk:
     """A chunk as CLIP reads it: start token, ids, end token, padding (A1111's SD1: the end)."""
     padding = CHUNK_TOKENS - len(ids)
     ids = [
@@ -341,7 +411,8 @@ def _laid_out(ids: list[int], weights: list[float], tokenizer):
         tokenizer.eos_token_id,
         *[tokenizer.pad_token_id] * padding,
     ]
-    return ids, [1.0, *weights, *[1.0] * (1 + padding)]
+    weights = [1.0, *weights, *[1.0] * (1 + padding)]
+    return Chunk(ids, weights, tuple((at + 1, name) for at, name in fixes))
 
 
 class _Chunks:
@@ -349,24 +420,38 @@ class _Chunks:
 
     def __init__(self, comma: int | None) -> None:
         self.comma = comma
-        self.done: list[tuple[list[int], list[float]]] = []
+        self.done: list[tuple[list[int], list[float], list[tuple[int, str]]]] = []
         self.ids: list[int] = []
         self.weights: list[float] = []
+        self.fixes: list[tuple[int, str]] = []  # (where an embedding's placeholders start, name)
         self.last_comma = -1  # where the open chunk's last comma is, -1 for none
 
     def add(self, token: int, weight: float) -> None:
+        self._make_room(token)
+        self.ids.append(token)
+        self.weights.append(weight)
+
+    def add_embedding(self, token: int, name: str, vectors: int, weight: float) -> None:
+        """An embedding whose name starts with ``token``: a placeholder per vector (A1111's 0)."""
+        self._make_room(token)
+        if len(self.ids) + vectors > CHUNK_TOKENS:
+            self.close()
+        self.fixes.append((len(self.ids), name))
+        self.ids += [0] * vectors
+        self.weights += [weight] * vectors
+
+    def _make_room(self, token: int) -> None:
+        """A1111's steps before it places a token: the comma backtrack, a full chunk closed."""
         if token == self.comma:
             self.last_comma = len(self.ids)
         elif self._full() and self.last_comma != -1 and self._since_comma() <= COMMA_BACKTRACK:
             cut = self.last_comma + 1  # the words after the comma move to the next chunk
             moved = self.ids[cut:], self.weights[cut:]
             del self.ids[cut:], self.weights[cut:]
-            self.close()
+            self.close()  # with its fixes, also of placeholders that move (as A1111's)
             self.ids, self.weights = list(moved[0]), list(moved[1])
         if self._full():
             self.close()
-        self.ids.append(token)
-        self.weights.append(weight)
 
     def _full(self) -> bool:
         return len(self.ids) == CHUNK_TOKENS
@@ -375,10 +460,10 @@ class _Chunks:
         return len(self.ids) - self.last_comma
 
     def close(self) -> None:
-        self.done.append((self.ids, self.weights))
-        self.ids, self.weights, self.last_comma = [], [], -1
+        self.done.append((self.ids, self.weights, self.fixes))
+        self.ids, self.weights, self.fixes, self.last_comma = [], [], [], -1
 
-    def finished(self) -> list[tuple[list[int], list[float]]]:
+    def finished(self) -> list[tuple[list[int], list[float], list[tuple[int, str]]]]:
         """The chunks, the open one last unless it is empty and follows others."""
         if self.ids or not self.done:
             self.close()

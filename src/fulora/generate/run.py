@@ -38,6 +38,11 @@ from fulora.generate.config import GenerateConfig, check_rng_device
 from fulora.generate.decode import Decoder
 from fulora.generate.encode import empty_prompt, encode_prompts, unet_rows
 from fulora.generate.guidance import Conditioning, UncondSkip, guided, padded_sides
+from fulora.generate.inversions import (
+    check_embedding_hashes,
+    embedding_files,
+    load_textual_inversions,
+)
 from fulora.generate.noise import ImageNoise, latent_shape
 from fulora.generate.output import (
     ImageWriter,
@@ -178,6 +183,7 @@ def plan(cfg: GenerateConfig) -> _Plan:
         )
         metadata = found.metadata
     _check_lora_hash(cfg.lora_hash, lora, webui_hash)
+    embedding_files(cfg.embeddings)  # each there, of a kind A1111 reads, before any model loads
     captions = json.loads(metadata.get("fulora_captions", "{}") or "{}")
     given = dict(zip(check_planes(cfg.prompts), cfg.prompts.values(), strict=True))
     prompts = {
@@ -474,8 +480,12 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
     base_name, base_hash = base_identity(cfg.base)
     made = Made(base_name=base_name, base_hash=base_hash, batch=batch, device=device, dtype=dtype)
     if mine:
-        pipe, embeddings, lora = _load_generator(cfg, resolved, device, dtype)
+        pipe, embeddings, lora, inversions = _load_generator(cfg, resolved, device, dtype)
         made.padded = {plane: conditioning.padded for plane, conditioning in embeddings.items()}
+        made.inversions = {
+            plane: {name: inversions.by_name[name].sha256 for name in conditioning.inversions_used}
+            for plane, conditioning in embeddings.items()
+        }
         made.started = time.perf_counter()  # images/s measures generation, not model loading
         bar = tqdm(
             total=sum(sum((p, i) in targets for i in idx) for p, idx in mine),
@@ -569,9 +579,19 @@ def _work(cfg, resolved, batch, only, out):
 
 
 def _load_generator(cfg, resolved, device, dtype):
-    """The pipeline (LoRA loaded, sampler set, speed options on) and each plane's embeddings."""
+    """The pipeline (LoRA loaded, sampler set, speed options on) and what it conditions on.
+
+    Returns:
+        The pipeline, each plane's prompt embeddings, the LoRA's weights per plane, and the
+        textual-inversion embeddings (None: none).
+    """
     pipe = load_pipeline(cfg.base, dtype=dtype, config=cfg.base_config)
     pipe.set_progress_bar_config(disable=True)
+    inversions = None
+    if cfg.embeddings:
+        width = pipe.text_encoder.config.hidden_size
+        inversions = load_textual_inversions(cfg.embeddings, pipe.tokenizer, width)
+    check_embedding_hashes(cfg.embedding_hashes, inversions)
     # A1111 encodes the empty prompt that pads a side as it loads the model, without the LoRA
     empty = empty_prompt(pipe, resolved.clip_skip, "cpu") if cfg.pad_conds == "on" else None
     lora = _PlaneLora(pipe, cfg, resolved)
@@ -582,8 +602,8 @@ def _load_generator(cfg, resolved, device, dtype):
     embeddings = {}
     for plane in resolved.planes:  # once per plane; the negative prompt at the same clip skip
         lora.use(plane)  # the text encoder's multiplier too
-        embeddings[plane] = _plane_embeddings(pipe, plane, cfg, resolved, device, empty)
-    return pipe, embeddings, lora
+        embeddings[plane] = _plane_embeddings(pipe, plane, cfg, resolved, device, empty, inversions)
+    return pipe, embeddings, lora, inversions
 
 
 class _PlaneLora:
@@ -614,7 +634,9 @@ class _PlaneLora:
             self.now = wanted
 
 
-def _plane_embeddings(pipe, plane: str, cfg, resolved, device, empty=None) -> Conditioning:
+def _plane_embeddings(
+    pipe, plane: str, cfg, resolved, device, empty=None, inversions=None
+) -> Conditioning:
     """A plane's prompt and negative prompt (under guidance), as A1111 conditions on them."""
     negative = cfg.negative_prompt if cfg.guidance > 1 else None
     steps = schedule_steps(resolved.sampler, cfg.steps)
@@ -629,6 +651,7 @@ def _plane_embeddings(pipe, plane: str, cfg, resolved, device, empty=None) -> Co
         plane,
         pad=cfg.pad_conds,
         empty=empty,
+        inversions=inversions,
         **cfg.prompt_reading,
     )
 

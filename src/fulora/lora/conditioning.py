@@ -14,6 +14,8 @@ A generation prompt's emphasis (AUTOMATIC1111's ``(word:1.3)``) arrives as a wei
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from fulora.errors import ConfigError
@@ -106,26 +108,30 @@ def emphasise_together(
 
 def chunked_embeddings(
     text_encoder,
-    batches: list[list[list[tuple[list[int], list[float]]]]],
+    batches: list[list[list]],
     clip_skip: int,
     device: torch.device | str,
     normalise: bool = True,
+    vectors: dict[str, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Embeddings of texts given in AUTOMATIC1111's 77-token chunks, as A1111 encodes them.
 
     A1111's ``FrozenCLIPEmbedderWithCustomWords.forward`` on each batch of texts: every chunk
     is encoded on its own, the emphasis of the texts' chunks at one position is applied
     together (:func:`emphasise_together`), and a text's chunks follow one another. Every chunk
-    of every batch goes through the text encoder in one call.
+    of every batch goes through the text encoder in one call. A chunk's textual-inversion
+    embeddings replace its token embeddings where they stand (A1111's
+    ``EmbeddingsWithFixes``), before CLIP adds the positions.
 
     Args:
         text_encoder: The pipeline's CLIP text model.
         batches: Texts that A1111 encodes together (a prompt's texts step by step), each as
-            its chunks ``(ids, weights)`` (``fulora.generate.prompts.a1111_chunks``); the
-            texts of a batch have as many chunks (A1111 adds empty ones).
+            its chunks ``(ids, weights[, fixes])`` (``fulora.generate.prompts.a1111_chunks``);
+            the texts of a batch have as many chunks (A1111 adds empty ones).
         clip_skip: kohya/A1111 clip skip (1 = the last layer).
         device: Where the text encoder runs.
         normalise: The emphasis restores the mean (A1111's "Original"; False: "No norm").
+        vectors: Each embedding's vectors by name (needed where a chunk has fixes).
 
     Returns:
         One tensor (texts, 77 x chunks, hidden) per batch.
@@ -134,9 +140,10 @@ def chunked_embeddings(
         if any(len(chunks) != len(texts[0]) for chunks in texts):
             raise ValueError("the texts of a batch must have as many chunks (add empty ones)")
     flat = [chunk for texts in batches for chunks in texts for chunk in chunks]
-    ids = torch.tensor([chunk_ids for chunk_ids, _ in flat], device=device)
-    weights = torch.tensor([chunk_weights for _, chunk_weights in flat], dtype=torch.float32)
-    with torch.no_grad():
+    ids = torch.tensor([chunk[0] for chunk in flat], device=device)
+    weights = torch.tensor([chunk[1] for chunk in flat], dtype=torch.float32)
+    fixes = [(row, at, name) for row, chunk in enumerate(flat) for at, name in _fixes(chunk)]
+    with torch.no_grad(), _inserted(text_encoder, fixes, vectors or {}):
         hidden = encode_prompt(text_encoder, ids, clip_skip)
     sizes = [len(texts) * len(texts[0]) for texts in batches]
     embedded = []
@@ -151,3 +158,38 @@ def chunked_embeddings(
         ]
         embedded.append(torch.cat(chunks, dim=1))
     return embedded
+
+
+def _fixes(chunk) -> tuple[tuple[int, str], ...]:
+    return chunk[2] if len(chunk) > 2 else ()
+
+
+@contextmanager
+def _inserted(text_encoder, fixes: list[tuple[int, int, str]], vectors: dict[str, torch.Tensor]):
+    """The token embeddings with each embedding's vectors at (row, position), as A1111's.
+
+    A1111 casts the vectors to the model's dtype and cuts those that would run past the
+    chunk's 77 tokens.
+    """
+    if not fixes:
+        yield
+        return
+    missing = sorted({name for _, _, name in fixes} - set(vectors))
+    if missing:
+        raise ValueError(f"the chunks hold the embeddings {missing} and no vectors are given")
+    model = text_encoder.module if hasattr(text_encoder, "module") else text_encoder
+    layer = model.text_model.embeddings.token_embedding
+
+    def insert(module, args, output):
+        output = output.clone()
+        for row, at, name in fixes:
+            vector = vectors[name].to(output.device, output.dtype)
+            count = min(output.shape[1] - at, len(vector))
+            output[row, at : at + count] = vector[:count]
+        return output
+
+    handle = layer.register_forward_hook(insert)
+    try:
+        yield
+    finally:
+        handle.remove()
