@@ -183,7 +183,8 @@ def test_embeddings_make_their_images_and_are_written_as_a1111_writes_them(tiny_
     """Through ``generate`` on the tiny model: a prompt's and a negative prompt's embeddings
     (from a folder) change the images; the PNG text lists each used once under "TI hashes",
     the prompt's first, with its file's hash; --a1111's reading names them back, and the
-    same settings with another file of that name are refused before any image."""
+    same settings with another file of that name are refused before any image, as is a rerun
+    into the folder once a file has changed."""
     from fulora.generate.infotext import generate_settings, read_a1111_parameters
     from fulora.generate.run import generate
     from fulora.io import file_hash
@@ -222,3 +223,6 @@ def test_embeddings_make_their_images_and_are_written_as_a1111_writes_them(tiny_
     with pytest.raises(ConfigError, match="'grain': .* has the hash"):
         made(tmp_path / "refused", embeddings=[str(other)], **hashes)
     assert not list((tmp_path / "refused").rglob("*.png"))
+    _save(grain, _vectors(2, 8, width=32))  # the file changed, its path and settings not
+    with pytest.raises(ConfigError, match="other textual-inversion embeddings"):
+        made(tmp_path / "embedded", embeddings=[str(folder)])

@@ -260,6 +260,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "height": resolved.height,
         "lora": str(resolved.lora.resolve()) if resolved.lora else "",
         "lora_sha256": resolved.lora_sha256,
+        "embeddings_sha256": resolved.embeddings_sha256,
         # the UNet's multiplier; a prompt's <lora:name:te:unet> holds the text encoder's
         "lora_scale": resolved.lora_weights[plane][1] if resolved.lora else cfg.lora_scale,
         "base_model": made.base_name,

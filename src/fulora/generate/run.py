@@ -163,6 +163,8 @@ class _Plan:
     # plane -> the LoRA's (text encoder, UNet) multipliers: its prompt's <lora:...>, else
     # lora_scale for both
     lora_weights: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # each textual-inversion embedding file's name -> its SHA-256 (the files a rerun must keep)
+    embeddings_sha256: dict[str, str] = field(default_factory=dict)
 
 
 def plan(cfg: GenerateConfig) -> _Plan:
@@ -183,7 +185,8 @@ def plan(cfg: GenerateConfig) -> _Plan:
         )
         metadata = found.metadata
     _check_lora_hash(cfg.lora_hash, lora, webui_hash)
-    embedding_files(cfg.embeddings)  # each there, of a kind A1111 reads, before any model loads
+    # each there, of a kind A1111 reads, before any model loads
+    embeddings = {file.stem: file_hash(file) for file in embedding_files(cfg.embeddings)}
     captions = json.loads(metadata.get("fulora_captions", "{}") or "{}")
     given = dict(zip(check_planes(cfg.prompts), cfg.prompts.values(), strict=True))
     prompts = {
@@ -218,6 +221,7 @@ def plan(cfg: GenerateConfig) -> _Plan:
         sampler=resolve_sampler(cfg.sampler),
         lora_webui_hash=webui_hash,
         lora_weights=lora_weights if lora is not None else {},
+        embeddings_sha256=embeddings,
     )
 
 
@@ -387,10 +391,12 @@ def generate(
 
 
 def _check_same_making(out: Path, resolved: _Plan, made_with: dict[str, Any] | None) -> None:
-    """Images already in ``out`` come from this very LoRA file and sampler.
+    """Images already in ``out`` come from this very LoRA file, embedding files and sampler.
 
     The LoRA's path may hold another file now (a LoRA trained again into the same folder): a
-    rerun mixed the two sets, or, finished, recorded the new file for the old images. A sampler
+    rerun mixed the two sets, or, finished, recorded the new file for the old images; so may
+    the textual-inversion embeddings' (a file added to the folder may take a prompt's words
+    that the earlier images read as text). A sampler
     name may have changed meaning (``DDIM`` and ``DPM++ 2M Karras`` were diffusers' until
     session 24).
 
@@ -405,6 +411,14 @@ def _check_same_making(out: Path, resolved: _Plan, made_with: dict[str, Any] | N
             f"{out} holds images made with another LoRA file (SHA-256 {lora[:12] or 'none'}"
             f"; {resolved.lora or 'no LoRA'} is {resolved.lora_sha256[:12] or 'none'}): use "
             "another --out folder"
+        )
+    embeddings = made_with.get("embeddings_sha256", {})
+    if embeddings != resolved.embeddings_sha256:
+        named = ", ".join(sorted(embeddings)) or "none"
+        raise ConfigError(
+            f"{out} holds images made with other textual-inversion embeddings (files {named}, "
+            "or other files of those names) than this run's: give the same --embeddings, or "
+            "use another --out folder"
         )
     sampler = _sampler_that_made(made_with)
     if sampler not in (None, resolved.sampler):
@@ -526,6 +540,7 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
         size=f"{resolved.width}x{resolved.height}",
         lora=str(resolved.lora or ""),
         lora_sha256=resolved.lora_sha256,
+        embeddings_sha256=resolved.embeddings_sha256,
         lora_scale=cfg.lora_scale,
         lora_weights=resolved.lora_weights,
         clip_skip=resolved.clip_skip,
