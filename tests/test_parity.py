@@ -571,7 +571,8 @@ def test_cached_latents_are_draws_from_the_vae_distribution(tiny_model):
     [
         ("Euler a", "A1111EulerAncestralScheduler", {"timestep_spacing": "linspace"}),
         ("Euler", "EulerDiscreteScheduler", {"timestep_spacing": "linspace"}),
-        ("UniPC", "UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3}),
+        ("UniPC", "A1111UniPCScheduler", {"solver_type": "bh1", "solver_order": 3}),
+        ("UniPC (diffusers)", "UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3}),
         ("DPM++ 2M Karras", "A1111DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
         ("DPM++ 2M", "A1111DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
         ("DPM++ 2M Karras (diffusers)", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
@@ -1793,7 +1794,14 @@ A1111_UNIPC_X0 = [
     -5.72084713, -7.707383633, -10.53872299, 10.00300789, 4.991751194, 13.40351105,
     8.70964241, -10.18138313, 4.233722687, 5.02536726,
 ]  # fmt: skip
-A1111_SAMPLER_X0 = {**KDIFFUSION_X0, "unipc": A1111_UNIPC_X0}
+# A1111 v1.6+'s UniPC (its sd_samplers_timesteps_impl.unipc over the same uni_pc.py: 31 UniPC
+# steps for 30), recorded in tests/reference/a1111_unipc.json (its 'source' says how)
+A1111_UNIPC_V16_X0 = json.loads(
+    (Path(__file__).parent / "reference" / "a1111_unipc.json").read_text()
+)["x0"]["30/bh1/time_uniform/3/True/False"]
+A1111_SAMPLER_X0 = {**KDIFFUSION_X0, "unipc": A1111_UNIPC_V16_X0}
+# diffusers' own UniPC, fulora's until session 32, against the A1111 before v1.6 that it follows
+A1111_SAMPLER_X0["unipc_diffusers"] = A1111_UNIPC_X0
 # diffusers' own DPM-Solver, kept under these names for runs made before session 24
 A1111_SAMPLER_X0 |= {f"{k}_diffusers": KDIFFUSION_X0[k] for k in ("dpmpp_2m", "dpmpp_2m_karras")}
 # Relative L2 gap allowed between fulora's scheduler and A1111's sampler (measured: Euler
@@ -1804,11 +1812,13 @@ A1111_SAMPLER_X0 |= {f"{k}_diffusers": KDIFFUSION_X0[k] for k in ("dpmpp_2m", "d
 # noise times 1 where k-diffusion starts from sigma_max / sqrt(sigma_max^2 + 1) = 0.9977 of it
 # in the same space, and it rounds the model's timesteps to integers; 3.3e-3 (DPM++ 2M): also
 # another timestep spacing, diffusers' "linspace" for DPM-Solver taking n + 1 rounded points;
-# UniPC 6.3e-5, diffusers rounding the model's timesteps, in float32: diffusers' UniPC mixes
-# dtypes in float64). Before session 22 fulora's UniPC ended at sigma zero, and its last bh1
-# step gave NaN.
+# UniPC 2.8e-7 from A1111 v1.6+'s, in float32 (fulora's A1111 times: diffusers' own UniPC,
+# fulora's until session 32, is 6.3e-5 from A1111's before v1.6, rounding the model's
+# timesteps, and 8e-5 from v1.6's, which takes 31 steps for 30). Before session 22 fulora's
+# UniPC ended at sigma zero, and its last bh1 step gave NaN.
 SAMPLER_GAP = {
-    "unipc": 2e-4,
+    "unipc": 1e-6,
+    "unipc_diffusers": 2e-4,
     "euler": 1e-6,
     "heun": 1e-6,
     "lms": 1e-6,
@@ -1848,7 +1858,7 @@ def _sample_as_the_pipeline(
 def test_samplers_are_automatic1111s(sampler):
     """fulora's scheduler for each A1111 sampler name, stepped as diffusers' pipeline steps it,
     against A1111's answer."""
-    dtype = torch.float32 if sampler == "unipc" else torch.float64
+    dtype = torch.float32 if sampler.startswith("unipc") else torch.float64
     noise = torch.tensor(KDIFFUSION_NOISE, dtype=dtype).reshape(1, 4, 2, 2)
     x = _sample_as_the_pipeline(sampler, noise)
     expected = torch.tensor(A1111_SAMPLER_X0[sampler], dtype=dtype)

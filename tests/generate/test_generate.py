@@ -1161,12 +1161,7 @@ _A1111_SETTINGS = "p\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64
             ["brain"],
             "unknown schedule_type 'Karras Exponential'; choose one of automatic",
         ),
-        (  # run since session 31, but not with UniPC, nor with a downcast alpha_bar
-            f"{_A1111_SETTINGS.replace('Euler', 'UniPC')}, Noise Schedule: Zero Terminal SNR",
-            ["brain"],
-            "computes with that alpha_bar in ways fulora does not copy yet",
-        ),
-        (
+        (  # run since session 31 (with UniPC since session 32), but not with a downcast
             f"{_A1111_SETTINGS}, Noise Schedule: Zero Terminal SNR, Version: v1.6.0",
             ["brain"],
             "its last sigma overflows to infinity",

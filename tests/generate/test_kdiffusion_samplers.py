@@ -388,9 +388,11 @@ def test_downcast_is_read_as_automatic1111_reads_it(fields, downcast):
 
 
 def test_downcast_with_a_sampler_fulora_does_not_downcast_is_refused():
-    """A1111's UniPC uses the fp16 alpha_bar otherwise (its NoiseScheduleVP): refused."""
-    with pytest.raises(ConfigError, match=r"'UniPC' computes with that alpha_bar"):
-        GenerateConfig(base="unused", sampler="UniPC", downcast_alphas_cumprod=True)
+    """diffusers' own samplers, kept for runs made with them, are not A1111's: refused (A1111's
+    UniPC takes it since session 32, ``tests/generate/test_unipc.py``)."""
+    with pytest.raises(ConfigError, match=r"'UniPC \(diffusers\)' is diffusers' own"):
+        GenerateConfig(base="unused", sampler="unipc_diffusers", downcast_alphas_cumprod=True)
+    GenerateConfig(base="unused", sampler="UniPC", downcast_alphas_cumprod=True)
 
 
 # A1111's "Noise Schedule: Zero Terminal SNR" (reference: a1111_zero_terminal_snr.json)

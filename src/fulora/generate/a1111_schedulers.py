@@ -28,6 +28,10 @@ sample from one timestep's noise level to the next (deterministic DDIM, A1111's 
 PLMS combines the last estimates (Adams-Bashforth up to fourth order) after a first step that
 averages two evaluations.
 
+**UniPC** (:class:`A1111UniPCScheduler`) is diffusers' UniPC steps at A1111's times: its
+vendored ``uni_pc.py`` solves on a continuous time with fractional model timesteps, and since
+v1.6 takes as many steps as its DDIM grid has points (31 for 30).
+
 **Euler a** is diffusers' ``EulerAncestralDiscreteScheduler``, whose steps are k-diffusion's
 ``sample_euler_ancestral`` (eta 1), with one addition: each step's noise can come from a
 function instead of diffusers' generators (:attr:`A1111EulerAncestralScheduler.step_noise`), so
@@ -40,7 +44,7 @@ DPM++ 2M) can step through the sigmas of one of A1111's schedule types
 fractional timestep, as k-diffusion runs it.
 
 ``tests/test_parity.py`` runs each against A1111's own code (k-diffusion for DPM++ 2M, Euler a
-and the schedule types).
+and the schedule types); ``tests/generate/test_unipc.py`` UniPC.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     LMSDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
     EulerAncestralDiscreteSchedulerOutput,
@@ -341,6 +346,97 @@ class A1111PLMSScheduler(A1111DDIMScheduler):
         self._earlier = [*self._earlier, eps][-3:]
         moved = self._move(sample, combined, t, to)
         return _output(moved, return_dict)
+
+
+class A1111UniPCScheduler(UniPCMultistepScheduler):
+    """AUTOMATIC1111's UniPC (its vendored ``uni_pc.py``): diffusers' UniPC steps at A1111's times.
+
+    A1111 solves on a continuous time t in [1/N, 1] (N training timesteps): log alpha_bar / 2
+    interpolated linearly in t between the training timesteps (at t = (i + 1) / N), the times
+    spaced by its "UniPC skip type" (:attr:`skip_type`: evenly in t, in sqrt(t), or in
+    log-SNR), the model run at the fractional timestep (t - 1/N) N (999, 966.77, ... for 31
+    steps), the last step ending at timestep 0's noise level. diffusers' UniPC takes the same
+    B(h) predictor-corrector steps (its "UniPC variant" bh1 or bh2, order, lower order final)
+    on rounded timesteps and its own sigmas: this gives it A1111's.
+
+    Since v1.6 A1111 runs UniPC for as many steps as its DDIM grid has points
+    (``len(range(0, N, N // steps))``: 31 for 30 steps, 28 for 27; one more step with
+    "Discard penultimate sigma"); before it, for ``steps`` (:attr:`legacy_steps`).
+    """
+
+    skip_type = "time_uniform"  # A1111's uni_pc_skip_type: time_uniform, time_quadratic, logSNR
+    legacy_steps = False  # A1111 before v1.6: ``steps`` UniPC steps
+    #: A1111's "Discard penultimate sigma" (a grid of steps + 1) and alpha_bar options
+    #: (``SigmaSchedule``: downcast, zero terminal SNR); None: off
+    sigma_schedule = None
+
+    def unipc_steps(self, steps: int) -> int:
+        """The UniPC steps A1111 takes for ``steps`` (its sampler's ``len(timesteps)``)."""
+        if self.legacy_steps:
+            return steps
+        steps += 1 if self.sigma_schedule and self.sigma_schedule.discard_penultimate else 0
+        return len(
+            range(0, self.config.num_train_timesteps, self.config.num_train_timesteps // steps)
+        )
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        """The solver's state for A1111's number of steps, then A1111's times and sigmas."""
+        steps = self.unipc_steps(num_inference_steps)
+        super().set_timesteps(steps, device)
+        total = self.config.num_train_timesteps
+        times = self.continuous_times(steps)
+        log_alpha = self._log_alpha(times)
+        sigma = torch.sqrt(1.0 - torch.exp(2.0 * log_alpha))
+        self.sigmas = sigma / torch.exp(log_alpha)  # diffusers' sigma: sigma_t / alpha_t
+        self.timesteps = ((times[:-1] - 1.0 / total) * total).to(device)
+
+    def continuous_times(self, steps: int) -> torch.Tensor:
+        """A1111's times from t = 1 to 1/N (float32), spaced as :attr:`skip_type` says."""
+        first, last = 1.0, 1.0 / self.config.num_train_timesteps
+        if self.skip_type == "time_uniform":
+            return torch.linspace(first, last, steps + 1)
+        if self.skip_type == "time_quadratic":
+            return torch.linspace(first**0.5, last**0.5, steps + 1).pow(2)
+        if self.skip_type == "logSNR":
+            ends = [self._half_log_snr(torch.tensor([t])).item() for t in (first, last)]
+            return self._time_of_half_log_snr(torch.linspace(*ends, steps + 1))
+        raise ValueError(f"{type(self).__name__}: skip_type {self.skip_type!r}")
+
+    def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training timesteps' times (i + 1) / N and their log alpha, as A1111's.
+
+        With A1111's downcast its v1.6+ sampler takes the log of the fp16 alpha_bar in fp16;
+        its sampler before v1.6 took a float32 copy of it first.
+        """
+        total = self.config.num_train_timesteps
+        times = torch.linspace(0.0, 1.0, total + 1)[1:]
+        bars = a1111_alpha_bars(self.alphas_cumprod, *alpha_bar_options(self.sigma_schedule))
+        return times, 0.5 * torch.log(bars.float() if self.legacy_steps else bars)
+
+    def _log_alpha(self, times: torch.Tensor) -> torch.Tensor:
+        return _piecewise_linear(times, *self._grid())
+
+    def _half_log_snr(self, times: torch.Tensor) -> torch.Tensor:
+        log_alpha = self._log_alpha(times)
+        return log_alpha - 0.5 * torch.log(1.0 - torch.exp(2.0 * log_alpha))
+
+    def _time_of_half_log_snr(self, half_log_snr: torch.Tensor) -> torch.Tensor:
+        """The inverse: log alpha from the half log-SNR, then t interpolated from the grid."""
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros(1), -2.0 * half_log_snr)
+        times, log_alphas = self._grid()
+        return _piecewise_linear(log_alpha, log_alphas.flip(0), times.flip(0))
+
+
+def _piecewise_linear(x: torch.Tensor, xp: torch.Tensor, yp: torch.Tensor) -> torch.Tensor:
+    """The value at each ``x`` on the lines between the points (xp ascending; ends extended).
+
+    A point on a knot takes the line that ends there (as A1111's ``interpolate_fn`` does
+    where its sort puts ``x`` before the knot).
+    """
+    knots = xp.float()  # an fp16 grid's values, compared in float32 as A1111's sort does
+    right = torch.searchsorted(knots, x).clamp(1, len(xp) - 1)
+    x0, x1, y0, y1 = knots[right - 1], knots[right], yp[right - 1], yp[right]
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
 
 
 class A1111EulerAncestralScheduler(ScheduleTypeSigmas, EulerAncestralDiscreteScheduler):

@@ -34,6 +34,7 @@ from fulora.generate.samplers import (
     TAKE_RHO,
     Churn,
     SigmaSchedule,
+    UniPCOptions,
     check_steps,
     chosen_schedule_type,
     display_name,
@@ -58,6 +59,16 @@ def _noise_owners(key: str) -> str:
 # A1111's names of its churn settings (written in its settings text where set)
 _CHURN_NAMES = {"sigma_churn": "Sigma churn", "sigma_tmin": "Sigma tmin"}
 _CHURN_NAMES |= {"sigma_tmax": "Sigma tmax", "sigma_noise": "Sigma noise"}
+
+
+_UNIPC_KEYS = ("unipc_variant", "unipc_skip_type", "unipc_order", "unipc_lower_order_final")
+_UNIPC_KEYS += ("unipc_legacy_steps",)
+
+
+def _unipc_steps(cfg: GenerateConfig) -> int:
+    """The UniPC steps A1111 v1.6+ takes: the points of its DDIM grid (31 for 30 steps)."""
+    steps = cfg.steps + (1 if cfg.discard_penultimate_sigma else 0)
+    return len(range(0, 1000, 1000 // steps)) if steps <= 1000 else 0
 
 
 def check_rng_device(rng: str, device: str) -> None:
@@ -100,6 +111,7 @@ class GenerateConfig(Checked):
         "sigma_tmin": AT_LEAST_0,
         "sigma_tmax": AT_LEAST_0,
         "sigma_noise": AT_LEAST_0,
+        "unipc_order": Range(1, 50),
         "beta_schedule_beta": POSITIVE,
         "variation_seed": SEED,
         "variation_strength": FRACTION,
@@ -119,6 +131,7 @@ class GenerateConfig(Checked):
         check_steps(self.sampler, self.steps)  # a known sampler, and steps it can take
         self._check_schedule_type()
         self._check_churn()
+        self._check_unipc()
         self._check_uncond_skips()
         self.check_planes_of("planes")
         self.check_planes_of("prompts")  # its keys: a misspelt plane would fall back silently
@@ -181,6 +194,8 @@ class GenerateConfig(Checked):
         """A schedule type the sampler steps on; each option only where it changes the sigmas."""
         self._check_alpha_bar()
         options = self._schedule_options()
+        if resolve_sampler(self.sampler) == "unipc":  # its grid takes a step more, as A1111's
+            options = [key for key in options if key != "discard_penultimate_sigma"]
         if options:
             self._refuse_off_k_diffusion(options[0], "changes the sigmas")
         if self.discard_penultimate_sigma and resolve_sampler(self.sampler) in DISCARD_PENULTIMATE:
@@ -215,6 +230,48 @@ class GenerateConfig(Checked):
                 f"{key} {what} of a k-diffusion sampler ({k_diffusion_samplers()}), and "
                 f"{display_name(self.sampler)!r} steps on timesteps of its own (A1111 ignores "
                 f"it there): set {key} to its default"
+            )
+
+    def unipc_options(self) -> UniPCOptions | None:
+        """A1111's UniPC settings (``make_scheduler``'s); None: its defaults, since v1.6."""
+        options = UniPCOptions(
+            self.unipc_variant,
+            self.unipc_skip_type,
+            self.unipc_order,
+            self.unipc_lower_order_final,
+            self.unipc_legacy_steps,
+        )
+        return None if options == UniPCOptions() else options
+
+    def _check_unipc(self) -> None:
+        """UniPC's settings with UniPC only; a variant fulora runs; an order below its steps."""
+        sampler = resolve_sampler(self.sampler)
+        fields = self.__dataclass_fields__
+        changed = [k for k in _UNIPC_KEYS if getattr(self, k) != fields[k].default]
+        if changed and sampler != "unipc":
+            raise ConfigError(
+                f"{changed[0]} is a setting of A1111's UniPC, and the sampler is "
+                f"{display_name(sampler)!r} (A1111 ignores it there): set it to its default, "
+                "or sampler: unipc"
+            )
+        if sampler != "unipc":
+            return
+        if self.unipc_variant == "vary_coeff":
+            raise ConfigError(
+                "unipc_variant: vary_coeff is A1111's UniPC with varying coefficients, which "
+                "fulora does not step (it runs UniPC's B(h) updates): choose bh1 or bh2"
+            )
+        steps = self.steps if self.unipc_legacy_steps else _unipc_steps(self)
+        if not steps:
+            raise ConfigError(
+                f"steps {self.steps}: A1111 v1.6+ spaces UniPC's steps on its grid of 1000 "
+                "timesteps, which takes at most 1000 (its sampler fails past it): give fewer"
+            )
+        if self.unipc_order > steps:
+            raise ConfigError(
+                f"unipc_order {self.unipc_order} needs {self.unipc_order} UniPC steps or more, "
+                f"and steps {self.steps} gives {steps} (A1111 refuses it: 'UniPC order must be "
+                "< sampling steps'): lower unipc_order, or raise steps"
             )
 
     def _check_embedding_hashes(self) -> None:
@@ -272,13 +329,13 @@ class GenerateConfig(Checked):
         }
         names["zero_terminal_snr"] = "Noise Schedule: Zero Terminal SNR"
         for key, name in names.items():
-            runs = own_schedule(self.sampler) or resolve_sampler(self.sampler) in ("ddim", "plms")
+            timestep_samplers = ("ddim", "plms", "unipc")
+            runs = own_schedule(self.sampler) or resolve_sampler(self.sampler) in timestep_samplers
             if getattr(self, key) and not runs:
                 raise ConfigError(
-                    f"{key}: true (A1111's {name}) is run for the k-diffusion samplers "
-                    f"({k_diffusion_samplers()}), DDIM and PLMS; A1111's "
-                    f"{display_name(self.sampler)!r} computes with that alpha_bar in ways "
-                    "fulora does not copy yet: choose one of those samplers, or set "
+                    f"{key}: true (A1111's {name}) is run for A1111's samplers, and "
+                    f"{display_name(self.sampler)!r} is diffusers' own (kept for runs made "
+                    "with it): choose an A1111 sampler, or set "
                     f"{key}: false (another image)"
                 )
         if self.sgm_noise_multiplier:
@@ -506,6 +563,16 @@ class GenerateConfig(Checked):
     # A1111's "Sigma noise" (s_noise): the churn's noise times this, and the step noise of DPM
     # fast, DPM2 a, DPM++ 2S a and the SDE samplers (1: as drawn, A1111's default)
     sigma_noise: float = 1.0
+    # A1111's UniPC settings: "UniPC variant" (bh1, bh2; its vary_coeff is refused), "UniPC
+    # skip type" (its times spaced evenly: time_uniform, in sqrt(t): time_quadratic, or in
+    # log-SNR: logSNR), "UniPC order" and "UniPC lower order final"
+    unipc_variant: Literal["bh1", "bh2", "vary_coeff"] = "bh1"
+    unipc_skip_type: Literal["time_uniform", "time_quadratic", "logSNR"] = "time_uniform"
+    unipc_order: int = 3
+    unipc_lower_order_final: bool = True
+    # UniPC's steps as A1111 before v1.6 took them, ``steps``; since v1.6 it takes as many as
+    # its DDIM grid has points (31 for 30); --a1111 sets it for an older text
+    unipc_legacy_steps: bool = False
     steps: int = 30
     guidance: float = 7.0
     # A1111's "Skip Early CFG" (its setting skip_early_cond): the share of the first steps run

@@ -67,7 +67,8 @@ _SETTINGS += ("NGMS all steps", "Pad conds", "Pad conds v0", "Schedule min sigma
 _SETTINGS += ("Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
 _SETTINGS += ("Old prompt editing timelines", "Downcast alphas_cumprod", "Noise Schedule")
 _SETTINGS += ("SGM noise multiplier", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise")
-_SETTINGS += ("TI hashes",)
+_SETTINGS += ("TI hashes", "UniPC variant", "UniPC skip type", "UniPC order")
+_SETTINGS += ("UniPC lower order final",)
 # A1111's churn fields (written where not its default) -> generate's settings
 _CHURN = {"sigma_churn": "Sigma churn", "sigma_tmin": "Sigma tmin", "sigma_tmax": "Sigma tmax"}
 _CHURN["sigma_noise"] = "Sigma noise"
@@ -212,6 +213,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "zero_terminal_snr": _zero_terminal_snr(fields),
         "sgm_noise_multiplier": fields.get("SGM noise multiplier") == "True",
         **{key: _number(fields, name, float) for key, name in _CHURN.items() if name in fields},
+        **_unipc_settings(fields),
         **_negative_pass(fields),
         "per_class": 1,
     }
@@ -308,6 +310,26 @@ def _lora_hash(fields: dict[str, str]) -> dict[str, str]:
             "runs one: give the settings without --a1111"
         )
     return {"lora_hash": listed[0].rpartition(":")[2].strip()} if listed else {}
+
+
+def _unipc_settings(fields: dict[str, str]) -> dict[str, Any]:
+    """A1111's UniPC settings where written, and its steps as its version took them.
+
+    Before v1.6 A1111 wrote its UniPC settings where not its defaults, and ran UniPC for
+    ``steps`` steps; since v1.6 it writes none (its settings apply unsaid) and runs as many
+    steps as its DDIM grid has points.
+    """
+    settings: dict[str, Any] = {}
+    if a1111_sampler(fields)[0] == "unipc":
+        settings["unipc_legacy_steps"] = _version(fields.get("Version", "")) < (1, 6)
+    for key, name in (("unipc_variant", "UniPC variant"), ("unipc_skip_type", "UniPC skip type")):
+        if name in fields:
+            settings[key] = fields[name]
+    if "UniPC order" in fields:
+        settings["unipc_order"] = _number(fields, "UniPC order", int)
+    if "UniPC lower order final" in fields:
+        settings["unipc_lower_order_final"] = fields["UniPC lower order final"] == "True"
+    return settings
 
 
 def _embedding_hashes(fields: dict[str, str]) -> dict[str, dict[str, str]]:

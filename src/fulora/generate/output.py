@@ -96,7 +96,7 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
     settings["ENSD"] = cfg.eta_noise_seed_delta or None
     settings["Eta"] = f"{cfg.eta_ancestral:g}" if cfg.eta_ancestral != 1 else None
     settings["Eta DDIM"] = f"{cfg.eta_ddim:g}" if cfg.eta_ddim else None
-    settings |= _a1111_sigma_options(cfg) | _a1111_churn(cfg)
+    settings |= _a1111_sigma_options(cfg) | _a1111_churn(cfg) | _a1111_unipc(cfg)
     # The noise source (fulora.generate.noise) by A1111's name; its default, GPU, is unwritten
     # (A1111 reads a missing RNG as GPU, and would start the CPU's images from other noise).
     settings["RNG"] = A1111_RNG_NAMES[cfg.rng] if cfg.rng != A1111_DEFAULT_RNG else None
@@ -147,6 +147,15 @@ def _a1111_sigma_options(cfg: GenerateConfig) -> dict[str, Any]:
     fields["Noise Schedule"] = "Zero Terminal SNR" if cfg.zero_terminal_snr else None
     fields["SGM noise multiplier"] = True if cfg.sgm_noise_multiplier else None
     return fields
+
+
+def _a1111_unipc(cfg: GenerateConfig) -> dict[str, Any]:
+    """A1111's UniPC fields where not its defaults (as its versions before v1.6 wrote them)."""
+    values = {"UniPC variant": (cfg.unipc_variant, "bh1")}
+    values |= {"UniPC skip type": (cfg.unipc_skip_type, "time_uniform")}
+    values |= {"UniPC order": (cfg.unipc_order, 3)}
+    values |= {"UniPC lower order final": (cfg.unipc_lower_order_final, True)}
+    return {name: v if v != default else None for name, (v, default) in values.items()}
 
 
 def _a1111_churn(cfg: GenerateConfig) -> dict[str, Any]:
@@ -284,6 +293,11 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "sigma_tmin": cfg.sigma_tmin,
         "sigma_tmax": cfg.sigma_tmax,
         "sigma_noise": cfg.sigma_noise,
+        "unipc_variant": cfg.unipc_variant,
+        "unipc_skip_type": cfg.unipc_skip_type,
+        "unipc_order": cfg.unipc_order,
+        "unipc_lower_order_final": cfg.unipc_lower_order_final,
+        "unipc_legacy_steps": cfg.unipc_legacy_steps,
         "skip_early_cfg": cfg.skip_early_cfg,
         "ngms": cfg.ngms,
         "ngms_all_steps": cfg.ngms_all_steps,

@@ -450,6 +450,8 @@ def _sampler_that_made(record: dict[str, Any]) -> str | None:
     named = resolve_sampler(record["sampler"])
     if "scheduler" not in record:
         return _DIFFUSERS_UNTIL_SESSION_24.get(named, named)
+    if named == "unipc" and record["scheduler"] == "UniPCMultistepScheduler":
+        return "unipc_diffusers"  # diffusers' own UniPC made it, fulora's until session 32
     return named
 
 
@@ -610,8 +612,9 @@ def _load_generator(cfg, resolved, device, dtype):
     # A1111 encodes the empty prompt that pads a side as it loads the model, without the LoRA
     empty = empty_prompt(pipe, resolved.clip_skip, "cpu") if cfg.pad_conds == "on" else None
     lora = _PlaneLora(pipe, cfg, resolved)
-    schedule, churn = cfg.sigma_schedule(), cfg.churn()
-    pipe.scheduler = make_scheduler(resolved.sampler, pipe.scheduler.config, schedule, churn)
+    schedule, churn, unipc = cfg.sigma_schedule(), cfg.churn(), cfg.unipc_options()
+    config = pipe.scheduler.config
+    pipe.scheduler = make_scheduler(resolved.sampler, config, schedule, churn, unipc)
     pipe.to(device)
     apply_speedups(pipe, cfg, device)
     embeddings = {}

@@ -10,9 +10,11 @@ documents for it, configured the way AUTOMATIC1111 runs it:
   (``fulora.generate.a1111_schedulers``): no configuration of diffusers' own gives its start
   (the noise times sqrt(1 - alpha_bar) at the top, not times 1), its fractional timesteps, or
   (without Karras) its spacing;
-* UniPC runs AUTOMATIC1111's defaults (``uni_pc_variant: bh1``, ``uni_pc_order: 3``,
-  ``uni_pc_skip_type: time_uniform`` in its ``shared_options.py``), ending where its sampler
-  ends, at the last training timestep (``final_sigmas_type="sigma_min"``);
+* UniPC is diffusers' UniPC steps at AUTOMATIC1111's times (``fulora.generate.a1111_schedulers``:
+  its continuous-time schedule, fractional timesteps, and since its v1.6 one step more than
+  asked at 30 steps), at its defaults (``uni_pc_variant: bh1``, ``uni_pc_order: 3``,
+  ``uni_pc_skip_type: time_uniform`` in its ``shared_options.py``) or its other settings
+  (:class:`UniPCOptions`), ending where its sampler ends, at the last training timestep;
 * DDIM and PLMS are AUTOMATIC1111's own (v1.6+), on its timestep grid, which no diffusers
   configuration gives (``fulora.generate.a1111_schedulers``): 30 steps evaluate the model at
   991, 958, ..., 34 and end at timestep 1; 20 steps evaluate it 19 times.
@@ -30,18 +32,19 @@ diffusers' Euler adds its churn's noise after the model has run at the step's si
 Until session 24 ``DPM++ 2M Karras`` (the default), ``DPM++ 2M``, ``DDIM`` and ``PLMS`` were
 diffusers' own schedulers, configured as near A1111's as they go; they stay, as
 ``dpmpp_2m_karras_diffusers``, ``dpmpp_2m_diffusers``, ``ddim_diffusers`` and ``pndm``, for
-runs made with them (``generate`` refuses to finish such a run with A1111's).
+runs made with them (``generate`` refuses to finish such a run with A1111's). So does
+diffusers' own UniPC, fulora's until session 32, as ``unipc_diffusers``.
 
 ``tests/test_parity.py`` runs each against AUTOMATIC1111's own code on an analytic model
 (relative L2 of the result): Euler, Heun, LMS (Karras too) and DPM++ 2M (Karras too) against
 k-diffusion's samplers, within 5e-7; Euler a too (2e-6, fp32), with each image's step noise
 drawn from its own generator as ``generate`` passes them (and with NV noise, ENSD and other
-etas, fed to the scheduler); UniPC against A1111's own UniPC
-(6e-5, fp32); DDIM and PLMS against A1111's own functions (20, 27 and 30 steps: within 3e-10 in
-float64, the precision of the recorded answers; DDIM at eta 0.5 and 1, 5.1e-7 and 2.9e-7
-away). diffusers' own DPM-Solver is 2.0e-3 (Karras) and 3.3e-3 away, its DDIM and PNDM 15%
-at 30 steps. Until session 22 UniPC ended at sigma zero, where diffusers' bh1 update divides
-by infinity: every UniPC image was NaN.
+etas, fed to the scheduler); UniPC against A1111's own UniPC (3e-7, fp32; diffusers' own 6e-5
+from A1111's before v1.6, 8e-5 from v1.6's at 30 steps); DDIM and PLMS against A1111's own
+functions (20, 27 and 30 steps: within 3e-10 in float64, the precision of the recorded answers;
+DDIM at eta 0.5 and 1, 5.1e-7 and 2.9e-7 away). diffusers' own DPM-Solver is 2.0e-3 (Karras)
+and 3.3e-3 away, its DDIM and PNDM 15% at 30 steps. Until session 22 UniPC ended at sigma zero,
+where diffusers' bh1 update divides by infinity: every UniPC image was NaN.
 
 The FU-LoRA repository's figure of synthetic images shows rows made with Euler and UniPC; the
 paper does not say which sampler made its released 5,000 images.
@@ -55,6 +58,9 @@ from typing import Any
 from fulora.errors import ConfigError
 
 _LINSPACE = {"timestep_spacing": "linspace"}
+# A1111's UniPC defaults (its shared_options.py: uni_pc_variant bh1, uni_pc_order 3,
+# uni_pc_lower_order_final), ending at the last training timestep's noise level
+_UNIPC = {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min", **_LINSPACE}
 
 # name -> (diffusers scheduler class name, extra config, AUTOMATIC1111 display name)
 SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -71,13 +77,9 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "LMS Karras"),
     "ddim": ("A1111DDIMScheduler", {}, "DDIM"),
     "plms": ("A1111PLMSScheduler", {}, "PLMS"),
-    "unipc": (
-        "UniPCMultistepScheduler",
-        # A1111's UniPC stops at the last training timestep (t_0 = 1/N, not denoised to zero).
-        # diffusers' default final sigma, zero, is also a NaN in every image with bh1.
-        {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min", **_LINSPACE},
-        "UniPC",
-    ),
+    # A1111's UniPC stops at the last training timestep (t_0 = 1/N, not denoised to zero).
+    # diffusers' default final sigma, zero, is also a NaN in every image with bh1.
+    "unipc": ("A1111UniPCScheduler", dict(_UNIPC), "UniPC"),
     # diffusers' own, configured as near A1111's as they go: fulora's until session 24
     "dpmpp_2m_karras_diffusers": (
         "DPMSolverMultistepScheduler",
@@ -91,6 +93,8 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     ),
     "ddim_diffusers": ("DDIMScheduler", {}, "DDIM (diffusers)"),
     "pndm": ("PNDMScheduler", {}, "PNDM (diffusers)"),
+    # diffusers' own UniPC on its rounded timesteps: fulora's until session 32
+    "unipc_diffusers": ("UniPCMultistepScheduler", dict(_UNIPC), "UniPC (diffusers)"),
 }
 
 # A1111's k-diffusion samplers that fulora steps itself (fulora.generate.kdiffusion_schedulers),
@@ -119,7 +123,8 @@ for _plain, (_cls, _label, _kinds) in _KDIFFUSION.items():
     for _kind in _kinds:
         SCHEDULE_VARIANTS[(_plain, _kind)] = f"{_plain}_{_kind}"
         SAMPLERS[f"{_plain}_{_kind}"] = (_cls, {}, f"{_label} {_kind.capitalize()}")
-for _own in ("dpmpp_2m_karras_diffusers", "dpmpp_2m_diffusers", "ddim_diffusers", "pndm"):
+_DIFFUSERS_OWN = ("dpmpp_2m_karras_diffusers", "dpmpp_2m_diffusers", "ddim_diffusers", "pndm")
+for _own in (*_DIFFUSERS_OWN, "unipc_diffusers"):
     SAMPLERS[_own] = SAMPLERS.pop(_own)  # diffusers' own last
 # A1111 v1.9+ runs these on the type given unless a "Schedule type" names another (its
 # samplers' option "scheduler"); before v1.9 and for the others, on uniform sigmas
@@ -299,6 +304,21 @@ class Churn:
     noise: float = 1.0
 
 
+@dataclass(frozen=True)
+class UniPCOptions:
+    """A1111's UniPC settings ("UniPC variant", "skip type", "order", "lower order final").
+
+    ``legacy_steps``: ``steps`` UniPC steps, as A1111 before v1.6 took them; since v1.6 it
+    takes as many as its DDIM grid has points (31 for 30).
+    """
+
+    variant: str = "bh1"
+    skip_type: str = "time_uniform"
+    order: int = 3
+    lower_order_final: bool = True
+    legacy_steps: bool = False
+
+
 # The scheduler class that takes a schedule type's sigmas, for each k-diffusion sampler's
 _ON_SCHEDULE_TYPE = {
     "EulerDiscreteScheduler": "A1111EulerScheduler",
@@ -317,6 +337,7 @@ def make_scheduler(
     base_config: dict[str, Any],
     schedule: SigmaSchedule | None = None,
     churn: Churn | None = None,
+    unipc: UniPCOptions | None = None,
 ):
     """A diffusers scheduler for sampler ``name``, built from the model's scheduler config.
 
@@ -327,6 +348,7 @@ def make_scheduler(
             scheduler's own.
         churn: A1111's churn and sigma noise (``GenerateConfig.churn``); None: A1111's
             defaults (none, and the step noise as drawn).
+        unipc: A1111's UniPC settings (``GenerateConfig.unipc_options``); None: its defaults.
     """
     import diffusers
 
@@ -344,9 +366,14 @@ def make_scheduler(
     modules = (a1111_schedulers, kdiffusion_schedulers)
     found = (getattr(module, cls_name, None) for module in modules)
     cls = next((c for c in found if c is not None), None) or getattr(diffusers, cls_name)
+    if unipc is not None and cls is a1111_schedulers.A1111UniPCScheduler:
+        extra = {**extra, "solver_type": unipc.variant, "solver_order": unipc.order}
+        extra["lower_order_final"] = unipc.lower_order_final
     scheduler = cls.from_config(base_config, **extra)
     if schedule is not None:
         scheduler.sigma_schedule = schedule
+    if unipc is not None and cls is a1111_schedulers.A1111UniPCScheduler:
+        scheduler.skip_type, scheduler.legacy_steps = unipc.skip_type, unipc.legacy_steps
     if churn is not None and isinstance(scheduler, kdiffusion_schedulers.KDiffusionScheduler):
         scheduler.s_churn, scheduler.s_tmin = churn.churn, churn.tmin
         scheduler.s_tmax, scheduler.s_noise = churn.tmax, churn.noise
