@@ -241,12 +241,17 @@ class A1111DDIMScheduler(DDIMScheduler):
     step_noise = None
     eta = 0.0
     eta_setting: str | None = "eta_ddim"  # the generate setting that gives eta
-    #: A1111's alpha_bar options (``SigmaSchedule.downcast``, ``zero_terminal_snr``); None: off
+    #: A1111's alpha_bar options (``SigmaSchedule.downcast``, ``zero_terminal_snr``) and its
+    #: "Discard penultimate sigma" (a grid of a step more); None: off
     sigma_schedule = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        """The timesteps the model runs at (the pipeline's loop), and each step's target."""
-        grid = a1111_timesteps(num_inference_steps, self.config.num_train_timesteps)
+        """The timesteps the model runs at (the pipeline's loop), and each step's target.
+
+        With A1111's "Discard penultimate sigma" its grid is that of a step more.
+        """
+        discard = bool(self.sigma_schedule and self.sigma_schedule.discard_penultimate)
+        grid = a1111_timesteps(num_inference_steps + discard, self.config.num_train_timesteps)
         self._bars = a1111_alpha_bars(self.alphas_cumprod, *alpha_bar_options(self.sigma_schedule))
         self.num_inference_steps = num_inference_steps
         # (from, to) per step, top down; a list, since a clipped grid repeats a timestep

@@ -194,7 +194,7 @@ class GenerateConfig(Checked):
         """A schedule type the sampler steps on; each option only where it changes the sigmas."""
         self._check_alpha_bar()
         options = self._schedule_options()
-        if resolve_sampler(self.sampler) == "unipc":  # its grid takes a step more, as A1111's
+        if resolve_sampler(self.sampler) in ("ddim", "plms", "unipc"):  # a grid of a step more
             options = [key for key in options if key != "discard_penultimate_sigma"]
         if options:
             self._refuse_off_k_diffusion(options[0], "changes the sigmas")
