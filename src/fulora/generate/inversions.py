@@ -110,7 +110,8 @@ def load_textual_inversions(paths: list[str], tokenizer, hidden_size: int) -> Te
     by_name = {}
     for file in embedding_files(paths):
         vectors = read_embedding(file)
-        if vectors.shape[-1] != hidden_size or not 1 <= len(vectors) <= CHUNK_TOKENS:
+        shaped = vectors.dim() == 2 and vectors.shape[-1] == hidden_size
+        if not shaped or not 1 <= len(vectors) <= CHUNK_TOKENS:
             raise DataError(
                 f"{file}: its embedding is {tuple(vectors.shape)} (vectors x width), and this "
                 f"model's text encoder takes 1 to {CHUNK_TOKENS} vectors of {hidden_size}: give "
