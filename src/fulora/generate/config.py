@@ -328,9 +328,9 @@ class GenerateConfig(Checked):
             "texts of its versions before v1.7.0-225"
         }
         names["zero_terminal_snr"] = "Noise Schedule: Zero Terminal SNR"
+        timestep_samplers = ("ddim", "plms", "unipc")  # A1111's own, on its timestep grid
+        runs = own_schedule(self.sampler) or resolve_sampler(self.sampler) in timestep_samplers
         for key, name in names.items():
-            timestep_samplers = ("ddim", "plms", "unipc")
-            runs = own_schedule(self.sampler) or resolve_sampler(self.sampler) in timestep_samplers
             if getattr(self, key) and not runs:
                 raise ConfigError(
                     f"{key}: true (A1111's {name}) is run for A1111's samplers, and "
