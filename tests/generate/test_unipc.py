@@ -19,10 +19,9 @@ from fulora.lora.tiny import sd15_scheduler
 
 _REFERENCE = Path(__file__).parents[1] / "reference"
 RECORDED = json.loads((_REFERENCE / "a1111_unipc.json").read_text())
-# Relative L2 from A1111's result (fp32): measured at most 3.1e-7, but 1.2e-5 at order 5,
-# whose linear solve rounds otherwise in diffusers' steps
-GAP = {5: 3e-5}
-_RUN = sorted(k for k, case in RECORDED["cases"].items() if case["variant"] != "vary_coeff")
+# Relative L2 from A1111's result (fp32): measured at most 5.6e-7, but 1.2e-5 and 2.3e-5 at
+# orders 5 and 4, whose linear solves amplify the rounding of each estimate's log-SNR ratio
+GAP = {4: 5e-5, 5: 5e-5}
 
 
 def _toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -62,9 +61,9 @@ def _gap(x: torch.Tensor, recorded: list[float]) -> float:
     return float((x.flatten() - expected).norm() / expected.norm())
 
 
-@pytest.mark.parametrize("key", _RUN)
+@pytest.mark.parametrize("key", sorted(RECORDED["cases"]))
 def test_unipc_is_automatic1111s(key):
-    """Each case (10 to 30 steps, bh1 and bh2, the three skip types, orders 1, 2, 3 and 5,
+    """Each case (10 to 30 steps, bh1, bh2 and vary_coeff, the three skip types, orders 1 to 5,
     lower order final off, "Discard penultimate sigma"): the model called at A1111's
     fractional timesteps, as many times (31 for 30 steps, 28 for 27, 32 with the discard),
     and the result within 1e-6."""
@@ -121,7 +120,6 @@ def test_diffusers_own_unipc_is_not_a1111s():
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"unipc_variant": "vary_coeff"}, "fulora does not step"),
         ({"unipc_order": 5, "steps": 4}, "needs 5 UniPC steps or more"),
         ({"steps": 2}, "unipc_order 3 needs 3 UniPC steps"),
         ({"steps": 1001}, "at most 1000"),

@@ -362,7 +362,9 @@ class A1111UniPCScheduler(UniPCMultistepScheduler):
     log-SNR), the model run at the fractional timestep (t - 1/N) N (999, 966.77, ... for 31
     steps), the last step ending at timestep 0's noise level. diffusers' UniPC takes the same
     B(h) predictor-corrector steps (its "UniPC variant" bh1 or bh2, order, lower order final)
-    on rounded timesteps and its own sigmas: this gives it A1111's.
+    on rounded timesteps and its own sigmas: this gives it A1111's, and A1111's third variant,
+    vary_coeff (:meth:`_vary_coeff_update`; A1111's own fails on it for a batch of more than
+    one image, whose log-SNR ratios it turns into one tensor).
 
     Since v1.6 A1111 runs UniPC for as many steps as its DDIM grid has points
     (``len(range(0, N, N // steps))``: 31 for 30 steps, 28 for 27; one more step with
@@ -371,6 +373,7 @@ class A1111UniPCScheduler(UniPCMultistepScheduler):
 
     skip_type = "time_uniform"  # A1111's uni_pc_skip_type: time_uniform, time_quadratic, logSNR
     legacy_steps = False  # A1111 before v1.6: ``steps`` UniPC steps
+    vary_coeff = False  # A1111's "UniPC variant" vary_coeff (:meth:`_vary_coeff_update`)
     #: A1111's "Discard penultimate sigma" (a grid of steps + 1) and alpha_bar options
     #: (``SigmaSchedule``: downcast, zero terminal SNR); None: off
     sigma_schedule = None
@@ -430,6 +433,70 @@ class A1111UniPCScheduler(UniPCMultistepScheduler):
         log_alpha = -0.5 * torch.logaddexp(torch.zeros(1), -2.0 * half_log_snr)
         times, log_alphas = self._grid()
         return _piecewise_linear(log_alpha, log_alphas.flip(0), times.flip(0))
+
+    def multistep_uni_p_bh_update(self, model_output, *args, sample=None, order=None, **kwargs):
+        """The B(h) predictor (diffusers'), or with ``vary_coeff`` A1111's vary_coeff one."""
+        if not self.vary_coeff:
+            return super().multistep_uni_p_bh_update(
+                model_output, *args, sample=sample, order=order, **kwargs
+            )
+        return self._vary_coeff_update(sample, None, self.step_index, order)
+
+    def multistep_uni_c_bh_update(
+        self, this_model_output, *args, last_sample=None, this_sample=None, order=None, **kwargs
+    ):
+        """The B(h) corrector (diffusers'), or with ``vary_coeff`` A1111's vary_coeff one."""
+        if not self.vary_coeff:
+            return super().multistep_uni_c_bh_update(
+                this_model_output,
+                *args,
+                last_sample=last_sample,
+                this_sample=this_sample,
+                order=order,
+                **kwargs,
+            )
+        return self._vary_coeff_update(last_sample, this_model_output, self.step_index - 1, order)
+
+    def _vary_coeff_update(self, x, model_t, start: int, order: int) -> torch.Tensor:
+        """UniPC's varying-coefficient step (A1111's ``multistep_uni_pc_vary_update``, x0 form).
+
+        From sigma index ``start`` to the next, on the last ``order`` estimates: the predictor,
+        or with the model's estimate at the end (``model_t``) the corrector. Its coefficients
+        come from the inverse of the matrix of each earlier estimate's log-SNR ratio r_k raised
+        to the powers 0, 1, ... over their factorials.
+        """
+        device = x.device
+
+        def half_log_snr(index: int) -> torch.Tensor:
+            alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[index].to(device))
+            return torch.log(alpha) - torch.log(sigma)
+
+        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(self.sigmas[start + 1].to(device))
+        sigma_s0 = self._sigma_to_alpha_sigma_t(self.sigmas[start].to(device))[1]
+        h = half_log_snr(start + 1) - half_log_snr(start)
+        m0 = self.model_outputs[-1]
+        ratios = [(half_log_snr(start - i) - half_log_snr(start)) / h for i in range(1, order)]
+        diffs = [(self.model_outputs[-(i + 1)] - m0) / r for i, r in enumerate(ratios, 1)]
+        rks = torch.stack([*ratios, torch.ones((), device=device)])
+        columns, column = [], torch.ones_like(rks)
+        for k in range(1, len(rks) + 1):
+            columns.append(column)
+            column = column * rks / (k + 1)
+        matrix = torch.stack(columns, dim=1)
+        phis, phi, factorial = [], torch.expm1(-h), 1  # h phi_k(h) of -h, k = 1, 2, ...
+        for k in range(1, len(rks) + 2):
+            phis.append(phi)
+            phi, factorial = phi / -h - 1 / factorial, factorial * (k + 1)
+        x_t = sigma_t / sigma_s0 * x - alpha_t * phis[0] * m0
+        inverse = torch.linalg.inv(matrix if model_t is not None else matrix[:-1, :-1])
+        for k in range(len(rks) - 1):
+            weights = inverse[k][:-1] if model_t is not None else inverse[k]
+            residual = torch.einsum("bkc...,k->bc...", torch.stack(diffs, dim=1), weights)
+            x_t = x_t - alpha_t * phis[k + 1] * residual
+        if model_t is not None:  # A1111 weighs it with the last row its loop reached
+            last = inverse[max(len(rks) - 2, 0)][-1]
+            x_t = x_t - alpha_t * phis[len(rks)] * ((model_t - m0) * last)
+        return x_t
 
 
 def _piecewise_linear(x: torch.Tensor, xp: torch.Tensor, yp: torch.Tensor) -> torch.Tensor:

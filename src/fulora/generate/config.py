@@ -244,7 +244,7 @@ class GenerateConfig(Checked):
         return None if options == UniPCOptions() else options
 
     def _check_unipc(self) -> None:
-        """UniPC's settings with UniPC only; a variant fulora runs; an order below its steps."""
+        """UniPC's settings with UniPC only; an order its steps allow."""
         sampler = resolve_sampler(self.sampler)
         fields = self.__dataclass_fields__
         changed = [k for k in _UNIPC_KEYS if getattr(self, k) != fields[k].default]
@@ -256,11 +256,6 @@ class GenerateConfig(Checked):
             )
         if sampler != "unipc":
             return
-        if self.unipc_variant == "vary_coeff":
-            raise ConfigError(
-                "unipc_variant: vary_coeff is A1111's UniPC with varying coefficients, which "
-                "fulora does not step (it runs UniPC's B(h) updates): choose bh1 or bh2"
-            )
         steps = self.steps if self.unipc_legacy_steps else _unipc_steps(self)
         if not steps:
             raise ConfigError(
@@ -563,7 +558,7 @@ class GenerateConfig(Checked):
     # A1111's "Sigma noise" (s_noise): the churn's noise times this, and the step noise of DPM
     # fast, DPM2 a, DPM++ 2S a and the SDE samplers (1: as drawn, A1111's default)
     sigma_noise: float = 1.0
-    # A1111's UniPC settings: "UniPC variant" (bh1, bh2; its vary_coeff is refused), "UniPC
+    # A1111's UniPC settings: "UniPC variant" (bh1, bh2, vary_coeff), "UniPC
     # skip type" (its times spaced evenly: time_uniform, in sqrt(t): time_quadratic, or in
     # log-SNR: logSNR), "UniPC order" and "UniPC lower order final"
     unipc_variant: Literal["bh1", "bh2", "vary_coeff"] = "bh1"

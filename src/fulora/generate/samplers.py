@@ -367,13 +367,15 @@ def make_scheduler(
     found = (getattr(module, cls_name, None) for module in modules)
     cls = next((c for c in found if c is not None), None) or getattr(diffusers, cls_name)
     if unipc is not None and cls is a1111_schedulers.A1111UniPCScheduler:
-        extra = {**extra, "solver_type": unipc.variant, "solver_order": unipc.order}
+        solver = "bh1" if unipc.variant == "vary_coeff" else unipc.variant  # stepped apart
+        extra = {**extra, "solver_type": solver, "solver_order": unipc.order}
         extra["lower_order_final"] = unipc.lower_order_final
     scheduler = cls.from_config(base_config, **extra)
     if schedule is not None:
         scheduler.sigma_schedule = schedule
     if unipc is not None and cls is a1111_schedulers.A1111UniPCScheduler:
         scheduler.skip_type, scheduler.legacy_steps = unipc.skip_type, unipc.legacy_steps
+        scheduler.vary_coeff = unipc.variant == "vary_coeff"
     if churn is not None and isinstance(scheduler, kdiffusion_schedulers.KDiffusionScheduler):
         scheduler.s_churn, scheduler.s_tmin = churn.churn, churn.tmin
         scheduler.s_tmax, scheduler.s_noise = churn.tmax, churn.noise
