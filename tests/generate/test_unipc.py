@@ -152,7 +152,24 @@ def test_a1111_unipc_texts_are_read_as_their_version_ran_them():
     )
     assert read["unipc_legacy_steps"] and not read["unipc_lower_order_final"]
     assert read["downcast_alphas_cumprod"]  # as A1111 reads every text before v1.7.0-225
+    assert read["pad_conds"] == "v0"  # its UniPC padded the shorter side so before v1.6
     GenerateConfig(base="unused", **{k: v for k, v in read.items() if k != "per_class"})
+
+
+def test_ddim_and_plms_texts_before_v16_are_refused():
+    """A1111 before v1.6 ran DDIM and PLMS as CompVis's samplers (every point of its grid,
+    the last step to timestep 0): not the v1.6 ones fulora runs, so such a text is refused
+    rather than remade otherwise; v1.6's are read."""
+    from fulora.generate.infotext import generate_settings, read_a1111_parameters
+
+    text = "fetal brain\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64"
+    for version, refused in (("v1.5.2", True), ("v1.6.0", False)):
+        parameters = read_a1111_parameters(f"{text}, Version: {version}")
+        if refused:
+            with pytest.raises(ConfigError, match="v1.5.2, whose DDIM was CompVis's sampler"):
+                generate_settings(parameters, "brain")
+        else:
+            assert generate_settings(parameters, "brain")["sampler"] == "ddim"
 
 
 def test_unipc_settings_are_written_as_a1111_wrote_them(tiny_model, tmp_path):

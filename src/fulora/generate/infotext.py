@@ -226,6 +226,14 @@ def _sampler_settings(fields: dict[str, str]) -> dict[str, Any]:
     own sigmas whatever they say (Uniform, ...): there they are left out.
     """
     sampler, kind = a1111_sampler(fields)
+    version = fields.get("Version", "")
+    if sampler in ("ddim", "plms") and _version(version) < (1, 6):
+        raise ConfigError(
+            f"the A1111 settings are of its {version}, whose {fields['Sampler']} was CompVis's "
+            "sampler (every point of its grid run, the last step to timestep 0, some step "
+            "counts moved), not the v1.6+ one fulora runs: give the settings without --a1111 "
+            "to make v1.6's image"
+        )
     settings: dict[str, Any] = {"sampler": sampler, "schedule_type": kind}
     numbers = {"beta_schedule_alpha": "Beta schedule alpha"}
     numbers |= {"beta_schedule_beta": "Beta schedule beta", "schedule_rho": "Schedule rho"}
@@ -283,8 +291,10 @@ def _negative_pass(fields: dict[str, str]) -> dict[str, Any]:
     skips["ngms_all_steps"] = fields.get("NGMS all steps") == "True"
     # A1111 pads as the v0 setting says if it is on, else as "Pad prompt/negative prompt"
     padded = {"v0": fields.get("Pad conds v0"), "on": fields.get("Pad conds")}
-    if fields.get("Sampler") in ("DDIM", "PLMS") and _version(fields.get("Version", "")) < (1, 6):
-        padded["v0"] = "True"  # as A1111's backcompat reads a text from before v1.6.0
+    if a1111_sampler(fields)[0] == "unipc" and _version(fields.get("Version", "")) < (1, 6):
+        # as A1111 before v1.6 padded UniPC's sides (its backcompat says so for DDIM and PLMS
+        # only, whose texts of those versions fulora refuses)
+        padded["v0"] = "True"
     skips["pad_conds"] = next((mode for mode, on in padded.items() if on == "True"), "off")
     return skips
 
