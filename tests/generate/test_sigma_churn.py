@@ -126,6 +126,7 @@ def _generate(tiny_model, out, **settings):
 
     common = dict(planes=["brain"], per_class=2, batch_size=2, steps=5, width=64, height=48)
     common |= dict(seed=5, seed_scheme="consecutive", device="cpu", contact_sheet=0)
+    common |= {"dtype": "fp32"} if settings.get("device") == "cuda" else {}
     generate(out, GenerateConfig(base=str(tiny_model), **(common | settings)), progress=False)
     return {p.name: np.asarray(Image.open(p)) for p in sorted((out / "brain").glob("*.png"))}
 
@@ -172,3 +173,17 @@ def test_a1111_sigma_fields_are_read():
     read = generate_settings(read_a1111_parameters(text), "brain")
     assert (read["sigma_churn"], read["sigma_tmin"], read["sigma_tmax"]) == (1.0, 0.2, 10.0)
     GenerateConfig(base="unused", **{k: v for k, v in read.items() if k != "per_class"})
+
+
+@pytest.mark.gpu
+def test_churned_images_are_each_images_own_on_cuda(tiny_model, tmp_path):
+    """On CUDA (fp32) the churn's noise is each image's own, as on the CPU: Heun's churned
+    images alone and in a batch within 1 grey level; in fp16 they are finite."""
+    settings = dict(sampler="Heun", sigma_churn=4.0, device="cuda", rng="gpu")
+    runs = {size: _generate(tiny_model, tmp_path / str(size), batch_size=size, **settings)
+            for size in (1, 2)}  # fmt: skip
+    assert runs[1].keys() == runs[2].keys() and len(runs[1]) == 2
+    for key, pixels in runs[1].items():
+        assert np.abs(pixels.astype(int) - runs[2][key].astype(int)).max() <= 1
+    half = _generate(tiny_model, tmp_path / "fp16", dtype="fp16", **settings)
+    assert all(pixels.std() > 0 for pixels in half.values())

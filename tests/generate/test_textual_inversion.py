@@ -226,3 +226,25 @@ def test_embeddings_make_their_images_and_are_written_as_a1111_writes_them(tiny_
     _save(grain, _vectors(2, 8, width=32))  # the file changed, its path and settings not
     with pytest.raises(ConfigError, match="other textual-inversion embeddings"):
         made(tmp_path / "embedded", embeddings=[str(folder)])
+
+
+@pytest.mark.gpu
+def test_embeddings_are_put_in_place_on_cuda_in_fp16(tiny_model, tmp_path):
+    """On CUDA in fp16 the embedding's vectors, read in fp32, are cast to the text encoder's
+    dtype where they go: the images are finite and not the plain prompt's."""
+    from fulora.generate.run import generate
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    _save(folder / "grain.safetensors", _vectors(2, 3, width=32) * 3)
+    common = dict(planes=["brain"], per_class=2, batch_size=2, steps=4, width=64, height=48)
+    common |= dict(seed=5, device="cuda", dtype="fp16", rng="gpu", contact_sheet=0)
+    common |= dict(prompts={"brain": "fetal brain, grain"})
+    images = {}
+    for name, settings in (("plain", {}), ("embedded", {"embeddings": [str(folder)]})):
+        cfg = GenerateConfig(base=str(tiny_model), **(common | settings))
+        generate(tmp_path / name, cfg, progress=False)
+        images[name] = [np.asarray(Image.open(p)) for p in sorted((tmp_path / name).rglob("*.png"))]
+    for plain, embedded in zip(images["plain"], images["embedded"], strict=True):
+        assert embedded.std() > 0
+        assert np.abs(embedded.astype(int) - plain.astype(int)).mean() > 0.5

@@ -204,3 +204,20 @@ def test_a_run_made_with_diffusers_unipc_is_finished_with_it():
     old = {"sampler": "unipc", "scheduler": "UniPCMultistepScheduler"}
     assert _sampler_that_made(old) == "unipc_diffusers"
     assert _sampler_that_made({"sampler": "unipc", "scheduler": "A1111UniPCScheduler"}) == "unipc"
+
+
+@pytest.mark.gpu
+def test_unipc_variants_run_on_cuda_in_fp16(tiny_model, tmp_path):
+    """On CUDA in fp16 each UniPC variant (its schedule and solves computed in fp32 on the
+    CPU, the steps on the GPU) makes finite images, as A1111 v1.6+ steps them."""
+    import numpy as np
+
+    from fulora.generate.run import generate
+
+    common = dict(planes=["brain"], per_class=2, steps=8, width=64, height=48, sampler="UniPC")
+    common |= dict(seed=5, device="cuda", dtype="fp16", rng="gpu", contact_sheet=0)
+    for variant in ("bh1", "bh2", "vary_coeff"):
+        cfg = GenerateConfig(base=str(tiny_model), **common, unipc_variant=variant)
+        generate(tmp_path / variant, cfg, progress=False)
+        for path in sorted((tmp_path / variant).rglob("*.png")):
+            assert np.asarray(Image.open(path)).std() > 0, (variant, path)
