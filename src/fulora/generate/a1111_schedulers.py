@@ -383,9 +383,8 @@ class A1111UniPCScheduler(UniPCMultistepScheduler):
         if self.legacy_steps:
             return steps
         steps += 1 if self.sigma_schedule and self.sigma_schedule.discard_penultimate else 0
-        return len(
-            range(0, self.config.num_train_timesteps, self.config.num_train_timesteps // steps)
-        )
+        total = self.config.num_train_timesteps
+        return len(range(0, total, total // steps))
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """The solver's state for A1111's number of steps, then A1111's times and sigmas."""
