@@ -245,7 +245,6 @@ def test_images_of_diffusers_samplers_are_finished_with_them_not_with_a1111s(
         ({"prompts": {"brain": "brain <lora:x:1"}}, r"holds '<lora:'.*without its closing"),
         ({"lora": "x.safetensors", "prompts": {"brain": "<lora:x:1:0.5:8>"}}, "dynamic rank"),
         ({"lora": "x.safetensors", "prompts": {"brain": "<lora:x:1:tee=2>"}}, r"ignores \(tee\)"),
-        ({"prompts": {"brain": "fetal brain # the HC plane"}}, r"holds '#'.*a comment"),
         ({"prompts": {"brain": "fetal (brain: 1.3)"}}, r"holds ': 1.3\)'.*newer versions"),
         ({"prompts": {"brain": "fetal (brain:1.3.1)"}}, r"holds ':1.3.1\)'.*not a number"),
         ({"prompts": {"brain": "fetal\\brain"}}, r"holds '\\\\b'.*backslash"),
@@ -254,8 +253,6 @@ def test_images_of_diffusers_samplers_are_finished_with_them_not_with_a1111s(
         # AND and a part's weight combine with the negative prompt's prediction
         ({"prompts": {"brain": "fetal AND brain"}, "guidance": 1.0}, r"AND.*guidance.* above 1"),
         ({"prompts": {"brain": "fetal brain:1.5"}, "guidance": 0.0}, r"AND.*guidance.* above 1"),
-        # read as text in emphasis none, but newer A1111 still strips comments
-        ({"prompts": {"brain": "(fetal) # brain"}, "emphasis": "none"}, r"holds '#'"),
         ({"emphasis": "No norm"}, r"emphasis"),
     ],
 )
@@ -285,10 +282,63 @@ def test_prompt_syntax_that_fulora_cannot_run_as_a1111_does_is_refused(
         {"prompts": {"brain": "(fetal BREAK brain: 1.3)\\x"}, "emphasis": "none"},
         # the LoRA's file is read in the plan: here, the tags alone
         {"lora": "x.safetensors", "prompts": {"brain": "fetal [brain:<lora:x:0.5:te=1>:2]"}},
+        # comments (A1111's "Enable comments"): left out, whatever they hold; off, text
+        {"prompts": {"brain": "fetal brain # (the HC: 1.3) <lora:"}, "emphasis": "none"},
+        {"negative_prompt": "# blurry\nnoisy", "prompts": {"brain": "(fetal) # [a:b"}},
+        {"prompts": {"brain": "fetal brain #2"}, "prompt_comments": False},
     ],
 )
 def test_prompts_a1111_reads_alike_are_accepted(tiny_model, setting):
     _cfg(tiny_model, **setting)
+
+
+# A1111's strip_comments (modules/processing_scripts/comments.py at b7f45e67), run in a scratch
+# script on each prompt: what it leaves
+A1111_STRIPPED = {
+    "fetal brain # the HC plane": "fetal brain \n",
+    "# a note\nfetal brain": "\nfetal brain",
+    "fetal brain\n# note\n# another\nfemur": "fetal brain\n\nfemur",
+    "a #b\nc #d": "a \nc \n",
+    "#": "\n",
+    "fetal (brain:1.2) #x\n<lora:x:1> y": "fetal (brain:1.2) \n<lora:x:1> y",
+    "no comment": "no comment",
+    "a\n#b\n#c": "a\n\n",
+    "a ## b": "a \n",
+}
+
+
+@pytest.mark.parametrize(("prompt", "expected"), list(A1111_STRIPPED.items()))
+def test_comments_are_stripped_as_automatic1111_strips_them(prompt, expected):
+    from fulora.generate.prompts import strip_comments
+
+    assert strip_comments(prompt) == expected
+
+
+def test_commented_prompts_make_the_stripped_prompts_images(tiny_model, tmp_path):
+    """With comments on (A1111's default) a prompt's and a negative prompt's comments change
+    no pixel, and the PNG text holds them stripped, as A1111 writes it; off, '#' is text: other
+    images, written as they are, and --a1111 reads the text back with comments off."""
+    from fulora.generate.infotext import generate_settings, read_a1111_parameters
+
+    kw = dict(planes=["brain"], per_class=1, batch_size=1, contact_sheet=0)
+    runs = {
+        "stripped": ({"brain": "fetal brain "}, "blurry\n", True),
+        "commented": ({"brain": "fetal brain # HC plane"}, "# noise\nblurry # x", True),
+        "text": ({"brain": "fetal brain # HC plane"}, "blurry", False),
+    }
+    pixels, texts = {}, {}
+    for name, (prompts, negative, comments) in runs.items():
+        cfg = _cfg(tiny_model, prompts=prompts, negative_prompt=negative, **kw)
+        cfg = replace(cfg, prompt_comments=comments)
+        generate(tmp_path / name, cfg, progress=False)
+        with Image.open(next((tmp_path / name / "brain").glob("*.png"))) as image:
+            pixels[name], texts[name] = np.asarray(image), image.text["parameters"]
+    assert np.array_equal(pixels["commented"], pixels["stripped"])
+    assert "#" not in texts["commented"] and texts["commented"].startswith("fetal brain \n")
+    assert not np.array_equal(pixels["text"], pixels["stripped"])
+    read = generate_settings(read_a1111_parameters(texts["text"]), "brain")
+    assert read["prompts"]["brain"].startswith("fetal brain # HC plane")
+    assert read["prompt_comments"] is False
 
 
 def test_the_emphasis_mode_reaches_the_prompts_encoding_and_the_png_text(tiny_model, tmp_path):

@@ -112,6 +112,7 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "sigma_tmax": 0.0,
         "sigma_noise": 1.0,
         "embeddings": [],
+        "prompt_comments": True,
         "unipc_variant": "bh1",
         "unipc_skip_type": "time_uniform",
         "unipc_order": 3,

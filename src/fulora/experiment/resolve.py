@@ -114,7 +114,7 @@ def resolve_configs(cfg: ExperimentConfig, out: Path) -> StageConfigs:
 
 
 def _check_lora_tags(gcfg: GenerateConfig, output_name: str, variant: str, source: str) -> None:
-    prompts = {plane: gcfg.prompts.get(plane, "") for plane in gcfg.planes}
+    prompts = {plane: gcfg.as_read(gcfg.prompts.get(plane, "")) for plane in gcfg.planes}
     try:
         gcfg.lora_weights(prompts, (output_name,))
     except ConfigError as err:

@@ -22,7 +22,7 @@ from fulora.config import (
 )
 from fulora.errors import ConfigError
 from fulora.generate.networks import plane_lora_weights
-from fulora.generate.prompts import check_prompt_syntax
+from fulora.generate.prompts import check_prompt_syntax, strip_comments
 from fulora.generate.samplers import (
     BROWNIAN_NOISE,
     CHURN_SAMPLERS,
@@ -138,8 +138,9 @@ class GenerateConfig(Checked):
         steps, guided = schedule_steps(resolve_sampler(self.sampler), self.steps), self.guidance > 1
         reading = self.prompt_reading
         for plane, prompt in self.prompts.items():
+            prompt = self.as_read(prompt)
             check_prompt_syntax(prompt, f"prompts.{plane}", steps, guided=guided, **reading)
-        negative = self.negative_prompt
+        negative = self.as_read(self.negative_prompt)
         check_prompt_syntax(negative, "negative_prompt", steps, negative=True, **reading)
         for key in ("width", "height"):
             value = getattr(self, key)
@@ -160,6 +161,10 @@ class GenerateConfig(Checked):
                 "fuse_qkv needs fuse_lora: true (an unfused LoRA sits on the separate q, k, v "
                 "projections that fuse_qkv replaces)"
             )
+
+    def as_read(self, prompt: str) -> str:
+        """A prompt as A1111 reads it first: without its ``#`` comments, if they are on."""
+        return strip_comments(prompt) if self.prompt_comments else prompt
 
     @property
     def prompt_reading(self) -> dict[str, Any]:
@@ -506,6 +511,9 @@ class GenerateConfig(Checked):
     # AND, <lora:name:0.8> naming the lora file); default: the LoRA's captions
     prompts: dict[str, str] = field(default_factory=dict)
     negative_prompt: str = ""  # as AUTOMATIC1111 reads it: (word:1.2), BREAK, [a:b:10], [a|b]
+    # A1111's "Enable comments" (on by default, v1.8+): from '#' to the end of a line is left out
+    # of the prompts, which the PNG text holds without them; false: '#' is text (older A1111s)
+    prompt_comments: bool = True
     # A1111's setting "Emphasis": original (its default: weighted, then rescaled to the mean),
     # no_norm (weighted only), ignore (brackets read, no weights), none (brackets, backslashes
     # and BREAK are plain text)

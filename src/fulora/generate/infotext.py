@@ -193,6 +193,8 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "planes": [plane],
         "prompts": {plane: params.prompt},
         "negative_prompt": params.negative_prompt,
+        # A1111 writes its prompts without their comments: a '#' in the text is text
+        **({"prompt_comments": False} if "#" in params.prompt + params.negative_prompt else {}),
         "steps": _number(fields, "Steps", int),
         **_sampler_settings(fields),
         "guidance": _number(fields, "CFG scale", float),

@@ -258,7 +258,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "domain": "synthetic",
         "patient": "",
         "prompt": resolved.prompts[plane],
-        "negative_prompt": cfg.negative_prompt,
+        "negative_prompt": resolved.negative_prompt,
         "seed": seed,
         "sampler": resolved.sampler,
         "scheduler": scheduler_name(resolved.sampler),

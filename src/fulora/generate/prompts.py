@@ -25,10 +25,13 @@ not read as A1111 reads it (:func:`check_prompt_syntax`):
 - textual-inversion embeddings, read alike: the name of one of the run's embeddings, found in
   a piece's tokens (:class:`EmbeddingNames`), becomes a placeholder token per vector, the
   vectors put in their place as the prompt is encoded (``fulora.generate.inversions``).
+- ``#`` comments, read alike: with A1111's "Enable comments" (``prompt_comments``, on by
+  default) from ``#`` to the end of the line is left out first (:func:`strip_comments`);
+  off, ``#`` is text.
 - refused: ``BREAK`` inside brackets is the word with a negative weight; a network in the
   negative prompt is text to A1111; ``<lora:`` without its ``>`` is text too. A weight with
-  spaces, ``(word: 1.3)``, and ``#`` are refused too: A1111's versions differ (newer ones read
-  a weight and a comment, older ones text).
+  spaces, ``(word: 1.3)``, is refused too: A1111's versions differ (newer ones read a
+  weight, older ones text).
 
 Kohya's training (without ``--weighted_captions``) reads its captions as plain text; a
 caption becomes a generation prompt read as A1111 reads it.
@@ -111,16 +114,31 @@ def check_prompt_syntax(
 
 
 def _first_network_or_comment(text: str, negative: bool) -> tuple[int, str, str] | None:
-    """(position, piece, kind) of a network A1111 reads as text, or of the first ``#``."""
+    """(position, piece, kind) of the first network A1111 reads as text."""
     closed = network_spans(text)
     found = [
         (match.start(), match.group(), "negative network" if negative else "unclosed network")
         for match in _NETWORK.finditer(text)
         if negative or not any(start <= match.start() < end for start, end in closed)
     ]
-    if "#" in text:
-        found.append((text.index("#"), "#", "comment"))
     return min(found) if found else None
+
+
+# A1111's prompt comments (its setting "Enable comments", on by default, v1.8+): from '#' to
+# the end of the line is left out, a line that is all comment with its line break
+_COMMENT_LINE = re.compile(r"(^|\n)#[^\n]*(\n|$)")
+_COMMENT = re.compile(r"#[^\n]*(\n|$)")
+
+
+def strip_comments(text: str) -> str:
+    """A prompt without its ``#`` comments, as A1111 strips them before it reads anything.
+
+    Each comment becomes a line break (a line that is all comment, with its own), which CLIP
+    reads as a space. A1111 writes the stripped prompt in its settings text, so a text holds no
+    ``#`` unless its comments were off (or its version had none): then ``#`` is text. Checked
+    against A1111's own function in ``tests/generate/test_generate.py``.
+    """
+    return _COMMENT.sub("\n", _COMMENT_LINE.sub("\n", text))
 
 
 def _refuse(what: str, shown: str, found: tuple[int, str, str]) -> None:
@@ -146,11 +164,6 @@ _UNREAD_KINDS = {  # kind: (what A1111 reads it as, what to do)
     "unclosed network": (
         "text (a network without its closing '>')",
         "close the tag, '<lora:name:0.8>', or remove it",
-    ),
-    "comment": (
-        "the start of a comment to the end of the line in newer versions (their default "
-        "setting 'Enable comments') and as text in older ones",
-        "remove the '#'",
     ),
     "spaced": (
         "a weight in newer versions and as text in older ones",

@@ -165,6 +165,7 @@ class _Plan:
     lora_weights: dict[str, tuple[float, float]] = field(default_factory=dict)
     # each textual-inversion embedding file's name -> its SHA-256 (the files a rerun must keep)
     embeddings_sha256: dict[str, str] = field(default_factory=dict)
+    negative_prompt: str = ""  # as A1111 reads it (without comments, if they are on)
 
 
 def plan(cfg: GenerateConfig) -> _Plan:
@@ -190,7 +191,8 @@ def plan(cfg: GenerateConfig) -> _Plan:
     captions = json.loads(metadata.get("fulora_captions", "{}") or "{}")
     given = dict(zip(check_planes(cfg.prompts), cfg.prompts.values(), strict=True))
     prompts = {
-        plane: given.get(plane) or captions.get(plane) or PAPER_CAPTIONS[plane] for plane in planes
+        plane: cfg.as_read(given.get(plane) or captions.get(plane) or PAPER_CAPTIONS[plane])
+        for plane in planes
     }
     steps = schedule_steps(resolve_sampler(cfg.sampler), cfg.steps)
     for plane in sorted(set(captions) & set(planes) - set(given)):  # given: checked in the config
@@ -222,6 +224,7 @@ def plan(cfg: GenerateConfig) -> _Plan:
         lora_webui_hash=webui_hash,
         lora_weights=lora_weights if lora is not None else {},
         embeddings_sha256=embeddings,
+        negative_prompt=cfg.as_read(cfg.negative_prompt),
     )
 
 
@@ -656,7 +659,7 @@ def _plane_embeddings(
     pipe, plane: str, cfg, resolved, device, empty=None, inversions=None
 ) -> Conditioning:
     """A plane's prompt and negative prompt (under guidance), as A1111 conditions on them."""
-    negative = cfg.negative_prompt if cfg.guidance > 1 else None
+    negative = resolved.negative_prompt if cfg.guidance > 1 else None
     steps = schedule_steps(resolved.sampler, cfg.steps)
     prompt, clip_skip = resolved.prompts[plane], resolved.clip_skip
     return encode_prompts(
