@@ -83,7 +83,7 @@ def check_prompt_syntax(
         negative: A negative prompt, which A1111 does not split at ``AND`` nor weight.
         guided: Whether the run uses classifier-free guidance (guidance above 1).
         emphasis: The emphasis mode (:data:`EMPHASIS_MODES`); with ``none`` each text is read
-            as plain text, so only networks, comments and ``AND`` are checked.
+            as plain text, so only networks and ``AND`` are checked.
         old_timelines: A1111's "Use old prompt editing timelines" (``schedules.scheduled``).
 
     Raises:
