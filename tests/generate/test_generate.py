@@ -375,6 +375,7 @@ def test_a_plain_prompt_is_encoded_as_before_emphasis_was_read(tiny_model, clip_
     pipe = _tiny_pipe(tiny_model)
     prompt, negative = "a photo of fetal brain", "blurry, text"
     resolved = SimpleNamespace(prompts={"brain": prompt}, clip_skip=clip_skip, sampler="euler")
+    resolved.negative_prompt = negative
     cfg = GenerateConfig(base="unused", guidance=7.0, negative_prompt=negative, steps=3)
     now = _plane_embeddings(pipe, "brain", cfg, resolved, "cpu").first()
     encoder = pipe.text_encoder
