@@ -67,6 +67,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
+from fulora.generate.samplers import a1111_grid_points
 from fulora.generate.sigmas import DiscreteSigmas, a1111_alpha_bars, a1111_sigmas
 
 # Adams-Bashforth weights of the newest estimate and the earlier ones (newest first), by the
@@ -383,8 +384,7 @@ class A1111UniPCScheduler(UniPCMultistepScheduler):
         if self.legacy_steps:
             return steps
         steps += 1 if self.sigma_schedule and self.sigma_schedule.discard_penultimate else 0
-        total = self.config.num_train_timesteps
-        return len(range(0, total, total // steps))
+        return a1111_grid_points(steps, self.config.num_train_timesteps)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """The solver's state for A1111's number of steps, then A1111's times and sigmas."""

@@ -35,6 +35,7 @@ from fulora.generate.samplers import (
     Churn,
     SigmaSchedule,
     UniPCOptions,
+    a1111_grid_points,
     check_steps,
     chosen_schedule_type,
     display_name,
@@ -68,7 +69,7 @@ _UNIPC_KEYS += ("unipc_legacy_steps",)
 def _unipc_steps(cfg: GenerateConfig) -> int:
     """The UniPC steps A1111 v1.6+ takes: the points of its DDIM grid (31 for 30 steps)."""
     steps = cfg.steps + (1 if cfg.discard_penultimate_sigma else 0)
-    return len(range(0, 1000, 1000 // steps)) if steps <= 1000 else 0
+    return a1111_grid_points(steps) if steps <= 1000 else 0
 
 
 def check_rng_device(rng: str, device: str) -> None:
@@ -546,11 +547,10 @@ class GenerateConfig(Checked):
     discard_penultimate_sigma: bool = False
     # A1111's "Downcast alphas_cumprod" (use_downcasted_alpha_bar; on for its texts of versions
     # before v1.7.0-225): the sampler's sigmas from the model's alpha_bar in fp16, as A1111's
-    # fp16 models had them; for every A1111 sampler but UniPC
+    # fp16 models had them; for every A1111 sampler
     downcast_alphas_cumprod: bool = False
     # A1111's "Noise Schedule: Zero Terminal SNR" (sd_noise_schedule): the model's alpha_bar
-    # rescaled so its last step is pure noise (sigma 4519 for SD1.5), for every A1111 sampler but
-    # UniPC
+    # rescaled so its last step is pure noise (sigma 4519 for SD1.5), for every A1111 sampler
     zero_terminal_snr: bool = False
     # A1111's "SGM noise multiplier" (sgm_noise_multiplier): the k-diffusion samplers start from
     # the noise times sqrt(1 + sigma_max^2), as SDXL's reference code, not times sigma_max

@@ -45,8 +45,13 @@ class TextualInversion:
 
     @property
     def listed_name(self) -> str:
-        """Its name as A1111 lists it in "TI hashes" (without ':' and ',')."""
-        return self.name.replace(":", "").replace(",", "")
+        """Its name as A1111 lists it in "TI hashes"."""
+        return listed_name(self.name)
+
+
+def listed_name(name: str) -> str:
+    """An embedding's name as A1111 lists it in "TI hashes": without ':' and ','."""
+    return name.replace(":", "").replace(",", "")
 
 
 @dataclass(frozen=True)
@@ -95,13 +100,17 @@ def embedding_files(paths: list[str]) -> list[Path]:
     return list(by_name.values())
 
 
-def load_textual_inversions(paths: list[str], tokenizer, hidden_size: int) -> TextualInversions:
+def load_textual_inversions(
+    paths: list[str], tokenizer, hidden_size: int, hashes: dict[str, str] | None = None
+) -> TextualInversions:
     """The embeddings of ``paths`` (files or folders), as A1111 loads them.
 
     Args:
         paths: Embedding files and folders (``generate``'s ``embeddings``).
         tokenizer: The pipeline's CLIP tokenizer (to find the names in prompts).
         hidden_size: The text encoder's width, which each vector must have.
+        hashes: Each file's SHA-256 by name, where already computed (the run's plan); None:
+            computed here.
 
     Raises:
         ConfigError: A path or name as :func:`embedding_files` and ``EmbeddingNames`` refuse.
@@ -117,7 +126,8 @@ def load_textual_inversions(paths: list[str], tokenizer, hidden_size: int) -> Te
                 f"model's text encoder takes 1 to {CHUNK_TOKENS} vectors of {hidden_size}: give "
                 "an embedding trained for this base model (SD1.x: 768)"
             )
-        by_name[file.stem] = TextualInversion(file.stem, vectors, file, file_hash(file))
+        sha256 = hashes[file.stem] if hashes is not None else file_hash(file)
+        by_name[file.stem] = TextualInversion(file.stem, vectors, file, sha256)
     names = EmbeddingNames(tokenizer, {name: len(e.vectors) for name, e in by_name.items()})
     return TextualInversions(by_name, names)
 

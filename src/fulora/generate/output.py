@@ -28,6 +28,7 @@ from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Mani
 from fulora.errors import DataError
 from fulora.generate.config import GenerateConfig
 from fulora.generate.infotext import A1111_DEFAULT_RNG, A1111_RNG_NAMES
+from fulora.generate.inversions import listed_name
 from fulora.generate.networks import lora_tags
 from fulora.generate.prompts import EMPHASIS_MODES
 from fulora.generate.samplers import (
@@ -118,7 +119,7 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
         text += "" if tags else f" <lora:{lora.stem}:{cfg.lora_scale:g}>"
     # A1111 lists the embeddings its prompts used (textual_inversion_add_hashes_to_infotext)
     used = row.get("textual_inversions") or {}
-    listed = [f"{name.replace(':', '').replace(',', '')}: {sha[:12]}" for name, sha in used.items()]
+    listed = [f"{listed_name(name)}: {sha[:12]}" for name, sha in used.items()]
     settings["TI hashes"] = ", ".join(listed) or None
     settings["Emphasis"] = _a1111_emphasis(row, cfg)
     settings["Old prompt editing timelines"] = _a1111_old_timelines(row, cfg)

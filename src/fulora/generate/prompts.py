@@ -342,7 +342,7 @@ class EmbeddingNames:
     """
 
     def __init__(self, tokenizer, vectors: dict[str, int]) -> None:
-        self.vectors = dict(vectors)
+        self.counts = dict(vectors)  # each name's number of vectors
         ids = tokenizer(list(vectors), add_special_tokens=False).input_ids if vectors else []
         self._by_first: dict[int, list[tuple[tuple[int, ...], str]]] = {}
         seen: dict[tuple[int, ...], str] = {}
@@ -410,7 +410,7 @@ def a1111_chunks(
                 position += 1
                 continue
             name, length = found
-            chunks.add_embedding(piece_ids[position], name, embeddings.vectors[name], weight)
+            chunks.add_embedding(piece_ids[position], name, embeddings.counts[name], weight)
             position += length
     return [_laid_out(*chunk, tokenizer) for chunk in chunks.finished()]
 

@@ -610,7 +610,8 @@ def _load_generator(cfg, resolved, device, dtype):
     inversions = None
     if cfg.embeddings:
         width = pipe.text_encoder.config.hidden_size
-        inversions = load_textual_inversions(cfg.embeddings, pipe.tokenizer, width)
+        hashes = resolved.embeddings_sha256  # the plan's, not hashed again
+        inversions = load_textual_inversions(cfg.embeddings, pipe.tokenizer, width, hashes)
     check_embedding_hashes(cfg.embedding_hashes, inversions)
     # A1111 encodes the empty prompt that pads a side as it loads the model, without the LoRA
     empty = empty_prompt(pipe, resolved.clip_skip, "cpu") if cfg.pad_conds == "on" else None

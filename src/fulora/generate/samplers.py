@@ -161,6 +161,15 @@ _S_NOISE = ("dpm_fast", "dpm2_a", "dpmpp_2s_a", *_SDE)
 SIGMA_NOISE_SAMPLERS = CHURN_SAMPLERS | {n for n in SAMPLERS if _FAMILY.get(n, n) in _S_NOISE}
 
 
+def a1111_grid_points(steps: int, train_timesteps: int = 1000) -> int:
+    """The points of A1111's timestep grid for ``steps`` (``range(0, N, N // steps)``).
+
+    DDIM and PLMS run the model at all but the first; UniPC, since A1111 v1.6, takes as many
+    steps as there are points (31 for 30).
+    """
+    return len(range(0, train_timesteps, train_timesteps // steps))
+
+
 def _key(name: str) -> str:
     return name.strip().lower().replace(" ", "").replace("_", "").replace("+", "p")
 
