@@ -579,8 +579,9 @@ def _add_generate_parser(p: argparse.ArgumentParser) -> None:
         metavar="PNG_OR_TEXT",
         help="the settings of an AUTOMATIC1111 image (its PNG, or a text file of them): prompt, "
         "negative prompt, steps, sampler, CFG scale, seed, size, clip skip, RNG, ENSD, etas, "
-        "churn, emphasis, TI hashes (give the embeddings with --embeddings), variation seed "
-        "and seed resize, for the one plane --planes names; flags and --set override them",
+        "churn, emphasis, TI hashes (give the embeddings with --embeddings), variation seed, "
+        "seed resize and hires fix, for the one plane --planes names; flags and --set "
+        "override them",
     )
     p.add_argument(
         "--only",

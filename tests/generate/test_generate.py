@@ -448,7 +448,7 @@ def test_a_long_prompt_and_a_short_negative_each_attend_to_their_own_chunks(
     cfg = _cfg(tiny_model, planes=["brain"], per_class=2, batch_size=2, contact_sheet=0)
     cfg = replace(cfg, prompts={"brain": long}, negative_prompt="blurry")
     _, embeddings, _, _ = _load_generator(cfg, plan(cfg), "cpu", torch.float32)
-    assert [side.shape[1] for side in embeddings["brain"].first()] == [154, 77]
+    assert [side.shape[1] for side in embeddings["brain"].first_pass.first()] == [154, 77]
     masks = []
     unet = UNet2DConditionModel.forward
 
@@ -1202,9 +1202,9 @@ _A1111_SETTINGS = "p\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64
     [
         (_A1111_SETTINGS, ["brain", "femur"], "name the plane"),
         (
-            f"{_A1111_SETTINGS}, Hires upscale: 2, Denoising strength: 0.5",
+            f"{_A1111_SETTINGS}, Hires upscale: 2, Denoising strength: 0.5, Hires sampler: Heun",
             ["brain"],
-            r"hold Denoising strength: 0.5, Hires upscale: 2, which fulora does not run",
+            r"hold Hires sampler: Heun, which fulora does not run",
         ),
         (_A1111_SETTINGS.replace("Seed: 1, ", ""), ["brain"], "name no Seed"),
         (
@@ -1492,7 +1492,9 @@ def test_padded_sides_make_their_images_and_are_written_as_a1111_writes_them(
     cfg = _cfg(tiny_model, trained_lora, **kw, **runs["on"])
     _, embeddings, _, _ = _load_generator(cfg, plan(cfg), torch.device("cpu"), torch.float32)
     base = load_pipeline(str(tiny_model), dtype=torch.float32)
-    assert torch.equal(embeddings["brain"].empty, empty_prompt(base, 2, "cpu"))  # LoRA's clip skip
+    assert torch.equal(
+        embeddings["brain"].first_pass.empty, empty_prompt(base, 2, "cpu")
+    )  # LoRA's clip skip
 
 
 def test_old_prompt_editing_timelines_edit_when_a1111s_old_rule_says(tiny_model, tmp_path):

@@ -111,10 +111,19 @@ class ScheduleTypeSigmas:
 
     #: the type and A1111's options (``fulora.generate.samplers.SigmaSchedule``); None: own
     sigma_schedule = None
+    #: an img2img pass, A1111's hires fix (``fulora.generate.samplers.Img2ImgSteps``; needs
+    #: :attr:`sigma_schedule`): the tail of the schedule's sigmas, from the sample that
+    #: :meth:`img2img_start` makes; None: the whole schedule, from the noise
+    img2img = None
 
     @property
     def init_noise_sigma(self) -> float:
-        """The noise's scale at the start; sqrt(1 + sigma_0^2) with A1111's SGM multiplier."""
+        """The noise's scale at the start; sqrt(1 + sigma_0^2) with A1111's SGM multiplier.
+
+        1 for an img2img pass, whose start (:meth:`img2img_start`) is the pipeline's latents.
+        """
+        if self.img2img is not None:
+            return 1.0
         if "_init_noise_sigma" in self.__dict__:  # a scheduler that sets its own (DPM-Solver)
             return self.__dict__["_init_noise_sigma"]
         start = self.sgm_start()
@@ -132,12 +141,35 @@ class ScheduleTypeSigmas:
         return float(torch.sqrt(1.0 + self.sigmas[0] ** 2.0))
 
     def set_timesteps(self, num_inference_steps: int, device=None, *args, **kwargs):
-        """The scheduler's own state, then the schedule type's sigmas (when one is set)."""
+        """The scheduler's own state, then the schedule type's sigmas (when one is set).
+
+        For an img2img pass (:attr:`img2img`), the sigmas of its whole schedule from the one it
+        starts at, as A1111's ``sample_img2img`` takes them.
+        """
+        img2img = self.img2img
+        other = img2img is not None and img2img.steps != num_inference_steps
+        if img2img is not None and (self.sigma_schedule is None or other):
+            raise ValueError(
+                f"{type(self).__name__}: an img2img pass of {img2img.steps} steps needs "
+                f"sigma_schedule and set_timesteps({img2img.steps}), got {num_inference_steps}"
+            )
         super().set_timesteps(num_inference_steps, device, *args, **kwargs)
         if self.sigma_schedule is None:
             return
-        sigmas = a1111_sigmas(self.sigma_schedule, num_inference_steps, self.alphas_cumprod)
-        self._take_sigmas(sigmas, device)
+        steps = img2img.schedule_steps if img2img is not None else num_inference_steps
+        sigmas = a1111_sigmas(self.sigma_schedule, steps, self.alphas_cumprod)
+        self.schedule_sigmas = sigmas  # all of them: the SDE samplers' noise spans them
+        self._take_sigmas(sigmas[img2img.skipped :] if img2img is not None else sigmas, device)
+
+    def img2img_start(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """An img2img pass's first sample: the latents plus the noise times its first sigma.
+
+        A1111's ``xi = x + noise * sigma_sched[0]``, in fp32 or wider; call after
+        ``set_timesteps``.
+        """
+        wide = torch.promote_types(latents.dtype, torch.float32)
+        top = self.sigmas[0].to(latents.device, wide)
+        return latents.to(wide) + noise.to(latents.device, wide) * top
 
     def _model_times(self, sigmas: torch.Tensor, device) -> torch.Tensor:
         """The fractional timestep the model runs at for each sigma (k-diffusion's)."""
@@ -205,6 +237,11 @@ class A1111DPMSolverMultistepScheduler(ScheduleTypeSigmas, DPMSolverMultistepSch
         # variance-preserving, that is the noise times sqrt(1 - alpha_bar) at the top timestep.
         # The pipeline scales its starting latents by this after set_timesteps.
         self.init_noise_sigma = float(1 - self.alphas_cumprod[-1]) ** 0.5
+
+    def img2img_start(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """k-diffusion's img2img start, variance-preserving: over sqrt(sigma_0^2 + 1)."""
+        top = float(self.sigmas[0])
+        return super().img2img_start(latents, noise) / (top**2 + 1) ** 0.5
 
     def _take_sigmas(self, sigmas: torch.Tensor, device) -> None:
         """The type's sigmas and timesteps, and k-diffusion's start from its first sigma."""

@@ -27,6 +27,8 @@ from fulora.generate.samplers import (
     BROWNIAN_NOISE,
     CHURN_SAMPLERS,
     DISCARD_PENULTIMATE,
+    HIRES_SAMPLERS,
+    LATENT_UPSCALERS,
     SIGMA_NOISE_SAMPLERS,
     SPAN_FIXED,
     STEP_NOISE,
@@ -48,6 +50,9 @@ from fulora.generate.samplers import (
 from fulora.generate.schedules import schedule_steps
 from fulora.lora.config import DEFAULT_BASE
 from fulora.planes import PAPER_PLANES
+
+# the hires fix's settings other than hires_scale, which turns it on
+HIRES_SETTINGS = ("hires_upscaler", "hires_steps", "denoising_strength")
 
 
 def _noise_owners(key: str) -> str:
@@ -113,6 +118,9 @@ class GenerateConfig(Checked):
         "sigma_tmax": AT_LEAST_0,
         "sigma_noise": AT_LEAST_0,
         "unipc_order": Range(1, 50),
+        "hires_scale": Range(1, 8),
+        "hires_steps": AT_LEAST_0,
+        "denoising_strength": Range(0, 1, low_open=True),
         "beta_schedule_beta": POSITIVE,
         "variation_seed": SEED,
         "variation_strength": FRACTION,
@@ -133,11 +141,12 @@ class GenerateConfig(Checked):
         self._check_schedule_type()
         self._check_churn()
         self._check_unipc()
+        self._check_hires()
         self._check_uncond_skips()
         self.check_planes_of("planes")
         self.check_planes_of("prompts")  # its keys: a misspelt plane would fall back silently
         steps, guided = schedule_steps(resolve_sampler(self.sampler), self.steps), self.guidance > 1
-        reading = self.prompt_reading
+        reading = self.prompt_reading | {"hires_steps": self.hires_prompt_steps}
         for plane, prompt in self.prompts.items():
             prompt = self.as_read(prompt)
             check_prompt_syntax(prompt, f"prompts.{plane}", steps, guided=guided, **reading)
@@ -171,6 +180,13 @@ class GenerateConfig(Checked):
     def prompt_reading(self) -> dict[str, Any]:
         """How A1111 reads the prompts (the settings its checks and encoding take by name)."""
         return {"emphasis": self.emphasis, "old_timelines": self.old_prompt_editing}
+
+    @property
+    def hires_prompt_steps(self) -> int | None:
+        """The steps A1111 schedules the prompts over in the hires pass; None: no hires pass."""
+        if self.hires_scale is None:
+            return None
+        return schedule_steps(resolve_sampler(self.sampler), self.hires_steps or self.steps)
 
     def sigma_schedule(self) -> SigmaSchedule | None:
         """The sigmas the sampler steps through; None: its scheduler's own, as before."""
@@ -273,6 +289,32 @@ class GenerateConfig(Checked):
                 f"unipc_order {self.unipc_order} needs {self.unipc_order} UniPC steps or more, "
                 f"and steps {self.steps} gives {steps} (A1111 refuses it: 'UniPC order must be "
                 "< sampling steps'): lower unipc_order, or raise steps"
+            )
+
+    def _check_hires(self) -> None:
+        """The hires fix's settings with it on only, on a sampler and upscaler fulora runs."""
+        if self.hires_scale is None:
+            for key in HIRES_SETTINGS:
+                default = self.__dataclass_fields__[key].default
+                if getattr(self, key) != default:
+                    raise ConfigError(
+                        f"{key} is a setting of A1111's hires fix, which is off (hires_scale "
+                        f"not set): set hires_scale (its 'Hires upscale'), or {key}: {default}"
+                    )
+            return
+        if resolve_sampler(self.sampler) not in HIRES_SAMPLERS:
+            raise ConfigError(
+                f"hires_scale: fulora runs A1111's hires pass with the k-diffusion samplers "
+                f"that step on the tail of their sigmas ({k_diffusion_samplers(hires=True)}), "
+                f"and {display_name(self.sampler)!r} is not one: choose one of them, or "
+                "generate without hires_scale"
+            )
+        if self.hires_upscaler not in LATENT_UPSCALERS:
+            raise ConfigError(
+                f"hires_upscaler {self.hires_upscaler!r}: fulora runs A1111's latent upscalers "
+                f"({', '.join(LATENT_UPSCALERS)}); the others resize the decoded image and "
+                "encode it again, drawing the VAE's sample from A1111's global generator, which "
+                "no setting gives: choose a latent one"
             )
 
     def _check_embedding_hashes(self) -> None:
@@ -577,6 +619,19 @@ class GenerateConfig(Checked):
     # its DDIM grid has points (31 for 30); --a1111 sets it for an older text
     unipc_legacy_steps: bool = False
     steps: int = 30
+    # A1111's hires fix ("Hires upscale"): a second, img2img pass at width and height times
+    # this, from the first pass's latent upscaled (hires_upscaler) and noised again to the
+    # denoising strength's sigma, with the same sampler and prompts; None: off (one pass)
+    hires_scale: float | None = None
+    # A1111's "Hires upscaler": a latent one, "Latent" (bilinear, its default), "Latent
+    # (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
+    # "Latent (nearest-exact)"
+    hires_upscaler: str = "Latent"
+    # A1111's "Hires steps": the hires pass's steps; 0: steps
+    hires_steps: int = 0
+    # A1111's "Denoising strength" (its default 0.7): the hires pass's steps take the last
+    # steps of a schedule of hires steps / this many (1: all of it, from pure noise)
+    denoising_strength: float = 0.7
     guidance: float = 7.0
     # A1111's "Skip Early CFG" (its setting skip_early_cond): the share of the first steps run
     # without the negative prompt (the prompt alone, unguided); faster, other images; 0: none

@@ -35,6 +35,7 @@ def encode_prompts(
     empty: torch.Tensor | None = None,
     old_timelines: bool = False,
     inversions: TextualInversions | None = None,
+    hires_steps: int | None = None,
 ) -> Conditioning:
     """A prompt and negative prompt, embedded step by step as A1111 embeds them.
 
@@ -56,11 +57,14 @@ def encode_prompts(
         old_timelines: A1111's "Use old prompt editing timelines" (``schedules.scheduled``).
         inversions: The run's textual-inversion embeddings (None: none), found in both
             prompts as A1111 finds them; the ones used are the result's ``inversions_used``.
+        hires_steps: The steps of a hires pass, to schedule them over as A1111 schedules
+            them for it (``steps`` the first pass's); None: the first pass's.
     """
-    parts = read_prompt(prompt, steps, old_timelines=old_timelines)
+    reading = {"old_timelines": old_timelines, "hires_steps": hires_steps}
+    parts = read_prompt(prompt, steps, **reading)
     sides = parts
     if negative is not None:
-        sides = sides + read_prompt(negative, steps, negative=True, old_timelines=old_timelines)
+        sides = sides + read_prompt(negative, steps, negative=True, **reading)
     empty_chunk = a1111_chunks(pipe.tokenizer, "")[0]
     names = inversions.names if inversions is not None else None
     batches = []

@@ -11,11 +11,12 @@ names none: A1111 writes it where the sampler uses it), Eta and Eta DDIM (1 and 
 names none), Emphasis ("Original" when it names none), the variation seed and its strength,
 "Seed resize from", the Beta schedule's shape, "Downcast alphas_cumprod" (also for a text of a
 version before v1.7.0-225, as A1111's backcompat reads it), the "Zero Terminal SNR" noise
-schedule, the "SGM noise multiplier", "Sigma churn", "tmin", "tmax" and "noise", and the
+schedule, the "SGM noise multiplier", "Sigma churn", "tmin", "tmax" and "noise", the
 textual-inversion embeddings' hashes ("TI hashes": their files are given with
-``embeddings``). The model
-and the LoRA are the run's own (``base``, ``lora``); a setting that fulora does not run (hires
-fix, ...) is refused, naming it, since A1111 would make another image with it.
+``embeddings``), the UniPC settings and the hires fix with a latent upscaler ("Hires
+upscale", "Hires steps", "Hires upscaler", "Denoising strength"). The model and the LoRA are
+the run's own (``base``, ``lora``); a setting that fulora does not run ("Hires resize",
+"Hires sampler", ...) is refused, naming it, since A1111 would make another image with it.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ _SETTINGS += ("Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
 _SETTINGS += ("Old prompt editing timelines", "Downcast alphas_cumprod", "Noise Schedule")
 _SETTINGS += ("SGM noise multiplier", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise")
 _SETTINGS += ("TI hashes", "UniPC variant", "UniPC skip type", "UniPC order")
-_SETTINGS += ("UniPC lower order final",)
+_SETTINGS += ("UniPC lower order final", "Denoising strength", "Hires upscale", "Hires steps")
+_SETTINGS += ("Hires upscaler", "Hires CFG Scale")
 # A1111's churn fields (written where not its default) -> generate's settings
 _CHURN = {"sigma_churn": "Sigma churn", "sigma_tmin": "Sigma tmin", "sigma_tmax": "Sigma tmax"}
 _CHURN["sigma_noise"] = "Sigma noise"
@@ -216,6 +218,7 @@ def generate_settings(params: A1111Parameters, plane: str) -> dict[str, Any]:
         "sgm_noise_multiplier": fields.get("SGM noise multiplier") == "True",
         **{key: _number(fields, name, float) for key, name in _CHURN.items() if name in fields},
         **_unipc_settings(fields),
+        **_hires_settings(fields),
         **_negative_pass(fields),
         "per_class": 1,
     }
@@ -299,6 +302,39 @@ def _negative_pass(fields: dict[str, str]) -> dict[str, Any]:
         padded["v0"] = "True"
     skips["pad_conds"] = next((mode for mode, on in padded.items() if on == "True"), "off")
     return skips
+
+
+def _hires_settings(fields: dict[str, str]) -> dict[str, Any]:
+    """A1111's hires fix ("Hires upscale", ...), where its text has one.
+
+    A1111 writes "Hires steps" where not 0 and "Hires upscaler" where chosen (else its
+    default, "Latent"); "Hires CFG Scale" (some versions) is read where it is the CFG scale.
+    """
+    if "Hires upscale" not in fields:
+        if "Denoising strength" in fields:
+            raise ConfigError(
+                f"the A1111 settings hold Denoising strength: {fields['Denoising strength']} "
+                "without Hires upscale: an img2img image's, and fulora makes txt2img ones: "
+                "give a txt2img image's settings"
+            )
+        return {}
+    if "Denoising strength" not in fields:
+        raise ConfigError("the A1111 settings name no Denoising strength for their hires fix")
+    hires_cfg = fields.get("Hires CFG Scale")
+    if hires_cfg is not None and _number(fields, "Hires CFG Scale", float) != _number(
+        fields, "CFG scale", float
+    ):
+        raise ConfigError(
+            f"the A1111 settings' hires pass guides at Hires CFG Scale {hires_cfg}, the first "
+            f"pass at {fields['CFG scale']}, and fulora guides both at one: give the settings "
+            "without --a1111"
+        )
+    return {
+        "hires_scale": _number(fields, "Hires upscale", float),
+        "hires_steps": _number(fields, "Hires steps", int) if "Hires steps" in fields else 0,
+        "hires_upscaler": fields.get("Hires upscaler", "Latent"),
+        "denoising_strength": _number(fields, "Denoising strength", float),
+    }
 
 
 def _seed_extras(fields: dict[str, str]) -> dict[str, Any]:

@@ -129,7 +129,12 @@ class KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
 
     @property
     def init_noise_sigma(self) -> float:
-        """k-diffusion's start: the noise times the first sigma (A1111's SGM multiplier's)."""
+        """k-diffusion's start: the noise times the first sigma (A1111's SGM multiplier's).
+
+        1 for an img2img pass, whose start (:meth:`img2img_start`) is the pipeline's latents.
+        """
+        if self.img2img is not None:
+            return 1.0
         return self.sgm_start() or float(self.sigmas[0])
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
@@ -183,7 +188,8 @@ class KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
         if self._tree is None:
             if self.noise_seeds is None or len(self.noise_seeds) != len(x):
                 raise ValueError(f"{type(self).__name__}: its noise needs each image's seed")
-            positive = self.sigmas[self.sigmas > 0].to(x.device)
+            span = self.schedule_sigmas  # an img2img pass's too: A1111's create_noise_sampler
+            positive = span[span > 0].to(x.device)
             self._tree = BrownianTreeNoiseSampler(
                 x.float(), positive.min(), positive.max(), seed=list(self.noise_seeds)
             )

@@ -26,7 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 from fulora import __version__
 from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import DataError
-from fulora.generate.config import GenerateConfig
+from fulora.generate.config import HIRES_SETTINGS, GenerateConfig
 from fulora.generate.infotext import A1111_DEFAULT_RNG, A1111_RNG_NAMES
 from fulora.generate.inversions import listed_name
 from fulora.generate.networks import lora_tags
@@ -86,6 +86,7 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
         settings["Variation seed"] = row["variation_seed"]
         settings["Variation seed strength"] = f"{cfg.variation_strength:g}"
     settings["Seed resize from"] = row["seed_resize_from"] or None
+    settings |= _a1111_hires(cfg)
     if base_hash:
         settings["Model hash"] = base_hash[:10]
     # A1111 names a checkpoint file by its stem (v1-5-pruned-emaonly), as it finds it again
@@ -157,6 +158,18 @@ def _a1111_unipc(cfg: GenerateConfig) -> dict[str, Any]:
     values |= {"UniPC order": (cfg.unipc_order, 3)}
     values |= {"UniPC lower order final": (cfg.unipc_lower_order_final, True)}
     return {name: v if v != default else None for name, (v, default) in values.items()}
+
+
+def _a1111_hires(cfg: GenerateConfig) -> dict[str, Any]:
+    """A1111's hires fix fields (its "Size" stays the first pass's); none when it is off."""
+    if cfg.hires_scale is None:
+        return {}
+    return {
+        "Denoising strength": f"{cfg.denoising_strength:g}",
+        "Hires upscale": f"{cfg.hires_scale:g}",
+        "Hires steps": cfg.hires_steps or None,  # A1111 writes them where not 0
+        "Hires upscaler": cfg.hires_upscaler,
+    }
 
 
 def _a1111_churn(cfg: GenerateConfig) -> dict[str, Any]:
@@ -299,6 +312,8 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "unipc_order": cfg.unipc_order,
         "unipc_lower_order_final": cfg.unipc_lower_order_final,
         "unipc_legacy_steps": cfg.unipc_legacy_steps,
+        # A1111's hires fix (hires_scale None: off); width and height are the first pass's
+        **{key: getattr(cfg, key) for key in ("hires_scale", *HIRES_SETTINGS)},
         "skip_early_cfg": cfg.skip_early_cfg,
         "ngms": cfg.ngms,
         "ngms_all_steps": cfg.ngms_all_steps,

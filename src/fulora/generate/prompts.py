@@ -71,10 +71,12 @@ def check_prompt_syntax(
     guided: bool = True,
     emphasis: str = "original",
     old_timelines: bool = False,
+    hires_steps: int | None = None,
 ) -> None:
     """Refuse a prompt that AUTOMATIC1111 would read otherwise than fulora.
 
-    Each text the prompt takes during sampling (``fulora.generate.schedules``) is checked.
+    Each text the prompt takes during sampling (``fulora.generate.schedules``) is checked, in
+    the hires pass too.
 
     Args:
         text: The prompt.
@@ -85,6 +87,7 @@ def check_prompt_syntax(
         emphasis: The emphasis mode (:data:`EMPHASIS_MODES`); with ``none`` each text is read
             as plain text, so only networks and ``AND`` are checked.
         old_timelines: A1111's "Use old prompt editing timelines" (``schedules.scheduled``).
+        hires_steps: The steps of a hires pass (``schedules.schedule_steps``); None: none.
 
     Raises:
         ConfigError: Naming the piece of syntax, where it is and what to do.
@@ -103,14 +106,20 @@ def check_prompt_syntax(
         )
     if emphasis == "none":  # A1111 tokenizes each text as it is
         return
-    for part in parts:
-        for end, step_text in part.schedule:
-            found = _first_unread(step_text)
-            if found is not None:
-                shown = repr(text)
-                if step_text != text:  # the text A1111 conditions on at that step
-                    shown += f", at step {end} read as {step_text!r},"
-                _refuse(what, shown, found)
+    passes = [("", parts)]
+    if hires_steps is not None:
+        hires = read_prompt(text, steps, negative=negative, old_timelines=old_timelines,
+                            hires_steps=hires_steps)  # fmt: skip
+        passes.append((" of the hires pass", hires))
+    for which, pass_parts in passes:
+        for part in pass_parts:
+            for end, step_text in part.schedule:
+                found = _first_unread(step_text)
+                if found is not None:
+                    shown = repr(text)
+                    if step_text != text:  # the text A1111 conditions on at that step
+                        shown += f", at step {end}{which} read as {step_text!r},"
+                    _refuse(what, shown, found)
 
 
 def _first_network_or_comment(text: str, negative: bool) -> tuple[int, str, str] | None:

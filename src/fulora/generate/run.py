@@ -38,6 +38,7 @@ from fulora.generate.config import GenerateConfig, check_rng_device
 from fulora.generate.decode import Decoder
 from fulora.generate.encode import empty_prompt, encode_prompts, unet_rows
 from fulora.generate.guidance import Conditioning, UncondSkip, guided, padded_sides
+from fulora.generate.hires import image_size, upscale_latents
 from fulora.generate.inversions import (
     check_embedding_hashes,
     embedding_files,
@@ -55,6 +56,7 @@ from fulora.generate.output import (
 )
 from fulora.generate.prompts import check_prompt_syntax
 from fulora.generate.samplers import (
+    Img2ImgSteps,
     display_name,
     make_scheduler,
     resolve_sampler,
@@ -198,7 +200,8 @@ def plan(cfg: GenerateConfig) -> _Plan:
     for plane in sorted(set(captions) & set(planes) - set(given)):  # given: checked in the config
         what = f"the LoRA's caption for {plane} (give prompts.{plane})"
         guided = cfg.guidance > 1
-        check_prompt_syntax(prompts[plane], what, steps, guided=guided, **cfg.prompt_reading)
+        reading = cfg.prompt_reading | {"hires_steps": cfg.hires_prompt_steps}
+        check_prompt_syntax(prompts[plane], what, steps, guided=guided, **reading)
     lora_weights = cfg.lora_weights(prompts, names)  # without a LoRA: a tag is refused
     width, height = cfg.width, cfg.height
     if width is None or height is None:
@@ -379,7 +382,8 @@ def generate(
     steps = schedule_steps(resolved.sampler, cfg.steps)
     prompts = [resolved.prompts[plane] for plane in resolved.planes]
     rows = unet_rows(prompts, steps, guided=cfg.guidance > 1)
-    batch = resolved.batch_size or _auto_batch(device, resolved.width, resolved.height, rows)
+    size = image_size(resolved.width, resolved.height, cfg.hires_scale)  # the largest pass's
+    batch = resolved.batch_size or _auto_batch(device, *size, rows)
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise ConfigError(f"shard {shard}: expected (k, n) with 0 <= k < n")
     index, count = shard or (state.process_index, state.num_processes)
@@ -519,7 +523,10 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
             for plane, indices in mine:
                 plane_seeds = [seeds[(plane, i)] for i in indices]
                 lora.use(plane)
-                latents = _denoise(pipe, embeddings[plane], plane_seeds, cfg, resolved, indices)
+                passes = embeddings[plane]
+                latents = _denoise(
+                    pipe, passes.first_pass, plane_seeds, cfg, resolved, indices, passes.hires_pass
+                )
                 write = (writer, made, out, plane, indices, plane_seeds, targets, cfg, resolved)
                 decoder.decode(latents, plane_seeds, then=partial(queue_writes, *write))
         bar.close()
@@ -542,7 +549,7 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
         images=len(manifest),
         per_plane=manifest.counts("label"),
         prompts=resolved.prompts,
-        size=f"{resolved.width}x{resolved.height}",
+        size="x".join(map(str, image_size(resolved.width, resolved.height, cfg.hires_scale))),
         lora=str(resolved.lora or ""),
         lora_sha256=resolved.lora_sha256,
         embeddings_sha256=resolved.embeddings_sha256,
@@ -618,14 +625,36 @@ def _load_generator(cfg, resolved, device, dtype):
     lora = _PlaneLora(pipe, cfg, resolved)
     schedule, churn, unipc = cfg.sigma_schedule(), cfg.churn(), cfg.unipc_options()
     config = pipe.scheduler.config
-    pipe.scheduler = make_scheduler(resolved.sampler, config, schedule, churn, unipc)
+    hires = cfg.hires_scale is not None
+    pipe.scheduler = make_scheduler(resolved.sampler, config, schedule, churn, unipc, hires)
     pipe.to(device)
     apply_speedups(pipe, cfg, device)
     embeddings = {}
     for plane in resolved.planes:  # once per plane; the negative prompt at the same clip skip
         lora.use(plane)  # the text encoder's multiplier too
-        embeddings[plane] = _plane_embeddings(pipe, plane, cfg, resolved, device, empty, inversions)
+        encode = partial(_plane_embeddings, pipe, plane, cfg, resolved, device, empty, inversions)
+        embeddings[plane] = _PlaneConditioning(encode(), encode(hires=True) if hires else None)
     return pipe, embeddings, lora, inversions
+
+
+@dataclass(frozen=True)
+class _PlaneConditioning:
+    """A plane's conditioning in each pass: the first, and the hires pass's (None: none)."""
+
+    first_pass: Conditioning
+    hires_pass: Conditioning | None = None
+
+    @property
+    def padded(self) -> bool:
+        """Whether a pass padded the sides (A1111 writes "Pad conds" for either)."""
+        hires = self.hires_pass
+        return self.first_pass.padded or (hires is not None and hires.padded)
+
+    @property
+    def inversions_used(self) -> tuple[str, ...]:
+        """The embeddings either pass used (A1111 lists all its texts used), the first's first."""
+        hires = self.hires_pass.inversions_used if self.hires_pass is not None else ()
+        return tuple(dict.fromkeys(self.first_pass.inversions_used + hires))
 
 
 class _PlaneLora:
@@ -657,9 +686,12 @@ class _PlaneLora:
 
 
 def _plane_embeddings(
-    pipe, plane: str, cfg, resolved, device, empty=None, inversions=None
+    pipe, plane: str, cfg, resolved, device, empty=None, inversions=None, hires: bool = False
 ) -> Conditioning:
-    """A plane's prompt and negative prompt (under guidance), as A1111 conditions on them."""
+    """A plane's prompt and negative prompt (under guidance), as A1111 conditions on them.
+
+    ``hires``: as A1111 schedules them over the hires pass (its own encoding of them).
+    """
     negative = resolved.negative_prompt if cfg.guidance > 1 else None
     steps = schedule_steps(resolved.sampler, cfg.steps)
     prompt, clip_skip = resolved.prompts[plane], resolved.clip_skip
@@ -670,63 +702,108 @@ def _plane_embeddings(
         steps,
         clip_skip,
         device,
-        plane,
+        f"{plane} (hires pass)" if hires else plane,
         pad=cfg.pad_conds,
         empty=empty,
         inversions=inversions,
+        hires_steps=cfg.hires_prompt_steps if hires else None,
         **cfg.prompt_reading,
     )
 
 
 def _denoise(
-    pipe, conditioning: Conditioning, seeds: list[int], cfg, resolved, indices=None
+    pipe,
+    conditioning: Conditioning,
+    seeds: list[int],
+    cfg,
+    resolved,
+    indices=None,
+    hires: Conditioning | None = None,
 ) -> torch.Tensor:
     """One batch's denoised latents; each image's noise from its own seed.
 
     With a variation, image ``index`` of ``indices`` also takes the variation seed
-    ``variation_seed + index``, as A1111 numbers a batch's.
+    ``variation_seed + index``, as A1111 numbers a batch's. With the hires fix (``hires``,
+    the hires pass's conditioning), the first pass's latents upscaled and denoised again at
+    the larger size (:func:`_hires_pass`).
     """
-    positive, negative = conditioning.first()
-    if negative is not None:  # one shape for diffusers' batch; ``guided`` masks the padding
-        positive, negative, _ = padded_sides(positive, negative)
-    n = len(seeds)
-    shape = latent_shape(pipe, resolved.height, resolved.width)
+    noise = _image_noise(pipe, cfg, seeds, indices, resolved.width, resolved.height)
+    latents = noise.first()  # as A1111's RNG settings draw it
+    size = (resolved.width, resolved.height)
+    latents = _sample(pipe, conditioning, noise, latents, cfg.steps, size, cfg, resolved)
+    if hires is None:
+        return latents
+    return _hires_pass(pipe, hires, latents, seeds, cfg, resolved, indices)
+
+
+def _image_noise(pipe, cfg, seeds, indices, width: int, height: int) -> ImageNoise:
+    """The batch's noise at a size, drawn as A1111's ``ImageRNG`` draws it (on the CPU)."""
     varied = [cfg.variation_seed_of(i) for i in indices] if cfg.variation_strength else None
     resize_from = None
     if cfg.seed_resize_from_width is not None:  # A1111's latent size: pixels // 8
         scale = pipe.vae_scale_factor
         resize_from = (cfg.seed_resize_from_height // scale, cfg.seed_resize_from_width // scale)
-    noise = ImageNoise(
+    return ImageNoise(
         cfg.rng,
         seeds,
-        shape,
-        positive.device,
+        latent_shape(pipe, height, width),
+        pipe.unet.device,
         cfg.eta_noise_seed_delta,
         variation_seeds=varied,
         variation_strength=cfg.variation_strength,
         resize_from=resize_from,
     )
-    latents = noise.first()  # as A1111's RNG settings draw it
+
+
+def _sample(pipe, conditioning, noise, latents, steps: int, size, cfg, resolved) -> torch.Tensor:
+    """One pass of the sampler from ``latents`` (times its start's scale), as latents."""
+    positive, negative = conditioning.first()
+    if negative is not None:  # one shape for diffusers' batch; ``guided`` masks the padding
+        positive, negative, _ = padded_sides(positive, negative)
+    n = len(latents)
     with (
         torch.no_grad(),
-        guided(pipe.unet, conditioning, n, _uncond_skip(pipe, cfg, resolved)),
+        guided(pipe.unet, conditioning, n, _uncond_skip(pipe, cfg, resolved, steps)),
         _step_noise(pipe, noise, cfg),
     ):
         return pipe(
             latents=latents.to(positive.device, positive.dtype),  # as diffusers types them
             prompt_embeds=positive.repeat(n, 1, 1),
             negative_prompt_embeds=negative.repeat(n, 1, 1) if negative is not None else None,
-            height=resolved.height,
-            width=resolved.width,
-            num_inference_steps=cfg.steps,
+            height=size[1],
+            width=size[0],
+            num_inference_steps=steps,
             guidance_scale=cfg.guidance,
             generator=noise.generators,  # Euler a's step noise (cpu, gpu)
             output_type="latent",
         ).images
 
 
-def _uncond_skip(pipe, cfg, resolved) -> UncondSkip | None:
-    """The calls that run without the negative prompt (A1111's Skip Early CFG and NGMS)."""
+def _hires_pass(pipe, conditioning, latents, seeds, cfg, resolved, indices) -> torch.Tensor:
+    """A1111's hires pass (``fulora.generate.hires``) of a batch's first-pass latents.
+
+    They are upscaled, noised anew from each image's seed at the larger size, and sampled
+    over the tail of a longer schedule.
+    """
+    width, height = image_size(resolved.width, resolved.height, cfg.hires_scale)
+    upscaled = upscale_latents(latents, latent_shape(pipe, height, width)[2:], cfg.hires_upscaler)
+    noise = _image_noise(pipe, cfg, seeds, indices, width, height)
+    steps = cfg.hires_steps or cfg.steps
+    scheduler = pipe.scheduler
+    scheduler.img2img = Img2ImgSteps(steps, cfg.denoising_strength)
+    try:
+        scheduler.set_timesteps(steps, device=upscaled.device)  # its first sigma, for the start
+        start = scheduler.img2img_start(upscaled, noise.first())
+        return _sample(pipe, conditioning, noise, start, steps, (width, height), cfg, resolved)
+    finally:
+        scheduler.img2img = None
+
+
+def _uncond_skip(pipe, cfg, resolved, steps: int) -> UncondSkip | None:
+    """The calls that run without the negative prompt (A1111's Skip Early CFG and NGMS).
+
+    ``steps``: the pass's (A1111 counts a hires pass's calls over its own steps).
+    """
     if not (cfg.skip_early_cfg or cfg.ngms):
         return None
     table = getattr(pipe.scheduler, "sigma_table", None)  # A1111's alpha_bar options, if any
@@ -735,7 +812,7 @@ def _uncond_skip(pipe, cfg, resolved) -> UncondSkip | None:
     def sigma_of(timestep) -> float:  # the sampler's sigma, as k-diffusion hands A1111's model
         return sigmas.t_to_sigma(torch.as_tensor(timestep).flatten()[0].cpu()).item()
 
-    total = schedule_steps(resolved.sampler, cfg.steps)
+    total = schedule_steps(resolved.sampler, steps)
     return UncondSkip(
         cfg.guidance, total, cfg.skip_early_cfg, cfg.ngms, cfg.ngms_all_steps, sigma_of
     )

@@ -328,6 +328,46 @@ class UniPCOptions:
     legacy_steps: bool = False
 
 
+# A1111's latent upscalers of the hires fix (its shared latent_upscale_modes): name ->
+# (torch.nn.functional.interpolate's mode, antialias)
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+# The samplers whose hires pass fulora runs as A1111's sample_img2img does: each k-diffusion
+# sampler on the tail of its sigmas (DPM fast spans them otherwise; DDIM, PLMS and UniPC step on
+# timesteps of their own; diffusers' own samplers take no sigmas)
+_NO_HIRES = ("dpm_fast", "ddim", "plms", "unipc", *_DIFFUSERS_OWN, "unipc_diffusers")
+HIRES_SAMPLERS = frozenset(n for n in SAMPLERS if _FAMILY.get(n, n) not in _NO_HIRES)
+
+
+@dataclass(frozen=True)
+class Img2ImgSteps:
+    """The sigmas of an img2img pass, as A1111's ``setup_img2img_steps`` gives the hires fix.
+
+    A1111 draws a schedule of ``int(steps / min(denoising_strength, 0.999))`` steps and samples
+    from its sigma at index ``schedule_steps - steps`` down: ``steps`` steps, from the
+    upscaled latent plus the noise times that sigma.
+    """
+
+    steps: int
+    denoising_strength: float
+
+    @property
+    def schedule_steps(self) -> int:
+        """The steps of the whole schedule drawn (more than :attr:`steps` below strength 1)."""
+        return int(self.steps / min(self.denoising_strength, 0.999))
+
+    @property
+    def skipped(self) -> int:
+        """The index of the schedule's sigma the pass starts from."""
+        return self.schedule_steps - self.steps
+
+
 # The scheduler class that takes a schedule type's sigmas, for each k-diffusion sampler's
 _ON_SCHEDULE_TYPE = {
     "EulerDiscreteScheduler": "A1111EulerScheduler",
@@ -347,6 +387,7 @@ def make_scheduler(
     schedule: SigmaSchedule | None = None,
     churn: Churn | None = None,
     unipc: UniPCOptions | None = None,
+    hires: bool = False,
 ):
     """A diffusers scheduler for sampler ``name``, built from the model's scheduler config.
 
@@ -358,6 +399,8 @@ def make_scheduler(
         churn: A1111's churn and sigma noise (``GenerateConfig.churn``); None: A1111's
             defaults (none, and the step noise as drawn).
         unipc: A1111's UniPC settings (``GenerateConfig.unipc_options``); None: its defaults.
+        hires: It also runs a hires pass (:class:`Img2ImgSteps`): fulora's scheduler on the
+            sampler's sigmas (a :data:`HIRES_SAMPLERS` one), which takes their tail.
     """
     import diffusers
 
@@ -368,8 +411,8 @@ def make_scheduler(
     if churn is not None and churn.churn > 0 and cls_name in _CHURNING:
         cls_name = _CHURNING[cls_name]
         schedule = schedule or SigmaSchedule(_OWN_SCHEDULE[name])
-    if schedule is None and cls_name in _ALWAYS_ON_SCHEDULE:  # the sampler's own
-        schedule = own_sigma_schedule(name)
+    if schedule is None:  # the sampler's own, where fulora computes it
+        schedule = own_sigma_schedule(name, hires)
     if schedule is not None:
         cls_name = _ON_SCHEDULE_TYPE.get(cls_name, cls_name)
     modules = (a1111_schedulers, kdiffusion_schedulers)
@@ -391,14 +434,14 @@ def make_scheduler(
     return scheduler
 
 
-def own_sigma_schedule(name: str) -> SigmaSchedule | None:
+def own_sigma_schedule(name: str, hires: bool = False) -> SigmaSchedule | None:
     """The sigmas a sampler steps through at A1111's defaults, where fulora computes them.
 
-    None where its scheduler's own are A1111's (Euler, Heun, LMS, DPM++ 2M, ...); the
-    two-call samplers' (DPM2, DPM2 a, DPM++ 2S a) for the rest.
+    None where its scheduler's own are A1111's (Euler, Heun, LMS, DPM++ 2M, ...) and no
+    hires pass takes their tail; the two-call samplers' (DPM2, DPM2 a, DPM++ 2S a) for the rest.
     """
     name = resolve_sampler(name)
-    if SAMPLERS[name][0] not in _ALWAYS_ON_SCHEDULE:
+    if SAMPLERS[name][0] not in _ALWAYS_ON_SCHEDULE and not hires:
         return None
     return SigmaSchedule(_OWN_SCHEDULE[name], discard_penultimate=name in DISCARD_PENULTIMATE)
 
@@ -417,9 +460,13 @@ def own_schedule(sampler: str) -> str | None:
     return _OWN_SCHEDULE.get(resolve_sampler(sampler))
 
 
-def k_diffusion_samplers() -> str:
-    """A1111's names of the k-diffusion samplers, which step on sigmas (for messages)."""
-    return ", ".join(display_name(n) for n in _OWN_SCHEDULE if n not in _FAMILY)
+def k_diffusion_samplers(hires: bool = False) -> str:
+    """A1111's names of the k-diffusion samplers, which step on sigmas (for messages).
+
+    ``hires``: those whose hires pass fulora runs (:data:`HIRES_SAMPLERS`) only.
+    """
+    names = [n for n in _OWN_SCHEDULE if n not in _FAMILY and (n in HIRES_SAMPLERS or not hires)]
+    return ", ".join(display_name(n) for n in names)
 
 
 def chosen_schedule_type(sampler: str, schedule: str) -> str | None:

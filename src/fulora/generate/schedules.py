@@ -90,7 +90,12 @@ def schedule_steps(sampler: str, steps: int) -> int:
 
 
 def read_prompt(
-    text: str, steps: int, *, negative: bool = False, old_timelines: bool = False
+    text: str,
+    steps: int,
+    *,
+    negative: bool = False,
+    old_timelines: bool = False,
+    hires_steps: int | None = None,
 ) -> list[PromptPart]:
     """A prompt's ``AND`` parts, each with its weight and its text at every step.
 
@@ -102,38 +107,54 @@ def read_prompt(
         steps: The steps it is scheduled over (:func:`schedule_steps`).
         negative: A negative prompt, which A1111 does not split at ``AND`` nor weight.
         old_timelines: A1111's "Use old prompt editing timelines" (:func:`scheduled`).
+        hires_steps: For a hires pass, its steps (:func:`schedule_steps`); ``steps`` are then
+            the first pass's (:func:`scheduled`).
 
     Returns:
         One part for a negative prompt or a prompt without ``AND``.
     """
     if negative:
-        return [PromptPart(1.0, scheduled(text, steps, old_timelines))]
+        return [PromptPart(1.0, scheduled(text, steps, old_timelines, hires_steps))]
     parts = []
     for part in _AND.split(without_networks(text)):
         words, weight = _PART_WEIGHT.fullmatch(part).groups()
-        schedule = scheduled(words, steps, old_timelines)
+        schedule = scheduled(words, steps, old_timelines, hires_steps)
         parts.append(PromptPart(float(weight) if weight else 1.0, schedule))
     return parts
 
 
 @lru_cache(maxsize=1024)  # a prompt is read by the config check, the plan and the encoding
-def scheduled(text: str, steps: int, old_timelines: bool = False) -> tuple[tuple[int, str], ...]:
+def scheduled(
+    text: str, steps: int, old_timelines: bool = False, hires_steps: int | None = None
+) -> tuple[tuple[int, str], ...]:
     """A prompt's ``(last step, text)`` pairs as A1111 edits and alternates it; one if neither.
 
     An edit's number is a step if whole, a fraction of the steps if it has a point; with
     ``old_timelines`` (A1111's "Use old prompt editing timelines", its rule before v1.6) a
     fraction if below 1, else a step (``[a:b:2.5]``: step 2).
 
+    A hires pass (``hires_steps``, its steps; ``steps`` the first pass's) is scheduled over its
+    own steps, as if they came after the first pass's: a whole number counts from the end of
+    the first pass (``[a:b:25]`` after 20 first steps: step 5 of the pass), a number with a
+    point from 1 (``1.5``: half the pass's steps), so an edit of the first pass is over at its
+    start. With ``old_timelines`` the pass is scheduled as the first pass is (A1111's
+    ``get_learned_conditioning_prompt_schedules``).
+
     The parse takes time on long prompts with brackets (Earley, as in A1111: 2.5 s for 40
     edits in 1,160 characters on this project's CPU); a prompt without '[' has neither edits
     nor alternations, and is its own text without being parsed.
     """
+    offsets = (0, 0.0)  # whole steps, fractions, before the steps scheduled over
+    if hires_steps is not None and not old_timelines:
+        steps, offsets = hires_steps, (steps, 1.0)
     if "[" not in text:
         return ((steps, text),)
     tree = _parse(text)
     if tree is None:  # A1111 reads what its grammar cannot parse as written
         return ((steps, text),)
-    whens = {id(edit): _edit_step(edit, steps, old_timelines) for edit in tree.find_data("edit")}
+    whens = {
+        id(edit): _edit_step(edit, steps, old_timelines, offsets) for edit in tree.find_data("edit")
+    }
     ends = {steps, *(when for when in whens.values() if when >= 1)}
     if any(True for _ in tree.find_data("alternation")):
         ends.update(range(1, steps + 1))  # every step has its own text
@@ -152,12 +173,19 @@ def _parse(text: str) -> lark.Tree | None:
         return None
 
 
-def _edit_step(edit: lark.Tree, steps: int, old_timelines: bool) -> int:
-    """The last step of an edit's ``from`` text: a whole number, or a fraction of the steps."""
+def _edit_step(
+    edit: lark.Tree, steps: int, old_timelines: bool, offsets: tuple[int, float] = (0, 0.0)
+) -> int:
+    """The last step of an edit's ``from`` text: a whole number, or a fraction of the steps.
+
+    ``offsets``: the steps before those scheduled over, whole and as a fraction (a hires
+    pass's, :func:`scheduled`); below 1 the edit is over before the first step.
+    """
     number = str(edit.children[-2])
     value = float(number)
     fraction = value < 1 if old_timelines else "." in number
-    return min(steps, int(value * steps if fraction else value))
+    whole, part = offsets
+    return min(steps, int((value - part) * steps if fraction else value - whole))
 
 
 def _text_at(node: lark.Tree | lark.Token | None, step: int, whens: dict[int, int]) -> str:
