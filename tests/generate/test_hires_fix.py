@@ -18,7 +18,7 @@ from PIL import Image
 
 from fulora.errors import ConfigError
 from fulora.generate.config import GenerateConfig
-from fulora.generate.hires import image_size, upscale_latents
+from fulora.generate.hires import upscale_latents
 from fulora.generate.samplers import (
     Img2ImgSteps,
     make_scheduler,
@@ -42,7 +42,11 @@ def _config(case: dict) -> GenerateConfig:
     settings = {_SETTING[k]: v for k, v in case.items() if k in _SETTING}
     if resolve_schedule_type(case["type"]) != own_schedule(case["sampler"]):
         settings["schedule_type"] = case["type"]
-    settings |= dict(hires_scale=case["scale"], hires_steps=case["hires_steps"])
+    if case["resize"] == [0, 0]:
+        settings["hires_scale"] = case["scale"]
+    else:
+        settings["hires_resize_width"], settings["hires_resize_height"] = case["resize"]
+    settings["hires_steps"] = case["hires_steps"]
     settings |= dict(denoising_strength=case["denoising_strength"], hires_upscaler=case["upscaler"])
     return GenerateConfig(base="unused", sampler=case["sampler"], steps=case["steps"], **settings)
 
@@ -70,8 +74,9 @@ def hires_fix(cfg: GenerateConfig, seed: int, shape=(1, 4, 4, 6)) -> tuple[torch
     generator = torch.Generator().manual_seed(seed)
     first = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
     first = _steps(scheduler, first, generator, seed)
-    width, height = image_size(shape[3] * 8, shape[2] * 8, cfg.hires_scale)
-    upscaled = upscale_latents(first, (height // 8, width // 8), cfg.hires_upscaler)
+    upscaled = upscale_latents(
+        first, cfg.hires_target(shape[3] * 8, shape[2] * 8), cfg.hires_upscaler
+    )
     generator = torch.Generator().manual_seed(seed)  # the pass's own, as A1111's new ImageRNG
     noise = torch.randn(upscaled.shape, generator=generator)
     steps = cfg.hires_steps or cfg.steps
@@ -89,9 +94,11 @@ def _gap(x: torch.Tensor, recorded: list[float]) -> float:
 @pytest.mark.filterwarnings("ignore:Should have t")  # torchsde on float32 sigmas
 @pytest.mark.parametrize("key", sorted(RECORDED["cases"]))
 def test_hires_pass_is_a1111s(key):
-    """13 samplers (churn and eta too), 6 latent upscalers, scales 1.25 to 2, denoising 0.3 to
-    1, hires steps 0 (the first pass's) or others: the hires pass calls the model at A1111's
-    sigmas, call for call, and lands within 1e-6 of A1111's result."""
+    """13 samplers (churn and eta too), 6 latent upscalers, scales 1.25 to 2 and 5 resizes
+    (one side given; both, at the first pass's aspect ratio or cut to another, the odd latent
+    pixel cut from the right or bottom), denoising 0.3 to 1, hires steps 0 (the first pass's) or
+    others: the hires pass calls the model at A1111's sigmas, call for call, and lands within
+    1e-6 of A1111's result, at its shape."""
     case = RECORDED["cases"][key]
     first, hires, scheduler = hires_fix(_config(case), RECORDED["seed"])
     assert _gap(first, RECORDED["first"][key]) < GAP, key
@@ -171,7 +178,8 @@ def test_hires_settings_are_written_as_a1111_writes_them_and_read_back(tiny_mode
     expected = dict(hires_scale=2.0, hires_steps=3, denoising_strength=0.6)
     expected["hires_upscaler"] = "Latent (nearest-exact)"
     assert {key: read[key] for key in expected} == expected
-    again, _ = _generate(tiny_model, tmp_path / "again", **{**settings, "per_class": 1})
+    from_text = {key: read[key] for key in expected}
+    again, _ = _generate(tiny_model, tmp_path / "again", **{**settings, **from_text})
     assert np.array_equal(again[path.name], images[path.name])
 
 
@@ -186,6 +194,8 @@ def test_hires_settings_are_written_as_a1111_writes_them_and_read_back(tiny_mode
         ({"hires_scale": 2, "hires_upscaler": "Lanczos"}, "latent upscalers"),
         ({"hires_scale": 2, "denoising_strength": 0}, "denoising_strength"),
         ({"hires_scale": 0.5}, "hires_scale"),
+        ({"hires_scale": 2, "hires_resize_width": 64}, "set one"),
+        ({"hires_resize_height": 4}, "hires_resize_height 4: give 8 or more"),
         ({"hires_scale": 2, "prompts": {"brain": "[x:(a: 1.3):35]"}}, "of the hires pass read"),
     ],
 )
@@ -200,7 +210,8 @@ _TEXT = "a photo\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ("Denoising strength: 0.7, Hires resize: 1024x1024", "Hires resize"),
+        ("Denoising strength: 0.7, Hires upscale: 2, Hires schedule type: Karras", "type: Kar"),
+        ("Denoising strength: 0.7, Hires resize: 0x1024, Hires prompt: x", "Hires prompt: x"),
         ("Denoising strength: 0.7, Hires upscale: 2, Hires sampler: Euler", "Hires sampler"),
         ("Denoising strength: 0.75", "img2img"),
         ("Hires upscale: 2", "no Denoising strength"),
@@ -212,6 +223,27 @@ def test_a1111_hires_texts_fulora_does_not_run_are_refused(fields, message):
 
     with pytest.raises(ConfigError, match=message):
         generate_settings(read_a1111_parameters(_TEXT + fields), "brain")
+
+
+def test_a_hires_resize_cuts_to_its_size_and_is_written_as_a1111_writes_it(tiny_model, tmp_path):
+    """ "Hires resize" 96x48 of a 48x32 first pass: upscaled to 96x64 (its aspect ratio), cut
+    to 96x48 from the top and bottom; written as A1111 writes it, read back, the same pixels."""
+    from fulora.generate.infotext import generate_settings, read_a1111_parameters
+
+    settings = dict(sampler="Euler a", hires_resize_width=96, hires_resize_height=48)
+    images, record = _generate(tiny_model, tmp_path / "run", **settings)
+    assert record["size"] == "96x48"
+    assert all(pixels.shape == (48, 96) for pixels in images.values())
+    path = next((tmp_path / "run" / "brain").glob("*.png"))
+    with Image.open(path) as image:
+        text = image.text["parameters"]
+    assert "Denoising strength: 0.7, Hires resize: 96x48, Hires upscaler: Latent" in text
+    assert "Hires upscale:" not in text
+    read = generate_settings(read_a1111_parameters(text), "brain")
+    assert (read["hires_resize_width"], read["hires_resize_height"]) == (96, 48)
+    from_text = {key: read[key] for key in ("hires_resize_width", "hires_resize_height")}
+    again, _ = _generate(tiny_model, tmp_path / "again", **{**settings, **from_text})
+    assert np.array_equal(again[path.name], images[path.name])
 
 
 def test_a1111_hires_text_is_read_with_its_defaults():

@@ -119,6 +119,8 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "unipc_lower_order_final": True,
         "unipc_legacy_steps": False,
         "hires_scale": None,
+        "hires_resize_width": 0,
+        "hires_resize_height": 0,
         "hires_upscaler": "Latent",
         "hires_steps": 0,
         "denoising_strength": 0.7,

@@ -21,6 +21,7 @@ from fulora.config import (
     Range,
 )
 from fulora.errors import ConfigError
+from fulora.generate.hires import HiresTarget, hires_target
 from fulora.generate.networks import plane_lora_weights
 from fulora.generate.prompts import check_prompt_syntax, strip_comments
 from fulora.generate.samplers import (
@@ -51,8 +52,9 @@ from fulora.generate.schedules import schedule_steps
 from fulora.lora.config import DEFAULT_BASE
 from fulora.planes import PAPER_PLANES
 
-# the hires fix's settings other than hires_scale, which turns it on
+# the hires fix's settings other than its size (hires_scale, hires_resize_*), which turns it on
 HIRES_SETTINGS = ("hires_upscaler", "hires_steps", "denoising_strength")
+HIRES_SIZES = ("hires_scale", "hires_resize_width", "hires_resize_height")
 
 
 def _noise_owners(key: str) -> str:
@@ -119,6 +121,8 @@ class GenerateConfig(Checked):
         "sigma_noise": AT_LEAST_0,
         "unipc_order": Range(1, 50),
         "hires_scale": Range(1, 8),
+        "hires_resize_width": AT_LEAST_0,
+        "hires_resize_height": AT_LEAST_0,
         "hires_steps": AT_LEAST_0,
         "denoising_strength": Range(0, 1, low_open=True),
         "beta_schedule_beta": POSITIVE,
@@ -182,9 +186,25 @@ class GenerateConfig(Checked):
         return {"emphasis": self.emphasis, "old_timelines": self.old_prompt_editing}
 
     @property
+    def hires_fix(self) -> bool:
+        """Whether A1111's hires fix is on: ``hires_scale`` or a ``hires_resize_*`` set."""
+        return self.hires_scale is not None or any(self.hires_resize)
+
+    @property
+    def hires_resize(self) -> tuple[int, int]:
+        """A1111's "Hires resize" (width, height); (0, 0): none."""
+        return self.hires_resize_width, self.hires_resize_height
+
+    def hires_target(self, width: int, height: int) -> HiresTarget | None:
+        """Where the hires pass upscales a first pass of ``width`` x ``height``; None: off."""
+        if not self.hires_fix:
+            return None
+        return hires_target(width, height, self.hires_scale, self.hires_resize)
+
+    @property
     def hires_prompt_steps(self) -> int | None:
         """The steps A1111 schedules the prompts over in the hires pass; None: no hires pass."""
-        if self.hires_scale is None:
+        if not self.hires_fix:
             return None
         return schedule_steps(resolve_sampler(self.sampler), self.hires_steps or self.steps)
 
@@ -293,15 +313,25 @@ class GenerateConfig(Checked):
 
     def _check_hires(self) -> None:
         """The hires fix's settings with it on only, on a sampler and upscaler fulora runs."""
-        if self.hires_scale is None:
+        if not self.hires_fix:
             for key in HIRES_SETTINGS:
                 default = self.__dataclass_fields__[key].default
                 if getattr(self, key) != default:
                     raise ConfigError(
-                        f"{key} is a setting of A1111's hires fix, which is off (hires_scale "
-                        f"not set): set hires_scale (its 'Hires upscale'), or {key}: {default}"
+                        f"{key} is a setting of A1111's hires fix, which is off: set "
+                        "hires_scale (its 'Hires upscale') or hires_resize_width and _height "
+                        f"(its 'Hires resize'), or {key}: {default}"
                     )
             return
+        for key in ("hires_resize_width", "hires_resize_height"):
+            if 0 < getattr(self, key) < 8:
+                raise ConfigError(f"{key} {getattr(self, key)}: give 8 or more, or 0")
+        if self.hires_scale is not None and any(self.hires_resize):
+            raise ConfigError(
+                f"hires_scale {self.hires_scale:g} and hires_resize "
+                f"{self.hires_resize_width}x{self.hires_resize_height} both set the hires "
+                "pass's size (A1111 takes the resize): set one"
+            )
         if resolve_sampler(self.sampler) not in HIRES_SAMPLERS:
             raise ConfigError(
                 f"hires_scale: fulora runs A1111's hires pass with the k-diffusion samplers "
@@ -623,6 +653,10 @@ class GenerateConfig(Checked):
     # this, from the first pass's latent upscaled (hires_upscaler) and noised again to the
     # denoising strength's sigma, with the same sampler and prompts; None: off (one pass)
     hires_scale: float | None = None
+    # A1111's "Hires resize" (width, height) instead of a scale: a side 0 follows the other at
+    # the first pass's aspect ratio; both: the first pass upscaled to cover them, then cut
+    hires_resize_width: int = 0
+    hires_resize_height: int = 0
     # A1111's "Hires upscaler": a latent one, "Latent" (bilinear, its default), "Latent
     # (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
     # "Latent (nearest-exact)"

@@ -14,9 +14,9 @@ version before v1.7.0-225, as A1111's backcompat reads it), the "Zero Terminal S
 schedule, the "SGM noise multiplier", "Sigma churn", "tmin", "tmax" and "noise", the
 textual-inversion embeddings' hashes ("TI hashes": their files are given with
 ``embeddings``), the UniPC settings and the hires fix with a latent upscaler ("Hires
-upscale", "Hires steps", "Hires upscaler", "Denoising strength"). The model and the LoRA are
-the run's own (``base``, ``lora``); a setting that fulora does not run ("Hires resize",
-"Hires sampler", ...) is refused, naming it, since A1111 would make another image with it.
+upscale" or "Hires resize", "Hires steps", "Hires upscaler", "Denoising strength"). The model
+and the LoRA are the run's own (``base``, ``lora``); a setting that fulora does not run
+("Hires sampler", ...) is refused, naming it, since A1111 would make another image with it.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ _SETTINGS += ("Old prompt editing timelines", "Downcast alphas_cumprod", "Noise 
 _SETTINGS += ("SGM noise multiplier", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise")
 _SETTINGS += ("TI hashes", "UniPC variant", "UniPC skip type", "UniPC order")
 _SETTINGS += ("UniPC lower order final", "Denoising strength", "Hires upscale", "Hires steps")
-_SETTINGS += ("Hires upscaler", "Hires CFG Scale")
+_SETTINGS += ("Hires upscaler", "Hires CFG Scale", "Hires resize-1", "Hires resize-2")
 # A1111's churn fields (written where not its default) -> generate's settings
 _CHURN = {"sigma_churn": "Sigma churn", "sigma_tmin": "Sigma tmin", "sigma_tmax": "Sigma tmax"}
 _CHURN["sigma_noise"] = "Sigma noise"
@@ -305,18 +305,23 @@ def _negative_pass(fields: dict[str, str]) -> dict[str, Any]:
 
 
 def _hires_settings(fields: dict[str, str]) -> dict[str, Any]:
-    """A1111's hires fix ("Hires upscale", ...), where its text has one.
+    """A1111's hires fix ("Hires upscale" or "Hires resize", ...), where its text has one.
 
     A1111 writes "Hires steps" where not 0 and "Hires upscaler" where chosen (else its
     default, "Latent"); "Hires CFG Scale" (some versions) is read where it is the CFG scale.
     """
-    if "Hires upscale" not in fields:
-        if "Denoising strength" in fields:
-            raise ConfigError(
-                f"the A1111 settings hold Denoising strength: {fields['Denoising strength']} "
-                "without Hires upscale: an img2img image's, and fulora makes txt2img ones: "
-                "give a txt2img image's settings"
-            )
+    if "Hires upscale" in fields:
+        size: dict[str, Any] = {"hires_scale": _number(fields, "Hires upscale", float)}
+    elif "Hires resize-1" in fields:
+        size = {"hires_resize_width": _number(fields, "Hires resize-1", int)}
+        size["hires_resize_height"] = _number(fields, "Hires resize-2", int)
+    elif "Denoising strength" in fields:
+        raise ConfigError(
+            f"the A1111 settings hold Denoising strength: {fields['Denoising strength']} "
+            "without Hires upscale or Hires resize: an img2img image's, and fulora makes "
+            "txt2img ones: give a txt2img image's settings"
+        )
+    else:
         return {}
     if "Denoising strength" not in fields:
         raise ConfigError("the A1111 settings name no Denoising strength for their hires fix")
@@ -329,8 +334,7 @@ def _hires_settings(fields: dict[str, str]) -> dict[str, Any]:
             f"pass at {fields['CFG scale']}, and fulora guides both at one: give the settings "
             "without --a1111"
         )
-    return {
-        "hires_scale": _number(fields, "Hires upscale", float),
+    return size | {
         "hires_steps": _number(fields, "Hires steps", int) if "Hires steps" in fields else 0,
         "hires_upscaler": fields.get("Hires upscaler", "Latent"),
         "denoising_strength": _number(fields, "Denoising strength", float),

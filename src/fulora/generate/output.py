@@ -26,7 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 from fulora import __version__
 from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import DataError
-from fulora.generate.config import HIRES_SETTINGS, GenerateConfig
+from fulora.generate.config import HIRES_SETTINGS, HIRES_SIZES, GenerateConfig
 from fulora.generate.infotext import A1111_DEFAULT_RNG, A1111_RNG_NAMES
 from fulora.generate.inversions import listed_name
 from fulora.generate.networks import lora_tags
@@ -162,14 +162,15 @@ def _a1111_unipc(cfg: GenerateConfig) -> dict[str, Any]:
 
 def _a1111_hires(cfg: GenerateConfig) -> dict[str, Any]:
     """A1111's hires fix fields (its "Size" stays the first pass's); none when it is off."""
-    if cfg.hires_scale is None:
+    if not cfg.hires_fix:
         return {}
-    return {
-        "Denoising strength": f"{cfg.denoising_strength:g}",
-        "Hires upscale": f"{cfg.hires_scale:g}",
-        "Hires steps": cfg.hires_steps or None,  # A1111 writes them where not 0
-        "Hires upscaler": cfg.hires_upscaler,
-    }
+    fields: dict[str, Any] = {"Denoising strength": f"{cfg.denoising_strength:g}"}
+    if any(cfg.hires_resize):
+        fields["Hires resize"] = f"{cfg.hires_resize_width}x{cfg.hires_resize_height}"
+    else:
+        fields["Hires upscale"] = f"{cfg.hires_scale:g}"
+    fields["Hires steps"] = cfg.hires_steps or None  # A1111 writes them where not 0
+    return fields | {"Hires upscaler": cfg.hires_upscaler}
 
 
 def _a1111_churn(cfg: GenerateConfig) -> dict[str, Any]:
@@ -313,7 +314,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "unipc_lower_order_final": cfg.unipc_lower_order_final,
         "unipc_legacy_steps": cfg.unipc_legacy_steps,
         # A1111's hires fix (hires_scale None: off); width and height are the first pass's
-        **{key: getattr(cfg, key) for key in ("hires_scale", *HIRES_SETTINGS)},
+        **{key: getattr(cfg, key) for key in (*HIRES_SIZES, *HIRES_SETTINGS)},
         "skip_early_cfg": cfg.skip_early_cfg,
         "ngms": cfg.ngms,
         "ngms_all_steps": cfg.ngms_all_steps,

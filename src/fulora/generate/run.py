@@ -38,7 +38,7 @@ from fulora.generate.config import GenerateConfig, check_rng_device
 from fulora.generate.decode import Decoder
 from fulora.generate.encode import empty_prompt, encode_prompts, unet_rows
 from fulora.generate.guidance import Conditioning, UncondSkip, guided, padded_sides
-from fulora.generate.hires import image_size, upscale_latents
+from fulora.generate.hires import upscale_latents
 from fulora.generate.inversions import (
     check_embedding_hashes,
     embedding_files,
@@ -312,6 +312,12 @@ def compile_options(cfg: GenerateConfig) -> dict[str, bool]:
     return options
 
 
+def _image_size(cfg: GenerateConfig, resolved: _Plan) -> tuple[int, int]:
+    """The (width, height) of the images written: the hires pass's, else the plan's."""
+    target = cfg.hires_target(resolved.width, resolved.height)
+    return target.size if target is not None else (resolved.width, resolved.height)
+
+
 def _auto_batch(device: torch.device, width: int, height: int, rows: int = 2) -> int:
     """Images per batch that fit the GPU's free memory; ``rows``: UNet rows per image."""
     if device.type != "cuda":
@@ -382,8 +388,7 @@ def generate(
     steps = schedule_steps(resolved.sampler, cfg.steps)
     prompts = [resolved.prompts[plane] for plane in resolved.planes]
     rows = unet_rows(prompts, steps, guided=cfg.guidance > 1)
-    size = image_size(resolved.width, resolved.height, cfg.hires_scale)  # the largest pass's
-    batch = resolved.batch_size or _auto_batch(device, *size, rows)
+    batch = resolved.batch_size or _auto_batch(device, *_image_size(cfg, resolved), rows)
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise ConfigError(f"shard {shard}: expected (k, n) with 0 <= k < n")
     index, count = shard or (state.process_index, state.num_processes)
@@ -549,7 +554,7 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
         images=len(manifest),
         per_plane=manifest.counts("label"),
         prompts=resolved.prompts,
-        size="x".join(map(str, image_size(resolved.width, resolved.height, cfg.hires_scale))),
+        size="x".join(map(str, _image_size(cfg, resolved))),
         lora=str(resolved.lora or ""),
         lora_sha256=resolved.lora_sha256,
         embeddings_sha256=resolved.embeddings_sha256,
@@ -625,7 +630,7 @@ def _load_generator(cfg, resolved, device, dtype):
     lora = _PlaneLora(pipe, cfg, resolved)
     schedule, churn, unipc = cfg.sigma_schedule(), cfg.churn(), cfg.unipc_options()
     config = pipe.scheduler.config
-    hires = cfg.hires_scale is not None
+    hires = cfg.hires_fix
     pipe.scheduler = make_scheduler(resolved.sampler, config, schedule, churn, unipc, hires)
     pipe.to(device)
     apply_speedups(pipe, cfg, device)
@@ -785,8 +790,9 @@ def _hires_pass(pipe, conditioning, latents, seeds, cfg, resolved, indices) -> t
     They are upscaled, noised anew from each image's seed at the larger size, and sampled
     over the tail of a longer schedule.
     """
-    width, height = image_size(resolved.width, resolved.height, cfg.hires_scale)
-    upscaled = upscale_latents(latents, latent_shape(pipe, height, width)[2:], cfg.hires_upscaler)
+    target = cfg.hires_target(resolved.width, resolved.height)
+    upscaled = upscale_latents(latents, target, cfg.hires_upscaler, pipe.vae_scale_factor)
+    width, height = target.size
     noise = _image_noise(pipe, cfg, seeds, indices, width, height)
     steps = cfg.hires_steps or cfg.steps
     scheduler = pipe.scheduler
