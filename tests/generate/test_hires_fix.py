@@ -18,7 +18,7 @@ from PIL import Image
 
 from fulora.errors import ConfigError
 from fulora.generate.config import GenerateConfig
-from fulora.generate.hires import upscale_latents
+from fulora.generate.hires import hires_target, upscale_latents
 from fulora.generate.samplers import (
     Img2ImgSteps,
     make_scheduler,
@@ -53,8 +53,10 @@ def _config(case: dict) -> GenerateConfig:
 
 def _scheduler(cfg: GenerateConfig):
     config = sd15_scheduler().config
-    scheduler = make_scheduler(cfg.sampler, config, cfg.sigma_schedule(), cfg.churn(), hires=True)
-    scheduler.eta = cfg.eta_ancestral
+    options = (cfg.sigma_schedule(), cfg.churn(), cfg.unipc_options())
+    scheduler = make_scheduler(cfg.sampler, config, *options, hires=True)
+    key = getattr(scheduler, "eta_setting", None)  # the step noise's eta, as generate sets it
+    scheduler.eta = getattr(cfg, key) if key else getattr(scheduler, "eta", None)
     return scheduler
 
 
@@ -74,9 +76,8 @@ def hires_fix(cfg: GenerateConfig, seed: int, shape=(1, 4, 4, 6)) -> tuple[torch
     generator = torch.Generator().manual_seed(seed)
     first = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
     first = _steps(scheduler, first, generator, seed)
-    upscaled = upscale_latents(
-        first, cfg.hires_target(shape[3] * 8, shape[2] * 8), cfg.hires_upscaler
-    )
+    target = hires_target(shape[3] * 8, shape[2] * 8, cfg.hires_scale, cfg.hires_resize)
+    upscaled = upscale_latents(first, target, cfg.hires_upscaler)
     generator = torch.Generator().manual_seed(seed)  # the pass's own, as A1111's new ImageRNG
     noise = torch.randn(upscaled.shape, generator=generator)
     steps = cfg.hires_steps or cfg.steps
@@ -94,7 +95,7 @@ def _gap(x: torch.Tensor, recorded: list[float]) -> float:
 @pytest.mark.filterwarnings("ignore:Should have t")  # torchsde on float32 sigmas
 @pytest.mark.parametrize("key", sorted(RECORDED["cases"]))
 def test_hires_pass_is_a1111s(key):
-    """13 samplers (churn and eta too), 6 latent upscalers, scales 1.25 to 2 and 5 resizes
+    """14 samplers (churn and eta too), 6 latent upscalers, scales 1.25 to 2 and 5 resizes
     (one side given; both, at the first pass's aspect ratio or cut to another, the odd latent
     pixel cut from the right or bottom), denoising 0.3 to 1, hires steps 0 (the first pass's) or
     others: the hires pass calls the model at A1111's sigmas, call for call, and lands within
@@ -139,8 +140,10 @@ _HIRES = dict(hires_scale=2, hires_steps=3, denoising_strength=0.6)
         {"sampler": "DPM++ 2M Karras", "hires_upscaler": "Latent (bicubic antialiased)"},
         {"sampler": "DPM++ SDE Karras", "variation_seed": 9, "variation_strength": 0.3},
         {"sampler": "Heun", "skip_early_cfg": 0.3},
+        {"sampler": "DDIM", "eta_ddim": 0.5, "hires_steps": 4},
+        {"sampler": "UniPC", "hires_steps": 4, "discard_penultimate_sigma": True},
     ],
-    ids=["euler_a", "dpmpp_2m_karras", "dpmpp_sde", "heun"],
+    ids=["euler_a", "dpmpp_2m_karras", "dpmpp_sde", "heun", "ddim", "unipc"],
 )
 def test_hires_images_are_larger_and_each_images_own(tiny_model, tmp_path, settings):
     """Through ``generate``: the images are the hires size (2 x 48x32), other than without the
@@ -188,9 +191,11 @@ def test_hires_settings_are_written_as_a1111_writes_them_and_read_back(tiny_mode
     [
         ({"hires_steps": 10}, "hires fix, which is off"),
         ({"denoising_strength": 0.5}, "set hires_scale"),
-        ({"hires_scale": 2, "sampler": "DDIM"}, "'DDIM' is not one"),
-        ({"hires_scale": 2, "sampler": "DPM fast"}, "'DPM fast' is not one"),
-        ({"hires_scale": 2, "sampler": "UniPC"}, "'UniPC' is not one"),
+        ({"hires_scale": 2, "sampler": "ddim_diffusers"}, "diffusers' own"),
+        ({"hires_scale": 2, "sampler": "PLMS", "hires_steps": 2}, "give 3 or more"),
+        ({"hires_scale": 2, "sampler": "DDIM", "steps": 2}, "steps 2: A1111's DDIM"),
+        ({"hires_scale": 2, "sampler": "UniPC", "hires_steps": 3}, "lower unipc_order"),
+        ({"hires_scale": 2, "sampler": "UniPC", "unipc_legacy_steps": True}, "versions before"),
         ({"hires_scale": 2, "hires_upscaler": "Lanczos"}, "latent upscalers"),
         ({"hires_scale": 2, "denoising_strength": 0}, "denoising_strength"),
         ({"hires_scale": 0.5}, "hires_scale"),
@@ -305,3 +310,47 @@ def test_a_prompts_edits_are_scheduled_anew_in_the_hires_pass(tiny_model, tmp_pa
     [femur], [femur_too], [brain_again] = (list(made[name].values()) for name in prompts)
     assert np.array_equal(femur, femur_too)
     assert np.abs(femur.astype(int) - brain_again.astype(int)).max() > 0
+
+
+TIMESTEPS = json.loads((_REFERENCE / "a1111_hires_timesteps.json").read_text())
+
+
+def _timesteps_config(case: dict) -> GenerateConfig:
+    settings = dict(hires_scale=case["scale"], hires_steps=case["hires_steps"])
+    settings |= dict(denoising_strength=case["denoising_strength"], hires_upscaler=case["upscaler"])
+    settings |= {"unipc_variant": case["variant"]} if "variant" in case else {}
+    settings |= {"unipc_skip_type": case["skip"]} if "skip" in case else {}
+    settings |= {"unipc_order": case["order"]} if "order" in case else {}
+    settings |= {"discard_penultimate_sigma": True} if case.get("discard") else {}
+    return GenerateConfig(base="unused", sampler=case["sampler"], steps=case["steps"], **settings)
+
+
+@pytest.mark.parametrize("key", sorted(TIMESTEPS["cases"]))
+def test_hires_pass_of_ddim_plms_and_unipc_is_a1111s(key):
+    """DDIM, PLMS and UniPC (bh1, bh2; time_uniform, logSNR, time_quadratic; discard), 3
+    upscalers: the pass runs the model at A1111's timesteps (the lower ``hires steps - 1``
+    points of the longer grid, its start noised to the point above, as A1111 does; UniPC from
+    that point's time plus 1/N), and lands within 1e-6 of A1111's result."""
+    case = TIMESTEPS["cases"][key]
+    cfg = _timesteps_config(case)
+    first, hires, scheduler = hires_fix(cfg, TIMESTEPS["seed"])
+    assert _gap(first, TIMESTEPS["first"][key]) < GAP, key
+    assert list(hires.shape) == case["shape"]
+    assert scheduler.timesteps.tolist() == pytest.approx(TIMESTEPS["calls"][key], rel=1e-5)
+    assert _gap(hires, TIMESTEPS["x0"][key]) < GAP, key
+
+
+@pytest.mark.gpu
+def test_hires_images_are_each_images_own_on_cuda(tiny_model, tmp_path):
+    """On CUDA (fp32) the hires pass's images alone and in a batch are within 1 grey level
+    (Euler a, its step noise from the pass's GPU generators; DPM++ SDE, its trees on the GPU);
+    in fp16 they are finite, and the upscale runs on the fp16 latents."""
+    for sampler in ("Euler a", "DPM++ SDE"):
+        settings = dict(sampler=sampler, device="cuda", rng="gpu", dtype="fp32", **_HIRES)
+        runs = {size: _generate(tiny_model, tmp_path / f"{sampler}{size}", batch_size=size,
+                                **settings)[0] for size in (1, 2)}  # fmt: skip
+        for key, pixels in runs[1].items():
+            assert pixels.shape == (64, 96)
+            assert np.abs(pixels.astype(int) - runs[2][key].astype(int)).max() <= 1
+    half, _ = _generate(tiny_model, tmp_path / "fp16", **{**settings, "dtype": "fp16"})
+    assert all(pixels.std() > 0 for pixels in half.values())

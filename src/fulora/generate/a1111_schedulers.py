@@ -91,6 +91,36 @@ def a1111_timesteps(steps: int, train_timesteps: int = 1000) -> np.ndarray:
     return np.clip(grid, 0, train_timesteps - 1).astype(np.int64)
 
 
+def a1111_img2img_grid(img2img, discard: bool, train_timesteps: int = 1000):
+    """A1111's img2img pass of DDIM, PLMS or UniPC (its ``CompVisSampler.sample_img2img``).
+
+    Args:
+        img2img: The pass's steps (``fulora.generate.samplers.Img2ImgSteps``).
+        discard: "Discard penultimate sigma" (a grid of a step more).
+        train_timesteps: The model's.
+
+    Returns:
+        (the grid the pass steps through, ``timesteps[:t_enc]`` with ``t_enc = steps - 1``;
+        the timestep its start is noised to, ``timesteps[t_enc]``, one point above the first
+        it runs the model at, as in A1111).
+    """
+    grid = a1111_timesteps(img2img.schedule_steps + discard, train_timesteps)
+    t_enc = img2img.steps - 1
+    return grid[:t_enc], int(grid[t_enc])
+
+
+def noised_to(bars: torch.Tensor, timestep: int, latents, noise) -> torch.Tensor:
+    """A1111's img2img start for DDIM, PLMS and UniPC, in fp32 or wider.
+
+    The latents and the noise mixed at a timestep's alpha_bar, ``x * sqrt(a) + noise *
+    sqrt(1 - a)``, the roots in the table's dtype (fp16 with "Downcast alphas_cumprod").
+    """
+    bar = bars[timestep]
+    wide = torch.promote_types(latents.dtype, torch.float32)
+    keep, add = (root.to(latents.device, wide) for root in (torch.sqrt(bar), torch.sqrt(1 - bar)))
+    return latents.to(wide) * keep + noise.to(latents.device, wide) * add
+
+
 def alpha_bar_options(schedule) -> tuple[bool, bool]:
     """A ``SigmaSchedule``'s (downcast, zero terminal SNR); both off without a schedule."""
     return (schedule.downcast, schedule.zero_terminal_snr) if schedule else (False, False)
@@ -282,14 +312,22 @@ class A1111DDIMScheduler(DDIMScheduler):
     #: A1111's alpha_bar options (``SigmaSchedule.downcast``, ``zero_terminal_snr``) and its
     #: "Discard penultimate sigma" (a grid of a step more); None: off
     sigma_schedule = None
+    #: an img2img pass, A1111's hires fix (``fulora.generate.samplers.Img2ImgSteps``): the
+    #: lower points of a longer grid (:func:`a1111_img2img_grid`), from :meth:`img2img_start`
+    img2img = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """The timesteps the model runs at (the pipeline's loop), and each step's target.
 
-        With A1111's "Discard penultimate sigma" its grid is that of a step more.
+        With A1111's "Discard penultimate sigma" its grid is that of a step more; an img2img
+        pass takes the lower points of the grid of its whole schedule.
         """
         discard = bool(self.sigma_schedule and self.sigma_schedule.discard_penultimate)
-        grid = a1111_timesteps(num_inference_steps + discard, self.config.num_train_timesteps)
+        total = self.config.num_train_timesteps
+        if self.img2img is not None:
+            grid, self._noised_to = a1111_img2img_grid(self.img2img, discard, total)
+        else:
+            grid = a1111_timesteps(num_inference_steps + discard, total)
         self._bars = a1111_alpha_bars(self.alphas_cumprod, *alpha_bar_options(self.sigma_schedule))
         self.num_inference_steps = num_inference_steps
         # (from, to) per step, top down; a list, since a clipped grid repeats a timestep
@@ -299,6 +337,10 @@ class A1111DDIMScheduler(DDIMScheduler):
 
     def _evaluated(self, grid: np.ndarray) -> list[int]:
         return grid[:0:-1].tolist()
+
+    def img2img_start(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """An img2img pass's first sample (:func:`noised_to`); call after ``set_timesteps``."""
+        return noised_to(self._bars, self._noised_to, latents, noise)
 
     def _epsilon(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
         """The noise estimate; a v-prediction converted as A1111's CompVisTimestepsVDenoiser."""
@@ -411,6 +453,10 @@ class A1111UniPCScheduler(UniPCMultistepScheduler):
 
     skip_type = "time_uniform"  # A1111's uni_pc_skip_type: time_uniform, time_quadratic, logSNR
     legacy_steps = False  # A1111 before v1.6: ``steps`` UniPC steps
+    #: an img2img pass, A1111's hires fix (``fulora.generate.samplers.Img2ImgSteps``): as many
+    #: steps as the lower points of a longer DDIM grid (:func:`a1111_img2img_grid`), from the
+    #: time just above the highest, from :meth:`img2img_start`
+    img2img = None
     vary_coeff = False  # A1111's "UniPC variant" vary_coeff (:meth:`_vary_coeff_update`)
     #: A1111's "Discard penultimate sigma" (a grid of steps + 1) and alpha_bar options
     #: (``SigmaSchedule``: downcast, zero terminal SNR); None: off
@@ -424,19 +470,31 @@ class A1111UniPCScheduler(UniPCMultistepScheduler):
         return a1111_grid_points(steps, self.config.num_train_timesteps)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        """The solver's state for A1111's number of steps, then A1111's times and sigmas."""
-        steps = self.unipc_steps(num_inference_steps)
+        """The solver's state for A1111's number of steps, then A1111's times and sigmas.
+
+        An img2img pass starts from the time of its grid's highest point plus 1/N (A1111's
+        ``t_start``), where A1111 starts it, and takes a step per point.
+        """
+        first = 1.0
+        if self.img2img is not None:
+            discard = bool(self.sigma_schedule and self.sigma_schedule.discard_penultimate)
+            total = self.config.num_train_timesteps
+            grid, self._noised_to = a1111_img2img_grid(self.img2img, discard, total)
+            steps = len(grid)
+            first = float(torch.tensor(grid[-1]) / total + 1 / total)  # A1111's float32
+        else:
+            steps = self.unipc_steps(num_inference_steps)
         super().set_timesteps(steps, device)
         total = self.config.num_train_timesteps
-        times = self.continuous_times(steps)
+        times = self.continuous_times(steps, first)
         log_alpha = self._log_alpha(times)
         sigma = torch.sqrt(1.0 - torch.exp(2.0 * log_alpha))
         self.sigmas = sigma / torch.exp(log_alpha)  # diffusers' sigma: sigma_t / alpha_t
         self.timesteps = ((times[:-1] - 1.0 / total) * total).to(device)
 
-    def continuous_times(self, steps: int) -> torch.Tensor:
-        """A1111's times from t = 1 to 1/N (float32), spaced as :attr:`skip_type` says."""
-        first, last = 1.0, 1.0 / self.config.num_train_timesteps
+    def continuous_times(self, steps: int, first: float = 1.0) -> torch.Tensor:
+        """A1111's times from t = ``first`` to 1/N (float32), spaced as :attr:`skip_type` says."""
+        last = 1.0 / self.config.num_train_timesteps
         if self.skip_type == "time_uniform":
             return torch.linspace(first, last, steps + 1)
         if self.skip_type == "time_quadratic":
@@ -445,6 +503,11 @@ class A1111UniPCScheduler(UniPCMultistepScheduler):
             ends = [self._half_log_snr(torch.tensor([t])).item() for t in (first, last)]
             return self._time_of_half_log_snr(torch.linspace(*ends, steps + 1))
         raise ValueError(f"{type(self).__name__}: skip_type {self.skip_type!r}")
+
+    def img2img_start(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """An img2img pass's first sample (:func:`noised_to`); call after ``set_timesteps``."""
+        bars = a1111_alpha_bars(self.alphas_cumprod, *alpha_bar_options(self.sigma_schedule))
+        return noised_to(bars, self._noised_to, latents, noise)
 
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training timesteps' times (i + 1) / N and their log alpha, as A1111's.

@@ -21,7 +21,6 @@ from fulora.config import (
     Range,
 )
 from fulora.errors import ConfigError
-from fulora.generate.hires import HiresTarget, hires_target
 from fulora.generate.networks import plane_lora_weights
 from fulora.generate.prompts import check_prompt_syntax, strip_comments
 from fulora.generate.samplers import (
@@ -195,12 +194,6 @@ class GenerateConfig(Checked):
         """A1111's "Hires resize" (width, height); (0, 0): none."""
         return self.hires_resize_width, self.hires_resize_height
 
-    def hires_target(self, width: int, height: int) -> HiresTarget | None:
-        """Where the hires pass upscales a first pass of ``width`` x ``height``; None: off."""
-        if not self.hires_fix:
-            return None
-        return hires_target(width, height, self.hires_scale, self.hires_resize)
-
     @property
     def hires_prompt_steps(self) -> int | None:
         """The steps A1111 schedules the prompts over in the hires pass; None: no hires pass."""
@@ -332,19 +325,44 @@ class GenerateConfig(Checked):
                 f"{self.hires_resize_width}x{self.hires_resize_height} both set the hires "
                 "pass's size (A1111 takes the resize): set one"
             )
-        if resolve_sampler(self.sampler) not in HIRES_SAMPLERS:
+        sampler = resolve_sampler(self.sampler)
+        if sampler not in HIRES_SAMPLERS:
             raise ConfigError(
-                f"hires_scale: fulora runs A1111's hires pass with the k-diffusion samplers "
-                f"that step on the tail of their sigmas ({k_diffusion_samplers(hires=True)}), "
-                f"and {display_name(self.sampler)!r} is not one: choose one of them, or "
-                "generate without hires_scale"
+                f"the hires fix: fulora runs A1111's hires pass with A1111's samplers, and "
+                f"{display_name(self.sampler)!r} is diffusers' own (kept for older runs): "
+                "choose one of A1111's (fulora generate --help lists them)"
             )
+        self._check_timestep_hires_pass(sampler)
         if self.hires_upscaler not in LATENT_UPSCALERS:
             raise ConfigError(
                 f"hires_upscaler {self.hires_upscaler!r}: fulora runs A1111's latent upscalers "
                 f"({', '.join(LATENT_UPSCALERS)}); the others resize the decoded image and "
                 "encode it again, drawing the VAE's sample from A1111's global generator, which "
                 "no setting gives: choose a latent one"
+            )
+
+    def _check_timestep_hires_pass(self, sampler: str) -> None:
+        """Enough hires steps for DDIM, PLMS and UniPC.
+
+        A1111 runs their img2img pass on ``steps - 1`` points of their grid: the model runs
+        once less with DDIM and PLMS.
+        """
+        steps = self.hires_steps or self.steps
+        key = "hires_steps" if self.hires_steps else "steps"
+        if sampler in ("ddim", "plms") and steps < 3:
+            raise ConfigError(
+                f"{key} {steps}: A1111's {display_name(sampler)} runs the model {steps} - 2 "
+                "times in its hires pass (it returns the noise): give 3 or more"
+            )
+        if sampler == "unipc" and self.unipc_legacy_steps:
+            raise ConfigError(
+                "unipc_legacy_steps: fulora runs the hires pass of A1111 v1.6+'s UniPC, not of "
+                "the versions before: generate without the hires fix, or without the legacy steps"
+            )
+        if sampler == "unipc" and self.unipc_order > steps - 1:
+            raise ConfigError(
+                f"unipc_order {self.unipc_order} needs as many UniPC steps, and A1111's hires "
+                f"pass takes {key} - 1 = {steps - 1}: lower unipc_order, or raise {key}"
             )
 
     def _check_embedding_hashes(self) -> None:

@@ -9,11 +9,15 @@ A1111's txt2img with "Hires fix" (its ``StableDiffusionProcessingTxt2Img.sample_
    height, the aspect ratio kept and the excess cut from both sides), a latent pixel per 8;
 3. a new noise is drawn for that size from each image's seed, as its first noise was (A1111
    makes a new ``ImageRNG`` for the pass: variation seed, "Seed resize from" and ENSD too);
-4. the pass runs the same sampler over the tail of a longer schedule
-   (``samplers.Img2ImgSteps``, A1111's ``setup_img2img_steps``): from the upscaled latent
-   plus the noise times the tail's first sigma, its ``hires_steps`` steps (the first pass's
-   steps when 0); its step noise comes from the pass's own generators, its Brownian trees
-   span the longer schedule; the prompts' edits are scheduled over its own steps.
+4. the pass runs the same sampler over the end of a longer schedule
+   (``samplers.Img2ImgSteps``, A1111's ``setup_img2img_steps``), ``hires_steps`` steps (the
+   first pass's steps when 0): a k-diffusion sampler over the tail of its sigmas, from the
+   upscaled latent plus the noise times the tail's first sigma (``sample_img2img``); DDIM,
+   PLMS and UniPC over the lowest ``hires_steps - 1`` points of their longer grid, from the
+   latent and the noise mixed at the point above (``CompVisSampler.sample_img2img``; the
+   model runs once less with DDIM and PLMS); its step noise comes from the pass's own
+   generators, its Brownian trees span the longer schedule; the prompts' edits are
+   scheduled over its own steps.
 
 The image written is the pass's latent decoded; A1111's text keeps the first pass's "Size" and
 adds "Denoising strength", "Hires upscale" or "Hires resize", "Hires steps" (where not 0) and
@@ -22,12 +26,15 @@ adds "Denoising strength", "Hires upscale" or "Hires resize", "Hires steps" (whe
 A1111's other upscalers (Lanczos, ESRGAN, ...) resize the decoded image and encode it again, a
 step that draws from the global torch generator in A1111 (the VAE's sample): they are refused.
 ``tests/generate/test_hires_fix.py`` runs the passes against k-diffusion's samplers under
-A1111's hires code, retyped. Torch-free but :func:`upscale_latents`, so the config can size.
+A1111's hires code, retyped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
 
 from fulora.generate.samplers import LATENT_UPSCALERS
 
@@ -93,19 +100,19 @@ def hires_target(
     )
 
 
-def upscale_latents(latents, target: HiresTarget, upscaler: str, vae_scale: int = LATENT_SCALE):
+def upscale_latents(
+    latents: torch.Tensor, target: HiresTarget, upscaler: str, vae_scale: int = LATENT_SCALE
+) -> torch.Tensor:
     """The first pass's latents resized and cut to ``target``, as A1111's latent upscaler.
 
     In fp32 (A1111's k-diffusion samples are fp32 whatever the model's dtype).
 
     Args:
-        latents: (images, channels, height, width), a tensor.
+        latents: (images, channels, height, width).
         target: The pass's target (:func:`hires_target`).
         upscaler: One of ``samplers.LATENT_UPSCALERS``.
         vae_scale: Image pixels per latent pixel (8 for SD; the tiny test models' fewer).
     """
-    import torch.nn.functional as F  # torch only here: the config sizes without it
-
     mode, antialias = LATENT_UPSCALERS[upscaler]
     width, height = (side // vae_scale for side in target.upscaled)
     resized = F.interpolate(latents.float(), (height, width), mode=mode, antialias=antialias)

@@ -555,18 +555,22 @@ class A1111DPMFastScheduler(KDiffusionScheduler):
 
     As A1111 calls it: from the schedule's first sigma (the noise's scale; the rest of the
     schedule unused) over ``t = -log sigma`` evenly from the model's largest sigma to its
-    smallest, where it ends; ``steps`` model calls in ``floor(steps / 3) + 1`` steps of order
-    3 (the last ones 2 and 1, or ``steps % 3``), each an ancestral step at :attr:`eta` whose
-    noise is each image's next draw (drawn at every step, also at eta 0).
+    smallest, where it ends (a hires pass: from the tail's first sigma to its last above 0);
+    ``steps`` model calls in ``floor(steps / 3) + 1`` steps of order 3 (the last ones 2 and
+    1, or ``steps % 3``), each an ancestral step at :attr:`eta` whose noise is each image's
+    next draw (drawn at every step, also at eta 0).
     """
 
     eta_setting = "eta_ancestral"
     draws_noise = True
 
     def _calls(self, sigmas: torch.Tensor) -> list[torch.Tensor]:
-        model = self.sigma_table()
-        start = torch.tensor(model.sigma_max).log().neg()
-        end = torch.tensor(model.sigma_min).log().neg()
+        if self.img2img is None:  # the model's span, as A1111's txt2img passes it
+            model = self.sigma_table()
+            high, low = model.sigma_max, model.sigma_min
+        else:  # A1111's sample_img2img: the tail's first sigma to its last above 0
+            high, low = float(sigmas[0]), float(sigmas[-2])
+        start, end = torch.tensor(high).log().neg(), torch.tensor(low).log().neg()
         steps = len(sigmas) - 1
         m = steps // 3 + 1
         orders = [3] * (m - 2) + [2, 1] if steps % 3 == 0 else [3] * (m - 1) + [steps % 3]

@@ -38,7 +38,7 @@ from fulora.generate.config import GenerateConfig, check_rng_device
 from fulora.generate.decode import Decoder
 from fulora.generate.encode import empty_prompt, encode_prompts, unet_rows
 from fulora.generate.guidance import Conditioning, UncondSkip, guided, padded_sides
-from fulora.generate.hires import upscale_latents
+from fulora.generate.hires import HiresTarget, hires_target, upscale_latents
 from fulora.generate.inversions import (
     check_embedding_hashes,
     embedding_files,
@@ -312,9 +312,16 @@ def compile_options(cfg: GenerateConfig) -> dict[str, bool]:
     return options
 
 
+def _hires_target(cfg: GenerateConfig, resolved: _Plan) -> HiresTarget | None:
+    """Where the hires pass upscales the plan's first pass to; None: no hires fix."""
+    if not cfg.hires_fix:
+        return None
+    return hires_target(resolved.width, resolved.height, cfg.hires_scale, cfg.hires_resize)
+
+
 def _image_size(cfg: GenerateConfig, resolved: _Plan) -> tuple[int, int]:
     """The (width, height) of the images written: the hires pass's, else the plan's."""
-    target = cfg.hires_target(resolved.width, resolved.height)
+    target = _hires_target(cfg, resolved)
     return target.size if target is not None else (resolved.width, resolved.height)
 
 
@@ -790,7 +797,7 @@ def _hires_pass(pipe, conditioning, latents, seeds, cfg, resolved, indices) -> t
     They are upscaled, noised anew from each image's seed at the larger size, and sampled
     over the tail of a longer schedule.
     """
-    target = cfg.hires_target(resolved.width, resolved.height)
+    target = _hires_target(cfg, resolved)
     upscaled = upscale_latents(latents, target, cfg.hires_upscaler, pipe.vae_scale_factor)
     width, height = target.size
     noise = _image_noise(pipe, cfg, seeds, indices, width, height)

@@ -338,10 +338,10 @@ LATENT_UPSCALERS = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-# The samplers whose hires pass fulora runs as A1111's sample_img2img does: each k-diffusion
-# sampler on the tail of its sigmas (DPM fast spans them otherwise; DDIM, PLMS and UniPC step on
-# timesteps of their own; diffusers' own samplers take no sigmas)
-_NO_HIRES = ("dpm_fast", "ddim", "plms", "unipc", *_DIFFUSERS_OWN, "unipc_diffusers")
+# The samplers whose hires pass fulora runs as A1111's sample_img2img does: the k-diffusion
+# samplers on the tail of their sigmas, DDIM, PLMS and UniPC on the lower points of their grid
+# (not diffusers' own, kept for older runs)
+_NO_HIRES = (*_DIFFUSERS_OWN, "unipc_diffusers")
 HIRES_SAMPLERS = frozenset(n for n in SAMPLERS if _FAMILY.get(n, n) not in _NO_HIRES)
 
 
@@ -441,8 +441,8 @@ def own_sigma_schedule(name: str, hires: bool = False) -> SigmaSchedule | None:
     hires pass takes their tail; the two-call samplers' (DPM2, DPM2 a, DPM++ 2S a) for the rest.
     """
     name = resolve_sampler(name)
-    if SAMPLERS[name][0] not in _ALWAYS_ON_SCHEDULE and not hires:
-        return None
+    if name not in _OWN_SCHEDULE or (SAMPLERS[name][0] not in _ALWAYS_ON_SCHEDULE and not hires):
+        return None  # DDIM, PLMS, UniPC: timesteps of their own
     return SigmaSchedule(_OWN_SCHEDULE[name], discard_penultimate=name in DISCARD_PENULTIMATE)
 
 
@@ -460,13 +460,9 @@ def own_schedule(sampler: str) -> str | None:
     return _OWN_SCHEDULE.get(resolve_sampler(sampler))
 
 
-def k_diffusion_samplers(hires: bool = False) -> str:
-    """A1111's names of the k-diffusion samplers, which step on sigmas (for messages).
-
-    ``hires``: those whose hires pass fulora runs (:data:`HIRES_SAMPLERS`) only.
-    """
-    names = [n for n in _OWN_SCHEDULE if n not in _FAMILY and (n in HIRES_SAMPLERS or not hires)]
-    return ", ".join(display_name(n) for n in names)
+def k_diffusion_samplers() -> str:
+    """A1111's names of the k-diffusion samplers, which step on sigmas (for messages)."""
+    return ", ".join(display_name(n) for n in _OWN_SCHEDULE if n not in _FAMILY)
 
 
 def chosen_schedule_type(sampler: str, schedule: str) -> str | None:
