@@ -27,15 +27,13 @@ from fulora.generate.samplers import (
 )
 from fulora.lora.tiny import sd15_scheduler
 
+from .analytic import relative_gap, toy_eps
+
 _REFERENCE = Path(__file__).parents[1] / "reference"
 RECORDED = json.loads((_REFERENCE / "a1111_hires_fix.json").read_text())
 # Relative L2 from k-diffusion's result (fp32)
 GAP = 1e-6
 _SETTING = {"s_churn": "sigma_churn", "eta": "eta_ancestral"}
-
-
-def _toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return 0.5 * torch.sin(1.3 * x + t.to(x.dtype) / 250.0) + 0.2 * x
 
 
 def _config(case: dict) -> GenerateConfig:
@@ -65,7 +63,7 @@ def _steps(scheduler, x: torch.Tensor, generator, seed: int) -> torch.Tensor:
     scheduler.step_noise = lambda draw: torch.randn(x.shape, generator=generator)
     scheduler.noise_seeds = [seed]
     for t in scheduler.timesteps:
-        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+        x = scheduler.step(toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
     return x
 
 
@@ -87,11 +85,6 @@ def hires_fix(cfg: GenerateConfig, seed: int, shape=(1, 4, 4, 6)) -> tuple[torch
     return first, _steps(scheduler, start, generator, seed), scheduler
 
 
-def _gap(x: torch.Tensor, recorded: list[float]) -> float:
-    expected = torch.tensor(recorded, dtype=x.dtype)
-    return float((x.flatten() - expected).norm() / expected.norm())
-
-
 @pytest.mark.filterwarnings("ignore:Should have t")  # torchsde on float32 sigmas
 @pytest.mark.parametrize("key", sorted(RECORDED["cases"]))
 def test_hires_pass_is_a1111s(key):
@@ -102,13 +95,13 @@ def test_hires_pass_is_a1111s(key):
     1e-6 of A1111's result, at its shape."""
     case = RECORDED["cases"][key]
     first, hires, scheduler = hires_fix(_config(case), RECORDED["seed"])
-    assert _gap(first, RECORDED["first"][key]) < GAP, key
+    assert relative_gap(first, RECORDED["first"][key]) < GAP, key
     assert list(hires.shape) == case["shape"]
     calls = torch.tensor(RECORDED["calls"][key])
     model_sigmas = _call_sigmas(scheduler)
     assert len(model_sigmas) == len(calls), key
     assert torch.allclose(model_sigmas.float(), calls, rtol=1e-5, atol=0), key
-    assert _gap(hires, RECORDED["x0"][key]) < GAP, key
+    assert relative_gap(hires, RECORDED["x0"][key]) < GAP, key
 
 
 def _call_sigmas(scheduler) -> torch.Tensor:
@@ -334,10 +327,10 @@ def test_hires_pass_of_ddim_plms_and_unipc_is_a1111s(key):
     case = TIMESTEPS["cases"][key]
     cfg = _timesteps_config(case)
     first, hires, scheduler = hires_fix(cfg, TIMESTEPS["seed"])
-    assert _gap(first, TIMESTEPS["first"][key]) < GAP, key
+    assert relative_gap(first, TIMESTEPS["first"][key]) < GAP, key
     assert list(hires.shape) == case["shape"]
     assert scheduler.timesteps.tolist() == pytest.approx(TIMESTEPS["calls"][key], rel=1e-5)
-    assert _gap(hires, TIMESTEPS["x0"][key]) < GAP, key
+    assert relative_gap(hires, TIMESTEPS["x0"][key]) < GAP, key
 
 
 @pytest.mark.gpu

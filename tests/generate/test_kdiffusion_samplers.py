@@ -23,6 +23,8 @@ from fulora.generate.samplers import make_scheduler, resolve_sampler
 from fulora.generate.schedules import schedule_steps
 from fulora.lora.tiny import sd15_scheduler
 
+from .analytic import relative_gap, toy_eps
+
 _REFERENCE = Path(__file__).parents[1] / "reference"
 RECORDED = json.loads((_REFERENCE / "a1111_dpm_samplers.json").read_text())
 SDE_RECORDED = json.loads((_REFERENCE / "a1111_sde_samplers.json").read_text())
@@ -31,10 +33,6 @@ FAST_RECORDED = json.loads((_REFERENCE / "a1111_dpm_fast.json").read_text())
 # Relative L2 from k-diffusion's result: measured at most 4.7e-7 (DPM2 a, "KL Optimal", 7
 # steps, fp32), the float rounding of the same formulas
 GAP = 1e-6
-
-
-def _toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return 0.5 * torch.sin(1.3 * x + t.to(x.dtype) / 250.0) + 0.2 * x
 
 
 def _settings(sampler: str, label: str) -> dict:
@@ -66,7 +64,7 @@ def _start(scheduler) -> torch.Tensor:
 def _stepped(scheduler, x: torch.Tensor) -> torch.Tensor:
     """``x`` through the scheduler's steps on the analytic model, as the pipeline steps it."""
     for t in scheduler.timesteps:
-        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+        x = scheduler.step(toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
     return x
 
 
@@ -90,11 +88,6 @@ def _sample_sde(steps: int, eta: float, seeds: list[int], **settings) -> torch.T
     return _stepped(scheduler, torch.cat(starts) * scheduler.init_noise_sigma)
 
 
-def _gap(x: torch.Tensor, recorded: list[float]) -> float:
-    expected = torch.tensor(recorded, dtype=x.dtype)
-    return float((x.flatten() - expected).norm() / expected.norm())
-
-
 @pytest.mark.parametrize("key", sorted(RECORDED["x0"]))
 def test_dpm2_samplers_are_k_diffusions(key):
     """Each on A1111's own sigmas (Karras, by its "... Karras" name) and on other schedule
@@ -102,7 +95,7 @@ def test_dpm2_samplers_are_k_diffusions(key):
     7 steps; DPM2 in float64, the ancestral two in fp32 with the image's CPU noise."""
     sampler, label, steps = key.split("/")
     x = _sample(int(steps), **_settings(sampler, label))
-    assert _gap(x, RECORDED["x0"][key]) < GAP, key
+    assert relative_gap(x, RECORDED["x0"][key]) < GAP, key
 
 
 @pytest.mark.parametrize("key", sorted(RECORDED["x0_eta"]))
@@ -116,7 +109,7 @@ def test_ancestral_dpm_samplers_at_another_eta_are_k_diffusions(key):
     if discard == "True" and sampler == "dpmpp_2s_a":  # DPM2 a drops its own
         settings["discard_penultimate_sigma"] = True
     x = _sample(int(steps), float(eta), **settings)
-    assert _gap(x, RECORDED["x0_eta"][key]) < GAP, key
+    assert relative_gap(x, RECORDED["x0_eta"][key]) < GAP, key
 
 
 # A1111 v1.9+'s own schedule type of each SDE sampler (its option "scheduler")
@@ -136,7 +129,7 @@ def test_sde_samplers_are_k_diffusions_with_a1111s_brownian_noise(key):
     else:
         settings = {"sampler": sampler, "schedule_type": label}
     x = _sample_sde(int(steps), float(eta), SDE_RECORDED["seeds"], **settings)
-    assert _gap(x, SDE_RECORDED["x0"][key]) < GAP, key
+    assert relative_gap(x, SDE_RECORDED["x0"][key]) < GAP, key
 
 
 def test_an_sde_images_noise_is_its_own_whatever_the_batch():
@@ -161,7 +154,7 @@ def test_restart_is_automatic1111s(key):
     calls = [float(sigma) for sigma in scheduler._call_sigmas]
     x = _stepped_with_cpu_noise(scheduler, RESTART_RECORDED["seed"])
     assert calls == RESTART_RECORDED["calls"][key]
-    assert _gap(x, RESTART_RECORDED["x0"][key]) < GAP, key  # measured at most 1.6e-7
+    assert relative_gap(x, RESTART_RECORDED["x0"][key]) < GAP, key  # measured at most 1.6e-7
 
 
 @pytest.mark.parametrize("key", sorted(FAST_RECORDED["x0"]))
@@ -178,7 +171,7 @@ def test_dpm_fast_is_k_diffusions_as_a1111_calls_it(key):
     calls = [float(sigma) for sigma in scheduler._call_sigmas]
     x = _stepped_with_cpu_noise(scheduler, FAST_RECORDED["seed"])
     assert calls == FAST_RECORDED["calls"][key]
-    assert _gap(x, FAST_RECORDED["x0"][key]) < GAP, key  # measured at most 3.2e-7
+    assert relative_gap(x, FAST_RECORDED["x0"][key]) < GAP, key  # measured at most 3.2e-7
 
 
 @pytest.mark.parametrize(
@@ -351,7 +344,7 @@ def test_samplers_on_downcast_sigmas_are_k_diffusions(key):
     scheduler = make_scheduler(sampler, sd15_scheduler().config, schedule)
     scheduler.set_timesteps(int(steps))
     x = _stepped(scheduler, _start(scheduler))
-    assert _gap(x, DOWNCAST_RECORDED["x0"][key]) < GAP, key
+    assert relative_gap(x, DOWNCAST_RECORDED["x0"][key]) < GAP, key
 
 
 @pytest.mark.parametrize("key", sorted(DOWNCAST_RECORDED["ancestral_x0"]))
@@ -362,7 +355,7 @@ def test_ancestral_samplers_on_downcast_sigmas_are_k_diffusions(key):
     scheduler = make_scheduler(sampler, sd15_scheduler().config, schedule)
     scheduler.set_timesteps(int(steps))
     x = _stepped_with_cpu_noise(scheduler, RECORDED["seed"])
-    assert _gap(x, DOWNCAST_RECORDED["ancestral_x0"][key]) < GAP, key  # measured 3.1e-7
+    assert relative_gap(x, DOWNCAST_RECORDED["ancestral_x0"][key]) < GAP, key  # measured 3.1e-7
 
 
 @pytest.mark.parametrize(
@@ -424,7 +417,7 @@ def test_samplers_on_zero_terminal_snr_are_k_diffusions(key):
     )
     scheduler.set_timesteps(int(steps))
     x = _stepped(scheduler, _start(scheduler))
-    assert _gap(x, ZTSNR_RECORDED["x0"][key]) < GAP, key  # measured at most 6.4e-7
+    assert relative_gap(x, ZTSNR_RECORDED["x0"][key]) < GAP, key  # measured at most 6.4e-7
 
 
 # A1111's DDIM and PLMS with its alpha_bar options (reference: a1111_ddim_alpha_bar.json)
@@ -447,7 +440,7 @@ def test_ddim_and_plms_with_a1111s_alpha_bar_options_are_its_own(key):
     generator = torch.Generator().manual_seed(DDIM_RECORDED["seed"])
     scheduler.step_noise = lambda step: torch.randn((1, 4, 2, 2), generator=generator).double()
     x = _stepped(scheduler, _start(scheduler))
-    assert _gap(x, DDIM_RECORDED["x0"][key]) < GAP, key
+    assert relative_gap(x, DDIM_RECORDED["x0"][key]) < GAP, key
 
 
 # A1111's DDIM and PLMS with "Discard penultimate sigma" (reference: a1111_ddim_discard.json)
@@ -465,7 +458,7 @@ def test_ddim_and_plms_with_discard_penultimate_sigma_are_a1111s(key):
         cfg.discard_penultimate_sigma = discard
         scheduler = make_scheduler(sampler, sd15_scheduler().config, cfg.sigma_schedule())
         scheduler.set_timesteps(int(steps))
-        gap = _gap(_stepped(scheduler, _start(scheduler)), DISCARD_RECORDED["x0"][key])
+        gap = relative_gap(_stepped(scheduler, _start(scheduler)), DISCARD_RECORDED["x0"][key])
         assert gap < GAP if discard else gap > 1e-5, (key, discard, gap)
 
 
@@ -487,7 +480,7 @@ def test_sgm_noise_multiplier_starts_as_automatic1111s(key):
         x = _stepped_with_cpu_noise(scheduler, RECORDED["seed"])
     else:
         x = _stepped(scheduler, _start(scheduler))
-    assert _gap(x, SGM_RECORDED["x0"][key]) < GAP, key
+    assert relative_gap(x, SGM_RECORDED["x0"][key]) < GAP, key
 
 
 def test_sgm_noise_multiplier_keeps_a_named_samplers_own_sigmas():
@@ -500,7 +493,7 @@ def test_sgm_noise_multiplier_keeps_a_named_samplers_own_sigmas():
     scheduler = make_scheduler(cfg.sampler, sd15_scheduler().config, schedule)
     scheduler.set_timesteps(20)
     x = _stepped(scheduler, _start(scheduler))
-    assert _gap(x, SGM_RECORDED["x0"]["dpm2/Karras/20"]) < GAP
+    assert relative_gap(x, SGM_RECORDED["x0"]["dpm2/Karras/20"]) < GAP
 
 
 def test_sgm_noise_multiplier_is_written_read_and_refused_where_a1111_ignores_it():

@@ -21,16 +21,14 @@ from fulora.generate.config import GenerateConfig
 from fulora.generate.samplers import make_scheduler
 from fulora.lora.tiny import sd15_scheduler
 
+from .analytic import relative_gap, toy_eps
+
 _REFERENCE = Path(__file__).parents[1] / "reference"
 RECORDED = json.loads((_REFERENCE / "a1111_sigma_churn.json").read_text())
 # Relative L2 from k-diffusion's result (fp32): measured at most 4.1e-7 (DPM++ 2M SDE)
 GAP = 1e-6
 _SETTING = {"s_churn": "sigma_churn", "s_tmin": "sigma_tmin", "s_tmax": "sigma_tmax"}
 _SETTING["s_noise"] = "sigma_noise"
-
-
-def _toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return 0.5 * torch.sin(1.3 * x + t.to(x.dtype) / 250.0) + 0.2 * x
 
 
 def _config(case: dict) -> GenerateConfig:
@@ -55,13 +53,8 @@ def _run(scheduler, seed: int) -> torch.Tensor:
     scheduler.step_noise = lambda draw: torch.randn((1, 4, 2, 2), generator=generator)
     scheduler.noise_seeds = [seed]
     for t in scheduler.timesteps:
-        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+        x = scheduler.step(toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
     return x
-
-
-def _gap(x: torch.Tensor, recorded: list[float]) -> float:
-    expected = torch.tensor(recorded, dtype=x.dtype)
-    return float((x.flatten() - expected).norm() / expected.norm())
 
 
 @pytest.mark.filterwarnings("ignore:Should have t")  # torchsde on float32 sigmas
@@ -78,7 +71,7 @@ def test_churn_and_sigma_noise_are_k_diffusions(key):
     assert len(scheduler._call_sigmas) == len(calls)
     assert torch.allclose(scheduler._call_sigmas.float(), calls, rtol=1e-6, atol=0)
     assert scheduler.needs_step_noise or scheduler.brownian
-    assert _gap(_run(scheduler, RECORDED["seed"]), RECORDED["x0"][key]) < GAP, key
+    assert relative_gap(_run(scheduler, RECORDED["seed"]), RECORDED["x0"][key]) < GAP, key
 
 
 def test_without_churn_euler_is_as_before():

@@ -17,15 +17,13 @@ from fulora.generate.config import GenerateConfig
 from fulora.generate.samplers import make_scheduler
 from fulora.lora.tiny import sd15_scheduler
 
+from .analytic import relative_gap, toy_eps
+
 _REFERENCE = Path(__file__).parents[1] / "reference"
 RECORDED = json.loads((_REFERENCE / "a1111_unipc.json").read_text())
 # Relative L2 from A1111's result (fp32): measured at most 5.6e-7, but 1.2e-5 and 2.3e-5 at
 # orders 5 and 4, whose linear solves amplify the rounding of each estimate's log-SNR ratio
 GAP = {4: 5e-5, 5: 5e-5}
-
-
-def _toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return 0.5 * torch.sin(1.3 * x + t.to(x.dtype) / 250.0) + 0.2 * x
 
 
 def _config(case: dict, **more) -> GenerateConfig:
@@ -52,13 +50,8 @@ def _run(cfg: GenerateConfig):
     scheduler.set_timesteps(cfg.steps)
     x = torch.tensor(KDIFFUSION_NOISE, dtype=torch.float32).reshape(1, 4, 2, 2)
     for t in scheduler.timesteps:
-        x = scheduler.step(_toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+        x = scheduler.step(toy_eps(scheduler.scale_model_input(x, t), t), t, x).prev_sample
     return scheduler, x
-
-
-def _gap(x: torch.Tensor, recorded: list[float]) -> float:
-    expected = torch.tensor(recorded, dtype=x.dtype)
-    return float((x.flatten() - expected).norm() / expected.norm())
 
 
 @pytest.mark.parametrize("key", sorted(RECORDED["cases"]))
@@ -71,7 +64,7 @@ def test_unipc_is_automatic1111s(key):
     scheduler, x = _run(_config(case))
     assert scheduler.timesteps.tolist() == pytest.approx(RECORDED["calls"][key], abs=1e-4)
     assert len(scheduler.timesteps) == case["unipc_steps"]
-    assert _gap(x, RECORDED["x0"][key]) < GAP.get(case["order"], 1e-6), key
+    assert relative_gap(x, RECORDED["x0"][key]) < GAP.get(case["order"], 1e-6), key
 
 
 @pytest.mark.parametrize("key", sorted(RECORDED["options"]))
@@ -92,7 +85,7 @@ def test_unipc_with_a1111s_alpha_bar_options_is_automatic1111s(key):
     scheduler, x = _run(cfg)
     recorded = RECORDED["options"][key]
     assert scheduler.timesteps.tolist() == pytest.approx(recorded["calls"], abs=1e-4)
-    assert _gap(x, recorded["x0"]) < 1e-6, key
+    assert relative_gap(x, recorded["x0"]) < 1e-6, key
 
 
 def test_unipc_before_v16_takes_the_steps_asked():
@@ -104,8 +97,8 @@ def test_unipc_before_v16_takes_the_steps_asked():
     case = RECORDED["cases"]["30/bh1/time_uniform/3/True/False"]
     scheduler, x = _run(_config(case, unipc_legacy_steps=True))
     assert len(scheduler.timesteps) == 30
-    assert _gap(x, A1111_UNIPC_X0) < 1e-6
-    assert _gap(_run(_config(case))[1], A1111_UNIPC_X0) > 1e-5
+    assert relative_gap(x, A1111_UNIPC_X0) < 1e-6
+    assert relative_gap(_run(_config(case))[1], A1111_UNIPC_X0) > 1e-5
 
 
 def test_diffusers_own_unipc_is_not_a1111s():
@@ -113,7 +106,7 @@ def test_diffusers_own_unipc_is_not_a1111s():
     30): 8e-5 from A1111 v1.6+'s on this analytic model (more on a real one)."""
     case = RECORDED["cases"]["30/bh1/time_uniform/3/True/False"]
     _, x = _run(GenerateConfig(base="unused", sampler="unipc_diffusers", steps=30))
-    assert _gap(x, RECORDED["x0"]["30/bh1/time_uniform/3/True/False"]) > 1e-5
+    assert relative_gap(x, RECORDED["x0"]["30/bh1/time_uniform/3/True/False"]) > 1e-5
     assert case["unipc_steps"] == 31
 
 

@@ -795,7 +795,8 @@ def _hires_pass(pipe, conditioning, latents, seeds, cfg, resolved, indices) -> t
     """A1111's hires pass (``fulora.generate.hires``) of a batch's first-pass latents.
 
     They are upscaled, noised anew from each image's seed at the larger size, and sampled
-    over the tail of a longer schedule.
+    over the end of a longer schedule (the scheduler's ``img2img``: the tail of its sigmas, or
+    the lower points of its grid).
     """
     target = _hires_target(cfg, resolved)
     upscaled = upscale_latents(latents, target, cfg.hires_upscaler, pipe.vae_scale_factor)
