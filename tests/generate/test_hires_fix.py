@@ -315,13 +315,14 @@ def _timesteps_config(case: dict) -> GenerateConfig:
     settings |= {"unipc_skip_type": case["skip"]} if "skip" in case else {}
     settings |= {"unipc_order": case["order"]} if "order" in case else {}
     settings |= {"discard_penultimate_sigma": True} if case.get("discard") else {}
+    settings |= {"downcast_alphas_cumprod": True} if case.get("downcast") else {}
     return GenerateConfig(base="unused", sampler=case["sampler"], steps=case["steps"], **settings)
 
 
 @pytest.mark.parametrize("key", sorted(TIMESTEPS["cases"]))
 def test_hires_pass_of_ddim_plms_and_unipc_is_a1111s(key):
-    """DDIM, PLMS and UniPC (bh1, bh2; time_uniform, logSNR, time_quadratic; discard), 3
-    upscalers: the pass runs the model at A1111's timesteps (the lower ``hires steps - 1``
+    """DDIM, PLMS and UniPC (bh1, bh2; time_uniform, logSNR, time_quadratic; discard; DDIM on
+    the downcast fp16 alpha_bar, its start's roots in fp16 as A1111 takes them), 3 upscalers: the pass runs the model at A1111's timesteps (the lower ``hires steps - 1``
     points of the longer grid, its start noised to the point above, as A1111 does; UniPC from
     that point's time plus 1/N), and lands within 1e-6 of A1111's result."""
     case = TIMESTEPS["cases"][key]
