@@ -344,15 +344,16 @@ class GenerateConfig(Checked):
     def _check_timestep_hires_pass(self, sampler: str) -> None:
         """Enough hires steps for DDIM, PLMS and UniPC.
 
-        A1111 runs their img2img pass on ``steps - 1`` points of their grid: the model runs
-        once less with DDIM and PLMS.
+        A1111 runs their img2img pass on ``steps - 1`` points of their grid: DDIM and PLMS step
+        between them, ``steps - 2`` steps.
         """
         steps = self.hires_steps or self.steps
         key = "hires_steps" if self.hires_steps else "steps"
         if sampler in ("ddim", "plms") and steps < 3:
             raise ConfigError(
-                f"{key} {steps}: A1111's {display_name(sampler)} runs the model {steps} - 2 "
-                "times in its hires pass (it returns the noise): give 3 or more"
+                f"{key} {steps}: A1111's {display_name(sampler)} runs the model {key} - 2 = "
+                f"{max(steps - 2, 0)} times in its hires pass, which returns the noise: give 3 "
+                "or more"
             )
         if sampler == "unipc" and self.unipc_legacy_steps:
             raise ConfigError(

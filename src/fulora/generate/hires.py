@@ -14,10 +14,10 @@ A1111's txt2img with "Hires fix" (its ``StableDiffusionProcessingTxt2Img.sample_
    first pass's steps when 0): a k-diffusion sampler over the tail of its sigmas, from the
    upscaled latent plus the noise times the tail's first sigma (``sample_img2img``); DDIM,
    PLMS and UniPC over the lowest ``hires_steps - 1`` points of their longer grid, from the
-   latent and the noise mixed at the point above (``CompVisSampler.sample_img2img``; the
-   model runs once less with DDIM and PLMS); its step noise comes from the pass's own
-   generators, its Brownian trees span the longer schedule; the prompts' edits are
-   scheduled over its own steps.
+   latent and the noise mixed at the point above (``CompVisSampler.sample_img2img``: DDIM
+   and PLMS take ``hires_steps - 2`` steps between them); its step noise comes from the
+   pass's own generators, its Brownian trees span the longer schedule; the prompts' edits
+   are scheduled over its own steps.
 
 The image written is the pass's latent decoded; A1111's text keeps the first pass's "Size" and
 adds "Denoising strength", "Hires upscale" or "Hires resize", "Hires steps" (where not 0) and
