@@ -234,7 +234,9 @@ def test_a_hires_resize_cuts_to_its_size_and_is_written_as_a1111_writes_it(tiny_
     assert all(pixels.shape == (48, 96) for pixels in images.values())
     path = next((tmp_path / "run" / "brain").glob("*.png"))
     with Image.open(path) as image:
-        text = image.text["parameters"]
+        text, provenance = image.text["parameters"], json.loads(image.text["fulora"])
+    assert "Size: 48x32, " in text  # A1111's: the first pass's
+    assert (provenance["width"], provenance["height"]) == (96, 48)  # the manifest's: the image's
     assert "Denoising strength: 0.7, Hires resize: 96x48, Hires upscaler: Latent" in text
     assert "Hires upscale:" not in text
     read = generate_settings(read_a1111_parameters(text), "brain")
@@ -322,9 +324,10 @@ def _timesteps_config(case: dict) -> GenerateConfig:
 @pytest.mark.parametrize("key", sorted(TIMESTEPS["cases"]))
 def test_hires_pass_of_ddim_plms_and_unipc_is_a1111s(key):
     """DDIM, PLMS and UniPC (bh1, bh2; time_uniform, logSNR, time_quadratic; discard; DDIM on
-    the downcast fp16 alpha_bar, its start's roots in fp16 as A1111 takes them), 3 upscalers: the pass runs the model at A1111's timesteps (the lower ``hires steps - 1``
-    points of the longer grid, its start noised to the point above, as A1111 does; UniPC from
-    that point's time plus 1/N), and lands within 1e-6 of A1111's result."""
+    the downcast fp16 alpha_bar, its start's roots in fp16 as A1111 takes them), 3 upscalers:
+    the pass runs the model at A1111's timesteps (the lower ``hires steps - 1`` points of the
+    longer grid, its start noised to the point above, as A1111 does; UniPC from that point's
+    time plus 1/N), and lands within 1e-6 of A1111's result."""
     case = TIMESTEPS["cases"][key]
     cfg = _timesteps_config(case)
     first, hires, scheduler = hires_fix(cfg, TIMESTEPS["seed"])

@@ -80,7 +80,7 @@ def a1111_parameters(row: dict[str, Any], cfg: GenerateConfig, base_hash: str, r
         "Schedule type": schedule_type(row["sampler"], cfg.schedule_type),
         "CFG scale": f"{cfg.guidance:g}",
         "Seed": row["seed"],
-        "Size": f"{row['width']}x{row['height']}",
+        "Size": f"{resolved.width}x{resolved.height}",  # the first pass's, with the hires fix
     }
     if row["variation_seed"] is not None:  # A1111 writes them where the strength is not 0
         settings["Variation seed"] = row["variation_seed"]
@@ -280,8 +280,8 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "clip_skip": resolved.clip_skip,
         "steps": cfg.steps,
         "guidance": cfg.guidance,
-        "width": resolved.width,
-        "height": resolved.height,
+        "width": array.shape[1],  # the image's (the hires pass's, with the hires fix)
+        "height": array.shape[0],
         "lora": str(resolved.lora.resolve()) if resolved.lora else "",
         "lora_sha256": resolved.lora_sha256,
         "embeddings_sha256": resolved.embeddings_sha256,
@@ -313,7 +313,7 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "unipc_order": cfg.unipc_order,
         "unipc_lower_order_final": cfg.unipc_lower_order_final,
         "unipc_legacy_steps": cfg.unipc_legacy_steps,
-        # A1111's hires fix (hires_scale None: off); width and height are the first pass's
+        # A1111's hires fix (hires_scale None and no resize: off)
         **{key: getattr(cfg, key) for key in (*HIRES_SIZES, *HIRES_SETTINGS)},
         "skip_early_cfg": cfg.skip_early_cfg,
         "ngms": cfg.ngms,
