@@ -347,11 +347,12 @@ HIRES_SAMPLERS = frozenset(n for n in SAMPLERS if _FAMILY.get(n, n) not in _NO_H
 
 @dataclass(frozen=True)
 class Img2ImgSteps:
-    """The sigmas of an img2img pass, as A1111's ``setup_img2img_steps`` gives the hires fix.
+    """An img2img pass's steps, as A1111's ``setup_img2img_steps`` gives the hires fix.
 
-    A1111 draws a schedule of ``int(steps / min(denoising_strength, 0.999))`` steps and samples
-    from its sigma at index ``schedule_steps - steps`` down: ``steps`` steps, from the
-    upscaled latent plus the noise times that sigma.
+    A1111 draws a schedule of ``int(steps / min(denoising_strength, 0.999))`` steps and the
+    pass takes its end: a k-diffusion sampler its sigmas from index ``schedule_steps - steps``
+    (:attr:`skipped`) down, ``steps`` steps; DDIM, PLMS and UniPC the lowest ``steps - 1``
+    points of its grid (``fulora.generate.a1111_schedulers.a1111_img2img_grid``).
     """
 
     steps: int
@@ -399,8 +400,9 @@ def make_scheduler(
         churn: A1111's churn and sigma noise (``GenerateConfig.churn``); None: A1111's
             defaults (none, and the step noise as drawn).
         unipc: A1111's UniPC settings (``GenerateConfig.unipc_options``); None: its defaults.
-        hires: It also runs a hires pass (:class:`Img2ImgSteps`): fulora's scheduler on the
-            sampler's sigmas (a :data:`HIRES_SAMPLERS` one), which takes their tail.
+        hires: It also runs a hires pass (:class:`Img2ImgSteps`; a :data:`HIRES_SAMPLERS`
+            sampler): a k-diffusion sampler is then fulora's scheduler on its sigmas, whose
+            tail the pass takes.
     """
     import diffusers
 
