@@ -126,6 +126,19 @@ def alpha_bar_options(schedule) -> tuple[bool, bool]:
     return (schedule.downcast, schedule.zero_terminal_snr) if schedule else (False, False)
 
 
+def discards_penultimate(schedule) -> bool:
+    """A ``SigmaSchedule``'s "Discard penultimate sigma"; off without a schedule.
+
+    DDIM, PLMS and UniPC take it as a grid of a step more.
+    """
+    return bool(schedule and schedule.discard_penultimate)
+
+
+def alpha_bar_table(scheduler) -> torch.Tensor:
+    """The model's alpha_bar as A1111's timestep samplers take it (its options applied)."""
+    return a1111_alpha_bars(scheduler.alphas_cumprod, *alpha_bar_options(scheduler.sigma_schedule))
+
+
 def _output(moved: torch.Tensor, return_dict: bool) -> SchedulerOutput | tuple[torch.Tensor]:
     """A step's result as diffusers' schedulers return it."""
     return SchedulerOutput(prev_sample=moved) if return_dict else (moved,)
@@ -154,14 +167,18 @@ class ScheduleTypeSigmas:
         """
         if self.img2img is not None:
             return 1.0
-        if "_init_noise_sigma" in self.__dict__:  # a scheduler that sets its own (DPM-Solver)
-            return self.__dict__["_init_noise_sigma"]
-        start = self.sgm_start()
-        return start if start is not None else super().init_noise_sigma
+        return self._noise_scale()
 
     @init_noise_sigma.setter
     def init_noise_sigma(self, value: float) -> None:
         self.__dict__["_init_noise_sigma"] = value
+
+    def _noise_scale(self) -> float:
+        """The start's scale from the noise (not an img2img pass)."""
+        if "_init_noise_sigma" in self.__dict__:  # a scheduler that sets its own (DPM-Solver)
+            return self.__dict__["_init_noise_sigma"]
+        start = self.sgm_start()
+        return start if start is not None else super().init_noise_sigma
 
     def sgm_start(self) -> float | None:
         """A1111's "SGM noise multiplier" start, sqrt(1 + sigma_0^2) in float32; None: off."""
@@ -322,13 +339,13 @@ class A1111DDIMScheduler(DDIMScheduler):
         With A1111's "Discard penultimate sigma" its grid is that of a step more; an img2img
         pass takes the lower points of the grid of its whole schedule.
         """
-        discard = bool(self.sigma_schedule and self.sigma_schedule.discard_penultimate)
+        discard = discards_penultimate(self.sigma_schedule)
         total = self.config.num_train_timesteps
         if self.img2img is not None:
             grid, self._noised_to = a1111_img2img_grid(self.img2img, discard, total)
         else:
             grid = a1111_timesteps(num_inference_steps + discard, total)
-        self._bars = a1111_alpha_bars(self.alphas_cumprod, *alpha_bar_options(self.sigma_schedule))
+        self._bars = alpha_bar_table(self)
         self.num_inference_steps = num_inference_steps
         # (from, to) per step, top down; a list, since a clipped grid repeats a timestep
         self._moves = list(zip(grid[:0:-1].tolist(), grid[-2::-1].tolist(), strict=True))
@@ -466,7 +483,7 @@ class A1111UniPCScheduler(UniPCMultistepScheduler):
         """The UniPC steps A1111 takes for ``steps`` (its sampler's ``len(timesteps)``)."""
         if self.legacy_steps:
             return steps
-        steps += 1 if self.sigma_schedule and self.sigma_schedule.discard_penultimate else 0
+        steps += discards_penultimate(self.sigma_schedule)
         return a1111_grid_points(steps, self.config.num_train_timesteps)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
@@ -475,17 +492,15 @@ class A1111UniPCScheduler(UniPCMultistepScheduler):
         An img2img pass starts from the time of its grid's highest point plus 1/N (A1111's
         ``t_start``), where A1111 starts it, and takes a step per point.
         """
-        first = 1.0
+        first, total = 1.0, self.config.num_train_timesteps
         if self.img2img is not None:
-            discard = bool(self.sigma_schedule and self.sigma_schedule.discard_penultimate)
-            total = self.config.num_train_timesteps
+            discard = discards_penultimate(self.sigma_schedule)
             grid, self._noised_to = a1111_img2img_grid(self.img2img, discard, total)
             steps = len(grid)
             first = float(torch.tensor(grid[-1]) / total + 1 / total)  # A1111's float32
         else:
             steps = self.unipc_steps(num_inference_steps)
         super().set_timesteps(steps, device)
-        total = self.config.num_train_timesteps
         times = self.continuous_times(steps, first)
         log_alpha = self._log_alpha(times)
         sigma = torch.sqrt(1.0 - torch.exp(2.0 * log_alpha))
@@ -506,8 +521,7 @@ class A1111UniPCScheduler(UniPCMultistepScheduler):
 
     def img2img_start(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """An img2img pass's first sample (:func:`noised_to`); call after ``set_timesteps``."""
-        bars = a1111_alpha_bars(self.alphas_cumprod, *alpha_bar_options(self.sigma_schedule))
-        return noised_to(bars, self._noised_to, latents, noise)
+        return noised_to(alpha_bar_table(self), self._noised_to, latents, noise)
 
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training timesteps' times (i + 1) / N and their log alpha, as A1111's.
@@ -517,7 +531,7 @@ class A1111UniPCScheduler(UniPCMultistepScheduler):
         """
         total = self.config.num_train_timesteps
         times = torch.linspace(0.0, 1.0, total + 1)[1:]
-        bars = a1111_alpha_bars(self.alphas_cumprod, *alpha_bar_options(self.sigma_schedule))
+        bars = alpha_bar_table(self)
         return times, 0.5 * torch.log(bars.float() if self.legacy_steps else bars)
 
     def _log_alpha(self, times: torch.Tensor) -> torch.Tensor:

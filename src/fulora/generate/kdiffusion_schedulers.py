@@ -127,14 +127,8 @@ class KDiffusionScheduler(ScheduleTypeSigmas, EulerDiscreteScheduler):
         """Whether the coming model call is its step's first (one call a step: each)."""
         return True
 
-    @property
-    def init_noise_sigma(self) -> float:
-        """k-diffusion's start: the noise times the first sigma (A1111's SGM multiplier's).
-
-        1 for an img2img pass, whose start (:meth:`img2img_start`) is the pipeline's latents.
-        """
-        if self.img2img is not None:
-            return 1.0
+    def _noise_scale(self) -> float:
+        """k-diffusion's start: the noise times the first sigma (A1111's SGM multiplier's)."""
         return self.sgm_start() or float(self.sigmas[0])
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
