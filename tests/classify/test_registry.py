@@ -65,3 +65,12 @@ def test_weights_file_is_loaded_and_recorded(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"junk")
     with pytest.raises(ConfigError, match="cannot read weights file"):
         create_model("resnet18", 5, weights=tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("arch", ["tiny_cnn", "tiny", "Tiny-CNN"])
+def test_an_architecture_without_imagenet_weights_names_both_ways_to_start_it(arch):
+    """The hint was YAML's spelling alone, given to a command-line user."""
+    hint = r"has no ImageNet weights.*--pretrained false.*--weights"
+    with pytest.raises(ConfigError, match=hint):
+        create_model(arch, 3)
+    create_model(arch, 3, pretrained=False)

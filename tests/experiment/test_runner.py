@@ -383,3 +383,25 @@ def test_a_generation_done_with_a_sampler_since_renamed_stays_done_and_is_said(
         caplog.text
     )
     assert "--from generate" in caplog.text
+
+
+def test_a_generation_rounded_before_session_34_stays_done_and_is_said(
+    finished_experiment, tmp_path, caplog
+):
+    """Before session 34 the pixels were rounded as diffusers rounds them (its done.json names
+    no pixel_rounding): the stage keeps its images, and the run says how they were rounded."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_experiment, out)
+    config = load_experiment(finished_experiment.parent / "experiment.yaml")
+    with caplog.at_level("WARNING", logger="fulora"):
+        run_experiment(config, out, dry_run=True)
+    assert "rounded to 8 bits" not in caplog.text  # floored, as its config says
+    done = out / "synthetic" / "r4" / "done.json"
+    record = json.loads(done.read_text())
+    assert record.pop("pixel_rounding") == "floor"
+    done.write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="fulora"):
+        states = run_experiment(config, out, dry_run=True)["stages"]
+    assert states["generate/r4"] == "done"
+    assert "generate/r4: done, with pixels rounded to 8 bits by 'round'" in caplog.text
+    assert "--from generate" in caplog.text

@@ -432,3 +432,18 @@ def test_the_paper_lora_recipe_runs_as_the_paper_ran_it_on_cuda(tiny_model, lora
     assert record["device"].startswith("cuda") and record["peak_gpu_memory_gb"] > 0
     loss = pd.read_csv(tmp_path / "lora" / "loss.csv")["loss"]
     assert len(loss) == 8 and np.isfinite(loss).all()
+
+
+def test_a_bucket_far_from_the_base_models_size_is_warned_of(
+    tiny_model, lora_images, tmp_path, caplog
+):
+    """The paper recipe's 512 px buckets on a 64 px model once trained without a word."""
+    data = read_any(lora_images)
+    for resolution, far in ((64, False), (160, True)):
+        cfg = _cfg(tiny_model, max_steps=1, resolution=resolution, sample_every=0)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fulora"):
+            train_lora(data, tmp_path / str(resolution), cfg, progress=False)
+        warned = "the commonest training bucket" in caplog.text
+        assert warned == far, caplog.text
+        assert not far or "the pixels of 64x64" in caplog.text

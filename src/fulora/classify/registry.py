@@ -154,7 +154,10 @@ class TinyCNN(nn.Module):
 @register_model("tiny_cnn", "tiny")
 def _tiny(num_classes: int, imagenet: str | None) -> tuple[nn.Module, str | None]:
     if imagenet:
-        raise ConfigError("tiny_cnn has no pretrained weights; use pretrained: false")
+        raise ConfigError(
+            "tiny_cnn has no ImageNet weights: set pretrained: false (CLI: --pretrained false), "
+            "or give a state dict to start from (weights, --weights)"
+        )
     return TinyCNN(num_classes), None
 
 

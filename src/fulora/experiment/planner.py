@@ -129,6 +129,9 @@ _IN_KEY_WHEN_SET: dict[type, dict[str, Any]] = {
         "variation_strength": 0.0,
         "seed_resize_from_width": None,
         "seed_resize_from_height": None,
+        # Not the earlier behaviour: until session 34 the pixels were rounded as diffusers rounds
+        # them. Such a generation stays done under its key, and the runner says so.
+        "pixel_rounding": "floor",
     },
     ClassifyConfig: {
         "amp_dtype": "fp16",
@@ -468,6 +471,7 @@ class _Planner:
             stage.shards = self.cfg.generate.shards
             stage.shard_action = partial(_generate_shard, folder, gcfg)
             stage.info["sampler"] = resolve_sampler(gcfg.sampler)
+            stage.info["pixel_rounding"] = gcfg.pixel_rounding
 
     def synthetic_loader(self, variant: str):
         """A variant's synthetic set, read when a stage runs: released, or generated."""

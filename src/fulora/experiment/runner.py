@@ -42,7 +42,7 @@ from fulora.experiment.stages import (
     stage_seconds,
     write_stage_runs,
 )
-from fulora.generate.run import sampler_of_run
+from fulora.generate.run import rounding_of_run, sampler_of_run
 from fulora.generate.samplers import display_name
 from fulora.io import atomic_open
 from fulora.lora.train import resize_of_run
@@ -168,7 +168,9 @@ def _warn_of_older_makings(plan: Plan, states: dict[str, str]) -> None:
 
     Since session 24 ``DPM++ 2M (Karras)`` and ``DDIM`` are A1111's samplers, not diffusers';
     since session 25 a LoRA shrinks its images as kohya does (OpenCV's INTER_AREA), not with
-    PIL's BOX filter. Such a stage stays done under its key; stages still to run use the new way.
+    PIL's BOX filter; since session 34 generated pixels are floored to 8 bits as A1111 floors
+    them, not rounded as diffusers rounds them. Such a stage stays done under its key; stages
+    still to run use the new way.
     """
     for stage in plan.stages:
         if states[stage.name] == "done" and (older := _older_making(stage)):
@@ -185,6 +187,16 @@ def _older_making(stage) -> str | None:
                 f"{display_name(wanted)!r} is AUTOMATIC1111's since session 24, and "
                 "generations still to run use that. For every variant's images from one "
                 "sampler, run again with --from generate (all are made again)"
+            )
+    if "pixel_rounding" in stage.info:
+        made, wanted = rounding_of_run(stage.folder), stage.info["pixel_rounding"]
+        if made not in (None, wanted):
+            return (
+                f"with pixels rounded to 8 bits by {made!r}; its config's pixel_rounding is "
+                f"{wanted!r} (AUTOMATIC1111's floor is the default since session 34), which "
+                "generations still to run use. For every "
+                "variant's images rounded alike, run again with --from generate (all are made "
+                "again)"
             )
     if "resize" in stage.info:
         shrunk, wanted = resize_of_run(stage.folder), stage.info["resize"]

@@ -134,6 +134,9 @@ class GenerateConfig(Checked):
         "write_threads": Range(0, 32),
     }
 
+    # A run folder's config.yaml without this key was written before it existed: it means this.
+    ABSENT_MEANS = {"pixel_rounding": "round"}
+
     def check(self) -> None:
         """Known sampler and planes; prompts A1111 reads alike; sides multiples of 8; fused QKV.
 
@@ -751,6 +754,10 @@ class GenerateConfig(Checked):
     # decode each batch with the VAE on a thread (and CUDA stream) of its own while the next
     # batch denoises: the same images, one more batch in GPU memory while it decodes
     decode_overlap: bool = False
+    # how a decoded image's values in [0, 1] become 8-bit pixels: floor (AUTOMATIC1111's: 255 x
+    # cut to an integer, so its PNGs of the same latents are these bytes) or round (diffusers'
+    # numpy_to_pil, fulora's until session 34: on average half a grey level brighter)
+    pixel_rounding: Literal["floor", "round"] = "floor"
     color: Literal["L", "RGB"] = "L"  # ultrasound is grayscale
     contact_sheet: int = 8  # thumbnails per side of each plane's contact sheet; 0: none
     device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N

@@ -263,6 +263,19 @@ class Made:
         }
 
 
+def to_uint8(images: np.ndarray, rounding: str = "floor") -> np.ndarray:
+    """Decoded images' values in [0, 1] as 8-bit pixels.
+
+    ``floor`` is AUTOMATIC1111's (``255. * x`` in float32, then ``astype(np.uint8)``, in its
+    ``process_images_inner``), ``round`` diffusers' ``numpy_to_pil``. A value at or past either
+    end is that end, as both clamp first.
+    """
+    scaled = np.clip(images, 0.0, 1.0).astype(np.float32) * np.float32(255)
+    if rounding == "round":
+        scaled = scaled.round()
+    return scaled.astype(np.uint8)
+
+
 def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> None:
     """One PNG, atomically, with its provenance (A1111 ``parameters`` + a ``fulora`` chunk)."""
     row = {
@@ -327,13 +340,13 @@ def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> Non
         "variation_strength": cfg.variation_strength,
         "seed_resize_from": _resize_from(cfg),
         "emphasis": cfg.emphasis,
+        "pixel_rounding": cfg.pixel_rounding,
         "batch_size": made.batch,
         "device": made.device.type,
         "dtype": str(made.dtype).removeprefix("torch."),
         "fulora_version": __version__,
     }
-    pixels = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
-    img = Image.fromarray(pixels, "RGB")
+    img = Image.fromarray(to_uint8(array, cfg.pixel_rounding), "RGB")
     if cfg.color == "L":
         img = img.convert("L")
     info = PngInfo()

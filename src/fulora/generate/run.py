@@ -69,6 +69,7 @@ from fulora.lora.base import (
     base_identity,
     check_base,
     check_model_hash,
+    far_from_native,
     load_pipeline,
     native_size,
 )
@@ -214,6 +215,8 @@ def plan(cfg: GenerateConfig) -> _Plan:
         width, height = width or w, height or h
     if width % 8 or height % 8:
         raise ConfigError(f"width and height must be multiples of 8, got {width}x{height}")
+    if warning := far_from_native(cfg.base, width, height, "the images' size"):
+        logger.warning(warning)
     return _Plan(
         planes,
         prompts,
@@ -373,7 +376,9 @@ def generate(
         check_model_hash(cfg.base, cfg.model_hash)
     check_rng_device(cfg.rng, str(resolve_device(cfg.device)))
     folder = RunDir(out)
-    changed = [k for k in folder.changed_config_keys(cfg) or () if k not in _SPEED_ONLY]
+    # the rounding is checked on the images made (_check_same_making): none made, none mixed
+    checked_on_images = _SPEED_ONLY | {"pixel_rounding"}
+    changed = [k for k in folder.changed_config_keys(cfg) or () if k not in checked_on_images]
     made_with = _images_made_with(folder, resolved.planes)
     if made_with and _sampler_that_made(made_with) == resolved.sampler and "sampler" in changed:
         changed.remove("sampler")  # another name of the same sampler ("DDIM (diffusers)")
@@ -382,7 +387,7 @@ def generate(
             f"{out} already holds images made with another configuration "
             f"({', '.join(changed)} differ); use another --out folder"
         )
-    _check_same_making(out, resolved, made_with)
+    _check_same_making(out, resolved, made_with, cfg.pixel_rounding)
     require_device(cfg.device)
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     check_process_device(cfg.device, state.num_processes)
@@ -409,8 +414,13 @@ def generate(
         run.close()
 
 
-def _check_same_making(out: Path, resolved: _Plan, made_with: dict[str, Any] | None) -> None:
-    """Images already in ``out`` come from this very LoRA file, embedding files and sampler.
+def _check_same_making(
+    out: Path, resolved: _Plan, made_with: dict[str, Any] | None, pixel_rounding: str
+) -> None:
+    """Images already in ``out`` were made as this run makes them, so that none are mixed.
+
+    The same LoRA file, embedding files, sampler and rounding of the pixels (``pixel_rounding``;
+    diffusers' until session 34).
 
     The LoRA's path may hold another file now (a LoRA trained again into the same folder): a
     rerun mixed the two sets, or, finished, recorded the new file for the old images; so may
@@ -420,7 +430,8 @@ def _check_same_making(out: Path, resolved: _Plan, made_with: dict[str, Any] | N
     session 24).
 
     Raises:
-        ConfigError: Naming both files' hashes, or both samplers and how to finish the run.
+        ConfigError: Naming both files' hashes, or both samplers or roundings and how to finish
+            the run.
     """
     if made_with is None:
         return
@@ -447,6 +458,15 @@ def _check_same_making(out: Path, resolved: _Plan, made_with: dict[str, Any] | N
             f"(in an experiment, generate.settings.sampler: {sampler}), or use another --out "
             "folder"
         )
+    rounding = _rounding_that_made(made_with)
+    if rounding not in (None, pixel_rounding):
+        raise ConfigError(
+            f"{out} holds images whose pixels were rounded to 8 bits by {rounding!r}, and this "
+            f"run's pixel_rounding is {pixel_rounding!r}: finish them with "
+            f"--pixel-rounding {rounding}, or use another --out folder (in an experiment, "
+            f"--from generate makes every generation's images again, as {pixel_rounding!r} "
+            "rounds)"
+        )
 
 
 # Samplers that were diffusers' own schedulers until session 24 and are A1111's now; the
@@ -472,6 +492,19 @@ def _sampler_that_made(record: dict[str, Any]) -> str | None:
     if named == "unipc" and record["scheduler"] == "UniPCMultistepScheduler":
         return "unipc_diffusers"  # diffusers' own UniPC made it, fulora's until session 32
     return named
+
+
+def rounding_of_run(out: str | Path) -> str | None:
+    """How a finished run's images were rounded to 8 bits (``pixel_rounding``); None: unfinished."""
+    done = RunDir(out).read_done()
+    return _rounding_that_made(done) if done is not None else None
+
+
+def _rounding_that_made(record: dict[str, Any]) -> str | None:
+    """The ``pixel_rounding`` of a PNG's or ``done.json``'s record (None: not a generation's)."""
+    if "sampler" not in record:  # a folder another command finished
+        return None
+    return record.get("pixel_rounding", "round")  # diffusers' rounding until session 34
 
 
 def _images_made_with(folder: RunDir, planes: Sequence[str]) -> dict[str, Any] | None:
@@ -504,14 +537,7 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
     out, main = run.path, part.main
     if main and part.count == 1:  # alone in the folder: no other process is mid-write
         _remove_half_written(out, resolved.planes)
-    batches, seeds, targets = _work(cfg, resolved, batch, only, out)
-    # The share is cut from the full list of batches, not from what is left, so that processes
-    # that start at different times (Ray shards, a resumed run) never skip or repeat a batch.
-    mine = [
-        (plane, indices)
-        for plane, indices in batches[part.index :: part.count]
-        if any((plane, i) in targets for i in indices)
-    ]
+    mine, seeds, targets = _my_batches(cfg, resolved, batch, only, out, part)
     base_name, base_hash = base_identity(cfg.base)
     made = Made(base_name=base_name, base_hash=base_hash, batch=batch, device=device, dtype=dtype)
     if mine:
@@ -534,6 +560,10 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
         ):
             for plane, indices in mine:
                 plane_seeds = [seeds[(plane, i)] for i in indices]
+                # a batch takes minutes on a CPU: its steps get a bar once it has taken 2 s
+                pipe.set_progress_bar_config(
+                    desc=f"denoising {plane}", disable=not progress, leave=False, delay=2.0
+                )
                 lora.use(plane)
                 passes = embeddings[plane]
                 latents = _denoise(
@@ -570,12 +600,28 @@ def _generate_into(run, cfg, resolved, part: _Share, device, dtype, batch, only,
         clip_skip=resolved.clip_skip,
         sampler=resolved.sampler,
         scheduler=scheduler_name(resolved.sampler),
+        pixel_rounding=cfg.pixel_rounding,
         base_model=base_name,
         base_model_sha256=base_hash,
         **{f"this_run_{k}": v for k, v in summary.items()},
     )
     logger.info("%d images (%d new) in %s", len(manifest), made.generated, out)
     return record
+
+
+def _my_batches(cfg, resolved, batch: int, only, out: Path, part: _Share):
+    """The batches of this process's share with an image to make; every image's seed; those images.
+
+    The share is cut from the full list of batches, not from what is left, so that processes
+    that start at different times (Ray shards, a resumed run) never skip or repeat a batch.
+    """
+    batches, seeds, targets = _work(cfg, resolved, batch, only, out)
+    mine = [
+        (plane, indices)
+        for plane, indices in batches[part.index :: part.count]
+        if any((plane, i) in targets for i in indices)
+    ]
+    return mine, seeds, targets
 
 
 def _remove_half_written(out: Path, planes: Sequence[str]) -> None:

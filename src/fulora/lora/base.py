@@ -192,6 +192,27 @@ def native_size(base: str | Path) -> tuple[int, int] | None:
     return None
 
 
+def far_from_native(base: str | Path, width: int, height: int, what: str) -> str | None:
+    """A warning where a size is far from the one ``base`` generates by default; else None.
+
+    Far: over 4 times, or under a quarter of, the pixels of :func:`native_size`. A model's
+    images far from the size it was trained at are not what it learnt, and nothing else says
+    so: ``fulora:phantom-sd`` was trained at 64x48 px, and the paper recipe's buckets (576x384
+    for most of its images) hold 72 times its pixels.
+    """
+    native = native_size(base)
+    if native is None:
+        return None
+    ratio = width * height / (native[0] * native[1])
+    if 1 / 4 <= ratio <= 4:
+        return None
+    return (
+        f"{what} {width}x{height} px holds {ratio:.3g} times the pixels of {native[0]}x"
+        f"{native[1]}, the size {base} was trained at: its images there are not what it "
+        "learnt. Give a size near its own (width, height; a LoRA's resolution)"
+    )
+
+
 def base_identity(base: str | Path) -> tuple[str, str]:
     """(name, sha256) of a base model: the file's hash, or the UNet weights' hash of a folder."""
     text = resolve_base(base)

@@ -45,7 +45,7 @@ from fulora.data.manifest import Manifest, check_trained_on, with_content_hashes
 from fulora.errors import ConfigError, NonFiniteError
 from fulora.figures import image_grid
 from fulora.io import atomic_open
-from fulora.lora.base import base_identity, load_pipeline
+from fulora.lora.base import base_identity, far_from_native, load_pipeline
 from fulora.lora.checkpoints import (
     checkpoint_folders,
     dataset_hash,
@@ -190,6 +190,9 @@ def train_lora(
         logger.info("%s is already trained with this configuration; nothing to do", out)
         return existing.read_done() or {}
     examples = build_examples(data, cfg)  # data errors before any model loading
+    width, height = Counter(e.bucket for e in examples).most_common(1)[0][0]
+    if warning := far_from_native(cfg.base, width, height, "the commonest training bucket"):
+        logger.warning(warning)
     accelerator = _accelerator(cfg)
     pipe = load_pipeline(cfg.base, config=cfg.base_config)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -201,7 +204,7 @@ def train_lora(
         run.start(cfg)
         training = with_content_hashes(_training_manifest(data, examples))
         training.write(out / TRAIN_MANIFEST_NAME)  # a rerun or resume checks it
-    state = _LoraRun(cfg, run, accelerator, weight_dtype, pipe, examples)
+    state = _LoraRun(cfg, run, accelerator, weight_dtype, pipe, examples, progress=progress)
     try:
         record = _train(state, data, resume, progress, on_step)
     finally:
@@ -285,6 +288,7 @@ class _LoraRun:
     weight_dtype: torch.dtype
     pipe: Any
     examples: list[Example]
+    progress: bool = True  # progress bars (the main process's only)
     unet: Any = None
     text_encoder: Any = None
     adapters: tuple[Any, Any] = (None, None)  # the peft configs of the UNet and text encoder
@@ -702,7 +706,10 @@ def _sample_images(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    sampler.set_progress_bar_config(disable=True)
+    # a sample grid takes a minute or more on a CPU: its steps get a bar once it has taken 2 s
+    shown = state.progress and state.accelerator.is_main_process
+    desc = f"sample grid, step {state.step}"
+    sampler.set_progress_bar_config(disable=not shown, desc=desc, leave=False, delay=2.0)
     guided = cfg.sample_guidance > 1
     with torch.no_grad(), state.accelerator.autocast():
         # Both halves of classifier-free guidance at the training clip skip, as kohya does.
