@@ -189,7 +189,7 @@ def test_hires_settings_are_written_as_a1111_writes_them_and_read_back(tiny_mode
         ({"hires_scale": 2, "sampler": "DDIM", "steps": 2}, "steps 2: A1111's DDIM"),
         ({"hires_scale": 2, "sampler": "UniPC", "hires_steps": 3}, "lower unipc_order"),
         ({"hires_scale": 2, "sampler": "UniPC", "unipc_legacy_steps": True}, "versions before"),
-        ({"hires_scale": 2, "hires_upscaler": "Lanczos"}, "latent upscalers"),
+        ({"hires_scale": 2, "hires_upscaler": "SwinIR 4x"}, "latent upscalers"),
         ({"hires_scale": 2, "denoising_strength": 0}, "denoising_strength"),
         ({"hires_scale": 0.5}, "hires_scale"),
         ({"hires_scale": 2, "hires_resize_width": 64}, "set one"),

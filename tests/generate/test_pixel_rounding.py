@@ -24,7 +24,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from fulora.errors import ConfigError
-from fulora.generate.output import to_uint8
+from fulora.generate.decode import to_uint8
 from fulora.generate.run import GenerateConfig, generate, read_png_provenance
 
 

@@ -28,6 +28,7 @@ from fulora.generate.samplers import (
     CHURN_SAMPLERS,
     DISCARD_PENULTIMATE,
     HIRES_SAMPLERS,
+    IMAGE_UPSCALERS,
     LATENT_UPSCALERS,
     SIGMA_NOISE_SAMPLERS,
     SPAN_FIXED,
@@ -336,12 +337,19 @@ class GenerateConfig(Checked):
                 "choose one of A1111's (fulora generate --help lists them)"
             )
         self._check_timestep_hires_pass(sampler)
-        if self.hires_upscaler not in LATENT_UPSCALERS:
+        if self.hires_upscaler in IMAGE_UPSCALERS and self.rng == "nv":
+            raise ConfigError(
+                f"hires_upscaler {self.hires_upscaler!r} with rng: nv: A1111 encodes the resized "
+                "image with a draw from torch's global generator, which its NV source leaves "
+                "unseeded, so no one, A1111 included, makes that image again: choose rng cpu or "
+                "gpu, or a latent upscaler"
+            )
+        if self.hires_upscaler not in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
             raise ConfigError(
                 f"hires_upscaler {self.hires_upscaler!r}: fulora runs A1111's latent upscalers "
-                f"({', '.join(LATENT_UPSCALERS)}); the others resize the decoded image and "
-                "encode it again, drawing the VAE's sample from A1111's global generator, which "
-                "no setting gives: choose a latent one"
+                f"({', '.join(LATENT_UPSCALERS)}) and its image upscalers "
+                f"{', '.join(IMAGE_UPSCALERS)}; its others (ESRGAN, SwinIR, ...) are networks "
+                "whose weights fulora does not load: choose one of those"
             )
 
     def _check_timestep_hires_pass(self, sampler: str) -> None:
@@ -681,7 +689,8 @@ class GenerateConfig(Checked):
     hires_resize_height: int = 0
     # A1111's "Hires upscaler": a latent one, "Latent" (bilinear, its default), "Latent
     # (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
-    # "Latent (nearest-exact)"
+    # "Latent (nearest-exact)"; or an image one, "None", "Lanczos", "Nearest" (the first pass
+    # decoded, resized with PIL and encoded again; rng cpu or gpu)
     hires_upscaler: str = "Latent"
     # A1111's "Hires steps": the hires pass's steps; 0: steps
     hires_steps: int = 0

@@ -139,3 +139,16 @@ def decode_latents(vae, latents: torch.Tensor, seeds: Sequence[int]) -> torch.Te
             "or the sampler overflowed (try dtype: fp32, a smaller lora_scale, or another sampler)"
         )
     return pixels
+
+
+def to_uint8(images: np.ndarray, rounding: str = "floor") -> np.ndarray:
+    """Decoded images' values in [0, 1] as 8-bit pixels.
+
+    ``floor`` is AUTOMATIC1111's (``255. * x`` in float32, then ``astype(np.uint8)``, in its
+    ``process_images_inner``), ``round`` diffusers' ``numpy_to_pil``. A value at or past either
+    end is that end, as both clamp first.
+    """
+    scaled = np.clip(images, 0.0, 1.0).astype(np.float32) * np.float32(255)
+    if rounding == "round":
+        scaled = scaled.round()
+    return scaled.astype(np.uint8)

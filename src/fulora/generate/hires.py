@@ -23,20 +23,33 @@ The image written is the pass's latent decoded; A1111's text keeps the first pas
 adds "Denoising strength", "Hires upscale" or "Hires resize", "Hires steps" (where not 0) and
 "Hires upscaler".
 
-A1111's other upscalers (Lanczos, ESRGAN, ...) resize the decoded image and encode it again, a
-step that draws from the global torch generator in A1111 (the VAE's sample): they are refused.
+A1111's image upscalers that need no weights, "None", "Lanczos" and "Nearest"
+(``samplers.IMAGE_UPSCALERS``), take step 2 in pixels instead (:func:`upscale_decoded`): the
+first pass's latent decoded and floored to 8 bits, resized with PIL to A1111's
+``hr_upscale_to_x`` and ``_y`` as its ``images.resize_image`` and ``Upscaler.upscale`` resize
+(:func:`upscale_image`), and encoded again, the VAE's sample drawn as A1111 draws it: from
+torch's global generator, which its ``ImageRNG`` last seeded with the batch's last seed; fulora
+draws each image's from its own seed, which is A1111's at batch size 1 (:func:`encode_images`).
+Its model upscalers (ESRGAN, SwinIR, ...) need weights fulora does not load: refused.
 ``tests/generate/test_hires_fix.py`` runs the passes against k-diffusion's samplers under
-A1111's hires code, retyped.
+A1111's hires code, retyped, and the image upscalers against A1111's resize, recorded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from fulora.generate.decode import decode_latents, to_uint8
 from fulora.generate.samplers import LATENT_UPSCALERS
+
+#: PIL's filter of each of A1111's image upscalers that resizes by the scale first
+_UPSCALER_FILTERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 
 #: A1111's latent scale: a latent pixel per 8 image pixels (its ``opt_f``)
 LATENT_SCALE = 8
@@ -47,6 +60,8 @@ class HiresTarget:
     """Where A1111's hires pass upscales the latent to, and the part of it kept (pixels).
 
     Attributes:
+        resized: (width, height) an image upscaler resizes the decoded image to (A1111's
+            ``hr_upscale_to_x`` and ``_y``, whole).
         upscaled: (width, height) the latent is resized to, multiples of 8 (A1111's
             ``hr_upscale_to_x`` and ``_y``, their latent their integer eighth).
         box: (left, top, right, bottom) of it kept, multiples of 8 (A1111's ``truncate_x``
@@ -54,6 +69,7 @@ class HiresTarget:
             sides, the odd latent pixel from the right or bottom).
     """
 
+    resized: tuple[int, int]
     upscaled: tuple[int, int]
     box: tuple[int, int, int, int]
 
@@ -95,6 +111,7 @@ def hires_target(
     latent_x, latent_y = to_x // LATENT_SCALE, to_y // LATENT_SCALE
     box = (cut_x // 2, cut_y // 2, latent_x - (cut_x + 1) // 2, latent_y - (cut_y + 1) // 2)
     return HiresTarget(
+        (to_x, to_y),
         (latent_x * LATENT_SCALE, latent_y * LATENT_SCALE),
         tuple(side * LATENT_SCALE for side in box),
     )
@@ -118,3 +135,82 @@ def upscale_latents(
     resized = F.interpolate(latents.float(), (height, width), mode=mode, antialias=antialias)
     left, top, right, bottom = (side // vae_scale for side in target.box)
     return resized[:, :, top:bottom, left:right]
+
+
+def upscale_image(image: Image.Image, width: int, height: int, upscaler: str) -> Image.Image:
+    """A decoded image resized to (width, height) by one of A1111's image upscalers.
+
+    As its ``images.resize_image`` (mode 0, "Just resize") with that upscaler: "None" resizes
+    with Lanczos at once; "Lanczos" and "Nearest", where the image grows, first resize it by
+    the scale (the larger of the two sides' ratios) with their own filter, then, as its
+    ``Upscaler.upscale``, to the scaled size cut down to a multiple of 8, and at last to the
+    size asked for, each with Lanczos where the size is not already that.
+    """
+    lanczos = Image.Resampling.LANCZOS
+    if upscaler == "None":
+        return image.resize((width, height), resample=lanczos)
+    scale = max(width / image.width, height / image.height)
+    if scale > 1.0:
+        eighths = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
+        by_scale = (int(image.width * scale), int(image.height * scale))
+        image = image.resize(by_scale, resample=_UPSCALER_FILTERS[upscaler])
+        if image.size != eighths:
+            image = image.resize(eighths, resample=lanczos)
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=lanczos)
+    return image
+
+
+def encode_images(
+    vae, pixels: torch.Tensor, seeds: Sequence[int], skipped: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """Images in [0, 1] (N, 3, H, W) as latents, each the VAE's sample as A1111 draws it.
+
+    A1111 (``images_tensor_to_samples``) encodes each image alone, in the VAE's dtype, from
+    ``image * 2 - 1``, and its VAE samples ``mean + std * torch.randn(mean.shape)``: an fp32
+    draw from torch's global CPU generator, which its ``ImageRNG`` seeded with the image's seed
+    at batch size 1 (after a draw of ``skipped``'s shape, where it drew the "Seed resize from"
+    noise there), then times the VAE's scaling factor, in fp32.
+    """
+    latents = []
+    for image, seed in zip(pixels, seeds, strict=True):
+        generator = torch.Generator().manual_seed(seed)
+        if skipped:
+            torch.randn(skipped, generator=generator)
+        inputs = image[None].to(vae.device, vae.dtype) * 2 - 1
+        dist = vae.encode(inputs).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator).to(vae.device)
+        latents.append((dist.mean + dist.std * noise) * vae.config.scaling_factor)
+    return torch.cat(latents)
+
+
+def upscale_decoded(
+    vae,
+    latents: torch.Tensor,
+    target: HiresTarget,
+    upscaler: str,
+    seeds: Sequence[int],
+    skipped: tuple[int, ...] = (),
+    vae_scale: int = LATENT_SCALE,
+) -> torch.Tensor:
+    """The first pass's latents decoded, resized by an image upscaler, encoded and cut.
+
+    As A1111's hires pass with "None", "Lanczos" or "Nearest": the decoded images floored to
+    8 bits, resized to ``target.resized`` (:func:`upscale_image`), encoded again
+    (:func:`encode_images`) and cut as the latent upscalers' are. A model whose latent pixel
+    is fewer than 8 image pixels (fulora's tiny test models) is first cut to the latent size
+    the latent upscalers give; SD's already is.
+    """
+    with torch.no_grad():
+        decoded = decode_latents(vae, latents.to(vae.dtype), seeds).float()
+    images = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()
+    resized = [
+        upscale_image(Image.fromarray(image), *target.resized, upscaler)
+        for image in to_uint8(images, "floor")
+    ]
+    pixels = torch.from_numpy(np.stack([np.asarray(i) for i in resized]).astype(np.float32) / 255)
+    with torch.no_grad():
+        encoded = encode_images(vae, pixels.permute(0, 3, 1, 2), seeds, skipped)
+    width, height = (side // vae_scale for side in target.upscaled)
+    left, top, right, bottom = (side // vae_scale for side in target.box)
+    return encoded[:, :, :height, :width][:, :, top:bottom, left:right]

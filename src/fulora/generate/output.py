@@ -18,7 +18,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
@@ -27,6 +26,7 @@ from fulora import __version__
 from fulora.data.manifest import COLUMNS, MANIFEST_NAME, SYNTHETIC_COLUMNS, Manifest
 from fulora.errors import DataError
 from fulora.generate.config import HIRES_SETTINGS, HIRES_SIZES, GenerateConfig
+from fulora.generate.decode import to_uint8
 from fulora.generate.infotext import A1111_DEFAULT_RNG, A1111_RNG_NAMES
 from fulora.generate.inversions import listed_name
 from fulora.generate.networks import lora_tags
@@ -261,19 +261,6 @@ class Made:
             "device": str(self.device),
             "processes": processes,
         }
-
-
-def to_uint8(images: np.ndarray, rounding: str = "floor") -> np.ndarray:
-    """Decoded images' values in [0, 1] as 8-bit pixels.
-
-    ``floor`` is AUTOMATIC1111's (``255. * x`` in float32, then ``astype(np.uint8)``, in its
-    ``process_images_inner``), ``round`` diffusers' ``numpy_to_pil``. A value at or past either
-    end is that end, as both clamp first.
-    """
-    scaled = np.clip(images, 0.0, 1.0).astype(np.float32) * np.float32(255)
-    if rounding == "round":
-        scaled = scaled.round()
-    return scaled.astype(np.uint8)
 
 
 def save_image(out, plane, index, seed, array, cfg, resolved, made: Made) -> None:

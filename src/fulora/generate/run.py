@@ -38,7 +38,7 @@ from fulora.generate.config import GenerateConfig, check_rng_device
 from fulora.generate.decode import Decoder
 from fulora.generate.encode import empty_prompt, encode_prompts, unet_rows
 from fulora.generate.guidance import Conditioning, UncondSkip, guided, padded_sides
-from fulora.generate.hires import HiresTarget, hires_target, upscale_latents
+from fulora.generate.hires import HiresTarget, hires_target, upscale_decoded, upscale_latents
 from fulora.generate.inversions import (
     check_embedding_hashes,
     embedding_files,
@@ -56,6 +56,7 @@ from fulora.generate.output import (
 )
 from fulora.generate.prompts import check_prompt_syntax
 from fulora.generate.samplers import (
+    IMAGE_UPSCALERS,
     Img2ImgSteps,
     display_name,
     make_scheduler,
@@ -845,7 +846,7 @@ def _hires_pass(pipe, conditioning, latents, seeds, cfg, resolved, indices) -> t
     the lower points of its grid).
     """
     target = _hires_target(cfg, resolved)
-    upscaled = upscale_latents(latents, target, cfg.hires_upscaler, pipe.vae_scale_factor)
+    upscaled = _upscaled(pipe, latents, target, seeds, cfg, resolved)
     width, height = target.size
     noise = _image_noise(pipe, cfg, seeds, indices, width, height)
     steps = cfg.hires_steps or cfg.steps
@@ -857,6 +858,23 @@ def _hires_pass(pipe, conditioning, latents, seeds, cfg, resolved, indices) -> t
         return _sample(pipe, conditioning, noise, start, steps, (width, height), cfg, resolved)
     finally:
         scheduler.img2img = None
+
+
+def _upscaled(pipe, latents, target: HiresTarget, seeds, cfg, resolved) -> torch.Tensor:
+    """The first pass's latents upscaled to the hires pass's target by ``hires_upscaler``."""
+    scale = pipe.vae_scale_factor
+    if cfg.hires_upscaler not in IMAGE_UPSCALERS:
+        return upscale_latents(latents, target, cfg.hires_upscaler, scale)
+    # A1111's CPU source drew the first pass's "Seed resize from" noise, where its size is not
+    # the first pass's, from the global generator that the VAE's sample then draws from
+    skipped: tuple[int, ...] = ()
+    if cfg.rng == "cpu" and cfg.seed_resize_from_width is not None:
+        size = (cfg.seed_resize_from_height // scale, cfg.seed_resize_from_width // scale)
+        if size != (resolved.height // scale, resolved.width // scale):
+            skipped = (pipe.unet.config.in_channels, *size)
+    return upscale_decoded(
+        pipe.vae, latents, target, cfg.hires_upscaler, seeds, skipped, pipe.vae_scale_factor
+    )
 
 
 def _uncond_skip(pipe, cfg, resolved, steps: int) -> UncondSkip | None:

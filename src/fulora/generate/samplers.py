@@ -338,6 +338,10 @@ LATENT_UPSCALERS = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
+# A1111's image upscalers that need no weights: the hires pass decodes the first pass's image,
+# resizes it with PIL (None: Lanczos to the size at once; Lanczos and Nearest: its Upscaler's
+# resize by the scale first) and encodes it again; its model upscalers (ESRGAN, ...) are refused
+IMAGE_UPSCALERS = ("None", "Lanczos", "Nearest")
 # The samplers whose hires pass fulora runs as A1111's sample_img2img does: the k-diffusion
 # samplers on the tail of their sigmas, DDIM, PLMS and UniPC on the lower points of their grid
 # (not diffusers' own, kept for older runs)
