@@ -69,12 +69,14 @@ step() {
         # beside a GPU trains on the CPU (session 18; the 8-bit one skips without bitsandbytes);
         # the SDE samplers' Brownian trees on CUDA (session 31); the churn's noise, textual
         # inversions in fp16 and UniPC's variants on CUDA (session 32); the hires fix's pass
-        # in fp16 and fp32 (session 33)
+        # in fp16 and fp32 (session 33); its image upscalers' decode, resize and encode
+        # (session 34)
         enough tests 60 || return 1
         timeout "$(cap 300)" "$PY" -m pytest -q -m gpu -rA tests/generate/test_generate.py \
             tests/generate/test_guidance.py tests/generate/test_kdiffusion_samplers.py \
             tests/generate/test_sigma_churn.py tests/generate/test_textual_inversion.py \
-            tests/generate/test_unipc.py tests/generate/test_hires_fix.py tests/lora/test_train.py \
+            tests/generate/test_unipc.py tests/generate/test_hires_fix.py \
+            tests/generate/test_hires_images.py tests/lora/test_train.py \
             2>&1 | quiet | tee "$OUT/gpu-tests.log"
         ;;
     demo)
