@@ -18,7 +18,8 @@ from PIL import Image
 
 from fulora.errors import ConfigError
 from fulora.generate.config import GenerateConfig
-from fulora.generate.hires import hires_target, upscale_latents
+from fulora.generate.hires import upscale_latents
+from fulora.generate.hires_size import hires_target
 from fulora.generate.samplers import (
     Img2ImgSteps,
     make_scheduler,

@@ -19,7 +19,8 @@ from PIL import Image
 
 from fulora.errors import ConfigError
 from fulora.generate.config import GenerateConfig
-from fulora.generate.hires import encode_images, hires_target, upscale_image
+from fulora.generate.hires import encode_images, upscale_image
+from fulora.generate.hires_size import hires_target
 
 from .test_hires_fix import _generate
 
@@ -48,8 +49,10 @@ def _input(case: dict) -> np.ndarray:
 )
 def test_image_upscalers_resize_as_automatic1111(case):
     """The same bytes, at A1111's hr_upscale_to_x and _y (whole: 100x60 for 80x48 at 1.25,
-    where the latent upscalers take 96x56). Lanczos differs from None in 14 of the 24 inputs
-    (its resize by the scale, then to the multiple of 8 below, then to the size)."""
+    where the latent upscalers take 96x56). Lanczos differs from None in 14 of the 28 inputs
+    (its resize by the scale, then to the multiple of 8 below, then to the size); where the
+    first pass covers that multiple of 8 already (80x48 to 84x50, to 86x51), v1.8+ does not
+    resize it by the scale, as A1111 before v1.8 did."""
     width, height = case["size"]
     scale, resize = case["scale"] or None, tuple(case["resize"])
     target = hires_target(width, height, scale, resize)
@@ -167,3 +170,31 @@ def test_image_upscaled_hires_images_are_each_images_own_on_cuda(tiny_model, tmp
         assert np.abs(pixels.astype(int) - runs[2][key].astype(int)).max() <= 1
     half, _ = _generate(tiny_model, tmp_path / "fp16", dtype="fp16", **settings)
     assert all(pixels.std() > 0 for pixels in half.values())
+
+
+@pytest.mark.parametrize(
+    ("version", "upscale", "refused"),
+    [
+        ("v1.7.0", "1.05", True),  # 80x48 to 84x50: it covers 80x48, the eighths of 84x50
+        ("v1.8.0", "1.05", False),
+        ("v1.7.0", "2", False),  # 160x96: upscaled by both versions
+        ("", "1.05", False),  # no Version: the newest
+    ],
+)
+def test_a1111_texts_whose_version_resized_otherwise_are_refused(version, upscale, refused):
+    """A1111 before v1.8 resized a first pass by the scale even where it already covered the
+    scaled size cut to a multiple of 8; v1.8+ (and fulora) only resizes it to the size."""
+    from fulora.generate.infotext import generate_settings, read_a1111_parameters
+
+    text = (
+        "a photo\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 80x48, "
+        f"Denoising strength: 0.7, Hires upscale: {upscale}, Hires upscaler: Lanczos"
+        + (f", Version: {version}" if version else "")
+    )
+    if refused:
+        with pytest.raises(ConfigError, match=r"v1\.7\.0, whose Lanczos upscaler resized a 80x48"):
+            generate_settings(read_a1111_parameters(text), "brain")
+    else:
+        assert (
+            generate_settings(read_a1111_parameters(text), "brain")["hires_upscaler"] == "Lanczos"
+        )

@@ -5,7 +5,7 @@ A1111's txt2img with "Hires fix" (its ``StableDiffusionProcessingTxt2Img.sample_
 1. the first pass makes each image's latent at the size asked for, as without it;
 2. a latent upscaler ("Latent", "Latent (bicubic)", ...; ``samplers.LATENT_UPSCALERS``)
    resizes the latent with ``torch.nn.functional.interpolate`` to the target
-   (:func:`hires_target`: the size times "Hires upscale", or "Hires resize"'s width and
+   (``hires_size.hires_target``: the size times "Hires upscale", or "Hires resize"'s width and
    height, the aspect ratio kept and the excess cut from both sides), a latent pixel per 8;
 3. a new noise is drawn for that size from each image's seed, as its first noise was (A1111
    makes a new ``ImageRNG`` for the pass: variation seed, "Seed resize from" and ENSD too);
@@ -32,13 +32,13 @@ torch's global generator, which its ``ImageRNG`` last seeded with the batch's la
 draws each image's from its own seed, which is A1111's at batch size 1 (:func:`encode_images`).
 Its model upscalers (ESRGAN, SwinIR, ...) need weights fulora does not load: refused.
 ``tests/generate/test_hires_fix.py`` runs the passes against k-diffusion's samplers under
-A1111's hires code, retyped, and the image upscalers against A1111's resize, recorded.
+A1111's hires code, retyped; ``test_hires_images.py`` the image upscalers against A1111's
+resize (v1.8+), recorded. The pass's size is ``fulora.generate.hires_size``'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,75 +46,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fulora.generate.decode import decode_latents, to_uint8
+from fulora.generate.hires_size import LATENT_SCALE, HiresTarget
 from fulora.generate.samplers import LATENT_UPSCALERS
 
 #: PIL's filter of each of A1111's image upscalers that resizes by the scale first
 _UPSCALER_FILTERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
-
-#: A1111's latent scale: a latent pixel per 8 image pixels (its ``opt_f``)
-LATENT_SCALE = 8
-
-
-@dataclass(frozen=True)
-class HiresTarget:
-    """Where A1111's hires pass upscales the latent to, and the part of it kept (pixels).
-
-    Attributes:
-        resized: (width, height) an image upscaler resizes the decoded image to (A1111's
-            ``hr_upscale_to_x`` and ``_y``, whole).
-        upscaled: (width, height) the latent is resized to, multiples of 8 (A1111's
-            ``hr_upscale_to_x`` and ``_y``, their latent their integer eighth).
-        box: (left, top, right, bottom) of it kept, multiples of 8 (A1111's ``truncate_x``
-            and ``_y``: with "Hires resize" of another aspect ratio, the excess cut from both
-            sides, the odd latent pixel from the right or bottom).
-    """
-
-    resized: tuple[int, int]
-    upscaled: tuple[int, int]
-    box: tuple[int, int, int, int]
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """The (width, height) of the images written."""
-        left, top, right, bottom = self.box
-        return right - left, bottom - top
-
-
-def hires_target(
-    width: int, height: int, scale: float | None = None, resize: tuple[int, int] = (0, 0)
-) -> HiresTarget:
-    """A1111's target for the hires pass (its ``calculate_target_resolution``).
-
-    Args:
-        width: The first pass's width.
-        height: The first pass's height.
-        scale: "Hires upscale": both sides times it (``int`` of each), when ``resize`` is
-            (0, 0).
-        resize: "Hires resize" (width, height); 0 for one side: the other's, at the first
-            pass's aspect ratio. Both: the first pass's aspect ratio upscaled to cover them,
-            then cut to them.
-    """
-    cut_x = cut_y = 0
-    rx, ry = resize
-    if rx == 0 and ry == 0:
-        to_x, to_y = int(width * (scale or 1.0)), int(height * (scale or 1.0))
-    elif ry == 0:
-        to_x, to_y = rx, rx * height // width
-    elif rx == 0:
-        to_x, to_y = ry * width // height, ry
-    else:
-        if width / height < rx / ry:
-            to_x, to_y = rx, rx * height // width
-        else:
-            to_x, to_y = ry * width // height, ry
-        cut_x, cut_y = (to_x - rx) // LATENT_SCALE, (to_y - ry) // LATENT_SCALE
-    latent_x, latent_y = to_x // LATENT_SCALE, to_y // LATENT_SCALE
-    box = (cut_x // 2, cut_y // 2, latent_x - (cut_x + 1) // 2, latent_y - (cut_y + 1) // 2)
-    return HiresTarget(
-        (to_x, to_y),
-        (latent_x * LATENT_SCALE, latent_y * LATENT_SCALE),
-        tuple(side * LATENT_SCALE for side in box),
-    )
 
 
 def upscale_latents(
@@ -126,7 +62,7 @@ def upscale_latents(
 
     Args:
         latents: (images, channels, height, width).
-        target: The pass's target (:func:`hires_target`).
+        target: The pass's target (``hires_size.hires_target``).
         upscaler: One of ``samplers.LATENT_UPSCALERS``.
         vae_scale: Image pixels per latent pixel (8 for SD; the tiny test models' fewer).
     """
@@ -141,10 +77,11 @@ def upscale_image(image: Image.Image, width: int, height: int, upscaler: str) ->
     """A decoded image resized to (width, height) by one of A1111's image upscalers.
 
     As its ``images.resize_image`` (mode 0, "Just resize") with that upscaler: "None" resizes
-    with Lanczos at once; "Lanczos" and "Nearest", where the image grows, first resize it by
-    the scale (the larger of the two sides' ratios) with their own filter, then, as its
-    ``Upscaler.upscale``, to the scaled size cut down to a multiple of 8, and at last to the
-    size asked for, each with Lanczos where the size is not already that.
+    with Lanczos at once. "Lanczos" and "Nearest", where the image grows (the scale, the larger
+    of the two sides' ratios, above 1), go through its ``Upscaler.upscale`` (v1.8+): unless the
+    image already covers the scaled size cut down to a multiple of 8, it is resized by the
+    scale with the upscaler's filter; then, where not already that size, to the multiple of 8
+    with Lanczos. Last, where not already (width, height), to it with Lanczos.
     """
     lanczos = Image.Resampling.LANCZOS
     if upscaler == "None":
@@ -152,8 +89,9 @@ def upscale_image(image: Image.Image, width: int, height: int, upscaler: str) ->
     scale = max(width / image.width, height / image.height)
     if scale > 1.0:
         eighths = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
-        by_scale = (int(image.width * scale), int(image.height * scale))
-        image = image.resize(by_scale, resample=_UPSCALER_FILTERS[upscaler])
+        if image.width < eighths[0] or image.height < eighths[1]:
+            by_scale = (int(image.width * scale), int(image.height * scale))
+            image = image.resize(by_scale, resample=_UPSCALER_FILTERS[upscaler])
         if image.size != eighths:
             image = image.resize(eighths, resample=lanczos)
     if image.size != (width, height):

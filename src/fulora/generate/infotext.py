@@ -30,6 +30,7 @@ from typing import Any
 from PIL import Image
 
 from fulora.errors import ConfigError, DataError
+from fulora.generate.hires_size import covers_its_eighths, hires_target
 from fulora.generate.prompts import EMPHASIS_MODES
 from fulora.generate.samplers import (
     DEFAULT_SINCE_V19,
@@ -334,11 +335,30 @@ def _hires_settings(fields: dict[str, str]) -> dict[str, Any]:
             f"pass at {fields['CFG scale']}, and fulora guides both at one: give the settings "
             "without --a1111"
         )
-    return size | {
+    settings = size | {
         "hires_steps": _number(fields, "Hires steps", int) if "Hires steps" in fields else 0,
         "hires_upscaler": fields.get("Hires upscaler", "Latent"),
         "denoising_strength": _number(fields, "Denoising strength", float),
     }
+    _check_upscaler_version(fields, settings)
+    return settings
+
+
+def _check_upscaler_version(fields: dict[str, str], settings: dict[str, Any]) -> None:
+    """Refuse a Lanczos or Nearest upscale that A1111 before v1.8 ran otherwise than v1.8+."""
+    upscaler, version = settings["hires_upscaler"], fields.get("Version", "")
+    if upscaler not in ("Lanczos", "Nearest") or _version(version) >= (1, 8):
+        return
+    width, height = _number(fields, "Size-1", int), _number(fields, "Size-2", int)
+    resize = (settings.get("hires_resize_width", 0), settings.get("hires_resize_height", 0))
+    target = hires_target(width, height, settings.get("hires_scale"), resize)
+    if covers_its_eighths(width, height, target.resized):
+        raise ConfigError(
+            f"the A1111 settings are of its {version}, whose {upscaler} upscaler resized a "
+            f"{width}x{height} first pass to {target.resized[0]}x{target.resized[1]} by a way "
+            "that v1.8 changed (the image already covers the scaled size cut to a multiple of "
+            "8), and fulora runs v1.8's: give the settings without --a1111 to make v1.8's image"
+        )
 
 
 def _seed_extras(fields: dict[str, str]) -> dict[str, Any]:

@@ -38,7 +38,8 @@ from fulora.generate.config import GenerateConfig, check_rng_device
 from fulora.generate.decode import Decoder
 from fulora.generate.encode import empty_prompt, encode_prompts, unet_rows
 from fulora.generate.guidance import Conditioning, UncondSkip, guided, padded_sides
-from fulora.generate.hires import HiresTarget, hires_target, upscale_decoded, upscale_latents
+from fulora.generate.hires import upscale_decoded, upscale_latents
+from fulora.generate.hires_size import HiresTarget, hires_target
 from fulora.generate.inversions import (
     check_embedding_hashes,
     embedding_files,
