@@ -33,6 +33,8 @@ from fulora.generate.run import (
 from fulora.generate.samplers import SAMPLERS
 from fulora.lora.formats import read_lora
 
+from .records import refused_then_finished
+
 
 def _cfg(tiny_model, lora=None, **kw):
     base = dict(
@@ -188,18 +190,12 @@ def test_images_of_another_lora_file_at_the_same_path_are_refused(
 def _as_made_before_session_24(out: Path, sampler: str, given: str) -> None:
     """Rewrite a ``<sampler>_diffusers`` run's records as fulora wrote them when ``sampler`` was
     diffusers' own scheduler: that sampler, no scheduler named, the config saying ``given``."""
-    from PIL.PngImagePlugin import PngInfo
+    from .records import rewrite_png_records
 
-    for png in out.glob("*/*.png"):
-        with Image.open(png) as img:
-            img.load()
-            record = json.loads(img.text["fulora"])
-            parameters = img.text["parameters"]
-        del record["scheduler"]
-        info = PngInfo()
-        info.add_text("parameters", parameters)
-        info.add_text("fulora", json.dumps({**record, "sampler": sampler}))
-        img.save(png, pnginfo=info)
+    def as_then(record: dict) -> dict:
+        return {**{k: v for k, v in record.items() if k != "scheduler"}, "sampler": sampler}
+
+    rewrite_png_records(out, as_then)
     config = yaml.safe_load((out / "config.yaml").read_text())
     (out / "config.yaml").write_text(yaml.safe_dump({**config, "sampler": given}))
     done = json.loads((out / "done.json").read_text())
@@ -220,18 +216,10 @@ def test_images_of_diffusers_samplers_are_finished_with_them_not_with_a1111s(
     generate(out, replace(cfg, sampler=old), progress=False)
     given = given or GenerateConfig().sampler
     _as_made_before_session_24(out, sampler, given)
-    last = sorted(out.glob("brain/*.png"))[-1]
-    before = np.asarray(Image.open(last))
-    for finished in (True, False):
-        if not finished:
-            (out / "done.json").unlink()
-            last.unlink()
-        with pytest.raises(ConfigError, match=rf"sampler '.* \(diffusers\)'.* --sampler {old}"):
-            generate(out, replace(cfg, sampler=given), progress=False)
     # another name of the sampler that made them finishes the run, with the same pixels
-    record = generate(out, replace(cfg, sampler=old), progress=False)
-    assert record["this_run_generated"] == 1
-    assert np.array_equal(np.asarray(Image.open(last)), before)
+    message = rf"sampler '.* \(diffusers\)'.* --sampler {old}"
+    new, same = replace(cfg, sampler=given), replace(cfg, sampler=old)
+    _, last = refused_then_finished(out, new, same, message)
     assert read_png_provenance(last)["scheduler"] == SAMPLERS[old][0]
 
 

@@ -16,16 +16,16 @@ import json
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
 import yaml
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
-from fulora.errors import ConfigError
 from fulora.generate.decode import to_uint8
 from fulora.generate.run import GenerateConfig, generate, read_png_provenance
+
+from .records import refused_then_finished, rewrite_png_records
+from .test_generate import _cfg as generate_cfg
 
 
 def _a1111_pixels(decoded: torch.Tensor) -> np.ndarray:
@@ -64,20 +64,9 @@ def test_floored_pixels_are_automatic1111s_and_rounded_ones_diffusers():
 
 
 def _cfg(tiny_model, **kw):
-    settings = dict(
-        base=str(tiny_model),
-        planes=["brain"],
-        per_class=3,
-        steps=3,
-        width=80,
-        height=48,
-        batch_size=1,
-        seed=7,
-        device="cpu",
-        contact_sheet=0,
-        color="RGB",
-    )
-    return GenerateConfig(**settings | kw)
+    """test_generate's settings: one plane, three images alone, in RGB (the bytes as decoded)."""
+    one_plane = dict(planes=["brain"], per_class=3, batch_size=1, contact_sheet=0, color="RGB")
+    return generate_cfg(tiny_model, **one_plane | kw)
 
 
 def _pixels(folder):
@@ -100,16 +89,9 @@ def test_generated_pixels_are_floored_by_default_and_say_so(tiny_model, tmp_path
 
 def _as_made_before_session_34(out) -> None:
     """Rewrite a ``round`` run's records as fulora wrote them before ``pixel_rounding``."""
-    for png in out.glob("*/*.png"):
-        with Image.open(png) as img:
-            img.load()
-            record = json.loads(img.text["fulora"])
-            parameters = img.text["parameters"]
-        del record["pixel_rounding"]
-        info = PngInfo()
-        info.add_text("parameters", parameters)
-        info.add_text("fulora", json.dumps(record))
-        img.save(png, pnginfo=info)
+    rewrite_png_records(
+        out, lambda record: {k: v for k, v in record.items() if k != "pixel_rounding"}
+    )
     for name, load, dump in (
         ("config.yaml", yaml.safe_load, yaml.safe_dump),
         ("done.json", json.loads, json.dumps),
@@ -126,16 +108,7 @@ def test_images_rounded_before_session_34_are_finished_rounded_not_floored(tiny_
     cfg = _cfg(tiny_model)
     generate(out, replace(cfg, pixel_rounding="round"), progress=False)
     _as_made_before_session_34(out)
-    last = sorted(out.glob("brain/*.png"))[-1]
-    before = np.asarray(Image.open(last))
-    for finished in (True, False):
-        if not finished:
-            (out / "done.json").unlink()
-            last.unlink()
-        with pytest.raises(
-            ConfigError, match=r"rounded to 8 bits by 'round'.*--pixel-rounding round"
-        ):
-            generate(out, cfg, progress=False)
-    record = generate(out, replace(cfg, pixel_rounding="round"), progress=False)
-    assert record["this_run_generated"] == 1 and record["pixel_rounding"] == "round"
-    assert np.array_equal(np.asarray(Image.open(last)), before)
+    old = replace(cfg, pixel_rounding="round")
+    message = r"rounded to 8 bits by 'round'.*--pixel-rounding round"
+    record, _ = refused_then_finished(out, cfg, old, message)
+    assert record["pixel_rounding"] == "round"

@@ -179,35 +179,46 @@ def _warn_of_older_makings(plan: Plan, states: dict[str, str]) -> None:
 
 def _older_making(stage) -> str | None:
     """How a finished stage's outputs were made, where its config now says otherwise."""
-    if "sampler" in stage.info:
-        made, wanted = sampler_of_run(stage.folder), stage.info["sampler"]
-        if made not in (None, wanted):
-            return (
-                f"with images from the sampler {display_name(made)!r}; its config's "
-                f"{display_name(wanted)!r} is AUTOMATIC1111's since session 24, and "
-                "generations still to run use that. For every variant's images from one "
-                "sampler, run again with --from generate (all are made again)"
-            )
-    if "pixel_rounding" in stage.info:
-        made, wanted = rounding_of_run(stage.folder), stage.info["pixel_rounding"]
-        if made not in (None, wanted):
-            return (
-                f"with pixels rounded to 8 bits by {made!r}; its config's pixel_rounding is "
-                f"{wanted!r} (AUTOMATIC1111's floor is the default since session 34), which "
-                "generations still to run use. For every "
-                "variant's images rounded alike, run again with --from generate (all are made "
-                "again)"
-            )
-    if "resize" in stage.info:
-        shrunk, wanted = resize_of_run(stage.folder), stage.info["resize"]
-        if shrunk not in (None, wanted):
-            return (
-                f"trained on images shrunk with {shrunk!r}; its config's resize is {wanted!r} "
-                "(kohya's, since session 25), which LoRAs still to train use. For LoRAs "
-                "trained alike, run again with --from lora (all are trained again), or set "
-                f"lora.settings.resize: {shrunk}"
-            )
-    return None
+    said = [
+        words(made, stage.info[key])
+        for key, made_in, words in _OLDER_MAKINGS
+        if key in stage.info and (made := made_in(stage.folder)) not in (None, stage.info[key])
+    ]
+    return "; and ".join(said) or None
+
+
+def _older_sampler(made: str, wanted: str) -> str:
+    return (
+        f"with images from the sampler {display_name(made)!r}; its config's "
+        f"{display_name(wanted)!r} is AUTOMATIC1111's since session 24, and generations still "
+        "to run use that. For every variant's images from one sampler, run again with --from "
+        "generate (all are made again)"
+    )
+
+
+def _older_rounding(made: str, wanted: str) -> str:
+    return (
+        f"with pixels rounded to 8 bits by {made!r}; its config's pixel_rounding is {wanted!r} "
+        "(AUTOMATIC1111's floor is the default since session 34), which generations still to "
+        "run use. For every variant's images rounded alike, run again with --from generate "
+        "(all are made again)"
+    )
+
+
+def _older_resize(made: str, wanted: str) -> str:
+    return (
+        f"trained on images shrunk with {made!r}; its config's resize is {wanted!r} (kohya's, "
+        "since session 25), which LoRAs still to train use. For LoRAs trained alike, run "
+        f"again with --from lora (all are trained again), or set lora.settings.resize: {made}"
+    )
+
+
+#: (stage.info key, how a finished stage's folder says it was made, the words for an older one)
+_OLDER_MAKINGS = (
+    ("sampler", sampler_of_run, _older_sampler),
+    ("pixel_rounding", rounding_of_run, _older_rounding),
+    ("resize", resize_of_run, _older_resize),
+)
 
 
 def _print_where_and_how_long(plan: Plan, runs: list[StageRun]) -> None:
