@@ -403,9 +403,22 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             f"({judged_by(1 + len(result['consistency']['ensemble']))}): "
             f"{result['consistency']['agreement']:.1f}%"
         )
-    print(f"  kept by the filter: {result['filtering']['kept']} of {len(synthetic)}")
+    rules = _filter_rules(result["filtering"]["rules"])
+    print(f"  kept by the filter: {result['filtering']['kept']} of {len(synthetic)}{rules}")
     print(f"  tables and figures: {args.out}/per_plane.csv, similarity.png, near_copies.png")
     return 0
+
+
+def _filter_rules(rules: dict) -> str:
+    """The audit filter's rules in words, for its summary (an image kept passes them all)."""
+    words = []
+    if rules.get("drop_near_copies"):
+        words.append("no near-copy")
+    if rules.get("require_agreement"):
+        words.append("the classifier agreeing with the prompted plane")
+    if rules.get("min_confidence") is not None:
+        words.append(f"its probability of that plane at least {rules['min_confidence']:g}")
+    return f" ({', '.join(words)})" if words else " (no rule: every image)"
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
