@@ -349,7 +349,8 @@ class GenerateConfig(Checked):
                 f"hires_upscaler {self.hires_upscaler!r}: fulora runs A1111's latent upscalers "
                 f"({', '.join(LATENT_UPSCALERS)}) and its image upscalers "
                 f"{', '.join(IMAGE_UPSCALERS)}; its others (ESRGAN, SwinIR, ...) are networks "
-                "whose weights fulora does not load: choose one of those"
+                "whose weights fulora does not load: choose one of those (--hires-upscaler; "
+                "for an A1111 image's settings, its image is then made with that one)"
             )
 
     def _check_timestep_hires_pass(self, sampler: str) -> None:
