@@ -135,9 +135,6 @@ class GenerateConfig(Checked):
         "write_threads": Range(0, 32),
     }
 
-    # A run folder's config.yaml without this key was written before it existed: it means this.
-    ABSENT_MEANS = {"pixel_rounding": "round"}
-
     def check(self) -> None:
         """Known sampler and planes; prompts A1111 reads alike; sides multiples of 8; fused QKV.
 

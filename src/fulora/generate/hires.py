@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fulora.generate.decode import decode_latents, to_uint8
-from fulora.generate.hires_size import LATENT_SCALE, HiresTarget
+from fulora.generate.decode import to_images, to_uint8
+from fulora.generate.hires_size import LATENT_SCALE, HiresTarget, upscaler_scale
 from fulora.generate.samplers import LATENT_UPSCALERS
 
 #: PIL's filter of each of A1111's image upscalers that resizes by the scale first
@@ -69,8 +69,14 @@ def upscale_latents(
     mode, antialias = LATENT_UPSCALERS[upscaler]
     width, height = (side // vae_scale for side in target.upscaled)
     resized = F.interpolate(latents.float(), (height, width), mode=mode, antialias=antialias)
+    return _cut(resized, target, vae_scale)
+
+
+def _cut(latents: torch.Tensor, target: HiresTarget, vae_scale: int) -> torch.Tensor:
+    """Latents of ``target.upscaled`` (or more) cut to its box (A1111's ``truncate_x``, ``_y``)."""
+    width, height = (side // vae_scale for side in target.upscaled)
     left, top, right, bottom = (side // vae_scale for side in target.box)
-    return resized[:, :, top:bottom, left:right]
+    return latents[:, :, :height, :width][:, :, top:bottom, left:right]
 
 
 def upscale_image(image: Image.Image, width: int, height: int, upscaler: str) -> Image.Image:
@@ -86,9 +92,8 @@ def upscale_image(image: Image.Image, width: int, height: int, upscaler: str) ->
     lanczos = Image.Resampling.LANCZOS
     if upscaler == "None":
         return image.resize((width, height), resample=lanczos)
-    scale = max(width / image.width, height / image.height)
+    scale, eighths = upscaler_scale(*image.size, (width, height))
     if scale > 1.0:
-        eighths = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
         if image.width < eighths[0] or image.height < eighths[1]:
             by_scale = (int(image.width * scale), int(image.height * scale))
             image = image.resize(by_scale, resample=_UPSCALER_FILTERS[upscaler])
@@ -123,32 +128,27 @@ def encode_images(
 
 
 def upscale_decoded(
-    vae,
+    pipe,
     latents: torch.Tensor,
     target: HiresTarget,
     upscaler: str,
     seeds: Sequence[int],
     skipped: tuple[int, ...] = (),
-    vae_scale: int = LATENT_SCALE,
 ) -> torch.Tensor:
     """The first pass's latents decoded, resized by an image upscaler, encoded and cut.
 
-    As A1111's hires pass with "None", "Lanczos" or "Nearest": the decoded images floored to
-    8 bits, resized to ``target.resized`` (:func:`upscale_image`), encoded again
-    (:func:`encode_images`) and cut as the latent upscalers' are. A model whose latent pixel
-    is fewer than 8 image pixels (fulora's tiny test models) is first cut to the latent size
-    the latent upscalers give; SD's already is.
+    As A1111's hires pass with "None", "Lanczos" or "Nearest": the decoded images
+    (``decode.to_images``, with its NaN guard) floored to 8 bits, resized to
+    ``target.resized`` (:func:`upscale_image`), encoded again (:func:`encode_images`) and cut
+    as the latent upscalers' are. A model whose latent pixel is fewer than 8 image pixels
+    (fulora's tiny test models) is first cut to the latent size the latent upscalers give;
+    SD's already is.
     """
-    with torch.no_grad():
-        decoded = decode_latents(vae, latents.to(vae.dtype), seeds).float()
-    images = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()
     resized = [
         upscale_image(Image.fromarray(image), *target.resized, upscaler)
-        for image in to_uint8(images, "floor")
+        for image in to_uint8(to_images(pipe, latents, seeds), "floor")
     ]
     pixels = torch.from_numpy(np.stack([np.asarray(i) for i in resized]).astype(np.float32) / 255)
     with torch.no_grad():
-        encoded = encode_images(vae, pixels.permute(0, 3, 1, 2), seeds, skipped)
-    width, height = (side // vae_scale for side in target.upscaled)
-    left, top, right, bottom = (side // vae_scale for side in target.box)
-    return encoded[:, :, :height, :width][:, :, top:bottom, left:right]
+        encoded = encode_images(pipe.vae, pixels.permute(0, 3, 1, 2), seeds, skipped)
+    return _cut(encoded, target, pipe.vae_scale_factor)

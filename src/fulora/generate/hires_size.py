@@ -19,16 +19,22 @@ class HiresTarget:
     Attributes:
         resized: (width, height) an image upscaler resizes the decoded image to (A1111's
             ``hr_upscale_to_x`` and ``_y``, whole).
-        upscaled: (width, height) the latent is resized to, multiples of 8 (A1111's
-            ``hr_upscale_to_x`` and ``_y``, their latent their integer eighth).
         box: (left, top, right, bottom) of it kept, multiples of 8 (A1111's ``truncate_x``
             and ``_y``: with "Hires resize" of another aspect ratio, the excess cut from both
             sides, the odd latent pixel from the right or bottom).
     """
 
     resized: tuple[int, int]
-    upscaled: tuple[int, int]
     box: tuple[int, int, int, int]
+
+    @property
+    def upscaled(self) -> tuple[int, int]:
+        """(width, height) the latent is resized to: ``resized`` cut down to multiples of 8.
+
+        A1111's latent of ``hr_upscale_to_x`` and ``_y``: their integer eighth.
+        """
+        width, height = self.resized
+        return width // LATENT_SCALE * LATENT_SCALE, height // LATENT_SCALE * LATENT_SCALE
 
     @property
     def size(self) -> tuple[int, int]:
@@ -67,11 +73,19 @@ def hires_target(
         cut_x, cut_y = (to_x - rx) // LATENT_SCALE, (to_y - ry) // LATENT_SCALE
     latent_x, latent_y = to_x // LATENT_SCALE, to_y // LATENT_SCALE
     box = (cut_x // 2, cut_y // 2, latent_x - (cut_x + 1) // 2, latent_y - (cut_y + 1) // 2)
-    return HiresTarget(
-        (to_x, to_y),
-        (latent_x * LATENT_SCALE, latent_y * LATENT_SCALE),
-        tuple(side * LATENT_SCALE for side in box),
-    )
+    return HiresTarget((to_x, to_y), tuple(side * LATENT_SCALE for side in box))
+
+
+def upscaler_scale(
+    width: int, height: int, target: tuple[int, int]
+) -> tuple[float, tuple[int, int]]:
+    """(scale, eighths) of A1111's ``Upscaler.upscale``, resizing (width, height) to ``target``.
+
+    The scale is the larger of the two sides' ratios; the eighths, the image times it, each
+    side cut down to a multiple of 8 (what the upscaler resizes to before the target).
+    """
+    scale = max(target[0] / width, target[1] / height)
+    return scale, (int(width * scale // 8 * 8), int(height * scale // 8 * 8))
 
 
 def covers_its_eighths(width: int, height: int, target: tuple[int, int]) -> bool:
@@ -81,6 +95,5 @@ def covers_its_eighths(width: int, height: int, target: tuple[int, int]) -> bool
     for ``target`` (cut down to a multiple of 8), those versions resized it by the scale all
     the same, and v1.8+ does not (``hires.upscale_image``).
     """
-    scale = max(target[0] / width, target[1] / height)
-    eighths = (int(width * scale // 8 * 8), int(height * scale // 8 * 8))
+    scale, eighths = upscaler_scale(width, height, target)
     return scale > 1.0 and width >= eighths[0] and height >= eighths[1]

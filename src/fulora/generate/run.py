@@ -873,9 +873,7 @@ def _upscaled(pipe, latents, target: HiresTarget, seeds, cfg, resolved) -> torch
         size = (cfg.seed_resize_from_height // scale, cfg.seed_resize_from_width // scale)
         if size != (resolved.height // scale, resolved.width // scale):
             skipped = (pipe.unet.config.in_channels, *size)
-    return upscale_decoded(
-        pipe.vae, latents, target, cfg.hires_upscaler, seeds, skipped, pipe.vae_scale_factor
-    )
+    return upscale_decoded(pipe, latents, target, cfg.hires_upscaler, seeds, skipped)
 
 
 def _uncond_skip(pipe, cfg, resolved, steps: int) -> UncondSkip | None:
