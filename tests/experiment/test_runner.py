@@ -336,6 +336,33 @@ def test_settings_added_later_keep_the_stage_keys_of_existing_experiments():
     assert _config_payload(EvaluateStage(seed=3), keyed) == {"n_bootstrap": 1000, "seed": 3}
 
 
+def _dry_runs_around(finished_experiment, tmp_path, caplog, unsaid: str, rewrite) -> dict:
+    """A copy of the finished experiment dry-run (``unsaid`` not in its warnings), ``rewrite``
+    (called with the copy's folder) making a record as an older fulora wrote it, and dry-run
+    again: the stages' states (the warnings of both runs in ``caplog``)."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_experiment, out)
+    config = load_experiment(finished_experiment.parent / "experiment.yaml")
+    with caplog.at_level("WARNING", logger="fulora"):
+        run_experiment(config, out, dry_run=True)
+    assert unsaid not in caplog.text
+    rewrite(out)
+    with caplog.at_level("WARNING", logger="fulora"):
+        return run_experiment(config, out, dry_run=True)["stages"]
+
+
+def _without(key: str, was: str):
+    """A rewrite dropping ``key`` (asserted to hold ``was``) from the generation's done.json."""
+
+    def rewrite(out: Path) -> None:
+        done = out / "synthetic" / "r4" / "done.json"
+        record = json.loads(done.read_text())
+        assert record.pop(key) == was
+        done.write_text(json.dumps(record))
+
+    return rewrite
+
+
 def test_a_lora_done_with_the_former_resize_stays_done_and_is_said(
     finished_experiment, tmp_path, caplog
 ):
@@ -343,21 +370,19 @@ def test_a_lora_done_with_the_former_resize_stays_done_and_is_said(
     no resize): the stage keeps its LoRA, and the run says how it was trained."""
     import yaml
 
-    out = tmp_path / "run"
-    shutil.copytree(finished_experiment, out)
-    config = load_experiment(finished_experiment.parent / "experiment.yaml")
-    with caplog.at_level("WARNING", logger="fulora"):
-        run_experiment(config, out, dry_run=True)
-    assert "images shrunk with" not in caplog.text
-    saved = next(out.glob("lora/*/config.yaml"))
-    settings = yaml.safe_load(saved.read_text())
-    assert settings.pop("resize") == "area"
-    saved.write_text(yaml.safe_dump(settings))
-    with caplog.at_level("WARNING", logger="fulora"):
-        states = run_experiment(config, out, dry_run=True)["stages"]
-    name = f"lora/{saved.parent.name}"
-    assert states[name] == "done"
-    assert f"{name}: done, trained on images shrunk with 'box'" in caplog.text
+    names = []
+
+    def as_before_session_25(out: Path) -> None:
+        saved = next(out.glob("lora/*/config.yaml"))
+        settings = yaml.safe_load(saved.read_text())
+        assert settings.pop("resize") == "area"
+        saved.write_text(yaml.safe_dump(settings))
+        names.append(f"lora/{saved.parent.name}")
+
+    unsaid = "images shrunk with"
+    states = _dry_runs_around(finished_experiment, tmp_path, caplog, unsaid, as_before_session_25)
+    assert states[names[0]] == "done"
+    assert f"{names[0]}: done, trained on images shrunk with 'box'" in caplog.text
     assert "--from lora" in caplog.text and "lora.settings.resize: box" in caplog.text
 
 
@@ -366,18 +391,9 @@ def test_a_generation_done_with_a_sampler_since_renamed_stays_done_and_is_said(
 ):
     """Before session 24 the default DPM++ 2M Karras was diffusers' (its done.json names no
     scheduler): the stage keeps its images, and the run says which sampler made them."""
-    out = tmp_path / "run"
-    shutil.copytree(finished_experiment, out)
-    config = load_experiment(finished_experiment.parent / "experiment.yaml")
-    with caplog.at_level("WARNING", logger="fulora"):
-        run_experiment(config, out, dry_run=True)
-    assert "images from the sampler" not in caplog.text  # made with the sampler it names
-    done = out / "synthetic" / "r4" / "done.json"
-    record = json.loads(done.read_text())
-    assert record.pop("scheduler") == "A1111DPMSolverMultistepScheduler"
-    done.write_text(json.dumps(record))
-    with caplog.at_level("WARNING", logger="fulora"):
-        states = run_experiment(config, out, dry_run=True)["stages"]
+    unsaid = "images from the sampler"  # made with the sampler it names
+    rewrite = _without("scheduler", "A1111DPMSolverMultistepScheduler")
+    states = _dry_runs_around(finished_experiment, tmp_path, caplog, unsaid, rewrite)
     assert states["generate/r4"] == "done"
     assert "generate/r4: done, with images from the sampler 'DPM++ 2M Karras (diffusers)'" in (
         caplog.text
@@ -390,18 +406,9 @@ def test_a_generation_rounded_before_session_34_stays_done_and_is_said(
 ):
     """Before session 34 the pixels were rounded as diffusers rounds them (its done.json names
     no pixel_rounding): the stage keeps its images, and the run says how they were rounded."""
-    out = tmp_path / "run"
-    shutil.copytree(finished_experiment, out)
-    config = load_experiment(finished_experiment.parent / "experiment.yaml")
-    with caplog.at_level("WARNING", logger="fulora"):
-        run_experiment(config, out, dry_run=True)
-    assert "rounded to 8 bits" not in caplog.text  # floored, as its config says
-    done = out / "synthetic" / "r4" / "done.json"
-    record = json.loads(done.read_text())
-    assert record.pop("pixel_rounding") == "floor"
-    done.write_text(json.dumps(record))
-    with caplog.at_level("WARNING", logger="fulora"):
-        states = run_experiment(config, out, dry_run=True)["stages"]
+    unsaid = "rounded to 8 bits"  # floored, as its config says
+    rewrite = _without("pixel_rounding", "floor")
+    states = _dry_runs_around(finished_experiment, tmp_path, caplog, unsaid, rewrite)
     assert states["generate/r4"] == "done"
     assert "generate/r4: done, with pixels rounded to 8 bits by 'round'" in caplog.text
     assert "--from generate" in caplog.text
