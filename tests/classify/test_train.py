@@ -249,6 +249,9 @@ def test_bad_inputs(phantom, tmp_path):
         evaluate_model(tmp_path / "d", target, tmp_path / "e", progress=False)
     with pytest.raises(DataError, match="no trained model"):
         evaluate_model(tmp_path / "nothing", target, tmp_path / "f", progress=False)
+    # the folder above a run (an experiment's arch folder holds one per seed) names it
+    with pytest.raises(DataError, match=r"holds 1 such run folder\(s\): \S+[/\\]d$"):
+        load_classifier(tmp_path)
     with pytest.raises(DataError, match="has no images"):
         evaluate_model(tmp_path / "d", target.subset([False] * len(target)), tmp_path / "g")
     # a zero-shot test of the images the classifier trained on (once inflated numbers)

@@ -701,6 +701,22 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _runs_below(folder: Path) -> str:
+    """A hint naming the training runs under ``folder``, or ``""`` where there are none.
+
+    An experiment's arch folder holds one run per seed: its users pass it for one of them.
+    """
+    if not folder.is_dir():
+        return ""
+    runs = sorted(p.parent for p in folder.glob("*/best.pt")) or sorted(
+        p.parent for p in folder.glob("*/*/best.pt")
+    )
+    if not runs:
+        return ""
+    shown = ", ".join(str(run) for run in runs[:4]) + (", ..." if len(runs) > 4 else "")
+    return f". {folder} holds {len(runs)} such run folder(s): {shown}"
+
+
 def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu"):
     """Load ``best.pt`` of a finished training run (or a ``.pt`` file as it is).
 
@@ -718,6 +734,7 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu"):
     if not path.is_file():
         raise DataError(
             f"no trained model at {path}; pass the run folder of `fulora classify train`"
+            + _runs_below(folder)
         )
     state = torch.load(path, map_location="cpu", weights_only=False)
     if folder.is_dir() and not (folder / DONE_NAME).is_file():
