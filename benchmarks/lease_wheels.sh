@@ -6,21 +6,24 @@
 #   bash benchmarks/lease_wheels.sh                   # tests, demo, overlap (about 20 MB)
 #   bash benchmarks/lease_wheels.sh --bitsandbytes    # also the LoRA rows' 8-bit AdamW (+43 MB)
 #
-# The device image has no diffusers, and its transformers 5 and huggingface_hub 1 are versions
-# fulora refuses (pyproject.toml: transformers < 5, for the clip skip and kohya's names). The
-# versions fetched are this checkout's venv's, the ones the CPU tests pass with; the platform is
-# the image's (CPython 3.12, x86-64).
+# The device image has no diffusers, and its transformers 5 and huggingface_hub 1 are neither
+# of the two stacks the CPU tests pass with (DEVELOPERS.md, "Dependency pins that matter").
+# The lease takes the transformers-4 stack, whatever this checkout's venv holds: the other
+# (transformers 5.25, hub 2) pulls in a dozen wheels the image lacks (kernels, typer, httpx2,
+# hf-xet, ...). torch-fidelity (and bitsandbytes) at the venv's versions; the platform is the
+# image's (CPython 3.12, x86-64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || { echo "lease_wheels: no $PY; run make test first (it builds the venv)" >&2; exit 2; }
-names=(diffusers transformers tokenizers huggingface_hub peft torch-fidelity)
+stack=(diffusers==0.39.0 transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 peft==0.22.0)
+names=(torch-fidelity)
 case ${1:-} in
 --bitsandbytes) names+=(bitsandbytes) ;;
 "") ;;
 *) echo "usage: bash benchmarks/lease_wheels.sh [--bitsandbytes]" >&2; exit 2 ;;
 esac
-pins=()
+pins=("${stack[@]}")
 for name in "${names[@]}"; do
     version=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" \
         "$name" 2>/dev/null) || version=""

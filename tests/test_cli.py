@@ -97,6 +97,33 @@ def test_manifest_command_balances_and_splits(sample_data, tmp_path, capsys):
     assert val and not (train & val)
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # argparse of Python 3.11 names an unknown flag only; the command's own close ones
+        (
+            ["generate", "--out", "g", "--per-plane", "2"],
+            "fulora generate: error: unrecognized arguments: --per-plane 2 "
+            "(did you mean --planes or --per-class for --per-plane?)",
+        ),
+        (
+            ["experiment", "run", "x.yaml", "--outt", "r", "--dry-rum"],
+            "fulora experiment run: error: unrecognized arguments: --outt r --dry-rum "
+            "(did you mean --out for --outt, --dry-run for --dry-rum?)",
+        ),
+        (
+            ["data", "inspect", "x", "--zzzz"],
+            "fulora data inspect: error: unrecognized arguments: --zzzz\n",  # no hint
+        ),
+    ],
+)
+def test_an_unknown_flag_is_named_with_the_commands_flags_close_to_it(args, said, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert said in capsys.readouterr().err
+
+
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("fulora ")

@@ -42,6 +42,7 @@ from safetensors.torch import load_file
 
 from fulora.config import load_config
 from fulora.lora.buckets import make_buckets, select_bucket
+from fulora.lora.clip_layout import kohya_layout, model_path
 from fulora.lora.data import build_examples
 from fulora.lora.targets import kohya_module_name
 from fulora.lora.train import LoraTrainConfig, add_lora_adapters
@@ -266,7 +267,8 @@ def test_paper_recipe_wraps_kohyas_modules_on_sd15():
     assert layers["unet_params"] + layers["text_encoder_params"] == KOHYA_SD15_PARAMS
     assert "down_blocks.0.attentions.0.proj_in" in layers["unet"]
     assert "mid_block.attentions.0.transformer_blocks.0.ff.net.2" in layers["unet"]
-    assert "text_model.encoder.layers.11.mlp.fc1" in layers["text_encoder"]
+    wrapped = {kohya_layout("text_encoder", name) for name in layers["text_encoder"]}
+    assert "text_model.encoder.layers.11.mlp.fc1" in wrapped
 
 
 def test_attention_only_is_a_named_option():
@@ -414,10 +416,10 @@ def test_scale_is_applied_once(saved_lora, tiny_model, fuse, text_encoder_scale)
         up, down = kohya[f"{key}.lora_up.weight"], kohya[f"{key}.lora_down.weight"]
         alpha = float(kohya[f"{key}.alpha"])
         assert alpha == ALPHA and down.shape[0] == RANK
-        original = getattr(base, part).get_submodule(name)
+        original = getattr(base, part).get_submodule(model_path(getattr(base, part), name))
         delta = (up.flatten(1) @ down.flatten(1)).reshape(original.weight.shape)
         expected = original.weight + scales[part] * (alpha / RANK) * delta
-        module = getattr(pipe, part).get_submodule(name)
+        module = getattr(pipe, part).get_submodule(model_path(getattr(pipe, part), name))
         if original.weight.dim() == 2:
             x = torch.randn(2, original.weight.shape[1])
             reference = F.linear(x, expected, original.bias)
@@ -438,11 +440,12 @@ def _clip_reference(tiny_model, texts: list[str], clip_skip: int) -> torch.Tenso
     from transformers import CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
-    model = CLIPTextModel.from_pretrained(tiny_model / "text_encoder")
+    model = CLIPTextModel.from_pretrained(tiny_model / "text_encoder", dtype=torch.float32)
     ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         states = model(ids, output_hidden_states=True).hidden_states
-        return model.text_model.final_layer_norm(states[-clip_skip])
+        # transformers 5 flattened CLIPTextModel: the final norm is its own module there
+        return getattr(model, "text_model", model).final_layer_norm(states[-clip_skip])
 
 
 def _capture_unet_conditioning(monkeypatch, module) -> list[torch.Tensor]:
@@ -1046,7 +1049,9 @@ def phantom_text():
 
     folder = shipped_model(PHANTOM_SD)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    return tokenizer, CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    return tokenizer, CLIPTextModel.from_pretrained(
+        folder / "text_encoder", dtype=torch.float32
+    ).eval()
 
 
 @pytest.mark.parametrize(("prompt", "expected"), list(A1111_TOKENS.items()))
@@ -1550,7 +1555,8 @@ def _ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
         attention = ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2
         ldm[key] = value[:, :, None, None] if attention else value
     for key, value in pipe.text_encoder.state_dict().items():
-        ldm[f"cond_stage_model.transformer.{key}"] = value
+        # the original layout's CLIP keys are under text_model., which transformers 5 drops
+        ldm[f"cond_stage_model.transformer.{kohya_layout('text_encoder', key)}"] = value
     return {k: v.contiguous() for k, v in ldm.items()}
 
 

@@ -7,6 +7,7 @@ the work lives in the stage subpackages.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -769,11 +770,39 @@ def _stage_named(argv: Sequence[str]) -> str:
     return words[0] if words and words[0] in _STAGES else ""
 
 
+def _parser_of(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The (sub)parser a command line ends in: its stage's, then its command's."""
+    words = [word for word in argv if not word.startswith("-")]
+    while True:
+        commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not commands:
+            return parser
+        chosen = next((commands[0].choices[w] for w in words if w in commands[0].choices), None)
+        if chosen is None:
+            return parser
+        parser = chosen
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, argv: Sequence[str], unknown: list[str]) -> str:
+    """`` (did you mean --per-class?)`` for flags close to one of the command's own."""
+    own = [o for a in _parser_of(parser, argv)._actions for o in a.option_strings]
+    close = {
+        flag: difflib.get_close_matches(flag, own, n=2, cutoff=0.6)
+        for flag in (word.split("=", 1)[0] for word in unknown if word.startswith("--"))
+    }
+    hints = [f"{' or '.join(found)} for {flag}" for flag, found in close.items() if found]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fulora`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=_stage_named(argv))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _parser_of(parser, argv).error(
+            f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(parser, argv, unknown)}"
+        )
     _setup_logging(-1 if args.quiet else args.verbose)
     try:
         return int(args.func(args) or 0)

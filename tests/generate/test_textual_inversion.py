@@ -34,7 +34,9 @@ def phantom_text():
 
     folder = shipped_model(PHANTOM_SD)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    return tokenizer, CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    return tokenizer, CLIPTextModel.from_pretrained(
+        folder / "text_encoder", dtype=torch.float32
+    ).eval()
 
 
 def _vectors(count: int, seed: int, width: int = 64) -> torch.Tensor:

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from fulora.generate.run import GenerateConfig, plan
-from fulora.lora.base import far_from_native, native_size
+from fulora.lora.base import far_from_native, load_pipeline, native_size
 from fulora.shipped import PHANTOM_SD
 
 
@@ -40,3 +40,17 @@ def test_generation_warns_of_a_size_far_from_the_base_models_own(caplog):
     with caplog.at_level(logging.WARNING, logger="fulora"):
         plan(GenerateConfig(base=PHANTOM_SD, planes=["brain"]))  # its own size, by default
     assert "times the pixels" not in caplog.text
+
+
+def test_loading_a_model_raises_no_deprecation_of_the_dtype_argument(tiny_model):
+    """diffusers 0.42 deprecates ``torch_dtype`` (0.39 reads no other), with a warning that
+    would come with every command; the weights still take the dtype asked for."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_pipeline(tiny_model, dtype=torch.float16)
+    assert not [w for w in caught if "torch_dtype" in str(w.message)]
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {torch.float16}

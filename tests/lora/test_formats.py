@@ -1,12 +1,22 @@
 """LoRA formats: kohya export/import round trip, diffusers layout, inspection."""
 
+import json
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
 from fulora.errors import DataError
+from fulora.lora.clip_layout import model_path
 from fulora.lora.conditioning import encode_prompt
-from fulora.lora.formats import inspect_lora, load_lora_into, read_lora, save_lora_files
+from fulora.lora.formats import (
+    inspect_lora,
+    load_lora_into,
+    peft_state_dicts,
+    read_lora,
+    save_lora_files,
+)
+from fulora.lora.targets import kohya_module_name, lora_target_modules
 from fulora.lora.train import LoraTrainConfig, add_lora_adapters
 
 
@@ -108,6 +118,69 @@ def test_kohya_names_and_metadata(trained_like):
     diffusers_info = inspect_lora(out)
     assert diffusers_info["format"] == "diffusers" and diffusers_info["alpha"] == 4.0
     assert len(diffusers_info["a1111_hash"]) == 12  # none in its header: hashed as A1111 does
+
+
+def test_a_flat_clip_gets_kohyas_names_and_the_same_files(trained_like, tiny_model):
+    """transformers 5 flattened ``CLIPTextModel``: the modules of its ``text_model`` are its own.
+
+    transformers 4's ``CLIPTextTransformer`` (``text_encoder.text_model``) has that layout and
+    stands in for it here (the real one was run in a scratch venv with transformers 5.25 and
+    diffusers 0.42, session 35). kohya's names, the saved tensors' keys, the clip skip and the
+    resume's keys are those of transformers 4's model.
+    """
+    pipe, _ = trained_like
+    full = pipe.text_encoder
+    flat = getattr(full, "text_model", full)  # the same modules, one level up (flat already: 5)
+    flat.peft_config = full.peft_config  # where peft looks for the adapter's config
+    assert not hasattr(flat, "text_model")
+    bare = _fresh(tiny_model).text_encoder  # without adapters, as training finds it
+    names = [
+        [kohya_module_name("text_encoder", n) for n in lora_target_modules(model, "text_encoder")]
+        for model in (bare, getattr(bare, "text_model", bare))
+    ]
+    assert names[1] == names[0]
+    assert names[0][0] == "lora_te_text_model_encoder_layers_0_self_attn_k_proj"  # model order
+    tensors = {model: peft_state_dicts(pipe.unet, model)[1] for model in (full, flat)}
+    assert list(tensors[flat]) == list(tensors[full])
+    assert next(iter(tensors[flat])).startswith("text_model.encoder.layers.0.")
+    key = next(iter(tensors[flat]))
+    assert model_path(flat, key) == key.removeprefix("text_model.")
+    assert model_path(full, key) == (key if hasattr(full, "text_model") else model_path(flat, key))
+    ids = pipe.tokenizer(["a photo of fetal brain"], padding="max_length", return_tensors="pt")
+    with torch.no_grad():
+        for clip_skip in (1, 2):
+            torch.testing.assert_close(
+                encode_prompt(flat, ids.input_ids, clip_skip),
+                encode_prompt(full, ids.input_ids, clip_skip),
+                rtol=0,
+                atol=0,
+            )
+
+
+def test_a_diffusers_file_of_transformers_4s_layout_in_a_flat_clip_names_the_kohya_file(
+    trained_like, tiny_model, tmp_path
+):
+    """fulora's diffusers file names the text encoder's targets as their paths end (they fit both
+    layouts). One written before session 35 named them under ``text_model.``: diffusers 0.42
+    cannot load it into transformers 5's flat CLIP, and the error says which file can."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, out = trained_like
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
+        header = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    config = json.loads(header["lora_adapter_metadata"])
+    targets = config["text_encoder.target_modules"]
+    assert targets and not any(t.startswith("text_model.") for t in targets)
+    config["text_encoder.target_modules"] = [f"text_model.{t}" for t in targets]
+    header["lora_adapter_metadata"] = json.dumps(config)
+    save_file(tensors, str(tmp_path / "before-35.safetensors"), metadata=header)
+    pipe = _fresh(tiny_model)
+    # transformers 4's CLIPTextTransformer stands in for transformers 5's flat CLIPTextModel
+    pipe.text_encoder = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)
+    with pytest.raises(DataError, match="Pass the kohya .safetensors of the same LoRA run folder"):
+        load_lora_into(pipe, tmp_path / "before-35.safetensors")
 
 
 def test_kohya_lora_changes_generation(trained_like, tiny_model):

@@ -15,6 +15,7 @@ from fulora.config import to_dict
 from fulora.figures import image_grid, loss_curve
 from fulora.generate.samplers import make_scheduler
 from fulora.io import file_hash, write_text
+from fulora.lora.clip_layout import write_kohya_layout
 from fulora.runs import DONE_NAME, LOG_NAME
 
 CARD = "MODEL_CARD.md"
@@ -36,6 +37,7 @@ def save_model(out: Path, parts: dict, cfg, corpus, *, history, build_seconds) -
 
     pipe = StableDiffusionPipeline(**parts)
     pipe.to(torch.float16).save_pretrained(out)
+    write_kohya_layout(out / "text_encoder")  # readable by transformers 4 and 5
     pipe.to(torch.float32)
     for stage in ("vae", "unet"):
         rows = [r for r in history if r["stage"] == stage]

@@ -6,11 +6,13 @@ it never waits on a download that cannot happen.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import socket
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 
 from fulora.errors import ConfigError
 from fulora.io import file_hash
+from fulora.lora.clip_layout import check_readable_layout
 from fulora.lora.config import DEFAULT_BASE
 from fulora.shipped import SHIPPED_MODELS, shipped_model
 
@@ -44,6 +47,18 @@ def _looks_like_path(base: str) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _torch_dtype_taken():
+    """Pass diffusers the ``torch_dtype`` that 0.39 and 0.42 both read, without 0.42's warning.
+
+    diffusers 0.42 deprecates it for ``dtype``, which 0.39's ``from_pretrained`` does not take.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch_dtype` is deprecated", FutureWarning)
+        yield
+
+
+@_torch_dtype_taken()
 def load_pipeline(
     base: str | Path = DEFAULT_BASE,
     *,
@@ -69,6 +84,7 @@ def load_pipeline(
     path = Path(text).expanduser()
     kind = _local_kind(text)
     if kind == "dir":
+        check_readable_layout(path)
         return StableDiffusionPipeline.from_pretrained(path, **kwargs)
     if kind == "file":
         try:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from fulora.errors import ConfigError
+from fulora.lora.clip_layout import clip_transformer
 
 
 def token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -47,7 +48,7 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> torc
     if clip_skip == 1:
         return text_encoder(input_ids)[0]
     out = text_encoder(input_ids, output_hidden_states=True)
-    return model.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+    return clip_transformer(text_encoder).final_layer_norm(out.hidden_states[-clip_skip])
 
 
 def prompt_embeddings(
@@ -177,8 +178,7 @@ def _inserted(text_encoder, fixes: list[tuple[int, int, str]], vectors: dict[str
     missing = sorted({name for _, _, name in fixes} - set(vectors))
     if missing:
         raise ValueError(f"the chunks hold the embeddings {missing} and no vectors are given")
-    model = text_encoder.module if hasattr(text_encoder, "module") else text_encoder
-    layer = model.text_model.embeddings.token_embedding
+    layer = clip_transformer(text_encoder).embeddings.token_embedding
 
     def insert(module, args, output):
         output = output.clone()

@@ -27,6 +27,7 @@ import torch
 
 from fulora.errors import DataError
 from fulora.io import atomic_path, file_hash
+from fulora.lora.clip_layout import CLIP_LEVEL, kohya_layout
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # The "down" (A) matrix of a LoRA pair in kohya, PEFT and older diffusers key styles.
@@ -53,7 +54,7 @@ def peft_state_dicts(unet, text_encoder=None) -> tuple[dict, dict]:
 
     unet_sd = get_peft_model_state_dict(unet)
     te_sd = get_peft_model_state_dict(text_encoder) if text_encoder is not None else {}
-    return unet_sd, te_sd
+    return unet_sd, {kohya_layout("text_encoder", k): v for k, v in te_sd.items()}
 
 
 def to_kohya(unet_sd: dict, te_sd: dict, alpha: float) -> dict[str, torch.Tensor]:
@@ -174,6 +175,10 @@ def save_lora_files(
         if config is None:
             return None
         data = config.to_dict()
+        # peft matches a target by its path's end: without text_model., the text encoder's
+        # name the same layers in transformers 4's CLIP and 5's flat one (diffusers 0.42 does
+        # not strip it from a file's adapter config when it loads one into the flat model)
+        data["target_modules"] = sorted(m.removeprefix(CLIP_LEVEL) for m in data["target_modules"])
         return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
 
     with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -324,7 +329,7 @@ def load_lora_into(
     except Exception as err:
         raise DataError(
             f"cannot load LoRA {lora.path} ({lora.format} format) into the base model: {err}. "
-            "Is it a LoRA for Stable Diffusion 1.x?"
+            + (_flat_clip_hint(lora, pipe) or "Is it a LoRA for Stable Diffusion 1.x?")
         ) from None
     set_lora_scales(pipe, scale, text_encoder_scale, adapter_name)
     if fuse:
@@ -332,6 +337,20 @@ def load_lora_into(
         pipe.fuse_lora(lora_scale=1.0, adapter_names=[adapter_name])
         pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
     return lora
+
+
+def _flat_clip_hint(lora: LoraFile, pipe) -> str | None:
+    """Why a diffusers-format file of transformers 4's layout fails in transformers 5's CLIP."""
+    config = lora.metadata.get("lora_adapter_metadata", "")
+    if lora.format != "diffusers" or f'"{CLIP_LEVEL}' not in config:
+        return None
+    if hasattr(pipe.text_encoder, CLIP_LEVEL.rstrip(".")):
+        return None
+    return (
+        "Its adapter config names the text encoder's layers under text_model., which "
+        "transformers 5 no longer has and diffusers does not strip from a file's config. Pass "
+        "the kohya .safetensors of the same LoRA run folder, which loads into either"
+    )
 
 
 def set_lora_scales(

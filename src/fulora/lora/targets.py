@@ -18,6 +18,7 @@ from typing import Literal
 
 from torch import nn
 
+from fulora.lora.clip_layout import kohya_layout
 from fulora.lora.config import TargetPreset
 
 TARGET_PRESETS: tuple[str, ...] = ("kohya", "attention")
@@ -79,4 +80,4 @@ def lora_target_modules(
 
 def kohya_module_name(part: Literal["unet", "text_encoder"], module_name: str) -> str:
     """Kohya's name of a wrapped module: ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
-    return f"{KOHYA_PREFIX[part]}_{module_name.replace('.', '_')}"
+    return f"{KOHYA_PREFIX[part]}_{kohya_layout(part, module_name).replace('.', '_')}"

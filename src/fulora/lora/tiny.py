@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from fulora.lora.clip_layout import write_kohya_layout
+
 TINY_PROMPT_WORDS = (
     "a",
     "photo",
@@ -177,6 +179,7 @@ def _save(components: dict, out: str | Path, note: str, text: str) -> Path:
 
     out = Path(out)
     StableDiffusionPipeline(**components).save_pretrained(out)
+    write_kohya_layout(out / "text_encoder")  # readable by transformers 4 and 5
     (out / note).write_text(text, encoding="utf-8")
     return out
 

@@ -54,6 +54,7 @@ from fulora.lora.checkpoints import (
     save_final,
     write_loss,
 )
+from fulora.lora.clip_layout import model_path
 from fulora.lora.conditioning import encode_prompt, prompt_embeddings
 from fulora.lora.config import LoraTrainConfig
 from fulora.lora.data import (
@@ -422,7 +423,9 @@ def _resume(state: _LoraRun, resume: str) -> None:
     set_peft_model_state_dict(unwrap(state.unet), unet_weights)
     if state.cfg.train_text_encoder:
         te_weights = {k[13:]: v for k, v in weights.items() if k.startswith("text_encoder.")}
-        set_peft_model_state_dict(unwrap(state.text_encoder), te_weights)
+        text_encoder = unwrap(state.text_encoder)
+        te_weights = {model_path(text_encoder, k): v for k, v in te_weights.items()}
+        set_peft_model_state_dict(text_encoder, te_weights)
     state.optimizer.load_state_dict(
         torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
     )
