@@ -21,7 +21,8 @@ from torch import nn
 from fulora.errors import ConfigError
 from fulora.io import atomic_path
 
-CLIP_LEVEL = "text_model."
+_WRAPPER = "text_model"
+CLIP_LEVEL = _WRAPPER + "."
 
 
 def kohya_layout(part: Literal["unet", "text_encoder"], module_name: str) -> str:
@@ -31,17 +32,21 @@ def kohya_layout(part: Literal["unet", "text_encoder"], module_name: str) -> str
     return module_name
 
 
+def is_flat(text_encoder: nn.Module) -> bool:
+    """Whether ``text_encoder`` is transformers 5's flat CLIP (no ``text_model`` inside)."""
+    model = text_encoder.module if hasattr(text_encoder, "module") else text_encoder
+    return not hasattr(model, _WRAPPER)
+
+
 def model_path(text_encoder: nn.Module, module_name: str) -> str:
     """A text-encoder path in kohya's layout as ``text_encoder`` names it (the inverse)."""
-    if hasattr(text_encoder, CLIP_LEVEL.rstrip(".")):
-        return module_name
-    return module_name.removeprefix(CLIP_LEVEL)
+    return module_name.removeprefix(CLIP_LEVEL) if is_flat(text_encoder) else module_name
 
 
 def clip_transformer(text_encoder: nn.Module) -> nn.Module:
     """The module holding CLIP's ``embeddings``, ``encoder`` and ``final_layer_norm``."""
     model = text_encoder.module if hasattr(text_encoder, "module") else text_encoder
-    return getattr(model, CLIP_LEVEL.rstrip("."), model)
+    return model if is_flat(model) else getattr(model, _WRAPPER)
 
 
 @functools.cache
@@ -53,7 +58,7 @@ def installed_clip_is_flat() -> bool:
         hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1
     )
     with torch.device("meta"):
-        return not hasattr(CLIPTextModel(config), CLIP_LEVEL.rstrip("."))
+        return is_flat(CLIPTextModel(config))
 
 
 def _weight_files(text_encoder_dir: Path) -> list[Path]:

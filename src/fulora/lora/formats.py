@@ -27,7 +27,7 @@ import torch
 
 from fulora.errors import DataError
 from fulora.io import atomic_path, file_hash
-from fulora.lora.clip_layout import CLIP_LEVEL, kohya_layout
+from fulora.lora.clip_layout import CLIP_LEVEL, is_flat, kohya_layout
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # The "down" (A) matrix of a LoRA pair in kohya, PEFT and older diffusers key styles.
@@ -344,7 +344,7 @@ def _flat_clip_hint(lora: LoraFile, pipe) -> str | None:
     config = lora.metadata.get("lora_adapter_metadata", "")
     if lora.format != "diffusers" or f'"{CLIP_LEVEL}' not in config:
         return None
-    if hasattr(pipe.text_encoder, CLIP_LEVEL.rstrip(".")):
+    if not is_flat(pipe.text_encoder):
         return None
     return (
         "Its adapter config names the text encoder's layers under text_model., which "
