@@ -307,6 +307,24 @@ def test_bad_training_data(tiny_model, lora_images, tmp_path):
         read_any(folder)
 
 
+def test_an_image_whose_bucket_rounds_to_nothing_is_named_before_any_work(tiny_model, tmp_path):
+    """kohya's no-upscale bucket of a 640x392 image at resolution 64, step 64: shrunk to 82x50,
+    its height rounds to 0 and kohya's own code divides by it (as fulora's did: a
+    ZeroDivisionError traceback for `lora train --resolution 64` on the paper's images)."""
+    from fulora.lora.buckets import select_bucket
+
+    with pytest.raises(ValueError, match=r"640x392 image shrunk .* \(82x50 px\) has a side"):
+        select_bucket((640, 392), resolution=64, step=64)
+    assert select_bucket((640, 392), resolution=64, step=16).bucket == (80, 48)
+    wide = tmp_path / "data" / "brain" / "wide.png"
+    wide.parent.mkdir(parents=True)
+    Image.new("L", (640, 392), 128).save(wide)
+    (wide.parent / "duplicate_text_for_each_image.txt").write_text("a photo of fetal brain")
+    with pytest.raises(DataError, match=f"{wide.name}: .*--bucket-step.*--resolution; now 64"):
+        train_lora(read_any(wide.parents[1]), tmp_path / "a", _cfg(tiny_model, bucket_step=64))
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+
 def test_cli_on_the_real_spanish_images(sample_data, tiny_model, tmp_path, capsys, monkeypatch):
     """`fulora lora train` on the paper's 100 LoRA images, small resolution, then `fulora lora
     inspect` on its file (through ``main``, in this process: a process of its own would only add

@@ -72,8 +72,14 @@ def _no_upscale_size(width: int, height: int, max_area: int, step: int) -> tuple
     # Round the width to a step and derive the height, or the other way round; keep the
     # rounding whose aspect ratio stays closer to the image's.
     by_width = _round_down_half_up(target_w, step)
-    by_width_ratio = by_width / _round_down_half_up(by_width / ratio, step)
     by_height = _round_down_half_up(target_h, step)
+    height_of_width = _round_down_half_up(by_width / ratio, step)
+    if 0 in (by_width, by_height, height_of_width):  # kohya's own code divides by zero here
+        raise ValueError(
+            f"a {width}x{height} image shrunk to the bucket area ({target_w:.0f}x{target_h:.0f} "
+            f"px) has a side under half a bucket step ({step} px)"
+        )
+    by_width_ratio = by_width / height_of_width
     by_height_ratio = _round_down_half_up(by_height * ratio, step) / by_height
     if abs(by_width_ratio - ratio) < abs(by_height_ratio - ratio):
         return by_width, int(by_width / ratio + 0.5)
@@ -102,7 +108,8 @@ def select_bucket(
         The bucket and the size to resize the image to before trimming it to the bucket.
 
     Raises:
-        ValueError: If the image is smaller than one ``step`` in the no-upscale mode.
+        ValueError: If the image, or its shrunk size, is smaller than one ``step`` in the
+            no-upscale mode.
     """
     width, height = size
     ratio = width / height

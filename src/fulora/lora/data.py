@@ -137,7 +137,8 @@ def _bucket_for(size: tuple[int, int], cfg: LoraTrainConfig, path: Path) -> Buck
         )
     except ValueError as err:
         raise DataError(
-            f"training image {path}: {err}; remove it, or set a smaller bucket_step"
+            f"training image {path}: {err}; remove it, or set a smaller bucket_step "
+            f"(--bucket-step) or a larger resolution (--resolution; now {cfg.resolution})"
         ) from None
 
 
