@@ -533,6 +533,11 @@ def test_generation_takes_clip_skip_from_the_lora(trained_lora, tiny_model):
     assert plan(GenerateConfig(**common)).clip_skip == 2
     assert plan(GenerateConfig(**common, clip_skip=1)).clip_skip == 1
     assert plan(GenerateConfig(base=str(tiny_model))).clip_skip == 1  # A1111's default
+    # the run's diffusers file carries kohya's training entries too (until session 35 it had
+    # none: generating with it took clip skip 1, other images than its kohya file's)
+    diffusers_file = trained_lora / "pytorch_lora_weights.safetensors"
+    assert read_lora(diffusers_file).metadata["ss_clip_skip"] == "2"
+    assert plan(GenerateConfig(base=str(tiny_model), lora=str(diffusers_file))).clip_skip == 2
 
 
 # --------------------------------------------------------------------------------------------

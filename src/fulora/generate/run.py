@@ -269,6 +269,8 @@ def _clip_skip(given: int | None, metadata: dict[str, str], lora: Path | None) -
     if trained.isdigit() and int(trained) >= 1:
         logger.info("clip skip %s, as LoRA %s was trained", trained, lora)
         return int(trained)
+    if lora is not None and "ss_clip_skip" not in metadata:
+        logger.info("LoRA %s records no clip skip: clip skip 1 (--clip-skip to change)", lora)
     return 1
 
 

@@ -92,11 +92,29 @@ def save_kohya(
         )
         for k, v in tensors.items()
     }
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta = _header_strings(metadata)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya_hashes(converted, meta)
     with atomic_path(path) as tmp:
         save_file(converted, str(tmp), metadata=meta)
     return path
+
+
+def _header_strings(metadata: dict[str, Any]) -> dict[str, str]:
+    """A safetensors header's entries: strings as they are, other values as JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+def _add_header(path: Path, entries: dict[str, str]) -> None:
+    """Rewrite the safetensors file ``path`` with ``entries`` added to its header."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if not entries:
+        return
+    with safe_open(str(path), framework="pt") as handle:
+        header = dict(handle.metadata() or {})
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    save_file(tensors, str(path), metadata={**header, **entries})
 
 
 def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -192,7 +210,12 @@ def save_lora_files(
             unet_lora_adapter_metadata=config_dict(unet_lora),
             text_encoder_lora_adapter_metadata=config_dict(te_lora),
         )
-        os.replace(Path(tmp) / DIFFUSERS_WEIGHT_NAME, out / DIFFUSERS_WEIGHT_NAME)
+        written = Path(tmp) / DIFFUSERS_WEIGHT_NAME
+        # kohya's training entries too: `generate` takes the clip skip from ss_clip_skip, and
+        # without it a run's diffusers file made other images than its kohya file
+        training = {k: v for k, v in _header_strings(metadata or {}).items() if k.startswith("ss_")}
+        _add_header(written, training)
+        os.replace(written, out / DIFFUSERS_WEIGHT_NAME)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[save_dtype]
     kohya_path = out / f"{output_name}.safetensors"
     save_kohya(
