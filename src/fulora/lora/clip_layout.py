@@ -104,5 +104,6 @@ def check_readable_layout(model_dir: str | Path) -> None:
         f"the text encoder in {files[0].parent} was saved by transformers 5 (its keys lack "
         f"{CLIP_LEVEL}), and transformers {transformers.__version__} would load it as random "
         "weights: install transformers 5 (pip install 'transformers>=5.6' 'diffusers>=0.42'), "
-        "or save the model again with fulora, which writes both versions' layout"
+        "or rewrite its keys once into the layout both read, in Python: "
+        f"fulora.lora.clip_layout.write_kohya_layout('{files[0].parent}')"
     )
